@@ -1,0 +1,90 @@
+"""Wall-clock budget and the learning-rate schedule defined over it.
+
+Budgeted training (Li et al., ICLR 2020): for a fixed time budget, a schedule that decays to zero
+exactly when the budget ends beats any schedule tuned for a number of epochs that may not fit.
+So progress is measured in time (or in steps when epochs are fixed) and the LR is a function of it.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+
+class BudgetClock:
+    """Seconds since the run started (possibly in an earlier process that was killed)."""
+
+    def __init__(self, total_s: float, margin_s: float = 0.0, start_time: float | None = None):
+        self.total_s, self.margin_s = float(total_s), float(margin_s)
+        self.start_time = time.time() if start_time is None else float(start_time)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start_time
+
+    def remaining(self) -> float:
+        return self.total_s - self.margin_s - self.elapsed()
+
+    def fmt(self) -> str:
+        return f"{fmt_seconds(self.elapsed())}/{fmt_seconds(self.total_s)}"
+
+
+def fmt_seconds(s: float) -> str:
+    s = max(0, int(s))
+    h, m = divmod(s, 3600)
+    m, sec = divmod(m, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+class InferenceReserve:
+    """Time to keep for the final validation + test prediction, from measured throughput.
+
+    Until a validation pass has been timed, inference speed is guessed from training speed
+    (a forward pass costs about a third of forward+backward; assume half to stay safe).
+    `startup_s` is the measured cost of a loader's first batch (worker start-up), paid twice:
+    once for the final validation and once for the test loader.
+    """
+
+    def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 3.0, safety: float = 1.3):
+        self.n_test, self.n_val, self.tta = n_test, n_val, tta
+        self.overhead_s, self.safety = overhead_s, safety
+        self.infer_ips: float | None = None
+        self.train_ips: float | None = None
+        self.startup_s = 5.0
+
+    def seconds(self) -> float:
+        ips = self.infer_ips or (2.0 * self.train_ips if self.train_ips else None)
+        fixed = self.overhead_s + 2 * self.startup_s
+        if not ips:
+            return fixed
+        return fixed + self.safety * (self.n_test * self.tta + self.n_val) / ips
+
+
+def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> float:
+    """Multiplier of the peak LR at `progress` in [0, 1]: linear warmup, then decay to zero at 1."""
+    p = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and p < warmup:
+        return p / warmup
+    q = (p - warmup) / max(1e-12, 1.0 - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - q)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * q))
+    raise ValueError(f"unknown schedule {kind!r}; choose linear | cosine")
+
+
+class Progress:
+    """Where training is in [0, 1]: by time toward a (moving) deadline, or by steps.
+
+    On resume it continues from the saved progress and spreads the rest over the time left.
+    """
+
+    def __init__(self, clock: BudgetClock, start_progress: float = 0.0, total_steps: int = 0):
+        self.clock, self.p0, self.total_steps = clock, float(start_progress), total_steps
+        self.t0 = clock.elapsed()
+
+    def at(self, deadline_s: float, step: int = 0) -> float:
+        if self.total_steps:
+            return min(1.0, step / self.total_steps)
+        span = deadline_s - self.t0
+        if span <= 0:
+            return 1.0
+        return min(1.0, self.p0 + (1.0 - self.p0) * (self.clock.elapsed() - self.t0) / span)

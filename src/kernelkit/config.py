@@ -1,0 +1,145 @@
+"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to run
+    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints")
+    preset: str = _f("", "named preset applied under your settings (demo, ...)")
+    data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo")
+    format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder")
+    out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
+    checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
+    # model
+    model: str = _f("resnet50", "timm model name")
+    pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
+    drop_rate: float = _f(0.0, "dropout before the classifier")
+    # images
+    img_size: int = _f(224, "square input size")
+    pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
+    pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
+    aug: str = _f("light", "none | flip | light (flip + random resized crop)")
+    # training
+    budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
+    margin: str = _f("10m", "safety margin kept free at the end of the budget")
+    epochs: int = _f(0, "0 = as many as fit the budget (schedule over time); >0 = fixed epochs")
+    batch_size: int = _f(32, "")
+    lr: float = _f(1e-3, "peak AdamW learning rate")
+    weight_decay: float = _f(0.05, "")
+    warmup: float = _f(0.05, "fraction of training spent warming up")
+    schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine")
+    val_fraction: float = _f(0.1, "held-out share of train for validation and thresholds")
+    loss: str = _f("auto", "auto | bce | ce")
+    amp: bool = _f(True, "mixed precision on GPU")
+    channels_last: bool = _f(True, "")
+    num_workers: int = _f(-1, "-1 = all CPU cores")
+    mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork")
+    seed: int = _f(42, "")
+    checkpoint_every: str = _f("20m", "also save last.pt at this wall-clock interval")
+    resume: bool = _f(True, "continue from out_dir/last.pt when it exists")
+    max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
+    # inference
+    tta: int = _f(2, "test-time augmentation views: 1 = none, 2 = + horizontal flip")
+    threshold: float = _f(-1.0, "multi-label threshold; <0 = search on validation")
+    min_labels: int = _f(0, "multi-label: always emit at least this many labels per image")
+    # demo
+    demo_images: int = _f(1000, "demo: number of generated training images")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def pretty(self) -> str:
+        return "\n".join(f"  {k:<18} = {v!r}" for k, v in self.to_dict().items())
+
+
+# Presets set what a project needs; later issues add one per seed.
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": dict(
+        model="resnet18", img_size=64, batch_size=32, lr=2e-3, budget="150s", margin="5s",
+        aug="flip", pad_aspect=2.0, val_fraction=0.2, checkpoint_every="1m", tta=2, warmup=0.05,
+    ),
+}
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([hms]?)")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """'9h', '8h30m', '90s', '1.5h', '600' -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip().lower().replace(" ", "")
+    if not s:
+        raise ValueError("empty duration")
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * {"h": 3600, "m": 60, "s": 1, "": 1}[m.group(2)]
+        pos = m.end()
+    if pos != len(s):
+        raise ValueError(f"cannot parse duration {text!r}; use e.g. 9h, 8h30m, 90s")
+    return total
+
+
+def _coerce(value: str, typ: Any) -> Any:
+    if typ in (bool, "bool"):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return {"int": int, "float": float, "str": str}.get(typ, typ)(value) if isinstance(typ, str) else typ(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Kaggle image-classification kernel")
+    for f in fields(Config):
+        typ = f.type if not isinstance(f.type, str) else f.type
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                       help=f"{f.metadata.get('help', '')} (default {f.default!r})",
+                       type=lambda v, t=typ: _coerce(v, t))
+    p.add_argument("--dry-run", action="store_true", help="short local run that reports throughput")
+    return p
+
+
+def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Merge defaults, the named preset, the CONFIG block and command-line flags, in that order."""
+    args = build_parser().parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    block = dict(block or {})
+    preset = cli.get("preset", block.get("preset", ""))
+    merged: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        merged.update(PRESETS[preset])
+    merged.update(block)
+    merged.update(cli)
+    cfg = Config.from_dict(merged)
+    parse_duration(cfg.budget), parse_duration(cfg.margin), parse_duration(cfg.checkpoint_every)
+    return cfg, args

@@ -1,0 +1,47 @@
+"""Every switch that depends on where we run (Kaggle or local) lives here.
+
+Importing this module sets the offline flags, so it must be imported before timm.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# timm/huggingface_hub otherwise retry a download for ~46 s before failing when internet is off.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_WORKING = Path("/kaggle/working")
+
+
+def on_kaggle() -> bool:
+    return "KAGGLE_KERNEL_RUN_TYPE" in os.environ or KAGGLE_WORKING.is_dir()
+
+
+def default_out_dir() -> Path:
+    return KAGGLE_WORKING if on_kaggle() else Path("outputs")
+
+
+def find_competition_dir(input_root: Path = KAGGLE_INPUT) -> Path | None:
+    """The attached dataset that looks like a competition: it has train data beside it.
+
+    Kaggle mounts competitions at /kaggle/input/<slug> (newer images use
+    /kaggle/input/competitions/<slug>), so look two levels deep.
+    """
+    if not input_root.is_dir():
+        return None
+    candidates = []
+    for child in sorted(input_root.iterdir()):
+        for d in [child, *sorted(p for p in child.iterdir() if p.is_dir())] if child.is_dir() else []:
+            if (d / "train.csv").is_file() or (d / "train").is_dir():
+                candidates.append(d)
+    return candidates[0] if candidates else None
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

@@ -1,0 +1,61 @@
+"""Batch-wise prediction with test-time augmentation; probabilities averaged over views."""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .progress import progress
+from .transforms import normalize, tta_identity
+
+
+def autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def activation(task: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    return torch.sigmoid if task == "multilabel" else _softmax
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, dim=1)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
+            views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
+            desc: str = "predict") -> dict:
+    """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, images_per_s}.
+
+    images_per_s counts image-views after the first batch, so worker start-up (seconds under
+    spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
+    """
+    model.eval()
+    act = activation(task)
+    probs, oks = [], []
+    t0 = time.time()
+    t_first = None
+    for images, _, ok in progress(loader, desc=desc):
+        x = normalize(images.to(device, non_blocking=True), channels_last)
+        with autocast(device, amp):
+            p = sum(act(model(view(x)).float()) for view in views) / len(views)
+        probs.append(p.cpu().numpy())
+        oks.append(ok.numpy() > 0)
+        if t_first is None:
+            t_first = time.time()
+    t_end = time.time()
+    n = sum(len(p) for p in probs)
+    steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
+    steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
+    return {
+        "probs": np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
+        "ok": np.concatenate(oks) if oks else np.zeros(0, bool),
+        "seconds": t_end - t0,
+        "first_batch_s": (t_first or t_end) - t0,
+        "images_per_s": steady_n * len(views) / max(steady_s, 1e-9),
+    }

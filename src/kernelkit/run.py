@@ -1,0 +1,292 @@
+"""The adapter from Config to the library: train, predict, write submission.csv.
+
+Whatever happens in training, a submission is written from the best weights available; the exit
+status says what happened (see EXIT_*).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import env
+from .budget import BudgetClock, InferenceReserve, fmt_seconds
+from .checkpoint import load_checkpoint, set_rng_state
+from .competition import Competition, format_predictions, load_competition, write_submission
+from .config import Config, make_config, parse_duration
+from .data import ImageDataset, make_loader, split_indices
+from .decode import decode
+from .demo import make_demo_competition
+from .infer import predict
+from .losses import get_loss
+from .metrics import fbeta_per_image, prior_baseline
+from .models import create_model
+from .train import FitOptions, FitState, fit
+from .transforms import EvalTransform, TrainTransform, tta_views
+
+log = logging.getLogger("kernelkit")
+
+EXIT_OK = 0
+EXIT_NO_SUBMISSION = 1
+EXIT_TRAIN_FAILED = 3  # training raised; submission.csv written from the best checkpoint
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def resolve_paths(cfg: Config) -> tuple[Path, Path, bool]:
+    """-> (data_dir, out_dir, is_demo)."""
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.data_dir:
+        return Path(cfg.data_dir), out_dir, False
+    found = env.find_competition_dir()
+    if found is not None:
+        return found, out_dir, False
+    return out_dir / "demo_data", out_dir, True
+
+
+def num_workers(cfg: Config) -> int:
+    return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_test_loader(cfg: Config, comp: Competition, device: torch.device):
+    ds = ImageDataset(comp.test_paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill),
+                      cfg.img_size, cfg.pad_fill)
+    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
+
+
+def write_outputs(comp: Competition, probs: np.ndarray, ok: np.ndarray, task: str, threshold: float,
+                  min_labels: int, out_dir: Path) -> Path:
+    """Decode, write submission.csv (validated) and the raw probabilities for blending."""
+    if (~ok).any():
+        log.warning("%d test images could not be read; their rows use the model's output on a blank image",
+                    int((~ok).sum()))
+    np.save(out_dir / "test_probs.npy", probs.astype(np.float32))
+    cells = format_predictions(comp, decode(task, probs, threshold, min_labels))
+    path = out_dir / "submission.csv"
+    write_submission(comp, cells, path)
+    log.info("submission written: %s (%d rows)", path.resolve(), len(cells))
+    return path
+
+
+def _resume_state(cfg: Config, out_dir: Path, comp: Competition) -> dict[str, Any] | None:
+    last = out_dir / "last.pt"
+    run_state = out_dir / "run_state.json"
+    if not (cfg.resume and last.is_file() and run_state.is_file()):
+        return None
+    if json.loads(run_state.read_text()).get("finished"):
+        return None
+    ckpt = load_checkpoint(last)
+    if ckpt.get("classes") != comp.classes or ckpt.get("config", {}).get("model") != cfg.model:
+        log.warning("%s belongs to a different model or label set; starting fresh", last)
+        return None
+    return ckpt
+
+
+def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
+                      clock: BudgetClock) -> tuple[int, dict]:
+    nw = num_workers(cfg)
+    pin = device.type == "cuda"
+    targets = comp.train_targets
+    paths = comp.train_paths
+    if cfg.max_train_images and len(paths) > cfg.max_train_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_train_images])
+        paths, targets = [paths[i] for i in keep], targets[keep]
+    tr_idx, va_idx = split_indices(targets, cfg.val_fraction, cfg.seed)
+    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx],
+                            TrainTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.aug), cfg.img_size, cfg.pad_fill)
+    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx],
+                          EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill)
+    if len(train_ds) == 0:
+        raise ValueError("no training images found")
+    train_loader = make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed)
+    val_loader = make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin) if len(val_ds) else None
+    log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+
+    model = create_model(cfg.model, comp.num_classes, cfg.pretrained_path, cfg.drop_rate).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    state = FitState()
+    ckpt = _resume_state(cfg, out_dir, comp)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                         best_score=ckpt["best_score"], threshold=ckpt["threshold"])
+        log.info("resumed from last.pt: epoch %d, step %d, progress %.2f, %s of the budget already spent",
+                 state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
+
+    opts = FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+                      channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
+                      threshold=cfg.threshold, min_labels=cfg.min_labels)
+    reserve = InferenceReserve(len(comp.test_ids), len(val_ds), cfg.tta)
+    extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
+    summary: dict[str, Any] = {"train_images": len(train_ds), "val_images": len(val_ds)}
+    status = EXIT_OK
+    try:
+        result = fit(model, train_loader, val_loader, targets[va_idx], task=comp.task,
+                     loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
+                     clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra)
+        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]))
+        _write_history(result["history"], out_dir)
+    except Exception:  # noqa: BLE001  (the run must still produce a submission)
+        log.exception("training failed; predicting with the best checkpoint available")
+        status = EXIT_TRAIN_FAILED
+    summary["train_end_s"] = round(clock.elapsed(), 1)
+
+    threshold = state.threshold
+    for name in ("best.pt", "last.pt"):
+        if (out_dir / name).is_file():
+            best = load_checkpoint(out_dir / name, device)
+            model.load_state_dict(best["model"])
+            threshold = best.get("threshold", threshold)
+            summary.update(checkpoint=name, val_score=best.get("best_score"))
+            break
+    if cfg.threshold >= 0:
+        threshold = cfg.threshold
+    if len(va_idx):
+        summary["baseline"] = prior_baseline(comp.task, targets[tr_idx], targets[va_idx])
+    summary["threshold"] = threshold
+    out = predict(model, build_test_loader(cfg, comp, device), device, comp.task, tta_views(cfg.tta),
+                  cfg.amp, cfg.channels_last, desc="test")
+    summary["infer_images_per_s"] = round(out["images_per_s"], 1)
+    write_outputs(comp, out["probs"], out["ok"], comp.task, threshold, cfg.min_labels, out_dir)
+    return status, summary
+
+
+def _write_history(history: list[dict], out_dir: Path) -> None:
+    if history:
+        import pandas as pd
+        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+
+
+def find_checkpoints(spec: str) -> list[Path]:
+    p = Path(spec)
+    if p.is_dir():
+        found = sorted(p.glob("best*.pt")) or sorted(p.glob("*.pt"))
+    elif p.is_file():
+        found = [p]
+    else:
+        found = sorted(Path(x) for x in glob.glob(spec))
+    if not found:
+        raise FileNotFoundError(f"no checkpoints match {spec!r}")
+    return found
+
+
+def infer_only(cfg: Config, comp: Competition, out_dir: Path, device: torch.device) -> dict:
+    """Average TTA probabilities of one or more checkpoints; each rebuilds its own model."""
+    paths = find_checkpoints(cfg.checkpoints)
+    probs_sum, ok, thresholds = None, None, []
+    for p in paths:
+        ckpt = load_checkpoint(p, "cpu")
+        ccfg = Config.from_dict(ckpt["config"])
+        if ckpt["classes"] != comp.classes:
+            raise ValueError(f"{p}: trained on a different label set than {comp.format} data in {cfg.data_dir}")
+        model = create_model(ccfg.model, len(ckpt["classes"]), "", 0.0)
+        model.load_state_dict(ckpt["model"])
+        model.to(device).eval()
+        run_cfg = Config.from_dict({**ccfg.to_dict(), "tta": cfg.tta, "batch_size": cfg.batch_size,
+                                    "num_workers": cfg.num_workers, "mp_context": cfg.mp_context})
+        out = predict(model, build_test_loader(run_cfg, comp, device), device, ckpt["task"], tta_views(cfg.tta),
+                      cfg.amp, cfg.channels_last, desc=p.name)
+        probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
+        ok = out["ok"]
+        thresholds.append(float(ckpt.get("threshold", 0.5)))
+        log.info("%s: %s, val score %.4f", p, ccfg.model, ckpt.get("best_score", float("nan")))
+    threshold = cfg.threshold if cfg.threshold >= 0 else float(np.mean(thresholds))
+    write_outputs(comp, probs_sum / len(paths), ok, comp.task, threshold, cfg.min_labels, out_dir)
+    return {"checkpoints": len(paths), "threshold": threshold}
+
+
+def _demo_test_score(data_dir: Path, out_dir: Path, comp: Competition) -> float | None:
+    sol = data_dir / "test_solution.csv"
+    if comp.task != "multilabel" or not sol.is_file():
+        return None
+    import pandas as pd
+    truth_df = pd.read_csv(sol, dtype=str, keep_default_na=False)
+    sub = pd.read_csv(out_dir / "submission.csv", dtype=str, keep_default_na=False)
+    pos = {c: i for i, c in enumerate(comp.classes)}
+
+    def onehot(cells) -> np.ndarray:
+        m = np.zeros((len(cells), len(pos)), np.uint8)
+        for r, cell in enumerate(cells):
+            for t in cell.split():
+                m[r, pos[t]] = 1
+        return m
+    return fbeta_per_image(onehot(truth_df.attribute_ids), onehot(sub.iloc[:, 1]))
+
+
+def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
+         started_at: float | None = None) -> int:
+    """`started_at`: process start (kernel.py records it before importing torch), so the budget
+    counts the imports too."""
+    setup_logging()
+    t_start = started_at or time.time()
+    cfg, args = make_config(config_block, argv)
+    data_dir, out_dir, is_demo = resolve_paths(cfg)
+    if is_demo and not cfg.preset:
+        cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
+        data_dir, out_dir, _ = resolve_paths(cfg)
+    log.info("kernelkit: torch %s, %s, config:\n%s", torch.__version__,
+             "on Kaggle" if env.on_kaggle() else "local", cfg.pretty())
+    cfg.save(out_dir / "config.json")
+    seed_everything(cfg.seed)
+    if is_demo:
+        log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
+        make_demo_competition(data_dir, cfg.demo_images, max(50, cfg.demo_images // 5), cfg.seed)
+    comp = load_competition(data_dir, cfg.format)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    if cfg.mode == "infer":
+        summary = infer_only(cfg, comp, out_dir, device)
+        log.info("done in %s: %s", fmt_seconds(time.time() - t_start), summary)
+        return EXIT_OK
+    if cfg.mode != "train":
+        raise ValueError(f"unknown mode {cfg.mode!r}; choose train | infer")
+
+    run_state_path = out_dir / "run_state.json"
+    run_start = t_start
+    if cfg.resume and run_state_path.is_file() and (out_dir / "last.pt").is_file():
+        saved = json.loads(run_state_path.read_text())
+        if not saved.get("finished"):
+            run_start = float(saved["run_start"])  # a killed run's time still counts against the budget
+    run_state_path.write_text(json.dumps({"run_start": run_start, "finished": False}))
+    clock = BudgetClock(parse_duration(cfg.budget), parse_duration(cfg.margin), start_time=run_start)
+    status, summary = train_and_predict(cfg, comp, out_dir, device, clock)
+    run_state_path.write_text(json.dumps({"run_start": run_start, "finished": True}))
+    summary["wall_s"] = round(clock.elapsed(), 1)
+    if is_demo:
+        summary["demo_test_score"] = _demo_test_score(data_dir, out_dir, comp)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    metric = "F2 per image" if comp.task == "multilabel" else "accuracy"
+    log.info("validation %s %.4f (label-prior baseline %.4f); %s of %s used; submission: %s",
+             metric, summary.get("val_score") or float("nan"), summary.get("baseline", float("nan")),
+             fmt_seconds(clock.elapsed()), fmt_seconds(clock.total_s), (out_dir / "submission.csv").resolve())
+    if is_demo and summary.get("demo_test_score") is not None:
+        log.info("demo test F2 against the generated answers: %.4f", summary["demo_test_score"])
+    return status

@@ -1,0 +1,201 @@
+"""The training loop under a wall-clock budget."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
+from .checkpoint import rng_state, save_checkpoint
+from .decode import decode_multilabel
+from .infer import autocast, predict
+from .metrics import accuracy, fbeta_per_image, search_threshold
+from .progress import progress
+from .transforms import normalize
+
+log = logging.getLogger("kernelkit")
+
+
+@dataclass
+class FitOptions:
+    lr: float = 1e-3
+    warmup: float = 0.05
+    schedule: str = "linear"
+    epochs: int = 0  # 0: train until the time budget (minus the inference reserve) is spent
+    amp: bool = True
+    channels_last: bool = False
+    checkpoint_every_s: float = 1200.0
+    threshold: float = -1.0  # multi-label: <0 searches on validation
+    min_labels: int = 0
+    beta: float = 2.0
+
+
+@dataclass
+class FitState:
+    epoch: int = 0
+    step: int = 0
+    progress: float = 0.0
+    best_score: float = -math.inf
+    threshold: float = 0.5
+    nonfinite_steps: int = 0
+    bad_images: int = 0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, loss_fn: Callable,
+                    device: torch.device, state: FitState, opts: FitOptions, lr_at: Callable[[int], float],
+                    should_stop: Callable[[], bool], on_step: Callable[[], None] = lambda: None) -> dict:
+    """One pass (or until `should_stop`). lr_at(step) gives the LR before each step."""
+    model.train()
+    losses, images, skipped = [], 0, 0
+    t0 = time.time()
+    t_first, first_n = None, 0
+    bar = progress(loader, desc=f"epoch {state.epoch}")
+    stopped = False
+    for x, y, ok in bar:
+        if should_stop():
+            stopped = True
+            break
+        set_lr(optimizer, lr_at(state.step))
+        x = normalize(x.to(device, non_blocking=True), opts.channels_last)
+        y, ok = y.to(device, non_blocking=True), ok.to(device, non_blocking=True)
+        with autocast(device, opts.amp):
+            logits = model(x)
+        loss = loss_fn(logits, y, ok)
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            # One NaN batch must not poison the weights of a 9-hour run: skip the update.
+            state.nonfinite_steps += 1
+            log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
+            state.step += 1
+            continue
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        state.step += 1
+        skipped += int((ok == 0).sum())
+        images += len(ok)
+        losses.append(loss.item())
+        if t_first is None:
+            t_first, first_n = time.time(), images
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        p=f"{state.progress:.2f}", refresh=False)
+        on_step()
+    bar.close()
+    t_end = time.time()
+    state.bad_images += skipped
+    # Throughput after the first step, which carries worker start-up and lazy initialisation.
+    steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
+    return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
+            "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
+            "stopped": stopped}
+
+
+def score_predictions(task: str, targets: np.ndarray, probs: np.ndarray, opts: FitOptions) -> dict:
+    """Competition metric on validation; multi-label also picks the threshold."""
+    if task == "multilabel":
+        if opts.threshold >= 0:
+            t = opts.threshold
+            s = fbeta_per_image(targets, decode_multilabel(probs, t, opts.min_labels), opts.beta)
+        else:
+            t, s = search_threshold(targets, probs, opts.beta, opts.min_labels)
+        return {"score": s, "threshold": t, "metric": f"F{opts.beta:g} per image"}
+    acc = accuracy(targets, probs)
+    return {"score": acc, "threshold": 0.5, "metric": "accuracy", "top1_error": 1 - acc}
+
+
+def validate(model: torch.nn.Module, loader, targets: np.ndarray, device: torch.device, task: str,
+             opts: FitOptions) -> dict:
+    out = predict(model, loader, device, task, amp=opts.amp, channels_last=opts.channels_last, desc="validate")
+    return {**out, **score_predictions(task, targets, out["probs"], opts)}
+
+
+def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarray, *, task: str,
+        loss_fn: Callable, optimizer: torch.optim.Optimizer, scaler, device: torch.device,
+        clock: BudgetClock, reserve: InferenceReserve, opts: FitOptions, out_dir: Path,
+        state: FitState | None = None, extra: dict[str, Any] | None = None) -> dict:
+    """Train until the budget (or `opts.epochs`) is used; keep last.pt and best.pt in `out_dir`.
+
+    `extra` (config dict, classes, task) is stored in every checkpoint so inference can rebuild
+    the model from the checkpoint alone.
+    """
+    state = state or FitState()
+    extra = dict(extra or {})
+    total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
+    prog = Progress(clock, state.progress, total_steps)
+    history: list[dict] = []
+    last_save = [time.time()]
+    has_val = val_loader is not None and len(val_targets) > 0
+
+    def deadline() -> float:
+        return clock.total_s - clock.margin_s - reserve.seconds()
+
+    def lr_at(step: int) -> float:
+        state.progress = prog.at(deadline(), step)
+        return opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
+
+    def should_stop() -> bool:
+        if total_steps and state.step >= total_steps:
+            return True
+        return clock.elapsed() >= deadline()
+
+    def checkpoint(name: str, epoch_done: bool) -> None:
+        save_checkpoint({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
+            "best_score": state.best_score, "threshold": state.threshold,
+            "elapsed": clock.elapsed(), "run_start": clock.start_time, "rng": rng_state(), **extra,
+        }, out_dir / name)
+
+    def on_step() -> None:
+        if time.time() - last_save[0] >= opts.checkpoint_every_s:
+            checkpoint("last.pt", epoch_done=False)
+            last_save[0] = time.time()
+
+    stop_reason = "budget"
+    while True:
+        if opts.epochs and state.epoch >= opts.epochs:
+            stop_reason = "epochs"
+            break
+        if should_stop():
+            break
+        tr = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device, state, opts, lr_at,
+                             should_stop, on_step)
+        if tr["images"]:
+            reserve.train_ips = tr["images_per_s"]
+        row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
+               "train_s": round(tr["seconds"], 2), "lr_end": optimizer.param_groups[0]["lr"],
+               "progress": round(state.progress, 4), "elapsed_s": round(clock.elapsed(), 1)}
+        if has_val and tr["images"]:
+            va = validate(model, val_loader, val_targets, device, task, opts)
+            reserve.infer_ips = va["images_per_s"]
+            reserve.startup_s = va["first_batch_s"]
+            row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
+            if va["score"] > state.best_score:
+                state.best_score, state.threshold = va["score"], va["threshold"]
+                checkpoint("best.pt", epoch_done=not tr["stopped"])
+            log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s  %.0f img/s  [%s, reserve %s]",
+                     state.epoch, tr["loss"], va["metric"], va["score"], state.best_score, va["threshold"],
+                     f"p={state.progress:.2f}", tr["images_per_s"], clock.fmt(), fmt_seconds(reserve.seconds()))
+        else:
+            log.info("epoch %d  loss %.4f  p=%.2f  %.0f img/s  [%s]", state.epoch, tr["loss"], state.progress,
+                     tr["images_per_s"], clock.fmt())
+        history.append(row)
+        checkpoint("last.pt", epoch_done=not tr["stopped"])
+        last_save[0] = time.time()
+        if tr["stopped"] or not tr["images"]:
+            break
+        state.epoch += 1
+    if not has_val:
+        checkpoint("best.pt", epoch_done=True)
+    return {"state": state, "history": history, "stop_reason": stop_reason}

@@ -1,0 +1,65 @@
+import pickle
+import time
+
+import pytest
+import torch
+
+from kernelkit.budget import BudgetClock, InferenceReserve, Progress, lr_factor
+from kernelkit.checkpoint import load_checkpoint, save_checkpoint
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    assert lr_factor(0.0, 0.1) == 0.0 and lr_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1) == pytest.approx(1.0)
+    for kind in ("linear", "cosine"):
+        values = [lr_factor(p / 100, 0.1, kind) for p in range(10, 101)]
+        assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        lr_factor(0.5, 0.1, "step")
+
+
+def test_clock_counts_time_spent_before_a_restart():
+    clock = BudgetClock(100, 10, start_time=time.time() - 30)
+    assert 29.5 < clock.elapsed() < 31 and 59 < clock.remaining() < 60.5
+
+
+def test_progress_by_time_and_by_steps():
+    clock = BudgetClock(100, 0, start_time=time.time() - 50)
+    prog = Progress(clock, start_progress=0.5)
+    assert prog.at(deadline_s=clock.elapsed() + 50) == pytest.approx(0.5, abs=0.01)
+    assert prog.at(deadline_s=clock.elapsed()) == pytest.approx(1.0)
+    assert Progress(clock, total_steps=10).at(0, step=4) == 0.4
+
+
+def test_inference_reserve_grows_with_test_size_and_views():
+    small, big = InferenceReserve(100, 10, 1), InferenceReserve(1000, 10, 2)
+    for r in (small, big):
+        r.infer_ips, r.startup_s = 100.0, 1.0
+    assert big.seconds() > small.seconds() > 5.0
+    assert big.seconds() == pytest.approx(3 + 2 + 1.3 * (2000 + 10) / 100)
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "config": {"model": "x"}, "step": 3}, path)
+    assert load_checkpoint(path)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temp file left behind"
+
+    class Boom:  # unpicklable-at-save-time object: the old checkpoint must survive
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"x": Boom()}, path)
+    assert load_checkpoint(path)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class Evil:
+    pass
+
+
+def test_checkpoint_with_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"obj": Evil()}, path, pickle_module=pickle)
+    with pytest.raises(ValueError, match="refusing"):
+        load_checkpoint(path)
