@@ -28,7 +28,7 @@ CONFIG = dict(
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
     # aug='light',                          # none | flip | light (flip + random resized crop)
     # budget='8h30m',                       # wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s
-    # margin='10m',                         # safety margin kept free at the end of the budget
+    # margin='auto',                        # safety margin kept free at the end of the budget; auto = 10% of it, at most 10m
     # epochs=0,                             # 0 = as many as fit the budget (schedule over time); >0 = fixed epochs
     # batch_size=32,
     # lr=0.001,                             # peak AdamW learning rate
@@ -107,7 +107,14 @@ class InferenceReserve:
         self.overhead_s, self.safety = overhead_s, safety
         self.infer_ips: float | None = None
         self.train_ips: float | None = None
-        self.startup_s = 5.0
+        self.startup_s = 5.0  # until measured
+        self._startup_measured = False
+
+    def observe_startup(self, seconds: float) -> None:
+        """Keep the worst first-batch latency seen: persistent workers make later ones look free,
+        but the test loader starts its workers from scratch."""
+        self.startup_s = max(self.startup_s, seconds) if self._startup_measured else seconds
+        self._startup_measured = True
 
     def seconds(self) -> float:
         ips = self.infer_ips or (2.0 * self.train_ips if self.train_ips else None)
@@ -470,7 +477,7 @@ class Config:
     aug: str = _f("light", "none | flip | light (flip + random resized crop)")
     # training
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
-    margin: str = _f("10m", "safety margin kept free at the end of the budget")
+    margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 10% of it, at most 10m")
     epochs: int = _f(0, "0 = as many as fit the budget (schedule over time); >0 = fixed epochs")
     batch_size: int = _f(32, "")
     lr: float = _f(1e-3, "peak AdamW learning rate")
@@ -515,7 +522,7 @@ class Config:
 # Presets set what a project needs; later issues add one per seed.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
-        model="resnet18", img_size=64, batch_size=32, lr=2e-3, budget="150s", margin="5s",
+        model="resnet18", img_size=64, batch_size=32, lr=2e-3, budget="150s",
         aug="flip", pad_aspect=2.0, val_fraction=0.2, checkpoint_every="1m", tta=2, warmup=0.05,
     ),
 }
@@ -577,8 +584,17 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
     merged.update(block)
     merged.update(cli)
     cfg = Config.from_dict(merged)
-    parse_duration(cfg.budget), parse_duration(cfg.margin), parse_duration(cfg.checkpoint_every)
+    budget_seconds(cfg), parse_duration(cfg.checkpoint_every)
     return cfg, args
+
+
+def budget_seconds(cfg: Config) -> tuple[float, float]:
+    """-> (budget, margin) in seconds; the margin must leave time to work with."""
+    total = parse_duration(cfg.budget)
+    margin = min(600.0, 0.1 * total) if cfg.margin == "auto" else parse_duration(cfg.margin)
+    if total <= 0 or margin >= total:
+        raise ValueError(f"budget {cfg.budget!r} must be positive and larger than margin {cfg.margin!r}")
+    return total, margin
 ''',
 'kernelkit.data': r'''"""Datasets and loaders. Bad files never stop a run: they become a blank image with ok=0."""
 from __future__ import annotations
@@ -1125,7 +1141,7 @@ from . import env
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
 from .checkpoint import load_checkpoint, set_rng_state
 from .competition import Competition, format_predictions, load_competition, write_submission
-from .config import Config, make_config, parse_duration
+from .config import Config, budget_seconds, make_config, parse_duration
 from .data import ImageDataset, make_loader, split_indices
 from .decode import decode
 from .demo import make_demo_competition
@@ -1256,7 +1272,10 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         result = fit(model, train_loader, val_loader, targets[va_idx], task=comp.task,
                      loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
                      clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra)
-        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]))
+        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step)
+        if state.step == 0:
+            log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
+                        fmt_seconds(clock.remaining()), fmt_seconds(reserve.seconds()))
         _write_history(result["history"], out_dir)
     except Exception:  # noqa: BLE001  (the run must still produce a submission)
         log.exception("training failed; predicting with the best checkpoint available")
@@ -1380,7 +1399,7 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
         if not saved.get("finished"):
             run_start = float(saved["run_start"])  # a killed run's time still counts against the budget
     run_state_path.write_text(json.dumps({"run_start": run_start, "finished": False}))
-    clock = BudgetClock(parse_duration(cfg.budget), parse_duration(cfg.margin), start_time=run_start)
+    clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     status, summary = train_and_predict(cfg, comp, out_dir, device, clock)
     run_state_path.write_text(json.dumps({"run_start": run_start, "finished": True}))
     summary["wall_s"] = round(clock.elapsed(), 1)
@@ -1576,7 +1595,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
         if has_val and tr["images"]:
             va = validate(model, val_loader, val_targets, device, task, opts)
             reserve.infer_ips = va["images_per_s"]
-            reserve.startup_s = va["first_batch_s"]
+            reserve.observe_startup(va["first_batch_s"])
             row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
             if va["score"] > state.best_score:
                 state.best_score, state.threshold = va["score"], va["threshold"]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kernelkit.config import Config, make_config, parse_duration
+from kernelkit.config import Config, budget_seconds, make_config, parse_duration
 
 
 @pytest.mark.parametrize("text,seconds", [("9h", 32400), ("8h30m", 30600), ("90s", 90), ("1.5h", 5400),
@@ -33,6 +33,13 @@ def test_unknown_keys_and_presets_are_errors():
         make_config({}, ["--preset", "nope"])
     with pytest.raises(ValueError, match="duration"):
         make_config({"budget": "nine hours"}, [])
+    with pytest.raises(ValueError, match="larger than margin"):
+        make_config({"budget": "5m", "margin": "10m"}, [])
+
+
+def test_auto_margin_is_a_tenth_of_the_budget_at_most_ten_minutes():
+    assert budget_seconds(make_config({"budget": "100s"}, [])[0]) == (100, 10)
+    assert budget_seconds(make_config({"budget": "9h"}, [])[0]) == (32400, 600)
 
 
 def test_config_round_trips_through_json(tmp_path):

@@ -48,7 +48,14 @@ class InferenceReserve:
         self.overhead_s, self.safety = overhead_s, safety
         self.infer_ips: float | None = None
         self.train_ips: float | None = None
-        self.startup_s = 5.0
+        self.startup_s = 5.0  # until measured
+        self._startup_measured = False
+
+    def observe_startup(self, seconds: float) -> None:
+        """Keep the worst first-batch latency seen: persistent workers make later ones look free,
+        but the test loader starts its workers from scratch."""
+        self.startup_s = max(self.startup_s, seconds) if self._startup_measured else seconds
+        self._startup_measured = True
 
     def seconds(self) -> float:
         ips = self.infer_ips or (2.0 * self.train_ips if self.train_ips else None)

@@ -34,7 +34,7 @@ class Config:
     aug: str = _f("light", "none | flip | light (flip + random resized crop)")
     # training
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
-    margin: str = _f("10m", "safety margin kept free at the end of the budget")
+    margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 10% of it, at most 10m")
     epochs: int = _f(0, "0 = as many as fit the budget (schedule over time); >0 = fixed epochs")
     batch_size: int = _f(32, "")
     lr: float = _f(1e-3, "peak AdamW learning rate")
@@ -79,7 +79,7 @@ class Config:
 # Presets set what a project needs; later issues add one per seed.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
-        model="resnet18", img_size=64, batch_size=32, lr=2e-3, budget="150s", margin="5s",
+        model="resnet18", img_size=64, batch_size=32, lr=2e-3, budget="150s",
         aug="flip", pad_aspect=2.0, val_fraction=0.2, checkpoint_every="1m", tta=2, warmup=0.05,
     ),
 }
@@ -141,5 +141,14 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
     merged.update(block)
     merged.update(cli)
     cfg = Config.from_dict(merged)
-    parse_duration(cfg.budget), parse_duration(cfg.margin), parse_duration(cfg.checkpoint_every)
+    budget_seconds(cfg), parse_duration(cfg.checkpoint_every)
     return cfg, args
+
+
+def budget_seconds(cfg: Config) -> tuple[float, float]:
+    """-> (budget, margin) in seconds; the margin must leave time to work with."""
+    total = parse_duration(cfg.budget)
+    margin = min(600.0, 0.1 * total) if cfg.margin == "auto" else parse_duration(cfg.margin)
+    if total <= 0 or margin >= total:
+        raise ValueError(f"budget {cfg.budget!r} must be positive and larger than margin {cfg.margin!r}")
+    return total, margin

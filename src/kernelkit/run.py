@@ -21,7 +21,7 @@ from . import env
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
 from .checkpoint import load_checkpoint, set_rng_state
 from .competition import Competition, format_predictions, load_competition, write_submission
-from .config import Config, make_config, parse_duration
+from .config import Config, budget_seconds, make_config, parse_duration
 from .data import ImageDataset, make_loader, split_indices
 from .decode import decode
 from .demo import make_demo_competition
@@ -152,7 +152,10 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         result = fit(model, train_loader, val_loader, targets[va_idx], task=comp.task,
                      loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
                      clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra)
-        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]))
+        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step)
+        if state.step == 0:
+            log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
+                        fmt_seconds(clock.remaining()), fmt_seconds(reserve.seconds()))
         _write_history(result["history"], out_dir)
     except Exception:  # noqa: BLE001  (the run must still produce a submission)
         log.exception("training failed; predicting with the best checkpoint available")
@@ -276,7 +279,7 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
         if not saved.get("finished"):
             run_start = float(saved["run_start"])  # a killed run's time still counts against the budget
     run_state_path.write_text(json.dumps({"run_start": run_start, "finished": False}))
-    clock = BudgetClock(parse_duration(cfg.budget), parse_duration(cfg.margin), start_time=run_start)
+    clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     status, summary = train_and_predict(cfg, comp, out_dir, device, clock)
     run_state_path.write_text(json.dumps({"run_start": run_start, "finished": True}))
     summary["wall_s"] = round(clock.elapsed(), 1)

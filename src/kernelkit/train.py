@@ -179,7 +179,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
         if has_val and tr["images"]:
             va = validate(model, val_loader, val_targets, device, task, opts)
             reserve.infer_ips = va["images_per_s"]
-            reserve.startup_s = va["first_batch_s"]
+            reserve.observe_startup(va["first_batch_s"])
             row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
             if va["score"] > state.best_score:
                 state.best_score, state.threshold = va["score"], va["threshold"]
