@@ -154,6 +154,14 @@ class Progress:
         if span <= 0:
             return 1.0
         return min(1.0, self.p0 + (1.0 - self.p0) * (self.clock.elapsed() - self.t0) / span)
+
+
+def affordable_tta(level: int, n_images: int, images_per_s: float | None, seconds_left: float) -> int:
+    """The most TTA views (up to `level`) whose prediction fits in `seconds_left`; at least 1."""
+    if not images_per_s or n_images == 0:
+        return level
+    per_view = n_images / images_per_s
+    return max(1, min(level, int(seconds_left // max(per_view, 1e-9))))
 ''',
 'kernelkit.checkpoint': r'''"""Atomic checkpoints: a crash mid-save never leaves a half-written file behind."""
 from __future__ import annotations
@@ -1086,6 +1094,83 @@ def create_model(name: str, num_classes: int, pretrained_path: str = "", drop_ra
         model = timm.create_model(name, pretrained=False, **kwargs)
     return model
 ''',
+'kernelkit.plan': r'''"""Dry-run planner: measure throughput on a few batches, then lay the full budget out.
+
+Throughput is measured on the machine the dry run runs on; run it on the Kaggle accelerator (a
+short interactive session) for a plan that holds there.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .budget import fmt_seconds
+
+
+@dataclass
+class Plan:
+    budget_s: float
+    margin_s: float
+    setup_s: float
+    train_images_per_s: float
+    infer_images_per_s: float
+    n_train: int
+    n_val: int
+    n_test: int
+    tta: int
+    epoch_s: float
+    inference_s: float
+    train_s: float
+    epochs_that_fit: float
+    epochs_requested: int
+    fits: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [
+            ("budget", fmt_seconds(self.budget_s)),
+            ("safety margin", fmt_seconds(self.margin_s)),
+            ("setup (imports, data index, model)", fmt_seconds(self.setup_s)),
+            ("training throughput", f"{self.train_images_per_s:.1f} images/s"),
+            ("inference throughput", f"{self.infer_images_per_s:.1f} image-views/s"),
+            ("one epoch (train + validation)", f"{fmt_seconds(self.epoch_s)} for {self.n_train} + {self.n_val} images"),
+            (f"inference ({self.n_test} test images x {self.tta} TTA views + final validation)",
+             fmt_seconds(self.inference_s)),
+            ("time left for training", fmt_seconds(self.train_s)),
+            ("epochs that fit", f"{self.epochs_that_fit:.1f}"
+             + (f" (requested {self.epochs_requested})" if self.epochs_requested else " (schedule follows the clock)")),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: float, infer_ips: float,
+              n_train: int, n_val: int, n_test: int, tta: int, epochs: int = 0,
+              loader_startup_s: float = 0.0, safety: float = 1.3) -> Plan:
+    """Same arithmetic as the live run's InferenceReserve, so the plan predicts what training will do."""
+    val_s = n_val / infer_ips
+    epoch_s = n_train / train_ips + val_s
+    inference_s = 2 * loader_startup_s + safety * (n_test * tta + n_val) / infer_ips
+    train_s = budget_s - margin_s - setup_s - inference_s
+    fit_epochs = max(0.0, train_s / epoch_s)
+    warnings = []
+    if train_s <= 0:
+        warnings.append("no time left to train: inference alone needs more than the budget; "
+                        "lower tta, img_size or pick a faster model")
+    elif fit_epochs < 1:
+        warnings.append(f"less than one epoch fits ({fit_epochs:.2f}); the schedule still ends at the deadline")
+    if epochs and epochs > fit_epochs:
+        warnings.append(f"epochs={epochs} does not fit: ~{fit_epochs:.1f} do; training will stop at the deadline "
+                        "with the LR not yet decayed (use epochs=0 to schedule over time)")
+    return Plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_images_per_s=train_ips,
+                infer_images_per_s=infer_ips, n_train=n_train, n_val=n_val, n_test=n_test, tta=tta,
+                epoch_s=epoch_s, inference_s=inference_s, train_s=train_s, epochs_that_fit=fit_epochs,
+                epochs_requested=epochs, fits=not warnings, warnings=warnings)
+''',
 'kernelkit.progress': r'''"""tqdm that stays readable in Kaggle's log, where every carriage-return refresh becomes a line."""
 from __future__ import annotations
 
@@ -1131,6 +1216,7 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -1138,7 +1224,7 @@ import numpy as np
 import torch
 
 from . import env
-from .budget import BudgetClock, InferenceReserve, fmt_seconds
+from .budget import BudgetClock, InferenceReserve, affordable_tta, fmt_seconds
 from .checkpoint import load_checkpoint, set_rng_state
 from .competition import Competition, format_predictions, load_competition, write_submission
 from .config import Config, budget_seconds, make_config, parse_duration
@@ -1149,7 +1235,9 @@ from .infer import predict
 from .losses import get_loss
 from .metrics import fbeta_per_image, prior_baseline
 from .models import create_model
-from .train import FitOptions, FitState, fit
+from .plan import Plan, make_plan
+from .session import begin_run, finish_run
+from .train import FitOptions, FitState, fit, train_one_epoch
 from .transforms import EvalTransform, TrainTransform, tta_views
 
 log = logging.getLogger("kernelkit")
@@ -1157,6 +1245,7 @@ log = logging.getLogger("kernelkit")
 EXIT_OK = 0
 EXIT_NO_SUBMISSION = 1
 EXIT_TRAIN_FAILED = 3  # training raised; submission.csv written from the best checkpoint
+EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
 
 
 def setup_logging() -> None:
@@ -1210,76 +1299,96 @@ def write_outputs(comp: Competition, probs: np.ndarray, ok: np.ndarray, task: st
     return path
 
 
-def _resume_state(cfg: Config, out_dir: Path, comp: Competition) -> dict[str, Any] | None:
-    last = out_dir / "last.pt"
-    run_state = out_dir / "run_state.json"
-    if not (cfg.resume and last.is_file() and run_state.is_file()):
+def load_resume_checkpoint(path: Path | None, cfg: Config, comp: Competition) -> dict[str, Any] | None:
+    if path is None:
         return None
-    if json.loads(run_state.read_text()).get("finished"):
-        return None
-    ckpt = load_checkpoint(last)
+    ckpt = load_checkpoint(path)
     if ckpt.get("classes") != comp.classes or ckpt.get("config", {}).get("model") != cfg.model:
-        log.warning("%s belongs to a different model or label set; starting fresh", last)
+        log.warning("%s belongs to a different model or label set; starting fresh", path)
         return None
     return ckpt
 
 
-def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
-                      clock: BudgetClock) -> tuple[int, dict]:
-    nw = num_workers(cfg)
-    pin = device.type == "cuda"
-    targets = comp.train_targets
-    paths = comp.train_paths
+@dataclass
+class TrainingData:
+    train_loader: Any
+    val_loader: Any
+    train_targets: np.ndarray
+    val_targets: np.ndarray
+
+
+def build_training_data(cfg: Config, comp: Competition, device: torch.device) -> TrainingData:
+    nw, pin = num_workers(cfg), device.type == "cuda"
+    targets, paths = comp.train_targets, comp.train_paths
     if cfg.max_train_images and len(paths) > cfg.max_train_images:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_train_images])
         paths, targets = [paths[i] for i in keep], targets[keep]
     tr_idx, va_idx = split_indices(targets, cfg.val_fraction, cfg.seed)
+    if len(tr_idx) == 0:
+        raise ValueError("no training images found")
     train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx],
                             TrainTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.aug), cfg.img_size, cfg.pad_fill)
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx],
                           EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill)
-    if len(train_ds) == 0:
-        raise ValueError("no training images found")
-    train_loader = make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed)
-    val_loader = make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin) if len(val_ds) else None
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    return TrainingData(
+        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed),
+        val_loader=make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin) if len(val_ds) else None,
+        train_targets=targets[tr_idx], val_targets=targets[va_idx])
 
-    model = create_model(cfg.model, comp.num_classes, cfg.pretrained_path, cfg.drop_rate).to(device)
+
+def build_model_and_optimizer(cfg: Config, num_classes: int, device: torch.device):
+    model = create_model(cfg.model, num_classes, cfg.pretrained_path, cfg.drop_rate).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-    state = FitState()
-    ckpt = _resume_state(cfg, out_dir, comp)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                         best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-        log.info("resumed from last.pt: epoch %d, step %d, progress %.2f, %s of the budget already spent",
-                 state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
+    return model, optimizer, scaler
 
-    opts = FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+
+def restore(ckpt: dict[str, Any], model, optimizer, scaler) -> FitState:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                    best_score=ckpt["best_score"], threshold=ckpt["threshold"])
+
+
+def fit_options(cfg: Config) -> FitOptions:
+    return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels)
-    reserve = InferenceReserve(len(comp.test_ids), len(val_ds), cfg.tta)
+
+
+def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
+                      clock: BudgetClock, resume_path: Path | None = None) -> tuple[int, dict]:
+    data = build_training_data(cfg, comp, device)
+    model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
+    state = FitState()
+    ckpt = load_resume_checkpoint(resume_path, cfg, comp)
+    if ckpt is not None:
+        state = restore(ckpt, model, optimizer, scaler)
+        log.info("resumed from %s: epoch %d, step %d, progress %.2f; %s of the budget already spent",
+                 resume_path, state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
+    n_val = len(data.val_targets)
+    reserve = InferenceReserve(len(comp.test_ids), n_val, cfg.tta)
     extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
-    summary: dict[str, Any] = {"train_images": len(train_ds), "val_images": len(val_ds)}
+    summary: dict[str, Any] = {"train_images": len(data.train_targets), "val_images": n_val,
+                               "train_start_s": round(clock.elapsed(), 1)}
     status = EXIT_OK
     try:
-        result = fit(model, train_loader, val_loader, targets[va_idx], task=comp.task,
+        result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
                      loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
-                     clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra)
+                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step)
         if state.step == 0:
             log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
                         fmt_seconds(clock.remaining()), fmt_seconds(reserve.seconds()))
-        _write_history(result["history"], out_dir)
     except Exception:  # noqa: BLE001  (the run must still produce a submission)
         log.exception("training failed; predicting with the best checkpoint available")
         status = EXIT_TRAIN_FAILED
+        summary["stop_reason"] = "error"
     summary["train_end_s"] = round(clock.elapsed(), 1)
 
     threshold = state.threshold
@@ -1292,20 +1401,47 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
             break
     if cfg.threshold >= 0:
         threshold = cfg.threshold
-    if len(va_idx):
-        summary["baseline"] = prior_baseline(comp.task, targets[tr_idx], targets[va_idx])
+    if n_val:
+        summary["baseline"] = prior_baseline(comp.task, data.train_targets, data.val_targets)
     summary["threshold"] = threshold
-    out = predict(model, build_test_loader(cfg, comp, device), device, comp.task, tta_views(cfg.tta),
+    tta = affordable_tta(cfg.tta, len(comp.test_ids), reserve.infer_ips,
+                         clock.remaining() - reserve.overhead_s - reserve.startup_s)
+    if tta < cfg.tta:
+        log.warning("only %s left: predicting with %d TTA views instead of %d",
+                    fmt_seconds(clock.remaining()), tta, cfg.tta)
+    out = predict(model, build_test_loader(cfg, comp, device), device, comp.task, tta_views(tta),
                   cfg.amp, cfg.channels_last, desc="test")
-    summary["infer_images_per_s"] = round(out["images_per_s"], 1)
+    summary.update(tta=tta, infer_images_per_s=round(out["images_per_s"], 1))
     write_outputs(comp, out["probs"], out["ok"], comp.task, threshold, cfg.min_labels, out_dir)
     return status, summary
 
 
-def _write_history(history: list[dict], out_dir: Path) -> None:
-    if history:
-        import pandas as pd
-        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float, train_steps: int = 12,
+            infer_batches: int = 4) -> Plan:
+    """Time a few training steps and TTA batches on a subset, then plan the full budget."""
+    data = build_training_data(cfg, comp, device)
+    model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
+    opts = fit_options(cfg)
+    state = FitState()
+
+    def enough_steps() -> bool:
+        return state.step >= train_steps
+
+    def constant_lr(step: int) -> float:
+        return cfg.lr
+
+    tr = train_one_epoch(model, data.train_loader, optimizer, scaler, get_loss(cfg.loss, comp.task), device,
+                         state, opts, lr_at=constant_lr, should_stop=enough_steps)
+    test_loader = build_test_loader(cfg, comp, device)
+    subset = torch.utils.data.Subset(test_loader.dataset, range(min(len(test_loader.dataset),
+                                                                    infer_batches * test_loader.batch_size)))
+    loader = make_loader(subset, test_loader.batch_size, False, num_workers(cfg), cfg.mp_context,
+                         device.type == "cuda")
+    inf = predict(model, loader, device, comp.task, tta_views(cfg.tta), cfg.amp, cfg.channels_last, desc="dry-run")
+    budget_s, margin_s = budget_seconds(cfg)
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
+                     infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
+                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["first_batch_s"])
 
 
 def find_checkpoints(spec: str) -> list[Path]:
@@ -1392,16 +1528,16 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
     if cfg.mode != "train":
         raise ValueError(f"unknown mode {cfg.mode!r}; choose train | infer")
 
-    run_state_path = out_dir / "run_state.json"
-    run_start = t_start
-    if cfg.resume and run_state_path.is_file() and (out_dir / "last.pt").is_file():
-        saved = json.loads(run_state_path.read_text())
-        if not saved.get("finished"):
-            run_start = float(saved["run_start"])  # a killed run's time still counts against the budget
-    run_state_path.write_text(json.dumps({"run_start": run_start, "finished": False}))
+    if args.dry_run:
+        plan = dry_run(cfg, comp, device, setup_s=time.time() - t_start)
+        (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        log.info("dry-run plan for %s on %s:\n%s", cfg.model, device, plan.table())
+        return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
+
+    run_start, resume_path = begin_run(out_dir, cfg.resume, t_start)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    status, summary = train_and_predict(cfg, comp, out_dir, device, clock)
-    run_state_path.write_text(json.dumps({"run_start": run_start, "finished": True}))
+    status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path)
+    finish_run(out_dir)
     summary["wall_s"] = round(clock.elapsed(), 1)
     if is_demo:
         summary["demo_test_score"] = _demo_test_score(data_dir, out_dir, comp)
@@ -1413,6 +1549,65 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
     if is_demo and summary.get("demo_test_score") is not None:
         log.info("demo test F2 against the generated answers: %.4f", summary["demo_test_score"])
     return status
+''',
+'kernelkit.session': r'''"""Run bookkeeping in out_dir: when the run started, whether it finished, which checkpoint to resume.
+
+A run killed mid-way (kill -9, a lost Kaggle session) and started again in the same out_dir
+continues from last.pt, and the time the killed process spent still counts against the budget.
+A finished run's checkpoints are kept as *.prev.pt so a new run never mixes them with its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("kernelkit")
+
+STATE_FILE = "run_state.json"
+CHECKPOINTS = ("last.pt", "best.pt")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def remove_partial_files(out_dir: Path) -> None:
+    """Temp files of a save that was killed half-way; the real checkpoints are intact beside them."""
+    for tmp in out_dir.glob(".*.tmp*"):
+        log.info("removing partial file %s left by an interrupted save", tmp.name)
+        tmp.unlink(missing_ok=True)
+
+
+def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Path | None]:
+    """-> (run start time for the budget clock, checkpoint to resume from or None)."""
+    remove_partial_files(out_dir)
+    state_path = out_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    last = out_dir / "last.pt"
+    if resume and state and not state.get("finished") and last.is_file():
+        _write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
+        return float(state["run_start"]), last
+    archive_checkpoints(out_dir)
+    _write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
+    return started_at, None
+
+
+def archive_checkpoints(out_dir: Path) -> None:
+    for name in CHECKPOINTS:
+        p = out_dir / name
+        if p.is_file():
+            os.replace(p, p.with_suffix(".prev.pt"))
+            log.info("kept the previous run's %s as %s", name, p.with_suffix(".prev.pt").name)
+
+
+def finish_run(out_dir: Path) -> None:
+    state_path = out_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    _write_json(state_path, {**state, "finished": True})
 ''',
 'kernelkit.train': r'''"""The training loop under a wall-clock budget."""
 from __future__ import annotations
@@ -1536,6 +1731,18 @@ def validate(model: torch.nn.Module, loader, targets: np.ndarray, device: torch.
     return {**out, **score_predictions(task, targets, out["probs"], opts)}
 
 
+def _timing(tr: dict, state: FitState, clock: BudgetClock, reserve: InferenceReserve) -> str:
+    """Schedule position, speed, elapsed/budget and when training will end."""
+    train_left = clock.total_s - clock.margin_s - reserve.seconds() - clock.elapsed()
+    return (f"p={state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{clock.fmt()}, training ends in "
+            f"{fmt_seconds(train_left)}, then ~{fmt_seconds(reserve.seconds())} inference]")
+
+
+def _write_history(history: list[dict], out_dir: Path) -> None:
+    import pandas as pd
+    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+
+
 def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarray, *, task: str,
         loss_fn: Callable, optimizer: torch.optim.Optimizer, scaler, device: torch.device,
         clock: BudgetClock, reserve: InferenceReserve, opts: FitOptions, out_dir: Path,
@@ -1600,13 +1807,12 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
             if va["score"] > state.best_score:
                 state.best_score, state.threshold = va["score"], va["threshold"]
                 checkpoint("best.pt", epoch_done=not tr["stopped"])
-            log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s  %.0f img/s  [%s, reserve %s]",
-                     state.epoch, tr["loss"], va["metric"], va["score"], state.best_score, va["threshold"],
-                     f"p={state.progress:.2f}", tr["images_per_s"], clock.fmt(), fmt_seconds(reserve.seconds()))
+            log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+                     va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
         else:
-            log.info("epoch %d  loss %.4f  p=%.2f  %.0f img/s  [%s]", state.epoch, tr["loss"], state.progress,
-                     tr["images_per_s"], clock.fmt())
+            log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], _timing(tr, state, clock, reserve))
         history.append(row)
+        _write_history(history, out_dir)
         checkpoint("last.pt", epoch_done=not tr["stopped"])
         last_save[0] = time.time()
         if tr["stopped"] or not tr["images"]:

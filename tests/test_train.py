@@ -38,7 +38,7 @@ def test_fixed_epochs_learn_single_label_and_save_checkpoints(single_label_dir, 
     assert result["state"].best_score >= 0.8, result["history"]  # chance is 1/3
     assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
     assert result["state"].progress == 15 / 16 and opt.param_groups[0]["lr"] < 3e-3 * 0.1
-    assert {p.name for p in out.iterdir()} == {"best.pt", "last.pt"}
+    assert {p.name for p in out.iterdir()} == {"best.pt", "last.pt", "history.csv"}
 
 
 def test_multilabel_threshold_is_searched(multilabel_dir, tmp_path):

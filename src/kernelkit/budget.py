@@ -95,3 +95,11 @@ class Progress:
         if span <= 0:
             return 1.0
         return min(1.0, self.p0 + (1.0 - self.p0) * (self.clock.elapsed() - self.t0) / span)
+
+
+def affordable_tta(level: int, n_images: int, images_per_s: float | None, seconds_left: float) -> int:
+    """The most TTA views (up to `level`) whose prediction fits in `seconds_left`; at least 1."""
+    if not images_per_s or n_images == 0:
+        return level
+    per_view = n_images / images_per_s
+    return max(1, min(level, int(seconds_left // max(per_view, 1e-9))))

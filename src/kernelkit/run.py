@@ -11,6 +11,7 @@ import logging
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from . import env
-from .budget import BudgetClock, InferenceReserve, fmt_seconds
+from .budget import BudgetClock, InferenceReserve, affordable_tta, fmt_seconds
 from .checkpoint import load_checkpoint, set_rng_state
 from .competition import Competition, format_predictions, load_competition, write_submission
 from .config import Config, budget_seconds, make_config, parse_duration
@@ -29,7 +30,9 @@ from .infer import predict
 from .losses import get_loss
 from .metrics import fbeta_per_image, prior_baseline
 from .models import create_model
-from .train import FitOptions, FitState, fit
+from .plan import Plan, make_plan
+from .session import begin_run, finish_run
+from .train import FitOptions, FitState, fit, train_one_epoch
 from .transforms import EvalTransform, TrainTransform, tta_views
 
 log = logging.getLogger("kernelkit")
@@ -37,6 +40,7 @@ log = logging.getLogger("kernelkit")
 EXIT_OK = 0
 EXIT_NO_SUBMISSION = 1
 EXIT_TRAIN_FAILED = 3  # training raised; submission.csv written from the best checkpoint
+EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
 
 
 def setup_logging() -> None:
@@ -90,76 +94,96 @@ def write_outputs(comp: Competition, probs: np.ndarray, ok: np.ndarray, task: st
     return path
 
 
-def _resume_state(cfg: Config, out_dir: Path, comp: Competition) -> dict[str, Any] | None:
-    last = out_dir / "last.pt"
-    run_state = out_dir / "run_state.json"
-    if not (cfg.resume and last.is_file() and run_state.is_file()):
+def load_resume_checkpoint(path: Path | None, cfg: Config, comp: Competition) -> dict[str, Any] | None:
+    if path is None:
         return None
-    if json.loads(run_state.read_text()).get("finished"):
-        return None
-    ckpt = load_checkpoint(last)
+    ckpt = load_checkpoint(path)
     if ckpt.get("classes") != comp.classes or ckpt.get("config", {}).get("model") != cfg.model:
-        log.warning("%s belongs to a different model or label set; starting fresh", last)
+        log.warning("%s belongs to a different model or label set; starting fresh", path)
         return None
     return ckpt
 
 
-def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
-                      clock: BudgetClock) -> tuple[int, dict]:
-    nw = num_workers(cfg)
-    pin = device.type == "cuda"
-    targets = comp.train_targets
-    paths = comp.train_paths
+@dataclass
+class TrainingData:
+    train_loader: Any
+    val_loader: Any
+    train_targets: np.ndarray
+    val_targets: np.ndarray
+
+
+def build_training_data(cfg: Config, comp: Competition, device: torch.device) -> TrainingData:
+    nw, pin = num_workers(cfg), device.type == "cuda"
+    targets, paths = comp.train_targets, comp.train_paths
     if cfg.max_train_images and len(paths) > cfg.max_train_images:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_train_images])
         paths, targets = [paths[i] for i in keep], targets[keep]
     tr_idx, va_idx = split_indices(targets, cfg.val_fraction, cfg.seed)
+    if len(tr_idx) == 0:
+        raise ValueError("no training images found")
     train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx],
                             TrainTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.aug), cfg.img_size, cfg.pad_fill)
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx],
                           EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill)
-    if len(train_ds) == 0:
-        raise ValueError("no training images found")
-    train_loader = make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed)
-    val_loader = make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin) if len(val_ds) else None
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    return TrainingData(
+        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed),
+        val_loader=make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin) if len(val_ds) else None,
+        train_targets=targets[tr_idx], val_targets=targets[va_idx])
 
-    model = create_model(cfg.model, comp.num_classes, cfg.pretrained_path, cfg.drop_rate).to(device)
+
+def build_model_and_optimizer(cfg: Config, num_classes: int, device: torch.device):
+    model = create_model(cfg.model, num_classes, cfg.pretrained_path, cfg.drop_rate).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-    state = FitState()
-    ckpt = _resume_state(cfg, out_dir, comp)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                         best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-        log.info("resumed from last.pt: epoch %d, step %d, progress %.2f, %s of the budget already spent",
-                 state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
+    return model, optimizer, scaler
 
-    opts = FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+
+def restore(ckpt: dict[str, Any], model, optimizer, scaler) -> FitState:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                    best_score=ckpt["best_score"], threshold=ckpt["threshold"])
+
+
+def fit_options(cfg: Config) -> FitOptions:
+    return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels)
-    reserve = InferenceReserve(len(comp.test_ids), len(val_ds), cfg.tta)
+
+
+def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
+                      clock: BudgetClock, resume_path: Path | None = None) -> tuple[int, dict]:
+    data = build_training_data(cfg, comp, device)
+    model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
+    state = FitState()
+    ckpt = load_resume_checkpoint(resume_path, cfg, comp)
+    if ckpt is not None:
+        state = restore(ckpt, model, optimizer, scaler)
+        log.info("resumed from %s: epoch %d, step %d, progress %.2f; %s of the budget already spent",
+                 resume_path, state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
+    n_val = len(data.val_targets)
+    reserve = InferenceReserve(len(comp.test_ids), n_val, cfg.tta)
     extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
-    summary: dict[str, Any] = {"train_images": len(train_ds), "val_images": len(val_ds)}
+    summary: dict[str, Any] = {"train_images": len(data.train_targets), "val_images": n_val,
+                               "train_start_s": round(clock.elapsed(), 1)}
     status = EXIT_OK
     try:
-        result = fit(model, train_loader, val_loader, targets[va_idx], task=comp.task,
+        result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
                      loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
-                     clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra)
+                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step)
         if state.step == 0:
             log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
                         fmt_seconds(clock.remaining()), fmt_seconds(reserve.seconds()))
-        _write_history(result["history"], out_dir)
     except Exception:  # noqa: BLE001  (the run must still produce a submission)
         log.exception("training failed; predicting with the best checkpoint available")
         status = EXIT_TRAIN_FAILED
+        summary["stop_reason"] = "error"
     summary["train_end_s"] = round(clock.elapsed(), 1)
 
     threshold = state.threshold
@@ -172,20 +196,47 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
             break
     if cfg.threshold >= 0:
         threshold = cfg.threshold
-    if len(va_idx):
-        summary["baseline"] = prior_baseline(comp.task, targets[tr_idx], targets[va_idx])
+    if n_val:
+        summary["baseline"] = prior_baseline(comp.task, data.train_targets, data.val_targets)
     summary["threshold"] = threshold
-    out = predict(model, build_test_loader(cfg, comp, device), device, comp.task, tta_views(cfg.tta),
+    tta = affordable_tta(cfg.tta, len(comp.test_ids), reserve.infer_ips,
+                         clock.remaining() - reserve.overhead_s - reserve.startup_s)
+    if tta < cfg.tta:
+        log.warning("only %s left: predicting with %d TTA views instead of %d",
+                    fmt_seconds(clock.remaining()), tta, cfg.tta)
+    out = predict(model, build_test_loader(cfg, comp, device), device, comp.task, tta_views(tta),
                   cfg.amp, cfg.channels_last, desc="test")
-    summary["infer_images_per_s"] = round(out["images_per_s"], 1)
+    summary.update(tta=tta, infer_images_per_s=round(out["images_per_s"], 1))
     write_outputs(comp, out["probs"], out["ok"], comp.task, threshold, cfg.min_labels, out_dir)
     return status, summary
 
 
-def _write_history(history: list[dict], out_dir: Path) -> None:
-    if history:
-        import pandas as pd
-        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float, train_steps: int = 12,
+            infer_batches: int = 4) -> Plan:
+    """Time a few training steps and TTA batches on a subset, then plan the full budget."""
+    data = build_training_data(cfg, comp, device)
+    model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
+    opts = fit_options(cfg)
+    state = FitState()
+
+    def enough_steps() -> bool:
+        return state.step >= train_steps
+
+    def constant_lr(step: int) -> float:
+        return cfg.lr
+
+    tr = train_one_epoch(model, data.train_loader, optimizer, scaler, get_loss(cfg.loss, comp.task), device,
+                         state, opts, lr_at=constant_lr, should_stop=enough_steps)
+    test_loader = build_test_loader(cfg, comp, device)
+    subset = torch.utils.data.Subset(test_loader.dataset, range(min(len(test_loader.dataset),
+                                                                    infer_batches * test_loader.batch_size)))
+    loader = make_loader(subset, test_loader.batch_size, False, num_workers(cfg), cfg.mp_context,
+                         device.type == "cuda")
+    inf = predict(model, loader, device, comp.task, tta_views(cfg.tta), cfg.amp, cfg.channels_last, desc="dry-run")
+    budget_s, margin_s = budget_seconds(cfg)
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
+                     infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
+                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["first_batch_s"])
 
 
 def find_checkpoints(spec: str) -> list[Path]:
@@ -272,16 +323,16 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
     if cfg.mode != "train":
         raise ValueError(f"unknown mode {cfg.mode!r}; choose train | infer")
 
-    run_state_path = out_dir / "run_state.json"
-    run_start = t_start
-    if cfg.resume and run_state_path.is_file() and (out_dir / "last.pt").is_file():
-        saved = json.loads(run_state_path.read_text())
-        if not saved.get("finished"):
-            run_start = float(saved["run_start"])  # a killed run's time still counts against the budget
-    run_state_path.write_text(json.dumps({"run_start": run_start, "finished": False}))
+    if args.dry_run:
+        plan = dry_run(cfg, comp, device, setup_s=time.time() - t_start)
+        (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        log.info("dry-run plan for %s on %s:\n%s", cfg.model, device, plan.table())
+        return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
+
+    run_start, resume_path = begin_run(out_dir, cfg.resume, t_start)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    status, summary = train_and_predict(cfg, comp, out_dir, device, clock)
-    run_state_path.write_text(json.dumps({"run_start": run_start, "finished": True}))
+    status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path)
+    finish_run(out_dir)
     summary["wall_s"] = round(clock.elapsed(), 1)
     if is_demo:
         summary["demo_test_score"] = _demo_test_score(data_dir, out_dir, comp)

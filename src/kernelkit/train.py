@@ -120,6 +120,18 @@ def validate(model: torch.nn.Module, loader, targets: np.ndarray, device: torch.
     return {**out, **score_predictions(task, targets, out["probs"], opts)}
 
 
+def _timing(tr: dict, state: FitState, clock: BudgetClock, reserve: InferenceReserve) -> str:
+    """Schedule position, speed, elapsed/budget and when training will end."""
+    train_left = clock.total_s - clock.margin_s - reserve.seconds() - clock.elapsed()
+    return (f"p={state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{clock.fmt()}, training ends in "
+            f"{fmt_seconds(train_left)}, then ~{fmt_seconds(reserve.seconds())} inference]")
+
+
+def _write_history(history: list[dict], out_dir: Path) -> None:
+    import pandas as pd
+    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+
+
 def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarray, *, task: str,
         loss_fn: Callable, optimizer: torch.optim.Optimizer, scaler, device: torch.device,
         clock: BudgetClock, reserve: InferenceReserve, opts: FitOptions, out_dir: Path,
@@ -184,13 +196,12 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
             if va["score"] > state.best_score:
                 state.best_score, state.threshold = va["score"], va["threshold"]
                 checkpoint("best.pt", epoch_done=not tr["stopped"])
-            log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s  %.0f img/s  [%s, reserve %s]",
-                     state.epoch, tr["loss"], va["metric"], va["score"], state.best_score, va["threshold"],
-                     f"p={state.progress:.2f}", tr["images_per_s"], clock.fmt(), fmt_seconds(reserve.seconds()))
+            log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+                     va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
         else:
-            log.info("epoch %d  loss %.4f  p=%.2f  %.0f img/s  [%s]", state.epoch, tr["loss"], state.progress,
-                     tr["images_per_s"], clock.fmt())
+            log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], _timing(tr, state, clock, reserve))
         history.append(row)
+        _write_history(history, out_dir)
         checkpoint("last.pt", epoch_done=not tr["stopped"])
         last_save[0] = time.time()
         if tr["stopped"] or not tr["images"]:

@@ -1,0 +1,58 @@
+"""Run bookkeeping in out_dir: when the run started, whether it finished, which checkpoint to resume.
+
+A run killed mid-way (kill -9, a lost Kaggle session) and started again in the same out_dir
+continues from last.pt, and the time the killed process spent still counts against the budget.
+A finished run's checkpoints are kept as *.prev.pt so a new run never mixes them with its own.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("kernelkit")
+
+STATE_FILE = "run_state.json"
+CHECKPOINTS = ("last.pt", "best.pt")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def remove_partial_files(out_dir: Path) -> None:
+    """Temp files of a save that was killed half-way; the real checkpoints are intact beside them."""
+    for tmp in out_dir.glob(".*.tmp*"):
+        log.info("removing partial file %s left by an interrupted save", tmp.name)
+        tmp.unlink(missing_ok=True)
+
+
+def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Path | None]:
+    """-> (run start time for the budget clock, checkpoint to resume from or None)."""
+    remove_partial_files(out_dir)
+    state_path = out_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    last = out_dir / "last.pt"
+    if resume and state and not state.get("finished") and last.is_file():
+        _write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
+        return float(state["run_start"]), last
+    archive_checkpoints(out_dir)
+    _write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
+    return started_at, None
+
+
+def archive_checkpoints(out_dir: Path) -> None:
+    for name in CHECKPOINTS:
+        p = out_dir / name
+        if p.is_file():
+            os.replace(p, p.with_suffix(".prev.pt"))
+            log.info("kept the previous run's %s as %s", name, p.with_suffix(".prev.pt").name)
+
+
+def finish_run(out_dir: Path) -> None:
+    state_path = out_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    _write_json(state_path, {**state, "finished": True})

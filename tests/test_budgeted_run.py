@@ -1,0 +1,128 @@
+"""Issue 6: the run fits its budget, survives kill -9, and always writes a submission."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kernelkit.budget import affordable_tta
+from kernelkit.plan import make_plan
+from kernelkit.session import begin_run, finish_run
+from test_kernel import TINY, _env, kernel_dir  # noqa: F401  (fixture)
+
+
+def test_affordable_tta():
+    assert affordable_tta(4, 1000, 100.0, 100.0) == 4
+    assert affordable_tta(4, 1000, 100.0, 25.0) == 2
+    assert affordable_tta(4, 1000, 100.0, 1.0) == 1, "never fewer than one view"
+    assert affordable_tta(2, 1000, None, 0.0) == 2, "unmeasured: keep the request"
+
+
+def test_session_resumes_only_an_unfinished_run(tmp_path):
+    start, resume = begin_run(tmp_path, resume=True, started_at=100.0)
+    assert (start, resume) == (100.0, None)
+    (tmp_path / "last.pt").write_bytes(b"x")
+    (tmp_path / ".last.pt.tmp123").write_bytes(b"half")
+    start, resume = begin_run(tmp_path, resume=True, started_at=200.0)
+    assert start == 100.0 and resume == tmp_path / "last.pt", "a killed run keeps its start time"
+    assert not (tmp_path / ".last.pt.tmp123").exists()
+    finish_run(tmp_path)
+    start, resume = begin_run(tmp_path, resume=True, started_at=300.0)
+    assert (start, resume) == (300.0, None)
+    assert (tmp_path / "last.prev.pt").is_file() and not (tmp_path / "last.pt").exists()
+
+
+def test_plan_arithmetic_and_warnings():
+    plan = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, infer_ips=400, n_train=9000,
+                     n_val=1000, n_test=2000, tta=2, epochs=0)
+    assert plan.epoch_s == pytest.approx(90 + 2.5)
+    assert plan.inference_s == pytest.approx(1.3 * 5000 / 400)
+    assert plan.epochs_that_fit == pytest.approx((3600 - 60 - 30 - plan.inference_s) / 92.5)
+    assert plan.fits and "epochs that fit" in plan.table()
+    too_many = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, infer_ips=400, n_train=9000,
+                         n_val=1000, n_test=2000, tta=2, epochs=100)
+    assert not too_many.fits and "does not fit" in too_many.warnings[0]
+    hopeless = make_plan(budget_s=60, margin_s=6, setup_s=10, train_ips=100, infer_ips=10, n_train=9000,
+                         n_val=100, n_test=2000, tta=4)
+    assert not hopeless.fits and "no time left" in hopeless.warnings[0]
+
+
+def test_dry_run_prints_a_plan(kernel_dir):  # noqa: F811
+    out = kernel_dir / "dry"
+    proc = subprocess.run([sys.executable, "kernel.py", *TINY, "--dry-run", "--budget", "2h", "--demo-images", "120",
+                           "--num-workers", "0", "--out-dir", str(out)], cwd=kernel_dir, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0
+    assert "epochs that fit" in proc.stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["train_images_per_s"] > 0 and plan["epochs_that_fit"] > 1 and plan["fits"]
+    assert not (out / "submission.csv").exists(), "a dry run does not train or submit"
+    proc = subprocess.run([sys.executable, "kernel.py", *TINY, "--dry-run", "--budget", "2h", "--epochs", "100000",
+                           "--demo-images", "120", "--num-workers", "0", "--out-dir", str(out)], cwd=kernel_dir,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 4 and "does not fit" in proc.stdout
+
+
+def test_training_error_still_writes_a_submission(tmp_path, monkeypatch, multilabel_dir):
+    import kernelkit.train as train
+    from kernelkit.run import EXIT_TRAIN_FAILED, main
+
+    real = train.train_one_epoch
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", crashing)
+    out = tmp_path / "out"
+    status = main({}, [*TINY, "--data-dir", str(multilabel_dir), "--out-dir", str(out), "--num-workers", "0",
+                       "--epochs", "10", "--budget", "5m"])
+    assert status == EXIT_TRAIN_FAILED
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "error" and summary["checkpoint"] == "best.pt"
+    assert len(pd.read_csv(out / "submission.csv")) == 12
+    assert len(pd.read_csv(out / "history.csv")) == 2, "epochs before the crash are kept"
+
+
+@pytest.mark.parametrize("trial", [0, 1])
+def test_kill_9_then_restart_resumes_inside_the_original_budget(kernel_dir, trial):  # noqa: F811
+    out = kernel_dir / f"killed{trial}"
+    budget = 45
+    cmd = [sys.executable, "kernel.py", *TINY, "--budget", f"{budget}s", "--margin", "4s", "--demo-images", "200",
+           "--num-workers", "0", "--checkpoint-every", "1s", "--out-dir", str(out)]
+    first = subprocess.Popen(cmd, cwd=kernel_dir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while not (out / "last.pt").is_file():
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert time.time() - t0 < 40, "no checkpoint written"
+        time.sleep(0.05)
+    time.sleep(random.Random(trial).uniform(0.5, 6.0))
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (out / "submission.csv").exists(), "killed before the end"
+
+    second = subprocess.run(cmd, cwd=kernel_dir, env=_env(), capture_output=True, text=True, timeout=120)
+    print(second.stdout[-3000:], second.stderr[-3000:])
+    total = time.time() - t0
+    assert second.returncode == 0
+    assert "resumed from" in second.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_s"] <= budget, "the budget counts from the first start, and holds"
+    assert total <= budget + 3, f"{total:.1f}s from the first start to the end of the restarted run"
+    assert summary["steps"] > 0 and summary["checkpoint"] == "best.pt"
+    sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
+    sample = pd.read_csv(out / "demo_data" / "sample_submission.csv", dtype=str, keep_default_na=False)
+    assert sub.id.tolist() == sample.id.tolist()
+    assert not list(out.glob(".*.tmp*")), "no partial files left"
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["finished"] and state["restarts"] == 1
