@@ -28,7 +28,7 @@ CONFIG = dict(
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
     # aug='light',                          # none | flip | light (flip + random resized crop)
     # budget='8h30m',                       # wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s
-    # margin='auto',                        # safety margin kept free at the end of the budget; auto = 10% of it, at most 10m
+    # margin='auto',                        # safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m
     # epochs=0,                             # 0 = as many as fit the budget (schedule over time); >0 = fixed epochs
     # batch_size=32,
     # lr=0.001,                             # peak AdamW learning rate
@@ -43,7 +43,8 @@ CONFIG = dict(
     # mp_context='',                        # DataLoader worker start method: '' (default) | spawn | forkserver | fork
     # seed=42,
     # checkpoint_every='20m',               # also save last.pt at this wall-clock interval
-    # resume=True,                          # continue from out_dir/last.pt when it exists
+    # resume=True,                          # continue an unfinished run from out_dir/last.pt (its time counts against the budget)
+    # resume_from='',                       # continue from this checkpoint of an earlier session (e.g. an attached dataset); the budget is what this session has left
     # max_train_images=0,                   # use only this many training images (0 = all); for quick runs
     # tta=2,                                # test-time augmentation views: 1 = none, 2 = + horizontal flip
     # threshold=-1.0,                       # multi-label threshold; <0 = search on validation
@@ -102,7 +103,7 @@ class InferenceReserve:
     once for the final validation and once for the test loader.
     """
 
-    def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 3.0, safety: float = 1.3):
+    def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 1.5, safety: float = 1.3):
         self.n_test, self.n_val, self.tta = n_test, n_val, tta
         self.overhead_s, self.safety = overhead_s, safety
         self.infer_ips: float | None = None
@@ -485,7 +486,7 @@ class Config:
     aug: str = _f("light", "none | flip | light (flip + random resized crop)")
     # training
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
-    margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 10% of it, at most 10m")
+    margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m")
     epochs: int = _f(0, "0 = as many as fit the budget (schedule over time); >0 = fixed epochs")
     batch_size: int = _f(32, "")
     lr: float = _f(1e-3, "peak AdamW learning rate")
@@ -500,7 +501,9 @@ class Config:
     mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork")
     seed: int = _f(42, "")
     checkpoint_every: str = _f("20m", "also save last.pt at this wall-clock interval")
-    resume: bool = _f(True, "continue from out_dir/last.pt when it exists")
+    resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
+    resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
+                              "the budget is what this session has left")
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
     # inference
     tta: int = _f(2, "test-time augmentation views: 1 = none, 2 = + horizontal flip")
@@ -599,7 +602,8 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
 def budget_seconds(cfg: Config) -> tuple[float, float]:
     """-> (budget, margin) in seconds; the margin must leave time to work with."""
     total = parse_duration(cfg.budget)
-    margin = min(600.0, 0.1 * total) if cfg.margin == "auto" else parse_duration(cfg.margin)
+    # Fixed costs (interpreter exit, worker teardown) dominate short runs, a share of the budget long ones.
+    margin = min(600.0, 0.02 * total + 2.0) if cfg.margin == "auto" else parse_duration(cfg.margin)
     if total <= 0 or margin >= total:
         raise ValueError(f"budget {cfg.budget!r} must be positive and larger than margin {cfg.margin!r}")
     return total, margin
@@ -1535,6 +1539,10 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
         return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
 
     run_start, resume_path = begin_run(out_dir, cfg.resume, t_start)
+    if resume_path is None and cfg.resume_from:
+        resume_path = Path(cfg.resume_from)
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"resume_from {resume_path} does not exist")
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path)
     finish_run(out_dir)

@@ -126,3 +126,18 @@ def test_kill_9_then_restart_resumes_inside_the_original_budget(kernel_dir, tria
     assert not list(out.glob(".*.tmp*")), "no partial files left"
     state = json.loads((out / "run_state.json").read_text())
     assert state["finished"] and state["restarts"] == 1
+
+
+def test_resume_from_an_earlier_session_continues_its_schedule(tmp_path, single_label_dir):
+    """A second Kaggle session: the first one's last.pt is attached, the budget is what is left now."""
+    from kernelkit.run import main
+    common = [*TINY, "--data-dir", str(single_label_dir), "--num-workers", "0", "--budget", "5m", "--epochs", "4"]
+    first, second = tmp_path / "s1", tmp_path / "s2"
+    assert main({}, [*common, "--out-dir", str(first), "--epochs", "2"]) == 0
+    steps_first = json.loads((first / "summary.json").read_text())["steps"]
+    assert main({}, [*common, "--out-dir", str(second), "--resume-from", str(first / "last.pt")]) == 0
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps"] == 2 * steps_first, "continues at the step where the first session stopped"
+    assert pd.read_csv(second / "history.csv").epoch.tolist() == [2, 3]
+    with pytest.raises(FileNotFoundError, match="resume_from"):
+        main({}, [*common, "--out-dir", str(tmp_path / "s3"), "--resume-from", str(tmp_path / "nope.pt")])

@@ -37,8 +37,8 @@ def test_unknown_keys_and_presets_are_errors():
         make_config({"budget": "5m", "margin": "10m"}, [])
 
 
-def test_auto_margin_is_a_tenth_of_the_budget_at_most_ten_minutes():
-    assert budget_seconds(make_config({"budget": "100s"}, [])[0]) == (100, 10)
+def test_auto_margin_is_two_percent_plus_two_seconds_at_most_ten_minutes():
+    assert budget_seconds(make_config({"budget": "100s"}, [])[0]) == (100, 4)
     assert budget_seconds(make_config({"budget": "9h"}, [])[0]) == (32400, 600)
 
 

@@ -34,7 +34,7 @@ class Config:
     aug: str = _f("light", "none | flip | light (flip + random resized crop)")
     # training
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
-    margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 10% of it, at most 10m")
+    margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m")
     epochs: int = _f(0, "0 = as many as fit the budget (schedule over time); >0 = fixed epochs")
     batch_size: int = _f(32, "")
     lr: float = _f(1e-3, "peak AdamW learning rate")
@@ -49,7 +49,9 @@ class Config:
     mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork")
     seed: int = _f(42, "")
     checkpoint_every: str = _f("20m", "also save last.pt at this wall-clock interval")
-    resume: bool = _f(True, "continue from out_dir/last.pt when it exists")
+    resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
+    resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
+                              "the budget is what this session has left")
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
     # inference
     tta: int = _f(2, "test-time augmentation views: 1 = none, 2 = + horizontal flip")
@@ -148,7 +150,8 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
 def budget_seconds(cfg: Config) -> tuple[float, float]:
     """-> (budget, margin) in seconds; the margin must leave time to work with."""
     total = parse_duration(cfg.budget)
-    margin = min(600.0, 0.1 * total) if cfg.margin == "auto" else parse_duration(cfg.margin)
+    # Fixed costs (interpreter exit, worker teardown) dominate short runs, a share of the budget long ones.
+    margin = min(600.0, 0.02 * total + 2.0) if cfg.margin == "auto" else parse_duration(cfg.margin)
     if total <= 0 or margin >= total:
         raise ValueError(f"budget {cfg.budget!r} must be positive and larger than margin {cfg.margin!r}")
     return total, margin

@@ -330,6 +330,10 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
         return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
 
     run_start, resume_path = begin_run(out_dir, cfg.resume, t_start)
+    if resume_path is None and cfg.resume_from:
+        resume_path = Path(cfg.resume_from)
+        if not resume_path.is_file():
+            raise FileNotFoundError(f"resume_from {resume_path} does not exist")
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path)
     finish_run(out_dir)
