@@ -1461,29 +1461,49 @@ def find_checkpoints(spec: str) -> list[Path]:
     return found
 
 
-def infer_only(cfg: Config, comp: Competition, out_dir: Path, device: torch.device) -> dict:
-    """Average TTA probabilities of one or more checkpoints; each rebuilds its own model."""
+def infer_only(cfg: Config, comp: Competition, out_dir: Path, device: torch.device, clock: BudgetClock) -> dict:
+    """Average TTA probabilities of one or more checkpoints; each rebuilds its own model and input size.
+
+    The first checkpoint's measured speed decides how many TTA views the others can afford; a
+    checkpoint that cannot fit even one view is skipped, so a submission is always written in time.
+    """
     paths = find_checkpoints(cfg.checkpoints)
-    probs_sum, ok, thresholds = None, None, []
-    for p in paths:
+    probs_sum, ok, thresholds, used = None, None, [], []
+    seconds_per_view: float | None = None
+    for i, p in enumerate(paths):
+        tta = cfg.tta
+        if seconds_per_view is not None:
+            share = clock.remaining() / (len(paths) - i)
+            tta = affordable_tta(cfg.tta, 1, 1.0 / seconds_per_view, share)
+            if share < seconds_per_view:
+                log.warning("no time left for %s and %d more checkpoint(s); skipped", p, len(paths) - i - 1)
+                break
+            if tta < cfg.tta:
+                log.warning("%s: %d TTA views instead of %d to stay inside the budget", p.name, tta, cfg.tta)
         ckpt = load_checkpoint(p, "cpu")
         ccfg = Config.from_dict(ckpt["config"])
         if ckpt["classes"] != comp.classes:
-            raise ValueError(f"{p}: trained on a different label set than {comp.format} data in {cfg.data_dir}")
+            raise ValueError(f"{p}: trained on a different label set than the {comp.format} data in {cfg.data_dir}")
         model = create_model(ccfg.model, len(ckpt["classes"]), "", 0.0)
         model.load_state_dict(ckpt["model"])
         model.to(device).eval()
-        run_cfg = Config.from_dict({**ccfg.to_dict(), "tta": cfg.tta, "batch_size": cfg.batch_size,
-                                    "num_workers": cfg.num_workers, "mp_context": cfg.mp_context})
-        out = predict(model, build_test_loader(run_cfg, comp, device), device, ckpt["task"], tta_views(cfg.tta),
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        run_cfg = Config.from_dict({**ccfg.to_dict(), "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+                                    "mp_context": cfg.mp_context})
+        t0 = time.time()
+        out = predict(model, build_test_loader(run_cfg, comp, device), device, ckpt["task"], tta_views(tta),
                       cfg.amp, cfg.channels_last, desc=p.name)
+        seconds_per_view = (time.time() - t0) / tta
+        np.save(out_dir / f"test_probs_{p.stem}.npy", out["probs"].astype(np.float32))
         probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
         ok = out["ok"]
         thresholds.append(float(ckpt.get("threshold", 0.5)))
-        log.info("%s: %s, val score %.4f", p, ccfg.model, ckpt.get("best_score", float("nan")))
+        used.append({"checkpoint": str(p), "model": ccfg.model, "tta": tta, "val_score": ckpt.get("best_score")})
+        log.info("%s: %s, val score %.4f, %d TTA views", p, ccfg.model, ckpt.get("best_score", float("nan")), tta)
     threshold = cfg.threshold if cfg.threshold >= 0 else float(np.mean(thresholds))
-    write_outputs(comp, probs_sum / len(paths), ok, comp.task, threshold, cfg.min_labels, out_dir)
-    return {"checkpoints": len(paths), "threshold": threshold}
+    write_outputs(comp, probs_sum / len(used), ok, comp.task, threshold, cfg.min_labels, out_dir)
+    return {"checkpoints": used, "threshold": threshold, "wall_s": round(clock.elapsed(), 1)}
 
 
 def _demo_test_score(data_dir: Path, out_dir: Path, comp: Competition) -> float | None:
@@ -1526,7 +1546,8 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if cfg.mode == "infer":
-        summary = infer_only(cfg, comp, out_dir, device)
+        summary = infer_only(cfg, comp, out_dir, device, BudgetClock(*budget_seconds(cfg), start_time=t_start))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
         log.info("done in %s: %s", fmt_seconds(time.time() - t_start), summary)
         return EXIT_OK
     if cfg.mode != "train":

@@ -103,6 +103,23 @@ def test_multilabel_train_then_offline_inference_from_checkpoint(kernel_dir, tmp
     np.testing.assert_allclose(np.load(out2 / "test_probs.npy"), np.load(out / "test_probs.npy"), atol=1e-5)
     assert pd.read_csv(out2 / "submission.csv", dtype=str, keep_default_na=False).equals(sub)
 
+    # several checkpoints (a glob) are averaged; each one's probabilities are kept for blending
+    out3 = tmp_path / "out_ensemble"
+    proc = run_kernel(kernel_dir, "--mode", "infer", "--checkpoints", str(out / "*.pt"), "--data-dir", str(data),
+                      "--out-dir", str(out3), "--num-workers", "0")
+    assert proc.returncode == 0
+    best, last = np.load(out3 / "test_probs_best.npy"), np.load(out3 / "test_probs_last.npy")
+    np.testing.assert_allclose(np.load(out3 / "test_probs.npy"), (best + last) / 2, atol=1e-6)
+    assert len(json.loads((out3 / "summary.json").read_text())["checkpoints"]) == 2
+
+    # a budget already spent: the first checkpoint still predicts, the rest are skipped, a submission is written
+    out4 = tmp_path / "out_late"
+    proc = run_kernel(kernel_dir, "--mode", "infer", "--checkpoints", str(out / "*.pt"), "--data-dir", str(data),
+                      "--out-dir", str(out4), "--num-workers", "0", "--budget", "1s", "--margin", "0.5s")
+    assert proc.returncode == 0 and "skipped" in proc.stdout
+    assert len(json.loads((out4 / "summary.json").read_text())["checkpoints"]) == 1
+    assert len(pd.read_csv(out4 / "submission.csv")) == 12
+
 
 def test_bad_config_is_a_clear_error(kernel_dir):
     proc = run_kernel(kernel_dir, "--preset", "nope", "--out-dir", str(kernel_dir / "x"))
