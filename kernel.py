@@ -42,6 +42,8 @@ CONFIG = dict(
     # num_workers=-1,                       # -1 = all CPU cores
     # mp_context='',                        # DataLoader worker start method: '' (default) | spawn | forkserver | fork
     # seed=42,
+    # ddp_procs=0,                          # data-parallel processes: 0 = one per GPU when several are visible (T4 x2), 1 = off
+    # ddp_backend='',                       # '' = nccl on GPU, gloo on CPU
     # checkpoint_every='20m',               # also save last.pt at this wall-clock interval
     # resume=True,                          # continue an unfinished run from out_dir/last.pt (its time counts against the budget)
     # resume_from='',                       # continue from this checkpoint of an earlier session (e.g. an attached dataset); the budget is what this session has left
@@ -500,6 +502,8 @@ class Config:
     num_workers: int = _f(-1, "-1 = all CPU cores")
     mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork")
     seed: int = _f(42, "")
+    ddp_procs: int = _f(0, "data-parallel processes: 0 = one per GPU when several are visible (T4 x2), 1 = off")
+    ddp_backend: str = _f("", "'' = nccl on GPU, gloo on CPU")
     checkpoint_every: str = _f("20m", "also save last.pt at this wall-clock interval")
     resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
     resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
@@ -673,7 +677,8 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
-                pin_memory: bool = False, seed: int = 0) -> DataLoader:
+                pin_memory: bool = False, seed: int = 0, sampler=None) -> DataLoader:
+    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling."""
     kwargs = {}
     if num_workers > 0:
         # Persistent workers: under spawn each worker re-imports torch (seconds), once per run is enough.
@@ -682,9 +687,9 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
             kwargs["multiprocessing_context"] = mp_context
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
-                      num_workers=num_workers, pin_memory=pin_memory, generator=g,
-                      worker_init_fn=seed_worker, **kwargs)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      drop_last=train and len(ds) > batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=g, worker_init_fn=seed_worker, **kwargs)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -818,6 +823,136 @@ def make_demo_competition(root: Path, n_train: int = 1000, n_test: int = 200, se
     done.write_text(f"{n_train} {n_test} {seed}")
     log.info("demo competition written to %s (%d train, %d test images)", root, n_train, n_test)
     return root
+''',
+'kernelkit.distributed': r'''"""Data-parallel training over several processes (Kaggle's "GPU T4 x2"), started from inside
+kernel.py (no torchrun on Kaggle) or by torchrun.
+
+Rank 0 owns the budget clock: it decides when training stops and what the schedule position is,
+and broadcasts both every step, so all ranks take the same number of steps with the same LR.
+Only rank 0 validates, writes checkpoints and the submission.
+"""
+from __future__ import annotations
+
+import datetime
+import inspect
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available() and self.backend != "gloo":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+SINGLE = DistInfo()
+
+
+def from_torchrun() -> DistInfo | None:
+    """torchrun (or any launcher using env://) sets RANK / WORLD_SIZE / LOCAL_RANK."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def wanted_processes(ddp_procs: int) -> int:
+    """0 = one per GPU when several are visible; 1 = off; N = N processes (gloo on CPU)."""
+    if ddp_procs > 0:
+        return ddp_procs
+    return torch.cuda.device_count() if torch.cuda.device_count() > 1 else 1
+
+
+def default_backend(backend: str) -> str:
+    return backend or ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(info: DistInfo, init_method: str = "env://", timeout_s: float = 1800.0) -> None:
+    if info.backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(info.backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(info: DistInfo, stop: bool, progress: float) -> tuple[bool, float]:
+    """Everyone adopts rank 0's decision and schedule position."""
+    if not info.enabled:
+        return stop, progress
+    t = torch.tensor([float(stop), progress], dtype=torch.float64, device=_comm_device(info))
+    dist.broadcast(t, src=0)
+    return bool(t[0].item()), float(t[1].item())
+
+
+def all_finite(info: DistInfo, loss: torch.Tensor) -> bool:
+    """True when the loss is finite on every rank."""
+    finite = torch.isfinite(loss.detach())
+    if not info.enabled:
+        return bool(finite)
+    t = finite.to(torch.float32).reshape(1).to(_comm_device(info))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_comm_device(info))
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def _comm_device(info: DistInfo) -> torch.device:
+    return torch.device("cuda", info.local_rank) if info.backend == "nccl" else torch.device("cpu")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    if not info.enabled:
+        return model
+    device_ids = [info.local_rank] if info.backend == "nccl" else None
+    # No buffer sync inside forward: rank 0 validates alone, and a collective inside its forward
+    # would wait forever for ranks that are not running one. (Newer torch renamed the switch.)
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_sync)
 ''',
 'kernelkit.env': r'''"""Every switch that depends on where we run (Kaggle or local) lives here.
 
@@ -1214,6 +1349,7 @@ status says what happened (see EXIT_*).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import logging
@@ -1227,7 +1363,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import env
+from . import distributed, env
 from .budget import BudgetClock, InferenceReserve, affordable_tta, fmt_seconds
 from .checkpoint import load_checkpoint, set_rng_state
 from .competition import Competition, format_predictions, load_competition, write_submission
@@ -1235,6 +1371,7 @@ from .config import Config, budget_seconds, make_config, parse_duration
 from .data import ImageDataset, make_loader, split_indices
 from .decode import decode
 from .demo import make_demo_competition
+from .distributed import DistInfo
 from .infer import predict
 from .losses import get_loss
 from .metrics import fbeta_per_image, prior_baseline
@@ -1321,7 +1458,8 @@ class TrainingData:
     val_targets: np.ndarray
 
 
-def build_training_data(cfg: Config, comp: Competition, device: torch.device) -> TrainingData:
+def build_training_data(cfg: Config, comp: Competition, device: torch.device,
+                        info: DistInfo = distributed.SINGLE) -> TrainingData:
     nw, pin = num_workers(cfg), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
     if cfg.max_train_images and len(paths) > cfg.max_train_images:
@@ -1335,9 +1473,14 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device) ->
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx],
                           EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    sampler = None
+    if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
+        sampler = torch.utils.data.DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
     return TrainingData(
-        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed),
-        val_loader=make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin) if len(val_ds) else None,
+        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed, sampler),
+        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
+                    if len(val_ds) and info.is_main else None),
         train_targets=targets[tr_idx], val_targets=targets[va_idx])
 
 
@@ -1366,8 +1509,9 @@ def fit_options(cfg: Config) -> FitOptions:
 
 
 def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
-                      clock: BudgetClock, resume_path: Path | None = None) -> tuple[int, dict]:
-    data = build_training_data(cfg, comp, device)
+                      clock: BudgetClock, resume_path: Path | None = None,
+                      info: DistInfo = distributed.SINGLE) -> tuple[int, dict]:
+    data = build_training_data(cfg, comp, device, info)
     model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
     state = FitState()
     ckpt = load_resume_checkpoint(resume_path, cfg, comp)
@@ -1375,6 +1519,7 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         state = restore(ckpt, model, optimizer, scaler)
         log.info("resumed from %s: epoch %d, step %d, progress %.2f; %s of the budget already spent",
                  resume_path, state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
+    model = distributed.wrap(model, info)
     n_val = len(data.val_targets)
     reserve = InferenceReserve(len(comp.test_ids), n_val, cfg.tta)
     extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
@@ -1384,7 +1529,8 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     try:
         result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
                      loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
-                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra)
+                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra,
+                     dist=info)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step)
         if state.step == 0:
             log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
@@ -1394,6 +1540,9 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         status = EXIT_TRAIN_FAILED
         summary["stop_reason"] = "error"
     summary["train_end_s"] = round(clock.elapsed(), 1)
+    if not info.is_main:
+        return status, summary
+    model = distributed.unwrap(model)
 
     threshold = state.threshold
     for name in ("best.pt", "last.pt"):
@@ -1428,14 +1577,11 @@ def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float
     opts = fit_options(cfg)
     state = FitState()
 
-    def enough_steps() -> bool:
-        return state.step >= train_steps
-
-    def constant_lr(step: int) -> float:
-        return cfg.lr
+    def first_steps_at_peak_lr(step: int) -> tuple[bool, float]:
+        return step >= train_steps, cfg.lr
 
     tr = train_one_epoch(model, data.train_loader, optimizer, scaler, get_loss(cfg.loss, comp.task), device,
-                         state, opts, lr_at=constant_lr, should_stop=enough_steps)
+                         state, opts, control=first_steps_at_peak_lr)
     test_loader = build_test_loader(cfg, comp, device)
     subset = torch.utils.data.Subset(test_loader.dataset, range(min(len(test_loader.dataset),
                                                                     infer_batches * test_loader.batch_size)))
@@ -1524,58 +1670,135 @@ def _demo_test_score(data_dir: Path, out_dir: Path, comp: Competition) -> float 
     return fbeta_per_image(onehot(truth_df.attribute_ids), onehot(sub.iloc[:, 1]))
 
 
-def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
-         started_at: float | None = None) -> int:
-    """`started_at`: process start (kernel.py records it before importing torch), so the budget
-    counts the imports too."""
-    setup_logging()
-    t_start = started_at or time.time()
+@dataclass
+class Context:
+    cfg: Config
+    args: argparse.Namespace
+    data_dir: Path
+    out_dir: Path
+    is_demo: bool
+    t_start: float
+
+
+def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> Context:
+    """Config and paths, with no side effects beyond creating out_dir."""
     cfg, args = make_config(config_block, argv)
     data_dir, out_dir, is_demo = resolve_paths(cfg)
     if is_demo and not cfg.preset:
         cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
         data_dir, out_dir, _ = resolve_paths(cfg)
-    log.info("kernelkit: torch %s, %s, config:\n%s", torch.__version__,
-             "on Kaggle" if env.on_kaggle() else "local", cfg.pretty())
-    cfg.save(out_dir / "config.json")
-    seed_everything(cfg.seed)
-    if is_demo:
+    return Context(cfg, args, data_dir, out_dir, is_demo, t_start)
+
+
+def announce(ctx: Context) -> None:
+    log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
+             "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
+    ctx.cfg.save(ctx.out_dir / "config.json")
+    if ctx.is_demo:
         log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
-        make_demo_competition(data_dir, cfg.demo_images, max(50, cfg.demo_images // 5), cfg.seed)
-    comp = load_competition(data_dir, cfg.format)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
 
-    if cfg.mode == "infer":
-        summary = infer_only(cfg, comp, out_dir, device, BudgetClock(*budget_seconds(cfg), start_time=t_start))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        log.info("done in %s: %s", fmt_seconds(time.time() - t_start), summary)
-        return EXIT_OK
-    if cfg.mode != "train":
+
+def timm_version() -> str:
+    import timm
+    return timm.__version__
+
+
+def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
+         started_at: float | None = None) -> int:
+    """`started_at`: process start (kernel.py records it before importing torch), so the budget
+    counts the imports too."""
+    setup_logging()
+    ctx = resolve(config_block, argv, started_at or time.time())
+    cfg = ctx.cfg
+    if cfg.mode not in ("train", "infer"):
         raise ValueError(f"unknown mode {cfg.mode!r}; choose train | infer")
+    info = distributed.from_torchrun()
+    if info is not None:  # started by torchrun: one process per rank already
+        info = DistInfo(info.rank, info.world_size, info.local_rank, distributed.default_backend(cfg.ddp_backend))
+        if info.rank:
+            log.setLevel(logging.WARNING)
+        distributed.init(info)
+        try:
+            return run_rank(ctx, info)
+        finally:
+            distributed.shutdown(info)
+    procs = distributed.wanted_processes(cfg.ddp_procs) if cfg.mode == "train" and not ctx.args.dry_run else 1
+    if procs > 1:
+        announce(ctx)  # once, before the ranks start: the demo data must exist for all of them
+        return launch_ranks(procs, config_block, argv, ctx)
+    return run_rank(ctx, distributed.SINGLE)
 
-    if args.dry_run:
-        plan = dry_run(cfg, comp, device, setup_s=time.time() - t_start)
+
+def launch_ranks(procs: int, config_block: dict[str, Any] | None, argv: list[str] | None, ctx: Context) -> int:
+    """Kaggle has no torchrun in a script kernel: start one spawned process per rank ourselves."""
+    import torch.multiprocessing as mp
+    port = distributed.free_port()
+    log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
+    mp.start_processes(rank_worker, args=(procs, port, config_block, argv, ctx.t_start), nprocs=procs,
+                       join=True, start_method="spawn")
+    summary = json.loads((ctx.out_dir / "summary.json").read_text())
+    return int(summary.get("exit_status", EXIT_NO_SUBMISSION))
+
+
+def rank_worker(rank: int, world_size: int, port: int, config_block: dict[str, Any] | None,
+                argv: list[str] | None, t_start: float) -> None:
+    """Entry of a spawned rank (module level, so spawn can import it)."""
+    setup_logging()
+    if rank:
+        log.setLevel(logging.WARNING)
+    ctx = resolve(config_block, argv, t_start)
+    info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
+    distributed.init(info, f"tcp://127.0.0.1:{port}")
+    try:
+        run_rank(ctx, info, announced=True)
+    except Exception:  # noqa: BLE001
+        if info.is_main:
+            raise
+        # Exiting non-zero would make the launcher kill rank 0 before it writes the submission.
+        log.exception("rank %d failed; rank 0 carries on", rank)
+    finally:
+        distributed.shutdown(info)
+
+
+def run_rank(ctx: Context, info: DistInfo, announced: bool = False) -> int:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
+    if info.is_main and not announced:
+        announce(ctx)
+    distributed.barrier(info)
+    comp = load_competition(ctx.data_dir, cfg.format)
+    device = info.device()
+    if cfg.mode == "infer":
+        summary = infer_only(cfg, comp, out_dir, device, BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
+        return EXIT_OK
+    if ctx.args.dry_run:
+        plan = dry_run(cfg, comp, device, setup_s=time.time() - ctx.t_start)
         (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         log.info("dry-run plan for %s on %s:\n%s", cfg.model, device, plan.table())
         return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
 
-    run_start, resume_path = begin_run(out_dir, cfg.resume, t_start)
+    run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
+    run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
     if resume_path is None and cfg.resume_from:
         resume_path = Path(cfg.resume_from)
         if not resume_path.is_file():
             raise FileNotFoundError(f"resume_from {resume_path} does not exist")
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path)
+    status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path, info)
+    if not info.is_main:
+        return status
     finish_run(out_dir)
-    summary["wall_s"] = round(clock.elapsed(), 1)
-    if is_demo:
-        summary["demo_test_score"] = _demo_test_score(data_dir, out_dir, comp)
+    summary.update(wall_s=round(clock.elapsed(), 1), exit_status=status, world_size=info.world_size)
+    if ctx.is_demo:
+        summary["demo_test_score"] = _demo_test_score(ctx.data_dir, out_dir, comp)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     metric = "F2 per image" if comp.task == "multilabel" else "accuracy"
     log.info("validation %s %.4f (label-prior baseline %.4f); %s of %s used; submission: %s",
              metric, summary.get("val_score") or float("nan"), summary.get("baseline", float("nan")),
              fmt_seconds(clock.elapsed()), fmt_seconds(clock.total_s), (out_dir / "submission.csv").resolve())
-    if is_demo and summary.get("demo_test_score") is not None:
+    if ctx.is_demo and summary.get("demo_test_score") is not None:
         log.info("demo test F2 against the generated answers: %.4f", summary["demo_test_score"])
     return status
 ''',
@@ -1654,6 +1877,7 @@ import torch
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import rng_state, save_checkpoint
 from .decode import decode_multilabel
+from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import autocast, predict
 from .metrics import accuracy, fbeta_per_image, search_threshold
 from .progress import progress
@@ -1693,9 +1917,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, loss_fn: Callable,
-                    device: torch.device, state: FitState, opts: FitOptions, lr_at: Callable[[int], float],
-                    should_stop: Callable[[], bool], on_step: Callable[[], None] = lambda: None) -> dict:
-    """One pass (or until `should_stop`). lr_at(step) gives the LR before each step."""
+                    device: torch.device, state: FitState, opts: FitOptions,
+                    control: Callable[[int], tuple[bool, float]], on_step: Callable[[], None] | None = None,
+                    dist: DistInfo = SINGLE) -> dict:
+    """One pass over `loader`, or until control(step) says stop; control also gives each step's LR."""
     model.train()
     losses, images, skipped = [], 0, 0
     t0 = time.time()
@@ -1703,18 +1928,20 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     bar = progress(loader, desc=f"epoch {state.epoch}")
     stopped = False
     for x, y, ok in bar:
-        if should_stop():
+        stop, lr = control(state.step)
+        if stop:
             stopped = True
             break
-        set_lr(optimizer, lr_at(state.step))
+        set_lr(optimizer, lr)
         x = normalize(x.to(device, non_blocking=True), opts.channels_last)
         y, ok = y.to(device, non_blocking=True), ok.to(device, non_blocking=True)
         with autocast(device, opts.amp):
             logits = model(x)
         loss = loss_fn(logits, y, ok)
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            # One NaN batch must not poison the weights of a 9-hour run: skip the update.
+        if not all_finite(dist, loss):
+            # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
+            # rank together, or the gradient all-reduce would wait forever).
             state.nonfinite_steps += 1
             log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
             state.step += 1
@@ -1730,7 +1957,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             t_first, first_n = time.time(), images
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         p=f"{state.progress:.2f}", refresh=False)
-        on_step()
+        if on_step is not None:
+            on_step()
     bar.close()
     t_end = time.time()
     state.bad_images += skipped
@@ -1738,7 +1966,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
             "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
-            "stopped": stopped}
+            "stopped": stopped, "lr": optimizer.param_groups[0]["lr"]}
 
 
 def score_predictions(task: str, targets: np.ndarray, probs: np.ndarray, opts: FitOptions) -> dict:
@@ -1775,42 +2003,44 @@ def _write_history(history: list[dict], out_dir: Path) -> None:
 def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarray, *, task: str,
         loss_fn: Callable, optimizer: torch.optim.Optimizer, scaler, device: torch.device,
         clock: BudgetClock, reserve: InferenceReserve, opts: FitOptions, out_dir: Path,
-        state: FitState | None = None, extra: dict[str, Any] | None = None) -> dict:
+        state: FitState | None = None, extra: dict[str, Any] | None = None, dist: DistInfo = SINGLE) -> dict:
     """Train until the budget (or `opts.epochs`) is used; keep last.pt and best.pt in `out_dir`.
 
     `extra` (config dict, classes, task) is stored in every checkpoint so inference can rebuild
-    the model from the checkpoint alone.
+    the model from the checkpoint alone. Under DDP (`dist`), rank 0's clock rules and only rank 0
+    validates and writes.
     """
     state = state or FitState()
     extra = dict(extra or {})
+    core = unwrap(model)
     total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
     prog = Progress(clock, state.progress, total_steps)
     history: list[dict] = []
     last_save = [time.time()]
-    has_val = val_loader is not None and len(val_targets) > 0
+    has_val = dist.is_main and val_loader is not None and len(val_targets) > 0
 
     def deadline() -> float:
         return clock.total_s - clock.margin_s - reserve.seconds()
 
-    def lr_at(step: int) -> float:
-        state.progress = prog.at(deadline(), step)
-        return opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
-
-    def should_stop() -> bool:
+    def time_is_up() -> bool:
         if total_steps and state.step >= total_steps:
             return True
         return clock.elapsed() >= deadline()
 
+    def control(step: int) -> tuple[bool, float]:
+        stop, state.progress = agree(dist, time_is_up(), prog.at(deadline(), step))
+        return stop, opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
+
     def checkpoint(name: str, epoch_done: bool) -> None:
         save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
             "best_score": state.best_score, "threshold": state.threshold,
             "elapsed": clock.elapsed(), "run_start": clock.start_time, "rng": rng_state(), **extra,
         }, out_dir / name)
 
     def on_step() -> None:
-        if time.time() - last_save[0] >= opts.checkpoint_every_s:
+        if dist.is_main and time.time() - last_save[0] >= opts.checkpoint_every_s:
             checkpoint("last.pt", epoch_done=False)
             last_save[0] = time.time()
 
@@ -1819,37 +2049,48 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
         if opts.epochs and state.epoch >= opts.epochs:
             stop_reason = "epochs"
             break
-        if should_stop():
+        if agree(dist, time_is_up(), state.progress)[0]:
             break
-        tr = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device, state, opts, lr_at,
-                             should_stop, on_step)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
+        tr = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device, state, opts, control,
+                             on_step, dist)
         if tr["images"]:
             reserve.train_ips = tr["images_per_s"]
-        row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
-               "train_s": round(tr["seconds"], 2), "lr_end": optimizer.param_groups[0]["lr"],
-               "progress": round(state.progress, 4), "elapsed_s": round(clock.elapsed(), 1)}
-        if has_val and tr["images"]:
-            va = validate(model, val_loader, val_targets, device, task, opts)
-            reserve.infer_ips = va["images_per_s"]
-            reserve.observe_startup(va["first_batch_s"])
-            row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
-            if va["score"] > state.best_score:
-                state.best_score, state.threshold = va["score"], va["threshold"]
-                checkpoint("best.pt", epoch_done=not tr["stopped"])
-            log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
-                     va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
-        else:
-            log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], _timing(tr, state, clock, reserve))
-        history.append(row)
-        _write_history(history, out_dir)
-        checkpoint("last.pt", epoch_done=not tr["stopped"])
-        last_save[0] = time.time()
+        if dist.is_main:
+            history.append(_end_of_epoch(core, tr, val_loader, val_targets, has_val, task, device, opts, state,
+                                         clock, reserve, checkpoint))
+            _write_history(history, out_dir)
+            checkpoint("last.pt", epoch_done=not tr["stopped"])
+            last_save[0] = time.time()
         if tr["stopped"] or not tr["images"]:
             break
         state.epoch += 1
-    if not has_val:
+    if dist.is_main and val_loader is None:
         checkpoint("best.pt", epoch_done=True)
     return {"state": state, "history": history, "stop_reason": stop_reason}
+
+
+def _end_of_epoch(model: torch.nn.Module, tr: dict, val_loader, val_targets: np.ndarray, has_val: bool, task: str,
+                  device: torch.device, opts: FitOptions, state: FitState, clock: BudgetClock,
+                  reserve: InferenceReserve, checkpoint: Callable[[str, bool], None]) -> dict:
+    """Validate, keep best.pt, log; -> the epoch's history row."""
+    row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
+           "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
+           "elapsed_s": round(clock.elapsed(), 1)}
+    if not (has_val and tr["images"]):
+        log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], _timing(tr, state, clock, reserve))
+        return row
+    va = validate(model, val_loader, val_targets, device, task, opts)
+    reserve.infer_ips = va["images_per_s"]
+    reserve.observe_startup(va["first_batch_s"])
+    row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
+    if va["score"] > state.best_score:
+        state.best_score, state.threshold = va["score"], va["threshold"]
+        checkpoint("best.pt", not tr["stopped"])
+    log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+             va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
+    return row
 ''',
 'kernelkit.transforms': r'''"""Image transforms: aspect handling from the iMet seed, train augmentation, the eval transform.
 

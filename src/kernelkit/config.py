@@ -48,6 +48,8 @@ class Config:
     num_workers: int = _f(-1, "-1 = all CPU cores")
     mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork")
     seed: int = _f(42, "")
+    ddp_procs: int = _f(0, "data-parallel processes: 0 = one per GPU when several are visible (T4 x2), 1 = off")
+    ddp_backend: str = _f("", "'' = nccl on GPU, gloo on CPU")
     checkpoint_every: str = _f("20m", "also save last.pt at this wall-clock interval")
     resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
     resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "

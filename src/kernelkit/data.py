@@ -63,7 +63,8 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
-                pin_memory: bool = False, seed: int = 0) -> DataLoader:
+                pin_memory: bool = False, seed: int = 0, sampler=None) -> DataLoader:
+    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling."""
     kwargs = {}
     if num_workers > 0:
         # Persistent workers: under spawn each worker re-imports torch (seconds), once per run is enough.
@@ -72,9 +73,9 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
             kwargs["multiprocessing_context"] = mp_context
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train and len(ds) > batch_size,
-                      num_workers=num_workers, pin_memory=pin_memory, generator=g,
-                      worker_init_fn=seed_worker, **kwargs)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      drop_last=train and len(ds) > batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=g, worker_init_fn=seed_worker, **kwargs)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -5,6 +5,7 @@ status says what happened (see EXIT_*).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import env
+from . import distributed, env
 from .budget import BudgetClock, InferenceReserve, affordable_tta, fmt_seconds
 from .checkpoint import load_checkpoint, set_rng_state
 from .competition import Competition, format_predictions, load_competition, write_submission
@@ -26,6 +27,7 @@ from .config import Config, budget_seconds, make_config, parse_duration
 from .data import ImageDataset, make_loader, split_indices
 from .decode import decode
 from .demo import make_demo_competition
+from .distributed import DistInfo
 from .infer import predict
 from .losses import get_loss
 from .metrics import fbeta_per_image, prior_baseline
@@ -112,7 +114,8 @@ class TrainingData:
     val_targets: np.ndarray
 
 
-def build_training_data(cfg: Config, comp: Competition, device: torch.device) -> TrainingData:
+def build_training_data(cfg: Config, comp: Competition, device: torch.device,
+                        info: DistInfo = distributed.SINGLE) -> TrainingData:
     nw, pin = num_workers(cfg), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
     if cfg.max_train_images and len(paths) > cfg.max_train_images:
@@ -126,9 +129,14 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device) ->
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx],
                           EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    sampler = None
+    if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
+        sampler = torch.utils.data.DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
     return TrainingData(
-        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed),
-        val_loader=make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin) if len(val_ds) else None,
+        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed, sampler),
+        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
+                    if len(val_ds) and info.is_main else None),
         train_targets=targets[tr_idx], val_targets=targets[va_idx])
 
 
@@ -157,8 +165,9 @@ def fit_options(cfg: Config) -> FitOptions:
 
 
 def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
-                      clock: BudgetClock, resume_path: Path | None = None) -> tuple[int, dict]:
-    data = build_training_data(cfg, comp, device)
+                      clock: BudgetClock, resume_path: Path | None = None,
+                      info: DistInfo = distributed.SINGLE) -> tuple[int, dict]:
+    data = build_training_data(cfg, comp, device, info)
     model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
     state = FitState()
     ckpt = load_resume_checkpoint(resume_path, cfg, comp)
@@ -166,6 +175,7 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         state = restore(ckpt, model, optimizer, scaler)
         log.info("resumed from %s: epoch %d, step %d, progress %.2f; %s of the budget already spent",
                  resume_path, state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
+    model = distributed.wrap(model, info)
     n_val = len(data.val_targets)
     reserve = InferenceReserve(len(comp.test_ids), n_val, cfg.tta)
     extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
@@ -175,7 +185,8 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     try:
         result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
                      loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
-                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra)
+                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra,
+                     dist=info)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step)
         if state.step == 0:
             log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
@@ -185,6 +196,9 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         status = EXIT_TRAIN_FAILED
         summary["stop_reason"] = "error"
     summary["train_end_s"] = round(clock.elapsed(), 1)
+    if not info.is_main:
+        return status, summary
+    model = distributed.unwrap(model)
 
     threshold = state.threshold
     for name in ("best.pt", "last.pt"):
@@ -219,14 +233,11 @@ def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float
     opts = fit_options(cfg)
     state = FitState()
 
-    def enough_steps() -> bool:
-        return state.step >= train_steps
-
-    def constant_lr(step: int) -> float:
-        return cfg.lr
+    def first_steps_at_peak_lr(step: int) -> tuple[bool, float]:
+        return step >= train_steps, cfg.lr
 
     tr = train_one_epoch(model, data.train_loader, optimizer, scaler, get_loss(cfg.loss, comp.task), device,
-                         state, opts, lr_at=constant_lr, should_stop=enough_steps)
+                         state, opts, control=first_steps_at_peak_lr)
     test_loader = build_test_loader(cfg, comp, device)
     subset = torch.utils.data.Subset(test_loader.dataset, range(min(len(test_loader.dataset),
                                                                     infer_batches * test_loader.batch_size)))
@@ -315,57 +326,134 @@ def _demo_test_score(data_dir: Path, out_dir: Path, comp: Competition) -> float 
     return fbeta_per_image(onehot(truth_df.attribute_ids), onehot(sub.iloc[:, 1]))
 
 
-def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
-         started_at: float | None = None) -> int:
-    """`started_at`: process start (kernel.py records it before importing torch), so the budget
-    counts the imports too."""
-    setup_logging()
-    t_start = started_at or time.time()
+@dataclass
+class Context:
+    cfg: Config
+    args: argparse.Namespace
+    data_dir: Path
+    out_dir: Path
+    is_demo: bool
+    t_start: float
+
+
+def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> Context:
+    """Config and paths, with no side effects beyond creating out_dir."""
     cfg, args = make_config(config_block, argv)
     data_dir, out_dir, is_demo = resolve_paths(cfg)
     if is_demo and not cfg.preset:
         cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
         data_dir, out_dir, _ = resolve_paths(cfg)
-    log.info("kernelkit: torch %s, %s, config:\n%s", torch.__version__,
-             "on Kaggle" if env.on_kaggle() else "local", cfg.pretty())
-    cfg.save(out_dir / "config.json")
-    seed_everything(cfg.seed)
-    if is_demo:
+    return Context(cfg, args, data_dir, out_dir, is_demo, t_start)
+
+
+def announce(ctx: Context) -> None:
+    log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
+             "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
+    ctx.cfg.save(ctx.out_dir / "config.json")
+    if ctx.is_demo:
         log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
-        make_demo_competition(data_dir, cfg.demo_images, max(50, cfg.demo_images // 5), cfg.seed)
-    comp = load_competition(data_dir, cfg.format)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
 
-    if cfg.mode == "infer":
-        summary = infer_only(cfg, comp, out_dir, device, BudgetClock(*budget_seconds(cfg), start_time=t_start))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        log.info("done in %s: %s", fmt_seconds(time.time() - t_start), summary)
-        return EXIT_OK
-    if cfg.mode != "train":
+
+def timm_version() -> str:
+    import timm
+    return timm.__version__
+
+
+def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
+         started_at: float | None = None) -> int:
+    """`started_at`: process start (kernel.py records it before importing torch), so the budget
+    counts the imports too."""
+    setup_logging()
+    ctx = resolve(config_block, argv, started_at or time.time())
+    cfg = ctx.cfg
+    if cfg.mode not in ("train", "infer"):
         raise ValueError(f"unknown mode {cfg.mode!r}; choose train | infer")
+    info = distributed.from_torchrun()
+    if info is not None:  # started by torchrun: one process per rank already
+        info = DistInfo(info.rank, info.world_size, info.local_rank, distributed.default_backend(cfg.ddp_backend))
+        if info.rank:
+            log.setLevel(logging.WARNING)
+        distributed.init(info)
+        try:
+            return run_rank(ctx, info)
+        finally:
+            distributed.shutdown(info)
+    procs = distributed.wanted_processes(cfg.ddp_procs) if cfg.mode == "train" and not ctx.args.dry_run else 1
+    if procs > 1:
+        announce(ctx)  # once, before the ranks start: the demo data must exist for all of them
+        return launch_ranks(procs, config_block, argv, ctx)
+    return run_rank(ctx, distributed.SINGLE)
 
-    if args.dry_run:
-        plan = dry_run(cfg, comp, device, setup_s=time.time() - t_start)
+
+def launch_ranks(procs: int, config_block: dict[str, Any] | None, argv: list[str] | None, ctx: Context) -> int:
+    """Kaggle has no torchrun in a script kernel: start one spawned process per rank ourselves."""
+    import torch.multiprocessing as mp
+    port = distributed.free_port()
+    log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
+    mp.start_processes(rank_worker, args=(procs, port, config_block, argv, ctx.t_start), nprocs=procs,
+                       join=True, start_method="spawn")
+    summary = json.loads((ctx.out_dir / "summary.json").read_text())
+    return int(summary.get("exit_status", EXIT_NO_SUBMISSION))
+
+
+def rank_worker(rank: int, world_size: int, port: int, config_block: dict[str, Any] | None,
+                argv: list[str] | None, t_start: float) -> None:
+    """Entry of a spawned rank (module level, so spawn can import it)."""
+    setup_logging()
+    if rank:
+        log.setLevel(logging.WARNING)
+    ctx = resolve(config_block, argv, t_start)
+    info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
+    distributed.init(info, f"tcp://127.0.0.1:{port}")
+    try:
+        run_rank(ctx, info, announced=True)
+    except Exception:  # noqa: BLE001
+        if info.is_main:
+            raise
+        # Exiting non-zero would make the launcher kill rank 0 before it writes the submission.
+        log.exception("rank %d failed; rank 0 carries on", rank)
+    finally:
+        distributed.shutdown(info)
+
+
+def run_rank(ctx: Context, info: DistInfo, announced: bool = False) -> int:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
+    if info.is_main and not announced:
+        announce(ctx)
+    distributed.barrier(info)
+    comp = load_competition(ctx.data_dir, cfg.format)
+    device = info.device()
+    if cfg.mode == "infer":
+        summary = infer_only(cfg, comp, out_dir, device, BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
+        return EXIT_OK
+    if ctx.args.dry_run:
+        plan = dry_run(cfg, comp, device, setup_s=time.time() - ctx.t_start)
         (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
         log.info("dry-run plan for %s on %s:\n%s", cfg.model, device, plan.table())
         return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
 
-    run_start, resume_path = begin_run(out_dir, cfg.resume, t_start)
+    run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
+    run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
     if resume_path is None and cfg.resume_from:
         resume_path = Path(cfg.resume_from)
         if not resume_path.is_file():
             raise FileNotFoundError(f"resume_from {resume_path} does not exist")
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path)
+    status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path, info)
+    if not info.is_main:
+        return status
     finish_run(out_dir)
-    summary["wall_s"] = round(clock.elapsed(), 1)
-    if is_demo:
-        summary["demo_test_score"] = _demo_test_score(data_dir, out_dir, comp)
+    summary.update(wall_s=round(clock.elapsed(), 1), exit_status=status, world_size=info.world_size)
+    if ctx.is_demo:
+        summary["demo_test_score"] = _demo_test_score(ctx.data_dir, out_dir, comp)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     metric = "F2 per image" if comp.task == "multilabel" else "accuracy"
     log.info("validation %s %.4f (label-prior baseline %.4f); %s of %s used; submission: %s",
              metric, summary.get("val_score") or float("nan"), summary.get("baseline", float("nan")),
              fmt_seconds(clock.elapsed()), fmt_seconds(clock.total_s), (out_dir / "submission.csv").resolve())
-    if is_demo and summary.get("demo_test_score") is not None:
+    if ctx.is_demo and summary.get("demo_test_score") is not None:
         log.info("demo test F2 against the generated answers: %.4f", summary["demo_test_score"])
     return status

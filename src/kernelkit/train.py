@@ -14,6 +14,7 @@ import torch
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import rng_state, save_checkpoint
 from .decode import decode_multilabel
+from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import autocast, predict
 from .metrics import accuracy, fbeta_per_image, search_threshold
 from .progress import progress
@@ -53,9 +54,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, loss_fn: Callable,
-                    device: torch.device, state: FitState, opts: FitOptions, lr_at: Callable[[int], float],
-                    should_stop: Callable[[], bool], on_step: Callable[[], None] = lambda: None) -> dict:
-    """One pass (or until `should_stop`). lr_at(step) gives the LR before each step."""
+                    device: torch.device, state: FitState, opts: FitOptions,
+                    control: Callable[[int], tuple[bool, float]], on_step: Callable[[], None] | None = None,
+                    dist: DistInfo = SINGLE) -> dict:
+    """One pass over `loader`, or until control(step) says stop; control also gives each step's LR."""
     model.train()
     losses, images, skipped = [], 0, 0
     t0 = time.time()
@@ -63,18 +65,20 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     bar = progress(loader, desc=f"epoch {state.epoch}")
     stopped = False
     for x, y, ok in bar:
-        if should_stop():
+        stop, lr = control(state.step)
+        if stop:
             stopped = True
             break
-        set_lr(optimizer, lr_at(state.step))
+        set_lr(optimizer, lr)
         x = normalize(x.to(device, non_blocking=True), opts.channels_last)
         y, ok = y.to(device, non_blocking=True), ok.to(device, non_blocking=True)
         with autocast(device, opts.amp):
             logits = model(x)
         loss = loss_fn(logits, y, ok)
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            # One NaN batch must not poison the weights of a 9-hour run: skip the update.
+        if not all_finite(dist, loss):
+            # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
+            # rank together, or the gradient all-reduce would wait forever).
             state.nonfinite_steps += 1
             log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
             state.step += 1
@@ -90,7 +94,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             t_first, first_n = time.time(), images
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         p=f"{state.progress:.2f}", refresh=False)
-        on_step()
+        if on_step is not None:
+            on_step()
     bar.close()
     t_end = time.time()
     state.bad_images += skipped
@@ -98,7 +103,7 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
             "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
-            "stopped": stopped}
+            "stopped": stopped, "lr": optimizer.param_groups[0]["lr"]}
 
 
 def score_predictions(task: str, targets: np.ndarray, probs: np.ndarray, opts: FitOptions) -> dict:
@@ -135,42 +140,44 @@ def _write_history(history: list[dict], out_dir: Path) -> None:
 def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarray, *, task: str,
         loss_fn: Callable, optimizer: torch.optim.Optimizer, scaler, device: torch.device,
         clock: BudgetClock, reserve: InferenceReserve, opts: FitOptions, out_dir: Path,
-        state: FitState | None = None, extra: dict[str, Any] | None = None) -> dict:
+        state: FitState | None = None, extra: dict[str, Any] | None = None, dist: DistInfo = SINGLE) -> dict:
     """Train until the budget (or `opts.epochs`) is used; keep last.pt and best.pt in `out_dir`.
 
     `extra` (config dict, classes, task) is stored in every checkpoint so inference can rebuild
-    the model from the checkpoint alone.
+    the model from the checkpoint alone. Under DDP (`dist`), rank 0's clock rules and only rank 0
+    validates and writes.
     """
     state = state or FitState()
     extra = dict(extra or {})
+    core = unwrap(model)
     total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
     prog = Progress(clock, state.progress, total_steps)
     history: list[dict] = []
     last_save = [time.time()]
-    has_val = val_loader is not None and len(val_targets) > 0
+    has_val = dist.is_main and val_loader is not None and len(val_targets) > 0
 
     def deadline() -> float:
         return clock.total_s - clock.margin_s - reserve.seconds()
 
-    def lr_at(step: int) -> float:
-        state.progress = prog.at(deadline(), step)
-        return opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
-
-    def should_stop() -> bool:
+    def time_is_up() -> bool:
         if total_steps and state.step >= total_steps:
             return True
         return clock.elapsed() >= deadline()
 
+    def control(step: int) -> tuple[bool, float]:
+        stop, state.progress = agree(dist, time_is_up(), prog.at(deadline(), step))
+        return stop, opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
+
     def checkpoint(name: str, epoch_done: bool) -> None:
         save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
             "best_score": state.best_score, "threshold": state.threshold,
             "elapsed": clock.elapsed(), "run_start": clock.start_time, "rng": rng_state(), **extra,
         }, out_dir / name)
 
     def on_step() -> None:
-        if time.time() - last_save[0] >= opts.checkpoint_every_s:
+        if dist.is_main and time.time() - last_save[0] >= opts.checkpoint_every_s:
             checkpoint("last.pt", epoch_done=False)
             last_save[0] = time.time()
 
@@ -179,34 +186,45 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
         if opts.epochs and state.epoch >= opts.epochs:
             stop_reason = "epochs"
             break
-        if should_stop():
+        if agree(dist, time_is_up(), state.progress)[0]:
             break
-        tr = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device, state, opts, lr_at,
-                             should_stop, on_step)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
+        tr = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device, state, opts, control,
+                             on_step, dist)
         if tr["images"]:
             reserve.train_ips = tr["images_per_s"]
-        row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
-               "train_s": round(tr["seconds"], 2), "lr_end": optimizer.param_groups[0]["lr"],
-               "progress": round(state.progress, 4), "elapsed_s": round(clock.elapsed(), 1)}
-        if has_val and tr["images"]:
-            va = validate(model, val_loader, val_targets, device, task, opts)
-            reserve.infer_ips = va["images_per_s"]
-            reserve.observe_startup(va["first_batch_s"])
-            row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
-            if va["score"] > state.best_score:
-                state.best_score, state.threshold = va["score"], va["threshold"]
-                checkpoint("best.pt", epoch_done=not tr["stopped"])
-            log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
-                     va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
-        else:
-            log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], _timing(tr, state, clock, reserve))
-        history.append(row)
-        _write_history(history, out_dir)
-        checkpoint("last.pt", epoch_done=not tr["stopped"])
-        last_save[0] = time.time()
+        if dist.is_main:
+            history.append(_end_of_epoch(core, tr, val_loader, val_targets, has_val, task, device, opts, state,
+                                         clock, reserve, checkpoint))
+            _write_history(history, out_dir)
+            checkpoint("last.pt", epoch_done=not tr["stopped"])
+            last_save[0] = time.time()
         if tr["stopped"] or not tr["images"]:
             break
         state.epoch += 1
-    if not has_val:
+    if dist.is_main and val_loader is None:
         checkpoint("best.pt", epoch_done=True)
     return {"state": state, "history": history, "stop_reason": stop_reason}
+
+
+def _end_of_epoch(model: torch.nn.Module, tr: dict, val_loader, val_targets: np.ndarray, has_val: bool, task: str,
+                  device: torch.device, opts: FitOptions, state: FitState, clock: BudgetClock,
+                  reserve: InferenceReserve, checkpoint: Callable[[str, bool], None]) -> dict:
+    """Validate, keep best.pt, log; -> the epoch's history row."""
+    row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
+           "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
+           "elapsed_s": round(clock.elapsed(), 1)}
+    if not (has_val and tr["images"]):
+        log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], _timing(tr, state, clock, reserve))
+        return row
+    va = validate(model, val_loader, val_targets, device, task, opts)
+    reserve.infer_ips = va["images_per_s"]
+    reserve.observe_startup(va["first_batch_s"])
+    row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
+    if va["score"] > state.best_score:
+        state.best_score, state.threshold = va["score"], va["threshold"]
+        checkpoint("best.pt", not tr["stopped"])
+    log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+             va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
+    return row

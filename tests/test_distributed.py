@@ -1,0 +1,46 @@
+"""Two data-parallel processes on CPU (gloo): launched by kernel.py itself, and by torchrun."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from test_kernel import TINY, _env, kernel_dir  # noqa: F401  (fixture)
+
+
+def _check(out, proc, steps_single=None):
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.returncode == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["exit_status"] == 0
+    sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
+    sample = pd.read_csv(out / "demo_data" / "sample_submission.csv", dtype=str, keep_default_na=False)
+    assert sub.id.tolist() == sample.id.tolist()
+    assert np.load(out / "test_probs.npy").shape == (len(sample), 8)
+    assert proc.stdout.count("submission written") == 1, "only rank 0 writes"
+    assert proc.stdout.count("INFO epoch 0") == 1, "only rank 0 logs progress"
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
+    return summary
+
+
+@pytest.mark.parametrize("launcher", ["kernel", "torchrun"])
+def test_two_ranks_train_and_write_one_submission(kernel_dir, launcher):  # noqa: F811
+    out = kernel_dir / f"ddp_{launcher}"
+    args = [*TINY, "--demo-images", "160", "--epochs", "2", "--budget", "3m", "--num-workers", "0",
+            "--out-dir", str(out)]
+    if launcher == "kernel":
+        cmd = [sys.executable, "kernel.py", *args, "--ddp-procs", "2"]
+    else:
+        # make the demo data first, so both torchrun ranks find it
+        subprocess.run([sys.executable, "kernel.py", *args, "--dry-run"], cwd=kernel_dir, env=_env(),
+                       capture_output=True, timeout=120, check=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "kernel.py", *args]
+    proc = subprocess.run(cmd, cwd=kernel_dir, env=_env(), capture_output=True, text=True, timeout=180)
+    summary = _check(out, proc)
+    # 128 training images, batch 16, 2 ranks: 4 steps per epoch on each rank instead of 8
+    assert summary["steps"] == 2 * 4, summary
+    history = pd.read_csv(out / "history.csv")
+    assert history.train_images.tolist() == [64, 64], "rank 0 saw its half of the data"
