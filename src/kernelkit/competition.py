@@ -63,10 +63,21 @@ def _safe_id(value: object, row: int, csv: Path) -> str:
     return s
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path, min_columns: int = 1, what: str = "") -> pd.DataFrame:
     df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     df.columns = [c.strip() for c in df.columns]
+    if df.shape[1] < min_columns:
+        raise ValueError(f"{path}: need two columns ({what}), found {list(df.columns)}")
     return df
+
+
+def _check_unique(ids: list[str], csv: Path) -> None:
+    seen: dict[str, int] = {}
+    for r, i in enumerate(ids):
+        if i in seen:
+            raise ValueError(f"{csv.name}: id {i!r} is duplicated (rows {seen[i] + 2} and {r + 2}); "
+                             "merge or drop the duplicates")
+        seen[i] = r
 
 
 def _resolve(ids: list[str], index: dict[str, str], what: str) -> tuple[list[str], int]:
@@ -84,6 +95,7 @@ def _test_ids(root: Path) -> tuple[list[str], Path | None, list[str]]:
     if sample.is_file():
         df = _read_csv(sample)
         ids = [_safe_id(v, r, sample) for r, v in enumerate(df.iloc[:, 0])]
+        _check_unique(ids, sample)
         return ids, sample, list(df.columns)
     ids = sorted({os.path.splitext(os.path.basename(p))[0] for p in test_index.values()})
     return ids, None, []
@@ -123,7 +135,7 @@ def load_competition(root: str | Path, fmt: str = "auto") -> Competition:
 def _load_multilabel_csv(root: Path) -> Competition:
     """iMet 2019 layout: train.csv (id, attribute_ids), labels.csv (attribute_id, attribute_name)."""
     csv = root / "train.csv"
-    df = _read_csv(csv)
+    df = _read_csv(csv, 2, "id, attribute_ids")
     id_col, lab_col = df.columns[0], ("attribute_ids" if "attribute_ids" in df.columns else df.columns[1])
     labels_csv = root / "labels.csv"
     if labels_csv.is_file():
@@ -142,6 +154,7 @@ def _load_multilabel_csv(root: Path) -> Competition:
             if tag not in pos:
                 raise ValueError(f"{csv.name} row {r + 2}: label {tag!r} is not in labels.csv")
             targets[r, pos[tag]] = 1
+    _check_unique(ids, csv)
     paths, missing = _resolve(ids, _index_images(root / "train"), "train")
     keep = np.array([bool(p) for p in paths])
     test_ids, sample, cols = _test_ids(root)
@@ -155,9 +168,7 @@ def _load_multilabel_csv(root: Path) -> Competition:
 def _load_single_label_csv(root: Path) -> Competition:
     """train.csv with (id, label); the submission has one class per id (iNaturalist's id,predicted)."""
     csv = root / "train.csv"
-    df = _read_csv(csv)
-    if df.shape[1] < 2:
-        raise ValueError(f"{csv}: need two columns (id, label), found {list(df.columns)}")
+    df = _read_csv(csv, 2, "id, label")
     id_col, lab_col = df.columns[0], df.columns[1]
     raw = [str(v).strip() for v in df[lab_col]]
     for r, v in enumerate(raw):
@@ -166,6 +177,7 @@ def _load_single_label_csv(root: Path) -> Competition:
     classes = sorted(set(raw), key=lambda t: (not t.lstrip("-").isdigit(), int(t) if t.lstrip("-").isdigit() else 0, t))
     pos = {c: i for i, c in enumerate(classes)}
     ids = [_safe_id(v, r, csv) for r, v in enumerate(df[id_col])]
+    _check_unique(ids, csv)
     targets = np.array([pos[v] for v in raw], dtype=np.int64)
     paths, missing = _resolve(ids, _index_images(root / "train"), "train")
     keep = np.array([bool(p) for p in paths])

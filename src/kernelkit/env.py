@@ -45,3 +45,23 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+MIN_VERSIONS = {"torch": (2, 1), "timm": (0, 9)}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_versions(versions: dict[str, str]) -> None:
+    """Kaggle images lag behind releases: fail at start, clearly, instead of hours later."""
+    too_old = [f"{name} {versions[name]} (need >= {'.'.join(map(str, need))})"
+               for name, need in MIN_VERSIONS.items() if _version_tuple(versions[name]) < need]
+    if too_old:
+        raise RuntimeError("package versions too old for this kernel: " + ", ".join(too_old)
+                           + "; pick a newer Kaggle docker image (Settings > Environment)")

@@ -18,6 +18,14 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _average_views(model, x, views, act, device, amp) -> torch.Tensor:
+    with autocast(device, amp):
+        return sum(act(model(view(x)).float()) for view in views) / len(views)
+
+
 def activation(task: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return torch.sigmoid if task == "multilabel" else _softmax
 
@@ -40,10 +48,19 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     probs, oks = [], []
     t0 = time.time()
     t_first = None
+    pieces = 1
     for images, _, ok in progress(loader, desc=desc):
         x = normalize(images.to(device, non_blocking=True), channels_last)
-        with autocast(device, amp):
-            p = sum(act(model(view(x)).float()) for view in views) / len(views)
+        while True:
+            try:
+                p = torch.cat([_average_views(model, part, views, act, device, amp) for part in x.chunk(pieces)])
+                break
+            except OutOfMemory:
+                if pieces >= len(x):
+                    raise
+                pieces *= 2  # never lose the predictions to a batch that does not fit: split it
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         probs.append(p.cpu().numpy())
         oks.append(ok.numpy() > 0)
         if t_first is None:

@@ -145,7 +145,10 @@ def build_model_and_optimizer(cfg: Config, num_classes: int, device: torch.devic
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    enabled = cfg.amp and device.type == "cuda"
+    # torch.amp.GradScaler appeared in torch 2.3; older Kaggle images only have the cuda one.
+    scaler = (torch.amp.GradScaler("cuda", enabled=enabled) if hasattr(torch.amp, "GradScaler")
+              else torch.cuda.amp.GradScaler(enabled=enabled))
     return model, optimizer, scaler
 
 
@@ -187,7 +190,9 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
                      loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
                      clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra,
                      dist=info)
-        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step)
+        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step,
+                       bad_train_images=state.bad_images, nonfinite_steps=state.nonfinite_steps,
+                       failed_saves=state.failed_saves, micro_batches=state.micro_batches)
         if state.step == 0:
             log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
                         fmt_seconds(clock.remaining()), fmt_seconds(reserve.seconds()))
@@ -347,6 +352,7 @@ def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start
 
 
 def announce(ctx: Context) -> None:
+    env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
              "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
     ctx.cfg.save(ctx.out_dir / "config.json")

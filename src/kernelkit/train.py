@@ -15,7 +15,7 @@ from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_fac
 from .checkpoint import rng_state, save_checkpoint
 from .decode import decode_multilabel
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
-from .infer import autocast, predict
+from .infer import OutOfMemory, autocast, predict
 from .metrics import accuracy, fbeta_per_image, search_threshold
 from .progress import progress
 from .transforms import normalize
@@ -46,6 +46,8 @@ class FitState:
     threshold: float = 0.5
     nonfinite_steps: int = 0
     bad_images: int = 0
+    failed_saves: int = 0
+    micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -72,18 +74,15 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         set_lr(optimizer, lr)
         x = normalize(x.to(device, non_blocking=True), opts.channels_last)
         y, ok = y.to(device, non_blocking=True), ok.to(device, non_blocking=True)
-        with autocast(device, opts.amp):
-            logits = model(x)
-        loss = loss_fn(logits, y, ok)
-        optimizer.zero_grad(set_to_none=True)
-        if not all_finite(dist, loss):
+        loss = forward_backward_fitting_memory(model, x, y, ok, loss_fn, optimizer, scaler, device, state, opts, dist)
+        if loss is None:
             # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
             # rank together, or the gradient all-reduce would wait forever).
+            optimizer.zero_grad(set_to_none=True)
             state.nonfinite_steps += 1
             log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
             state.step += 1
             continue
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         state.step += 1
@@ -104,6 +103,45 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
     return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
             "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
             "stopped": stopped, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def forward_backward_fitting_memory(model, x, y, ok, loss_fn, optimizer, scaler, device, state: FitState,
+                                    opts: FitOptions, dist: DistInfo = SINGLE) -> torch.Tensor | None:
+    """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
+
+    Out of memory: free what we can, split the batch in twice as many pieces and retry it. The
+    pieces are weighted by their share of valid images, so the gradient equals the full batch's and
+    the effective batch size (hence the LR that suits it) does not change.
+    """
+    while True:
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            return _accumulate(model, x, y, ok, loss_fn, scaler, device, state.micro_batches, opts, dist)
+        except OutOfMemory:
+            if dist.enabled or state.micro_batches >= len(x):
+                raise  # ranks would disagree on the number of backward passes
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            state.micro_batches *= 2
+            log.warning("out of memory at batch size %d: continuing with %d micro-batches of ~%d "
+                        "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
+                        -(-len(x) // state.micro_batches))
+
+
+def _accumulate(model, x, y, ok, loss_fn, scaler, device, pieces: int, opts: FitOptions,
+                dist: DistInfo) -> torch.Tensor | None:
+    total_weight = ok.sum().clamp_min(1.0)
+    batch_loss = torch.zeros((), device=device)
+    for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
+        with autocast(device, opts.amp):
+            logits = model(xs)
+        loss = loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
+        if not all_finite(dist, loss):
+            return None
+        scaler.scale(loss).backward()
+        batch_loss += loss.detach()
+    return batch_loss
 
 
 def score_predictions(task: str, targets: np.ndarray, probs: np.ndarray, opts: FitOptions) -> dict:
@@ -169,6 +207,14 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
         return stop, opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
 
     def checkpoint(name: str, epoch_done: bool) -> None:
+        try:
+            _save(name, epoch_done)
+        except OSError as e:
+            # Disk full or unwritable: the previous file is intact (atomic save); keep training.
+            state.failed_saves += 1
+            log.error("could not save %s (%s); the previous %s stays usable, training continues", name, e, name)
+
+    def _save(name: str, epoch_done: bool) -> None:
         save_checkpoint({
             "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,

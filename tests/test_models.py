@@ -1,0 +1,61 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from kernelkit import env
+from kernelkit.models import create_model
+from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMM09 = ROOT / ".cache" / "timm09"
+
+
+def test_offline_flag_is_set_before_timm_is_used():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_weights_from_a_local_file_get_a_new_head(tmp_path, suffix):
+    torch.manual_seed(0)
+    imagenet = timm.create_model("test_resnet", num_classes=1000)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(imagenet.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in imagenet.state_dict().items()}, str(path))
+    model = create_model("test_resnet", 5, str(path))
+    name, weight = next((n, p) for n, p in imagenet.named_parameters() if p.ndim == 4)
+    torch.testing.assert_close(dict(model.named_parameters())[name], weight)
+    assert model.get_classifier().out_features == 5
+
+
+def test_model_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="attach the weights"):
+        create_model("test_resnet", 3, str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="timm has no model 'resnet_999'"):
+        create_model("resnet_999", 3)
+
+
+def test_version_check_names_what_is_too_old():
+    env.check_versions({"torch": "2.4.0+cu121", "timm": "0.9.16"})
+    with pytest.raises(RuntimeError, match=r"timm 0.6.13 \(need >= 0.9\)"):
+        env.check_versions({"torch": "2.4.0", "timm": "0.6.13"})
+
+
+@pytest.mark.skipif(not (TIMM09 / "timm").is_dir(), reason="scripts/test.sh installs timm 0.9.16 in .cache/timm09")
+def test_kernel_runs_with_timm_0_9(kernel_dir, tmp_path):  # noqa: F811
+    env_vars = {**_env(), "PYTHONPATH": str(TIMM09)}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "kernel.py", "--model", "resnet10t", "--img-size", "32",
+                           "--demo-images", "100", "--epochs", "1", "--num-workers", "0", "--budget", "2m",
+                           "--out-dir", str(out)], cwd=kernel_dir, env=env_vars, capture_output=True, text=True,
+                          timeout=240)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0 and "timm 0.9.16" in proc.stdout
+    assert (out / "submission.csv").is_file()
