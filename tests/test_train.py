@@ -89,3 +89,22 @@ def test_unreadable_training_images_are_skipped_and_counted(single_label_dir, tm
     ds = ImageDataset(comp.train_paths, comp.train_targets, EvalTransform(32), 32)
     oks = np.array([float(ds[i][2]) for i in range(len(ds))])
     assert oks.sum() == len(ds) - 2 and oks[0] == 0 and oks[5] == 0
+
+
+def test_clip_grad_clips_every_step(single_label_dir, tmp_path, monkeypatch):
+    comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *a, **k):
+        total = real(params, max_norm, *a, **k)
+        norms.append((float(total), max_norm))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    fit(model, tl, vl, vt, task=comp.task, loss_fn=get_loss("ce", comp.task), optimizer=opt, scaler=scaler,
+        device=torch.device("cpu"), clock=BudgetClock(600), reserve=InferenceReserve(12, len(vt), 2),
+        opts=FitOptions(epochs=1, clip_grad=0.5), out_dir=tmp_path)
+    assert len(norms) == len(tl) and all(m == 0.5 for _, m in norms)
+    after = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
+    assert after <= 0.5 + 1e-4, "the gradient the optimizer used was clipped"

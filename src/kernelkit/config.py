@@ -40,6 +40,7 @@ class Config:
     lr: float = _f(1e-3, "peak AdamW learning rate")
     weight_decay: float = _f(0.05, "")
     warmup: float = _f(0.05, "fraction of training spent warming up")
+    clip_grad: float = _f(0.0, "clip the gradient norm to this (0 = off)")
     schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine")
     val_fraction: float = _f(0.1, "held-out share of train for validation and thresholds")
     loss: str = _f("auto", "auto | bce | ce")

@@ -164,7 +164,7 @@ def restore(ckpt: dict[str, Any], model, optimizer, scaler) -> FitState:
 def fit_options(cfg: Config) -> FitOptions:
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
-                      threshold=cfg.threshold, min_labels=cfg.min_labels)
+                      threshold=cfg.threshold, min_labels=cfg.min_labels, clip_grad=cfg.clip_grad)
 
 
 def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,

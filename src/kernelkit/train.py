@@ -35,6 +35,7 @@ class FitOptions:
     threshold: float = -1.0  # multi-label: <0 searches on validation
     min_labels: int = 0
     beta: float = 2.0
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
 
 
 @dataclass
@@ -83,6 +84,9 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
             state.step += 1
             continue
+        if opts.clip_grad > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         state.step += 1
