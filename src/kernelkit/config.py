@@ -43,7 +43,10 @@ class Config:
     clip_grad: float = _f(0.0, "clip the gradient norm to this (0 = off)")
     schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine")
     val_fraction: float = _f(0.1, "held-out share of train for validation and thresholds")
-    loss: str = _f("auto", "auto | bce | ce")
+    loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement")
+    loss_args: str = _f("", "loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'")
+    class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
+    balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
     channels_last: bool = _f(True, "")
     num_workers: int = _f(-1, "-1 = all CPU cores")
@@ -58,8 +61,11 @@ class Config:
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
     # inference
     tta: int = _f(2, "test-time augmentation views: 1 = none, 2 = + horizontal flip")
+    beta: float = _f(2.0, "multi-label metric: F-beta averaged per image (iMet: 2)")
     threshold: float = _f(-1.0, "multi-label threshold; <0 = search on validation")
+    threshold_rule: str = _f("global", "multi-label search: global | group (by 'prefix::' of label names) | class")
     min_labels: int = _f(0, "multi-label: always emit at least this many labels per image")
+    max_labels: int = _f(0, "multi-label: at most this many labels per image (0 = no cap)")
     # demo
     demo_images: int = _f(1000, "demo: number of generated training images")
 
@@ -81,11 +87,40 @@ class Config:
         return "\n".join(f"  {k:<18} = {v!r}" for k, v in self.to_dict().items())
 
 
-# Presets set what a project needs; later issues add one per seed.
+# One preset per seed project (shared/seeds/): what the seed did, with a current timm backbone.
+# Attach ImageNet weights for the backbone and set pretrained_path; everything else is set here.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(
         model="resnet18", img_size=64, batch_size=32, lr=2e-3, budget="150s",
         aug="flip", pad_aspect=2.0, val_fraction=0.2, checkpoint_every="1m", tta=2, warmup=0.05,
+    ),
+    # iMet 2019 (seeds 000, 001): 1103 culture/tag labels, F2 per image, odd aspect ratios padded
+    # to square with white, focal loss, best threshold searched on validation (here per group:
+    # culture:: and tag:: labels get their own), at least one label per image, 9-hour kernel.
+    "imet2019": dict(
+        format="multilabel_csv", model="convnext_tiny.fb_in22k", img_size=320, batch_size=32, lr=4e-4,
+        pad_aspect=2.0, pad_fill=255, aug="light", loss="focal", loss_args="gamma=2", beta=2.0,
+        threshold_rule="group", min_labels=1, budget="8h45m", tta=2, val_fraction=0.1,
+    ),
+    # iNaturalist 2019 (seed 002): 1010 species, one label each, top-1 error, 560 px inputs,
+    # complement entropy next to cross-entropy, class-balanced weights for the long tail.
+    "inat2019": dict(
+        format="single_label_csv", model="efficientnet_b3.ra2_in1k", img_size=560, batch_size=16, lr=3e-4,
+        pad_aspect=0.0, aug="light", loss="complement", balanced_sampling=0.5, budget="8h45m", tta=2,
+        val_fraction=0.05,
+    ),
+    # Scene-15 (seed 003): folder per class, 15 scenes, ResNet-101 transfer learning, 70/30 split,
+    # shift/zoom/flip augmentation, accuracy.
+    "scene15": dict(
+        format="folder", model="resnet101.a1h_in1k", img_size=224, batch_size=32, lr=3e-4, aug="light",
+        loss="ce", val_fraction=0.3, tta=2, budget="2h", pad_aspect=0.0,
+    ),
+    # Helsinki 14 tags (seed 004): 128 px photos with zero or more of 14 labels (half have none),
+    # sum of per-label BCE with the seed's 0.99p + 0.005 clamp, F1 / precision / recall.
+    "helsinki14": dict(
+        format="multilabel_csv", model="resnet50.a1_in1k", img_size=128, batch_size=64, lr=1e-3, aug="light",
+        loss="bce_sum", loss_args="eps=0.005", beta=1.0, min_labels=0, threshold_rule="class", tta=2,
+        budget="2h", val_fraction=0.15, pad_aspect=0.0,
     ),
 }
 
@@ -146,8 +181,23 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
     merged.update(block)
     merged.update(cli)
     cfg = Config.from_dict(merged)
-    budget_seconds(cfg), parse_duration(cfg.checkpoint_every)
+    budget_seconds(cfg), parse_duration(cfg.checkpoint_every), parse_kwargs(cfg.loss_args)
     return cfg, args
+
+
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """'gamma=2,reduce=sum' -> {'gamma': 2.0, 'reduce': 'sum'}."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"cannot parse {item!r} in {text!r}; use key=value pairs separated by commas")
+        value = value.strip()
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            out[key.strip()] = {"true": True, "false": False, "none": None}.get(value.lower(), value)
+    return out
 
 
 def budget_seconds(cfg: Config) -> tuple[float, float]:

@@ -21,9 +21,9 @@ import torch
 
 from . import distributed, env
 from .budget import BudgetClock, InferenceReserve, affordable_tta, fmt_seconds
-from .checkpoint import load_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .competition import Competition, format_predictions, load_competition, write_submission
-from .config import Config, budget_seconds, make_config, parse_duration
+from .config import Config, budget_seconds, make_config, parse_duration, parse_kwargs
 from .data import ImageDataset, make_loader, split_indices
 from .decode import decode
 from .demo import make_demo_competition
@@ -33,7 +33,9 @@ from .losses import get_loss
 from .metrics import fbeta_per_image, prior_baseline
 from .models import create_model
 from .plan import Plan, make_plan
+from .sampling import balanced_sampler
 from .session import begin_run, finish_run
+from .thresholds import ThresholdRule, groups_from_names, search_classes, search_groups
 from .train import FitOptions, FitState, fit, train_one_epoch
 from .transforms import EvalTransform, TrainTransform, tta_views
 
@@ -82,14 +84,14 @@ def build_test_loader(cfg: Config, comp: Competition, device: torch.device):
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
 
 
-def write_outputs(comp: Competition, probs: np.ndarray, ok: np.ndarray, task: str, threshold: float,
-                  min_labels: int, out_dir: Path) -> Path:
+def write_outputs(comp: Competition, probs: np.ndarray, ok: np.ndarray, task: str, rule: ThresholdRule,
+                  out_dir: Path) -> Path:
     """Decode, write submission.csv (validated) and the raw probabilities for blending."""
     if (~ok).any():
         log.warning("%d test images could not be read; their rows use the model's output on a blank image",
                     int((~ok).sum()))
     np.save(out_dir / "test_probs.npy", probs.astype(np.float32))
-    cells = format_predictions(comp, decode(task, probs, threshold, min_labels))
+    cells = format_predictions(comp, decode(task, probs, rule=rule))
     path = out_dir / "submission.csv"
     write_submission(comp, cells, path)
     log.info("submission written: %s (%d rows)", path.resolve(), len(cells))
@@ -130,7 +132,11 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
                           EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
     sampler = None
-    if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
+    if cfg.balanced_sampling > 0:
+        if info.enabled:
+            raise ValueError("balanced_sampling is not supported with data-parallel training yet; set ddp_procs=1")
+        sampler = balanced_sampler(targets[tr_idx], cfg.balanced_sampling, cfg.seed)
+    elif info.enabled:  # each rank sees its own shard, the same number of batches on every rank
         sampler = torch.utils.data.DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
     return TrainingData(
@@ -164,7 +170,42 @@ def restore(ckpt: dict[str, Any], model, optimizer, scaler) -> FitState:
 def fit_options(cfg: Config) -> FitOptions:
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
-                      threshold=cfg.threshold, min_labels=cfg.min_labels, clip_grad=cfg.clip_grad)
+                      threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
+                      beta=cfg.beta, clip_grad=cfg.clip_grad)
+
+
+def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
+    counts = None
+    if cfg.class_balanced:
+        counts = (train_targets.sum(0) if task == "multilabel"
+                  else np.bincount(train_targets, minlength=num_classes)).astype(float).tolist()
+    return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
+
+
+def choose_rule(cfg: Config, comp: Competition, threshold: float, out_dir: Path, val_targets: np.ndarray) -> ThresholdRule:
+    """The multi-label decision rule: the global threshold picked during training, refined per
+    group or per class on the best epoch's validation probabilities when asked."""
+    rule = ThresholdRule("global", [cfg.threshold if cfg.threshold >= 0 else threshold], cfg.min_labels,
+                         cfg.max_labels)
+    val_probs = out_dir / "val_probs.npy"
+    if comp.task != "multilabel" or cfg.threshold >= 0 or cfg.threshold_rule == "global" or not val_probs.is_file():
+        return rule
+    probs = np.load(val_probs)
+    if probs.shape != val_targets.shape:
+        log.warning("val_probs.npy does not match the validation split; keeping the global threshold")
+        return rule
+    if cfg.threshold_rule == "group":
+        groups = groups_from_names(comp.class_names)
+        found, score = search_groups(val_targets, probs, groups, cfg.beta, min_labels=cfg.min_labels,
+                                     max_labels=cfg.max_labels)
+    elif cfg.threshold_rule == "class":
+        found, score = search_classes(val_targets, probs, cfg.beta, min_labels=cfg.min_labels,
+                                      max_labels=cfg.max_labels)
+    else:
+        raise ValueError(f"unknown threshold_rule {cfg.threshold_rule!r}; choose global | group | class")
+    log.info("threshold rule %s: validation F%g %.4f (global %.4f)", found.kind, cfg.beta, score,
+             rule.score(val_targets, probs, cfg.beta))
+    return found
 
 
 def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
@@ -184,10 +225,11 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
     summary: dict[str, Any] = {"train_images": len(data.train_targets), "val_images": n_val,
                                "train_start_s": round(clock.elapsed(), 1)}
+    loss_fn = build_loss(cfg, comp.task, data.train_targets, comp.num_classes)  # config errors surface here
     status = EXIT_OK
     try:
         result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
-                     loss_fn=get_loss(cfg.loss, comp.task), optimizer=optimizer, scaler=scaler, device=device,
+                     loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, device=device,
                      clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra,
                      dist=info)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step,
@@ -212,12 +254,15 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
             model.load_state_dict(best["model"])
             threshold = best.get("threshold", threshold)
             summary.update(checkpoint=name, val_score=best.get("best_score"))
+            rule = choose_rule(cfg, comp, threshold, out_dir, data.val_targets)
+            if rule.kind != "global":  # stored so offline inference decodes the same way
+                save_checkpoint({**best, "threshold_rule": rule.to_dict()}, out_dir / name)
             break
-    if cfg.threshold >= 0:
-        threshold = cfg.threshold
+    else:
+        rule = choose_rule(cfg, comp, threshold, out_dir, data.val_targets)
     if n_val:
-        summary["baseline"] = prior_baseline(comp.task, data.train_targets, data.val_targets)
-    summary["threshold"] = threshold
+        summary["baseline"] = prior_baseline(comp.task, data.train_targets, data.val_targets, cfg.beta)
+    summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
     tta = affordable_tta(cfg.tta, len(comp.test_ids), reserve.infer_ips,
                          clock.remaining() - reserve.overhead_s - reserve.startup_s)
     if tta < cfg.tta:
@@ -226,7 +271,7 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     out = predict(model, build_test_loader(cfg, comp, device), device, comp.task, tta_views(tta),
                   cfg.amp, cfg.channels_last, desc="test")
     summary.update(tta=tta, infer_images_per_s=round(out["images_per_s"], 1))
-    write_outputs(comp, out["probs"], out["ok"], comp.task, threshold, cfg.min_labels, out_dir)
+    write_outputs(comp, out["probs"], out["ok"], comp.task, rule, out_dir)
     return status, summary
 
 
@@ -241,7 +286,8 @@ def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float
     def first_steps_at_peak_lr(step: int) -> tuple[bool, float]:
         return step >= train_steps, cfg.lr
 
-    tr = train_one_epoch(model, data.train_loader, optimizer, scaler, get_loss(cfg.loss, comp.task), device,
+    tr = train_one_epoch(model, data.train_loader, optimizer, scaler,
+                         build_loss(cfg, comp.task, data.train_targets, comp.num_classes), device,
                          state, opts, control=first_steps_at_peak_lr)
     test_loader = build_test_loader(cfg, comp, device)
     subset = torch.utils.data.Subset(test_loader.dataset, range(min(len(test_loader.dataset),
@@ -275,7 +321,7 @@ def infer_only(cfg: Config, comp: Competition, out_dir: Path, device: torch.devi
     checkpoint that cannot fit even one view is skipped, so a submission is always written in time.
     """
     paths = find_checkpoints(cfg.checkpoints)
-    probs_sum, ok, thresholds, used = None, None, [], []
+    probs_sum, ok, rules, used = None, None, [], []
     seconds_per_view: float | None = None
     for i, p in enumerate(paths):
         tta = cfg.tta
@@ -305,12 +351,24 @@ def infer_only(cfg: Config, comp: Competition, out_dir: Path, device: torch.devi
         np.save(out_dir / f"test_probs_{p.stem}.npy", out["probs"].astype(np.float32))
         probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
         ok = out["ok"]
-        thresholds.append(float(ckpt.get("threshold", 0.5)))
+        rules.append(ThresholdRule.from_dict(ckpt["threshold_rule"]) if "threshold_rule" in ckpt else
+                     ThresholdRule("global", [float(ckpt.get("threshold", 0.5))], cfg.min_labels, cfg.max_labels))
         used.append({"checkpoint": str(p), "model": ccfg.model, "tta": tta, "val_score": ckpt.get("best_score")})
         log.info("%s: %s, val score %.4f, %d TTA views", p, ccfg.model, ckpt.get("best_score", float("nan")), tta)
-    threshold = cfg.threshold if cfg.threshold >= 0 else float(np.mean(thresholds))
-    write_outputs(comp, probs_sum / len(used), ok, comp.task, threshold, cfg.min_labels, out_dir)
-    return {"checkpoints": used, "threshold": threshold, "wall_s": round(clock.elapsed(), 1)}
+    rule = ensemble_rule(rules, cfg)
+    write_outputs(comp, probs_sum / len(used), ok, comp.task, rule, out_dir)
+    return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
+
+
+def ensemble_rule(rules: list[ThresholdRule], cfg: Config) -> ThresholdRule:
+    """Global thresholds of several checkpoints average; a refined rule is taken from the first."""
+    if cfg.threshold >= 0:
+        return ThresholdRule("global", [cfg.threshold], cfg.min_labels, cfg.max_labels)
+    if all(r.kind == "global" for r in rules):
+        return ThresholdRule("global", [float(np.mean([r.values[0] for r in rules]))], cfg.min_labels,
+                             cfg.max_labels)
+    log.info("using the %s threshold rule of the first checkpoint for the average", rules[0].kind)
+    return rules[0]
 
 
 def _demo_test_score(data_dir: Path, out_dir: Path, comp: Competition) -> float | None:
@@ -456,7 +514,7 @@ def run_rank(ctx: Context, info: DistInfo, announced: bool = False) -> int:
     if ctx.is_demo:
         summary["demo_test_score"] = _demo_test_score(ctx.data_dir, out_dir, comp)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    metric = "F2 per image" if comp.task == "multilabel" else "accuracy"
+    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
     log.info("validation %s %.4f (label-prior baseline %.4f); %s of %s used; submission: %s",
              metric, summary.get("val_score") or float("nan"), summary.get("baseline", float("nan")),
              fmt_seconds(clock.elapsed()), fmt_seconds(clock.total_s), (out_dir / "submission.csv").resolve())

@@ -16,7 +16,8 @@ from .checkpoint import rng_state, save_checkpoint
 from .decode import decode_multilabel
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import OutOfMemory, autocast, predict
-from .metrics import accuracy, fbeta_per_image, search_threshold
+from .metrics import accuracy, fbeta_per_image
+from .thresholds import search_global
 from .progress import progress
 from .transforms import normalize
 
@@ -34,6 +35,7 @@ class FitOptions:
     checkpoint_every_s: float = 1200.0
     threshold: float = -1.0  # multi-label: <0 searches on validation
     min_labels: int = 0
+    max_labels: int = 0
     beta: float = 2.0
     clip_grad: float = 0.0  # max gradient norm; 0 = off
 
@@ -153,9 +155,10 @@ def score_predictions(task: str, targets: np.ndarray, probs: np.ndarray, opts: F
     if task == "multilabel":
         if opts.threshold >= 0:
             t = opts.threshold
-            s = fbeta_per_image(targets, decode_multilabel(probs, t, opts.min_labels), opts.beta)
+            s = fbeta_per_image(targets, decode_multilabel(probs, t, opts.min_labels, opts.max_labels), opts.beta)
         else:
-            t, s = search_threshold(targets, probs, opts.beta, opts.min_labels)
+            rule, s = search_global(targets, probs, opts.beta, min_labels=opts.min_labels, max_labels=opts.max_labels)
+            t = rule.values[0]
         return {"score": s, "threshold": t, "metric": f"F{opts.beta:g} per image"}
     acc = accuracy(targets, probs)
     return {"score": acc, "threshold": 0.5, "metric": "accuracy", "top1_error": 1 - acc}
@@ -246,7 +249,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
             reserve.train_ips = tr["images_per_s"]
         if dist.is_main:
             history.append(_end_of_epoch(core, tr, val_loader, val_targets, has_val, task, device, opts, state,
-                                         clock, reserve, checkpoint))
+                                         clock, reserve, checkpoint, out_dir))
             _write_history(history, out_dir)
             checkpoint("last.pt", epoch_done=not tr["stopped"])
             last_save[0] = time.time()
@@ -260,8 +263,9 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
 
 def _end_of_epoch(model: torch.nn.Module, tr: dict, val_loader, val_targets: np.ndarray, has_val: bool, task: str,
                   device: torch.device, opts: FitOptions, state: FitState, clock: BudgetClock,
-                  reserve: InferenceReserve, checkpoint: Callable[[str, bool], None]) -> dict:
-    """Validate, keep best.pt, log; -> the epoch's history row."""
+                  reserve: InferenceReserve, checkpoint: Callable[[str, bool], None], out_dir: Path) -> dict:
+    """Validate, keep best.pt and its validation probabilities (for threshold rules and blending),
+    log; -> the epoch's history row."""
     row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
            "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
            "elapsed_s": round(clock.elapsed(), 1)}
@@ -275,6 +279,7 @@ def _end_of_epoch(model: torch.nn.Module, tr: dict, val_loader, val_targets: np.
     if va["score"] > state.best_score:
         state.best_score, state.threshold = va["score"], va["threshold"]
         checkpoint("best.pt", not tr["stopped"])
+        np.save(out_dir / "val_probs.npy", va["probs"].astype(np.float32))
     log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
              va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
     return row
