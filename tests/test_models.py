@@ -59,3 +59,38 @@ def test_kernel_runs_with_timm_0_9(kernel_dir, tmp_path):  # noqa: F811
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0 and "timm 0.9.16" in proc.stdout
     assert (out / "submission.csv").is_file()
+
+
+def test_heads_and_concatenated_backbones():
+    from kernelkit.models import FeatureHeadModel, build_model
+    x = torch.randn(3, 3, 32, 32)
+    plain = build_model("test_resnet", 4)
+    assert not isinstance(plain, FeatureHeadModel) and plain(x).shape == (3, 4)
+    mlp = build_model("test_resnet", 4, head="mlp", head_hidden=16)
+    assert isinstance(mlp.head[0], torch.nn.BatchNorm1d) and mlp.head[1].out_features == 16
+    both = build_model("test_resnet", 4, second_model="test_convnext")
+    feats = sum(b.num_features for b in both.backbones)
+    assert both.head[-1].in_features == feats and both(x).shape == (3, 4)
+    with pytest.raises(ValueError, match="unknown head"):
+        build_model("test_resnet", 4, head="attention")
+
+
+def test_set_trainable_by_blocks():
+    from kernelkit.models import backbone_blocks, build_model, head_parameters, set_trainable
+    model = build_model("test_resnet", 4)
+    blocks = backbone_blocks(model)
+    head = sum(p.numel() for p in head_parameters(model))
+    assert set_trainable(model, 0) == head, "linear probe: only the head trains"
+    last = sum(p.numel() for p in blocks[-1])
+    assert set_trainable(model, 1) == head + last
+    assert not any(p.requires_grad for p in blocks[0])
+    assert set_trainable(model, None) == sum(p.numel() for p in model.parameters())
+
+
+def test_layer_decay_scales_lower_blocks_down():
+    from kernelkit.models import build_model, create_optimizer
+    opt = create_optimizer(build_model("test_resnet", 4), 1e-3, 0.05, layer_decay=0.5)
+    scales = [g["lr_scale"] for g in opt.param_groups]
+    assert scales == sorted(scales) and scales[-1] == 1.0 and scales[0] < 0.1
+    no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0]
+    assert no_decay, "norms and biases get no weight decay"

@@ -32,11 +32,13 @@ def _imet_like(root, n_labels=6):
 def test_preset_runs_end_to_end(tmp_path, preset, maker, model):
     data = maker(tmp_path / "data")
     out = tmp_path / "out"
-    status = main({}, ["--preset", preset, "--model", model, *SMALL, "--data-dir", str(data), "--out-dir", str(out)])
+    extra = ["--model2", "test_efficientnet"] if PRESETS[preset].get("model2") else []
+    status = main({}, ["--preset", preset, "--model", model, *extra, *SMALL, "--data-dir", str(data),
+                       "--out-dir", str(out)])
     assert status == 0
     cfg = json.loads((out / "config.json").read_text())
     for key, value in PRESETS[preset].items():
-        if key not in ("model", "img_size", "batch_size", "budget", "lr"):
+        if key not in ("model", "model2", "img_size", "batch_size", "budget", "lr"):
             assert cfg[key] == value, key
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_score"] is not None and np.isfinite(summary["train_end_s"])

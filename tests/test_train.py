@@ -109,3 +109,39 @@ def test_clip_grad_clips_every_step(single_label_dir, tmp_path, monkeypatch):
     assert len(norms) == len(tl) and all(m == 0.5 for _, m in norms)
     after = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
     assert after <= 0.5 + 1e-4, "the gradient the optimizer used was clipped"
+
+
+def test_linear_probe_keeps_the_backbone_and_ema_is_saved(single_label_dir, tmp_path):
+    from kernelkit.checkpoint import load_checkpoint
+    from kernelkit.models import create_ema, head_parameters
+    comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head_ids = {id(p) for p in head_parameters(model)}
+    head_names = {n for n, p in model.named_parameters() if id(p) in head_ids}
+    ema = create_ema(model, 0.9)
+    fit(model, tl, vl, vt, task=comp.task, loss_fn=get_loss("ce", comp.task), optimizer=opt, scaler=scaler,
+        device=torch.device("cpu"), clock=BudgetClock(600), reserve=InferenceReserve(12, len(vt), 2),
+        opts=FitOptions(epochs=2, freeze_until=1.0), out_dir=tmp_path, ema=ema)
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        if name in head_names:
+            assert not torch.equal(before[name], after[name]), f"head {name} trained"
+        else:
+            assert torch.equal(before[name], after[name]), f"backbone {name} changed under a linear probe"
+    ckpt = load_checkpoint(tmp_path / "best.pt")
+    assert "ema" in ckpt and set(ckpt["ema"]) == set(ckpt["model"])
+    head_name = next(iter(head_names))
+    assert not torch.equal(ckpt["ema"][head_name], ckpt["model"][head_name]), "the EMA lags the weights"
+
+
+def test_two_stage_fine_tune_unfreezes_half_way(single_label_dir, tmp_path, caplog):
+    comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level("INFO", logger="kernelkit"):
+        fit(model, tl, vl, vt, task=comp.task, loss_fn=get_loss("ce", comp.task), optimizer=opt, scaler=scaler,
+            device=torch.device("cpu"), clock=BudgetClock(600), reserve=InferenceReserve(12, len(vt), 2),
+            opts=FitOptions(epochs=4, freeze_until=0.5, unfreeze_blocks=1), out_dir=tmp_path)
+    text = caplog.text
+    assert text.index("backbone frozen") < text.index("unfreezing the last 1 backbone blocks")
+    stem = next(n for n, p in model.named_parameters() if p.ndim == 4)
+    assert torch.equal(before[stem], model.state_dict()[stem]), "the stem stays frozen (only the last block opens)"

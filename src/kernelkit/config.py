@@ -27,6 +27,16 @@ class Config:
     model: str = _f("resnet50", "timm model name")
     pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
+    head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)")
+    head_hidden: int = _f(256, "mlp head width")
+    head_dropout: float = _f(0.5, "dropout in a custom head")
+    model2: str = _f("", "second backbone whose pooled features are concatenated with the first (Helsinki ensemble)")
+    pretrained_path2: str = _f("", "local weights of model2")
+    freeze: float = _f(0.0, "share of training with the backbone frozen (head only): 1 = linear probe, "
+                            "0.3 = two-stage fine-tune")
+    unfreeze_blocks: int = _f(0, "after the frozen stage train the last N backbone blocks/stages (0 = all)")
+    layer_decay: float = _f(0.0, "layer-wise LR decay, e.g. 0.75 (0 = off)")
+    ema: float = _f(0.0, "EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)")
     # images
     img_size: int = _f(224, "square input size")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
@@ -99,6 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # culture:: and tag:: labels get their own), at least one label per image, 9-hour kernel.
     "imet2019": dict(
         format="multilabel_csv", model="convnext_tiny.fb_in22k", img_size=320, batch_size=32, lr=4e-4,
+        layer_decay=0.8,
         pad_aspect=2.0, pad_fill=255, aug="light", loss="focal", loss_args="gamma=2", beta=2.0,
         threshold_rule="group", min_labels=1, budget="8h45m", tta=2, val_fraction=0.1,
     ),
@@ -114,6 +125,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "scene15": dict(
         format="folder", model="resnet101.a1h_in1k", img_size=224, batch_size=32, lr=3e-4, aug="light",
         loss="ce", val_fraction=0.3, tta=2, budget="2h", pad_aspect=0.0,
+        head="mlp", head_hidden=256, head_dropout=0.5, freeze=0.3, unfreeze_blocks=2,
     ),
     # Helsinki 14 tags (seed 004): 128 px photos with zero or more of 14 labels (half have none),
     # sum of per-label BCE with the seed's 0.99p + 0.005 clamp, F1 / precision / recall.
@@ -121,6 +133,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         format="multilabel_csv", model="resnet50.a1_in1k", img_size=128, batch_size=64, lr=1e-3, aug="light",
         loss="bce_sum", loss_args="eps=0.005", beta=1.0, min_labels=0, threshold_rule="class", tta=2,
         budget="2h", val_fraction=0.15, pad_aspect=0.0,
+        model2="efficientnet_b0.ra_in1k", freeze=0.2, ema=0.999,
     ),
 }
 

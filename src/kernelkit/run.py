@@ -31,7 +31,7 @@ from .distributed import DistInfo
 from .infer import predict
 from .losses import get_loss
 from .metrics import fbeta_per_image, prior_baseline
-from .models import create_model
+from .models import build_model, create_ema, create_optimizer
 from .plan import Plan, make_plan
 from .sampling import balanced_sampler
 from .session import begin_run, finish_run
@@ -146,11 +146,18 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         train_targets=targets[tr_idx], val_targets=targets[va_idx])
 
 
+def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
+    """The architecture a config describes; `with_weights=False` when a checkpoint will fill it."""
+    return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
+                       cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
+                       cfg.pretrained_path2 if with_weights else "")
+
+
 def build_model_and_optimizer(cfg: Config, num_classes: int, device: torch.device):
-    model = create_model(cfg.model, num_classes, cfg.pretrained_path, cfg.drop_rate).to(device)
+    model = model_from_config(cfg, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     enabled = cfg.amp and device.type == "cuda"
     # torch.amp.GradScaler appeared in torch 2.3; older Kaggle images only have the cuda one.
     scaler = (torch.amp.GradScaler("cuda", enabled=enabled) if hasattr(torch.amp, "GradScaler")
@@ -158,8 +165,15 @@ def build_model_and_optimizer(cfg: Config, num_classes: int, device: torch.devic
     return model, optimizer, scaler
 
 
-def restore(ckpt: dict[str, Any], model, optimizer, scaler) -> FitState:
+def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights that were validated: the EMA when training kept one."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def restore(ckpt: dict[str, Any], model, optimizer, scaler, ema=None) -> FitState:
     model.load_state_dict(ckpt["model"])
+    if ema is not None and "ema" in ckpt:
+        ema.module.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
@@ -171,7 +185,8 @@ def fit_options(cfg: Config) -> FitOptions:
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
-                      beta=cfg.beta, clip_grad=cfg.clip_grad)
+                      beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
+                      unfreeze_blocks=cfg.unfreeze_blocks)
 
 
 def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
@@ -213,10 +228,13 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
                       info: DistInfo = distributed.SINGLE) -> tuple[int, dict]:
     data = build_training_data(cfg, comp, device, info)
     model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
+    if info.enabled and cfg.freeze > 0:
+        raise ValueError("freeze is not supported with data-parallel training yet; set ddp_procs=1")
+    ema = create_ema(model, cfg.ema)
     state = FitState()
     ckpt = load_resume_checkpoint(resume_path, cfg, comp)
     if ckpt is not None:
-        state = restore(ckpt, model, optimizer, scaler)
+        state = restore(ckpt, model, optimizer, scaler, ema)
         log.info("resumed from %s: epoch %d, step %d, progress %.2f; %s of the budget already spent",
                  resume_path, state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
     model = distributed.wrap(model, info)
@@ -231,7 +249,7 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
                      loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, device=device,
                      clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra,
-                     dist=info)
+                     dist=info, ema=ema)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step,
                        bad_train_images=state.bad_images, nonfinite_steps=state.nonfinite_steps,
                        failed_saves=state.failed_saves, micro_batches=state.micro_batches)
@@ -251,7 +269,7 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     for name in ("best.pt", "last.pt"):
         if (out_dir / name).is_file():
             best = load_checkpoint(out_dir / name, device)
-            model.load_state_dict(best["model"])
+            model.load_state_dict(inference_weights(best))
             threshold = best.get("threshold", threshold)
             summary.update(checkpoint=name, val_score=best.get("best_score"))
             rule = choose_rule(cfg, comp, threshold, out_dir, data.val_targets)
@@ -337,8 +355,8 @@ def infer_only(cfg: Config, comp: Competition, out_dir: Path, device: torch.devi
         ccfg = Config.from_dict(ckpt["config"])
         if ckpt["classes"] != comp.classes:
             raise ValueError(f"{p}: trained on a different label set than the {comp.format} data in {cfg.data_dir}")
-        model = create_model(ccfg.model, len(ckpt["classes"]), "", 0.0)
-        model.load_state_dict(ckpt["model"])
+        model = model_from_config(ccfg, len(ckpt["classes"]), with_weights=False)
+        model.load_state_dict(inference_weights(ckpt))
         model.to(device).eval()
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)

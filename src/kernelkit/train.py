@@ -15,6 +15,7 @@ from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_fac
 from .checkpoint import rng_state, save_checkpoint
 from .decode import decode_multilabel
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from .models import set_trainable
 from .infer import OutOfMemory, autocast, predict
 from .metrics import accuracy, fbeta_per_image
 from .thresholds import search_global
@@ -38,6 +39,8 @@ class FitOptions:
     max_labels: int = 0
     beta: float = 2.0
     clip_grad: float = 0.0  # max gradient norm; 0 = off
+    freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
+    unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
 
 
 @dataclass
@@ -185,12 +188,14 @@ def _write_history(history: list[dict], out_dir: Path) -> None:
 def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarray, *, task: str,
         loss_fn: Callable, optimizer: torch.optim.Optimizer, scaler, device: torch.device,
         clock: BudgetClock, reserve: InferenceReserve, opts: FitOptions, out_dir: Path,
-        state: FitState | None = None, extra: dict[str, Any] | None = None, dist: DistInfo = SINGLE) -> dict:
+        state: FitState | None = None, extra: dict[str, Any] | None = None, dist: DistInfo = SINGLE,
+        ema=None) -> dict:
     """Train until the budget (or `opts.epochs`) is used; keep last.pt and best.pt in `out_dir`.
 
     `extra` (config dict, classes, task) is stored in every checkpoint so inference can rebuild
     the model from the checkpoint alone. Under DDP (`dist`), rank 0's clock rules and only rank 0
-    validates and writes.
+    validates and writes. With `ema` (timm ModelEma), the average is updated every step, validated
+    and saved as "ema" beside "model".
     """
     state = state or FitState()
     extra = dict(extra or {})
@@ -209,8 +214,21 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
             return True
         return clock.elapsed() >= deadline()
 
+    frozen = [False]
+
+    def follow_freeze_schedule() -> None:
+        want = state.progress < opts.freeze_until
+        if want != frozen[0]:
+            blocks = 0 if want else (opts.unfreeze_blocks or None)
+            n = set_trainable(core, blocks)
+            log.info("%s: %d trainable parameters", "backbone frozen" if want else
+                     f"unfreezing {'all' if blocks is None else f'the last {blocks}'} backbone blocks", n)
+            frozen[0] = want
+
     def control(step: int) -> tuple[bool, float]:
         stop, state.progress = agree(dist, time_is_up(), prog.at(deadline(), step))
+        if opts.freeze_until > 0:
+            follow_freeze_schedule()
         return stop, opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
 
     def checkpoint(name: str, epoch_done: bool) -> None:
@@ -223,13 +241,16 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
 
     def _save(name: str, epoch_done: bool) -> None:
         save_checkpoint({
-            "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "model": core.state_dict(), **({"ema": ema.module.state_dict()} if ema is not None else {}),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
             "best_score": state.best_score, "threshold": state.threshold,
             "elapsed": clock.elapsed(), "run_start": clock.start_time, "rng": rng_state(), **extra,
         }, out_dir / name)
 
     def on_step() -> None:
+        if ema is not None:
+            ema.update(core)
         if dist.is_main and time.time() - last_save[0] >= opts.checkpoint_every_s:
             checkpoint("last.pt", epoch_done=False)
             last_save[0] = time.time()
@@ -248,7 +269,7 @@ def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarra
         if tr["images"]:
             reserve.train_ips = tr["images_per_s"]
         if dist.is_main:
-            history.append(_end_of_epoch(core, tr, val_loader, val_targets, has_val, task, device, opts, state,
+            history.append(_end_of_epoch(core if ema is None else ema.module, tr, val_loader, val_targets, has_val, task, device, opts, state,
                                          clock, reserve, checkpoint, out_dir))
             _write_history(history, out_dir)
             checkpoint("last.pt", epoch_done=not tr["stopped"])
