@@ -89,3 +89,18 @@ def test_balanced_sampling_lifts_rare_classes():
     multi = np.array([[1, 0], [1, 0], [1, 1], [0, 0]])
     mw = balanced_sample_weights(multi, power=1.0)
     assert mw[2] > mw[0] and mw[3] == pytest.approx(mw[0]), "rarest label rules; no-label images kept"
+
+
+def test_kfold_run_writes_out_of_fold_probabilities_and_reports(tmp_path, multilabel_dir):
+    from kernelkit.folds import load_oof
+    out = tmp_path / "out"
+    for fold in (0, 1):
+        assert main({}, ["--model", "test_resnet", *SMALL, "--epochs", "1", "--data-dir", str(multilabel_dir),
+                         "--out-dir", str(out), "--fold", str(fold), "--n-folds", "2"]) == 0
+    probs, covered = load_oof(out / "oof", 60, 4)
+    assert covered.all(), "two folds of two cover every training image once"
+    assert np.isfinite(probs).all() and (probs > 0).all()
+    for name in ("label_stats.csv", "errors_per_label.csv", "worst_images.csv", "history.csv"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert "errors" in summary

@@ -33,6 +33,8 @@ from .losses import get_loss
 from .metrics import fbeta_per_image, prior_baseline
 from .models import build_model, create_ema, create_optimizer
 from .plan import Plan, make_plan
+from .folds import make_folds, save_oof
+from .reports import plot_history, write_error_analysis, write_label_statistics
 from .sampling import balanced_sampler
 from .session import begin_run, finish_run
 from .thresholds import ThresholdRule, groups_from_names, search_classes, search_groups
@@ -114,16 +116,23 @@ class TrainingData:
     val_loader: Any
     train_targets: np.ndarray
     val_targets: np.ndarray
+    val_paths: list[str]
+    val_rows: np.ndarray  # positions of the validation images in comp.train_paths (for out-of-fold files)
 
 
 def build_training_data(cfg: Config, comp: Competition, device: torch.device,
                         info: DistInfo = distributed.SINGLE) -> TrainingData:
     nw, pin = num_workers(cfg), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
+    keep = np.arange(len(paths))
     if cfg.max_train_images and len(paths) > cfg.max_train_images:
         keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_train_images])
         paths, targets = [paths[i] for i in keep], targets[keep]
-    tr_idx, va_idx = split_indices(targets, cfg.val_fraction, cfg.seed)
+    if cfg.fold >= 0:  # K-fold cross-validation: iterative stratification for multi-label targets
+        folds = make_folds(targets, cfg.n_folds, cfg.seed)
+        tr_idx, va_idx = np.flatnonzero(folds != cfg.fold), np.flatnonzero(folds == cfg.fold)
+    else:
+        tr_idx, va_idx = split_indices(targets, cfg.val_fraction, cfg.seed)
     if len(tr_idx) == 0:
         raise ValueError("no training images found")
     train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx],
@@ -143,7 +152,8 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed, sampler),
         val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
                     if len(val_ds) and info.is_main else None),
-        train_targets=targets[tr_idx], val_targets=targets[va_idx])
+        train_targets=targets[tr_idx], val_targets=targets[va_idx], val_paths=[paths[i] for i in va_idx],
+        val_rows=keep[va_idx])
 
 
 def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
@@ -187,6 +197,33 @@ def fit_options(cfg: Config) -> FitOptions:
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
                       unfreeze_blocks=cfg.unfreeze_blocks)
+
+
+def _report(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001  (a report must never cost the submission)
+        log.exception("report %s failed; continuing", fn.__name__)
+        return None
+
+
+def write_validation_reports(cfg: Config, comp: Competition, data: TrainingData, rule: ThresholdRule,
+                             out_dir: Path, summary: dict[str, Any]) -> None:
+    """Curves, per-label errors and worst images of the best epoch; its out-of-fold file under K-fold."""
+    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
+    _report(plot_history, out_dir / "history.csv", out_dir / "history.png", metric=metric)
+    val_probs_path = out_dir / "val_probs.npy"
+    if not len(data.val_targets) or not val_probs_path.is_file():
+        return
+    val_probs = np.load(val_probs_path)
+    if val_probs.shape[0] != len(data.val_targets):
+        return
+    val_pred = rule.apply(val_probs) if comp.task == "multilabel" else val_probs.argmax(1)
+    errors = _report(write_error_analysis, data.val_targets, val_pred, val_probs, comp.class_names,
+                     [Path(p).stem for p in data.val_paths], out_dir)
+    summary["errors"] = errors
+    if cfg.fold >= 0:
+        save_oof(out_dir / "oof", cfg.fold, data.val_rows, val_probs)
 
 
 def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
@@ -281,6 +318,7 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     if n_val:
         summary["baseline"] = prior_baseline(comp.task, data.train_targets, data.val_targets, cfg.beta)
     summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
+    write_validation_reports(cfg, comp, data, rule, out_dir, summary)
     tta = affordable_tta(cfg.tta, len(comp.test_ids), reserve.infer_ips,
                          clock.remaining() - reserve.overhead_s - reserve.startup_s)
     if tta < cfg.tta:
@@ -505,6 +543,8 @@ def run_rank(ctx: Context, info: DistInfo, announced: bool = False) -> int:
         announce(ctx)
     distributed.barrier(info)
     comp = load_competition(ctx.data_dir, cfg.format)
+    if info.is_main and cfg.mode == "train" and not ctx.args.dry_run:
+        _report(write_label_statistics, comp.train_targets, comp.class_names, comp.train_paths, comp.task, out_dir)
     device = info.device()
     if cfg.mode == "infer":
         summary = infer_only(cfg, comp, out_dir, device, BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
