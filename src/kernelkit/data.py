@@ -2,43 +2,66 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data._utils.collate import default_collate
 
-from .images import BadImage, load_rgb
+from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 
 
 class ImageDataset(Dataset):
     """(uint8 CHW image, target, ok). `ok` is 0 for an unreadable file so the loss can ignore it
-    while batch shapes stay fixed and every test id still gets a prediction."""
+    while batch shapes stay fixed and every test id still gets a prediction.
+
+    With a kernelkit transform (one with `load`/`augment`, e.g. EvalTransform, TrainTransform)
+    images are decoded by the fast tensor path; any other callable gets a PIL RGB image.
+    `cache` (cache.ImageCache, or a `.subset(...)` of one, aligned with `paths`) serves the
+    deterministic part from the pre-resized cache; the transform's random part still runs on it.
+    """
 
     def __init__(self, paths: list[str], targets: np.ndarray | None, transform: Callable,
-                 size: int, fill: int = 255):
+                 size: int, fill: int = 255, cache=None):
         self.paths, self.targets, self.transform = list(paths), targets, transform
         self.size, self.fill = size, fill
+        self.cache = cache
+        if cache is not None:
+            if len(cache) != len(self.paths):
+                raise ValueError(f"cache holds {len(cache)} images, dataset {len(self.paths)}")
+            geometry = getattr(transform, "geometry", None)
+            if geometry is None or tuple(geometry) != tuple(cache.geometry):
+                raise ValueError(f"cache geometry {cache.geometry} does not match the transform's {geometry}")
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def image(self, i: int) -> tuple[torch.Tensor, bool]:
+        """(transformed uint8 image, readable?) for item i."""
+        if self.cache is not None and self.cache.has(i):
+            x, ok = self.cache.get(i)  # unreadable files were named in the log when the cache was built
+            return (self.transform(x), True) if ok else (blank_image(self.size), False)
         try:
-            img = self.transform(load_rgb(self.paths[i], self.size, self.fill))
-            ok = 1.0
+            if hasattr(self.transform, "load"):
+                return self.transform(self.transform.load(self.paths[i])), True
+            return self.transform(load_rgb(self.paths[i], self.size, self.fill)), True
         except BadImage as e:
             log.warning("bad image skipped: %s", e)
-            img = torch.full((3, self.size, self.size), 128, dtype=torch.uint8)
-            ok = 0.0
+            return blank_image(self.size), False
+
+    def __getitem__(self, i: int):
+        img, ok = self.image(i)
         if self.targets is None:
             target = torch.zeros(())
         else:
             t = self.targets[i]
             target = torch.as_tensor(t, dtype=torch.float32 if np.ndim(t) else torch.long)
-        return img, target, torch.tensor(ok)
+        return img, target, torch.tensor(1.0 if ok else 0.0)
 
 
 def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,20 +85,38 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
     return np.flatnonzero(mask), val
 
 
+def fully_cached(ds: Dataset) -> bool:
+    cache = getattr(ds, "cache", None)
+    return cache is not None and len(cache) > 0 and bool((cache.index < cache.n_cached).all())
+
+
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
-                pin_memory: bool = False, seed: int = 0, sampler=None) -> DataLoader:
-    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling."""
+                pin_memory: bool = False, seed: int = 0, sampler=None, threads: bool | None = None):
+    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling.
+
+    threads: build batches with `num_workers` threads in this process (ThreadLoader) instead of
+    worker processes. None = yes when every item comes from the pre-resized cache: then the
+    per-image work is a row copy plus cheap augmentation, and worker processes would spend
+    most of their time shipping batches through shared memory (measured 10x slower, README).
+    """
+    if threads is None:
+        threads = fully_cached(ds)
+    if not threads and num_workers > 0:
+        tv_jpeg_decoder()  # import torchvision's decoder once here; forked workers inherit it
+    g = torch.Generator()
+    g.manual_seed(seed)
+    if threads:
+        return ThreadLoader(ds, batch_size, shuffle=train and sampler is None, drop_last=train and len(ds) > batch_size,
+                            num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory)
     kwargs = {}
     if num_workers > 0:
         # Persistent workers: under spawn each worker re-imports torch (seconds), once per run is enough.
         kwargs.update(persistent_workers=True, prefetch_factor=4)
         if mp_context:
             kwargs["multiprocessing_context"] = mp_context
-    g = torch.Generator()
-    g.manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(ds) > batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=g, worker_init_fn=seed_worker, **kwargs)
+                      generator=g, worker_init_fn=seed_worker, collate_fn=collate_images, **kwargs)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -84,3 +125,78 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 3 and x.stride(0) == 1 and x.shape[0] > 1
+
+
+def collate_images(batch: list):
+    """default_collate, except that channels-last images (rows of the cache, and what the random
+    crop makes of them) are stacked as NHWC with one memcpy each, giving an (N, 3, H, W) batch in
+    channels_last memory format (what channels_last models want anyway) instead of a ~20x slower
+    transposing copy into NCHW."""
+    first = batch[0][0]
+    if not (isinstance(first, torch.Tensor) and is_channels_last(first)):
+        return default_collate(batch)
+    c, h, w = first.shape
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        # In a worker process, stack straight into shared memory, as default_collate does.
+        try:
+            storage = first._typed_storage()._new_shared(len(batch) * c * h * w, device=first.device)
+            out = first.new(storage).resize_(len(batch), h, w, c)
+        except (AttributeError, RuntimeError):
+            out = None
+    images = torch.stack([b[0].permute(1, 2, 0) for b in batch], out=out).permute(0, 3, 1, 2)
+    return [images, *default_collate([tuple(b[1:]) for b in batch])]
+
+
+class ThreadLoader:
+    """A DataLoader for cheap items: batches are built by a pool of threads in this process, a few
+    batches ahead, with no pickling and no shared-memory transfer. Row copies, resizing and the
+    other torch/numpy work release the GIL, so the threads run in parallel.
+
+    Offers what the training and inference loops use of a DataLoader: len(), iteration (each
+    pass reshuffles), .dataset, .batch_size, .sampler (set_epoch works), .drop_last.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
+                 num_threads: int = 2, sampler=None, generator: torch.Generator | None = None,
+                 pin_memory: bool = False, prefetch: int = 4, collate_fn: Callable | None = None):
+        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        if sampler is None:
+            sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        self.sampler = sampler
+        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+        self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.collate_fn = collate_fn or collate_images
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def _fetch(self, indices: list[int]):
+        batch = self.collate_fn([self.dataset[i] for i in indices])
+        if self.pin_memory:
+            batch = [b.pin_memory() if isinstance(b, torch.Tensor) else b for b in batch]
+        return batch
+
+    def __iter__(self):
+        batches = iter(self.batch_sampler)
+        pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="kernelkit-loader")
+        pending: deque = deque()
+        try:
+            for _ in range(self.num_threads + self.prefetch):
+                idx = next(batches, None)
+                if idx is None:
+                    break
+                pending.append(pool.submit(self._fetch, idx))
+            while pending:
+                batch = pending.popleft().result()
+                idx = next(batches, None)
+                if idx is not None:
+                    pending.append(pool.submit(self._fetch, idx))
+                yield batch
+        finally:  # also when the consumer stops early (budget reached): drop what is queued
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,13 +1,48 @@
-"""Robust image decoding: any file Pillow can open becomes an RGB image, or a clear error."""
+"""Robust, fast image decoding: any file Pillow can open becomes RGB, or a `BadImage` naming the file.
+
+Two entry points:
+
+* `load_rgb(path, target_size, fill)` -> PIL RGB image (the general path).
+* `load_resized(path, size, pad_aspect, fill)` -> uint8 (3, size, size) tensor at the working
+  geometry (see `fit_size`): the fast path used by datasets and the pre-resized cache.
+
+How `decode_tensor` picks a decoder (measured on 2 cores with iMet-like JPEGs, see README):
+
+* JPEG whose target is at least 2x smaller than the file in both directions (small working sizes,
+  or long strips that get padded): Pillow with `draft()`, which decodes at 1/2, 1/4 or 1/8 scale in
+  the DCT domain, always keeping at least `DRAFT_GAP` x the target size so the resize that follows
+  still antialiases properly (Pillow's `thumbnail` uses the same gap).
+* other JPEGs: torchvision's decode_jpeg op (same libjpeg-turbo, identical pixels, no PIL object,
+  ~20% faster than Pillow's decode; Pillow when torchvision lacks it, see `tv_jpeg_decoder`);
+* PNG and everything else: Pillow (zlib dominates; torchvision is no faster), every mode
+  converted to RGB by `to_rgb`.
+
+Resizing is `torch.nn.functional.interpolate(bilinear, antialias=True)` on uint8, which has a
+vectorised CPU kernel and is 3-6x faster than Pillow's resize to 256 px; it, not decoding, is what
+made the naive Pillow path slow.
+"""
 from __future__ import annotations
 
+import functools
+import io
+import os
+import struct
 import warnings
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 # Kaggle images can be huge (iMet up to 7351 x 5314); allow them but keep a bound against bombs.
 Image.MAX_IMAGE_PIXELS = 300_000_000
+
+DRAFT_GAP = 2.0  # JPEG draft keeps at least this multiple of the target size
+DECODER_VERSION = 1  # bump when load_resized's pixels change: pre-resized caches are keyed by it
+BLANK = 128  # grey level of the placeholder for an unreadable image
+
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error,
+               Image.DecompressionBombWarning, Image.DecompressionBombError)
 
 
 class BadImage(Exception):
@@ -37,22 +72,185 @@ def to_rgb(img: Image.Image, fill: int = 255) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+# ----------------------------------------------------------------------------- reading
+def read_bytes(path: str) -> bytearray:
+    """The whole file (a writable buffer, so torch can wrap it without a copy); BadImage when
+    the path is empty, missing, unreadable or zero bytes long."""
+    if not path:
+        raise BadImage("missing file (empty path)")
+    try:
+        with open(path, "rb") as f:
+            n = os.fstat(f.fileno()).st_size
+            buf = bytearray(n)
+            got = f.readinto(buf)
+    except FileNotFoundError:
+        raise BadImage(f"{path}: missing file") from None
+    except OSError as e:
+        raise BadImage(f"{path}: unreadable: {type(e).__name__}: {e}") from e
+    if got == 0:
+        raise BadImage(f"{path}: empty file (0 bytes)")
+    return buf if got == n else buf[:got]
+
+
+def open_image(data: bytes | bytearray, path: str = "") -> Image.Image:
+    """Pillow image with only the header read. Refuses non-images and decompression bombs
+    (more than Image.MAX_IMAGE_PIXELS pixels) with a BadImage naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise BadImage(f"{path}: image too large, refused as a possible decompression bomb "
+                       f"(limit {Image.MAX_IMAGE_PIXELS} pixels): {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise BadImage(f"{path}: not an image file ({len(data)} bytes, starts with {bytes(data[:8])!r})") from e
+    except _PIL_ERRORS as e:
+        raise BadImage(f"{path}: truncated or corrupt file (cannot read the header): {type(e).__name__}: {e}") from e
+
+
+def _finish(img: Image.Image, path: str, fill: int) -> Image.Image:
+    """EXIF orientation, full decode, RGB; decoding errors (truncated data...) become BadImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return to_rgb(img, fill)
+    except _PIL_ERRORS as e:
+        fmt = img.format or "image"
+        raise BadImage(f"{path}: truncated or corrupt {fmt}: {type(e).__name__}: {e}") from e
+
+
 def load_rgb(path: str, target_size: int = 0, fill: int = 255) -> Image.Image:
     """Open, apply EXIF orientation, convert to RGB.
 
     `target_size` lets JPEG decode at a reduced scale (draft) when the image is much larger than
     needed; it never goes below twice the target so quality is kept for the resize that follows.
     """
-    if not path:
-        raise BadImage("missing file")
+    img = open_image(read_bytes(path), path)
+    if target_size and img.format == "JPEG" and min(img.size) > 4 * target_size:
+        img.draft("RGB", (2 * target_size, 2 * target_size))
+    return _finish(img, path, fill)
+
+
+# ----------------------------------------------------------------------------- geometry
+def fit_size(w: int, h: int, size: int, pad_aspect: float = 2.0) -> tuple[int, int]:
+    """Size (w, h) of the content inside the `size` x `size` output: the whole square for ordinary
+    images (stretched), the long side fitted for images whose long/short ratio exceeds
+    `pad_aspect` (the rest is padding, iMet seed). pad_aspect=0 always stretches."""
+    if pad_aspect and max(w, h) / max(1, min(w, h)) > pad_aspect:
+        scale = size / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
+    return size, size
+
+
+def is_padded(w: int, h: int, pad_aspect: float) -> bool:
+    return bool(pad_aspect) and max(w, h) / max(1, min(w, h)) > pad_aspect
+
+
+def draft_scale(w: int, h: int, tw: int, th: int, gap: float = DRAFT_GAP) -> int:
+    """The JPEG DCT scale (1, 2, 4, 8) Pillow's draft would pick keeping >= gap x the target."""
+    s = min(w // max(1, int(np.ceil(tw * gap))), h // max(1, int(np.ceil(th * gap))))
+    for sc in (8, 4, 2):
+        if s >= sc:
+            return sc
+    return 1
+
+
+def resize_tensor(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, h, w), bilinear with antialiasing (the vectorised uint8 kernel)."""
+    if x.shape[-2] == h and x.shape[-1] == w:
+        return x
+    # (3, H, W) -> (1, 3, H, W) via HWC, so that a channels-last x stays recognisably channels-last
+    # (x.unsqueeze(0) gives the batch dim stride 3, and interpolate then answers in NCHW).
+    x4 = x.permute(1, 2, 0).unsqueeze(0).permute(0, 3, 1, 2)
+    return F.interpolate(x4, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) with HWC memory: what decoders produce, and the layout the fast uint8 resize,
+    the cache rows and `data.collate_images` use; no copy when x already is."""
+    return x if x.stride(0) == 1 else x.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+
+
+def resize_or_pad_tensor(x: torch.Tensor, size: int, pad_aspect: float = 2.0, fill: int = 255) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, size, size) with channels-last memory: stretch, or fit the long
+    side and pad the short side with `fill` when the aspect ratio exceeds `pad_aspect` (same
+    offsets as the Pillow `transforms.resize_or_pad`)."""
+    h, w = x.shape[-2:]
+    nw, nh = fit_size(w, h, size, pad_aspect)
+    y = resize_tensor(channels_last(x), nh, nw)
+    if nw == size and nh == size:
+        return channels_last(y)
+    out = torch.full((size, size, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[:, top:top + nh, left:left + nw] = y
+    return out
+
+
+# ----------------------------------------------------------------------------- tensor decoding
+_TV_JPEG: list = []  # [decoder or None], resolved on first use
+
+
+def tv_jpeg_decoder():
+    """torchvision's libjpeg-turbo decoder as `f(uint8 bytes tensor) -> RGB (3, H, W)` with EXIF
+    orientation applied, or None when unavailable. The op is called directly: the Python
+    wrapper warns on every call that torchvision's decoders are deprecated (0.29) in favour of
+    TorchCodec. It is probed once on a tiny JPEG, so a torchvision without it (or with another
+    signature) sends every JPEG through Pillow instead of failing."""
+    if not _TV_JPEG:
+        _TV_JPEG.append(_probe_tv_jpeg())
+    return _TV_JPEG[0]
+
+
+def _tv_decode(data: torch.Tensor, mode: int) -> torch.Tensor:
+    return torch.ops.image.decode_jpeg(data, mode, True)  # (input, mode, apply_exif_orientation)
+
+
+def _probe_tv_jpeg():
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if target_size and img.format == "JPEG" and min(img.size) > 4 * target_size:
-                img.draft("RGB", (2 * target_size, 2 * target_size))
-            img = ImageOps.exif_transpose(img)
-            img.load()
-            return to_rgb(img, fill)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+        import torchvision.io  # noqa: F401  (loads the image extension)
+        from torchvision.io import ImageReadMode
+        decoder = functools.partial(_tv_decode, mode=ImageReadMode.RGB.value)
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 6), (200, 30, 60)).save(buf, "JPEG")
+        probe = decoder(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8))
+        ok = tuple(probe.shape) == (3, 6, 8) and abs(int(probe[0, 3, 3]) - 200) < 8
+        return decoder if ok else None
+    except Exception:
+        return None
+
+
+def decode_tensor(path: str, size: int = 0, pad_aspect: float = 2.0, fill: int = 255) -> torch.Tensor:
+    """Decode to an RGB uint8 (3, H, W) tensor (channels-last memory), EXIF orientation applied.
+
+    With `size`, a JPEG much larger than its target (see `fit_size`) is decoded at reduced scale
+    (H, W are then smaller than the file's); the caller resizes to the target anyway.
+    """
+    data = read_bytes(path)
+    img = open_image(data, path)
+    scale = 1
+    if img.format == "JPEG" and size:
+        w, h = img.size
+        scale = draft_scale(w, h, *fit_size(w, h, size, pad_aspect))
+    if img.format == "JPEG" and scale == 1 and tv_jpeg_decoder() is not None:
+        try:
+            return tv_jpeg_decoder()(torch.frombuffer(data, dtype=torch.uint8))  # channels-last strides
+        except RuntimeError:
+            pass  # truncated, corrupt or unusual: Pillow decodes it or explains what is wrong
+    if scale > 1:
+        w, h = img.size
+        img.draft("RGB", (-(-w // scale), -(-h // scale)))
+    rgb = _finish(img, path, fill)
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def load_resized(path: str, size: int, pad_aspect: float = 2.0, fill: int = 255) -> torch.Tensor:
+    """File -> uint8 (3, size, size) at the working geometry. The deterministic part of every
+    transform, and exactly what the pre-resized cache stores."""
+    return resize_or_pad_tensor(decode_tensor(path, size, pad_aspect, fill), size, pad_aspect, fill)
+
+
+def blank_image(size: int) -> torch.Tensor:
+    """Placeholder for an unreadable file, so batch shapes stay fixed (channels-last like the rest)."""
+    return torch.full((size, size, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1)
