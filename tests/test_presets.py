@@ -104,3 +104,16 @@ def test_kfold_run_writes_out_of_fold_probabilities_and_reports(tmp_path, multil
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert "errors" in summary
+
+
+def test_training_images_are_cached_once_and_reused(tmp_path, single_label_dir, caplog):
+    args = ["--model", "test_resnet", *SMALL, "--epochs", "1", "--data-dir", str(single_label_dir)]
+    with caplog.at_level("INFO", logger="kernelkit"):
+        assert main({}, [*args, "--out-dir", str(tmp_path / "a"), "--cache-dir", str(tmp_path / "cache")]) == 0
+        assert "image cache: 60 images at 32 px" in caplog.text
+        caplog.clear()
+        assert main({}, [*args, "--out-dir", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "cache")]) == 0
+        assert "image cache: reusing" in caplog.text
+    assert len(list((tmp_path / "cache").iterdir())) == 1, "one cache for one file list and geometry"
+    assert main({}, [*args, "--out-dir", str(tmp_path / "c"), "--cache-images", "false"]) == 0
+    assert not (tmp_path / "c" / "cache").exists()

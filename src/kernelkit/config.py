@@ -41,7 +41,12 @@ class Config:
     img_size: int = _f(224, "square input size")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
-    aug: str = _f("light", "none | flip | light (flip + random resized crop)")
+    aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
+                           "strong (+ shift/scale/rotate, noise)")
+    cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
+    cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
+                            "else <out_dir>/cache")
+    cache_max_gb: float = _f(15.0, "cap on the cache; images beyond it are decoded every epoch (0 = free disk)")
     # training
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
     margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m")

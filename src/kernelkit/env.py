@@ -24,6 +24,16 @@ def default_out_dir() -> Path:
     return KAGGLE_WORKING if on_kaggle() else Path("outputs")
 
 
+KAGGLE_TEMP = Path("/kaggle/temp")
+
+
+def default_cache_dir(out_dir: Path) -> Path:
+    """Kaggle saves everything in /kaggle/working as output (20 GB); /kaggle/temp is scratch."""
+    if on_kaggle() and KAGGLE_TEMP.is_dir():
+        return KAGGLE_TEMP / "kernelkit-cache"
+    return out_dir / "cache"
+
+
 def find_competition_dir(input_root: Path = KAGGLE_INPUT) -> Path | None:
     """The attached dataset that looks like a competition: it has train data beside it.
 

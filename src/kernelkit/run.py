@@ -22,6 +22,7 @@ import torch
 from . import distributed, env
 from .budget import BudgetClock, InferenceReserve, affordable_tta, fmt_seconds
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .cache import ImageCache, build_cache, open_cache
 from .competition import Competition, format_predictions, load_competition, write_submission
 from .config import Config, budget_seconds, make_config, parse_duration, parse_kwargs
 from .data import ImageDataset, make_loader, split_indices
@@ -50,12 +51,13 @@ EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
 
 
 def setup_logging() -> None:
-    if not log.handlers:
+    """Timestamped lines on stdout, unless the host (pytest, a notebook that set up logging)
+    already handles records: then ours propagate to it instead of printing twice."""
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
         h = logging.StreamHandler(sys.stdout)
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def resolve_paths(cfg: Config) -> tuple[Path, Path, bool]:
@@ -78,6 +80,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SINGLE) -> ImageCache | None:
+    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds, others open."""
+    if not cfg.cache_images or not paths:
+        return None
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(out_dir)
+    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    cache = None
+    if info.is_main:
+        cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
+                            max_bytes=int(cfg.cache_max_gb * 1e9))
+    if info.enabled:
+        distributed.barrier(info)
+        if cache is None:
+            cache = open_cache(paths, geometry, root)
+    return cache
 
 
 def build_test_loader(cfg: Config, comp: Competition, device: torch.device):
@@ -135,10 +155,13 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         tr_idx, va_idx = split_indices(targets, cfg.val_fraction, cfg.seed)
     if len(tr_idx) == 0:
         raise ValueError("no training images found")
+    cache = image_cache(cfg, paths, info)
     train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx],
-                            TrainTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.aug), cfg.img_size, cfg.pad_fill)
+                            TrainTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.aug), cfg.img_size,
+                            cfg.pad_fill, cache=cache.subset(tr_idx) if cache else None)
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx],
-                          EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill)
+                          EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill,
+                          cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
     sampler = None
     if cfg.balanced_sampling > 0:
