@@ -126,7 +126,7 @@ class InferenceReserve:
     once for the final validation and once for the test loader.
     """
 
-    def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 1.5, safety: float = 1.3):
+    def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 2.5, safety: float = 1.3):
         self.n_test, self.n_val, self.tta = n_test, n_val, tta
         self.overhead_s, self.safety = overhead_s, safety
         self.infer_ips: float | None = None
@@ -3487,8 +3487,8 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
         summary["baseline"] = prior_baseline(comp.task, data.train_targets, data.val_targets, cfg.beta)
     summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
     write_validation_reports(cfg, comp, data, rule, out_dir, summary)
-    tta = affordable_tta(cfg.tta, len(comp.test_ids), reserve.infer_ips,
-                         clock.remaining() - reserve.overhead_s - reserve.startup_s)
+    # Model loading and reports are done by now: what is left is the test loader's start-up and the views.
+    tta = affordable_tta(cfg.tta, len(comp.test_ids), reserve.infer_ips, clock.remaining() - reserve.startup_s)
     if tta < cfg.tta:
         log.warning("only %s left: predicting with %d TTA views instead of %d",
                     fmt_seconds(clock.remaining()), tta, cfg.tta)

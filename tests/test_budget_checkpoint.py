@@ -36,8 +36,8 @@ def test_inference_reserve_grows_with_test_size_and_views():
     for r in (small, big):
         r.infer_ips = 100.0
         r.observe_startup(1.0)
-    assert big.seconds() > small.seconds() > 1.5 + 2
-    assert big.seconds() == pytest.approx(1.5 + 2 + 1.3 * (2000 + 10) / 100)
+    assert big.seconds() > small.seconds() > 2.5 + 2
+    assert big.seconds() == pytest.approx(2.5 + 2 + 1.3 * (2000 + 10) / 100)
     big.observe_startup(0.1)  # warm persistent workers must not shrink the test loader's start-up
     assert big.startup_s == 1.0
 

@@ -43,7 +43,7 @@ class InferenceReserve:
     once for the final validation and once for the test loader.
     """
 
-    def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 1.5, safety: float = 1.3):
+    def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 2.5, safety: float = 1.3):
         self.n_test, self.n_val, self.tta = n_test, n_val, tta
         self.overhead_s, self.safety = overhead_s, safety
         self.infer_ips: float | None = None
