@@ -36,6 +36,9 @@ CONFIG = dict(
     # pad_aspect=2.0,                       # pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
     # aug='light',                          # none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
+    # gpu_aug='',                           # batch augmentation on the training device: '' | flip | light | medium | strong (use with aug='none' to take the work off the CPU workers)
+    # mixup=0.0,                            # mixup alpha (0 = off)
+    # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
     # cache_dir='',                         # image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), else <out_dir>/cache
     # cache_max_gb=15.0,                    # cap on the cache; images beyond it are decoded every epoch (0 = free disk)
@@ -878,6 +881,10 @@ class Config:
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
                            "strong (+ shift/scale/rotate, noise)")
+    gpu_aug: str = _f("", "batch augmentation on the training device: '' | flip | light | medium | strong "
+                          "(use with aug='none' to take the work off the CPU workers)")
+    mixup: float = _f(0.0, "mixup alpha (0 = off)")
+    cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
     cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
                             "else <out_dir>/cache")
@@ -2331,10 +2338,12 @@ def ce_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, l
     softmax loss); the mean is still over images, not over summed class weights as
     F.cross_entropy(weight=...) would do, so rare-class images really count more.
     """
-    per_sample = F.cross_entropy(logits.float(), targets.long(), reduction="none", label_smoothing=label_smoothing)
+    soft = targets.is_floating_point() and targets.ndim == 2  # mixup/cutmix give class probabilities
+    per_sample = F.cross_entropy(logits.float(), targets.float() if soft else targets.long(), reduction="none",
+                                 label_smoothing=label_smoothing)
     cw = _class_weights(class_weights, logits)
     if cw is not None:
-        per_sample = per_sample * cw[targets.long()]
+        per_sample = per_sample * ((targets.float() * cw).sum(1) if soft else cw[targets.long()])
     return weighted_mean(per_sample, weight)
 
 
@@ -3185,7 +3194,7 @@ from .sampling import balanced_sampler
 from .session import begin_run, finish_run
 from .thresholds import ThresholdRule, groups_from_names, search_classes, search_groups
 from .train import FitOptions, FitState, fit, train_one_epoch
-from .transforms import EvalTransform, TrainTransform, tta_views
+from .transforms import BatchAugment, EvalTransform, TrainTransform, tta_views
 
 log = logging.getLogger("kernelkit")
 
@@ -3359,8 +3368,16 @@ def restore(ckpt: dict[str, Any], model, optimizer, scaler, ema=None) -> FitStat
                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
 
 
-def fit_options(cfg: Config) -> FitOptions:
-    return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+def batch_augment(cfg: Config, task: str, num_classes: int) -> BatchAugment | None:
+    if not (cfg.gpu_aug or cfg.mixup > 0 or cfg.cutmix > 0):
+        return None
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.loss == "complement":
+        raise ValueError("mixup/cutmix give soft targets, which the complement loss does not take")
+    return BatchAugment(cfg.gpu_aug, cfg.mixup, cfg.cutmix, num_classes if task == "multiclass" else 0)
+
+
+def fit_options(cfg: Config, task: str = "multilabel", num_classes: int = 0) -> FitOptions:
+    return FitOptions(batch_aug=batch_augment(cfg, task, num_classes), lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
@@ -3448,12 +3465,14 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
     summary: dict[str, Any] = {"train_images": len(data.train_targets), "val_images": n_val,
                                "train_start_s": round(clock.elapsed(), 1)}
-    loss_fn = build_loss(cfg, comp.task, data.train_targets, comp.num_classes)  # config errors surface here
+    # config errors surface here, not as a "training failed"
+    loss_fn = build_loss(cfg, comp.task, data.train_targets, comp.num_classes)
+    opts = fit_options(cfg, comp.task, comp.num_classes)
     status = EXIT_OK
     try:
         result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
                      loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, device=device,
-                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra,
+                     clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra,
                      dist=info, ema=ema)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step,
                        bad_train_images=state.bad_images, nonfinite_steps=state.nonfinite_steps,
@@ -3504,7 +3523,7 @@ def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float
     """Time a few training steps and TTA batches on a subset, then plan the full budget."""
     data = build_training_data(cfg, comp, device)
     model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
-    opts = fit_options(cfg)
+    opts = fit_options(cfg, comp.task, comp.num_classes)
     state = FitState()
 
     def first_steps_at_peak_lr(step: int) -> tuple[bool, float]:
@@ -4219,6 +4238,7 @@ class FitOptions:
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
     unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
+    batch_aug: Callable | None = None  # (x uint8 on device, y, ok) -> (x float 0-255, y, ok), e.g. BatchAugment
 
 
 @dataclass
@@ -4256,8 +4276,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             stopped = True
             break
         set_lr(optimizer, lr)
-        x = normalize(x.to(device, non_blocking=True), opts.channels_last)
-        y, ok = y.to(device, non_blocking=True), ok.to(device, non_blocking=True)
+        x, y, ok = (t.to(device, non_blocking=True) for t in (x, y, ok))
+        if opts.batch_aug is not None:
+            x, y, ok = opts.batch_aug(x, y, ok)
+        x = normalize(x, opts.channels_last)
         loss = forward_backward_fitting_memory(model, x, y, ok, loss_fn, optimizer, scaler, device, state, opts, dist)
         if loss is None:
             # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
@@ -4856,6 +4878,41 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.4, cutmix
         if mixup_alpha > 0:
             return mixup(x, y, mixup_alpha, num_classes, ok, generator=generator)
     return x, soft_targets(y, num_classes), ok
+
+
+BATCH_AUG_LEVELS = ("", "flip", "light", "medium", "strong")
+
+
+class BatchAugment:
+    """Augmentation of a whole batch on the training device, then mixup/cutmix.
+
+    On Kaggle the 4 CPU cores feed the GPU; moving crop/flip/colour/affine/noise to the GPU
+    (with aug='none' in the workers, or a cached dataset) frees them. Levels add up like
+    TrainTransform's: flip; light = + random resized crop; medium = + colour jitter;
+    strong = + shift/scale/rotate and noise. -> (x float 0-255, targets, ok).
+    """
+
+    def __init__(self, level: str = "", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 num_classes: int = 0):
+        if level not in BATCH_AUG_LEVELS:
+            raise ValueError(f"unknown batch augmentation {level!r}; choose from {BATCH_AUG_LEVELS}")
+        self.level, self.mixup_alpha, self.cutmix_alpha = level, mixup_alpha, cutmix_alpha
+        self.num_classes = num_classes
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor):
+        x = x.float()
+        rank = BATCH_AUG_LEVELS.index(self.level)
+        if rank >= 2:
+            x = resized_crop_batch(x)
+        if rank >= 1:
+            x = hflip_batch(x)
+        if rank >= 3:
+            x = color_jitter_batch(x)
+        if rank >= 4:
+            x = noise_batch(affine_batch(x))
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            x, y, ok = mix_batch(x, y, self.mixup_alpha, self.cutmix_alpha, num_classes=self.num_classes, ok=ok)
+        return x, y, ok
 
 
 def normalize(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

@@ -341,3 +341,30 @@ def test_mixup_and_cutmix_shapes_and_label_mixing():
     assert xm.dtype == torch.uint8 and ym.shape == (6, 3) and okm is None
     with pytest.raises(ValueError, match="num_classes"):
         mixup(x, labels)
+
+
+def test_batch_augment_levels_and_mixing():
+    import torch
+    from kernelkit.transforms import BatchAugment
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ok = torch.ones(6)
+    for level in ("", "flip", "light", "medium", "strong"):
+        out, t, o = BatchAugment(level)(x, y, ok)
+        assert out.shape == x.shape and out.dtype == torch.float32 and torch.equal(t, y)
+        assert 0 <= out.min() and out.max() <= 255
+    out, t, o = BatchAugment("", mixup_alpha=0.4, num_classes=3)(x, y, ok)
+    assert t.shape == (6, 3) and torch.allclose(t.sum(1), torch.ones(6)), "soft targets sum to one"
+    with pytest.raises(ValueError, match="unknown batch augmentation"):
+        BatchAugment("wild")
+
+
+def test_soft_targets_reach_cross_entropy():
+    import torch
+    from kernelkit.losses import ce_loss
+    logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    one_hot = torch.nn.functional.one_hot(y, 3).float()
+    w = torch.ones(4)
+    torch.testing.assert_close(ce_loss(logits, one_hot, w), ce_loss(logits, y, w))
+    cw = [1.0, 2.0, 3.0]
+    torch.testing.assert_close(ce_loss(logits, one_hot, w, class_weights=cw), ce_loss(logits, y, w, class_weights=cw))

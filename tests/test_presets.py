@@ -117,3 +117,14 @@ def test_training_images_are_cached_once_and_reused(tmp_path, single_label_dir, 
     assert len(list((tmp_path / "cache").iterdir())) == 1, "one cache for one file list and geometry"
     assert main({}, [*args, "--out-dir", str(tmp_path / "c"), "--cache-images", "false"]) == 0
     assert not (tmp_path / "c" / "cache").exists()
+
+
+def test_gpu_batch_augmentation_and_mixup_in_a_run(tmp_path, single_label_dir):
+    out = tmp_path / "out"
+    assert main({}, ["--model", "test_resnet", *SMALL, "--epochs", "2", "--data-dir", str(single_label_dir),
+                     "--out-dir", str(out), "--aug", "none", "--gpu-aug", "strong", "--mixup", "0.4",
+                     "--cutmix", "1.0"]) == 0
+    assert np.isfinite(pd.read_csv(out / "history.csv").train_loss).all()
+    with pytest.raises(ValueError, match="complement"):
+        main({}, ["--model", "test_resnet", *SMALL, "--data-dir", str(single_label_dir), "--out-dir", str(out),
+                  "--loss", "complement", "--mixup", "0.2"])

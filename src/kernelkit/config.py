@@ -43,6 +43,10 @@ class Config:
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
                            "strong (+ shift/scale/rotate, noise)")
+    gpu_aug: str = _f("", "batch augmentation on the training device: '' | flip | light | medium | strong "
+                          "(use with aug='none' to take the work off the CPU workers)")
+    mixup: float = _f(0.0, "mixup alpha (0 = off)")
+    cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
     cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
                             "else <out_dir>/cache")

@@ -155,10 +155,12 @@ def ce_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, l
     softmax loss); the mean is still over images, not over summed class weights as
     F.cross_entropy(weight=...) would do, so rare-class images really count more.
     """
-    per_sample = F.cross_entropy(logits.float(), targets.long(), reduction="none", label_smoothing=label_smoothing)
+    soft = targets.is_floating_point() and targets.ndim == 2  # mixup/cutmix give class probabilities
+    per_sample = F.cross_entropy(logits.float(), targets.float() if soft else targets.long(), reduction="none",
+                                 label_smoothing=label_smoothing)
     cw = _class_weights(class_weights, logits)
     if cw is not None:
-        per_sample = per_sample * cw[targets.long()]
+        per_sample = per_sample * ((targets.float() * cw).sum(1) if soft else cw[targets.long()])
     return weighted_mean(per_sample, weight)
 
 

@@ -40,7 +40,7 @@ from .sampling import balanced_sampler
 from .session import begin_run, finish_run
 from .thresholds import ThresholdRule, groups_from_names, search_classes, search_groups
 from .train import FitOptions, FitState, fit, train_one_epoch
-from .transforms import EvalTransform, TrainTransform, tta_views
+from .transforms import BatchAugment, EvalTransform, TrainTransform, tta_views
 
 log = logging.getLogger("kernelkit")
 
@@ -214,8 +214,16 @@ def restore(ckpt: dict[str, Any], model, optimizer, scaler, ema=None) -> FitStat
                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
 
 
-def fit_options(cfg: Config) -> FitOptions:
-    return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+def batch_augment(cfg: Config, task: str, num_classes: int) -> BatchAugment | None:
+    if not (cfg.gpu_aug or cfg.mixup > 0 or cfg.cutmix > 0):
+        return None
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.loss == "complement":
+        raise ValueError("mixup/cutmix give soft targets, which the complement loss does not take")
+    return BatchAugment(cfg.gpu_aug, cfg.mixup, cfg.cutmix, num_classes if task == "multiclass" else 0)
+
+
+def fit_options(cfg: Config, task: str = "multilabel", num_classes: int = 0) -> FitOptions:
+    return FitOptions(batch_aug=batch_augment(cfg, task, num_classes), lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
@@ -303,12 +311,14 @@ def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: tor
     extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
     summary: dict[str, Any] = {"train_images": len(data.train_targets), "val_images": n_val,
                                "train_start_s": round(clock.elapsed(), 1)}
-    loss_fn = build_loss(cfg, comp.task, data.train_targets, comp.num_classes)  # config errors surface here
+    # config errors surface here, not as a "training failed"
+    loss_fn = build_loss(cfg, comp.task, data.train_targets, comp.num_classes)
+    opts = fit_options(cfg, comp.task, comp.num_classes)
     status = EXIT_OK
     try:
         result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
                      loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, device=device,
-                     clock=clock, reserve=reserve, opts=fit_options(cfg), out_dir=out_dir, state=state, extra=extra,
+                     clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra,
                      dist=info, ema=ema)
         summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step,
                        bad_train_images=state.bad_images, nonfinite_steps=state.nonfinite_steps,
@@ -359,7 +369,7 @@ def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float
     """Time a few training steps and TTA batches on a subset, then plan the full budget."""
     data = build_training_data(cfg, comp, device)
     model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
-    opts = fit_options(cfg)
+    opts = fit_options(cfg, comp.task, comp.num_classes)
     state = FitState()
 
     def first_steps_at_peak_lr(step: int) -> tuple[bool, float]:

@@ -41,6 +41,7 @@ class FitOptions:
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
     unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
+    batch_aug: Callable | None = None  # (x uint8 on device, y, ok) -> (x float 0-255, y, ok), e.g. BatchAugment
 
 
 @dataclass
@@ -78,8 +79,10 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
             stopped = True
             break
         set_lr(optimizer, lr)
-        x = normalize(x.to(device, non_blocking=True), opts.channels_last)
-        y, ok = y.to(device, non_blocking=True), ok.to(device, non_blocking=True)
+        x, y, ok = (t.to(device, non_blocking=True) for t in (x, y, ok))
+        if opts.batch_aug is not None:
+            x, y, ok = opts.batch_aug(x, y, ok)
+        x = normalize(x, opts.channels_last)
         loss = forward_backward_fitting_memory(model, x, y, ok, loss_fn, optimizer, scaler, device, state, opts, dist)
         if loss is None:
             # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every

@@ -373,6 +373,41 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.4, cutmix
     return x, soft_targets(y, num_classes), ok
 
 
+BATCH_AUG_LEVELS = ("", "flip", "light", "medium", "strong")
+
+
+class BatchAugment:
+    """Augmentation of a whole batch on the training device, then mixup/cutmix.
+
+    On Kaggle the 4 CPU cores feed the GPU; moving crop/flip/colour/affine/noise to the GPU
+    (with aug='none' in the workers, or a cached dataset) frees them. Levels add up like
+    TrainTransform's: flip; light = + random resized crop; medium = + colour jitter;
+    strong = + shift/scale/rotate and noise. -> (x float 0-255, targets, ok).
+    """
+
+    def __init__(self, level: str = "", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 num_classes: int = 0):
+        if level not in BATCH_AUG_LEVELS:
+            raise ValueError(f"unknown batch augmentation {level!r}; choose from {BATCH_AUG_LEVELS}")
+        self.level, self.mixup_alpha, self.cutmix_alpha = level, mixup_alpha, cutmix_alpha
+        self.num_classes = num_classes
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor):
+        x = x.float()
+        rank = BATCH_AUG_LEVELS.index(self.level)
+        if rank >= 2:
+            x = resized_crop_batch(x)
+        if rank >= 1:
+            x = hflip_batch(x)
+        if rank >= 3:
+            x = color_jitter_batch(x)
+        if rank >= 4:
+            x = noise_batch(affine_batch(x))
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            x, y, ok = mix_batch(x, y, self.mixup_alpha, self.cutmix_alpha, num_classes=self.num_classes, ok=ok)
+        return x, y, ok
+
+
 def normalize(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW on any device -> float normalised with ImageNet statistics."""
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
