@@ -1,12 +1,10 @@
 """Issue 6: the run fits its budget, survives kill -9, and always writes a submission."""
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest

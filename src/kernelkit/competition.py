@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ class Competition:
     pred_column: str = "predicted"
     sample_submission: Path | None = None
     missing_train: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
