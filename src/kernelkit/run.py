@@ -283,7 +283,7 @@ def choose_rule(cfg: Config, comp: Competition, threshold: float, out_dir: Path,
                                      max_labels=cfg.max_labels)
     elif cfg.threshold_rule == "class":
         found, score = search_classes(val_targets, probs, cfg.beta, min_labels=cfg.min_labels,
-                                      max_labels=cfg.max_labels)
+                                      max_labels=cfg.max_labels, show_progress=True)
     else:
         raise ValueError(f"unknown threshold_rule {cfg.threshold_rule!r}; choose global | group | class")
     log.info("threshold rule %s: validation F%g %.4f (global %.4f)", found.kind, cfg.beta, score,
