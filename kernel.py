@@ -3213,9 +3213,13 @@ def setup_logging() -> None:
         log.addHandler(h)
 
 
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+
+
 def resolve_paths(cfg: Config) -> tuple[Path, Path, bool]:
     """-> (data_dir, out_dir, is_demo)."""
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+    out_dir = output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.data_dir:
         return Path(cfg.data_dir), out_dir, False
@@ -3239,8 +3243,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds, others open."""
     if not cfg.cache_images or not paths:
         return None
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
-    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(out_dir)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
