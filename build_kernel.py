@@ -95,8 +95,19 @@ class _BundledPackage(_abc.MetaPathFinder, _abc.Loader):
 if not any(isinstance(f, _BundledPackage) or type(f).__name__ == "_BundledPackage" for f in _sys.meta_path):
     _sys.meta_path.insert(0, _BundledPackage())
 
+
+
+def _print_with_source(exc_type, exc, tb):
+    """The interpreter's own hook reads source lines from disk, and the bundled modules have no
+    files: the traceback module reads them from linecache, where the loader put them."""
+    import traceback as _traceback
+    _traceback.print_exception(exc_type, exc, tb)
+
+
+_sys.excepthook = _print_with_source
+
 if __name__ == "__main__":
-    from {package}.run import main
+    from {package}.cli import main
     _sys.exit(main(CONFIG, started_at=_STARTED_AT))
 '''
 

@@ -10,9 +10,9 @@ from sklearn import metrics as skm
 from kernelkit.decode import apply_thresholds, decode, decode_multilabel
 from kernelkit.metrics import (accuracy, f1_score, fbeta_per_image, fbeta_score, label_accuracy, one_hot,
                                per_class_report, precision_recall_fbeta, precision_score, recall_score,
-                               search_threshold, subset_accuracy, top_k_error)
+                               subset_accuracy, top_k_error)
 from kernelkit.thresholds import (ThresholdRule, default_grid, global_scores, groups_from_names, search_classes,
-                                  search_global, search_groups, search_label_limits)
+                                  search_global, search_groups, search_label_limits, search_threshold)
 
 
 def random_case(seed):

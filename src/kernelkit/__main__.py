@@ -1,6 +1,6 @@
 import sys
 
-from kernelkit.run import main
+from kernelkit.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

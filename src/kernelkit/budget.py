@@ -37,16 +37,19 @@ def fmt_seconds(s: float) -> str:
 class InferenceReserve:
     """Time to keep for the final validation + test prediction, from measured throughput.
 
-    Until a validation pass has been timed, inference speed is guessed from training speed
-    (a forward pass costs about a third of forward+backward; assume half to stay safe).
-    `startup_s` is the measured cost of a loader's first batch (worker start-up), paid twice:
-    once for the final validation and once for the test loader.
+    `test_ips` comes from a probe before training (test images decoded from their files with the
+    eval transform, TTA views counted: what the final prediction will really cost); `val_ips` from
+    each validation pass (often cached images, so faster). Whichever is missing borrows the other;
+    before either exists, inference is guessed from training speed (a forward pass costs about a
+    third of forward+backward; assume half to stay safe). `startup_s` is the measured cost of a
+    loader's first batch (worker start-up), paid twice: final validation and test loader.
     """
 
     def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 2.5, safety: float = 1.3):
         self.n_test, self.n_val, self.tta = n_test, n_val, tta
         self.overhead_s, self.safety = overhead_s, safety
-        self.infer_ips: float | None = None
+        self.test_ips: float | None = None
+        self.val_ips: float | None = None
         self.train_ips: float | None = None
         self.startup_s = 5.0  # until measured
         self._startup_measured = False
@@ -58,11 +61,13 @@ class InferenceReserve:
         self._startup_measured = True
 
     def seconds(self) -> float:
-        ips = self.infer_ips or (2.0 * self.train_ips if self.train_ips else None)
+        guess = 2.0 * self.train_ips if self.train_ips else None
+        test_rate = self.test_ips or self.val_ips or guess
+        val_rate = self.val_ips or self.test_ips or guess
         fixed = self.overhead_s + 2 * self.startup_s
-        if not ips:
+        if not test_rate:
             return fixed
-        return fixed + self.safety * (self.n_test * self.tta + self.n_val) / ips
+        return fixed + self.safety * (self.n_test * self.tta / test_rate + self.n_val / val_rate)
 
 
 def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> float:

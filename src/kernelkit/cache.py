@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
 from .progress import progress
+from .stopping import ignore_in_worker
 
 log = logging.getLogger("kernelkit")
 
@@ -188,6 +189,10 @@ class CacheWriter(Dataset):
         return state
 
 
+class BuildStopped(Exception):
+    """A stop request (SIGTERM) arrived while the cache was being built."""
+
+
 def _write_at(fd: int, buf: memoryview, offset: int) -> None:
     while len(buf):
         if hasattr(os, "pwrite"):
@@ -257,11 +262,12 @@ def open_cache(paths: Sequence[str], geometry: Geometry, root: str | Path,
 
 def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, num_workers: int = 0,
                 mp_context: str = "", max_bytes: int = 0, stat_files: bool = True, batch_size: int = 8,
-                desc: str = "image cache") -> ImageCache:
+                desc: str = "image cache", stop=None) -> ImageCache:
     """Open the cache for `paths` at `geometry` under `root`, building it first if needed.
 
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
-    bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it).
+    bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
+    (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept.
     """
     t0 = time.time()
     geometry = _geometry(geometry)
@@ -296,9 +302,12 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         if num_workers > 0 and mp_context:
             kwargs["multiprocessing_context"] = mp_context
         loader = DataLoader(writer, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=collate_status, **kwargs)
+                            collate_fn=collate_status, worker_init_fn=ignore_in_worker if num_workers else None,
+                            **kwargs)
         t_first, n_after = None, 0
         for batch in progress(loader, desc=desc, total=len(loader)):
+            if stop is not None and stop.requested:
+                raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
             if t_first is None:
                 t_first = time.time()
             else:

@@ -3,31 +3,51 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# The allowed values of every choice-valued option, in one place: argparse `choices`, the check of
+# CONFIG-block values and presets, and --help all read them from here. Modules that implement a
+# choice (losses.LOSSES, transforms.AUG_LEVELS, ...) are checked against these in the tests.
+AUG_LEVELS = ("none", "flip", "light", "medium", "strong")
+CHOICES: dict[str, tuple] = {
+    "mode": ("train", "infer"),
+    "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
+    "head": ("linear", "mlp"),
+    "aug": AUG_LEVELS,
+    "gpu_aug": ("", *AUG_LEVELS[1:]),
+    "schedule": ("linear", "cosine"),
+    "loss": ("auto", "bce", "bce_sum", "focal", "asl", "ce", "complement"),
+    "threshold_rule": ("global", "group", "class"),
+    "mp_context": ("", "spawn", "forkserver", "fork"),
+    "ddp_backend": ("", "nccl", "gloo"),
+}
 
 
 @dataclass
 class Config:
     # what to run
-    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints")
+    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints", choices=CHOICES['mode'])
     preset: str = _f("", "named preset applied under your settings (demo, ...)")
     data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo")
-    format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder")
+    id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
+    label_column: str = _f("", "train.csv column holding the labels; empty = detect (sample submission, known names)")
+    format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder", choices=CHOICES['format'])
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
     # model
     model: str = _f("resnet50", "timm model name")
     pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
-    head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)")
+    head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
     head_dropout: float = _f(0.5, "dropout in a custom head")
     model2: str = _f("", "second backbone whose pooled features are concatenated with the first (Helsinki ensemble)")
@@ -42,9 +62,9 @@ class Config:
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
-                           "strong (+ shift/scale/rotate, noise)")
+                           "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
     gpu_aug: str = _f("", "batch augmentation on the training device: '' | flip | light | medium | strong "
-                          "(use with aug='none' to take the work off the CPU workers)")
+                          "(use with aug='none' to take the work off the CPU workers)", choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
@@ -60,31 +80,34 @@ class Config:
     weight_decay: float = _f(0.05, "")
     warmup: float = _f(0.05, "fraction of training spent warming up")
     clip_grad: float = _f(0.0, "clip the gradient norm to this (0 = off)")
-    schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine")
+    schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine", choices=CHOICES['schedule'])
     val_fraction: float = _f(0.1, "held-out share of train for validation and thresholds (0 = train on all)")
     fold: int = _f(-1, "K-fold: validate on this fold (0..n_folds-1) instead of val_fraction; -1 = off")
     n_folds: int = _f(5, "K-fold: number of folds (iterative stratification for multi-label)")
-    loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement")
+    loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement", choices=CHOICES['loss'])
     loss_args: str = _f("", "loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'")
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
     channels_last: bool = _f(True, "")
     num_workers: int = _f(-1, "-1 = all CPU cores")
-    mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork")
-    seed: int = _f(42, "")
+    mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork", choices=CHOICES['mp_context'])
+    seed: int = _f(42, "seeds Python, NumPy, torch and every loader worker; stored in the checkpoints")
+    deterministic: bool = _f(False, "GPU: deterministic kernels (cudnn.deterministic, no benchmark); slower")
     ddp_procs: int = _f(0, "data-parallel processes: 0 = one per GPU when several are visible (T4 x2), 1 = off")
-    ddp_backend: str = _f("", "'' = nccl on GPU, gloo on CPU")
+    ddp_backend: str = _f("", "'' = nccl on GPU, gloo on CPU", choices=CHOICES['ddp_backend'])
     checkpoint_every: str = _f("20m", "also save last.pt at this wall-clock interval")
     resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
     resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
                               "the budget is what this session has left")
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
+    grace: str = _f("20s", "on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if "
+                           "needed), then exit 0 with a submission")
     # inference
     tta: int = _f(2, "test-time augmentation views: 1 = none, 2 = + horizontal flip")
     beta: float = _f(2.0, "multi-label metric: F-beta averaged per image (iMet: 2)")
     threshold: float = _f(-1.0, "multi-label threshold; <0 = search on validation")
-    threshold_rule: str = _f("global", "multi-label search: global | group (by 'prefix::' of label names) | class")
+    threshold_rule: str = _f("global", "multi-label search: global | group (by 'prefix::' of label names) | class", choices=CHOICES['threshold_rule'])
     min_labels: int = _f(0, "multi-label: always emit at least this many labels per image")
     max_labels: int = _f(0, "multi-label: at most this many labels per image (0 = no cap)")
     # demo
@@ -95,17 +118,150 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """A config from user input: unknown keys, wrong types and out-of-range values are refused."""
+        refuse_unknown_keys(d, "config")
+        cfg = cls(**{k: _normalise(k, v) for k, v in d.items()})
+        validate(cfg)
+        return cfg
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> "Config":
+        """The config stored in a checkpoint (any kernelkit version): keys this version does not know
+        are dropped and missing ones take their defaults; no range checks (it was valid when saved)."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .fileio import write_json
+        write_json(path, self.to_dict())
 
     def pretty(self) -> str:
         return "\n".join(f"  {k:<18} = {v!r}" for k, v in self.to_dict().items())
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before anything slow ran: the kernel exits with status 2."""
+
+
+def _field_types() -> dict[str, str]:
+    # `from __future__ import annotations` keeps annotations as strings: "int", "float", "bool", "str".
+    return {f.name: str(f.type) for f in fields(Config)}
+
+
+DURATIONS = ("budget", "margin", "checkpoint_every", "grace")
+
+
+def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
+    known = [f.name for f in fields(Config)]
+    problems = []
+    for key in sorted(set(d) - set(known)):
+        close = difflib.get_close_matches(str(key), known, n=1)
+        problems.append(f"unknown {where} key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problems:
+        raise ConfigError("; ".join(problems) + f". Known keys: {', '.join(known)}")
+
+
+def _normalise(key: str, value: Any) -> Any:
+    """Type check of one CONFIG-block or preset value: ints stay ints, a string is never a number."""
+    typ = _field_types()[key]
+    if typ == "bool" and isinstance(value, bool):
+        return value
+    if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ == "str" and isinstance(value, str):
+        return value
+    if typ == "str" and key in DURATIONS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value}s"  # budget=3600 means seconds
+    raise ConfigError(f"{key}={value!r}: expected {_TYPE_WORDS[typ]}, got {type(value).__name__}")
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}
+
+
+def _range_problems(c: Config) -> list[str]:
+    """(condition that must hold, what the user is told) for every numeric option."""
+    rules = [
+        (c.batch_size >= 1, f"batch_size={c.batch_size}: must be >= 1"),
+        (8 <= c.img_size <= 4096, f"img_size={c.img_size}: must be between 8 and 4096 pixels"),
+        (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
+        (c.epochs >= 0, f"epochs={c.epochs}: must be >= 0 (0 = as many as fit the budget)"),
+        (c.n_folds >= 2, f"n_folds={c.n_folds}: must be >= 2"),
+        (-1 <= c.fold < c.n_folds, f"fold={c.fold}: must be -1 (off) or 0..{c.n_folds - 1} (n_folds={c.n_folds})"),
+        (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
+        (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
+        (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
+        (c.lr > 0, f"lr={c.lr}: must be > 0"),
+        (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
+        (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
+        (0 <= c.freeze <= 1, f"freeze={c.freeze}: a share of training, in [0, 1]"),
+        (0 <= c.layer_decay <= 1, f"layer_decay={c.layer_decay}: 0 (off) or in (0, 1]"),
+        (0 <= c.ema < 1, f"ema={c.ema}: 0 (off) or a decay in (0, 1), e.g. 0.999"),
+        (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
+        (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+        (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
+        (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
+        (c.cache_max_gb >= 0, f"cache_max_gb={c.cache_max_gb}: must be >= 0"),
+        (c.num_workers >= -1, f"num_workers={c.num_workers}: -1 (all cores) or >= 0"),
+        (c.ddp_procs >= 0, f"ddp_procs={c.ddp_procs}: must be >= 0"),
+        (c.min_labels >= 0 and c.max_labels >= 0, "min_labels and max_labels must be >= 0"),
+        (not c.max_labels or c.min_labels <= c.max_labels,
+         f"min_labels={c.min_labels} > max_labels={c.max_labels}"),
+        (c.beta > 0, f"beta={c.beta}: must be > 0"),
+        (c.head_hidden >= 1 and c.unfreeze_blocks >= 0, "head_hidden must be >= 1 and unfreeze_blocks >= 0"),
+        (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
+        (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
+        (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
+        (not ((c.mixup or c.cutmix) and c.loss == "complement"),
+         "mixup/cutmix give soft targets, which loss='complement' does not take"),
+    ]
+    return [msg for ok, msg in rules if not ok]
+
+
+def _choice_problems(c: Config) -> list[str]:
+    out = []
+    for key, allowed in CHOICES.items():
+        value = getattr(c, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"{key}={value!r} is not one of {' | '.join(repr(a) for a in allowed)}{hint}")
+    if c.preset and c.preset not in PRESETS:
+        out.append(f"preset={c.preset!r} is not one of {' | '.join(sorted(PRESETS))}")
+    return out
+
+
+def _parse_problems(c: Config) -> list[str]:
+    out = []
+    for key in ("checkpoint_every", "grace"):
+        try:
+            if parse_duration(getattr(c, key)) <= 0:
+                out.append(f"{key}={getattr(c, key)!r}: must be longer than 0 s")
+        except ValueError as e:
+            out.append(f"{key}: {e}")
+    for check in (budget_seconds, lambda cfg: parse_kwargs(cfg.loss_args)):
+        try:
+            check(c)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def _path_problems(c: Config) -> list[str]:
+    """Files the run will need: a typo here would otherwise surface hours later, or never."""
+    checks = [("data_dir", c.data_dir, "is_dir"), ("pretrained_path", c.pretrained_path, "exists"),
+              ("pretrained_path2", c.pretrained_path2, "exists"), ("resume_from", c.resume_from, "is_file")]
+    return [f"{key}={value!r} does not exist" for key, value, test in checks
+            if value and not getattr(Path(value), test)()]
+
+
+def validate(cfg: Config) -> None:
+    """Every option at once, so one run shows every mistake; raises ConfigError naming each option."""
+    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg) + _path_problems(cfg)
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
 
 # One preset per seed project (shared/seeds/): what the seed did, with a current timm backbone.
@@ -170,43 +326,61 @@ def parse_duration(text: str | float | int) -> float:
     return total
 
 
-def _coerce(value: str, typ: Any) -> Any:
-    if typ in (bool, "bool"):
+def _coerce(value: str, typ: str) -> Any:
+    if typ == "bool":
         if value.lower() in ("1", "true", "yes", "on"):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"not a boolean: {value!r}")
-    return {"int": int, "float": float, "str": str}.get(typ, typ)(value) if isinstance(typ, str) else typ(value)
+    return {"int": int, "float": float, "str": str}[typ](value)
+
+
+class _Typed:
+    """argparse `type=`: a module-level callable (no lambda) whose name shows in error messages."""
+
+    def __init__(self, typ: str):
+        self.typ, self.__name__ = typ, {"int": "integer", "float": "number", "bool": "boolean"}.get(typ, typ)
+
+    def __call__(self, value: str) -> Any:
+        return _coerce(value, self.typ)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Kaggle image-classification kernel")
+    p = argparse.ArgumentParser(description="Kaggle image-classification kernel (kernelkit)",
+                                epilog="exit status: 0 submission written (also when training failed: see the log), "
+                                       "2 refused before training (bad option or data), 4 --dry-run plan does not "
+                                       "fit, other: no submission could be made")
+    types = _field_types()
     for f in fields(Config):
-        typ = f.type if not isinstance(f.type, str) else f.type
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                       help=f"{f.metadata.get('help', '')} (default {f.default!r})",
-                       type=lambda v, t=typ: _coerce(v, t))
+        choices = f.metadata.get("choices")
+        # argparse %-formats help strings: a literal % (as in "2% + 2s") must be doubled.
+        text = f"{f.metadata.get('help', '')} (default {f.default!r})".replace("%", "%%")
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=text,
+                       type=_Typed(types[f.name]), choices=choices, metavar=None if choices else f.name.upper())
     p.add_argument("--dry-run", action="store_true", help="short local run that reports throughput")
     return p
 
 
 def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Merge defaults, the named preset, the CONFIG block and command-line flags, in that order."""
+    """Merge defaults, the named preset, the CONFIG block and command-line flags, in that order.
+
+    Raises ConfigError (argparse errors exit with status 2 themselves) before anything is imported
+    or read that takes time.
+    """
     args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
     block = dict(block or {})
+    refuse_unknown_keys(block, "CONFIG block")
     preset = cli.get("preset", block.get("preset", ""))
     merged: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose from {' | '.join(sorted(PRESETS))}")
         merged.update(PRESETS[preset])
     merged.update(block)
     merged.update(cli)
-    cfg = Config.from_dict(merged)
-    budget_seconds(cfg), parse_duration(cfg.checkpoint_every), parse_kwargs(cfg.loss_args)
-    return cfg, args
+    return Config.from_dict(merged), args
 
 
 def parse_kwargs(text: str) -> dict[str, Any]:
@@ -231,4 +405,14 @@ def budget_seconds(cfg: Config) -> tuple[float, float]:
     margin = min(600.0, 0.02 * total + 2.0) if cfg.margin == "auto" else parse_duration(cfg.margin)
     if total <= 0 or margin >= total:
         raise ValueError(f"budget {cfg.budget!r} must be positive and larger than margin {cfg.margin!r}")
+    if cfg.mode == "train" and total - margin < MIN_TRAIN_BUDGET_S:
+        raise ValueError(f"budget {cfg.budget!r} (margin {fmt(margin)}) leaves under {MIN_TRAIN_BUDGET_S:.0f} s: "
+                         "start-up alone (imports, data index, model) takes seconds; give at least 1m")
     return total, margin
+
+
+MIN_TRAIN_BUDGET_S = 20.0
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:g}s"

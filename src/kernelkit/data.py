@@ -12,6 +12,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torch.utils.data._utils.collate import default_collate
 
 from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
+from .stopping import ignore_in_worker
+from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")
 
@@ -120,11 +122,14 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
 
 
 def seed_worker(worker_id: int) -> None:
-    """Python's `random` drives the augmentations; give each worker its own stream."""
+    """Each worker its own augmentation stream, derived from the loader's seeded generator (so
+    runs repeat); signals are left to the main process, which finishes the run on SIGTERM."""
     import random
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    seed_augmentations(seed)
+    ignore_in_worker()
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -172,31 +177,34 @@ class ThreadLoader:
         self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.collate_fn = collate_fn or collate_images
+        self.generator = generator
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def _fetch(self, indices: list[int]):
+    def _fetch(self, indices: list[int], seed: int):
+        seed_augmentations(seed)  # per batch, so the result does not depend on which thread builds it
         batch = self.collate_fn([self.dataset[i] for i in indices])
         if self.pin_memory:
             batch = [b.pin_memory() if isinstance(b, torch.Tensor) else b for b in batch]
         return batch
 
     def __iter__(self):
-        batches = iter(self.batch_sampler)
+        batches = enumerate(iter(self.batch_sampler))
+        epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="kernelkit-loader")
         pending: deque = deque()
         try:
             for _ in range(self.num_threads + self.prefetch):
-                idx = next(batches, None)
-                if idx is None:
+                item = next(batches, None)
+                if item is None:
                     break
-                pending.append(pool.submit(self._fetch, idx))
+                pending.append(pool.submit(self._fetch, item[1], epoch_seed + item[0]))
             while pending:
                 batch = pending.popleft().result()
-                idx = next(batches, None)
-                if idx is not None:
-                    pending.append(pool.submit(self._fetch, idx))
+                item = next(batches, None)
+                if item is not None:
+                    pending.append(pool.submit(self._fetch, item[1], epoch_seed + item[0]))
                 yield batch
         finally:  # also when the consumer stops early (budget reached): drop what is queued
             pool.shutdown(wait=True, cancel_futures=True)

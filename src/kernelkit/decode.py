@@ -1,12 +1,15 @@
 """Probabilities -> class indices."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .thresholds import ThresholdRule
+
+class Rule(Protocol):
+    """What decode needs of a thresholds.ThresholdRule (named here so decode stays a leaf)."""
+
+    def apply(self, probs: np.ndarray) -> np.ndarray: ...
 
 
 def order_and_ranks(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +57,7 @@ def decode_multilabel(probs: np.ndarray, threshold: float, min_labels: int = 0, 
 
 
 def decode(task: str, probs: np.ndarray, threshold: float = 0.5, min_labels: int = 0,
-           rule: ThresholdRule | None = None) -> list:
+           rule: Rule | None = None) -> list:
     """Per image: the list of label indices (multi-label) or the class index (multi-class).
 
     A `rule` (kernelkit.thresholds.ThresholdRule) replaces `threshold` and `min_labels`.

@@ -12,10 +12,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import write_npy
 
 log = logging.getLogger("kernelkit")
 
@@ -146,14 +147,6 @@ def _oof_paths(out_dir: Path, fold: int) -> tuple[Path, Path]:
     return out_dir / f"oof_fold{fold}_idx.npy", out_dir / f"oof_fold{fold}_probs.npy"
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # A run killed mid-write must not leave a half file that load_oof would read later.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def save_oof(out_dir: Path, fold: int, indices: np.ndarray, probs: np.ndarray) -> Path:
     """Save one fold's validation probabilities (rows of `probs` belong to the images at
     `indices` of the full training set) as oof_fold{fold}_idx.npy + oof_fold{fold}_probs.npy.
@@ -166,8 +159,8 @@ def save_oof(out_dir: Path, fold: int, indices: np.ndarray, probs: np.ndarray) -
     idx_path, probs_path = _oof_paths(out_dir, fold)
     # Probabilities first, indices last: load_oof goes by the index files, so a fold is only
     # seen once both are complete.
-    _save_atomic(probs_path, probs)
-    _save_atomic(idx_path, indices)
+    write_npy(probs_path, probs)
+    write_npy(idx_path, indices)
     return probs_path
 
 

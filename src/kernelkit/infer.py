@@ -37,11 +37,13 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict") -> dict:
+            desc: str = "predict", stop=None) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
     spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
+    `stop` (stopping.StopFlag): once raised, the remaining batches get the first view only, so a
+    SIGTERM still ends with a prediction for every row, soon.
     """
     model.eval()
     act = activation(task)
@@ -53,7 +55,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         x = normalize(images.to(device, non_blocking=True), channels_last)
         while True:
             try:
-                p = torch.cat([_average_views(model, part, views, act, device, amp) for part in x.chunk(pieces)])
+                use = views[:1] if stop is not None and stop.requested else views
+                p = torch.cat([_average_views(model, part, use, act, device, amp) for part in x.chunk(pieces)])
                 break
             except OutOfMemory:
                 if pieces >= len(x):

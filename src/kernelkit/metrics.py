@@ -121,24 +121,3 @@ def per_class_report(truth: np.ndarray, pred: np.ndarray, beta: float = 1.0,
     return {"support": truth.sum(0), "tp": tp, "fp": fp, "fn": fn, "errors": fp + fn,
             "precision": _ratio(tp, tp + fp, zero_division), "recall": _ratio(tp, tp + fn, zero_division),
             "fbeta": _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp, zero_division)}
-
-
-def search_threshold(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, min_labels: int = 0,
-                     grid: np.ndarray | None = None) -> tuple[float, float]:
-    """Best single global threshold on validation probabilities -> (threshold, score).
-
-    Ties go to the lowest threshold. See kernelkit.thresholds for group/class thresholds and caps.
-    """
-    from .thresholds import search_global
-    rule, score = search_global(truth, probs, beta, grid, min_labels)
-    return rule.values[0], score
-
-
-def prior_baseline(task: str, train_targets: np.ndarray, val_targets: np.ndarray, beta: float = 2.0) -> float:
-    """Score of the best constant prediction from training label frequencies: the bar to beat."""
-    if task == "multiclass":
-        majority = np.bincount(train_targets).argmax() if len(train_targets) else 0
-        return float((val_targets == majority).mean()) if len(val_targets) else 0.0
-    freq = train_targets.mean(0)
-    probs = np.broadcast_to(freq, val_targets.shape)
-    return search_threshold(val_targets, probs, beta, grid=np.unique(np.concatenate([[0.0], freq])))[1]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .fileio import atomic_write
 from .metrics import one_hot, per_class_report
 
 log = logging.getLogger("kernelkit")
@@ -32,7 +32,7 @@ HIST_CAP = 10  # wrong labels per image: 10 and more share one bin, the JSON sta
 
 
 def _write_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(x: object) -> object:
@@ -90,9 +90,7 @@ def plot_history(history_csv: Path, out_png: Path, metric: str = "validation sco
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out_png)
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
     return out_png
 
 
@@ -178,7 +176,7 @@ def write_label_statistics(targets: np.ndarray, class_names: list[str], image_pa
     stats = label_statistics(targets, class_names, image_paths, task, sample_sizes, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats["per_class"].to_csv(out_dir / "label_stats.csv", index=False)
+    atomic_write(out_dir / "label_stats.csv", stats["per_class"].to_csv(index=False))
     s = stats["summary"]
     _write_json(s, out_dir / "label_stats.json")
     line = f"labels: {s['images']} images, {s['classes']} classes, imbalance {s['imbalance_ratio']}x"
@@ -322,10 +320,10 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
     result = error_analysis(truth, pred, probs, class_names, ids, top)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result["per_label"].to_csv(out_dir / "errors_per_label.csv", index=False)
+    atomic_write(out_dir / "errors_per_label.csv", result["per_label"].to_csv(index=False))
     for name in ("worst_images", "confusion_pairs", "missing_label_candidates"):
         if name in result:
-            result[name].to_csv(out_dir / f"{name}.csv", index=False)
+            atomic_write(out_dir / f"{name}.csv", result[name].to_csv(index=False))
     s = result["summary"]
     _write_json(s, out_dir / "error_summary.json")
     most = ", ".join(f"{n} ({e})" for n, e in s["most_errors"][:3])

@@ -11,21 +11,17 @@ import logging
 import os
 from pathlib import Path
 
+from .fileio import TEMP_GLOB, write_json
+
 log = logging.getLogger("kernelkit")
 
 STATE_FILE = "run_state.json"
 CHECKPOINTS = ("last.pt", "best.pt")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def remove_partial_files(out_dir: Path) -> None:
     """Temp files of a save that was killed half-way; the real checkpoints are intact beside them."""
-    for tmp in out_dir.glob(".*.tmp*"):
+    for tmp in out_dir.glob(TEMP_GLOB):
         log.info("removing partial file %s left by an interrupted save", tmp.name)
         tmp.unlink(missing_ok=True)
 
@@ -37,10 +33,10 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     last = out_dir / "last.pt"
     if resume and state and not state.get("finished") and last.is_file():
-        _write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
+        write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
         return float(state["run_start"]), last
     archive_checkpoints(out_dir)
-    _write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
+    write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
     return started_at, None
 
 
@@ -55,4 +51,4 @@ def archive_checkpoints(out_dir: Path) -> None:
 def finish_run(out_dir: Path) -> None:
     state_path = out_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    _write_json(state_path, {**state, "finished": True})
+    write_json(state_path, {**state, "finished": True})

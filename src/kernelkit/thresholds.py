@@ -19,6 +19,8 @@ from typing import Hashable, Iterable, Sequence
 import numpy as np
 
 from .decode import apply_thresholds, limit_labels, order_and_ranks
+from .metrics import fbeta_per_image
+from .progress import progress
 
 KINDS = ("global", "group", "class")
 
@@ -85,7 +87,6 @@ class ThresholdRule:
 
     def score(self, truth: np.ndarray, probs: np.ndarray, beta: float = 2.0) -> float:
         """F-beta per image of this rule's predictions."""
-        from .metrics import fbeta_per_image
         return fbeta_per_image(truth, self.apply(probs), beta)
 
     def to_dict(self) -> dict:
@@ -168,7 +169,6 @@ def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: 
     total = np.zeros(len(grid))
     starts = range(0, len(probs), chunk)
     if show_progress:
-        from .progress import progress
         starts = progress(starts, desc="threshold", total=len(starts))
     for s in starts:
         y, p = truth[s:s + chunk], probs[s:s + chunk]
@@ -284,8 +284,7 @@ def search_classes(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, grid
         moved = False
         cols = tunable
         if show_progress:
-            from .progress import progress
-            cols = progress(tunable, desc=f"class thresholds {r + 1}/{rounds}", total=len(tunable))
+                cols = progress(tunable, desc=f"class thresholds {r + 1}/{rounds}", total=len(tunable))
         for j in cols:
             on, yc = pred[:, j], truth[:, j]
             k_o, tp_o = k - on, tp - (on & yc)
@@ -316,7 +315,6 @@ def search_label_limits(truth: np.ndarray, probs: np.ndarray, rule: ThresholdRul
     Every pair with min <= max (max 0: no cap) is scored exactly; the probabilities are sorted
     once. Ties keep the smaller min and the larger cap (the less forcing rule).
     """
-    from .metrics import fbeta_per_image
     truth, probs, _ = _prepare(truth, probs, None)
     base = probs > rule.thresholds(probs.shape[1])
     order, ranks = order_and_ranks(probs)
@@ -334,3 +332,23 @@ def search_label_limits(truth: np.ndarray, probs: np.ndarray, rule: ThresholdRul
     d = rule.to_dict()
     d.update(min_labels=mn, max_labels=mx)
     return ThresholdRule.from_dict(d), s
+
+
+def search_threshold(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, min_labels: int = 0,
+                     grid: np.ndarray | None = None) -> tuple[float, float]:
+    """Best single global threshold on validation probabilities -> (threshold, score).
+
+    Ties go to the lowest threshold.
+    """
+    rule, score = search_global(truth, probs, beta, grid, min_labels)
+    return rule.values[0], score
+
+
+def prior_baseline(task: str, train_targets: np.ndarray, val_targets: np.ndarray, beta: float = 2.0) -> float:
+    """Score of the best constant prediction from training label frequencies: the bar to beat."""
+    if task == "multiclass":
+        majority = np.bincount(train_targets).argmax() if len(train_targets) else 0
+        return float((val_targets == majority).mean()) if len(val_targets) else 0.0
+    freq = train_targets.mean(0)
+    probs = np.broadcast_to(freq, val_targets.shape)
+    return search_threshold(val_targets, probs, beta, grid=np.unique(np.concatenate([[0.0], freq])))[1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 
 import numpy as np
 import torch
@@ -116,25 +117,42 @@ class TrainTransform(EvalTransform):
         self.noise_std, self.noise_p = noise_std, noise_p
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
-        level = AUG_LEVELS.index(self.aug)
+        level, rng = AUG_LEVELS.index(self.aug), aug_random()
         if level >= 2:
             x = random_resized_crop(x, self.size, self.crop_scale, self.crop_ratio)
         if level >= 1:
-            if random.random() < self.hflip:
+            if rng.random() < self.hflip:
                 x = x.flip(-1)
-            if self.vflip and random.random() < self.vflip:
+            if self.vflip and rng.random() < self.vflip:
                 x = x.flip(-2)
-        if level >= 4 and random.random() < self.affine_p:
-            angle = random.uniform(-self.degrees, self.degrees)
-            shift = (random.uniform(-self.translate, self.translate), random.uniform(-self.translate, self.translate))
+        if level >= 4 and rng.random() < self.affine_p:
+            angle = rng.uniform(-self.degrees, self.degrees)
+            shift = (rng.uniform(-self.translate, self.translate), rng.uniform(-self.translate, self.translate))
             x = affine(_one(x), torch.tensor([angle]), torch.tensor([shift]),
-                       torch.tensor([random.uniform(*self.scale)]), fill=self.fill)[0]
+                       torch.tensor([rng.uniform(*self.scale)]), fill=self.fill)[0]
         if level >= 3 and self.jitter:
             j = self.jitter
-            x = color_jitter(_one(x), *(torch.tensor([random.uniform(1 - j, 1 + j)]) for _ in range(3)))[0]
-        if level >= 4 and random.random() < self.noise_p:
-            x = add_noise(x, self.noise_std)
+            x = color_jitter(_one(x), *(torch.tensor([rng.uniform(1 - j, 1 + j)]) for _ in range(3)))[0]
+        if level >= 4 and rng.random() < self.noise_p:
+            x = add_noise(x, self.noise_std, torch.Generator().manual_seed(rng.getrandbits(62)))
         return channels_last(x)
+
+
+_local = threading.local()
+
+
+def aug_random() -> random.Random:
+    """The random stream of per-sample augmentations, one per thread: the threaded loader builds
+    batches concurrently, and a shared stream would hand out numbers in scheduling order, so two
+    runs with one seed would augment differently. Seeded per batch by the loaders."""
+    rng = getattr(_local, "rng", None)
+    if rng is None:
+        rng = _local.rng = random.Random(random.getrandbits(64))
+    return rng
+
+
+def seed_augmentations(seed: int) -> None:
+    _local.rng = random.Random(seed)
 
 
 def _one(x: torch.Tensor) -> torch.Tensor:
@@ -146,14 +164,14 @@ def _one(x: torch.Tensor) -> torch.Tensor:
 def crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a random crop with area fraction in `scale` and aspect in
     `ratio` (torchvision's RandomResizedCrop rule; falls back to the whole image)."""
-    area = h * w
+    area, rng = h * w, aug_random()
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * random.uniform(*scale)
-        r = math.exp(random.uniform(*log_r))
+        target = area * rng.uniform(*scale)
+        r = math.exp(rng.uniform(*log_r))
         cw, ch = round(math.sqrt(target * r)), round(math.sqrt(target / r))
         if 0 < cw <= w and 0 < ch <= h:
-            return random.randint(0, h - ch), random.randint(0, w - cw), ch, cw
+            return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
     return 0, 0, h, w
 
 

@@ -1,0 +1,117 @@
+"""Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import distributed, env
+from .cache import BuildStopped, ImageCache, build_cache, open_cache
+from .competition import Competition
+from .config import Config
+from .data import ImageDataset, make_loader, split_indices
+from .distributed import DistInfo
+from .folds import make_folds
+from .sampling import balanced_sampler
+from .stopping import StopFlag
+from .transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger("kernelkit")
+
+
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+
+
+def num_workers(cfg: Config) -> int:
+    return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
+
+
+@dataclass
+class TrainingData:
+    train_loader: Any
+    val_loader: Any
+    train_targets: np.ndarray
+    val_targets: np.ndarray
+    val_paths: list[str]
+    val_rows: np.ndarray  # positions of the validation images in comp.train_paths (for out-of-fold files)
+
+
+def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SINGLE,
+                stop: StopFlag | None = None) -> ImageCache | None:
+    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds, others open."""
+    if not cfg.cache_images or not paths:
+        return None
+    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
+    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    cache = None
+    if info.is_main:
+        try:
+            cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
+                                max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop)
+        except BuildStopped as e:
+            log.warning("%s; images will be decoded as they are used", e)
+    if info.enabled:
+        distributed.barrier(info)
+        if cache is None:
+            cache = open_cache(paths, geometry, root)
+    return cache
+
+
+def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (train rows, validation rows): K-fold (iterative stratification for multi-label) or a hold-out."""
+    if cfg.fold >= 0:
+        folds = make_folds(targets, cfg.n_folds, cfg.seed)
+        return np.flatnonzero(folds != cfg.fold), np.flatnonzero(folds == cfg.fold)
+    return split_indices(targets, cfg.val_fraction, cfg.seed)
+
+
+def build_training_data(cfg: Config, comp: Competition, device: torch.device,
+                        info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None) -> TrainingData:
+    nw, pin = num_workers(cfg), device.type == "cuda"
+    targets, paths = comp.train_targets, comp.train_paths
+    keep = np.arange(len(paths))
+    if cfg.max_train_images and len(paths) > cfg.max_train_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_train_images])
+        paths, targets = [paths[i] for i in keep], targets[keep]
+    tr_idx, va_idx = split(cfg, targets)
+    if len(tr_idx) == 0:
+        raise ValueError("no training images found")
+    cache = image_cache(cfg, paths, info, stop)
+    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cfg.aug),
+                            cfg.img_size, cfg.pad_fill, cache=cache.subset(tr_idx) if cache else None)
+    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry), cfg.img_size,
+                          cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
+    log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    return TrainingData(
+        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
+                                 train_sampler(cfg, targets[tr_idx], train_ds, info)),
+        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
+                    if len(val_ds) and info.is_main else None),
+        train_targets=targets[tr_idx], val_targets=targets[va_idx], val_paths=[paths[i] for i in va_idx],
+        val_rows=keep[va_idx])
+
+
+def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo):
+    if cfg.balanced_sampling > 0:
+        if info.enabled:
+            raise ValueError("balanced_sampling is not supported with data-parallel training yet; set ddp_procs=1")
+        return balanced_sampler(targets, cfg.balanced_sampling, cfg.seed)
+    if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
+        return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
+                                                   seed=cfg.seed, drop_last=True)
+    return None
+
+
+def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int = 0):
+    """The test images through the eval transform of `cfg` (a checkpoint's own config at inference);
+    `limit` > 0: only the first `limit` images (the reserve probe)."""
+    paths = comp.test_paths[:limit] if limit else comp.test_paths
+    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size,
+                      cfg.pad_fill)
+    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")

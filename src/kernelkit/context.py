@@ -1,0 +1,30 @@
+"""What one run knows about itself: its config, where it reads and writes, when it started, its
+stop flag, and which phase it is in (the exit status depends on it)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .stopping import StopFlag
+
+SETUP, TRAINING, PREDICTING = "setup", "training", "predicting"
+
+# The exit contract (Kaggle fails a run on any non-zero status).
+EXIT_OK = 0  # a valid submission.csv was written (problems after training started are logged loudly)
+EXIT_NO_SUBMISSION = 1  # nothing valid could be written; the reason is the last thing in the log
+EXIT_REFUSED = 2  # refused before training: a bad option, data or sample submission, named in the message
+EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    args: argparse.Namespace
+    data_dir: Path
+    out_dir: Path
+    is_demo: bool
+    t_start: float
+    stop: StopFlag = field(default_factory=StopFlag)
+    phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission

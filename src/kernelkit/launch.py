@@ -1,0 +1,186 @@
+"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
+kernel) and torchrun, with one failure policy: a failing rank stops every rank, and if the
+training processes ended without a valid submission while a checkpoint exists, the launcher
+predicts from it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from . import distributed, env
+from .budget import BudgetClock, fmt_seconds
+from .competition import Competition, check_submission_writable, load_competition
+from .config import budget_seconds
+from .context import EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, RunContext
+from .demo import make_demo_competition, score_demo_submission
+from .distributed import DistInfo
+from .fileio import write_json
+from .infer_job import run_infer
+from .reports import write_label_statistics
+from .session import finish_run
+from .stopping import handle_signals
+from .train_job import Outcome, guarded, run_train
+
+log = logging.getLogger("kernelkit")
+
+
+def timm_version() -> str:
+    import timm
+    return timm.__version__
+
+
+def announce(ctx: RunContext) -> None:
+    env.check_versions({"torch": torch.__version__, "timm": timm_version()})
+    log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
+             "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
+    ctx.cfg.save(ctx.out_dir / "config.json")
+    if ctx.is_demo:
+        log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
+        make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
+
+
+def open_competition(ctx: RunContext) -> Competition:
+    """The data, and proof that a submission can be written for it, before anything slow runs."""
+    comp = load_competition(ctx.data_dir, ctx.cfg.format)
+    check_submission_writable(comp)
+    return comp
+
+
+def launch(ctx: RunContext) -> int:
+    info = distributed.from_torchrun()
+    if info is not None:  # started by torchrun: one process per rank already
+        info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
+        return run_rank(ctx, info)
+    procs = 1
+    if ctx.cfg.mode == "train" and not ctx.args.dry_run:
+        procs = distributed.wanted_processes(ctx.cfg.ddp_procs)
+    if procs == 1:
+        return run_rank(ctx, distributed.SINGLE)
+    announce(ctx)  # once, before the ranks start: the demo data must exist for all of them
+    status = launch_ranks(ctx, procs)
+    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
+
+
+def launch_ranks(ctx: RunContext, procs: int) -> int:
+    """Spawn one process per rank; a SIGTERM to us is passed on to them. -> rank 0's exit status."""
+    import torch.multiprocessing as mp
+    port = distributed.free_port()
+    log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
+    procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+                                   start_method="spawn")
+    forwarded = False
+    try:
+        while not procs_ctx.join(timeout=1.0):
+            if ctx.stop.requested and not forwarded:
+                for p in procs_ctx.processes:
+                    os.kill(p.pid, signal.SIGTERM)
+                forwarded = True
+    except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
+        log.exception("a data-parallel rank failed; every rank was stopped")
+    summary = ctx.out_dir / "summary.json"
+    return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
+        else EXIT_NO_SUBMISSION
+
+
+def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
+    """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
+    non-zero, which makes the launcher stop every rank: nobody waits on a dead peer."""
+    from .cli import setup_logging
+    setup_logging()
+    if rank:
+        log.setLevel(logging.WARNING)
+    info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
+    with handle_signals() as stop:
+        ctx = dataclasses.replace(ctx, stop=stop)
+        status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+    if status not in (EXIT_OK,):
+        raise SystemExit(status)
+
+
+def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False) -> int:
+    if info.enabled:
+        if info.rank:
+            log.setLevel(logging.WARNING)
+        distributed.init(info, init_method)
+    try:
+        if info.is_main and not announced:
+            announce(ctx)
+        distributed.barrier(info)
+        return run_job(ctx, info)
+    finally:
+        distributed.shutdown(info)
+
+
+def run_job(ctx: RunContext, info: DistInfo) -> int:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
+    comp = open_competition(ctx)
+    if cfg.mode == "infer":
+        ctx.phase = PREDICTING
+        summary = run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
+        write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
+        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
+        return EXIT_OK
+    if ctx.args.dry_run:
+        from .dry_run import dry_run
+        plan = dry_run(ctx, comp, info.device())
+        write_json(out_dir / "plan.json", plan.to_dict())
+        log.info("dry-run plan for %s on %s:\n%s", cfg.model, info.device(), plan.table())
+        return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
+    if info.is_main:
+        guarded(Outcome(), "label statistics", write_label_statistics, comp.train_targets, comp.class_names,
+                comp.train_paths, comp.task, out_dir)
+    outcome = run_train(ctx, comp, info)
+    if not info.is_main:
+        return EXIT_OK
+    return report(ctx, comp, outcome, info)
+
+
+def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo) -> int:
+    cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
+    status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
+    guarded(outcome, "finishing the run state", finish_run, out_dir)
+    s.update(wall_s=round(time.time() - _run_start(ctx), 1), exit_status=status, world_size=info.world_size,
+             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None)
+    if ctx.is_demo and outcome.submitted:
+        s["demo_test_score"] = guarded(outcome, "demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
+    guarded(outcome, "writing summary.json", write_json, out_dir / "summary.json", s)
+    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
+    log.info("validation %s %.4f (label-prior baseline %.4f); %s used; submission: %s", metric,
+             s.get("val_score") or float("nan"), s.get("baseline") or float("nan"), fmt_seconds(s["wall_s"]),
+             (out_dir / "submission.csv").resolve() if outcome.submitted else "NONE")
+    if s.get("demo_test_score") is not None:
+        log.info("demo test F2 against the generated answers: %.4f", s["demo_test_score"])
+    if outcome.problems:
+        log.error("!!! the submission was written, but %d step(s) failed: %s", len(outcome.problems),
+                  "; ".join(outcome.problems))
+    return status
+
+
+def _run_start(ctx: RunContext) -> float:
+    state = ctx.out_dir / "run_state.json"
+    try:
+        return float(json.loads(state.read_text())["run_start"])
+    except (OSError, ValueError, KeyError):
+        return ctx.t_start
+
+
+def rescue(ctx: RunContext) -> int:
+    """The training processes ended without a submission: predict from their best checkpoint."""
+    ckpt = next((ctx.out_dir / n for n in ("best.pt", "last.pt") if (ctx.out_dir / n).is_file()), None)
+    if ckpt is None:
+        log.error("training ended without a submission and left no checkpoint to predict from")
+        return EXIT_NO_SUBMISSION
+    log.error("!!! training ended without a submission; predicting from %s", ckpt)
+    cfg = dataclasses.replace(ctx.cfg, mode="infer", checkpoints=str(ckpt))
+    rctx = dataclasses.replace(ctx, cfg=cfg, phase=PREDICTING)
+    summary = run_infer(rctx, open_competition(rctx), distributed.SINGLE.device(),
+                        BudgetClock(*budget_seconds(cfg), start_time=_run_start(ctx)))
+    write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
+    return EXIT_OK
+
