@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kernelkit.config import Config, budget_seconds, make_config, parse_duration
+from kernelkit.config import CHOICES, PRESETS, Config, ConfigError, budget_seconds, make_config, parse_duration
 
 
 @pytest.mark.parametrize("text,seconds", [("9h", 32400), ("8h30m", 30600), ("90s", 90), ("1.5h", 5400),
@@ -27,7 +27,7 @@ def test_precedence_defaults_preset_block_cli():
 
 
 def test_unknown_keys_and_presets_are_errors():
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ConfigError, match="unknown CONFIG block key 'modle' .did you mean 'mode' or 'model'"):
         make_config({"modle": "resnet18"}, [])
     with pytest.raises(ValueError, match="unknown preset"):
         make_config({}, ["--preset", "nope"])
@@ -46,3 +46,80 @@ def test_config_round_trips_through_json(tmp_path):
     cfg, _ = make_config({"model": "test_vit", "epochs": 3}, [])
     cfg.save(tmp_path / "c.json")
     assert Config.from_dict(json.loads((tmp_path / "c.json").read_text())) == cfg
+
+
+def test_every_choice_lives_in_one_place_and_matches_the_code():
+    from kernelkit import competition, losses, models, thresholds, transforms
+    assert set(CHOICES["loss"]) == {"auto", *losses.LOSSES}
+    assert CHOICES["aug"] == transforms.AUG_LEVELS and CHOICES["gpu_aug"] == transforms.BATCH_AUG_LEVELS
+    assert CHOICES["head"] == models.HEADS and CHOICES["threshold_rule"] == thresholds.KINDS
+    assert CHOICES["format"] == ("auto", *competition.FORMATS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_configs(name):
+    cfg, _ = make_config({"preset": name}, [])
+    assert cfg.preset == name
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_choice_typo_is_refused_by_the_command_line_with_the_allowed_values(key, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        make_config({}, [f"--{key.replace('_', '-')}", "zzz-typo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--{key.replace('_', '-')}" in err and "invalid choice" in err
+    assert all(repr(v) in err for v in CHOICES[key] if v), err
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_choice_typo_in_the_config_block_is_refused_with_the_allowed_values(key):
+    with pytest.raises(ConfigError, match=f"{key}='zzz-typo' is not one of") as e:
+        make_config({key: "zzz-typo"}, [])
+    assert all(repr(v) in str(e.value) for v in CHOICES[key])
+
+
+@pytest.mark.parametrize("block,match", [
+    ({"tta": 0}, "tta=0"), ({"img_size": 0}, "img_size=0"), ({"img_size": -5}, "img_size=-5"),
+    ({"batch_size": 0}, "batch_size=0"), ({"epochs": -1}, "epochs=-1"), ({"fold": 5}, "fold=5"),
+    ({"val_fraction": 1.5}, "val_fraction=1.5"), ({"val_fraction": -0.1}, "val_fraction=-0.1"),
+    ({"threshold": 1.5}, "threshold=1.5"), ({"warmup": 2.0}, "warmup=2.0"), ({"lr": 0.0}, "lr=0.0"),
+    ({"min_labels": 3, "max_labels": 1}, "min_labels=3 > max_labels=1"), ({"pad_fill": 300}, "pad_fill=300"),
+    ({"budget": "5s"}, "leaves under 20 s"), ({"budget": "abc"}, "cannot parse duration"),
+    ({"grace": "0s"}, "grace"), ({"mode": "infer"}, "needs checkpoints"),
+    ({"batch_size": "16"}, "batch_size='16': expected an integer, got str"),
+    ({"img_size": 3.5}, "img_size=3.5: expected an integer"), ({"amp": "yes"}, "amp='yes': expected True or False"),
+    ({"lr": True}, "lr=True: expected a number"), ({"data_dir": "/no/such/dir"}, "data_dir='/no/such/dir' does not exist"),
+    ({"resume_from": "/no/such.pt"}, "resume_from='/no/such.pt' does not exist"),
+    ({"mixup": 0.2, "loss": "complement"}, "soft targets"),
+])
+def test_values_out_of_range_or_of_the_wrong_type_are_refused_naming_the_option(block, match):
+    with pytest.raises(ConfigError, match=match):
+        make_config(block, [])
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        make_config({"tta": 0, "batch_size": 0}, ["--fold", "9"])
+    assert all(k in str(e.value) for k in ("tta=0", "batch_size=0", "fold=9"))
+
+
+def test_numbers_are_accepted_where_they_are_meant():
+    cfg, _ = make_config({"budget": 3600, "lr": 1, "ema": 0}, [])
+    assert cfg.budget == "3600s" and budget_seconds(cfg)[0] == 3600 and cfg.lr == 1.0
+
+
+def test_a_checkpoint_config_from_another_version_still_loads():
+    stored = {**Config().to_dict(), "removed_option": 1}
+    del stored["grace"]
+    cfg = Config.from_stored(stored)
+    assert cfg.grace == Config().grace and not hasattr(cfg, "removed_option")
+
+
+def test_help_has_no_python_reprs(capsys):
+    from kernelkit.config import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "2% + 2s" in out and "{'" not in out, "no raw % formatting, no dict reprs"
+    assert "--threshold-rule {global,group,class}" in out and "exit status: 0 submission written" in out

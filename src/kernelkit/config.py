@@ -155,8 +155,9 @@ def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
     known = [f.name for f in fields(Config)]
     problems = []
     for key in sorted(set(d) - set(known)):
-        close = difflib.get_close_matches(str(key), known, n=1)
-        problems.append(f"unknown {where} key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        close = difflib.get_close_matches(str(key), known, n=2)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        problems.append(f"unknown {where} key {key!r}{hint}")
     if problems:
         raise ConfigError("; ".join(problems) + f". Known keys: {', '.join(known)}")
 
