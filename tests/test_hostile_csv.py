@@ -7,11 +7,16 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_folder, make_multilabel_csv, make_single_label_csv
 from PIL import Image
 
-from conftest import make_folder, make_multilabel_csv, make_single_label_csv
-from kernelkit.competition import (detect_format, format_predictions, load_competition, validate_submission,
-                                   write_submission)
+from kernelkit.competition import (
+    detect_format,
+    format_predictions,
+    load_competition,
+    validate_submission,
+    write_submission,
+)
 
 
 def write_rows(path, header, rows, sep=",", encoding="utf-8", bom=b""):
@@ -145,7 +150,8 @@ def test_sample_submission_names_the_label_column(tmp_path):
 def test_ambiguous_label_column_is_refused_listing_the_columns(tmp_path):
     root = make_single_label_csv(tmp_path / "d")
     write_rows(root / "train.csv", ["id", "a", "b"], [(i, c, c) for i, c in train_rows(root)])
-    with pytest.raises(ValueError, match=r"train.csv: cannot tell which column holds the labels.*'a', 'b'.*label_column="):
+    msg = r"train.csv: cannot tell which column holds the labels.*'a', 'b'.*label_column="
+    with pytest.raises(ValueError, match=msg):
         load_competition(root)
 
 

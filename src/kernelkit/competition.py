@@ -441,20 +441,24 @@ def _onehot(comp: Competition, cells: list[str]) -> np.ndarray:
     return out
 
 
-def render_submission(comp: Competition, cells: list[str]) -> pd.DataFrame:
+def _sample_table(comp: Competition) -> CsvTable | None:
+    return read_csv_file(comp.sample_submission) if comp.sample_submission is not None else None
+
+
+def render_submission(comp: Competition, cells: list[str], sample: CsvTable | None = None) -> pd.DataFrame:
     """The submission as a frame: the sample's columns in its order, extra columns copied from it."""
     if len(cells) != len(comp.test_ids):
         raise ValueError(f"{len(cells)} predictions for {len(comp.test_ids)} test ids")
-    sample = read_csv_file(comp.sample_submission) if comp.sample_submission is not None else None
+    sample = sample if sample is not None else _sample_table(comp)
     cols = comp.submission_columns or [comp.id_column, comp.pred_column]
     onehot = _onehot(comp, cells) if comp.wide_columns else None
-    data: dict[str, list[str]] = {}
+    data: dict[str, object] = {}
     for c in cols:
         if c == comp.id_column:
             data[c] = list(comp.test_ids)
         elif c in comp.wide_columns:
-            k = comp.wide_columns[c]
-            data[c] = [str(v) for v in onehot[:, k]] if k >= 0 else ["0"] * len(cells)
+            k = comp.wide_columns[c]  # integer columns: to_csv writes 0/1 without a str per cell
+            data[c] = onehot[:, k] if k >= 0 else np.zeros(len(cells), dtype=np.uint8)
         elif c == comp.pred_column:
             data[c] = list(cells)
         elif sample is not None and len(sample.frame) == len(cells):
@@ -485,9 +489,9 @@ def _check_cells(sub: CsvTable, comp: Competition) -> None:
             raise ValueError(f"{sub.name} row {r + 2}: prediction {unknown!r} is not one of the classes")
 
 
-def _check_submission(sub: CsvTable, comp: Competition) -> None:
+def _check_submission(sub: CsvTable, comp: Competition, ref: CsvTable | None = None) -> None:
     """Same ids, order, columns and delimiter as sample_submission.csv; a valid cell in every row."""
-    ref = read_csv_file(comp.sample_submission) if comp.sample_submission is not None else None
+    ref = ref if ref is not None else _sample_table(comp)
     cols = ref.columns if ref is not None else (comp.submission_columns or [comp.id_column, comp.pred_column])
     where = Path(ref.name).name if ref is not None else "expected"
     if ref is not None and sub.sep != ref.sep:
@@ -531,9 +535,10 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_submission(comp: Competition, cells: list[str], path: Path) -> pd.DataFrame:
     """Render, validate in memory, then replace `path` atomically: an invalid file never lands there."""
     path = Path(path)
-    df = render_submission(comp, cells)
+    sample = _sample_table(comp)  # read once for both: it is the reference the render must match
+    df = render_submission(comp, cells, sample)
     text = _to_text(comp, df)
-    _check_submission(parse_csv_text(text, f"{path.name} (not written)"), comp)
+    _check_submission(parse_csv_text(text, f"{path.name} (not written)"), comp, sample)
     _atomic_write(path, text)
     return df
 
@@ -556,8 +561,9 @@ def check_submission_writable(comp: Competition, out_dir: Path | None = None) ->
         raise ValueError(f"{where}: the training data has no classes to predict")
     dummy = [[] for _ in comp.test_ids] if comp.task == "multilabel" else np.zeros(len(comp.test_ids), np.int64)
     try:
-        text = _to_text(comp, render_submission(comp, format_predictions(comp, dummy)))
-        _check_submission(parse_csv_text(text, "submission.csv (dry run)"), comp)
+        sample = _sample_table(comp)
+        text = _to_text(comp, render_submission(comp, format_predictions(comp, dummy), sample))
+        _check_submission(parse_csv_text(text, "submission.csv (dry run)"), comp, sample)
     except ValueError as e:
         raise ValueError(f"{where}: a submission in its layout would be invalid: {e}") from None
     if out_dir is not None:
