@@ -17,6 +17,8 @@ CONFIG = dict(
     # mode='train',                         # train: train then predict | infer: predict from saved checkpoints
     # preset='',                            # named preset applied under your settings (demo, ...)
     # data_dir='',                          # competition folder; empty = find it under /kaggle/input, else run the demo
+    # id_column='',                         # train.csv column holding the image ids; empty = detect (sample submission, known names)
+    # label_column='',                      # train.csv column holding the labels; empty = detect (sample submission, known names)
     # format='auto',                        # auto | multilabel_csv | single_label_csv | folder
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
     # checkpoints='',                       # infer mode: checkpoint file, folder or glob
@@ -62,13 +64,15 @@ CONFIG = dict(
     # channels_last=True,
     # num_workers=-1,                       # -1 = all CPU cores
     # mp_context='',                        # DataLoader worker start method: '' (default) | spawn | forkserver | fork
-    # seed=42,
+    # seed=42,                              # seeds Python, NumPy, torch and every loader worker; stored in the checkpoints
+    # deterministic=False,                  # GPU: deterministic kernels (cudnn.deterministic, no benchmark); slower
     # ddp_procs=0,                          # data-parallel processes: 0 = one per GPU when several are visible (T4 x2), 1 = off
     # ddp_backend='',                       # '' = nccl on GPU, gloo on CPU
     # checkpoint_every='20m',               # also save last.pt at this wall-clock interval
     # resume=True,                          # continue an unfinished run from out_dir/last.pt (its time counts against the budget)
     # resume_from='',                       # continue from this checkpoint of an earlier session (e.g. an attached dataset); the budget is what this session has left
     # max_train_images=0,                   # use only this many training images (0 = all); for quick runs
+    # grace='20s',                          # on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if needed), then exit 0 with a submission
     # tta=2,                                # test-time augmentation views: 1 = none, 2 = + horizontal flip
     # beta=2.0,                             # multi-label metric: F-beta averaged per image (iMet: 2)
     # threshold=-1.0,                       # multi-label threshold; <0 = search on validation
@@ -83,6 +87,124 @@ CONFIG = dict(
 _SOURCES = {
 'kernelkit': r'''"""kernelkit: train a timm model inside a Kaggle time budget and write submission.csv."""
 __version__ = "0.1.0"
+''',
+'kernelkit.assemble': r'''"""Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import distributed, env
+from .cache import BuildStopped, ImageCache, build_cache, open_cache
+from .competition import Competition
+from .config import Config
+from .data import ImageDataset, make_loader, split_indices
+from .distributed import DistInfo
+from .folds import make_folds
+from .sampling import balanced_sampler
+from .stopping import StopFlag
+from .transforms import EvalTransform, TrainTransform
+
+log = logging.getLogger("kernelkit")
+
+
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+
+
+def num_workers(cfg: Config) -> int:
+    return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
+
+
+@dataclass
+class TrainingData:
+    train_loader: Any
+    val_loader: Any
+    train_targets: np.ndarray
+    val_targets: np.ndarray
+    val_paths: list[str]
+    val_rows: np.ndarray  # positions of the validation images in comp.train_paths (for out-of-fold files)
+
+
+def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SINGLE,
+                stop: StopFlag | None = None) -> ImageCache | None:
+    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds, others open."""
+    if not cfg.cache_images or not paths:
+        return None
+    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
+    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    cache = None
+    if info.is_main:
+        try:
+            cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
+                                max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop)
+        except BuildStopped as e:
+            log.warning("%s; images will be decoded as they are used", e)
+    if info.enabled:
+        distributed.barrier(info)
+        if cache is None:
+            cache = open_cache(paths, geometry, root)
+    return cache
+
+
+def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (train rows, validation rows): K-fold (iterative stratification for multi-label) or a hold-out."""
+    if cfg.fold >= 0:
+        folds = make_folds(targets, cfg.n_folds, cfg.seed)
+        return np.flatnonzero(folds != cfg.fold), np.flatnonzero(folds == cfg.fold)
+    return split_indices(targets, cfg.val_fraction, cfg.seed)
+
+
+def build_training_data(cfg: Config, comp: Competition, device: torch.device,
+                        info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None) -> TrainingData:
+    nw, pin = num_workers(cfg), device.type == "cuda"
+    targets, paths = comp.train_targets, comp.train_paths
+    keep = np.arange(len(paths))
+    if cfg.max_train_images and len(paths) > cfg.max_train_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_train_images])
+        paths, targets = [paths[i] for i in keep], targets[keep]
+    tr_idx, va_idx = split(cfg, targets)
+    if len(tr_idx) == 0:
+        raise ValueError("no training images found")
+    cache = image_cache(cfg, paths, info, stop)
+    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cfg.aug),
+                            cfg.img_size, cfg.pad_fill, cache=cache.subset(tr_idx) if cache else None)
+    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry), cfg.img_size,
+                          cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
+    log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    return TrainingData(
+        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
+                                 train_sampler(cfg, targets[tr_idx], train_ds, info)),
+        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
+                    if len(val_ds) and info.is_main else None),
+        train_targets=targets[tr_idx], val_targets=targets[va_idx], val_paths=[paths[i] for i in va_idx],
+        val_rows=keep[va_idx])
+
+
+def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo):
+    if cfg.balanced_sampling > 0:
+        if info.enabled:
+            raise ValueError("balanced_sampling is not supported with data-parallel training yet; set ddp_procs=1")
+        return balanced_sampler(targets, cfg.balanced_sampling, cfg.seed)
+    if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
+        return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
+                                                   seed=cfg.seed, drop_last=True)
+    return None
+
+
+def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int = 0):
+    """The test images through the eval transform of `cfg` (a checkpoint's own config at inference);
+    `limit` > 0: only the first `limit` images (the reserve probe)."""
+    paths = comp.test_paths[:limit] if limit else comp.test_paths
+    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size,
+                      cfg.pad_fill)
+    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
 ''',
 'kernelkit.budget': r'''"""Wall-clock budget and the learning-rate schedule defined over it.
 
@@ -123,16 +245,19 @@ def fmt_seconds(s: float) -> str:
 class InferenceReserve:
     """Time to keep for the final validation + test prediction, from measured throughput.
 
-    Until a validation pass has been timed, inference speed is guessed from training speed
-    (a forward pass costs about a third of forward+backward; assume half to stay safe).
-    `startup_s` is the measured cost of a loader's first batch (worker start-up), paid twice:
-    once for the final validation and once for the test loader.
+    `test_ips` comes from a probe before training (test images decoded from their files with the
+    eval transform, TTA views counted: what the final prediction will really cost); `val_ips` from
+    each validation pass (often cached images, so faster). Whichever is missing borrows the other;
+    before either exists, inference is guessed from training speed (a forward pass costs about a
+    third of forward+backward; assume half to stay safe). `startup_s` is the measured cost of a
+    loader's first batch (worker start-up), paid twice: final validation and test loader.
     """
 
     def __init__(self, n_test: int, n_val: int, tta: int, overhead_s: float = 2.5, safety: float = 1.3):
         self.n_test, self.n_val, self.tta = n_test, n_val, tta
         self.overhead_s, self.safety = overhead_s, safety
-        self.infer_ips: float | None = None
+        self.test_ips: float | None = None
+        self.val_ips: float | None = None
         self.train_ips: float | None = None
         self.startup_s = 5.0  # until measured
         self._startup_measured = False
@@ -144,11 +269,13 @@ class InferenceReserve:
         self._startup_measured = True
 
     def seconds(self) -> float:
-        ips = self.infer_ips or (2.0 * self.train_ips if self.train_ips else None)
+        guess = 2.0 * self.train_ips if self.train_ips else None
+        test_rate = self.test_ips or self.val_ips or guess
+        val_rate = self.val_ips or self.test_ips or guess
         fixed = self.overhead_s + 2 * self.startup_s
-        if not ips:
+        if not test_rate:
             return fixed
-        return fixed + self.safety * (self.n_test * self.tta + self.n_val) / ips
+        return fixed + self.safety * (self.n_test * self.tta / test_rate + self.n_val / val_rate)
 
 
 def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> float:
@@ -233,6 +360,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
 from .progress import progress
+from .stopping import ignore_in_worker
 
 log = logging.getLogger("kernelkit")
 
@@ -380,6 +508,10 @@ class CacheWriter(Dataset):
         return state
 
 
+class BuildStopped(Exception):
+    """A stop request (SIGTERM) arrived while the cache was being built."""
+
+
 def _write_at(fd: int, buf: memoryview, offset: int) -> None:
     while len(buf):
         if hasattr(os, "pwrite"):
@@ -447,13 +579,65 @@ def open_cache(paths: Sequence[str], geometry: Geometry, root: str | Path,
     return ImageCache.open(cache_dir(root, geometry, key), key)
 
 
+def _rows_that_fit(root: Path, n: int, per: int, max_bytes: int) -> int:
+    room = shutil.disk_usage(root).free - FREE_DISK_MARGIN
+    if max_bytes:
+        room = min(room, max_bytes)
+    n_fit = int(max(0, min(n, room // per)))
+    if n_fit < n:
+        log.warning("image cache: room for %d of %d images (%.1f GB needed, %.1f GB allowed); the other %d "
+                    "are decoded every time they are used", n_fit, n, n * per / 1e9, max(room, 0) / 1e9, n - n_fit)
+    return n_fit
+
+
+def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_size: int, desc: str,
+                 stop) -> tuple[np.ndarray, list[str], float]:
+    """Decode every image into its row -> (ok per row, messages of the bad ones, steady decode rate)."""
+    ok = np.zeros(len(writer), bool)
+    bad: list[str] = []
+    tv_jpeg_decoder()  # import torchvision's decoder once here; forked workers inherit it
+    kwargs = {}
+    if num_workers > 0 and mp_context:
+        kwargs["multiprocessing_context"] = mp_context
+    loader = DataLoader(writer, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_status, worker_init_fn=ignore_in_worker if num_workers else None,
+                        **kwargs)
+    t_first, n_after = None, 0
+    for batch in progress(loader, desc=desc, total=len(loader)):
+        if stop is not None and stop.requested:
+            raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
+        if t_first is None:
+            t_first = time.time()
+        else:
+            n_after += len(batch)
+        for i, good, msg in batch:
+            ok[i] = good
+            if not good:
+                bad.append(msg)
+                if len(bad) <= MAX_LOGGED_BAD:
+                    log.warning("unreadable image (kept with ok=0): %s", msg)
+    # decode rate after the first batch (worker start-up excluded), for benchmarks and planning
+    steady = round(n_after / max(time.time() - t_first, 1e-9), 1) if t_first else 0.0
+    return ok, bad, steady
+
+
+def _write_index(tmp: Path, ok: np.ndarray, bad: list[str], meta: dict) -> None:
+    np.save(tmp / OK, ok)
+    (tmp / BAD).write_text("".join(m + "\n" for m in bad))
+    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    for name in (OK, BAD, META):
+        _fsync(tmp / name)
+    _fsync(tmp, directory=True)
+
+
 def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, num_workers: int = 0,
                 mp_context: str = "", max_bytes: int = 0, stat_files: bool = True, batch_size: int = 8,
-                desc: str = "image cache") -> ImageCache:
+                desc: str = "image cache", stop=None) -> ImageCache:
     """Open the cache for `paths` at `geometry` under `root`, building it first if needed.
 
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
-    bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it).
+    bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
+    (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept.
     """
     t0 = time.time()
     geometry = _geometry(geometry)
@@ -467,55 +651,21 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
-    n, per = len(paths), 3 * size * size
-    room = shutil.disk_usage(root).free - FREE_DISK_MARGIN
-    if max_bytes:
-        room = min(room, max_bytes)
-    n_fit = int(max(0, min(n, room // per)))
-    if n_fit < n:
-        log.warning("image cache: room for %d of %d images (%.1f GB needed, %.1f GB allowed); the other %d "
-                    "are decoded every time they are used", n_fit, n, n * per / 1e9, max(room, 0) / 1e9, n - n_fit)
+    per = 3 * size * size
+    n, n_fit = len(paths), _rows_that_fit(root, len(paths), per, max_bytes)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         data_path = tmp / DATA
         _allocate(data_path, n_fit * per)
-        ok = np.zeros(n_fit, bool)
-        bad: list[str] = []
-        tv_jpeg_decoder()  # import torchvision's decoder once here; forked workers inherit it
         writer = CacheWriter(list(paths)[:n_fit], geometry, str(data_path))
-        kwargs = {}
-        if num_workers > 0 and mp_context:
-            kwargs["multiprocessing_context"] = mp_context
-        loader = DataLoader(writer, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=collate_status, **kwargs)
-        t_first, n_after = None, 0
-        for batch in progress(loader, desc=desc, total=len(loader)):
-            if t_first is None:
-                t_first = time.time()
-            else:
-                n_after += len(batch)
-            for i, good, msg in batch:
-                ok[i] = good
-                if not good:
-                    bad.append(msg)
-                    if len(bad) <= MAX_LOGGED_BAD:
-                        log.warning("unreadable image (kept with ok=0): %s", msg)
+        ok, bad, steady = _decode_into(writer, num_workers, mp_context, batch_size, desc, stop)
         writer.close()
-        del loader
         _fsync(data_path)
-        np.save(tmp / OK, ok)
-        (tmp / BAD).write_text("".join(m + "\n" for m in bad))
-        meta = {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size, "layout": "NHWC",
-                "pad_aspect": geometry[1], "fill": geometry[2], "decoder": DECODER_VERSION,
-                "bad": len(bad), "build_s": round(time.time() - t0, 3),
-                # decode rate after the first batch (worker start-up excluded), for benchmarks and planning
-                "steady_images_per_s": round(n_after / max(time.time() - t_first, 1e-9), 1) if t_first else 0.0,
-                "created": time.time()}
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-        for name in (OK, BAD, META):
-            _fsync(tmp / name)
-        _fsync(tmp, directory=True)
+        _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
+                                    "layout": "NHWC", "pad_aspect": geometry[1], "fill": geometry[2],
+                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(time.time() - t0, 3),
+                                    "steady_images_per_s": steady, "created": time.time()})
         if final.exists() and ImageCache.open(final, key) is None:
             shutil.rmtree(final)  # an incomplete or foreign directory in the way
         try:
@@ -538,44 +688,100 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
              n_fit, size, dt, n_fit / max(dt, 1e-9), len(bad), n_fit * per / 1e9, final)
     return cache
 ''',
-'kernelkit.checkpoint': r'''"""Atomic checkpoints: a crash mid-save never leaves a half-written file behind."""
+'kernelkit.checkpoint': r'''"""Checkpoints: one owner for their names, one atomic write, a versioned format.
+
+Format history (`format_version`):
+  1  (no key) model, ema, optimizer, scaler, epoch, step, progress, best_score, threshold,
+     elapsed, run_start, rng, config, classes, task; optionally threshold_rule.
+  2  + format_version and seed; older files load through `migrate`.
+"""
 from __future__ import annotations
 
 import logging
-import os
+import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .fileio import atomic_write
+
 log = logging.getLogger("kernelkit")
+
+FORMAT_VERSION = 2
+BEST, LAST = "best.pt", "last.pt"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """weights_only=True: a checkpoint cannot run code when it is loaded."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (UnpicklingError and friends; re-raised with context)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise ValueError(f"{path}: refusing checkpoint with pickled objects (weights_only=True): {e}") from e
         raise
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not a kernelkit checkpoint (no 'model' entry)")
+    return migrate(ckpt)
+
+
+def migrate(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older checkpoint to the current format; newer ones are refused clearly."""
+    version = int(ckpt.get("format_version", 1))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"checkpoint format {version} is newer than this kernel understands ({FORMAT_VERSION}); "
+                         "use the kernel.py that wrote it")
+    if version == 1:
+        ckpt = {**ckpt, "format_version": 2, "seed": ckpt.get("config", {}).get("seed")}
+    return ckpt
+
+
+class Checkpointer:
+    """Writes best.pt / last.pt in `out_dir` with the run's metadata (config dict, classes, task,
+    seed). A failed write is logged and counted, never raised: training goes on, and the previous
+    file is intact because the write is atomic."""
+
+    def __init__(self, out_dir: Path, meta: dict[str, Any]):
+        self.out_dir, self.meta = Path(out_dir), dict(meta)
+        self.failures = 0
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def save(self, name: str, payload: dict[str, Any]) -> bool:
+        try:
+            save_checkpoint({**payload, **self.meta, "format_version": FORMAT_VERSION}, self.path(name))
+            return True
+        except Exception as e:  # noqa: BLE001  (torch.save raises RuntimeError on a full disk, not OSError)
+            self.failures += 1
+            log.error("could not save %s (%s: %s); the previous %s stays usable, training continues",
+                      name, type(e).__name__, e, name)
+            return False
+
+    def update(self, name: str, **fields: Any) -> bool:
+        """Add fields (e.g. the final threshold rule) to an existing checkpoint."""
+        path = self.path(name)
+        if not path.is_file():
+            return False
+        try:
+            ckpt = load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001
+            log.error("could not read %s back to update it (%s)", name, e)
+            return False
+        return self.save(name, {**ckpt, **fields})
+
+    def best_available(self) -> Path | None:
+        for name in (BEST, LAST):
+            if self.path(name).is_file():
+                return self.path(name)
+        return None
 
 
 def rng_state() -> dict[str, Any]:
-    import random
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -583,32 +789,139 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import random
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 ''',
+'kernelkit.cli': r'''"""The command line and the exit contract. Imports nothing heavy until the config is known good,
+so a typo is refused in well under a second, before torch is even imported.
+
+    0  a valid submission.csv was written (failures after training started are logged loudly
+       and listed in summary.json under "problems")
+    2  refused before training: the message names the option, file or folder and what is wrong
+    4  --dry-run: the plan does not fit the budget
+    1  no submission could be made; the reason is the last thing in the log
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import env
+from .config import ConfigError, make_config
+from .context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
+from .stopping import handle_signals
+
+log = logging.getLogger("kernelkit")
+
+
+def refuse(message: str) -> int:
+    """Exit 2 with the reason on stderr (where people look) and in the log."""
+    log.error("refused: %s", message)
+    print(f"kernelkit: refused: {message}", file=sys.stderr, flush=True)
+    return EXIT_REFUSED
+
+
+def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> RunContext:
+    """Config and paths, with no side effects beyond creating out_dir. No competition found and no
+    data_dir: the demo (with its preset, unless another was chosen)."""
+    cfg, args = make_config(config_block, argv)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else env.find_competition_dir()
+    is_demo = data_dir is None
+    if is_demo and not cfg.preset:
+        cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot be created: {e}") from e
+    return RunContext(cfg, args, data_dir or out_dir / "demo_data", out_dir, is_demo, t_start)
+
+
+def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
+         started_at: float | None = None) -> int:
+    """`started_at`: process start (kernel.py records it before importing torch), so the budget
+    counts the imports too."""
+    setup_logging()
+    try:
+        ctx = resolve(config_block, argv, started_at or time.time())
+    except ConfigError as e:
+        return refuse(str(e))
+    with handle_signals() as stop:
+        ctx.stop = stop
+        return run(ctx)
+
+
+def run(ctx: RunContext) -> int:
+    try:
+        from .launch import launch  # torch, timm: only now
+        return launch(ctx)
+    except KeyboardInterrupt:
+        log.error("interrupted twice: stopping without a submission")
+        return EXIT_NO_SUBMISSION
+    except Exception as e:  # noqa: BLE001
+        if ctx.phase == SETUP and isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):
+            return refuse(f"{e}")
+        print_fatal(e)
+        return rescue_after_crash(ctx)
+
+
+def rescue_after_crash(ctx: RunContext) -> int:
+    """Past setup, the jobs guard every step themselves; an error escaping them is a bug, and the
+    checkpoints on disk still deserve a submission."""
+    if ctx.phase == SETUP or ctx.cfg.mode != "train":
+        return EXIT_NO_SUBMISSION
+    try:
+        from .launch import rescue
+        return rescue(ctx)
+    except Exception as e:  # noqa: BLE001
+        print_fatal(e)
+        log.error("no submission could be written")
+        return EXIT_NO_SUBMISSION
+
+
+def print_fatal(e: BaseException) -> None:
+    """The traceback with source lines: kernel.py registers its bundled modules with linecache, which
+    the traceback module reads (the interpreter's default hook reads files from disk, and there are
+    none)."""
+    log.error("fatal error: %s: %s\n%s", type(e).__name__, e, "".join(traceback.format_exception(e)))
+''',
 'kernelkit.competition': r'''"""Competition formats: read a Kaggle-style input folder, write and validate the submission.
 
 A format turns a folder into a `Competition`: image paths, targets, class names, the test ids in
-submission order, and how predictions become submission cells.
+submission order, and how predictions become submission cells. Everything a bad input can break is
+checked here, at load time, so a 9-hour run fails in its first seconds with the file's name instead.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
+from .fileio import atomic_write
+
 log = logging.getLogger("kernelkit")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FORMATS = ("multilabel_csv", "single_label_csv", "folder")
+# Column names tried in order when no override and no sample submission column name settles it.
+ID_NAMES = ("id", "image_id", "imageid", "image", "image_name", "img", "img_id", "filename", "file_name",
+            "file", "fname")
+LABEL_NAMES = ("label", "labels", "category_id", "category", "class", "class_id", "classes", "target",
+               "attribute_ids", "tags", "species", "breed", "landmark_id", "landmarks", "diagnosis")
+PRED_NAMES = LABEL_NAMES + ("predicted", "prediction", "predictions")
 
 
 @dataclass
@@ -621,14 +934,25 @@ class Competition:
     train_targets: np.ndarray  # multilabel: (N, C) uint8; multiclass: (N,) int64
     test_ids: list[str]
     test_paths: list[str]  # "" where the file is missing: it still gets a (fallback) row
-    id_column: str = "id"
-    pred_column: str = "predicted"
+    id_column: str = "id"  # submission's id column
+    pred_column: str = "predicted"  # submission's prediction column; "" for a wide sample
     sample_submission: Path | None = None
     missing_train: int = 0
+    train_label_column: str = ""  # train.csv column the labels came from ("" for folders)
+    submission_columns: list[str] = field(default_factory=list)  # every column, in the sample's order
+    submission_sep: str = ","  # the sample's delimiter, reproduced by the writer
+    # A wide sample (id + one 0/1 column per class): column -> class index; -1 = a class training never
+    # shows (always 0). Empty for the usual id,prediction layout.
+    wide_columns: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+def _is_junk(name: str) -> bool:
+    """Hidden entries (.ipynb_checkpoints, AppleDouble ._x.jpg) and __MACOSX are zip/OS debris, not data."""
+    return name.startswith((".", "__"))
 
 
 def _index_images(folder: Path) -> dict[str, str]:
@@ -638,41 +962,41 @@ def _index_images(folder: Path) -> dict[str, str]:
         return index
     with os.scandir(folder) as it:
         for e in it:
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTS):
+            if e.is_file() and e.name.lower().endswith(IMAGE_EXTS) and not _is_junk(e.name):
                 index.setdefault(e.name, e.path)
                 index.setdefault(os.path.splitext(e.name)[0], e.path)
     return index
 
 
-def _safe_id(value: object, row: int, csv: Path) -> str:
+def _safe_id(value: object, row: int, name: str) -> str:
     s = str(value).strip()
     if not s or s.lower() == "nan":
-        raise ValueError(f"{csv.name} row {row + 2}: empty id")
+        raise ValueError(f"{name} row {row + 2}: empty id")
     if "/" in s or "\\" in s or s in (".", "..") or s.startswith(".."):
         # Ids name files inside the data root; a path here could read anything on disk.
-        raise ValueError(f"{csv.name} row {row + 2}: id {s!r} looks like a path; refusing to read outside the data root")
+        raise ValueError(f"{name} row {row + 2}: id {s!r} looks like a path; refusing to read outside the data root")
     return s
 
 
-def _read_csv(path: Path, min_columns: int = 1, what: str = "") -> pd.DataFrame:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    df.columns = [c.strip() for c in df.columns]
-    if df.shape[1] < min_columns:
-        raise ValueError(f"{path}: need two columns ({what}), found {list(df.columns)}")
-    return df
-
-
-def _check_unique(ids: list[str], csv: Path) -> None:
+def _check_unique(ids: list[str], name: str) -> None:
     seen: dict[str, int] = {}
     for r, i in enumerate(ids):
         if i in seen:
-            raise ValueError(f"{csv.name}: id {i!r} is duplicated (rows {seen[i] + 2} and {r + 2}); "
+            raise ValueError(f"{name}: id {i!r} is duplicated (rows {seen[i] + 2} and {r + 2}); "
                              "merge or drop the duplicates")
         seen[i] = r
 
 
+def _lookup(i: str, index: dict[str, str]) -> str:
+    p = index.get(i, "")
+    if not p and i.lower().endswith(IMAGE_EXTS):
+        # "abc.jpg" in the csv while the file is abc.png: the stem still names it.
+        p = index.get(os.path.splitext(i)[0], "")
+    return p
+
+
 def _resolve(ids: list[str], index: dict[str, str], what: str) -> tuple[list[str], int]:
-    paths = [index.get(i, "") for i in ids]
+    paths = [_lookup(i, index) for i in ids]
     missing = sum(1 for p in paths if not p)
     if missing:
         example = next(i for i, p in zip(ids, paths) if not p)
@@ -680,42 +1004,132 @@ def _resolve(ids: list[str], index: dict[str, str], what: str) -> tuple[list[str
     return paths, missing
 
 
-def _test_ids(root: Path) -> tuple[list[str], Path | None, list[str]]:
-    sample = root / "sample_submission.csv"
-    test_index = _index_images(root / "test")
-    if sample.is_file():
-        df = _read_csv(sample)
-        ids = [_safe_id(v, r, sample) for r, v in enumerate(df.iloc[:, 0])]
-        _check_unique(ids, sample)
-        return ids, sample, list(df.columns)
-    ids = sorted({os.path.splitext(os.path.basename(p))[0] for p in test_index.values()})
-    return ids, None, []
+def _match(names: list[str] | tuple[str, ...], columns: list[str]) -> str:
+    """The first of `names` among `columns`, compared case-insensitively; "" when none is."""
+    low = {c.lower(): c for c in columns}
+    return next((low[n.lower()] for n in names if n and n.lower() in low), "")
 
 
-def detect_format(root: Path) -> str:
+def _explicit(name: str, table: CsvTable, what: str) -> str:
+    if not name:
+        return ""
+    col = _match([name], table.columns)
+    if not col:
+        raise ValueError(f"{table.name}: {what}={name!r} is not a column; its columns are {table.columns}")
+    return col
+
+
+def _known_label(table: CsvTable, rest: list[str]) -> str:
+    if len(rest) == 1:
+        return rest[0]
+    hits = [c for c in rest if c.lower() in LABEL_NAMES]
+    if len(hits) == 1:
+        return hits[0]
+    why = f"several label-like columns {hits}" if hits else "no column has a known label name"
+    raise ValueError(f"{table.name}: cannot tell which column holds the labels ({why}); its columns are "
+                     f"{table.columns}. Set label_column= (and id_column=) to name them")
+
+
+def pick_columns(table: CsvTable, sample_cols: list[str], id_column: str = "",
+                 label_column: str = "") -> tuple[str, str]:
+    """(id column, label column) of train.csv: explicit names, else the sample's names, else known names.
+
+    Extra columns (width, height, genus) are common; picking by position would train on the wrong one.
+    """
+    cols = table.columns
+    if len(cols) < 2:
+        raise ValueError(f"{table.name}: need two columns (id, label), found {cols}")
+    lab = _explicit(label_column, table, "label_column")
+    others = [c for c in cols if c != lab]
+    id_col = (_explicit(id_column, table, "id_column") or _match(sample_cols[:1], others)
+              or _match(ID_NAMES, others) or others[0])
+    if id_col == lab:
+        raise ValueError(f"{table.name}: id_column and label_column are both {lab!r}")
+    rest = [c for c in cols if c != id_col]
+    lab = lab or _match(sample_cols[1:2], rest) or _known_label(table, rest)
+    return id_col, lab
+
+
+def _read_sample(root: Path) -> CsvTable | None:
+    path = root / "sample_submission.csv"
+    if not path.is_file():
+        return None
+    sample = require_rows(read_csv_file(path))
+    if len(sample.columns) < 2:
+        raise ValueError(f"{path} has one column {sample.columns}: no column to write predictions into. "
+                         "A submission needs the id column and a prediction column (e.g. id,label); "
+                         "fix the sample, or remove it to write id + prediction columns")
+    return sample
+
+
+def _test_ids(root: Path, sample: CsvTable | None) -> list[str]:
+    if sample is not None:
+        name = Path(sample.name).name
+        ids = [_safe_id(v, r, name) for r, v in enumerate(sample.column(sample.columns[0]))]
+        _check_unique(ids, name)
+        return ids
+    return sorted({os.path.splitext(os.path.basename(p))[0] for p in _index_images(root / "test").values()})
+
+
+def _looks_multilabel(cells: list[str]) -> bool:
+    """Space-separated words in a label column: several labels per image, or class names with spaces?
+
+    Tags combine freely, so a word of a combined cell is also a label on its own or sits at varying
+    places ("clear primary", "haze primary water", "primary"); a word of a class name keeps its place
+    ("golden retriever", "labrador retriever"). Numbers ("1 5 9") are always tag ids.
+    """
+    vals = {c.strip() for c in cells if not is_missing(c)}
+    spaced = [v.split() for v in vals if len(v.split()) > 1]
+    if not spaced:
+        return False
+    if all(w.isdigit() for words in spaced for w in words):
+        return True
+    alone = {v for v in vals if len(v.split()) == 1}
+    places: dict[str, set[int]] = {}
+    for words in spaced:
+        for k, w in enumerate(words):
+            places.setdefault(w, set()).add(k)
+    reused = {w for w, ks in places.items() if len(ks) > 1 or w in alone}
+    return sum(any(w in reused for w in words) for words in spaced) > len(spaced) / 2
+
+
+def detect_format(root: Path, id_column: str = "", label_column: str = "") -> str:
+    root = Path(root)
     train_csv = root / "train.csv"
     if train_csv.is_file():
-        cols = [c.lower() for c in _read_csv(train_csv).columns]
-        if "attribute_ids" in cols or (root / "labels.csv").is_file():
+        table = read_csv_file(train_csv)
+        if "attribute_ids" in [c.lower() for c in table.columns] or (root / "labels.csv").is_file():
+            return "multilabel_csv"
+        sample = _read_sample(root)
+        _, lab = pick_columns(table, sample.columns if sample else [], id_column, label_column)
+        cells = table.column(lab)
+        if _looks_multilabel(cells):
+            n = sum(1 for c in cells if len(c.split()) > 1)
+            log.warning("%s: %d cells of label column %r hold several space-separated labels (e.g. %r); reading "
+                        "it as multi-label (format=single_label_csv overrides)", train_csv, n, lab,
+                        next(c for c in cells if len(c.split()) > 1))
             return "multilabel_csv"
         return "single_label_csv"
-    train = root / "train"
-    if train.is_dir() and any(p.is_dir() for p in train.iterdir()):
+    if _class_dirs(root / "train"):
         return "folder"
     raise FileNotFoundError(
         f"{root}: no train.csv and no train/<class>/ folders; set format= and data_dir= explicitly")
 
 
-def load_competition(root: str | Path, fmt: str = "auto") -> Competition:
+def load_competition(root: str | Path, fmt: str = "auto", id_column: str = "",
+                     label_column: str = "") -> Competition:
+    """id_column / label_column name train.csv's columns when detection cannot (or guesses wrong)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir {root} does not exist")
-    fmt = detect_format(root) if fmt == "auto" else fmt
+    fmt = detect_format(root, id_column, label_column) if fmt == "auto" else fmt
     loader = {"multilabel_csv": _load_multilabel_csv, "single_label_csv": _load_single_label_csv,
               "folder": _load_folder}.get(fmt)
     if loader is None:
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
-    comp = loader(root)
+    sample = _read_sample(root)
+    comp = loader(root, sample, id_column, label_column)
+    _fit_submission(comp, sample)
     test_index = _index_images(root / "test")
     comp.test_paths, _ = _resolve(comp.test_ids, test_index, "test")
     log.info("%s: %d train images, %d classes (%s), %d test ids", fmt, len(comp.train_paths),
@@ -723,78 +1137,183 @@ def load_competition(root: str | Path, fmt: str = "auto") -> Competition:
     return comp
 
 
-def _load_multilabel_csv(root: Path) -> Competition:
+def _train_table(root: Path, sample: CsvTable | None, id_column: str,
+                 label_column: str) -> tuple[list[str], list[str], str]:
+    """(ids, raw label cells, label column name) of train.csv, ids checked."""
+    table = require_rows(read_csv_file(root / "train.csv"))
+    id_col, lab_col = pick_columns(table, sample.columns if sample else [], id_column, label_column)
+    ids = [_safe_id(v, r, "train.csv") for r, v in enumerate(table.column(id_col))]
+    _check_unique(ids, "train.csv")
+    return ids, [v.strip() for v in table.column(lab_col)], lab_col
+
+
+def _class_key(t: str) -> tuple[bool, int, str]:
+    """Numeric labels in numeric order ("2" before "10"), then the rest alphabetically."""
+    num = t.lstrip("-").isdigit()
+    return (not num, int(t) if num else 0, t)
+
+
+def _labels_csv(path: Path) -> tuple[list[str], list[str]]:
+    ldf = require_rows(read_csv_file(path))
+    classes = [v.strip() for v in ldf.column(ldf.columns[0])]
+    names = [v.strip() for v in ldf.column(ldf.columns[1])] if len(ldf.columns) > 1 else classes
+    _check_unique(classes, path.name)
+    return classes, names
+
+
+def _tags(cells: list[str]) -> list[list[str]]:
+    """Space-separated tags per cell; "nan"/"None"/"null" mean no tag, like a blank cell does."""
+    out = [[t for t in c.split() if t.lower() not in MISSING] for c in cells]
+    n = sum(1 for c, tags in zip(cells, out) if len(c.split()) != len(tags))
+    if n:
+        log.warning("train.csv: %d label cells hold NaN/None/null text; read as no label there", n)
+    return out
+
+
+def _load_multilabel_csv(root: Path, sample: CsvTable | None = None, id_column: str = "",
+                         label_column: str = "") -> Competition:
     """iMet 2019 layout: train.csv (id, attribute_ids), labels.csv (attribute_id, attribute_name)."""
-    csv = root / "train.csv"
-    df = _read_csv(csv, 2, "id, attribute_ids")
-    id_col, lab_col = df.columns[0], ("attribute_ids" if "attribute_ids" in df.columns else df.columns[1])
+    ids, cells, lab_col = _train_table(root, sample, id_column, label_column)
+    tags = _tags(cells)  # blank cell = an image with no labels (legitimate in iMet)
     labels_csv = root / "labels.csv"
     if labels_csv.is_file():
-        ldf = _read_csv(labels_csv)
-        classes = [str(v).strip() for v in ldf.iloc[:, 0]]
-        names = [str(v).strip() for v in ldf.iloc[:, 1]] if ldf.shape[1] > 1 else classes
+        classes, names = _labels_csv(labels_csv)
     else:
-        seen = sorted({t for cell in df[lab_col] for t in str(cell).split()},
-                      key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))
-        classes, names = seen, seen
+        classes = sorted({t for row in tags for t in row}, key=_class_key)
+        names = classes
     pos = {c: i for i, c in enumerate(classes)}
-    ids, targets = [], np.zeros((len(df), len(classes)), dtype=np.uint8)
-    for r, (i, cell) in enumerate(zip(df[id_col], df[lab_col])):
-        ids.append(_safe_id(i, r, csv))
-        for tag in str(cell).split():  # blank cell = an image with no labels
+    targets = np.zeros((len(ids), len(classes)), dtype=np.uint8)
+    for r, row in enumerate(tags):
+        for tag in row:
             if tag not in pos:
-                raise ValueError(f"{csv.name} row {r + 2}: label {tag!r} is not in labels.csv")
+                raise ValueError(f"train.csv row {r + 2}: label {tag!r} is not in labels.csv")
             targets[r, pos[tag]] = 1
-    _check_unique(ids, csv)
     paths, missing = _resolve(ids, _index_images(root / "train"), "train")
-    keep = np.array([bool(p) for p in paths])
-    test_ids, sample, cols = _test_ids(root)
+    keep = np.array([bool(p) for p in paths], dtype=bool)
     return Competition(
         format="multilabel_csv", task="multilabel", classes=classes, class_names=names,
-        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=test_ids, test_paths=[],
-        id_column=cols[0] if cols else "id", pred_column=cols[1] if len(cols) > 1 else "attribute_ids",
-        sample_submission=sample, missing_train=missing)
+        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(root, sample),
+        test_paths=[], id_column="id", pred_column="attribute_ids", missing_train=missing,
+        train_label_column=lab_col)
 
 
-def _load_single_label_csv(root: Path) -> Competition:
+def _drop_missing_labels(raw: list[str], col: str) -> list[int]:
+    """Rows to keep: a missing label is no class, and training on a class named "nan" is worse than less data."""
+    missing = [r for r, v in enumerate(raw) if is_missing(v)]
+    if missing and len(missing) == len(raw):
+        more = f", and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(f"train.csv: no row has a label in column {col!r} (row {missing[0] + 2}: empty label"
+                         f"{more}); set label_column= if the labels are in another column")
+    if missing:
+        log.warning("train.csv: %d rows have no label in column %r (empty or NaN/None/null; rows %s); "
+                    "training without them", len(missing), col, ", ".join(str(r + 2) for r in missing[:5])
+                    + (", ..." if len(missing) > 5 else ""))
+    drop = set(missing)
+    return [r for r in range(len(raw)) if r not in drop]
+
+
+def _load_single_label_csv(root: Path, sample: CsvTable | None = None, id_column: str = "",
+                           label_column: str = "") -> Competition:
     """train.csv with (id, label); the submission has one class per id (iNaturalist's id,predicted)."""
-    csv = root / "train.csv"
-    df = _read_csv(csv, 2, "id, label")
-    id_col, lab_col = df.columns[0], df.columns[1]
-    raw = [str(v).strip() for v in df[lab_col]]
-    for r, v in enumerate(raw):
-        if not v:
-            raise ValueError(f"{csv.name} row {r + 2}: empty label")
-    classes = sorted(set(raw), key=lambda t: (not t.lstrip("-").isdigit(), int(t) if t.lstrip("-").isdigit() else 0, t))
+    ids, raw, lab_col = _train_table(root, sample, id_column, label_column)
+    rows = _drop_missing_labels(raw, lab_col)
+    ids, raw = [ids[r] for r in rows], [raw[r] for r in rows]
+    classes = sorted(set(raw), key=_class_key)
     pos = {c: i for i, c in enumerate(classes)}
-    ids = [_safe_id(v, r, csv) for r, v in enumerate(df[id_col])]
-    _check_unique(ids, csv)
     targets = np.array([pos[v] for v in raw], dtype=np.int64)
     paths, missing = _resolve(ids, _index_images(root / "train"), "train")
-    keep = np.array([bool(p) for p in paths])
-    test_ids, sample, cols = _test_ids(root)
+    keep = np.array([bool(p) for p in paths], dtype=bool)
     return Competition(
         format="single_label_csv", task="multiclass", classes=classes, class_names=classes,
-        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=test_ids, test_paths=[],
-        id_column=cols[0] if cols else "id", pred_column=cols[1] if len(cols) > 1 else "predicted",
-        sample_submission=sample, missing_train=missing)
+        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(root, sample),
+        test_paths=[], id_column="id", pred_column="predicted", missing_train=missing,
+        train_label_column=lab_col)
 
 
-def _load_folder(root: Path) -> Competition:
+def _class_dirs(train: Path) -> list[Path]:
+    if not train.is_dir():
+        return []
+    return sorted(p for p in train.iterdir() if p.is_dir() and not _is_junk(p.name))
+
+
+def _load_folder(root: Path, sample: CsvTable | None = None, id_column: str = "",
+                 label_column: str = "") -> Competition:
     """train/<class>/*.jpg (Scene-15, Keras flow_from_directory); test/*.jpg."""
-    class_dirs = sorted(p for p in (root / "train").iterdir() if p.is_dir())
-    classes = [p.name for p in class_dirs]
-    paths, targets = [], []
-    for k, d in enumerate(class_dirs):
+    junk = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and _is_junk(p.name))
+    if junk:
+        log.info("train/: skipping %s (not class folders)", junk)
+    classes, paths, targets, empty = [], [], [], []
+    for d in _class_dirs(root / "train"):
         files = sorted(set(_index_images(d).values()))
+        if not files:  # an empty folder would be a class the model can never learn
+            empty.append(d.name)
+            continue
         paths += files
-        targets += [k] * len(files)
-    test_ids, sample, cols = _test_ids(root)
+        targets += [len(classes)] * len(files)
+        classes.append(d.name)
+    if empty:
+        log.warning("train/: skipping %d class folders with no images: %s", len(empty), empty[:10])
+    if not classes:
+        raise ValueError(f"{root / 'train'}: no class folder holds an image ({', '.join(IMAGE_EXTS)})")
     return Competition(
         format="folder", task="multiclass", classes=classes, class_names=classes,
-        train_paths=paths, train_targets=np.array(targets, dtype=np.int64), test_ids=test_ids, test_paths=[],
-        id_column=cols[0] if cols else "id", pred_column=cols[1] if len(cols) > 1 else "label",
-        sample_submission=sample)
+        train_paths=paths, train_targets=np.array(targets, dtype=np.int64), test_ids=_test_ids(root, sample),
+        test_paths=[], id_column="id", pred_column="label")
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _wide_columns(comp: Competition, sample: CsvTable) -> dict[str, int]:
+    """A sample with a column per class (id,cat,dog,...) wants 0/1 per class, not one prediction column."""
+    rest = sample.columns[1:]
+    lookups = ({c: i for i, c in enumerate(comp.classes)}, {c: i for i, c in enumerate(comp.class_names)})
+    lookup = max(lookups, key=lambda m: sum(c in m for c in rest))
+    if sum(c in lookup for c in rest) < 2:
+        return {}
+    wide: dict[str, int] = {}
+    for c in rest:
+        if c in lookup:
+            wide[c] = lookup[c]
+        elif all(_is_number(v) for v in sample.column(c)):
+            wide[c] = -1  # a tag the training data never shows: always 0
+    unseen = [c for c, k in wide.items() if k < 0]
+    uncovered = len(comp.classes) - len({k for k in wide.values() if k >= 0})
+    log.info("%s is wide: one 0/1 column per class (%d columns; %d never seen in training, written as 0)",
+             sample.name, len(wide), len(unseen))
+    if uncovered:
+        log.warning("%s has no column for %d of the %d training classes; their predictions are dropped",
+                    sample.name, uncovered, len(comp.classes))
+    return wide
+
+
+def _fit_submission(comp: Competition, sample: CsvTable | None) -> None:
+    """Take the submission layout (columns, order, delimiter) from the sample, which Kaggle scores against."""
+    if sample is None:
+        comp.submission_columns = [comp.id_column, comp.pred_column]
+        return
+    cols = sample.columns
+    comp.sample_submission = Path(sample.name)
+    comp.submission_sep, comp.submission_columns, comp.id_column = sample.sep, cols, cols[0]
+    comp.wide_columns = _wide_columns(comp, sample)
+    if comp.wide_columns:
+        comp.pred_column = ""
+        return
+    rest = cols[1:]
+    pred = _match([comp.train_label_column], rest) or _match(PRED_NAMES, rest)
+    if not pred and len(rest) > 1:
+        raise ValueError(f"{sample.name}: cannot tell which of the columns {rest} takes the predictions "
+                         f"(none is named like {PRED_NAMES[:4]}... or train.csv's label column)")
+    comp.pred_column = pred or rest[0]
+    extras = [c for c in rest if c != comp.pred_column]
+    if extras:
+        log.info("%s: predictions go in column %r; copying %s from the sample as they are", sample.name,
+                 comp.pred_column, extras)
 
 
 def format_predictions(comp: Competition, decoded: list[list[int]] | np.ndarray) -> list[str]:
@@ -804,67 +1323,259 @@ def format_predictions(comp: Competition, decoded: list[list[int]] | np.ndarray)
     return [comp.classes[int(k)] for k in decoded]
 
 
-def write_submission(comp: Competition, cells: list[str], path: Path) -> pd.DataFrame:
+def _onehot(comp: Competition, cells: list[str]) -> np.ndarray:
+    pos = {c: i for i, c in enumerate(comp.classes)}
+    out = np.zeros((len(cells), len(comp.classes)), dtype=np.uint8)
+    for r, cell in enumerate(cells):
+        tags = cell.split() if comp.task == "multilabel" else [cell.strip()] if cell.strip() else []
+        for t in tags:
+            if t not in pos:
+                raise ValueError(f"prediction {r + 1}: {t!r} is not a class")
+            out[r, pos[t]] = 1
+    return out
+
+
+def _sample_table(comp: Competition) -> CsvTable | None:
+    return read_csv_file(comp.sample_submission) if comp.sample_submission is not None else None
+
+
+def render_submission(comp: Competition, cells: list[str], sample: CsvTable | None = None) -> pd.DataFrame:
+    """The submission as a frame: the sample's columns in its order, extra columns copied from it."""
     if len(cells) != len(comp.test_ids):
         raise ValueError(f"{len(cells)} predictions for {len(comp.test_ids)} test ids")
-    df = pd.DataFrame({comp.id_column: comp.test_ids, comp.pred_column: cells})
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    validate_submission(path, comp)
+    sample = sample if sample is not None else _sample_table(comp)
+    cols = comp.submission_columns or [comp.id_column, comp.pred_column]
+    onehot = _onehot(comp, cells) if comp.wide_columns else None
+    data: dict[str, object] = {}
+    for c in cols:
+        if c == comp.id_column:
+            data[c] = list(comp.test_ids)
+        elif c in comp.wide_columns:
+            k = comp.wide_columns[c]  # integer columns: to_csv writes 0/1 without a str per cell
+            data[c] = onehot[:, k] if k >= 0 else np.zeros(len(cells), dtype=np.uint8)
+        elif c == comp.pred_column:
+            data[c] = list(cells)
+        elif sample is not None and len(sample.frame) == len(cells):
+            data[c] = sample.column(c)  # e.g. Usage: Kaggle wants it back unchanged
+        else:
+            raise ValueError(f"column {c!r}: nothing to fill it with ({comp.sample_submission} changed?)")
+    return pd.DataFrame(data, columns=cols)
+
+
+def _to_text(comp: Competition, df: pd.DataFrame) -> str:
+    return df.to_csv(index=False, sep=comp.submission_sep, lineterminator="\n")
+
+
+def _check_cells(sub: CsvTable, comp: Competition) -> None:
+    if comp.wide_columns:
+        for c in comp.wide_columns:
+            bad = next((r for r, v in enumerate(sub.column(c)) if v.strip() not in ("0", "1")), None)
+            if bad is not None:
+                raise ValueError(f"{sub.name} row {bad + 2}, column {c!r}: {sub.column(c)[bad]!r} is not 0 or 1")
+        return
+    known = set(comp.classes)
+    for r, v in enumerate(sub.column(comp.pred_column)):
+        tags = v.split() if comp.task == "multilabel" else [v.strip()]
+        if comp.task == "multiclass" and not tags[0]:
+            raise ValueError(f"{sub.name} has empty predictions (row {r + 2})")
+        unknown = next((t for t in tags if t not in known), None)
+        if unknown is not None:
+            raise ValueError(f"{sub.name} row {r + 2}: prediction {unknown!r} is not one of the classes")
+
+
+def _check_submission(sub: CsvTable, comp: Competition, ref: CsvTable | None = None) -> None:
+    """Same ids, order, columns and delimiter as sample_submission.csv; a valid cell in every row."""
+    ref = ref if ref is not None else _sample_table(comp)
+    cols = ref.columns if ref is not None else (comp.submission_columns or [comp.id_column, comp.pred_column])
+    where = Path(ref.name).name if ref is not None else "expected"
+    if ref is not None and sub.sep != ref.sep:
+        raise ValueError(f"{sub.name}: delimiter {sub.sep!r}, but {where} uses {ref.sep!r}")
+    if sub.columns != cols:
+        raise ValueError(f"{sub.name}: columns {sub.columns} != {where} {cols}")
+    ids = [v.strip() for v in sub.column(cols[0])]
+    want = [v.strip() for v in ref.column(cols[0])] if ref is not None else list(comp.test_ids)
+    if len(ids) != len(want):
+        raise ValueError(f"{sub.name} has {len(ids)} rows, {where} has {len(want)}")
+    bad = next((r for r, (a, b) in enumerate(zip(ids, want)) if a != b), None)
+    if bad is not None:
+        raise ValueError(f"{sub.name} row {bad + 2}: id {ids[bad]!r} != {where}'s {want[bad]!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{sub.name} has duplicated ids")
+    _check_cells(sub, comp)
+
+
+def write_submission(comp: Competition, cells: list[str], path: Path) -> pd.DataFrame:
+    """Render, validate in memory, then replace `path` atomically: an invalid file never lands there."""
+    path = Path(path)
+    sample = _sample_table(comp)  # read once for both: it is the reference the render must match
+    df = render_submission(comp, cells, sample)
+    text = _to_text(comp, df)
+    _check_submission(parse_csv_text(text, f"{path.name} (not written)"), comp, sample)
+    atomic_write(path, text)
     return df
 
 
 def validate_submission(path: Path, comp: Competition) -> None:
     """Same ids, same order, same columns as sample_submission.csv, and a cell for every row."""
-    sub = _read_csv(path)
-    if comp.sample_submission is not None:
-        sample = _read_csv(comp.sample_submission)
-        if list(sub.columns) != list(sample.columns):
-            raise ValueError(f"submission columns {list(sub.columns)} != sample {list(sample.columns)}")
-        if len(sub) != len(sample):
-            raise ValueError(f"submission has {len(sub)} rows, sample_submission has {len(sample)}")
-        a, b = sub.iloc[:, 0].str.strip().to_numpy(), sample.iloc[:, 0].str.strip().to_numpy()
-        bad = np.flatnonzero(a != b)
-        if bad.size:
-            raise ValueError(f"submission row {bad[0] + 2}: id {a[bad[0]]!r} != sample's {b[bad[0]]!r}")
-    elif len(sub) != len(comp.test_ids):
-        raise ValueError(f"submission has {len(sub)} rows for {len(comp.test_ids)} test ids")
-    if sub.iloc[:, 0].duplicated().any():
-        raise ValueError("submission has duplicated ids")
-    if comp.task == "multiclass" and (sub.iloc[:, 1].str.strip() == "").any():
-        raise ValueError("submission has empty predictions")
+    _check_submission(read_csv_file(Path(path)), comp)
+
+
+def check_submission_writable(comp: Competition, out_dir: Path | None = None) -> None:
+    """Before training: a dummy prediction per test id goes through the real writer's render and checks.
+
+    A sample the writer cannot reproduce (or an output folder it cannot write to) then costs seconds,
+    not the whole run. Raises ValueError naming the sample file and the problem.
+    """
+    where = str(comp.sample_submission) if comp.sample_submission is not None else "test/ (no sample_submission.csv)"
+    if not comp.test_ids:
+        raise ValueError(f"{where}: no test ids, so there is nothing to predict")
+    if not comp.classes:
+        raise ValueError(f"{where}: the training data has no classes to predict")
+    dummy = [[] for _ in comp.test_ids] if comp.task == "multilabel" else np.zeros(len(comp.test_ids), np.int64)
+    try:
+        sample = _sample_table(comp)
+        text = _to_text(comp, render_submission(comp, format_predictions(comp, dummy), sample))
+        _check_submission(parse_csv_text(text, "submission.csv (dry run)"), comp, sample)
+    except ValueError as e:
+        raise ValueError(f"{where}: a submission in its layout would be invalid: {e}") from None
+    if out_dir is not None:
+        try:
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as e:
+            raise ValueError(f"{out_dir}: cannot write the submission there ({e.strerror})") from None
+''',
+'kernelkit.components': r'''"""Config -> the training parts: model, optimizer, scaler, loss, EMA, batch augmentation, and the
+seeds that make two runs with one seed give the same result."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from .config import Config, parse_duration, parse_kwargs
+from .losses import get_loss
+from .models import build_model, create_ema, create_optimizer
+from .train import FitOptions, TrainParts
+from .transforms import BatchAugment, seed_augmentations
+
+log = logging.getLogger("kernelkit")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Python, NumPy, torch (CPU and every CUDA device) and the augmentation streams; loader workers
+    derive theirs from the loader's seeded generator (data.seed_worker). On CPU that is enough for
+    identical runs; on GPU `deterministic` also picks deterministic kernels (slower)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+    seed_augmentations(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
+    """The architecture a config describes; `with_weights=False` when a checkpoint will fill it."""
+    return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
+                       cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
+                       cfg.pretrained_path2 if with_weights else "")
+
+
+def make_scaler(enabled: bool):
+    # torch.amp.GradScaler appeared in torch 2.3; older Kaggle images only have the cuda one.
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
+    counts = None
+    if cfg.class_balanced:
+        counts = (train_targets.sum(0) if task == "multilabel"
+                  else np.bincount(train_targets, minlength=num_classes)).astype(float).tolist()
+    return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
+
+
+def batch_augment(cfg: Config, task: str, num_classes: int) -> BatchAugment | None:
+    if not (cfg.gpu_aug or cfg.mixup > 0 or cfg.cutmix > 0):
+        return None
+    return BatchAugment(cfg.gpu_aug, cfg.mixup, cfg.cutmix, num_classes if task == "multiclass" else 0)
+
+
+def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndarray,
+                device: torch.device) -> TrainParts:
+    model = model_from_config(cfg, num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
+                      scaler=make_scaler(cfg.amp and device.type == "cuda"),
+                      loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
+                      batch_aug=batch_augment(cfg, task, num_classes))
+
+
+def fit_options(cfg: Config) -> FitOptions:
+    return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+                      channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
+                      threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
+                      beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
+                      unfreeze_blocks=cfg.unfreeze_blocks)
 ''',
 'kernelkit.config': r'''"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# The allowed values of every choice-valued option, in one place: argparse `choices`, the check of
+# CONFIG-block values and presets, and --help all read them from here. Modules that implement a
+# choice (losses.LOSSES, transforms.AUG_LEVELS, ...) are checked against these in the tests.
+AUG_LEVELS = ("none", "flip", "light", "medium", "strong")
+CHOICES: dict[str, tuple] = {
+    "mode": ("train", "infer"),
+    "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
+    "head": ("linear", "mlp"),
+    "aug": AUG_LEVELS,
+    "gpu_aug": ("", *AUG_LEVELS[1:]),
+    "schedule": ("linear", "cosine"),
+    "loss": ("auto", "bce", "bce_sum", "focal", "asl", "ce", "complement"),
+    "threshold_rule": ("global", "group", "class"),
+    "mp_context": ("", "spawn", "forkserver", "fork"),
+    "ddp_backend": ("", "nccl", "gloo"),
+}
 
 
 @dataclass
 class Config:
     # what to run
-    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints")
+    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints", choices=CHOICES['mode'])
     preset: str = _f("", "named preset applied under your settings (demo, ...)")
     data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo")
-    format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder")
+    id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
+    label_column: str = _f("", "train.csv column holding the labels; empty = detect (sample submission, known names)")
+    format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder", choices=CHOICES['format'])
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
     # model
     model: str = _f("resnet50", "timm model name")
     pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
-    head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)")
+    head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
     head_dropout: float = _f(0.5, "dropout in a custom head")
     model2: str = _f("", "second backbone whose pooled features are concatenated with the first (Helsinki ensemble)")
@@ -879,9 +1590,9 @@ class Config:
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
-                           "strong (+ shift/scale/rotate, noise)")
+                           "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
     gpu_aug: str = _f("", "batch augmentation on the training device: '' | flip | light | medium | strong "
-                          "(use with aug='none' to take the work off the CPU workers)")
+                          "(use with aug='none' to take the work off the CPU workers)", choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
@@ -897,31 +1608,34 @@ class Config:
     weight_decay: float = _f(0.05, "")
     warmup: float = _f(0.05, "fraction of training spent warming up")
     clip_grad: float = _f(0.0, "clip the gradient norm to this (0 = off)")
-    schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine")
+    schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine", choices=CHOICES['schedule'])
     val_fraction: float = _f(0.1, "held-out share of train for validation and thresholds (0 = train on all)")
     fold: int = _f(-1, "K-fold: validate on this fold (0..n_folds-1) instead of val_fraction; -1 = off")
     n_folds: int = _f(5, "K-fold: number of folds (iterative stratification for multi-label)")
-    loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement")
+    loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement", choices=CHOICES['loss'])
     loss_args: str = _f("", "loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'")
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
     channels_last: bool = _f(True, "")
     num_workers: int = _f(-1, "-1 = all CPU cores")
-    mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork")
-    seed: int = _f(42, "")
+    mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork", choices=CHOICES['mp_context'])
+    seed: int = _f(42, "seeds Python, NumPy, torch and every loader worker; stored in the checkpoints")
+    deterministic: bool = _f(False, "GPU: deterministic kernels (cudnn.deterministic, no benchmark); slower")
     ddp_procs: int = _f(0, "data-parallel processes: 0 = one per GPU when several are visible (T4 x2), 1 = off")
-    ddp_backend: str = _f("", "'' = nccl on GPU, gloo on CPU")
+    ddp_backend: str = _f("", "'' = nccl on GPU, gloo on CPU", choices=CHOICES['ddp_backend'])
     checkpoint_every: str = _f("20m", "also save last.pt at this wall-clock interval")
     resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
     resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
                               "the budget is what this session has left")
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
+    grace: str = _f("20s", "on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if "
+                           "needed), then exit 0 with a submission")
     # inference
     tta: int = _f(2, "test-time augmentation views: 1 = none, 2 = + horizontal flip")
     beta: float = _f(2.0, "multi-label metric: F-beta averaged per image (iMet: 2)")
     threshold: float = _f(-1.0, "multi-label threshold; <0 = search on validation")
-    threshold_rule: str = _f("global", "multi-label search: global | group (by 'prefix::' of label names) | class")
+    threshold_rule: str = _f("global", "multi-label search: global | group (by 'prefix::' of label names) | class", choices=CHOICES['threshold_rule'])
     min_labels: int = _f(0, "multi-label: always emit at least this many labels per image")
     max_labels: int = _f(0, "multi-label: at most this many labels per image (0 = no cap)")
     # demo
@@ -932,17 +1646,151 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """A config from user input: unknown keys, wrong types and out-of-range values are refused."""
+        refuse_unknown_keys(d, "config")
+        cfg = cls(**{k: _normalise(k, v) for k, v in d.items()})
+        validate(cfg)
+        return cfg
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> "Config":
+        """The config stored in a checkpoint (any kernelkit version): keys this version does not know
+        are dropped and missing ones take their defaults; no range checks (it was valid when saved)."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys: {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .fileio import write_json
+        write_json(path, self.to_dict())
 
     def pretty(self) -> str:
         return "\n".join(f"  {k:<18} = {v!r}" for k, v in self.to_dict().items())
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found before anything slow ran: the kernel exits with status 2."""
+
+
+def _field_types() -> dict[str, str]:
+    # `from __future__ import annotations` keeps annotations as strings: "int", "float", "bool", "str".
+    return {f.name: str(f.type) for f in fields(Config)}
+
+
+DURATIONS = ("budget", "margin", "checkpoint_every", "grace")
+
+
+def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
+    known = [f.name for f in fields(Config)]
+    problems = []
+    for key in sorted(set(d) - set(known)):
+        close = difflib.get_close_matches(str(key), known, n=2)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        problems.append(f"unknown {where} key {key!r}{hint}")
+    if problems:
+        raise ConfigError("; ".join(problems) + f". Known keys: {', '.join(known)}")
+
+
+def _normalise(key: str, value: Any) -> Any:
+    """Type check of one CONFIG-block or preset value: ints stay ints, a string is never a number."""
+    typ = _field_types()[key]
+    if typ == "bool" and isinstance(value, bool):
+        return value
+    if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ == "str" and isinstance(value, str):
+        return value
+    if typ == "str" and key in DURATIONS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value}s"  # budget=3600 means seconds
+    raise ConfigError(f"{key}={value!r}: expected {_TYPE_WORDS[typ]}, got {type(value).__name__}")
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}
+
+
+def _range_problems(c: Config) -> list[str]:
+    """(condition that must hold, what the user is told) for every numeric option."""
+    rules = [
+        (c.batch_size >= 1, f"batch_size={c.batch_size}: must be >= 1"),
+        (8 <= c.img_size <= 4096, f"img_size={c.img_size}: must be between 8 and 4096 pixels"),
+        (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
+        (c.epochs >= 0, f"epochs={c.epochs}: must be >= 0 (0 = as many as fit the budget)"),
+        (c.n_folds >= 2, f"n_folds={c.n_folds}: must be >= 2"),
+        (-1 <= c.fold < c.n_folds, f"fold={c.fold}: must be -1 (off) or 0..{c.n_folds - 1} (n_folds={c.n_folds})"),
+        (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
+        (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
+        (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
+        (c.lr > 0, f"lr={c.lr}: must be > 0"),
+        (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
+        (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
+        (0 <= c.freeze <= 1, f"freeze={c.freeze}: a share of training, in [0, 1]"),
+        (0 <= c.layer_decay <= 1, f"layer_decay={c.layer_decay}: 0 (off) or in (0, 1]"),
+        (0 <= c.ema < 1, f"ema={c.ema}: 0 (off) or a decay in (0, 1), e.g. 0.999"),
+        (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
+        (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+        (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
+        (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
+        (c.cache_max_gb >= 0, f"cache_max_gb={c.cache_max_gb}: must be >= 0"),
+        (c.num_workers >= -1, f"num_workers={c.num_workers}: -1 (all cores) or >= 0"),
+        (c.ddp_procs >= 0, f"ddp_procs={c.ddp_procs}: must be >= 0"),
+        (c.min_labels >= 0 and c.max_labels >= 0, "min_labels and max_labels must be >= 0"),
+        (not c.max_labels or c.min_labels <= c.max_labels,
+         f"min_labels={c.min_labels} > max_labels={c.max_labels}"),
+        (c.beta > 0, f"beta={c.beta}: must be > 0"),
+        (c.head_hidden >= 1 and c.unfreeze_blocks >= 0, "head_hidden must be >= 1 and unfreeze_blocks >= 0"),
+        (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
+        (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
+        (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
+        (not ((c.mixup or c.cutmix) and c.loss == "complement"),
+         "mixup/cutmix give soft targets, which loss='complement' does not take"),
+    ]
+    return [msg for ok, msg in rules if not ok]
+
+
+def _choice_problems(c: Config) -> list[str]:
+    out = []
+    for key, allowed in CHOICES.items():
+        value = getattr(c, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"{key}={value!r} is not one of {' | '.join(repr(a) for a in allowed)}{hint}")
+    if c.preset and c.preset not in PRESETS:
+        out.append(f"preset={c.preset!r} is not one of {' | '.join(sorted(PRESETS))}")
+    return out
+
+
+def _parse_problems(c: Config) -> list[str]:
+    out = []
+    for key in ("checkpoint_every", "grace"):
+        try:
+            if parse_duration(getattr(c, key)) <= 0:
+                out.append(f"{key}={getattr(c, key)!r}: must be longer than 0 s")
+        except ValueError as e:
+            out.append(f"{key}: {e}")
+    for check in (budget_seconds, lambda cfg: parse_kwargs(cfg.loss_args)):
+        try:
+            check(c)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def _path_problems(c: Config) -> list[str]:
+    """Files the run will need: a typo here would otherwise surface hours later, or never."""
+    checks = [("data_dir", c.data_dir, "is_dir"), ("pretrained_path", c.pretrained_path, "exists"),
+              ("pretrained_path2", c.pretrained_path2, "exists"), ("resume_from", c.resume_from, "is_file")]
+    return [f"{key}={value!r} does not exist" for key, value, test in checks
+            if value and not getattr(Path(value), test)()]
+
+
+def validate(cfg: Config) -> None:
+    """Every option at once, so one run shows every mistake; raises ConfigError naming each option."""
+    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg) + _path_problems(cfg)
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
 
 # One preset per seed project (shared/seeds/): what the seed did, with a current timm backbone.
@@ -1007,43 +1855,61 @@ def parse_duration(text: str | float | int) -> float:
     return total
 
 
-def _coerce(value: str, typ: Any) -> Any:
-    if typ in (bool, "bool"):
+def _coerce(value: str, typ: str) -> Any:
+    if typ == "bool":
         if value.lower() in ("1", "true", "yes", "on"):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"not a boolean: {value!r}")
-    return {"int": int, "float": float, "str": str}.get(typ, typ)(value) if isinstance(typ, str) else typ(value)
+    return {"int": int, "float": float, "str": str}[typ](value)
+
+
+class _Typed:
+    """argparse `type=`: a module-level callable (no lambda) whose name shows in error messages."""
+
+    def __init__(self, typ: str):
+        self.typ, self.__name__ = typ, {"int": "integer", "float": "number", "bool": "boolean"}.get(typ, typ)
+
+    def __call__(self, value: str) -> Any:
+        return _coerce(value, self.typ)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Kaggle image-classification kernel")
+    p = argparse.ArgumentParser(description="Kaggle image-classification kernel (kernelkit)",
+                                epilog="exit status: 0 submission written (also when training failed: see the log), "
+                                       "2 refused before training (bad option or data), 4 --dry-run plan does not "
+                                       "fit, other: no submission could be made")
+    types = _field_types()
     for f in fields(Config):
-        typ = f.type if not isinstance(f.type, str) else f.type
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
-                       help=f"{f.metadata.get('help', '')} (default {f.default!r})",
-                       type=lambda v, t=typ: _coerce(v, t))
+        choices = f.metadata.get("choices")
+        # argparse %-formats help strings: a literal % (as in "2% + 2s") must be doubled.
+        text = f"{f.metadata.get('help', '')} (default {f.default!r})".replace("%", "%%")
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=text,
+                       type=_Typed(types[f.name]), choices=choices, metavar=None if choices else f.name.upper())
     p.add_argument("--dry-run", action="store_true", help="short local run that reports throughput")
     return p
 
 
 def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Merge defaults, the named preset, the CONFIG block and command-line flags, in that order."""
+    """Merge defaults, the named preset, the CONFIG block and command-line flags, in that order.
+
+    Raises ConfigError (argparse errors exit with status 2 themselves) before anything is imported
+    or read that takes time.
+    """
     args = build_parser().parse_args(argv)
     cli = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
     block = dict(block or {})
+    refuse_unknown_keys(block, "CONFIG block")
     preset = cli.get("preset", block.get("preset", ""))
     merged: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose from {' | '.join(sorted(PRESETS))}")
         merged.update(PRESETS[preset])
     merged.update(block)
     merged.update(cli)
-    cfg = Config.from_dict(merged)
-    budget_seconds(cfg), parse_duration(cfg.checkpoint_every), parse_kwargs(cfg.loss_args)
-    return cfg, args
+    return Config.from_dict(merged), args
 
 
 def parse_kwargs(text: str) -> dict[str, Any]:
@@ -1068,7 +1934,196 @@ def budget_seconds(cfg: Config) -> tuple[float, float]:
     margin = min(600.0, 0.02 * total + 2.0) if cfg.margin == "auto" else parse_duration(cfg.margin)
     if total <= 0 or margin >= total:
         raise ValueError(f"budget {cfg.budget!r} must be positive and larger than margin {cfg.margin!r}")
+    if cfg.mode == "train" and total - margin < MIN_TRAIN_BUDGET_S:
+        raise ValueError(f"budget {cfg.budget!r} (margin {fmt(margin)}) leaves under {MIN_TRAIN_BUDGET_S:.0f} s: "
+                         "start-up alone (imports, data index, model) takes seconds; give at least 1m")
     return total, margin
+
+
+MIN_TRAIN_BUDGET_S = 20.0
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:g}s"
+''',
+'kernelkit.context': r'''"""What one run knows about itself: its config, where it reads and writes, when it started, its
+stop flag, and which phase it is in (the exit status depends on it)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+from .stopping import StopFlag
+
+SETUP, TRAINING, PREDICTING = "setup", "training", "predicting"
+
+# The exit contract (Kaggle fails a run on any non-zero status).
+EXIT_OK = 0  # a valid submission.csv was written (problems after training started are logged loudly)
+EXIT_NO_SUBMISSION = 1  # nothing valid could be written; the reason is the last thing in the log
+EXIT_REFUSED = 2  # refused before training: a bad option, data or sample submission, named in the message
+EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    args: argparse.Namespace
+    data_dir: Path
+    out_dir: Path
+    is_demo: bool
+    t_start: float
+    stop: StopFlag = field(default_factory=StopFlag)
+    phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+
+
+def setup_logging() -> None:
+    """Timestamped lines on stdout, unless the host (pytest, a notebook that set up logging)
+    already handles records: then ours propagate to it instead of printing twice."""
+    log = logging.getLogger("kernelkit")
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+''',
+'kernelkit.csvfiles': r'''"""Read the small CSVs a competition ships (train.csv, labels.csv, sample_submission.csv).
+
+Files saved by Excel or by hand come as latin-1, UTF-16 or UTF-8 with a byte-order mark, and with
+`;` or tab between the fields. Each of those, read as plain UTF-8 commas, fails late or silently (one
+merged column, garbled classes); here it is read correctly, or refused at once with the file's name.
+"""
+from __future__ import annotations
+
+import codecs
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger("kernelkit")
+
+# UTF-32 before UTF-16: the UTF-32 little-endian mark begins with the UTF-16 one.
+BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+        (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+DELIMITERS = (",", ";", "\t", "|")  # on a tie the earlier one wins: a comma file is the common case
+# Cell texts that mean "no value": pandas and spreadsheets write these for a missing label.
+MISSING = frozenset({"", "nan", "none", "null"})
+
+
+@dataclass
+class CsvTable:
+    name: str  # the file's path (or a name for in-memory text), for messages
+    frame: pd.DataFrame  # every cell a str, "" where empty
+    sep: str
+    encoding: str
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.frame.columns)
+
+    def column(self, name: str) -> list[str]:
+        return [str(v) for v in self.frame[name]]
+
+
+def is_missing(cell: str) -> bool:
+    return cell.strip().lower() in MISSING
+
+
+def _guess_utf16(head: bytes) -> str:
+    """UTF-16 without a byte-order mark: ASCII text has a NUL in every other byte."""
+    even, odd = head[0::2], head[1::2]
+    if not even or not odd:
+        return ""
+    if odd.count(0) > 0.4 * len(odd) and even.count(0) < 0.05 * len(even):
+        return "utf-16-le"
+    if even.count(0) > 0.4 * len(even) and odd.count(0) < 0.05 * len(odd):
+        return "utf-16-be"
+    return ""
+
+
+def decode_bytes(data: bytes, name: str) -> tuple[str, str]:
+    """(text, encoding): a byte-order mark decides, else UTF-8, else latin-1 with a warning."""
+    for bom, enc in BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(enc), enc
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{name}: starts with a {enc} byte-order mark but is not valid {enc} "
+                                 f"({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    if b"\x00" in data[:4096]:
+        enc = _guess_utf16(data[:4096])
+        try:
+            if enc:
+                return data.decode(enc), enc
+        except UnicodeDecodeError:
+            pass
+        raise ValueError(f"{name}: contains NUL bytes, so it is not a text CSV (a spreadsheet or an "
+                         "archive saved under a .csv name?); export it as a UTF-8 CSV")
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError as e:
+        # latin-1 maps every byte to one character, so it never fails and never loses a byte.
+        log.warning("%s is not UTF-8 (byte %d: %r); reading it as latin-1: check that non-ASCII labels "
+                    "and ids look right", name, e.start, data[e.start:e.start + 1])
+        return data.decode("latin-1"), "latin-1"
+
+
+def _count_outside_quotes(line: str, sep: str) -> int:
+    n, quoted = 0, False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            n += 1
+    return n
+
+
+def sniff_delimiter(text: str) -> str:
+    """The delimiter from the header line alone: label cells ("1 5 9", "a;b") must not vote."""
+    header = next((ln for ln in text.splitlines() if ln.strip()), "")
+    counts = {d: _count_outside_quotes(header, d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def parse_csv_text(text: str, name: str, encoding: str = "utf-8") -> CsvTable:
+    """Every cell as text (ids keep leading zeros, "NA" stays "NA"); column names stripped."""
+    if not text.strip():
+        raise ValueError(f"{name} is empty: no header and no rows")
+    sep = sniff_delimiter(text)
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{name}: not a readable CSV with delimiter {sep!r}: {msg}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return CsvTable(name, df.fillna(""), sep, encoding)
+
+
+def read_csv_file(path: Path) -> CsvTable:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror})") from None
+    if not data.strip():
+        raise ValueError(f"{path} is empty ({len(data)} bytes): no header and no rows")
+    text, enc = decode_bytes(data, str(path))
+    return parse_csv_text(text, str(path), enc)
+
+
+def require_rows(table: CsvTable) -> CsvTable:
+    if len(table.frame) == 0:
+        raise ValueError(f"{table.name} has no rows (only the header {table.columns})")
+    return table
 ''',
 'kernelkit.data': r'''"""Datasets and loaders. Bad files never stop a run: they become a blank image with ok=0."""
 from __future__ import annotations
@@ -1084,6 +2139,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torch.utils.data._utils.collate import default_collate
 
 from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
+from .stopping import ignore_in_worker
+from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")
 
@@ -1192,11 +2249,14 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
 
 
 def seed_worker(worker_id: int) -> None:
-    """Python's `random` drives the augmentations; give each worker its own stream."""
+    """Each worker its own augmentation stream, derived from the loader's seeded generator (so
+    runs repeat); signals are left to the main process, which finishes the run on SIGTERM."""
     import random
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    seed_augmentations(seed)
+    ignore_in_worker()
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -1244,44 +2304,150 @@ class ThreadLoader:
         self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.collate_fn = collate_fn or collate_images
+        self.generator = generator
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
-    def _fetch(self, indices: list[int]):
+    def _fetch(self, indices: list[int], seed: int):
+        seed_augmentations(seed)  # per batch, so the result does not depend on which thread builds it
         batch = self.collate_fn([self.dataset[i] for i in indices])
         if self.pin_memory:
             batch = [b.pin_memory() if isinstance(b, torch.Tensor) else b for b in batch]
         return batch
 
     def __iter__(self):
-        batches = iter(self.batch_sampler)
+        batches = enumerate(iter(self.batch_sampler))
+        epoch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
         pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="kernelkit-loader")
         pending: deque = deque()
         try:
             for _ in range(self.num_threads + self.prefetch):
-                idx = next(batches, None)
-                if idx is None:
+                item = next(batches, None)
+                if item is None:
                     break
-                pending.append(pool.submit(self._fetch, idx))
+                pending.append(pool.submit(self._fetch, item[1], epoch_seed + item[0]))
             while pending:
                 batch = pending.popleft().result()
-                idx = next(batches, None)
-                if idx is not None:
-                    pending.append(pool.submit(self._fetch, idx))
+                item = next(batches, None)
+                if item is not None:
+                    pending.append(pool.submit(self._fetch, item[1], epoch_seed + item[0]))
                 yield batch
         finally:  # also when the consumer stops early (budget reached): drop what is queued
             pool.shutdown(wait=True, cancel_futures=True)
 ''',
-'kernelkit.decode': r'''"""Probabilities -> class indices."""
+'kernelkit.decide': r'''"""Every decision about how probabilities become labels, in one place.
+
+During training: the validation score and the global threshold of each epoch
+(`score_validation`). After training: the rule for the submission, refined per group or class on
+the best epoch's validation probabilities when asked (`refine_rule`). At inference: the rule a
+checkpoint carries (`rule_from_checkpoint`) and the rule for an average of several
+(`ensemble_rule`). A user's explicit `threshold` always wins.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .thresholds import ThresholdRule
+from .decode import decode_multilabel
+from .metrics import accuracy, fbeta_per_image
+from .thresholds import ThresholdRule, groups_from_names, search_classes, search_global, search_groups
+
+log = logging.getLogger("kernelkit")
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The user's settings for multi-label decoding (Config's threshold, threshold_rule, ...)."""
+    threshold: float = -1.0  # <0: searched on validation
+    kind: str = "global"
+    min_labels: int = 0
+    max_labels: int = 0
+    beta: float = 2.0
+
+    @classmethod
+    def of(cls, cfg: Any) -> "RuleSettings":
+        return cls(cfg.threshold, cfg.threshold_rule, cfg.min_labels, cfg.max_labels, cfg.beta)
+
+    def global_rule(self, threshold: float) -> ThresholdRule:
+        t = self.threshold if self.threshold >= 0 else threshold
+        return ThresholdRule("global", [t], self.min_labels, self.max_labels)
+
+
+def score_validation(task: str, targets: np.ndarray, probs: np.ndarray, threshold: float = -1.0,
+                     beta: float = 2.0, min_labels: int = 0, max_labels: int = 0) -> dict:
+    """Competition metric on validation; multi-label also picks the global threshold."""
+    if task == "multilabel":
+        if threshold >= 0:
+            s = fbeta_per_image(targets, decode_multilabel(probs, threshold, min_labels, max_labels), beta)
+            t = threshold
+        else:
+            rule, s = search_global(targets, probs, beta, min_labels=min_labels, max_labels=max_labels)
+            t = rule.values[0]
+        return {"score": s, "threshold": t, "metric": f"F{beta:g} per image"}
+    acc = accuracy(targets, probs)
+    return {"score": acc, "threshold": 0.5, "metric": "accuracy", "top1_error": 1 - acc}
+
+
+def refine_rule(settings: RuleSettings, threshold: float, class_names: list[str],
+                val_targets: np.ndarray | None, val_probs: np.ndarray | None) -> ThresholdRule:
+    """The submission's multi-label rule: the training run's global threshold, refined per group or
+    per class on the best epoch's validation probabilities when `settings.kind` asks for it."""
+    rule = settings.global_rule(threshold)
+    if settings.threshold >= 0 or settings.kind == "global" or val_probs is None or val_targets is None:
+        return rule
+    if val_probs.shape != val_targets.shape:
+        log.warning("validation probabilities do not match the validation split; keeping the global threshold")
+        return rule
+    limits = dict(min_labels=settings.min_labels, max_labels=settings.max_labels)
+    if settings.kind == "group":
+        found, score = search_groups(val_targets, val_probs, groups_from_names(class_names), settings.beta, **limits)
+    else:
+        found, score = search_classes(val_targets, val_probs, settings.beta, show_progress=True, **limits)
+    log.info("threshold rule %s: validation F%g %.4f (global %.4f)", found.kind, settings.beta, score,
+             rule.score(val_targets, val_probs, settings.beta))
+    return found
+
+
+def rule_from_checkpoint(ckpt: dict[str, Any], settings: RuleSettings | None = None) -> ThresholdRule:
+    """The rule a checkpoint was trained to use: its stored rule, else its global threshold with the
+    label limits of the run that trained it. `settings` with threshold >= 0 overrides it."""
+    if settings is not None and settings.threshold >= 0:
+        return settings.global_rule(settings.threshold)
+    if ckpt.get("threshold_rule"):
+        return ThresholdRule.from_dict(ckpt["threshold_rule"])
+    trained = ckpt.get("config", {})
+    return ThresholdRule("global", [float(ckpt.get("threshold", 0.5))], int(trained.get("min_labels", 0)),
+                         int(trained.get("max_labels", 0)))
+
+
+def ensemble_rule(rules: list[ThresholdRule], settings: RuleSettings | None = None) -> ThresholdRule:
+    """Global thresholds of several checkpoints average; a refined rule is taken from the first."""
+    if settings is not None and settings.threshold >= 0:
+        return settings.global_rule(settings.threshold)
+    if len(rules) == 1:
+        return rules[0]
+    if all(r.kind == "global" for r in rules):
+        return ThresholdRule("global", [float(np.mean([r.values[0] for r in rules]))], rules[0].min_labels,
+                             rules[0].max_labels)
+    log.info("using the %s threshold rule of the first checkpoint for the average", rules[0].kind)
+    return rules[0]
+''',
+'kernelkit.decode': r'''"""Probabilities -> class indices."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Rule(Protocol):
+    """What decode needs of a thresholds.ThresholdRule (named here so decode stays a leaf)."""
+
+    def apply(self, probs: np.ndarray) -> np.ndarray: ...
 
 
 def order_and_ranks(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1329,7 +2495,7 @@ def decode_multilabel(probs: np.ndarray, threshold: float, min_labels: int = 0, 
 
 
 def decode(task: str, probs: np.ndarray, threshold: float = 0.5, min_labels: int = 0,
-           rule: ThresholdRule | None = None) -> list:
+           rule: Rule | None = None) -> list:
     """Per image: the list of label indices (multi-label) or the class index (multi-class).
 
     A `rule` (kernelkit.thresholds.ThresholdRule) replaces `threshold` and `min_labels`.
@@ -1353,6 +2519,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+
+from .metrics import fbeta_per_image
 
 log = logging.getLogger("kernelkit")
 
@@ -1443,6 +2611,25 @@ def make_demo_competition(root: Path, n_train: int = 1000, n_test: int = 200, se
     done.write_text(f"{n_train} {n_test} {seed}")
     log.info("demo competition written to %s (%d train, %d test images)", root, n_train, n_test)
     return root
+
+
+def score_demo_submission(data_dir: Path, out_dir: Path, comp) -> float | None:
+    """F2 per image of the written submission against the generated test answers."""
+    sol = data_dir / "test_solution.csv"
+    if comp.task != "multilabel" or not sol.is_file():
+        return None
+    truth = pd.read_csv(sol, dtype=str, keep_default_na=False)
+    sub = pd.read_csv(out_dir / "submission.csv", dtype=str, keep_default_na=False)
+    pos = {c: i for i, c in enumerate(comp.classes)}
+    return fbeta_per_image(_one_hot(truth.attribute_ids, pos), _one_hot(sub.iloc[:, 1], pos))
+
+
+def _one_hot(cells, pos: dict[str, int]) -> np.ndarray:
+    m = np.zeros((len(cells), len(pos)), np.uint8)
+    for r, cell in enumerate(cells):
+        for t in cell.split():
+            m[r, pos[t]] = 1
+    return m
 ''',
 'kernelkit.distributed': r'''"""Data-parallel training over several processes (Kaggle's "GPU T4 x2"), started from inside
 kernel.py (no torchrun on Kaggle) or by torchrun.
@@ -1574,6 +2761,42 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_sync)
 ''',
+'kernelkit.dry_run': r'''"""--dry-run: time a few training steps and TTA batches on the real data, then plan the budget."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .assemble import build_training_data, test_loader
+from .budget import BudgetClock, InferenceReserve
+from .competition import Competition
+from .components import build_parts, fit_options
+from .config import budget_seconds
+from .context import RunContext
+from .infer import predict
+from .plan import Plan, make_plan
+from .train import Trainer
+from .transforms import tta_views
+
+TRAIN_STEPS, INFER_BATCHES = 12, 4
+
+
+def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
+    cfg = ctx.cfg
+    setup_s = time.time() - ctx.t_start
+    data = build_training_data(cfg, comp, device)
+    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
+    budget_s, margin_s = budget_seconds(cfg)
+    trainer = Trainer(parts, fit_options(cfg), BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
+    tr = trainer.train_epoch(data.train_loader, max_steps=TRAIN_STEPS)
+    n = min(len(comp.test_paths), INFER_BATCHES * 2 * cfg.batch_size)
+    inf = predict(parts.model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta),
+                  cfg.amp, cfg.channels_last, desc="dry-run")
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
+                     infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
+                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["first_batch_s"])
+''',
 'kernelkit.env': r'''"""Every switch that depends on where we run (Kaggle or local) lives here.
 
 Importing this module sets the offline flags, so it must be imported before timm.
@@ -1652,6 +2875,79 @@ def check_versions(versions: dict[str, str]) -> None:
         raise RuntimeError("package versions too old for this kernel: " + ", ".join(too_old)
                            + "; pick a newer Kaggle docker image (Settings > Environment)")
 ''',
+'kernelkit.fileio': r'''"""The one atomic write: a crash or a full disk never leaves a half-written file at the final name.
+
+Everything the kernel writes to out_dir goes through `atomic_write` (checkpoints, submission.csv,
+JSON and CSV reports, .npy arrays): the bytes go to a hidden temp file beside the target, are
+fsynced, then `os.replace` swaps it in. On any failure the temp file is removed and the previous
+file, if any, is untouched.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+TEMP_GLOB = ".*.tmp*"  # what a killed writer can leave behind; session.remove_partial_files cleans it
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[Any], None]) -> Path:
+    """Write `data` (bytes, text, or a function writing to a binary file object) to `path` atomically."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (not every filesystem lets a directory be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write(path, json.dumps(data, indent=2, default=_plain) + "\n")
+
+
+def write_npy(path: str | Path, array: Any) -> Path:
+    import numpy as np
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    return atomic_write(path, buf.getvalue())
+
+
+def _plain(x: Any) -> Any:
+    """numpy scalars and arrays in summaries -> JSON numbers and lists."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return float(x)
+''',
 'kernelkit.folds': r'''"""K-fold splits that keep label frequencies equal across folds, and out-of-fold predictions.
 
 - `iterative_stratified_folds`: multi-label (N, C) 0/1 targets, the iterative stratification of
@@ -1666,10 +2962,11 @@ def check_versions(versions: dict[str, str]) -> None:
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .fileio import write_npy
 
 log = logging.getLogger("kernelkit")
 
@@ -1800,14 +3097,6 @@ def _oof_paths(out_dir: Path, fold: int) -> tuple[Path, Path]:
     return out_dir / f"oof_fold{fold}_idx.npy", out_dir / f"oof_fold{fold}_probs.npy"
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # A run killed mid-write must not leave a half file that load_oof would read later.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
 def save_oof(out_dir: Path, fold: int, indices: np.ndarray, probs: np.ndarray) -> Path:
     """Save one fold's validation probabilities (rows of `probs` belong to the images at
     `indices` of the full training set) as oof_fold{fold}_idx.npy + oof_fold{fold}_probs.npy.
@@ -1820,8 +3109,8 @@ def save_oof(out_dir: Path, fold: int, indices: np.ndarray, probs: np.ndarray) -
     idx_path, probs_path = _oof_paths(out_dir, fold)
     # Probabilities first, indices last: load_oof goes by the index files, so a fold is only
     # seen once both are complete.
-    _save_atomic(probs_path, probs)
-    _save_atomic(idx_path, indices)
+    write_npy(probs_path, probs)
+    write_npy(idx_path, indices)
     return probs_path
 
 
@@ -2140,11 +3429,13 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict") -> dict:
+            desc: str = "predict", stop=None) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
     spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
+    `stop` (stopping.StopFlag): once raised, the remaining batches get the first view only, so a
+    SIGTERM still ends with a prediction for every row, soon.
     """
     model.eval()
     act = activation(task)
@@ -2156,7 +3447,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         x = normalize(images.to(device, non_blocking=True), channels_last)
         while True:
             try:
-                p = torch.cat([_average_views(model, part, views, act, device, amp) for part in x.chunk(pieces)])
+                use = views[:1] if stop is not None and stop.requested else views
+                p = torch.cat([_average_views(model, part, use, act, device, amp) for part in x.chunk(pieces)])
                 break
             except OutOfMemory:
                 if pieces >= len(x):
@@ -2179,6 +3471,276 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         "first_batch_s": (t_first or t_end) - t0,
         "images_per_s": steady_n * len(views) / max(steady_s, 1e-9),
     }
+''',
+'kernelkit.infer_job': r'''"""The infer job: average the TTA probabilities of one or more checkpoints and write the submission.
+
+Each checkpoint rebuilds its own model, input size and threshold rule (predictor.load_predictor,
+the same path the train job predicts with). The first checkpoint's measured speed decides how
+many TTA views the others can afford; one that cannot fit even one view is skipped, so a
+submission is always written in time.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .budget import BudgetClock, affordable_tta
+from .competition import Competition
+from .config import ConfigError, parse_duration
+from .context import RunContext
+from .decide import RuleSettings, ensemble_rule
+from .fileio import write_npy
+from .predictor import load_predictor, plan_tta, predict_test, write_predictions
+
+log = logging.getLogger("kernelkit")
+
+
+def find_checkpoints(spec: str) -> list[Path]:
+    p = Path(spec)
+    if p.is_dir():
+        found = sorted(p.glob("best*.pt")) or sorted(p.glob("*.pt"))
+    elif p.is_file():
+        found = [p]
+    else:
+        found = sorted(Path(x) for x in glob.glob(spec))
+    if not found:
+        raise ConfigError(f"checkpoints={spec!r}: no checkpoint file matches")
+    return found
+
+
+def views_for(i: int, n: int, wanted: int, seconds_per_view: float | None, clock: BudgetClock) -> int:
+    """TTA views for checkpoint i of n: its share of the time left; 0 = skip it."""
+    if seconds_per_view is None:
+        return wanted
+    share = clock.remaining() / (n - i)
+    if share < seconds_per_view:
+        return 0
+    return affordable_tta(wanted, 1, 1.0 / seconds_per_view, share)
+
+
+def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: BudgetClock) -> dict:
+    cfg, settings = ctx.cfg, RuleSettings.of(ctx.cfg)
+    paths = find_checkpoints(cfg.checkpoints)
+    probs_sum, ok, rules, used = None, None, [], []
+    seconds_per_view: float | None = None
+    for i, path in enumerate(paths):
+        if used and ctx.stop.requested:
+            log.warning("stop requested: averaging the %d checkpoint(s) predicted so far", len(used))
+            break
+        tta = views_for(i, len(paths), cfg.tta, seconds_per_view, clock)
+        if tta == 0:
+            log.warning("no time left for %s and %d more checkpoint(s); skipped", path, len(paths) - i - 1)
+            break
+        pred = load_predictor(path, device, settings, cfg.channels_last)
+        if pred.classes != comp.classes:
+            raise ConfigError(f"{path}: trained on a different label set than the {comp.format} data in {ctx.data_dir}")
+        if seconds_per_view is None:
+            tta = plan_tta(cfg.tta, 1, None, clock.remaining(), ctx.stop, parse_duration(cfg.grace))
+        elif tta < cfg.tta:
+            log.warning("%s: %d TTA views instead of %d to stay inside the budget", path.name, tta, cfg.tta)
+        out = predict_test(pred, comp, cfg, device, tta, ctx.stop)
+        seconds_per_view = out["seconds_per_view"]
+        write_npy(ctx.out_dir / f"test_probs_{path.stem}.npy", out["probs"].astype(np.float32))
+        probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
+        ok = out["ok"]
+        rules.append(pred.rule)
+        used.append({"checkpoint": str(path), "model": pred.config.model, "tta": tta, "val_score": pred.val_score})
+        log.info("%s: %s, val score %s, %d TTA views", path, pred.config.model, pred.val_score, tta)
+    rule = ensemble_rule(rules, settings)
+    write_predictions(comp, probs_sum / len(used), ok, comp.task, rule, ctx.out_dir)
+    return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
+''',
+'kernelkit.launch': r'''"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
+kernel) and torchrun, with one failure policy: a failing rank stops every rank, and if the
+training processes ended without a valid submission while a checkpoint exists, the launcher
+predicts from it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from . import distributed, env
+from .budget import BudgetClock, fmt_seconds
+from .competition import Competition, check_submission_writable, load_competition
+from .config import budget_seconds
+from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, RunContext,
+                      setup_logging)
+from .demo import make_demo_competition, score_demo_submission
+from .distributed import DistInfo
+from .fileio import write_json
+from .infer_job import run_infer
+from .reports import write_label_statistics
+from .session import finish_run
+from .stopping import handle_signals
+from .train_job import Outcome, guarded, run_train
+
+log = logging.getLogger("kernelkit")
+
+
+def timm_version() -> str:
+    import timm
+    return timm.__version__
+
+
+def announce(ctx: RunContext) -> None:
+    env.check_versions({"torch": torch.__version__, "timm": timm_version()})
+    log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
+             "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
+    ctx.cfg.save(ctx.out_dir / "config.json")
+    if ctx.is_demo:
+        log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
+        make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
+
+
+def open_competition(ctx: RunContext) -> Competition:
+    """The data, and proof that a submission can be written for it, before anything slow runs."""
+    cfg = ctx.cfg
+    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column)
+    check_submission_writable(comp, ctx.out_dir)
+    return comp
+
+
+def launch(ctx: RunContext) -> int:
+    info = distributed.from_torchrun()
+    if info is not None:  # started by torchrun: one process per rank already
+        info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
+        return run_rank(ctx, info)
+    procs = 1
+    if ctx.cfg.mode == "train" and not ctx.args.dry_run:
+        procs = distributed.wanted_processes(ctx.cfg.ddp_procs)
+    if procs == 1:
+        return run_rank(ctx, distributed.SINGLE)
+    announce(ctx)  # once, before the ranks start: the demo data must exist for all of them
+    status = launch_ranks(ctx, procs)
+    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
+
+
+def launch_ranks(ctx: RunContext, procs: int) -> int:
+    """Spawn one process per rank; a SIGTERM to us is passed on to them. -> rank 0's exit status."""
+    import torch.multiprocessing as mp
+    port = distributed.free_port()
+    log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
+    procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+                                   start_method="spawn")
+    forwarded = False
+    try:
+        while not procs_ctx.join(timeout=1.0):
+            if ctx.stop.requested and not forwarded:
+                for p in procs_ctx.processes:
+                    os.kill(p.pid, signal.SIGTERM)
+                forwarded = True
+    except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
+        log.exception("a data-parallel rank failed; every rank was stopped")
+    summary = ctx.out_dir / "summary.json"
+    return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
+        else EXIT_NO_SUBMISSION
+
+
+def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
+    """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
+    non-zero, which makes the launcher stop every rank: nobody waits on a dead peer."""
+    setup_logging()
+    if rank:
+        log.setLevel(logging.WARNING)
+    info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
+    with handle_signals() as stop:
+        ctx = dataclasses.replace(ctx, stop=stop)
+        status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+    if status not in (EXIT_OK,):
+        raise SystemExit(status)
+
+
+def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False) -> int:
+    if info.enabled:
+        if info.rank:
+            log.setLevel(logging.WARNING)
+        distributed.init(info, init_method)
+    try:
+        if info.is_main and not announced:
+            announce(ctx)
+        distributed.barrier(info)
+        return run_job(ctx, info)
+    finally:
+        distributed.shutdown(info)
+
+
+def run_job(ctx: RunContext, info: DistInfo) -> int:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
+    comp = open_competition(ctx)
+    if cfg.mode == "infer":
+        ctx.phase = PREDICTING
+        summary = run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
+        write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
+        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
+        return EXIT_OK
+    if ctx.args.dry_run:
+        from .dry_run import dry_run
+        plan = dry_run(ctx, comp, info.device())
+        write_json(out_dir / "plan.json", plan.to_dict())
+        log.info("dry-run plan for %s on %s:\n%s", cfg.model, info.device(), plan.table())
+        return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
+    if info.is_main:
+        guarded(Outcome(), "label statistics", write_label_statistics, comp.train_targets, comp.class_names,
+                comp.train_paths, comp.task, out_dir)
+    outcome = run_train(ctx, comp, info)
+    if not info.is_main:
+        return EXIT_OK
+    return report(ctx, comp, outcome, info)
+
+
+def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo) -> int:
+    cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
+    status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
+    guarded(outcome, "finishing the run state", finish_run, out_dir)
+    s.update(wall_s=round(time.time() - _run_start(ctx), 1), exit_status=status, world_size=info.world_size,
+             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None)
+    if ctx.is_demo and outcome.submitted:
+        s["demo_test_score"] = guarded(outcome, "demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
+    guarded(outcome, "writing summary.json", write_json, out_dir / "summary.json", s)
+    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
+    log.info("validation %s %.4f (label-prior baseline %.4f); %s used; submission: %s", metric,
+             s.get("val_score") or float("nan"), s.get("baseline") or float("nan"), fmt_seconds(s["wall_s"]),
+             (out_dir / "submission.csv").resolve() if outcome.submitted else "NONE")
+    if s.get("demo_test_score") is not None:
+        log.info("demo test F2 against the generated answers: %.4f", s["demo_test_score"])
+    if outcome.problems:
+        log.error("!!! the submission was written, but %d step(s) failed: %s", len(outcome.problems),
+                  "; ".join(outcome.problems))
+    return status
+
+
+def _run_start(ctx: RunContext) -> float:
+    state = ctx.out_dir / "run_state.json"
+    try:
+        return float(json.loads(state.read_text())["run_start"])
+    except (OSError, ValueError, KeyError):
+        return ctx.t_start
+
+
+def rescue(ctx: RunContext) -> int:
+    """The training processes ended without a submission: predict from their best checkpoint."""
+    ckpt = next((ctx.out_dir / n for n in ("best.pt", "last.pt") if (ctx.out_dir / n).is_file()), None)
+    if ckpt is None:
+        log.error("training ended without a submission and left no checkpoint to predict from")
+        return EXIT_NO_SUBMISSION
+    log.error("!!! training ended without a submission; predicting from %s", ckpt)
+    cfg = dataclasses.replace(ctx.cfg, mode="infer", checkpoints=str(ckpt))
+    rctx = dataclasses.replace(ctx, cfg=cfg, phase=PREDICTING)
+    summary = run_infer(rctx, open_competition(rctx), distributed.SINGLE.device(),
+                        BudgetClock(*budget_seconds(cfg), start_time=_run_start(ctx)))
+    write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
+    return EXIT_OK
+
 ''',
 'kernelkit.losses': r'''"""Losses that accept a per-sample weight (0 for unreadable images).
 
@@ -2542,27 +4104,6 @@ def per_class_report(truth: np.ndarray, pred: np.ndarray, beta: float = 1.0,
     return {"support": truth.sum(0), "tp": tp, "fp": fp, "fn": fn, "errors": fp + fn,
             "precision": _ratio(tp, tp + fp, zero_division), "recall": _ratio(tp, tp + fn, zero_division),
             "fbeta": _ratio((1 + b2) * tp, (1 + b2) * tp + b2 * fn + fp, zero_division)}
-
-
-def search_threshold(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, min_labels: int = 0,
-                     grid: np.ndarray | None = None) -> tuple[float, float]:
-    """Best single global threshold on validation probabilities -> (threshold, score).
-
-    Ties go to the lowest threshold. See kernelkit.thresholds for group/class thresholds and caps.
-    """
-    from .thresholds import search_global
-    rule, score = search_global(truth, probs, beta, grid, min_labels)
-    return rule.values[0], score
-
-
-def prior_baseline(task: str, train_targets: np.ndarray, val_targets: np.ndarray, beta: float = 2.0) -> float:
-    """Score of the best constant prediction from training label frequencies: the bar to beat."""
-    if task == "multiclass":
-        majority = np.bincount(train_targets).argmax() if len(train_targets) else 0
-        return float((val_targets == majority).mean()) if len(val_targets) else 0.0
-    freq = train_targets.mean(0)
-    probs = np.broadcast_to(freq, val_targets.shape)
-    return search_threshold(val_targets, probs, beta, grid=np.unique(np.concatenate([[0.0], freq])))[1]
 ''',
 'kernelkit.models': r'''"""timm models by name, optional custom heads and feature concatenation, freezing by blocks.
 
@@ -2778,6 +4319,107 @@ def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: fl
                 epoch_s=epoch_s, inference_s=inference_s, train_s=train_s, epochs_that_fit=fit_epochs,
                 epochs_requested=epochs, fits=not warnings, warnings=warnings)
 ''',
+'kernelkit.predictor': r'''"""The one path from a checkpoint (or the model in memory) to a submission, shared by the train job
+and the infer job: rebuild the model, pick its threshold rule, plan the TTA views that fit the
+time left, predict, write submission.csv and the probabilities."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .assemble import test_loader
+from .budget import affordable_tta
+from .checkpoint import load_checkpoint
+from .competition import Competition, format_predictions, write_submission
+from .components import model_from_config
+from .config import Config
+from .decide import RuleSettings, rule_from_checkpoint
+from .decode import decode
+from .fileio import write_npy
+from .infer import predict
+from .stopping import StopFlag
+from .thresholds import ThresholdRule
+from .transforms import tta_views
+
+log = logging.getLogger("kernelkit")
+
+
+@dataclass
+class Predictor:
+    name: str
+    model: torch.nn.Module
+    config: Config  # the training run's config: input size, padding, model
+    task: str
+    classes: list[str]
+    rule: ThresholdRule
+    val_score: float | None = None
+
+
+def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights that were validated: the EMA when training kept one."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def load_predictor(path: Path, device: torch.device, settings: RuleSettings | None = None,
+                   channels_last: bool = False) -> Predictor:
+    ckpt = load_checkpoint(path, "cpu")
+    cfg = Config.from_stored(ckpt.get("config", {}))
+    model = model_from_config(cfg, len(ckpt["classes"]), with_weights=False)
+    model.load_state_dict(inference_weights(ckpt))
+    model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Predictor(name=Path(path).stem, model=model, config=cfg, task=ckpt["task"], classes=list(ckpt["classes"]),
+                     rule=rule_from_checkpoint(ckpt, settings), val_score=ckpt.get("best_score"))
+
+
+def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: torch.device, tta: int,
+                 stop: StopFlag | None = None) -> dict:
+    """Test probabilities of one predictor with `tta` views. The input geometry is the training
+    run's; batch size and workers are this run's (the hardware may differ)."""
+    cfg = Config.from_stored({**pred.config.to_dict(), "batch_size": run_cfg.batch_size,
+                              "num_workers": run_cfg.num_workers, "mp_context": run_cfg.mp_context})
+    t0 = time.time()
+    out = predict(pred.model, test_loader(cfg, comp, device), device, pred.task, tta_views(tta), run_cfg.amp,
+                  run_cfg.channels_last, desc=f"test {pred.name}", stop=stop)
+    out["seconds_per_view"] = (time.time() - t0) / tta
+    return out
+
+
+def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,
+             stop: StopFlag | None = None, grace_s: float = 20.0) -> int:
+    """TTA views that fit `seconds_left` at the measured speed; after a stop request, what fits the grace."""
+    if stop is not None and stop.requested:
+        seconds_left = min(seconds_left, grace_s - (time.time() - stop.at))
+    tta = affordable_tta(wanted, n_images, images_per_s, seconds_left)
+    if tta < wanted:
+        log.warning("predicting with %d TTA view(s) instead of %d to stay inside the %s", tta, wanted,
+                    "grace after the stop request" if stop is not None and stop.requested else "budget")
+    return tta
+
+
+def write_predictions(comp: Competition, probs: np.ndarray, ok: np.ndarray, task: str, rule: ThresholdRule,
+                      out_dir: Path) -> Path:
+    """Decode, write submission.csv (validated before it replaces anything) and the raw probabilities."""
+    if (~ok).any():
+        log.warning("%d test images could not be read; their rows use the model's output on a blank image",
+                    int((~ok).sum()))
+    cells = format_predictions(comp, decode(task, probs, rule=rule))
+    path = out_dir / "submission.csv"
+    write_submission(comp, cells, path)
+    log.info("submission written: %s (%d rows)", path.resolve(), len(cells))
+    try:
+        write_npy(out_dir / "test_probs.npy", probs.astype(np.float32))
+    except Exception as e:  # noqa: BLE001  (the submission is what counts; the probabilities are extra)
+        log.error("could not save test_probs.npy (%s)", e)
+    return path
+''',
 'kernelkit.progress': r'''"""tqdm that stays readable in Kaggle's log, where every carriage-return refresh becomes a line."""
 from __future__ import annotations
 
@@ -2827,7 +4469,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -2835,6 +4476,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .fileio import atomic_write
 from .metrics import one_hot, per_class_report
 
 log = logging.getLogger("kernelkit")
@@ -2844,7 +4486,7 @@ HIST_CAP = 10  # wrong labels per image: 10 and more share one bin, the JSON sta
 
 
 def _write_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(x: object) -> object:
@@ -2902,9 +4544,7 @@ def plot_history(history_csv: Path, out_png: Path, metric: str = "validation sco
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, out_png)
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png", dpi=100))
     return out_png
 
 
@@ -2990,7 +4630,7 @@ def write_label_statistics(targets: np.ndarray, class_names: list[str], image_pa
     stats = label_statistics(targets, class_names, image_paths, task, sample_sizes, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats["per_class"].to_csv(out_dir / "label_stats.csv", index=False)
+    atomic_write(out_dir / "label_stats.csv", stats["per_class"].to_csv(index=False))
     s = stats["summary"]
     _write_json(s, out_dir / "label_stats.json")
     line = f"labels: {s['images']} images, {s['classes']} classes, imbalance {s['imbalance_ratio']}x"
@@ -3134,10 +4774,10 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
     result = error_analysis(truth, pred, probs, class_names, ids, top)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result["per_label"].to_csv(out_dir / "errors_per_label.csv", index=False)
+    atomic_write(out_dir / "errors_per_label.csv", result["per_label"].to_csv(index=False))
     for name in ("worst_images", "confusion_pairs", "missing_label_candidates"):
         if name in result:
-            result[name].to_csv(out_dir / f"{name}.csv", index=False)
+            atomic_write(out_dir / f"{name}.csv", result[name].to_csv(index=False))
     s = result["summary"]
     _write_json(s, out_dir / "error_summary.json")
     most = ", ".join(f"{n} ({e})" for n, e in s["most_errors"][:3])
@@ -3150,624 +4790,6 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
         log.info("error analysis: %d of %d validation images wrong; most errors: %s%s", s["errors"], s["images"],
                  most, f"; most frequent confusion {top_pair[0]} -> {top_pair[1]} ({top_pair[2]})" if top_pair else "")
     return s
-''',
-'kernelkit.run': r'''"""The adapter from Config to the library: train, predict, write submission.csv.
-
-Whatever happens in training, a submission is written from the best weights available; the exit
-status says what happened (see EXIT_*).
-"""
-from __future__ import annotations
-
-import argparse
-import glob
-import json
-import logging
-import random
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-
-from . import distributed, env
-from .budget import BudgetClock, InferenceReserve, affordable_tta, fmt_seconds
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from .cache import ImageCache, build_cache, open_cache
-from .competition import Competition, format_predictions, load_competition, write_submission
-from .config import Config, budget_seconds, make_config, parse_duration, parse_kwargs
-from .data import ImageDataset, make_loader, split_indices
-from .decode import decode
-from .demo import make_demo_competition
-from .distributed import DistInfo
-from .infer import predict
-from .losses import get_loss
-from .metrics import fbeta_per_image, prior_baseline
-from .models import build_model, create_ema, create_optimizer
-from .plan import Plan, make_plan
-from .folds import make_folds, save_oof
-from .reports import plot_history, write_error_analysis, write_label_statistics
-from .sampling import balanced_sampler
-from .session import begin_run, finish_run
-from .thresholds import ThresholdRule, groups_from_names, search_classes, search_groups
-from .train import FitOptions, FitState, fit, train_one_epoch
-from .transforms import BatchAugment, EvalTransform, TrainTransform, tta_views
-
-log = logging.getLogger("kernelkit")
-
-EXIT_OK = 0
-EXIT_NO_SUBMISSION = 1
-EXIT_TRAIN_FAILED = 3  # training raised; submission.csv written from the best checkpoint
-EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
-
-
-def setup_logging() -> None:
-    """Timestamped lines on stdout, unless the host (pytest, a notebook that set up logging)
-    already handles records: then ours propagate to it instead of printing twice."""
-    log.setLevel(logging.INFO)
-    if not log.handlers and not logging.getLogger().handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(h)
-
-
-def output_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
-
-
-def resolve_paths(cfg: Config) -> tuple[Path, Path, bool]:
-    """-> (data_dir, out_dir, is_demo)."""
-    out_dir = output_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.data_dir:
-        return Path(cfg.data_dir), out_dir, False
-    found = env.find_competition_dir()
-    if found is not None:
-        return found, out_dir, False
-    return out_dir / "demo_data", out_dir, True
-
-
-def num_workers(cfg: Config) -> int:
-    return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SINGLE) -> ImageCache | None:
-    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds, others open."""
-    if not cfg.cache_images or not paths:
-        return None
-    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
-    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
-    cache = None
-    if info.is_main:
-        cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
-                            max_bytes=int(cfg.cache_max_gb * 1e9))
-    if info.enabled:
-        distributed.barrier(info)
-        if cache is None:
-            cache = open_cache(paths, geometry, root)
-    return cache
-
-
-def build_test_loader(cfg: Config, comp: Competition, device: torch.device):
-    ds = ImageDataset(comp.test_paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill),
-                      cfg.img_size, cfg.pad_fill)
-    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
-
-
-def write_outputs(comp: Competition, probs: np.ndarray, ok: np.ndarray, task: str, rule: ThresholdRule,
-                  out_dir: Path) -> Path:
-    """Decode, write submission.csv (validated) and the raw probabilities for blending."""
-    if (~ok).any():
-        log.warning("%d test images could not be read; their rows use the model's output on a blank image",
-                    int((~ok).sum()))
-    np.save(out_dir / "test_probs.npy", probs.astype(np.float32))
-    cells = format_predictions(comp, decode(task, probs, rule=rule))
-    path = out_dir / "submission.csv"
-    write_submission(comp, cells, path)
-    log.info("submission written: %s (%d rows)", path.resolve(), len(cells))
-    return path
-
-
-def load_resume_checkpoint(path: Path | None, cfg: Config, comp: Competition) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    ckpt = load_checkpoint(path)
-    if ckpt.get("classes") != comp.classes or ckpt.get("config", {}).get("model") != cfg.model:
-        log.warning("%s belongs to a different model or label set; starting fresh", path)
-        return None
-    return ckpt
-
-
-@dataclass
-class TrainingData:
-    train_loader: Any
-    val_loader: Any
-    train_targets: np.ndarray
-    val_targets: np.ndarray
-    val_paths: list[str]
-    val_rows: np.ndarray  # positions of the validation images in comp.train_paths (for out-of-fold files)
-
-
-def build_training_data(cfg: Config, comp: Competition, device: torch.device,
-                        info: DistInfo = distributed.SINGLE) -> TrainingData:
-    nw, pin = num_workers(cfg), device.type == "cuda"
-    targets, paths = comp.train_targets, comp.train_paths
-    keep = np.arange(len(paths))
-    if cfg.max_train_images and len(paths) > cfg.max_train_images:
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(paths))[:cfg.max_train_images])
-        paths, targets = [paths[i] for i in keep], targets[keep]
-    if cfg.fold >= 0:  # K-fold cross-validation: iterative stratification for multi-label targets
-        folds = make_folds(targets, cfg.n_folds, cfg.seed)
-        tr_idx, va_idx = np.flatnonzero(folds != cfg.fold), np.flatnonzero(folds == cfg.fold)
-    else:
-        tr_idx, va_idx = split_indices(targets, cfg.val_fraction, cfg.seed)
-    if len(tr_idx) == 0:
-        raise ValueError("no training images found")
-    cache = image_cache(cfg, paths, info)
-    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx],
-                            TrainTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.aug), cfg.img_size,
-                            cfg.pad_fill, cache=cache.subset(tr_idx) if cache else None)
-    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx],
-                          EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size, cfg.pad_fill,
-                          cache=cache.subset(va_idx) if cache else None)
-    log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
-    sampler = None
-    if cfg.balanced_sampling > 0:
-        if info.enabled:
-            raise ValueError("balanced_sampling is not supported with data-parallel training yet; set ddp_procs=1")
-        sampler = balanced_sampler(targets[tr_idx], cfg.balanced_sampling, cfg.seed)
-    elif info.enabled:  # each rank sees its own shard, the same number of batches on every rank
-        sampler = torch.utils.data.DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True,
-                                                      seed=cfg.seed, drop_last=True)
-    return TrainingData(
-        train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed, sampler),
-        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
-                    if len(val_ds) and info.is_main else None),
-        train_targets=targets[tr_idx], val_targets=targets[va_idx], val_paths=[paths[i] for i in va_idx],
-        val_rows=keep[va_idx])
-
-
-def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
-    """The architecture a config describes; `with_weights=False` when a checkpoint will fill it."""
-    return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
-                       cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
-                       cfg.pretrained_path2 if with_weights else "")
-
-
-def build_model_and_optimizer(cfg: Config, num_classes: int, device: torch.device):
-    model = model_from_config(cfg, num_classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
-    enabled = cfg.amp and device.type == "cuda"
-    # torch.amp.GradScaler appeared in torch 2.3; older Kaggle images only have the cuda one.
-    scaler = (torch.amp.GradScaler("cuda", enabled=enabled) if hasattr(torch.amp, "GradScaler")
-              else torch.cuda.amp.GradScaler(enabled=enabled))
-    return model, optimizer, scaler
-
-
-def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights that were validated: the EMA when training kept one."""
-    return ckpt.get("ema") or ckpt["model"]
-
-
-def restore(ckpt: dict[str, Any], model, optimizer, scaler, ema=None) -> FitState:
-    model.load_state_dict(ckpt["model"])
-    if ema is not None and "ema" in ckpt:
-        ema.module.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    return FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                    best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-
-
-def batch_augment(cfg: Config, task: str, num_classes: int) -> BatchAugment | None:
-    if not (cfg.gpu_aug or cfg.mixup > 0 or cfg.cutmix > 0):
-        return None
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.loss == "complement":
-        raise ValueError("mixup/cutmix give soft targets, which the complement loss does not take")
-    return BatchAugment(cfg.gpu_aug, cfg.mixup, cfg.cutmix, num_classes if task == "multiclass" else 0)
-
-
-def fit_options(cfg: Config, task: str = "multilabel", num_classes: int = 0) -> FitOptions:
-    return FitOptions(batch_aug=batch_augment(cfg, task, num_classes), lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
-                      channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
-                      threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
-                      beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks)
-
-
-def _report(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception:  # noqa: BLE001  (a report must never cost the submission)
-        log.exception("report %s failed; continuing", fn.__name__)
-        return None
-
-
-def write_validation_reports(cfg: Config, comp: Competition, data: TrainingData, rule: ThresholdRule,
-                             out_dir: Path, summary: dict[str, Any]) -> None:
-    """Curves, per-label errors and worst images of the best epoch; its out-of-fold file under K-fold."""
-    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
-    _report(plot_history, out_dir / "history.csv", out_dir / "history.png", metric=metric)
-    val_probs_path = out_dir / "val_probs.npy"
-    if not len(data.val_targets) or not val_probs_path.is_file():
-        return
-    val_probs = np.load(val_probs_path)
-    if val_probs.shape[0] != len(data.val_targets):
-        return
-    val_pred = rule.apply(val_probs) if comp.task == "multilabel" else val_probs.argmax(1)
-    errors = _report(write_error_analysis, data.val_targets, val_pred, val_probs, comp.class_names,
-                     [Path(p).stem for p in data.val_paths], out_dir)
-    summary["errors"] = errors
-    if cfg.fold >= 0:
-        save_oof(out_dir / "oof", cfg.fold, data.val_rows, val_probs)
-
-
-def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
-    counts = None
-    if cfg.class_balanced:
-        counts = (train_targets.sum(0) if task == "multilabel"
-                  else np.bincount(train_targets, minlength=num_classes)).astype(float).tolist()
-    return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
-
-
-def choose_rule(cfg: Config, comp: Competition, threshold: float, out_dir: Path, val_targets: np.ndarray) -> ThresholdRule:
-    """The multi-label decision rule: the global threshold picked during training, refined per
-    group or per class on the best epoch's validation probabilities when asked."""
-    rule = ThresholdRule("global", [cfg.threshold if cfg.threshold >= 0 else threshold], cfg.min_labels,
-                         cfg.max_labels)
-    val_probs = out_dir / "val_probs.npy"
-    if comp.task != "multilabel" or cfg.threshold >= 0 or cfg.threshold_rule == "global" or not val_probs.is_file():
-        return rule
-    probs = np.load(val_probs)
-    if probs.shape != val_targets.shape:
-        log.warning("val_probs.npy does not match the validation split; keeping the global threshold")
-        return rule
-    if cfg.threshold_rule == "group":
-        groups = groups_from_names(comp.class_names)
-        found, score = search_groups(val_targets, probs, groups, cfg.beta, min_labels=cfg.min_labels,
-                                     max_labels=cfg.max_labels)
-    elif cfg.threshold_rule == "class":
-        found, score = search_classes(val_targets, probs, cfg.beta, min_labels=cfg.min_labels,
-                                      max_labels=cfg.max_labels, show_progress=True)
-    else:
-        raise ValueError(f"unknown threshold_rule {cfg.threshold_rule!r}; choose global | group | class")
-    log.info("threshold rule %s: validation F%g %.4f (global %.4f)", found.kind, cfg.beta, score,
-             rule.score(val_targets, probs, cfg.beta))
-    return found
-
-
-def train_and_predict(cfg: Config, comp: Competition, out_dir: Path, device: torch.device,
-                      clock: BudgetClock, resume_path: Path | None = None,
-                      info: DistInfo = distributed.SINGLE) -> tuple[int, dict]:
-    data = build_training_data(cfg, comp, device, info)
-    model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
-    if info.enabled and cfg.freeze > 0:
-        raise ValueError("freeze is not supported with data-parallel training yet; set ddp_procs=1")
-    ema = create_ema(model, cfg.ema)
-    state = FitState()
-    ckpt = load_resume_checkpoint(resume_path, cfg, comp)
-    if ckpt is not None:
-        state = restore(ckpt, model, optimizer, scaler, ema)
-        log.info("resumed from %s: epoch %d, step %d, progress %.2f; %s of the budget already spent",
-                 resume_path, state.epoch, state.step, state.progress, fmt_seconds(clock.elapsed()))
-    model = distributed.wrap(model, info)
-    n_val = len(data.val_targets)
-    reserve = InferenceReserve(len(comp.test_ids), n_val, cfg.tta)
-    extra = {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task}
-    summary: dict[str, Any] = {"train_images": len(data.train_targets), "val_images": n_val,
-                               "train_start_s": round(clock.elapsed(), 1)}
-    # config errors surface here, not as a "training failed"
-    loss_fn = build_loss(cfg, comp.task, data.train_targets, comp.num_classes)
-    opts = fit_options(cfg, comp.task, comp.num_classes)
-    status = EXIT_OK
-    try:
-        result = fit(model, data.train_loader, data.val_loader, data.val_targets, task=comp.task,
-                     loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, device=device,
-                     clock=clock, reserve=reserve, opts=opts, out_dir=out_dir, state=state, extra=extra,
-                     dist=info, ema=ema)
-        summary.update(stop_reason=result["stop_reason"], epochs=len(result["history"]), steps=state.step,
-                       bad_train_images=state.bad_images, nonfinite_steps=state.nonfinite_steps,
-                       failed_saves=state.failed_saves, micro_batches=state.micro_batches)
-        if state.step == 0:
-            log.warning("the budget left no time to train (%s left, inference needs ~%s); predicting untrained",
-                        fmt_seconds(clock.remaining()), fmt_seconds(reserve.seconds()))
-    except Exception:  # noqa: BLE001  (the run must still produce a submission)
-        log.exception("training failed; predicting with the best checkpoint available")
-        status = EXIT_TRAIN_FAILED
-        summary["stop_reason"] = "error"
-    summary["train_end_s"] = round(clock.elapsed(), 1)
-    if not info.is_main:
-        return status, summary
-    model = distributed.unwrap(model)
-
-    threshold = state.threshold
-    for name in ("best.pt", "last.pt"):
-        if (out_dir / name).is_file():
-            best = load_checkpoint(out_dir / name, device)
-            model.load_state_dict(inference_weights(best))
-            threshold = best.get("threshold", threshold)
-            summary.update(checkpoint=name, val_score=best.get("best_score"))
-            rule = choose_rule(cfg, comp, threshold, out_dir, data.val_targets)
-            if rule.kind != "global":  # stored so offline inference decodes the same way
-                save_checkpoint({**best, "threshold_rule": rule.to_dict()}, out_dir / name)
-            break
-    else:
-        rule = choose_rule(cfg, comp, threshold, out_dir, data.val_targets)
-    if n_val:
-        summary["baseline"] = prior_baseline(comp.task, data.train_targets, data.val_targets, cfg.beta)
-    summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
-    write_validation_reports(cfg, comp, data, rule, out_dir, summary)
-    # Model loading and reports are done by now: what is left is the test loader's start-up and the views.
-    tta = affordable_tta(cfg.tta, len(comp.test_ids), reserve.infer_ips, clock.remaining() - reserve.startup_s)
-    if tta < cfg.tta:
-        log.warning("only %s left: predicting with %d TTA views instead of %d",
-                    fmt_seconds(clock.remaining()), tta, cfg.tta)
-    out = predict(model, build_test_loader(cfg, comp, device), device, comp.task, tta_views(tta),
-                  cfg.amp, cfg.channels_last, desc="test")
-    summary.update(tta=tta, infer_images_per_s=round(out["images_per_s"], 1))
-    write_outputs(comp, out["probs"], out["ok"], comp.task, rule, out_dir)
-    return status, summary
-
-
-def dry_run(cfg: Config, comp: Competition, device: torch.device, setup_s: float, train_steps: int = 12,
-            infer_batches: int = 4) -> Plan:
-    """Time a few training steps and TTA batches on a subset, then plan the full budget."""
-    data = build_training_data(cfg, comp, device)
-    model, optimizer, scaler = build_model_and_optimizer(cfg, comp.num_classes, device)
-    opts = fit_options(cfg, comp.task, comp.num_classes)
-    state = FitState()
-
-    def first_steps_at_peak_lr(step: int) -> tuple[bool, float]:
-        return step >= train_steps, cfg.lr
-
-    tr = train_one_epoch(model, data.train_loader, optimizer, scaler,
-                         build_loss(cfg, comp.task, data.train_targets, comp.num_classes), device,
-                         state, opts, control=first_steps_at_peak_lr)
-    test_loader = build_test_loader(cfg, comp, device)
-    subset = torch.utils.data.Subset(test_loader.dataset, range(min(len(test_loader.dataset),
-                                                                    infer_batches * test_loader.batch_size)))
-    loader = make_loader(subset, test_loader.batch_size, False, num_workers(cfg), cfg.mp_context,
-                         device.type == "cuda")
-    inf = predict(model, loader, device, comp.task, tta_views(cfg.tta), cfg.amp, cfg.channels_last, desc="dry-run")
-    budget_s, margin_s = budget_seconds(cfg)
-    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
-                     infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
-                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["first_batch_s"])
-
-
-def find_checkpoints(spec: str) -> list[Path]:
-    p = Path(spec)
-    if p.is_dir():
-        found = sorted(p.glob("best*.pt")) or sorted(p.glob("*.pt"))
-    elif p.is_file():
-        found = [p]
-    else:
-        found = sorted(Path(x) for x in glob.glob(spec))
-    if not found:
-        raise FileNotFoundError(f"no checkpoints match {spec!r}")
-    return found
-
-
-def infer_only(cfg: Config, comp: Competition, out_dir: Path, device: torch.device, clock: BudgetClock) -> dict:
-    """Average TTA probabilities of one or more checkpoints; each rebuilds its own model and input size.
-
-    The first checkpoint's measured speed decides how many TTA views the others can afford; a
-    checkpoint that cannot fit even one view is skipped, so a submission is always written in time.
-    """
-    paths = find_checkpoints(cfg.checkpoints)
-    probs_sum, ok, rules, used = None, None, [], []
-    seconds_per_view: float | None = None
-    for i, p in enumerate(paths):
-        tta = cfg.tta
-        if seconds_per_view is not None:
-            share = clock.remaining() / (len(paths) - i)
-            tta = affordable_tta(cfg.tta, 1, 1.0 / seconds_per_view, share)
-            if share < seconds_per_view:
-                log.warning("no time left for %s and %d more checkpoint(s); skipped", p, len(paths) - i - 1)
-                break
-            if tta < cfg.tta:
-                log.warning("%s: %d TTA views instead of %d to stay inside the budget", p.name, tta, cfg.tta)
-        ckpt = load_checkpoint(p, "cpu")
-        ccfg = Config.from_dict(ckpt["config"])
-        if ckpt["classes"] != comp.classes:
-            raise ValueError(f"{p}: trained on a different label set than the {comp.format} data in {cfg.data_dir}")
-        model = model_from_config(ccfg, len(ckpt["classes"]), with_weights=False)
-        model.load_state_dict(inference_weights(ckpt))
-        model.to(device).eval()
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        run_cfg = Config.from_dict({**ccfg.to_dict(), "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
-                                    "mp_context": cfg.mp_context})
-        t0 = time.time()
-        out = predict(model, build_test_loader(run_cfg, comp, device), device, ckpt["task"], tta_views(tta),
-                      cfg.amp, cfg.channels_last, desc=p.name)
-        seconds_per_view = (time.time() - t0) / tta
-        np.save(out_dir / f"test_probs_{p.stem}.npy", out["probs"].astype(np.float32))
-        probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
-        ok = out["ok"]
-        rules.append(ThresholdRule.from_dict(ckpt["threshold_rule"]) if "threshold_rule" in ckpt else
-                     ThresholdRule("global", [float(ckpt.get("threshold", 0.5))], cfg.min_labels, cfg.max_labels))
-        used.append({"checkpoint": str(p), "model": ccfg.model, "tta": tta, "val_score": ckpt.get("best_score")})
-        log.info("%s: %s, val score %.4f, %d TTA views", p, ccfg.model, ckpt.get("best_score", float("nan")), tta)
-    rule = ensemble_rule(rules, cfg)
-    write_outputs(comp, probs_sum / len(used), ok, comp.task, rule, out_dir)
-    return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
-
-
-def ensemble_rule(rules: list[ThresholdRule], cfg: Config) -> ThresholdRule:
-    """Global thresholds of several checkpoints average; a refined rule is taken from the first."""
-    if cfg.threshold >= 0:
-        return ThresholdRule("global", [cfg.threshold], cfg.min_labels, cfg.max_labels)
-    if all(r.kind == "global" for r in rules):
-        return ThresholdRule("global", [float(np.mean([r.values[0] for r in rules]))], cfg.min_labels,
-                             cfg.max_labels)
-    log.info("using the %s threshold rule of the first checkpoint for the average", rules[0].kind)
-    return rules[0]
-
-
-def _demo_test_score(data_dir: Path, out_dir: Path, comp: Competition) -> float | None:
-    sol = data_dir / "test_solution.csv"
-    if comp.task != "multilabel" or not sol.is_file():
-        return None
-    import pandas as pd
-    truth_df = pd.read_csv(sol, dtype=str, keep_default_na=False)
-    sub = pd.read_csv(out_dir / "submission.csv", dtype=str, keep_default_na=False)
-    pos = {c: i for i, c in enumerate(comp.classes)}
-
-    def onehot(cells) -> np.ndarray:
-        m = np.zeros((len(cells), len(pos)), np.uint8)
-        for r, cell in enumerate(cells):
-            for t in cell.split():
-                m[r, pos[t]] = 1
-        return m
-    return fbeta_per_image(onehot(truth_df.attribute_ids), onehot(sub.iloc[:, 1]))
-
-
-@dataclass
-class Context:
-    cfg: Config
-    args: argparse.Namespace
-    data_dir: Path
-    out_dir: Path
-    is_demo: bool
-    t_start: float
-
-
-def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> Context:
-    """Config and paths, with no side effects beyond creating out_dir."""
-    cfg, args = make_config(config_block, argv)
-    data_dir, out_dir, is_demo = resolve_paths(cfg)
-    if is_demo and not cfg.preset:
-        cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
-        data_dir, out_dir, _ = resolve_paths(cfg)
-    return Context(cfg, args, data_dir, out_dir, is_demo, t_start)
-
-
-def announce(ctx: Context) -> None:
-    env.check_versions({"torch": torch.__version__, "timm": timm_version()})
-    log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
-             "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
-    ctx.cfg.save(ctx.out_dir / "config.json")
-    if ctx.is_demo:
-        log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
-        make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
-
-
-def timm_version() -> str:
-    import timm
-    return timm.__version__
-
-
-def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
-         started_at: float | None = None) -> int:
-    """`started_at`: process start (kernel.py records it before importing torch), so the budget
-    counts the imports too."""
-    setup_logging()
-    ctx = resolve(config_block, argv, started_at or time.time())
-    cfg = ctx.cfg
-    if cfg.mode not in ("train", "infer"):
-        raise ValueError(f"unknown mode {cfg.mode!r}; choose train | infer")
-    info = distributed.from_torchrun()
-    if info is not None:  # started by torchrun: one process per rank already
-        info = DistInfo(info.rank, info.world_size, info.local_rank, distributed.default_backend(cfg.ddp_backend))
-        if info.rank:
-            log.setLevel(logging.WARNING)
-        distributed.init(info)
-        try:
-            return run_rank(ctx, info)
-        finally:
-            distributed.shutdown(info)
-    procs = distributed.wanted_processes(cfg.ddp_procs) if cfg.mode == "train" and not ctx.args.dry_run else 1
-    if procs > 1:
-        announce(ctx)  # once, before the ranks start: the demo data must exist for all of them
-        return launch_ranks(procs, config_block, argv, ctx)
-    return run_rank(ctx, distributed.SINGLE)
-
-
-def launch_ranks(procs: int, config_block: dict[str, Any] | None, argv: list[str] | None, ctx: Context) -> int:
-    """Kaggle has no torchrun in a script kernel: start one spawned process per rank ourselves."""
-    import torch.multiprocessing as mp
-    port = distributed.free_port()
-    log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
-    mp.start_processes(rank_worker, args=(procs, port, config_block, argv, ctx.t_start), nprocs=procs,
-                       join=True, start_method="spawn")
-    summary = json.loads((ctx.out_dir / "summary.json").read_text())
-    return int(summary.get("exit_status", EXIT_NO_SUBMISSION))
-
-
-def rank_worker(rank: int, world_size: int, port: int, config_block: dict[str, Any] | None,
-                argv: list[str] | None, t_start: float) -> None:
-    """Entry of a spawned rank (module level, so spawn can import it)."""
-    setup_logging()
-    if rank:
-        log.setLevel(logging.WARNING)
-    ctx = resolve(config_block, argv, t_start)
-    info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
-    distributed.init(info, f"tcp://127.0.0.1:{port}")
-    try:
-        run_rank(ctx, info, announced=True)
-    except Exception:  # noqa: BLE001
-        if info.is_main:
-            raise
-        # Exiting non-zero would make the launcher kill rank 0 before it writes the submission.
-        log.exception("rank %d failed; rank 0 carries on", rank)
-    finally:
-        distributed.shutdown(info)
-
-
-def run_rank(ctx: Context, info: DistInfo, announced: bool = False) -> int:
-    cfg, out_dir = ctx.cfg, ctx.out_dir
-    if info.is_main and not announced:
-        announce(ctx)
-    distributed.barrier(info)
-    comp = load_competition(ctx.data_dir, cfg.format)
-    if info.is_main and cfg.mode == "train" and not ctx.args.dry_run:
-        _report(write_label_statistics, comp.train_targets, comp.class_names, comp.train_paths, comp.task, out_dir)
-    device = info.device()
-    if cfg.mode == "infer":
-        summary = infer_only(cfg, comp, out_dir, device, BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
-        return EXIT_OK
-    if ctx.args.dry_run:
-        plan = dry_run(cfg, comp, device, setup_s=time.time() - ctx.t_start)
-        (out_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
-        log.info("dry-run plan for %s on %s:\n%s", cfg.model, device, plan.table())
-        return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
-
-    run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
-    run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
-    if resume_path is None and cfg.resume_from:
-        resume_path = Path(cfg.resume_from)
-        if not resume_path.is_file():
-            raise FileNotFoundError(f"resume_from {resume_path} does not exist")
-    clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    status, summary = train_and_predict(cfg, comp, out_dir, device, clock, resume_path, info)
-    if not info.is_main:
-        return status
-    finish_run(out_dir)
-    summary.update(wall_s=round(clock.elapsed(), 1), exit_status=status, world_size=info.world_size)
-    if ctx.is_demo:
-        summary["demo_test_score"] = _demo_test_score(ctx.data_dir, out_dir, comp)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
-    log.info("validation %s %.4f (label-prior baseline %.4f); %s of %s used; submission: %s",
-             metric, summary.get("val_score") or float("nan"), summary.get("baseline", float("nan")),
-             fmt_seconds(clock.elapsed()), fmt_seconds(clock.total_s), (out_dir / "submission.csv").resolve())
-    if ctx.is_demo and summary.get("demo_test_score") is not None:
-        log.info("demo test F2 against the generated answers: %.4f", summary["demo_test_score"])
-    return status
 ''',
 'kernelkit.sampling': r'''"""Class-balanced sampling for long-tailed data (iNaturalist seed)."""
 from __future__ import annotations
@@ -3814,21 +4836,17 @@ import logging
 import os
 from pathlib import Path
 
+from .fileio import TEMP_GLOB, write_json
+
 log = logging.getLogger("kernelkit")
 
 STATE_FILE = "run_state.json"
 CHECKPOINTS = ("last.pt", "best.pt")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def remove_partial_files(out_dir: Path) -> None:
     """Temp files of a save that was killed half-way; the real checkpoints are intact beside them."""
-    for tmp in out_dir.glob(".*.tmp*"):
+    for tmp in out_dir.glob(TEMP_GLOB):
         log.info("removing partial file %s left by an interrupted save", tmp.name)
         tmp.unlink(missing_ok=True)
 
@@ -3840,10 +4858,10 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     last = out_dir / "last.pt"
     if resume and state and not state.get("finished") and last.is_file():
-        _write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
+        write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
         return float(state["run_start"]), last
     archive_checkpoints(out_dir)
-    _write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
+    write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
     return started_at, None
 
 
@@ -3858,7 +4876,72 @@ def archive_checkpoints(out_dir: Path) -> None:
 def finish_run(out_dir: Path) -> None:
     state_path = out_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    _write_json(state_path, {**state, "finished": True})
+    write_json(state_path, {**state, "finished": True})
+''',
+'kernelkit.stopping': r'''"""SIGTERM and SIGINT are requests to finish, not to die.
+
+`timeout`, `docker stop`, schedulers and notebook shutdowns send SIGTERM some seconds before
+SIGKILL. The handler only sets a flag: the training loop stops at its next step, prediction drops
+to one TTA view, and the kernel writes its submission and exits 0. A second SIGINT (Ctrl-C twice)
+interrupts for real.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from typing import Iterator
+
+log = logging.getLogger("kernelkit")
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self.at = 0.0
+
+    def request(self, name: str) -> None:
+        if not self.requested:
+            self.requested, self.signal_name, self.at = True, name, time.time()
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ANN001  (signal handler signature)
+        if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        self.request(signal.Signals(signum).name)
+        # Logged from the handler: the user must see at once that the signal was heard.
+        log.warning("%s received: finishing early (stop training, predict, write the submission, exit 0)",
+                    self.signal_name)
+
+
+@contextlib.contextmanager
+def handle_signals() -> Iterator[StopFlag]:
+    """Install the handlers for the duration of a run (main thread only; elsewhere the flag just
+    stays down), and put the previous ones back after."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in SIGNALS:
+        signal.signal(s, flag._handle)
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_in_worker(worker_id: int = 0) -> None:
+    """Loader workers leave signals to the main process: a Ctrl-C or a group SIGTERM must not kill
+    them under the main process's feet while it is still predicting. (torch's workers exit on
+    their own when the main process dies.)"""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 ''',
 'kernelkit.thresholds': r'''"""Multi-label decision rules and their search on validation probabilities.
 
@@ -3881,6 +4964,8 @@ from typing import Hashable, Iterable, Sequence
 import numpy as np
 
 from .decode import apply_thresholds, limit_labels, order_and_ranks
+from .metrics import fbeta_per_image
+from .progress import progress
 
 KINDS = ("global", "group", "class")
 
@@ -3947,7 +5032,6 @@ class ThresholdRule:
 
     def score(self, truth: np.ndarray, probs: np.ndarray, beta: float = 2.0) -> float:
         """F-beta per image of this rule's predictions."""
-        from .metrics import fbeta_per_image
         return fbeta_per_image(truth, self.apply(probs), beta)
 
     def to_dict(self) -> dict:
@@ -4030,7 +5114,6 @@ def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: 
     total = np.zeros(len(grid))
     starts = range(0, len(probs), chunk)
     if show_progress:
-        from .progress import progress
         starts = progress(starts, desc="threshold", total=len(starts))
     for s in starts:
         y, p = truth[s:s + chunk], probs[s:s + chunk]
@@ -4146,8 +5229,7 @@ def search_classes(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, grid
         moved = False
         cols = tunable
         if show_progress:
-            from .progress import progress
-            cols = progress(tunable, desc=f"class thresholds {r + 1}/{rounds}", total=len(tunable))
+                cols = progress(tunable, desc=f"class thresholds {r + 1}/{rounds}", total=len(tunable))
         for j in cols:
             on, yc = pred[:, j], truth[:, j]
             k_o, tp_o = k - on, tp - (on & yc)
@@ -4178,7 +5260,6 @@ def search_label_limits(truth: np.ndarray, probs: np.ndarray, rule: ThresholdRul
     Every pair with min <= max (max 0: no cap) is scored exactly; the probabilities are sorted
     once. Ties keep the smaller min and the larger cap (the less forcing rule).
     """
-    from .metrics import fbeta_per_image
     truth, probs, _ = _prepare(truth, probs, None)
     base = probs > rule.thresholds(probs.shape[1])
     order, ranks = order_and_ranks(probs)
@@ -4196,29 +5277,53 @@ def search_label_limits(truth: np.ndarray, probs: np.ndarray, rule: ThresholdRul
     d = rule.to_dict()
     d.update(min_labels=mn, max_labels=mx)
     return ThresholdRule.from_dict(d), s
+
+
+def search_threshold(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, min_labels: int = 0,
+                     grid: np.ndarray | None = None) -> tuple[float, float]:
+    """Best single global threshold on validation probabilities -> (threshold, score).
+
+    Ties go to the lowest threshold.
+    """
+    rule, score = search_global(truth, probs, beta, grid, min_labels)
+    return rule.values[0], score
+
+
+def prior_baseline(task: str, train_targets: np.ndarray, val_targets: np.ndarray, beta: float = 2.0) -> float:
+    """Score of the best constant prediction from training label frequencies: the bar to beat."""
+    if task == "multiclass":
+        majority = np.bincount(train_targets).argmax() if len(train_targets) else 0
+        return float((val_targets == majority).mean()) if len(val_targets) else 0.0
+    freq = train_targets.mean(0)
+    probs = np.broadcast_to(freq, val_targets.shape)
+    return search_threshold(val_targets, probs, beta, grid=np.unique(np.concatenate([[0.0], freq])))[1]
 ''',
-'kernelkit.train': r'''"""The training loop under a wall-clock budget."""
+'kernelkit.train': r'''"""The training loop under a wall-clock budget.
+
+One `Trainer` holds everything a step changes (model, optimizer, scaler, EMA, the progress in
+`FitState`); `fit` returns its result in memory (`FitResult`: history, the best epoch's
+validation probabilities, the state). Checkpoints go through a `checkpoint.Checkpointer`, which
+owns the file names; the loop only says when.
+"""
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
-from .checkpoint import rng_state, save_checkpoint
-from .decode import decode_multilabel
+from .checkpoint import Checkpointer, rng_state
+from .decide import score_validation
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
-from .models import set_trainable
 from .infer import OutOfMemory, autocast, predict
-from .metrics import accuracy, fbeta_per_image
-from .thresholds import search_global
+from .models import set_trainable
 from .progress import progress
+from .stopping import StopFlag
 from .transforms import normalize
 
 log = logging.getLogger("kernelkit")
@@ -4240,11 +5345,22 @@ class FitOptions:
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
     unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
-    batch_aug: Callable | None = None  # (x uint8 on device, y, ok) -> (x float 0-255, y, ok), e.g. BatchAugment
+
+
+@dataclass
+class TrainParts:
+    """What a step updates. batch_aug: (x uint8 on device, y, ok) -> (x float 0-255, y, ok)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    loss_fn: Callable
+    ema: Any = None
+    batch_aug: Callable | None = None
 
 
 @dataclass
 class FitState:
+    """Where training is; saved in every checkpoint, restored on resume."""
     epoch: int = 0
     step: int = 0
     progress: float = 0.0
@@ -4256,256 +5372,482 @@ class FitState:
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
 
 
+@dataclass
+class Validation:
+    loader: Any
+    targets: np.ndarray
+    task: str
+
+
+@dataclass
+class FitResult:
+    state: FitState
+    history: list[dict] = field(default_factory=list)
+    stop_reason: str = "budget"  # budget | epochs | signal | finished
+    best_val_probs: np.ndarray | None = None
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optimizer, scaler, loss_fn: Callable,
-                    device: torch.device, state: FitState, opts: FitOptions,
-                    control: Callable[[int], tuple[bool, float]], on_step: Callable[[], None] | None = None,
-                    dist: DistInfo = SINGLE) -> dict:
-    """One pass over `loader`, or until control(step) says stop; control also gives each step's LR."""
-    model.train()
-    losses, images, skipped = [], 0, 0
-    t0 = time.time()
-    t_first, first_n = None, 0
-    bar = progress(loader, desc=f"epoch {state.epoch}")
-    stopped = False
-    for x, y, ok in bar:
-        stop, lr = control(state.step)
-        if stop:
-            stopped = True
-            break
-        set_lr(optimizer, lr)
-        x, y, ok = (t.to(device, non_blocking=True) for t in (x, y, ok))
-        if opts.batch_aug is not None:
-            x, y, ok = opts.batch_aug(x, y, ok)
-        x = normalize(x, opts.channels_last)
-        loss = forward_backward_fitting_memory(model, x, y, ok, loss_fn, optimizer, scaler, device, state, opts, dist)
-        if loss is None:
-            # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
-            # rank together, or the gradient all-reduce would wait forever).
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_steps += 1
-            log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
-            state.step += 1
-            continue
-        if opts.clip_grad > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        state.step += 1
-        skipped += int((ok == 0).sum())
-        images += len(ok)
-        losses.append(loss.item())
-        if t_first is None:
-            t_first, first_n = time.time(), images
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                        p=f"{state.progress:.2f}", refresh=False)
-        if on_step is not None:
-            on_step()
-    bar.close()
-    t_end = time.time()
-    state.bad_images += skipped
-    # Throughput after the first step, which carries worker start-up and lazy initialisation.
-    steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
-    return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
-            "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
-            "stopped": stopped, "lr": optimizer.param_groups[0]["lr"]}
+class Trainer:
+    """Trains `parts` until the budget (minus the measured inference reserve), `opts.epochs`, or a
+    stop request. Under DDP (`dist`) rank 0's clock rules and only rank 0 validates and saves."""
 
+    def __init__(self, parts: TrainParts, opts: FitOptions, clock: BudgetClock, reserve: InferenceReserve,
+                 device: torch.device, saver: Checkpointer | None = None, dist: DistInfo = SINGLE,
+                 stop: StopFlag | None = None, state: FitState | None = None):
+        self.parts, self.opts, self.clock, self.reserve = parts, opts, clock, reserve
+        self.device, self.saver, self.dist, self.stop = device, saver, dist, stop
+        self.state = state or FitState()
+        self.core = unwrap(parts.model)
+        self.total_steps = 0
+        self.schedule = Progress(clock, self.state.progress)
+        self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
+        self.frozen = False
+        self.last_save = time.time()
+        self.stop_reason = "budget"
 
-def forward_backward_fitting_memory(model, x, y, ok, loss_fn, optimizer, scaler, device, state: FitState,
-                                    opts: FitOptions, dist: DistInfo = SINGLE) -> torch.Tensor | None:
-    """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
+    # ------------------------------------------------------------------ schedule and stopping
+    def deadline(self) -> float:
+        return self.clock.total_s - self.clock.margin_s - self.reserve.seconds()
 
-    Out of memory: free what we can, split the batch in twice as many pieces and retry it. The
-    pieces are weighted by their share of valid images, so the gradient equals the full batch's and
-    the effective batch size (hence the LR that suits it) does not change.
-    """
-    while True:
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            return _accumulate(model, x, y, ok, loss_fn, scaler, device, state.micro_batches, opts, dist)
-        except OutOfMemory:
-            if dist.enabled or state.micro_batches >= len(x):
-                raise  # ranks would disagree on the number of backward passes
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            state.micro_batches *= 2
-            log.warning("out of memory at batch size %d: continuing with %d micro-batches of ~%d "
-                        "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
-                        -(-len(x) // state.micro_batches))
-
-
-def _accumulate(model, x, y, ok, loss_fn, scaler, device, pieces: int, opts: FitOptions,
-                dist: DistInfo) -> torch.Tensor | None:
-    total_weight = ok.sum().clamp_min(1.0)
-    batch_loss = torch.zeros((), device=device)
-    for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
-        with autocast(device, opts.amp):
-            logits = model(xs)
-        loss = loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
-        if not all_finite(dist, loss):
-            return None
-        scaler.scale(loss).backward()
-        batch_loss += loss.detach()
-    return batch_loss
-
-
-def score_predictions(task: str, targets: np.ndarray, probs: np.ndarray, opts: FitOptions) -> dict:
-    """Competition metric on validation; multi-label also picks the threshold."""
-    if task == "multilabel":
-        if opts.threshold >= 0:
-            t = opts.threshold
-            s = fbeta_per_image(targets, decode_multilabel(probs, t, opts.min_labels, opts.max_labels), opts.beta)
-        else:
-            rule, s = search_global(targets, probs, opts.beta, min_labels=opts.min_labels, max_labels=opts.max_labels)
-            t = rule.values[0]
-        return {"score": s, "threshold": t, "metric": f"F{opts.beta:g} per image"}
-    acc = accuracy(targets, probs)
-    return {"score": acc, "threshold": 0.5, "metric": "accuracy", "top1_error": 1 - acc}
-
-
-def validate(model: torch.nn.Module, loader, targets: np.ndarray, device: torch.device, task: str,
-             opts: FitOptions) -> dict:
-    out = predict(model, loader, device, task, amp=opts.amp, channels_last=opts.channels_last, desc="validate")
-    return {**out, **score_predictions(task, targets, out["probs"], opts)}
-
-
-def _timing(tr: dict, state: FitState, clock: BudgetClock, reserve: InferenceReserve) -> str:
-    """Schedule position, speed, elapsed/budget and when training will end."""
-    train_left = clock.total_s - clock.margin_s - reserve.seconds() - clock.elapsed()
-    return (f"p={state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{clock.fmt()}, training ends in "
-            f"{fmt_seconds(train_left)}, then ~{fmt_seconds(reserve.seconds())} inference]")
-
-
-def _write_history(history: list[dict], out_dir: Path) -> None:
-    import pandas as pd
-    pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
-
-
-def fit(model: torch.nn.Module, train_loader, val_loader, val_targets: np.ndarray, *, task: str,
-        loss_fn: Callable, optimizer: torch.optim.Optimizer, scaler, device: torch.device,
-        clock: BudgetClock, reserve: InferenceReserve, opts: FitOptions, out_dir: Path,
-        state: FitState | None = None, extra: dict[str, Any] | None = None, dist: DistInfo = SINGLE,
-        ema=None) -> dict:
-    """Train until the budget (or `opts.epochs`) is used; keep last.pt and best.pt in `out_dir`.
-
-    `extra` (config dict, classes, task) is stored in every checkpoint so inference can rebuild
-    the model from the checkpoint alone. Under DDP (`dist`), rank 0's clock rules and only rank 0
-    validates and writes. With `ema` (timm ModelEma), the average is updated every step, validated
-    and saved as "ema" beside "model".
-    """
-    state = state or FitState()
-    extra = dict(extra or {})
-    core = unwrap(model)
-    total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
-    prog = Progress(clock, state.progress, total_steps)
-    history: list[dict] = []
-    last_save = [time.time()]
-    has_val = dist.is_main and val_loader is not None and len(val_targets) > 0
-
-    def deadline() -> float:
-        return clock.total_s - clock.margin_s - reserve.seconds()
-
-    def time_is_up() -> bool:
-        if total_steps and state.step >= total_steps:
+    def time_is_up(self) -> bool:
+        if self.stop is not None and self.stop.requested:
+            self.stop_reason = "signal"
             return True
-        return clock.elapsed() >= deadline()
+        if self.total_steps and self.state.step >= self.total_steps:
+            self.stop_reason = "epochs"
+            return True
+        return self.clock.elapsed() + self.step_s >= self.deadline()
 
-    frozen = [False]
+    def control(self) -> tuple[bool, float]:
+        """-> (stop now?, this step's LR); every rank adopts rank 0's answer."""
+        stop, self.state.progress = agree(self.dist, self.time_is_up(),
+                                          self.schedule.at(self.deadline(), self.state.step))
+        if self.opts.freeze_until > 0:
+            self.follow_freeze_schedule()
+        return stop, self.opts.lr * lr_factor(self.state.progress, self.opts.warmup, self.opts.schedule)
 
-    def follow_freeze_schedule() -> None:
-        want = state.progress < opts.freeze_until
-        if want != frozen[0]:
-            blocks = 0 if want else (opts.unfreeze_blocks or None)
-            n = set_trainable(core, blocks)
+    def follow_freeze_schedule(self) -> None:
+        want = self.state.progress < self.opts.freeze_until
+        if want != self.frozen:
+            blocks = 0 if want else (self.opts.unfreeze_blocks or None)
+            n = set_trainable(self.core, blocks)
             log.info("%s: %d trainable parameters", "backbone frozen" if want else
                      f"unfreezing {'all' if blocks is None else f'the last {blocks}'} backbone blocks", n)
-            frozen[0] = want
+            self.frozen = want
 
-    def control(step: int) -> tuple[bool, float]:
-        stop, state.progress = agree(dist, time_is_up(), prog.at(deadline(), step))
-        if opts.freeze_until > 0:
-            follow_freeze_schedule()
-        return stop, opts.lr * lr_factor(state.progress, opts.warmup, opts.schedule)
+    # ------------------------------------------------------------------ the loop
+    def fit(self, train_loader, val: Validation | None) -> FitResult:
+        """Epochs until told to stop; validate and checkpoint at each epoch end."""
+        opts, state = self.opts, self.state
+        self.total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
+        self.schedule = Progress(self.clock, state.progress, self.total_steps)
+        result = FitResult(state)
+        while not (opts.epochs and state.epoch >= opts.epochs) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
+            tr = self.train_epoch(train_loader)
+            if tr["images"]:
+                self.reserve.train_ips = tr["images_per_s"]
+            if self.dist.is_main:
+                result.history.append(self.end_of_epoch(tr, val, result))
+                self.save("last.pt", epoch_done=not tr["stopped"])
+            if tr["stopped"] or not tr["images"]:
+                break
+            state.epoch += 1
+        result.stop_reason = "epochs" if opts.epochs and state.epoch >= opts.epochs else self.stop_reason
+        if self.dist.is_main and (val is None or not len(val.targets)):
+            self.save("best.pt", epoch_done=True)  # nothing to select on: the last weights are the best
+        return result
 
-    def checkpoint(name: str, epoch_done: bool) -> None:
-        try:
-            _save(name, epoch_done)
-        except OSError as e:
-            # Disk full or unwritable: the previous file is intact (atomic save); keep training.
-            state.failed_saves += 1
-            log.error("could not save %s (%s); the previous %s stays usable, training continues", name, e, name)
+    def train_epoch(self, loader, max_steps: int = 0) -> dict:
+        """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
+        parts, opts, state = self.parts, self.opts, self.state
+        parts.model.train()
+        losses, images, skipped, stopped = [], 0, 0, False
+        t0 = t_prev = time.time()
+        t_first, first_n = None, 0
+        bar = progress(loader, desc=f"epoch {state.epoch}")
+        for x, y, ok in bar:
+            stop, lr = self.control()
+            if stop or (max_steps and state.step >= max_steps):
+                stopped = True
+                break
+            set_lr(parts.optimizer, lr)
+            x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
+            if parts.batch_aug is not None:
+                x, y, ok = parts.batch_aug(x, y, ok)
+            loss = self.forward_backward(normalize(x, opts.channels_last), y, ok)
+            if loss is None:
+                # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
+                # rank together, or the gradient all-reduce would wait forever).
+                parts.optimizer.zero_grad(set_to_none=True)
+                state.nonfinite_steps += 1
+                log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
+                state.step += 1
+                continue
+            if opts.clip_grad > 0:
+                parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
+                torch.nn.utils.clip_grad_norm_(parts.model.parameters(), opts.clip_grad)
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            if parts.ema is not None:
+                parts.ema.update(self.core)
+            state.step += 1
+            skipped += int((ok == 0).sum())
+            images += len(ok)
+            losses.append(loss.item())
+            now = time.time()
+            self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
+            t_prev = now
+            if t_first is None:
+                t_first, first_n = now, images
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}",
+                            p=f"{state.progress:.2f}", refresh=False)
+            if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
+                self.save("last.pt", epoch_done=False)
+        bar.close()
+        state.bad_images += skipped
+        t_end = time.time()
+        # Throughput after the first step, which carries worker start-up and lazy initialisation.
+        steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
+        return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
+                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
+                "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
 
-    def _save(name: str, epoch_done: bool) -> None:
-        save_checkpoint({
-            "model": core.state_dict(), **({"ema": ema.module.state_dict()} if ema is not None else {}),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
+        """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
+
+        Out of memory: free what we can, split the batch in twice as many pieces and retry it. The
+        pieces are weighted by their share of valid images, so the gradient equals the full batch's
+        and the effective batch size (hence the LR that suits it) does not change.
+        """
+        state = self.state
+        while True:
+            self.parts.optimizer.zero_grad(set_to_none=True)
+            try:
+                return self._accumulate(x, y, ok, state.micro_batches)
+            except OutOfMemory:
+                if self.dist.enabled or state.micro_batches >= len(x):
+                    raise  # ranks would disagree on the number of backward passes
+                self.parts.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                state.micro_batches *= 2
+                log.warning("out of memory at batch size %d: continuing with %d micro-batches of ~%d "
+                            "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
+                            -(-len(x) // state.micro_batches))
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor | None:
+        total_weight = ok.sum().clamp_min(1.0)
+        batch_loss = torch.zeros((), device=self.device)
+        for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
+            with autocast(self.device, self.opts.amp):
+                logits = self.parts.model(xs)
+            loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
+            if not all_finite(self.dist, loss):
+                return None
+            self.parts.scaler.scale(loss).backward()
+            batch_loss += loss.detach()
+        return batch_loss
+
+    # ------------------------------------------------------------------ validation and checkpoints
+    def end_of_epoch(self, tr: dict, val: Validation | None, result: FitResult) -> dict:
+        """Validate, keep best.pt and its validation probabilities; -> the epoch's history row."""
+        state, opts = self.state, self.opts
+        row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
+               "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
+               "elapsed_s": round(self.clock.elapsed(), 1)}
+        if val is None or not len(val.targets) or not tr["images"]:
+            log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
+            return row
+        model = self.core if self.parts.ema is None else self.parts.ema.module
+        out = predict(model, val.loader, self.device, val.task, amp=opts.amp, channels_last=opts.channels_last,
+                      desc="validate")
+        va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
+                              opts.max_labels)
+        self.reserve.val_ips = out["images_per_s"]
+        self.reserve.observe_startup(out["first_batch_s"])
+        row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(out["seconds"], 2))
+        if va["score"] > state.best_score:
+            state.best_score, state.threshold = va["score"], va["threshold"]
+            result.best_val_probs = out["probs"].astype(np.float32)
+            self.save("best.pt", epoch_done=not tr["stopped"])
+        log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+                 va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
+        return row
+
+    def timing(self, tr: dict) -> str:
+        """Schedule position, speed, elapsed/budget and when training will end."""
+        train_left = self.deadline() - self.clock.elapsed()
+        return (f"p={self.state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{self.clock.fmt()}, training ends "
+                f"in {fmt_seconds(train_left)}, then ~{fmt_seconds(self.reserve.seconds())} inference]")
+
+    def save(self, name: str, epoch_done: bool) -> None:
+        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on."""
+        self.last_save = time.time()
+        if self.saver is None:
+            return
+        parts, state = self.parts, self.state
+        payload = {
+            "model": self.core.state_dict(), **({"ema": parts.ema.module.state_dict()} if parts.ema is not None else {}),
+            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
             "best_score": state.best_score, "threshold": state.threshold,
-            "elapsed": clock.elapsed(), "run_start": clock.start_time, "rng": rng_state(), **extra,
-        }, out_dir / name)
+            "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
+        }
+        if not self.saver.save(name, payload):
+            state.failed_saves += 1
+''',
+'kernelkit.train_job': r'''"""The train job: competition -> training -> a submission from the best checkpoint.
 
-    def on_step() -> None:
-        if ema is not None:
-            ema.update(core)
-        if dist.is_main and time.time() - last_save[0] >= opts.checkpoint_every_s:
-            checkpoint("last.pt", epoch_done=False)
-            last_save[0] = time.time()
+Before training, everything that can be checked is (the data, the sample submission, the resume
+checkpoint, the time left after the measured inference reserve): a problem there is a refusal
+(ConfigError, exit 2). Once training starts, whatever fails, a submission is still written from
+the best weights available, and the failure is logged loudly and recorded in summary.json.
+"""
+from __future__ import annotations
 
-    stop_reason = "budget"
-    while True:
-        if opts.epochs and state.epoch >= opts.epochs:
-            stop_reason = "epochs"
-            break
-        if agree(dist, time_is_up(), state.progress)[0]:
-            break
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
-        tr = train_one_epoch(model, train_loader, optimizer, scaler, loss_fn, device, state, opts, control,
-                             on_step, dist)
-        if tr["images"]:
-            reserve.train_ips = tr["images_per_s"]
-        if dist.is_main:
-            history.append(_end_of_epoch(core if ema is None else ema.module, tr, val_loader, val_targets, has_val, task, device, opts, state,
-                                         clock, reserve, checkpoint, out_dir))
-            _write_history(history, out_dir)
-            checkpoint("last.pt", epoch_done=not tr["stopped"])
-            last_save[0] = time.time()
-        if tr["stopped"] or not tr["images"]:
-            break
-        state.epoch += 1
-    if dist.is_main and val_loader is None:
-        checkpoint("best.pt", epoch_done=True)
-    return {"state": state, "history": history, "stop_reason": stop_reason}
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import distributed
+from .assemble import TrainingData, build_training_data, test_loader
+from .budget import BudgetClock, InferenceReserve, fmt_seconds
+from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
+from .competition import Competition
+from .components import build_parts, fit_options, seed_everything
+from .config import Config, ConfigError, budget_seconds, parse_duration
+from .context import RunContext
+from .decide import RuleSettings, refine_rule
+from .distributed import DistInfo
+from .fileio import write_npy
+from .folds import save_oof
+from .infer import predict
+from .predictor import Predictor, load_predictor, plan_tta, predict_test, write_predictions
+from .reports import plot_history, write_error_analysis
+from .session import begin_run
+from .thresholds import ThresholdRule, prior_baseline
+from .train import FitResult, FitState, TrainParts, Trainer, Validation
+from .transforms import tta_views
+
+log = logging.getLogger("kernelkit")
+
+PROBE_BATCHES = 3
 
 
-def _end_of_epoch(model: torch.nn.Module, tr: dict, val_loader, val_targets: np.ndarray, has_val: bool, task: str,
-                  device: torch.device, opts: FitOptions, state: FitState, clock: BudgetClock,
-                  reserve: InferenceReserve, checkpoint: Callable[[str, bool], None], out_dir: Path) -> dict:
-    """Validate, keep best.pt and its validation probabilities (for threshold rules and blending),
-    log; -> the epoch's history row."""
-    row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
-           "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
-           "elapsed_s": round(clock.elapsed(), 1)}
-    if not (has_val and tr["images"]):
-        log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], _timing(tr, state, clock, reserve))
-        return row
-    va = validate(model, val_loader, val_targets, device, task, opts)
-    reserve.infer_ips = va["images_per_s"]
-    reserve.observe_startup(va["first_batch_s"])
-    row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(va["seconds"], 2))
-    if va["score"] > state.best_score:
-        state.best_score, state.threshold = va["score"], va["threshold"]
-        checkpoint("best.pt", not tr["stopped"])
-        np.save(out_dir / "val_probs.npy", va["probs"].astype(np.float32))
-    log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
-             va["metric"], va["score"], state.best_score, va["threshold"], _timing(tr, state, clock, reserve))
-    return row
+@dataclass
+class Outcome:
+    """What the job reports: summary.json's content, and whether a valid submission exists."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    submitted: bool = False
+
+    def problem(self, what: str) -> None:
+        """Something failed after training started: loud in the log, recorded in the summary."""
+        log.error("!!! %s\n%s", what, traceback.format_exc())
+        self.problems.append(what)
+
+
+def guarded(outcome: Outcome, what: str, fn: Callable, *args, **kwargs) -> Any:
+    """Run a step that must not cost the submission; None when it fails."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        outcome.problem(f"{what} failed: {type(e).__name__}: {e}")
+        return None
+
+
+def resume_state(ctx: RunContext, path: Path | None, comp: Competition, parts: TrainParts,
+                 explicit: bool) -> FitState:
+    """The schedule position of the checkpoint we continue from; a finished schedule given as
+    resume_from is refused now rather than re-trained at learning rate 0."""
+    cfg = ctx.cfg
+    if path is None:
+        return FitState()
+    ckpt = load_checkpoint(path)
+    if ckpt.get("classes") != comp.classes or ckpt.get("config", {}).get("model") != cfg.model:
+        if explicit:
+            raise ConfigError(f"resume_from {path}: trained a different model or label set "
+                              f"({ckpt.get('config', {}).get('model')!r}, {len(ckpt.get('classes', []))} classes)")
+        log.warning("%s belongs to a different model or label set; starting fresh", path)
+        return FitState()
+    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
+    finished = (state.epoch >= cfg.epochs) if cfg.epochs else state.progress >= 0.999
+    if finished and explicit:
+        raise ConfigError(
+            f"resume_from {path}: its schedule already finished (epoch {state.epoch}, progress {state.progress:.3f}); "
+            f"training on would run at learning rate 0. To predict with it use --mode infer --checkpoints {path}; "
+            "to train more, start a new schedule (leave resume_from empty, or raise epochs)")
+    parts.model.load_state_dict(ckpt["model"])
+    if parts.ema is not None and "ema" in ckpt:
+        parts.ema.module.load_state_dict(ckpt["ema"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    log.info("resumed from %s: epoch %d, step %d, progress %.2f", path, state.epoch, state.step, state.progress)
+    return state
+
+
+def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
+                    reserve: InferenceReserve) -> None:
+    """Before the first step: predict a few batches of real test images (real eval transform, real
+    batch size, every TTA view), so the reserve is measured, not guessed, from the first epoch on."""
+    n = min(len(comp.test_paths), PROBE_BATCHES * 2 * cfg.batch_size)
+    if n == 0:
+        return
+    out = predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
+                  cfg.channels_last, desc="inference probe")
+    reserve.test_ips = out["images_per_s"]
+    reserve.observe_startup(out["first_batch_s"])
+    log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
+             "views + %d validation images", out["images_per_s"], out["first_batch_s"],
+             fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
+
+
+def refuse_without_training_time(clock: BudgetClock, reserve: InferenceReserve, cfg: Config) -> None:
+    left = clock.total_s - clock.margin_s - reserve.seconds() - clock.elapsed()
+    if left <= 0:
+        raise ConfigError(
+            f"budget={cfg.budget!r} leaves no time to train: {fmt_seconds(clock.elapsed())} already used by start-up, "
+            f"inference needs ~{fmt_seconds(reserve.seconds())} (measured), margin {fmt_seconds(clock.margin_s)}. "
+            "Raise budget, or lower tta / img_size")
+
+
+def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
+    """Everything before the first step. Raises ConfigError for what the user must change."""
+    cfg, out_dir = ctx.cfg, ctx.out_dir
+    device = info.device()
+    seed_everything(cfg.seed + info.rank, cfg.deterministic)
+    run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
+    run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
+    explicit = resume_path is None and bool(cfg.resume_from)
+    resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
+    clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
+    data = build_training_data(cfg, comp, device, info, ctx.stop)
+    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
+    if info.enabled and cfg.freeze > 0:
+        raise ConfigError("freeze is not supported with data-parallel training yet; set ddp_procs=1")
+    state = resume_state(ctx, resume_path, comp, parts, explicit)
+    reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
+    if info.is_main:
+        measure_reserve(cfg, comp, parts.model, device, reserve)
+        if resume_path is None and not ctx.stop.requested:
+            refuse_without_training_time(clock, reserve, cfg)
+    return device, clock, data, parts, state, reserve
+
+
+def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
+    cfg = ctx.cfg
+    device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
+    saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
+                                       "seed": cfg.seed})
+    outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
+                       "train_start_s": round(clock.elapsed(), 1), "seed": cfg.seed})
+    ctx.phase = "training"
+    model = distributed.wrap(parts.model, info)
+    trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
+                      fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
+    val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
+    result = guarded(outcome, "training", trainer.fit, data.train_loader, val) or FitResult(trainer.state,
+                                                                                           stop_reason="error")
+    outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
+                           bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
+                           failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
+                           train_end_s=round(clock.elapsed(), 1))
+    if trainer.state.step == 0:
+        log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
+    if info.is_main:
+        ctx.phase = "predicting"
+        finish(ctx, comp, data, result, saver, parts.model, clock, reserve, outcome, device)
+    return outcome
+
+
+def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitResult, saver: Checkpointer,
+           model: torch.nn.Module, clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome,
+           device: torch.device) -> None:
+    """Rule, reports, prediction and submission; each step guarded, so a failing one costs only itself."""
+    cfg, settings = ctx.cfg, RuleSettings.of(ctx.cfg)
+    guarded(outcome, "writing history.csv", write_history, result.history, ctx.out_dir)
+    rule = settings.global_rule(result.state.threshold)
+    if comp.task == "multilabel":
+        rule = guarded(outcome, "threshold rule search", refine_rule, settings, result.state.threshold,
+                       comp.class_names, data.val_targets, result.best_val_probs) or rule
+        if rule.kind != "global":  # stored so offline inference decodes the same way
+            saver.update(BEST, threshold_rule=rule.to_dict())
+    outcome.summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
+    if len(data.val_targets):
+        outcome.summary["baseline"] = guarded(outcome, "baseline", prior_baseline, comp.task, data.train_targets,
+                                              data.val_targets, cfg.beta)
+    guarded(outcome, "validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
+    submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
+
+
+def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, rule: ThresholdRule,
+                        device: torch.device) -> Predictor:
+    model.to(device).eval()
+    return Predictor("in-memory model", model, cfg, comp.task, comp.classes, rule)
+
+
+def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch.nn.Module, rule: ThresholdRule,
+           clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome, device: torch.device) -> None:
+    """Predict with the best checkpoint; should that fail, with last.pt, then with the model in memory."""
+    cfg = ctx.cfg
+    for path in [p for p in (saver.path(BEST), saver.path(LAST)) if p.is_file()] + [None]:
+        if path is None:
+            pred = predictor_in_memory(model, cfg, comp, rule, device)
+        else:
+            pred = guarded(outcome, f"loading {path.name}", load_predictor, path, device, RuleSettings.of(cfg),
+                           cfg.channels_last)
+        if pred is None:
+            continue
+        if comp.task == "multilabel" and path in (None, saver.path(BEST)):
+            pred.rule = rule  # decided on this checkpoint's validation probabilities just now
+        tta = plan_tta(cfg.tta, len(comp.test_ids), reserve.test_ips or reserve.val_ips,
+                       clock.remaining() - reserve.startup_s, ctx.stop, parse_duration(cfg.grace))
+        out = guarded(outcome, f"prediction with {pred.name}", predict_test, pred, comp, cfg, device, tta, ctx.stop)
+        if out is None:
+            continue
+        if guarded(outcome, "writing the submission", write_predictions, comp, out["probs"], out["ok"], comp.task,
+                   pred.rule, ctx.out_dir) is not None:
+            outcome.submitted = True
+            outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
+                                   infer_images_per_s=round(out["images_per_s"], 1))
+            return
+
+
+def write_history(history: list[dict], out_dir: Path) -> None:
+    import pandas as pd
+    from .fileio import atomic_write
+    if history:
+        atomic_write(out_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
+
+
+def validation_reports(cfg: Config, comp: Competition, data: TrainingData, result: FitResult, rule: ThresholdRule,
+                       out_dir: Path, outcome: Outcome) -> None:
+    """Curves, per-label errors and worst images of the best epoch; its out-of-fold file under K-fold."""
+    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
+    if (out_dir / "history.csv").is_file():
+        guarded(outcome, "history plot", plot_history, out_dir / "history.csv", out_dir / "history.png", metric=metric)
+    probs = result.best_val_probs
+    if probs is None or probs.shape[0] != len(data.val_targets):
+        return
+    write_npy(out_dir / "val_probs.npy", probs)
+    val_pred = rule.apply(probs) if comp.task == "multilabel" else probs.argmax(1)
+    outcome.summary["errors"] = guarded(outcome, "error analysis", write_error_analysis, data.val_targets, val_pred,
+                                        probs, comp.class_names, [Path(p).stem for p in data.val_paths], out_dir)
+    if cfg.fold >= 0:
+        save_oof(out_dir / "oof", cfg.fold, data.val_rows, probs)
 ''',
 'kernelkit.transforms': r'''"""Image transforms: aspect handling from the iMet seed, train augmentation, the eval transform,
 and batch augmentations (mixup, cutmix, flip, shift/scale/rotate, colour jitter, noise) that run
@@ -4529,6 +5871,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 
 import numpy as np
 import torch
@@ -4625,25 +5968,42 @@ class TrainTransform(EvalTransform):
         self.noise_std, self.noise_p = noise_std, noise_p
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
-        level = AUG_LEVELS.index(self.aug)
+        level, rng = AUG_LEVELS.index(self.aug), aug_random()
         if level >= 2:
             x = random_resized_crop(x, self.size, self.crop_scale, self.crop_ratio)
         if level >= 1:
-            if random.random() < self.hflip:
+            if rng.random() < self.hflip:
                 x = x.flip(-1)
-            if self.vflip and random.random() < self.vflip:
+            if self.vflip and rng.random() < self.vflip:
                 x = x.flip(-2)
-        if level >= 4 and random.random() < self.affine_p:
-            angle = random.uniform(-self.degrees, self.degrees)
-            shift = (random.uniform(-self.translate, self.translate), random.uniform(-self.translate, self.translate))
+        if level >= 4 and rng.random() < self.affine_p:
+            angle = rng.uniform(-self.degrees, self.degrees)
+            shift = (rng.uniform(-self.translate, self.translate), rng.uniform(-self.translate, self.translate))
             x = affine(_one(x), torch.tensor([angle]), torch.tensor([shift]),
-                       torch.tensor([random.uniform(*self.scale)]), fill=self.fill)[0]
+                       torch.tensor([rng.uniform(*self.scale)]), fill=self.fill)[0]
         if level >= 3 and self.jitter:
             j = self.jitter
-            x = color_jitter(_one(x), *(torch.tensor([random.uniform(1 - j, 1 + j)]) for _ in range(3)))[0]
-        if level >= 4 and random.random() < self.noise_p:
-            x = add_noise(x, self.noise_std)
+            x = color_jitter(_one(x), *(torch.tensor([rng.uniform(1 - j, 1 + j)]) for _ in range(3)))[0]
+        if level >= 4 and rng.random() < self.noise_p:
+            x = add_noise(x, self.noise_std, torch.Generator().manual_seed(rng.getrandbits(62)))
         return channels_last(x)
+
+
+_local = threading.local()
+
+
+def aug_random() -> random.Random:
+    """The random stream of per-sample augmentations, one per thread: the threaded loader builds
+    batches concurrently, and a shared stream would hand out numbers in scheduling order, so two
+    runs with one seed would augment differently. Seeded per batch by the loaders."""
+    rng = getattr(_local, "rng", None)
+    if rng is None:
+        rng = _local.rng = random.Random(random.getrandbits(64))
+    return rng
+
+
+def seed_augmentations(seed: int) -> None:
+    _local.rng = random.Random(seed)
 
 
 def _one(x: torch.Tensor) -> torch.Tensor:
@@ -4655,14 +6015,14 @@ def _one(x: torch.Tensor) -> torch.Tensor:
 def crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a random crop with area fraction in `scale` and aspect in
     `ratio` (torchvision's RandomResizedCrop rule; falls back to the whole image)."""
-    area = h * w
+    area, rng = h * w, aug_random()
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * random.uniform(*scale)
-        r = math.exp(random.uniform(*log_r))
+        target = area * rng.uniform(*scale)
+        r = math.exp(rng.uniform(*log_r))
         cw, ch = round(math.sqrt(target * r)), round(math.sqrt(target / r))
         if 0 < cw <= w and 0 < ch <= h:
-            return random.randint(0, h - ch), random.randint(0, w - cw), ch, cw
+            return rng.randint(0, h - ch), rng.randint(0, w - cw), ch, cw
     return 0, 0, h, w
 
 
@@ -4989,6 +6349,17 @@ class _BundledPackage(_abc.MetaPathFinder, _abc.Loader):
 if not any(isinstance(f, _BundledPackage) or type(f).__name__ == "_BundledPackage" for f in _sys.meta_path):
     _sys.meta_path.insert(0, _BundledPackage())
 
+
+
+def _print_with_source(exc_type, exc, tb):
+    """The interpreter's own hook reads source lines from disk, and the bundled modules have no
+    files: the traceback module reads them from linecache, where the loader put them."""
+    import traceback as _traceback
+    _traceback.print_exception(exc_type, exc, tb)
+
+
+_sys.excepthook = _print_with_source
+
 if __name__ == "__main__":
-    from kernelkit.run import main
+    from kernelkit.cli import main
     _sys.exit(main(CONFIG, started_at=_STARTED_AT))

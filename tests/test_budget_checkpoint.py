@@ -34,10 +34,12 @@ def test_progress_by_time_and_by_steps():
 def test_inference_reserve_grows_with_test_size_and_views():
     small, big = InferenceReserve(100, 10, 1), InferenceReserve(1000, 10, 2)
     for r in (small, big):
-        r.infer_ips = 100.0
+        r.test_ips = 100.0  # measured by the probe before training: test images, TTA views counted
         r.observe_startup(1.0)
     assert big.seconds() > small.seconds() > 2.5 + 2
     assert big.seconds() == pytest.approx(2.5 + 2 + 1.3 * (2000 + 10) / 100)
+    big.val_ips = 1000.0  # validation reads cached images: its speed does not stand in for the test's
+    assert big.seconds() == pytest.approx(2.5 + 2 + 1.3 * (2000 / 100 + 10 / 1000))
     big.observe_startup(0.1)  # warm persistent workers must not shrink the test loader's start-up
     assert big.startup_s == 1.0
 

@@ -62,7 +62,11 @@ def test_dry_run_prints_a_plan(kernel_dir):  # noqa: F811
     plan = json.loads((out / "plan.json").read_text())
     assert plan["train_images_per_s"] > 0 and plan["epochs_that_fit"] > 1 and plan["fits"]
     assert not (out / "submission.csv").exists(), "a dry run does not train or submit"
-    proc = subprocess.run([sys.executable, "kernel.py", *TINY, "--dry-run", "--budget", "2h", "--epochs", "100000",
+    # 10^9 epochs of 96 images in 2 h is 13 billion images a second: no machine, however quiet or
+    # fast, fits that (100000 epochs did fit on a quiet one). The measured speed varied 25x between
+    # two runs here under load, so no bound derived from one measurement is safe either.
+    too_many = str(10 ** 9)
+    proc = subprocess.run([sys.executable, "kernel.py", *TINY, "--dry-run", "--budget", "2h", "--epochs", too_many,
                            "--demo-images", "120", "--num-workers", "0", "--out-dir", str(out)], cwd=kernel_dir,
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 4 and "does not fit" in proc.stdout
@@ -70,24 +74,25 @@ def test_dry_run_prints_a_plan(kernel_dir):  # noqa: F811
 
 def test_training_error_still_writes_a_submission(tmp_path, monkeypatch, multilabel_dir):
     import kernelkit.train as train
-    from kernelkit.run import EXIT_TRAIN_FAILED, main
+    from kernelkit.cli import main
 
-    real = train.train_one_epoch
+    real = train.Trainer.train_epoch
     calls = {"n": 0}
 
-    def crashing(*args, **kwargs):
+    def crashing(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(train, "train_one_epoch", crashing)
+    monkeypatch.setattr(train.Trainer, "train_epoch", crashing)
     out = tmp_path / "out"
     status = main({}, [*TINY, "--data-dir", str(multilabel_dir), "--out-dir", str(out), "--num-workers", "0",
                        "--epochs", "10", "--budget", "5m"])
-    assert status == EXIT_TRAIN_FAILED
+    assert status == 0, "a valid submission was written: Kaggle must not fail the run"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stop_reason"] == "error" and summary["checkpoint"] == "best.pt"
+    assert summary["problems"] and "CUDA error" in summary["problems"][0]
     assert len(pd.read_csv(out / "submission.csv")) == 12
     assert len(pd.read_csv(out / "history.csv")) == 2, "epochs before the crash are kept"
 
@@ -128,7 +133,7 @@ def test_kill_9_then_restart_resumes_inside_the_original_budget(kernel_dir, tria
 
 def test_resume_from_an_earlier_session_continues_its_schedule(tmp_path, single_label_dir):
     """A second Kaggle session: the first one's last.pt is attached, the budget is what is left now."""
-    from kernelkit.run import main
+    from kernelkit.cli import main
     common = [*TINY, "--data-dir", str(single_label_dir), "--num-workers", "0", "--budget", "5m", "--epochs", "4"]
     first, second = tmp_path / "s1", tmp_path / "s2"
     assert main({}, [*common, "--out-dir", str(first), "--epochs", "2"]) == 0
@@ -137,5 +142,7 @@ def test_resume_from_an_earlier_session_continues_its_schedule(tmp_path, single_
     summary = json.loads((second / "summary.json").read_text())
     assert summary["steps"] == 2 * steps_first, "continues at the step where the first session stopped"
     assert pd.read_csv(second / "history.csv").epoch.tolist() == [2, 3]
-    with pytest.raises(FileNotFoundError, match="resume_from"):
-        main({}, [*common, "--out-dir", str(tmp_path / "s3"), "--resume-from", str(tmp_path / "nope.pt")])
+    assert main({}, [*common, "--out-dir", str(tmp_path / "s3"), "--resume-from", str(tmp_path / "nope.pt")]) == 2
+    # A finished schedule is refused at start, not re-trained at learning rate 0.
+    assert main({}, [*common, "--out-dir", str(tmp_path / "s4"), "--resume-from", str(second / "last.pt")]) == 2
+    assert not (tmp_path / "s4" / "submission.csv").exists()

@@ -123,4 +123,4 @@ def test_multilabel_train_then_offline_inference_from_checkpoint(kernel_dir, tmp
 
 def test_bad_config_is_a_clear_error(kernel_dir):
     proc = run_kernel(kernel_dir, "--preset", "nope", "--out-dir", str(kernel_dir / "x"))
-    assert proc.returncode != 0 and "unknown preset 'nope'" in proc.stderr
+    assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr

@@ -8,7 +8,7 @@ import pytest
 import conftest
 from kernelkit.checkpoint import load_checkpoint
 from kernelkit.config import PRESETS, make_config
-from kernelkit.run import main
+from kernelkit.cli import main
 
 # Tiny backbones and sizes so CPU runs take seconds; everything else comes from the preset.
 SMALL = ["--img-size", "32", "--batch-size", "16", "--num-workers", "0", "--epochs", "3", "--budget", "5m",

@@ -260,6 +260,57 @@ def open_cache(paths: Sequence[str], geometry: Geometry, root: str | Path,
     return ImageCache.open(cache_dir(root, geometry, key), key)
 
 
+def _rows_that_fit(root: Path, n: int, per: int, max_bytes: int) -> int:
+    room = shutil.disk_usage(root).free - FREE_DISK_MARGIN
+    if max_bytes:
+        room = min(room, max_bytes)
+    n_fit = int(max(0, min(n, room // per)))
+    if n_fit < n:
+        log.warning("image cache: room for %d of %d images (%.1f GB needed, %.1f GB allowed); the other %d "
+                    "are decoded every time they are used", n_fit, n, n * per / 1e9, max(room, 0) / 1e9, n - n_fit)
+    return n_fit
+
+
+def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_size: int, desc: str,
+                 stop) -> tuple[np.ndarray, list[str], float]:
+    """Decode every image into its row -> (ok per row, messages of the bad ones, steady decode rate)."""
+    ok = np.zeros(len(writer), bool)
+    bad: list[str] = []
+    tv_jpeg_decoder()  # import torchvision's decoder once here; forked workers inherit it
+    kwargs = {}
+    if num_workers > 0 and mp_context:
+        kwargs["multiprocessing_context"] = mp_context
+    loader = DataLoader(writer, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_status, worker_init_fn=ignore_in_worker if num_workers else None,
+                        **kwargs)
+    t_first, n_after = None, 0
+    for batch in progress(loader, desc=desc, total=len(loader)):
+        if stop is not None and stop.requested:
+            raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
+        if t_first is None:
+            t_first = time.time()
+        else:
+            n_after += len(batch)
+        for i, good, msg in batch:
+            ok[i] = good
+            if not good:
+                bad.append(msg)
+                if len(bad) <= MAX_LOGGED_BAD:
+                    log.warning("unreadable image (kept with ok=0): %s", msg)
+    # decode rate after the first batch (worker start-up excluded), for benchmarks and planning
+    steady = round(n_after / max(time.time() - t_first, 1e-9), 1) if t_first else 0.0
+    return ok, bad, steady
+
+
+def _write_index(tmp: Path, ok: np.ndarray, bad: list[str], meta: dict) -> None:
+    np.save(tmp / OK, ok)
+    (tmp / BAD).write_text("".join(m + "\n" for m in bad))
+    (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+    for name in (OK, BAD, META):
+        _fsync(tmp / name)
+    _fsync(tmp, directory=True)
+
+
 def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, num_workers: int = 0,
                 mp_context: str = "", max_bytes: int = 0, stat_files: bool = True, batch_size: int = 8,
                 desc: str = "image cache", stop=None) -> ImageCache:
@@ -281,58 +332,21 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
-    n, per = len(paths), 3 * size * size
-    room = shutil.disk_usage(root).free - FREE_DISK_MARGIN
-    if max_bytes:
-        room = min(room, max_bytes)
-    n_fit = int(max(0, min(n, room // per)))
-    if n_fit < n:
-        log.warning("image cache: room for %d of %d images (%.1f GB needed, %.1f GB allowed); the other %d "
-                    "are decoded every time they are used", n_fit, n, n * per / 1e9, max(room, 0) / 1e9, n - n_fit)
+    per = 3 * size * size
+    n, n_fit = len(paths), _rows_that_fit(root, len(paths), per, max_bytes)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         data_path = tmp / DATA
         _allocate(data_path, n_fit * per)
-        ok = np.zeros(n_fit, bool)
-        bad: list[str] = []
-        tv_jpeg_decoder()  # import torchvision's decoder once here; forked workers inherit it
         writer = CacheWriter(list(paths)[:n_fit], geometry, str(data_path))
-        kwargs = {}
-        if num_workers > 0 and mp_context:
-            kwargs["multiprocessing_context"] = mp_context
-        loader = DataLoader(writer, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=collate_status, worker_init_fn=ignore_in_worker if num_workers else None,
-                            **kwargs)
-        t_first, n_after = None, 0
-        for batch in progress(loader, desc=desc, total=len(loader)):
-            if stop is not None and stop.requested:
-                raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
-            if t_first is None:
-                t_first = time.time()
-            else:
-                n_after += len(batch)
-            for i, good, msg in batch:
-                ok[i] = good
-                if not good:
-                    bad.append(msg)
-                    if len(bad) <= MAX_LOGGED_BAD:
-                        log.warning("unreadable image (kept with ok=0): %s", msg)
+        ok, bad, steady = _decode_into(writer, num_workers, mp_context, batch_size, desc, stop)
         writer.close()
-        del loader
         _fsync(data_path)
-        np.save(tmp / OK, ok)
-        (tmp / BAD).write_text("".join(m + "\n" for m in bad))
-        meta = {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size, "layout": "NHWC",
-                "pad_aspect": geometry[1], "fill": geometry[2], "decoder": DECODER_VERSION,
-                "bad": len(bad), "build_s": round(time.time() - t0, 3),
-                # decode rate after the first batch (worker start-up excluded), for benchmarks and planning
-                "steady_images_per_s": round(n_after / max(time.time() - t_first, 1e-9), 1) if t_first else 0.0,
-                "created": time.time()}
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
-        for name in (OK, BAD, META):
-            _fsync(tmp / name)
-        _fsync(tmp, directory=True)
+        _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
+                                    "layout": "NHWC", "pad_aspect": geometry[1], "fill": geometry[2],
+                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(time.time() - t0, 3),
+                                    "steady_images_per_s": steady, "created": time.time()})
         if final.exists() and ImageCache.open(final, key) is None:
             shutil.rmtree(final)  # an incomplete or foreign directory in the way
         try:

@@ -18,20 +18,10 @@ from typing import Any
 
 from . import env
 from .config import ConfigError, make_config
-from .context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext
+from .context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
 from .stopping import handle_signals
 
 log = logging.getLogger("kernelkit")
-
-
-def setup_logging() -> None:
-    """Timestamped lines on stdout, unless the host (pytest, a notebook that set up logging)
-    already handles records: then ours propagate to it instead of printing twice."""
-    log.setLevel(logging.INFO)
-    if not log.handlers and not logging.getLogger().handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(h)
 
 
 def refuse(message: str) -> int:

@@ -6,7 +6,6 @@ checked here, at load time, so a 9-hour run fails in its first seconds with the 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
+from .fileio import atomic_write
 
 log = logging.getLogger("kernelkit")
 
@@ -510,28 +510,6 @@ def _check_submission(sub: CsvTable, comp: Competition, ref: CsvTable | None = N
     _check_cells(sub, comp)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file beside the target, fsync, rename: the target is the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the result should read like any output file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename too; not every filesystem allows a dir fsync
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def write_submission(comp: Competition, cells: list[str], path: Path) -> pd.DataFrame:
     """Render, validate in memory, then replace `path` atomically: an invalid file never lands there."""
     path = Path(path)
@@ -539,7 +517,7 @@ def write_submission(comp: Competition, cells: list[str], path: Path) -> pd.Data
     df = render_submission(comp, cells, sample)
     text = _to_text(comp, df)
     _check_submission(parse_csv_text(text, f"{path.name} (not written)"), comp, sample)
-    _atomic_write(path, text)
+    atomic_write(path, text)
     return df
 
 

@@ -3,6 +3,8 @@ stop flag, and which phase it is in (the exit status depends on it)."""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,3 +30,14 @@ class RunContext:
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
     phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+
+
+def setup_logging() -> None:
+    """Timestamped lines on stdout, unless the host (pytest, a notebook that set up logging)
+    already handles records: then ours propagate to it instead of printing twice."""
+    log = logging.getLogger("kernelkit")
+    log.setLevel(logging.INFO)
+    if not log.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)

@@ -17,7 +17,8 @@ from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
 from .competition import Competition, check_submission_writable, load_competition
 from .config import budget_seconds
-from .context import EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, RunContext
+from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, RunContext,
+                      setup_logging)
 from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
@@ -47,8 +48,9 @@ def announce(ctx: RunContext) -> None:
 
 def open_competition(ctx: RunContext) -> Competition:
     """The data, and proof that a submission can be written for it, before anything slow runs."""
-    comp = load_competition(ctx.data_dir, ctx.cfg.format)
-    check_submission_writable(comp)
+    cfg = ctx.cfg
+    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column)
+    check_submission_writable(comp, ctx.out_dir)
     return comp
 
 
@@ -91,7 +93,6 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
 def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
     non-zero, which makes the launcher stop every rank: nobody waits on a dead peer."""
-    from .cli import setup_logging
     setup_logging()
     if rank:
         log.setLevel(logging.WARNING)
