@@ -100,7 +100,7 @@ def test_training_error_still_writes_a_submission(tmp_path, monkeypatch, multila
 @pytest.mark.parametrize("trial", [0, 1])
 def test_kill_9_then_restart_resumes_inside_the_original_budget(kernel_dir, trial):  # noqa: F811
     out = kernel_dir / f"killed{trial}"
-    budget = 45
+    budget = 60
     cmd = [sys.executable, "kernel.py", *TINY, "--budget", f"{budget}s", "--margin", "4s", "--demo-images", "200",
            "--num-workers", "0", "--checkpoint-every", "1s", "--out-dir", str(out)]
     first = subprocess.Popen(cmd, cwd=kernel_dir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -55,7 +55,9 @@ def test_build_is_deterministic_small_and_current(tmp_path):
 
 def test_demo_runs_alone_with_spawned_workers(kernel_dir):
     out = kernel_dir / "demo_out"
-    proc = run_kernel(kernel_dir, *TINY, "--budget", "40s", "--margin", "4s", "--demo-images", "160",
+    # Fixed epochs inside a roomy budget: spawned workers start slowly on a busy machine, and a
+    # budget that start-up could eat would (rightly) be refused.
+    proc = run_kernel(kernel_dir, *TINY, "--budget", "90s", "--epochs", "3", "--demo-images", "160",
                       "--num-workers", "2", "--mp-context", "spawn", "--out-dir", str(out))
     assert proc.returncode == 0
     assert "running the built-in demo" in proc.stdout and "submission written" in proc.stdout
@@ -63,7 +65,7 @@ def test_demo_runs_alone_with_spawned_workers(kernel_dir):
     sample = pd.read_csv(out / "demo_data" / "sample_submission.csv", dtype=str, keep_default_na=False)
     assert sub.id.tolist() == sample.id.tolist() and list(sub.columns) == list(sample.columns)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["wall_s"] <= 40, "the run must finish inside its budget"
+    assert summary["wall_s"] <= 90, "the run must finish inside its budget"
     assert summary["val_score"] is not None and summary["checkpoint"] == "best.pt"
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "demo" and config["model"] == "test_resnet"

@@ -59,13 +59,14 @@ def test_unknown_config_block_key_is_refused_with_a_suggestion(kernel_dir, tmp_p
 def test_failures_after_training_still_submit_with_exit_0(tmp_path, multilabel_dir, monkeypatch):
     """A rule search and a report that raise: the run says so loudly and still submits."""
     import kernelkit.train_job as job
+    import kernelkit.train_reports as train_reports
     from kernelkit.cli import main
 
     def broken(*a, **k):
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(job, "refine_rule", broken)
-    monkeypatch.setattr(job, "write_error_analysis", broken)
+    monkeypatch.setattr(train_reports, "write_error_analysis", broken)
     out = tmp_path / "out"
     status = main({}, [*FAST, "--data-dir", str(multilabel_dir), "--out-dir", str(out), "--epochs", "2",
                        "--budget", "5m", "--threshold-rule", "class"])
@@ -111,8 +112,8 @@ def test_tracebacks_in_kernel_py_show_the_bundled_source_lines(kernel_dir, tmp_p
     assert 'raise ValueError(f"cannot parse duration' in proc.stderr, proc.stderr
 
 
-def _start(kernel_dir, out, budget):  # noqa: F811
-    cmd = [sys.executable, "kernel.py", *FAST, "--demo-images", "400", "--budget", budget, "--out-dir", str(out)]
+def _start(kernel_dir, out, *extra):  # noqa: F811
+    cmd = [sys.executable, "kernel.py", *FAST, "--demo-images", "400", "--out-dir", str(out), *extra]
     return subprocess.Popen(cmd, cwd=kernel_dir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
@@ -127,14 +128,15 @@ def _wait_for(proc, out, marker: str, limit_s: float = 60.0) -> list[str]:
     raise AssertionError(f"{marker!r} never appeared:\n" + "".join(lines[-30:]))
 
 
-@pytest.mark.parametrize("moment,marker,budget,sig", [
-    ("start-up", "no competition data found", "90s", signal.SIGTERM),  # before and during the cache build
-    ("training", "epoch 1 ", "90s", signal.SIGTERM),
-    ("prediction", "error analysis", "25s", signal.SIGINT),  # training over, the test prediction starting
+@pytest.mark.parametrize("moment,marker,extra,sig", [
+    ("start-up", "no competition data found", ["--budget", "90s"], signal.SIGTERM),  # before/during the cache build
+    ("training", "epoch 1 ", ["--budget", "90s"], signal.SIGTERM),
+    # training over (2 epochs), the test prediction starting
+    ("prediction", "error analysis", ["--budget", "90s", "--epochs", "2"], signal.SIGINT),
 ])
-def test_a_stop_signal_finishes_with_a_submission_and_exit_0(kernel_dir, moment, marker, budget, sig):  # noqa: F811
+def test_a_stop_signal_finishes_with_a_submission_and_exit_0(kernel_dir, moment, marker, extra, sig):  # noqa: F811
     out = kernel_dir / f"signal_{moment}"
-    proc = _start(kernel_dir, out, budget)
+    proc = _start(kernel_dir, out, *extra)
     lines = _wait_for(proc, out, marker)
     t_signal = time.time()
     proc.send_signal(sig)

@@ -26,7 +26,7 @@ from .infer_job import run_infer
 from .reports import write_label_statistics
 from .session import finish_run
 from .stopping import handle_signals
-from .train_job import Outcome, guarded, run_train
+from .train_job import Outcome, run_train
 
 log = logging.getLogger("kernelkit")
 
@@ -134,7 +134,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         log.info("dry-run plan for %s on %s:\n%s", cfg.model, info.device(), plan.table())
         return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
     if info.is_main:
-        guarded(Outcome(), "label statistics", write_label_statistics, comp.train_targets, comp.class_names,
+        Outcome().guard("label statistics", write_label_statistics, comp.train_targets, comp.class_names,
                 comp.train_paths, comp.task, out_dir)
     outcome = run_train(ctx, comp, info)
     if not info.is_main:
@@ -145,12 +145,12 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
 def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo) -> int:
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
-    guarded(outcome, "finishing the run state", finish_run, out_dir)
+    outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - _run_start(ctx), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None)
     if ctx.is_demo and outcome.submitted:
-        s["demo_test_score"] = guarded(outcome, "demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
-    guarded(outcome, "writing summary.json", write_json, out_dir / "summary.json", s)
+        s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
+    outcome.guard("writing summary.json", write_json, out_dir / "summary.json", s)
     metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
     log.info("validation %s %.4f (label-prior baseline %.4f); %s used; submission: %s", metric,
              s.get("val_score") or float("nan"), s.get("baseline") or float("nan"), fmt_seconds(s["wall_s"]),

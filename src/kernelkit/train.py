@@ -109,6 +109,7 @@ class Trainer:
         self.frozen = False
         self.last_save = time.time()
         self.stop_reason = "budget"
+        self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
 
     # ------------------------------------------------------------------ schedule and stopping
     def deadline(self) -> float:
@@ -146,7 +147,7 @@ class Trainer:
         opts, state = self.opts, self.state
         self.total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
         self.schedule = Progress(self.clock, state.progress, self.total_steps)
-        result = FitResult(state)
+        result = self.result
         while not (opts.epochs and state.epoch >= opts.epochs) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler

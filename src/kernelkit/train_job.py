@@ -25,11 +25,9 @@ from .config import Config, ConfigError, budget_seconds, parse_duration
 from .context import RunContext
 from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
-from .fileio import write_npy
-from .folds import save_oof
 from .infer import predict
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, write_predictions
-from .reports import plot_history, write_error_analysis
+from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .thresholds import ThresholdRule, prior_baseline
 from .train import FitResult, FitState, TrainParts, Trainer, Validation
@@ -37,7 +35,8 @@ from .transforms import tta_views
 
 log = logging.getLogger("kernelkit")
 
-PROBE_BATCHES = 3
+PROBE_BATCHES = 2  # the first batch carries loader start-up; the second gives the steady speed
+MIN_TRAIN_SHARE = 0.25
 
 
 @dataclass
@@ -52,14 +51,13 @@ class Outcome:
         log.error("!!! %s\n%s", what, traceback.format_exc())
         self.problems.append(what)
 
-
-def guarded(outcome: Outcome, what: str, fn: Callable, *args, **kwargs) -> Any:
-    """Run a step that must not cost the submission; None when it fails."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        outcome.problem(f"{what} failed: {type(e).__name__}: {e}")
-        return None
+    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
+        """Run a step that must not cost the submission; None when it fails."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.problem(f"{what} failed: {type(e).__name__}: {e}")
+            return None
 
 
 def resume_state(ctx: RunContext, path: Path | None, comp: Competition, parts: TrainParts,
@@ -110,13 +108,21 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
 
 
-def refuse_without_training_time(clock: BudgetClock, reserve: InferenceReserve, cfg: Config) -> None:
-    left = clock.total_s - clock.margin_s - reserve.seconds() - clock.elapsed()
-    if left <= 0:
+def fit_reserve_to_budget(clock: BudgetClock, reserve: InferenceReserve, cfg: Config) -> None:
+    """Leave training at least MIN_TRAIN_SHARE of what is left: fewer TTA views first (said loudly),
+    and when even one view leaves no time to train, refuse before training (exit 2)."""
+    def train_left() -> float:
+        return clock.total_s - clock.margin_s - reserve.seconds() - clock.elapsed()
+
+    while reserve.tta > 1 and train_left() < MIN_TRAIN_SHARE * clock.remaining():
+        reserve.tta -= 1
+        log.warning("!!! inference with tta=%d would leave too little time to train: planning %d view(s) "
+                    "(reserve now %s)", cfg.tta, reserve.tta, fmt_seconds(reserve.seconds()))
+    if train_left() <= 0:
         raise ConfigError(
             f"budget={cfg.budget!r} leaves no time to train: {fmt_seconds(clock.elapsed())} already used by start-up, "
-            f"inference needs ~{fmt_seconds(reserve.seconds())} (measured), margin {fmt_seconds(clock.margin_s)}. "
-            "Raise budget, or lower tta / img_size")
+            f"inference needs ~{fmt_seconds(reserve.seconds())} (measured, {reserve.tta} view), margin "
+            f"{fmt_seconds(clock.margin_s)}. Raise budget, or lower img_size / pick a faster model")
 
 
 def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
@@ -138,7 +144,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if resume_path is None and not ctx.stop.requested:
-            refuse_without_training_time(clock, reserve, cfg)
+            fit_reserve_to_budget(clock, reserve, cfg)
     return device, clock, data, parts, state, reserve
 
 
@@ -154,8 +160,9 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
                       fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
-    result = guarded(outcome, "training", trainer.fit, data.train_loader, val) or FitResult(trainer.state,
-                                                                                           stop_reason="error")
+    if outcome.guard("training", trainer.fit, data.train_loader, val) is None:
+        trainer.result.stop_reason = "error"  # what was learned before the failure is kept
+    result = trainer.result
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
@@ -173,18 +180,18 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
            device: torch.device) -> None:
     """Rule, reports, prediction and submission; each step guarded, so a failing one costs only itself."""
     cfg, settings = ctx.cfg, RuleSettings.of(ctx.cfg)
-    guarded(outcome, "writing history.csv", write_history, result.history, ctx.out_dir)
+    outcome.guard("writing history.csv", write_history, result.history, ctx.out_dir)
     rule = settings.global_rule(result.state.threshold)
     if comp.task == "multilabel":
-        rule = guarded(outcome, "threshold rule search", refine_rule, settings, result.state.threshold,
+        rule = outcome.guard("threshold rule search", refine_rule, settings, result.state.threshold,
                        comp.class_names, data.val_targets, result.best_val_probs) or rule
         if rule.kind != "global":  # stored so offline inference decodes the same way
             saver.update(BEST, threshold_rule=rule.to_dict())
     outcome.summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
     if len(data.val_targets):
-        outcome.summary["baseline"] = guarded(outcome, "baseline", prior_baseline, comp.task, data.train_targets,
+        outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
                                               data.val_targets, cfg.beta)
-    guarded(outcome, "validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
+    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
 
 
@@ -202,7 +209,7 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
         if path is None:
             pred = predictor_in_memory(model, cfg, comp, rule, device)
         else:
-            pred = guarded(outcome, f"loading {path.name}", load_predictor, path, device, RuleSettings.of(cfg),
+            pred = outcome.guard(f"loading {path.name}", load_predictor, path, device, RuleSettings.of(cfg),
                            cfg.channels_last)
         if pred is None:
             continue
@@ -210,36 +217,12 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
             pred.rule = rule  # decided on this checkpoint's validation probabilities just now
         tta = plan_tta(cfg.tta, len(comp.test_ids), reserve.test_ips or reserve.val_ips,
                        clock.remaining() - reserve.startup_s, ctx.stop, parse_duration(cfg.grace))
-        out = guarded(outcome, f"prediction with {pred.name}", predict_test, pred, comp, cfg, device, tta, ctx.stop)
+        out = outcome.guard(f"prediction with {pred.name}", predict_test, pred, comp, cfg, device, tta, ctx.stop)
         if out is None:
             continue
-        if guarded(outcome, "writing the submission", write_predictions, comp, out["probs"], out["ok"], comp.task,
+        if outcome.guard("writing the submission", write_predictions, comp, out["probs"], out["ok"], comp.task,
                    pred.rule, ctx.out_dir) is not None:
             outcome.submitted = True
             outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
                                    infer_images_per_s=round(out["images_per_s"], 1))
             return
-
-
-def write_history(history: list[dict], out_dir: Path) -> None:
-    import pandas as pd
-    from .fileio import atomic_write
-    if history:
-        atomic_write(out_dir / "history.csv", pd.DataFrame(history).to_csv(index=False))
-
-
-def validation_reports(cfg: Config, comp: Competition, data: TrainingData, result: FitResult, rule: ThresholdRule,
-                       out_dir: Path, outcome: Outcome) -> None:
-    """Curves, per-label errors and worst images of the best epoch; its out-of-fold file under K-fold."""
-    metric = f"F{cfg.beta:g} per image" if comp.task == "multilabel" else "accuracy"
-    if (out_dir / "history.csv").is_file():
-        guarded(outcome, "history plot", plot_history, out_dir / "history.csv", out_dir / "history.png", metric=metric)
-    probs = result.best_val_probs
-    if probs is None or probs.shape[0] != len(data.val_targets):
-        return
-    write_npy(out_dir / "val_probs.npy", probs)
-    val_pred = rule.apply(probs) if comp.task == "multilabel" else probs.argmax(1)
-    outcome.summary["errors"] = guarded(outcome, "error analysis", write_error_analysis, data.val_targets, val_pred,
-                                        probs, comp.class_names, [Path(p).stem for p in data.val_paths], out_dir)
-    if cfg.fold >= 0:
-        save_oof(out_dir / "oof", cfg.fold, data.val_rows, probs)
