@@ -2795,7 +2795,7 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
                   cfg.amp, cfg.channels_last, desc="dry-run")
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
                      infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
-                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["first_batch_s"])
+                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])
 ''',
 'kernelkit.env': r'''"""Every switch that depends on where we run (Kaggle or local) lives here.
 
@@ -3430,7 +3430,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
             desc: str = "predict", stop=None) -> dict:
-    """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, images_per_s}.
+    """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
     spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
@@ -3464,12 +3464,16 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     n = sum(len(p) for p in probs)
     steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
     steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
+    ips = steady_n * len(views) / max(steady_s, 1e-9)
+    first_batch_s = (t_first or t_end) - t0
     return {
         "probs": np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
         "ok": np.concatenate(oks) if oks else np.zeros(0, bool),
         "seconds": t_end - t0,
-        "first_batch_s": (t_first or t_end) - t0,
-        "images_per_s": steady_n * len(views) / max(steady_s, 1e-9),
+        "first_batch_s": first_batch_s,
+        # what the first batch cost beyond its own share of the work: worker start-up, lazy init
+        "startup_s": max(0.0, first_batch_s - len(probs[0]) * len(views) / ips) if len(probs) > 1 else first_batch_s,
+        "images_per_s": ips,
     }
 ''',
 'kernelkit.infer_job': r'''"""The infer job: average the TTA probabilities of one or more checkpoints and write the submission.
@@ -5572,7 +5576,7 @@ class Trainer:
         va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                               opts.max_labels)
         self.reserve.val_ips = out["images_per_s"]
-        self.reserve.observe_startup(out["first_batch_s"])
+        self.reserve.observe_startup(out["startup_s"])
         row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(out["seconds"], 2))
         if va["score"] > state.best_score:
             state.best_score, state.threshold = va["score"], va["threshold"]
@@ -5641,7 +5645,7 @@ from .transforms import tta_views
 
 log = logging.getLogger("kernelkit")
 
-PROBE_BATCHES = 2  # the first batch carries loader start-up; the second gives the steady speed
+PROBE_BATCHES = 3  # the first batch carries loader start-up; two more give the steady speed with prefetch
 MIN_TRAIN_SHARE = 0.25
 
 
@@ -5708,9 +5712,9 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     out = predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
                   cfg.channels_last, desc="inference probe")
     reserve.test_ips = out["images_per_s"]
-    reserve.observe_startup(out["first_batch_s"])
+    reserve.observe_startup(out["startup_s"])
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
-             "views + %d validation images", out["images_per_s"], out["first_batch_s"],
+             "views + %d validation images", out["images_per_s"], out["startup_s"],
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
 
 

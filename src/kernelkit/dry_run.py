@@ -32,4 +32,4 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
                   cfg.amp, cfg.channels_last, desc="dry-run")
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
                      infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
-                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["first_batch_s"])
+                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])

@@ -38,7 +38,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
             desc: str = "predict", stop=None) -> dict:
-    """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, images_per_s}.
+    """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
     spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
@@ -72,10 +72,14 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     n = sum(len(p) for p in probs)
     steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
     steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
+    ips = steady_n * len(views) / max(steady_s, 1e-9)
+    first_batch_s = (t_first or t_end) - t0
     return {
         "probs": np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
         "ok": np.concatenate(oks) if oks else np.zeros(0, bool),
         "seconds": t_end - t0,
-        "first_batch_s": (t_first or t_end) - t0,
-        "images_per_s": steady_n * len(views) / max(steady_s, 1e-9),
+        "first_batch_s": first_batch_s,
+        # what the first batch cost beyond its own share of the work: worker start-up, lazy init
+        "startup_s": max(0.0, first_batch_s - len(probs[0]) * len(views) / ips) if len(probs) > 1 else first_batch_s,
+        "images_per_s": ips,
     }

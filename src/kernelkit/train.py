@@ -272,7 +272,7 @@ class Trainer:
         va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                               opts.max_labels)
         self.reserve.val_ips = out["images_per_s"]
-        self.reserve.observe_startup(out["first_batch_s"])
+        self.reserve.observe_startup(out["startup_s"])
         row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(out["seconds"], 2))
         if va["score"] > state.best_score:
             state.best_score, state.threshold = va["score"], va["threshold"]

@@ -35,7 +35,7 @@ from .transforms import tta_views
 
 log = logging.getLogger("kernelkit")
 
-PROBE_BATCHES = 2  # the first batch carries loader start-up; the second gives the steady speed
+PROBE_BATCHES = 3  # the first batch carries loader start-up; two more give the steady speed with prefetch
 MIN_TRAIN_SHARE = 0.25
 
 
@@ -102,9 +102,9 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     out = predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
                   cfg.channels_last, desc="inference probe")
     reserve.test_ips = out["images_per_s"]
-    reserve.observe_startup(out["first_batch_s"])
+    reserve.observe_startup(out["startup_s"])
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
-             "views + %d validation images", out["images_per_s"], out["first_batch_s"],
+             "views + %d validation images", out["images_per_s"], out["startup_s"],
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
 
 
