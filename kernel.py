@@ -793,7 +793,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A checkpoint from a machine with more GPUs (T4 x2 -> one GPU): restore what exists here.
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 ''',
 'kernelkit.cli': r'''"""The command line and the exit contract. Imports nothing heavy until the config is known good,
 so a typo is refused in well under a second, before torch is even imported.
@@ -3495,7 +3497,7 @@ import torch
 from .budget import BudgetClock, affordable_tta
 from .competition import Competition
 from .config import ConfigError, parse_duration
-from .context import RunContext
+from .context import PREDICTING, RunContext
 from .decide import RuleSettings, ensemble_rule
 from .fileio import write_npy
 from .predictor import load_predictor, plan_tta, predict_test, write_predictions
@@ -3542,6 +3544,7 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
         pred = load_predictor(path, device, settings, cfg.channels_last)
         if pred.classes != comp.classes:
             raise ConfigError(f"{path}: trained on a different label set than the {comp.format} data in {ctx.data_dir}")
+        ctx.phase = PREDICTING  # from here on a failure is not the user's setting: no refusal
         if seconds_per_view is None:
             tta = plan_tta(cfg.tta, 1, None, clock.remaining(), ctx.stop, parse_duration(cfg.grace))
         elif tta < cfg.tta:
@@ -3564,6 +3567,7 @@ training processes ended without a valid submission while a checkpoint exists, t
 predicts from it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -3576,9 +3580,9 @@ import torch
 from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
 from .competition import Competition, check_submission_writable, load_competition
-from .config import budget_seconds
-from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, RunContext,
-                      setup_logging)
+from .config import ConfigError, budget_seconds
+from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
+                      TRAINING, RunContext, setup_logging)
 from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
@@ -3614,17 +3618,36 @@ def open_competition(ctx: RunContext) -> Competition:
     return comp
 
 
+def data_parallel_processes(ctx: RunContext) -> int:
+    """How many training processes: the user's ddp_procs, or one per visible GPU. Options that data
+    parallelism cannot do yet keep an automatic choice at one process; an explicit one is refused."""
+    cfg = ctx.cfg
+    if cfg.mode != "train" or ctx.args.dry_run:
+        return 1
+    procs = distributed.wanted_processes(cfg.ddp_procs)
+    blockers = [k for k in ("freeze", "balanced_sampling") if getattr(cfg, k) > 0]
+    if procs > 1 and blockers:
+        if cfg.ddp_procs > 1:
+            raise ConfigError(f"ddp_procs={cfg.ddp_procs} cannot be combined with {' and '.join(blockers)} yet; "
+                              "set ddp_procs=1")
+        log.warning("%s is not supported with data-parallel training yet: training in one process",
+                    " and ".join(blockers))
+        return 1
+    return procs
+
+
 def launch(ctx: RunContext) -> int:
     info = distributed.from_torchrun()
     if info is not None:  # started by torchrun: one process per rank already
         info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
         return run_rank(ctx, info)
-    procs = 1
-    if ctx.cfg.mode == "train" and not ctx.args.dry_run:
-        procs = distributed.wanted_processes(ctx.cfg.ddp_procs)
+    procs = data_parallel_processes(ctx)
     if procs == 1:
         return run_rank(ctx, distributed.SINGLE)
     announce(ctx)  # once, before the ranks start: the demo data must exist for all of them
+    open_competition(ctx)  # a refusal here, in the launcher, is an exit 2 like any other
+    (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
+    ctx.phase = TRAINING
     status = launch_ranks(ctx, procs)
     return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
 
@@ -3634,15 +3657,21 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
     import torch.multiprocessing as mp
     port = distributed.free_port()
     log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
-    procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
-                                   start_method="spawn")
-    forwarded = False
+    # Spawned interpreters inherit an ignored SIGTERM until their own handler is up, so a signal
+    # forwarded while a rank is still importing torch does not kill it (it is re-sent below).
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        while not procs_ctx.join(timeout=1.0):
-            if ctx.stop.requested and not forwarded:
+        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+                                       start_method="spawn")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        while not procs_ctx.join(timeout=2.0):
+            if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
                 for p in procs_ctx.processes:
-                    os.kill(p.pid, signal.SIGTERM)
-                forwarded = True
+                    if p.is_alive():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(p.pid, signal.SIGTERM)
     except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
         log.exception("a data-parallel rank failed; every rank was stopped")
     summary = ctx.out_dir / "summary.json"
@@ -3652,15 +3681,24 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
 
 def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
-    non-zero, which makes the launcher stop every rank: nobody waits on a dead peer."""
+    non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
+    its verdict in summary.json (2 for a refusal)."""
     setup_logging()
     if rank:
         log.setLevel(logging.WARNING)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
-        ctx = dataclasses.replace(ctx, stop=stop)
-        status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
-    if status not in (EXIT_OK,):
+        ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)
+        try:
+            status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            if ctx.phase != SETUP:
+                raise
+            if info.is_main:
+                log.error("refused: %s", e)
+                write_json(ctx.out_dir / "summary.json", {"exit_status": EXIT_REFUSED, "refused": str(e)})
+            status = EXIT_REFUSED
+    if status != EXIT_OK:
         raise SystemExit(status)
 
 
@@ -3682,7 +3720,6 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
     cfg, out_dir = ctx.cfg, ctx.out_dir
     comp = open_competition(ctx)
     if cfg.mode == "infer":
-        ctx.phase = PREDICTING
         summary = run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
@@ -5567,7 +5604,8 @@ class Trainer:
         row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
                "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
                "elapsed_s": round(self.clock.elapsed(), 1)}
-        if val is None or not len(val.targets) or not tr["images"]:
+        if val is None or not len(val.targets) or not tr["images"] or self.stop_reason == "signal":
+            # After SIGTERM the grace is for the test prediction, not for a validation pass.
             log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
             return row
         model = self.core if self.parts.ema is None else self.parts.ema.module
@@ -5670,34 +5708,41 @@ class Outcome:
             return None
 
 
-def resume_state(ctx: RunContext, path: Path | None, comp: Competition, parts: TrainParts,
-                 explicit: bool) -> FitState:
-    """The schedule position of the checkpoint we continue from; a finished schedule given as
-    resume_from is refused now rather than re-trained at learning rate 0."""
+def check_resume(ctx: RunContext, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from, checked before anything slow: one of another model or label
+    set, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0)."""
     cfg = ctx.cfg
     if path is None:
-        return FitState()
+        return None
     ckpt = load_checkpoint(path)
-    if ckpt.get("classes") != comp.classes or ckpt.get("config", {}).get("model") != cfg.model:
+    trained = ckpt.get("config", {})
+    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
         if explicit:
             raise ConfigError(f"resume_from {path}: trained a different model or label set "
-                              f"({ckpt.get('config', {}).get('model')!r}, {len(ckpt.get('classes', []))} classes)")
+                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
         log.warning("%s belongs to a different model or label set; starting fresh", path)
-        return FitState()
-    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-    finished = (state.epoch >= cfg.epochs) if cfg.epochs else state.progress >= 0.999
+        return None
+    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
     if finished and explicit:
         raise ConfigError(
-            f"resume_from {path}: its schedule already finished (epoch {state.epoch}, progress {state.progress:.3f}); "
-            f"training on would run at learning rate 0. To predict with it use --mode infer --checkpoints {path}; "
-            "to train more, start a new schedule (leave resume_from empty, or raise epochs)")
+            f"resume_from {path}: its schedule already finished (epoch {ckpt['epoch']}, progress "
+            f"{ckpt['progress']:.3f}); training on would run at learning rate 0. To predict with it use "
+            f"--mode infer --checkpoints {path}; to train more, start a new schedule (leave resume_from empty, "
+            "or raise epochs)")
+    return ckpt
+
+
+def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None) -> FitState:
+    if ckpt is None:
+        return FitState()
     parts.model.load_state_dict(ckpt["model"])
     if parts.ema is not None and "ema" in ckpt:
         parts.ema.module.load_state_dict(ckpt["ema"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
+    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
     log.info("resumed from %s: epoch %d, step %d, progress %.2f", path, state.epoch, state.step, state.progress)
     return state
 
@@ -5738,18 +5783,20 @@ def fit_reserve_to_budget(clock: BudgetClock, reserve: InferenceReserve, cfg: Co
 def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
+    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
+        raise ConfigError("freeze and balanced_sampling are not supported with data-parallel training yet; "
+                          "set ddp_procs=1")
     device = info.device()
     seed_everything(cfg.seed + info.rank, cfg.deterministic)
     run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
     run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
     explicit = resume_path is None and bool(cfg.resume_from)
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
+    ckpt = check_resume(ctx, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data = build_training_data(cfg, comp, device, info, ctx.stop)
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
-    if info.enabled and cfg.freeze > 0:
-        raise ConfigError("freeze is not supported with data-parallel training yet; set ddp_procs=1")
-    state = resume_state(ctx, resume_path, comp, parts, explicit)
+    state = restore(ckpt, parts, resume_path)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
@@ -5770,7 +5817,9 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
                       fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
-    if outcome.guard("training", trainer.fit, data.train_loader, val) is None:
+    if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
+        trainer.fit(data.train_loader, val)
+    elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
     result = trainer.result
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
@@ -5828,6 +5877,9 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
         tta = plan_tta(cfg.tta, len(comp.test_ids), reserve.test_ips or reserve.val_ips,
                        clock.remaining() - reserve.startup_s, ctx.stop, parse_duration(cfg.grace))
         out = outcome.guard(f"prediction with {pred.name}", predict_test, pred, comp, cfg, device, tta, ctx.stop)
+        if out is None and clock.remaining() <= 0:
+            log.error("no time left to try another model after the failed prediction")
+            return
         if out is None:
             continue
         if outcome.guard("writing the submission", write_predictions, comp, out["probs"], out["ok"], comp.task,

@@ -44,3 +44,14 @@ def test_two_ranks_train_and_write_one_submission(kernel_dir, launcher):  # noqa
     assert summary["steps"] == 2 * 4, summary
     history = pd.read_csv(out / "history.csv")
     assert history.train_images.tolist() == [64, 64], "rank 0 saw its half of the data"
+
+
+def test_options_data_parallelism_cannot_do_are_refused_before_any_rank_starts(kernel_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"exit_status": 0}')  # an earlier run's verdict must not be read back
+    proc = subprocess.run([sys.executable, "kernel.py", *TINY, "--ddp-procs", "2", "--freeze", "0.3",
+                           "--demo-images", "40", "--out-dir", str(out)], cwd=kernel_dir, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "ddp_procs=2 cannot be combined with freeze" in proc.stderr
+    assert "starting 2 data-parallel processes" not in proc.stdout

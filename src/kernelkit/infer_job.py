@@ -17,7 +17,7 @@ import torch
 from .budget import BudgetClock, affordable_tta
 from .competition import Competition
 from .config import ConfigError, parse_duration
-from .context import RunContext
+from .context import PREDICTING, RunContext
 from .decide import RuleSettings, ensemble_rule
 from .fileio import write_npy
 from .predictor import load_predictor, plan_tta, predict_test, write_predictions
@@ -64,6 +64,7 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
         pred = load_predictor(path, device, settings, cfg.channels_last)
         if pred.classes != comp.classes:
             raise ConfigError(f"{path}: trained on a different label set than the {comp.format} data in {ctx.data_dir}")
+        ctx.phase = PREDICTING  # from here on a failure is not the user's setting: no refusal
         if seconds_per_view is None:
             tta = plan_tta(cfg.tta, 1, None, clock.remaining(), ctx.stop, parse_duration(cfg.grace))
         elif tta < cfg.tta:

@@ -4,6 +4,7 @@ training processes ended without a valid submission while a checkpoint exists, t
 predicts from it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,9 +17,9 @@ import torch
 from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
 from .competition import Competition, check_submission_writable, load_competition
-from .config import budget_seconds
-from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, RunContext,
-                      setup_logging)
+from .config import ConfigError, budget_seconds
+from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
+                      TRAINING, RunContext, setup_logging)
 from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
@@ -54,17 +55,36 @@ def open_competition(ctx: RunContext) -> Competition:
     return comp
 
 
+def data_parallel_processes(ctx: RunContext) -> int:
+    """How many training processes: the user's ddp_procs, or one per visible GPU. Options that data
+    parallelism cannot do yet keep an automatic choice at one process; an explicit one is refused."""
+    cfg = ctx.cfg
+    if cfg.mode != "train" or ctx.args.dry_run:
+        return 1
+    procs = distributed.wanted_processes(cfg.ddp_procs)
+    blockers = [k for k in ("freeze", "balanced_sampling") if getattr(cfg, k) > 0]
+    if procs > 1 and blockers:
+        if cfg.ddp_procs > 1:
+            raise ConfigError(f"ddp_procs={cfg.ddp_procs} cannot be combined with {' and '.join(blockers)} yet; "
+                              "set ddp_procs=1")
+        log.warning("%s is not supported with data-parallel training yet: training in one process",
+                    " and ".join(blockers))
+        return 1
+    return procs
+
+
 def launch(ctx: RunContext) -> int:
     info = distributed.from_torchrun()
     if info is not None:  # started by torchrun: one process per rank already
         info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
         return run_rank(ctx, info)
-    procs = 1
-    if ctx.cfg.mode == "train" and not ctx.args.dry_run:
-        procs = distributed.wanted_processes(ctx.cfg.ddp_procs)
+    procs = data_parallel_processes(ctx)
     if procs == 1:
         return run_rank(ctx, distributed.SINGLE)
     announce(ctx)  # once, before the ranks start: the demo data must exist for all of them
+    open_competition(ctx)  # a refusal here, in the launcher, is an exit 2 like any other
+    (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
+    ctx.phase = TRAINING
     status = launch_ranks(ctx, procs)
     return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
 
@@ -74,15 +94,21 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
     import torch.multiprocessing as mp
     port = distributed.free_port()
     log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
-    procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
-                                   start_method="spawn")
-    forwarded = False
+    # Spawned interpreters inherit an ignored SIGTERM until their own handler is up, so a signal
+    # forwarded while a rank is still importing torch does not kill it (it is re-sent below).
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        while not procs_ctx.join(timeout=1.0):
-            if ctx.stop.requested and not forwarded:
+        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+                                       start_method="spawn")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        while not procs_ctx.join(timeout=2.0):
+            if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
                 for p in procs_ctx.processes:
-                    os.kill(p.pid, signal.SIGTERM)
-                forwarded = True
+                    if p.is_alive():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(p.pid, signal.SIGTERM)
     except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
         log.exception("a data-parallel rank failed; every rank was stopped")
     summary = ctx.out_dir / "summary.json"
@@ -92,15 +118,24 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
 
 def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
-    non-zero, which makes the launcher stop every rank: nobody waits on a dead peer."""
+    non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
+    its verdict in summary.json (2 for a refusal)."""
     setup_logging()
     if rank:
         log.setLevel(logging.WARNING)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
-        ctx = dataclasses.replace(ctx, stop=stop)
-        status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
-    if status not in (EXIT_OK,):
+        ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)
+        try:
+            status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            if ctx.phase != SETUP:
+                raise
+            if info.is_main:
+                log.error("refused: %s", e)
+                write_json(ctx.out_dir / "summary.json", {"exit_status": EXIT_REFUSED, "refused": str(e)})
+            status = EXIT_REFUSED
+    if status != EXIT_OK:
         raise SystemExit(status)
 
 
@@ -122,7 +157,6 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
     cfg, out_dir = ctx.cfg, ctx.out_dir
     comp = open_competition(ctx)
     if cfg.mode == "infer":
-        ctx.phase = PREDICTING
         summary = run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)

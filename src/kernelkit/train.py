@@ -263,7 +263,8 @@ class Trainer:
         row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
                "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
                "elapsed_s": round(self.clock.elapsed(), 1)}
-        if val is None or not len(val.targets) or not tr["images"]:
+        if val is None or not len(val.targets) or not tr["images"] or self.stop_reason == "signal":
+            # After SIGTERM the grace is for the test prediction, not for a validation pass.
             log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
             return row
         model = self.core if self.parts.ema is None else self.parts.ema.module

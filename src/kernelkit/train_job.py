@@ -60,34 +60,41 @@ class Outcome:
             return None
 
 
-def resume_state(ctx: RunContext, path: Path | None, comp: Competition, parts: TrainParts,
-                 explicit: bool) -> FitState:
-    """The schedule position of the checkpoint we continue from; a finished schedule given as
-    resume_from is refused now rather than re-trained at learning rate 0."""
+def check_resume(ctx: RunContext, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from, checked before anything slow: one of another model or label
+    set, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0)."""
     cfg = ctx.cfg
     if path is None:
-        return FitState()
+        return None
     ckpt = load_checkpoint(path)
-    if ckpt.get("classes") != comp.classes or ckpt.get("config", {}).get("model") != cfg.model:
+    trained = ckpt.get("config", {})
+    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
         if explicit:
             raise ConfigError(f"resume_from {path}: trained a different model or label set "
-                              f"({ckpt.get('config', {}).get('model')!r}, {len(ckpt.get('classes', []))} classes)")
+                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
         log.warning("%s belongs to a different model or label set; starting fresh", path)
-        return FitState()
-    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-    finished = (state.epoch >= cfg.epochs) if cfg.epochs else state.progress >= 0.999
+        return None
+    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
     if finished and explicit:
         raise ConfigError(
-            f"resume_from {path}: its schedule already finished (epoch {state.epoch}, progress {state.progress:.3f}); "
-            f"training on would run at learning rate 0. To predict with it use --mode infer --checkpoints {path}; "
-            "to train more, start a new schedule (leave resume_from empty, or raise epochs)")
+            f"resume_from {path}: its schedule already finished (epoch {ckpt['epoch']}, progress "
+            f"{ckpt['progress']:.3f}); training on would run at learning rate 0. To predict with it use "
+            f"--mode infer --checkpoints {path}; to train more, start a new schedule (leave resume_from empty, "
+            "or raise epochs)")
+    return ckpt
+
+
+def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None) -> FitState:
+    if ckpt is None:
+        return FitState()
     parts.model.load_state_dict(ckpt["model"])
     if parts.ema is not None and "ema" in ckpt:
         parts.ema.module.load_state_dict(ckpt["ema"])
     parts.optimizer.load_state_dict(ckpt["optimizer"])
     parts.scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
+    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
     log.info("resumed from %s: epoch %d, step %d, progress %.2f", path, state.epoch, state.step, state.progress)
     return state
 
@@ -128,18 +135,20 @@ def fit_reserve_to_budget(clock: BudgetClock, reserve: InferenceReserve, cfg: Co
 def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
+    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
+        raise ConfigError("freeze and balanced_sampling are not supported with data-parallel training yet; "
+                          "set ddp_procs=1")
     device = info.device()
     seed_everything(cfg.seed + info.rank, cfg.deterministic)
     run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
     run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
     explicit = resume_path is None and bool(cfg.resume_from)
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
+    ckpt = check_resume(ctx, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data = build_training_data(cfg, comp, device, info, ctx.stop)
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
-    if info.enabled and cfg.freeze > 0:
-        raise ConfigError("freeze is not supported with data-parallel training yet; set ddp_procs=1")
-    state = resume_state(ctx, resume_path, comp, parts, explicit)
+    state = restore(ckpt, parts, resume_path)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
@@ -160,7 +169,9 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
                       fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
-    if outcome.guard("training", trainer.fit, data.train_loader, val) is None:
+    if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
+        trainer.fit(data.train_loader, val)
+    elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
     result = trainer.result
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
@@ -218,6 +229,9 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
         tta = plan_tta(cfg.tta, len(comp.test_ids), reserve.test_ips or reserve.val_ips,
                        clock.remaining() - reserve.startup_s, ctx.stop, parse_duration(cfg.grace))
         out = outcome.guard(f"prediction with {pred.name}", predict_test, pred, comp, cfg, device, tta, ctx.stop)
+        if out is None and clock.remaining() <= 0:
+            log.error("no time left to try another model after the failed prediction")
+            return
         if out is None:
             continue
         if outcome.guard("writing the submission", write_predictions, comp, out["probs"], out["ok"], comp.task,
