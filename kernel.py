@@ -145,6 +145,8 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
                                 max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop)
         except BuildStopped as e:
             log.warning("%s; images will be decoded as they are used", e)
+        except OSError as e:  # a full or read-only disk: slower epochs, not a lost run
+            log.error("!!! the image cache could not be built (%s); images will be decoded as they are used", e)
     if info.enabled:
         distributed.barrier(info)
         if cache is None:
@@ -1772,11 +1774,14 @@ def _parse_problems(c: Config) -> list[str]:
                 out.append(f"{key}={getattr(c, key)!r}: must be longer than 0 s")
         except ValueError as e:
             out.append(f"{key}: {e}")
-    for check in (budget_seconds, lambda cfg: parse_kwargs(cfg.loss_args)):
-        try:
-            check(c)
-        except ValueError as e:
-            out.append(str(e))
+    try:
+        budget_seconds(c)
+    except ValueError as e:
+        out.append(f"budget={c.budget!r} / margin={c.margin!r}: {e}")
+    try:
+        parse_kwargs(c.loss_args)
+    except ValueError as e:
+        out.append(f"loss_args={c.loss_args!r}: {e}")
     return out
 
 
@@ -3604,7 +3609,10 @@ def announce(ctx: RunContext) -> None:
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
              "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
-    ctx.cfg.save(ctx.out_dir / "config.json")
+    try:
+        ctx.cfg.save(ctx.out_dir / "config.json")
+    except Exception as e:  # noqa: BLE001  (a full disk here must not cost the run; the log has the config)
+        log.error("!!! could not write config.json (%s)", e)
     if ctx.is_demo:
         log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
         make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
@@ -4881,6 +4889,14 @@ from .fileio import TEMP_GLOB, write_json
 
 log = logging.getLogger("kernelkit")
 
+
+def _record(path: Path, data: dict) -> None:
+    """Bookkeeping must not stop a run: on a full disk the run goes on, only a restart loses its start time."""
+    try:
+        write_json(path, data)
+    except Exception as e:  # noqa: BLE001
+        log.error("could not write %s (%s); a restart after a kill would not resume", path.name, e)
+
 STATE_FILE = "run_state.json"
 CHECKPOINTS = ("last.pt", "best.pt")
 
@@ -4899,10 +4915,10 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     last = out_dir / "last.pt"
     if resume and state and not state.get("finished") and last.is_file():
-        write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
+        _record(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
         return float(state["run_start"]), last
     archive_checkpoints(out_dir)
-    write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
+    _record(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
     return started_at, None
 
 
@@ -4917,7 +4933,7 @@ def archive_checkpoints(out_dir: Path) -> None:
 def finish_run(out_dir: Path) -> None:
     state_path = out_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    write_json(state_path, {**state, "finished": True})
+    _record(state_path, {**state, "finished": True})
 ''',
 'kernelkit.stopping': r'''"""SIGTERM and SIGINT are requests to finish, not to die.
 

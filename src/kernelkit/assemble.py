@@ -55,6 +55,8 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
                                 max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop)
         except BuildStopped as e:
             log.warning("%s; images will be decoded as they are used", e)
+        except OSError as e:  # a full or read-only disk: slower epochs, not a lost run
+            log.error("!!! the image cache could not be built (%s); images will be decoded as they are used", e)
     if info.enabled:
         distributed.barrier(info)
         if cache is None:

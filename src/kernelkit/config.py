@@ -242,11 +242,14 @@ def _parse_problems(c: Config) -> list[str]:
                 out.append(f"{key}={getattr(c, key)!r}: must be longer than 0 s")
         except ValueError as e:
             out.append(f"{key}: {e}")
-    for check in (budget_seconds, lambda cfg: parse_kwargs(cfg.loss_args)):
-        try:
-            check(c)
-        except ValueError as e:
-            out.append(str(e))
+    try:
+        budget_seconds(c)
+    except ValueError as e:
+        out.append(f"budget={c.budget!r} / margin={c.margin!r}: {e}")
+    try:
+        parse_kwargs(c.loss_args)
+    except ValueError as e:
+        out.append(f"loss_args={c.loss_args!r}: {e}")
     return out
 
 

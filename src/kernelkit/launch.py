@@ -41,7 +41,10 @@ def announce(ctx: RunContext) -> None:
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
              "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
-    ctx.cfg.save(ctx.out_dir / "config.json")
+    try:
+        ctx.cfg.save(ctx.out_dir / "config.json")
+    except Exception as e:  # noqa: BLE001  (a full disk here must not cost the run; the log has the config)
+        log.error("!!! could not write config.json (%s)", e)
     if ctx.is_demo:
         log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
         make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)

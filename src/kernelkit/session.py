@@ -15,6 +15,14 @@ from .fileio import TEMP_GLOB, write_json
 
 log = logging.getLogger("kernelkit")
 
+
+def _record(path: Path, data: dict) -> None:
+    """Bookkeeping must not stop a run: on a full disk the run goes on, only a restart loses its start time."""
+    try:
+        write_json(path, data)
+    except Exception as e:  # noqa: BLE001
+        log.error("could not write %s (%s); a restart after a kill would not resume", path.name, e)
+
 STATE_FILE = "run_state.json"
 CHECKPOINTS = ("last.pt", "best.pt")
 
@@ -33,10 +41,10 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     last = out_dir / "last.pt"
     if resume and state and not state.get("finished") and last.is_file():
-        write_json(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
+        _record(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
         return float(state["run_start"]), last
     archive_checkpoints(out_dir)
-    write_json(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
+    _record(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
     return started_at, None
 
 
@@ -51,4 +59,4 @@ def archive_checkpoints(out_dir: Path) -> None:
 def finish_run(out_dir: Path) -> None:
     state_path = out_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    write_json(state_path, {**state, "finished": True})
+    _record(state_path, {**state, "finished": True})
