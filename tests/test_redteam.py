@@ -94,13 +94,12 @@ PASSING = [
     "inv-refusal-keeps-old",
     "help",
     "help-short",
+    "opt-budget-abc",
+    "opt-loss-args-garbage",
 ]
 
 # Fast cases that fail today; move an id to PASSING when its fix is in kernel.py.
-EXPECTED_FIXED_LATER = [
-    "opt-budget-abc",  # refused with exit 2, but the message says "cannot parse duration 'abc'" without naming budget
-    "opt-loss-args-garbage",  # same: "cannot parse 'gamma' in 'gamma'" does not name loss_args
-]
+EXPECTED_FIXED_LATER: list[str] = []
 
 SELECTED = PASSING + (EXPECTED_FIXED_LATER if os.environ.get("REDTEAM_ALL") else [])
 

@@ -195,8 +195,8 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     if s.get("demo_test_score") is not None:
         log.info("demo test F2 against the generated answers: %.4f", s["demo_test_score"])
     if outcome.problems:
-        log.error("!!! the submission was written, but %d step(s) failed: %s", len(outcome.problems),
-                  "; ".join(outcome.problems))
+        log.error("!!! %s, but %d step(s) failed: %s", "the submission was written" if outcome.submitted
+                  else "NO submission could be written", len(outcome.problems), "; ".join(outcome.problems))
     return status
 
 
