@@ -68,3 +68,32 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
     torch.save({"obj": Evil()}, path, pickle_module=pickle)
     with pytest.raises(ValueError, match="refusing"):
         load_checkpoint(path)
+
+
+def test_a_format_1_checkpoint_still_loads_and_predicts(tmp_path):
+    """Checkpoints written before the format was versioned (no format_version, no seed) migrate on load,
+    and the shared predictor path rebuilds the model, its rule (with the training run's min_labels)."""
+    from kernelkit.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+    from kernelkit.components import model_from_config
+    from kernelkit.config import Config
+    from kernelkit.predictor import load_predictor
+    cfg = Config(model="test_resnet", img_size=32, min_labels=1)
+    model = model_from_config(cfg, 3, with_weights=False)
+    old = {"model": model.state_dict(), "epoch": 2, "step": 10, "progress": 0.5, "best_score": 0.7,
+           "threshold": 0.3, "config": {**cfg.to_dict(), "option_of_an_old_version": 1}, "classes": ["a", "b", "c"],
+           "task": "multilabel"}
+    del old["config"]["grace"]  # an option that did not exist then
+    path = tmp_path / "best.pt"
+    save_checkpoint(old, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["format_version"] == FORMAT_VERSION and ckpt["seed"] == cfg.seed
+    pred = load_predictor(path, torch.device("cpu"))
+    assert pred.rule.values == [0.3] and pred.rule.min_labels == 1, "the training run's decoding, not today's"
+    assert pred.classes == ["a", "b", "c"] and pred.config.grace == Config().grace
+
+
+def test_a_checkpoint_from_a_newer_kernel_is_refused_clearly(tmp_path):
+    from kernelkit.checkpoint import load_checkpoint, save_checkpoint
+    save_checkpoint({"model": {}, "format_version": 99}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="newer than this kernel"):
+        load_checkpoint(tmp_path / "x.pt")
