@@ -132,8 +132,9 @@ class TrainingData:
 
 
 def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SINGLE,
-                stop: StopFlag | None = None) -> ImageCache | None:
-    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds, others open."""
+                stop: StopFlag | None = None, deadline: float = 0.0) -> ImageCache | None:
+    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds (abandoning the
+    build past `deadline`: a cache is a speed-up, never worth the run), others open."""
     if not cfg.cache_images or not paths:
         return None
     root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
@@ -142,7 +143,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     if info.is_main:
         try:
             cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
-                                max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop)
+                                max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop, deadline=deadline)
         except BuildStopped as e:
             log.warning("%s; images will be decoded as they are used", e)
         except OSError as e:  # a full or read-only disk: slower epochs, not a lost run
@@ -163,7 +164,8 @@ def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_training_data(cfg: Config, comp: Competition, device: torch.device,
-                        info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None) -> TrainingData:
+                        info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None,
+                        cache_deadline: float = 0.0) -> TrainingData:
     nw, pin = num_workers(cfg), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
     keep = np.arange(len(paths))
@@ -173,7 +175,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     tr_idx, va_idx = split(cfg, targets)
     if len(tr_idx) == 0:
         raise ValueError("no training images found")
-    cache = image_cache(cfg, paths, info, stop)
+    cache = image_cache(cfg, paths, info, stop, cache_deadline)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cfg.aug),
                             cfg.img_size, cfg.pad_fill, cache=cache.subset(tr_idx) if cache else None)
@@ -593,7 +595,7 @@ def _rows_that_fit(root: Path, n: int, per: int, max_bytes: int) -> int:
 
 
 def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_size: int, desc: str,
-                 stop) -> tuple[np.ndarray, list[str], float]:
+                 stop, deadline: float) -> tuple[np.ndarray, list[str], float]:
     """Decode every image into its row -> (ok per row, messages of the bad ones, steady decode rate)."""
     ok = np.zeros(len(writer), bool)
     bad: list[str] = []
@@ -608,6 +610,8 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
     for batch in progress(loader, desc=desc, total=len(loader)):
         if stop is not None and stop.requested:
             raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
+        if deadline and time.time() > deadline:
+            raise BuildStopped("image cache build abandoned: it would take more than its share of the budget")
         if t_first is None:
             t_first = time.time()
         else:
@@ -634,12 +638,13 @@ def _write_index(tmp: Path, ok: np.ndarray, bad: list[str], meta: dict) -> None:
 
 def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, num_workers: int = 0,
                 mp_context: str = "", max_bytes: int = 0, stat_files: bool = True, batch_size: int = 8,
-                desc: str = "image cache", stop=None) -> ImageCache:
+                desc: str = "image cache", stop=None, deadline: float = 0.0) -> ImageCache:
     """Open the cache for `paths` at `geometry` under `root`, building it first if needed.
 
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
     bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
-    (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept.
+    (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept;
+    likewise when the wall clock passes `deadline` (time.time() value; 0 = none).
     """
     t0 = time.time()
     geometry = _geometry(geometry)
@@ -661,7 +666,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         data_path = tmp / DATA
         _allocate(data_path, n_fit * per)
         writer = CacheWriter(list(paths)[:n_fit], geometry, str(data_path))
-        ok, bad, steady = _decode_into(writer, num_workers, mp_context, batch_size, desc, stop)
+        ok, bad, steady = _decode_into(writer, num_workers, mp_context, batch_size, desc, stop, deadline)
         writer.close()
         _fsync(data_path)
         _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
@@ -3592,7 +3597,6 @@ from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
 from .infer_job import run_infer
-from .reports import write_label_statistics
 from .session import finish_run
 from .stopping import handle_signals
 from .train_job import Outcome, run_train
@@ -3738,9 +3742,6 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "plan.json", plan.to_dict())
         log.info("dry-run plan for %s on %s:\n%s", cfg.model, info.device(), plan.table())
         return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
-    if info.is_main:
-        Outcome().guard("label statistics", write_label_statistics, comp.train_targets, comp.class_names,
-                comp.train_paths, comp.task, out_dir)
     outcome = run_train(ctx, comp, info)
     if not info.is_main:
         return EXIT_OK
@@ -5672,6 +5673,7 @@ the best weights available, and the failure is logged loudly and recorded in sum
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -5691,6 +5693,7 @@ from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
 from .infer import predict
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, write_predictions
+from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .thresholds import ThresholdRule, prior_baseline
@@ -5701,6 +5704,7 @@ log = logging.getLogger("kernelkit")
 
 PROBE_BATCHES = 3  # the first batch carries loader start-up; two more give the steady speed with prefetch
 MIN_TRAIN_SHARE = 0.25
+CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
 
 
 @dataclass
@@ -5810,7 +5814,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
     ckpt = check_resume(ctx, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    data = build_training_data(cfg, comp, device, info, ctx.stop)
+    data = build_training_data(cfg, comp, device, info, ctx.stop,
+                               cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
     state = restore(ckpt, parts, resume_path)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
@@ -5828,6 +5833,9 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                                        "seed": cfg.seed})
     outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
                        "train_start_s": round(clock.elapsed(), 1), "seed": cfg.seed})
+    if info.is_main:
+        outcome.guard("label statistics", write_label_statistics, comp.train_targets, comp.class_names,
+                      comp.train_paths, comp.task, ctx.out_dir)
     ctx.phase = "training"
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),

@@ -148,3 +148,15 @@ def test_a_stop_signal_finishes_with_a_submission_and_exit_0(kernel_dir, moment,
     assert time.time() - t_signal < 20 + 15, "finished inside the grace (default 20 s) plus exit"
     assert _valid_submission(out, out / "demo_data")
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == sig.name
+
+
+def test_an_image_cache_build_past_its_share_of_the_budget_is_abandoned(tmp_path, single_label_dir):
+    """The cache is a speed-up: a build that would eat the budget is dropped, images decode on the fly."""
+    from kernelkit.assemble import image_cache
+    from kernelkit.competition import load_competition
+    from kernelkit.config import make_config
+    comp = load_competition(single_label_dir)
+    cfg, _ = make_config({"img_size": 32, "num_workers": 0, "cache_dir": str(tmp_path / "cache")}, [])
+    assert image_cache(cfg, comp.train_paths, deadline=time.time() - 1) is None
+    assert not any((tmp_path / "cache").iterdir()), "nothing half-built is left"
+    assert image_cache(cfg, comp.train_paths, deadline=time.time() + 600) is not None

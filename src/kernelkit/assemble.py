@@ -42,8 +42,9 @@ class TrainingData:
 
 
 def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SINGLE,
-                stop: StopFlag | None = None) -> ImageCache | None:
-    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds, others open."""
+                stop: StopFlag | None = None, deadline: float = 0.0) -> ImageCache | None:
+    """Decode once at img_size; epochs after the first read uint8 rows. Rank 0 builds (abandoning the
+    build past `deadline`: a cache is a speed-up, never worth the run), others open."""
     if not cfg.cache_images or not paths:
         return None
     root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
@@ -52,7 +53,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     if info.is_main:
         try:
             cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
-                                max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop)
+                                max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop, deadline=deadline)
         except BuildStopped as e:
             log.warning("%s; images will be decoded as they are used", e)
         except OSError as e:  # a full or read-only disk: slower epochs, not a lost run
@@ -73,7 +74,8 @@ def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_training_data(cfg: Config, comp: Competition, device: torch.device,
-                        info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None) -> TrainingData:
+                        info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None,
+                        cache_deadline: float = 0.0) -> TrainingData:
     nw, pin = num_workers(cfg), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
     keep = np.arange(len(paths))
@@ -83,7 +85,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     tr_idx, va_idx = split(cfg, targets)
     if len(tr_idx) == 0:
         raise ValueError("no training images found")
-    cache = image_cache(cfg, paths, info, stop)
+    cache = image_cache(cfg, paths, info, stop, cache_deadline)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cfg.aug),
                             cfg.img_size, cfg.pad_fill, cache=cache.subset(tr_idx) if cache else None)

@@ -272,7 +272,7 @@ def _rows_that_fit(root: Path, n: int, per: int, max_bytes: int) -> int:
 
 
 def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_size: int, desc: str,
-                 stop) -> tuple[np.ndarray, list[str], float]:
+                 stop, deadline: float) -> tuple[np.ndarray, list[str], float]:
     """Decode every image into its row -> (ok per row, messages of the bad ones, steady decode rate)."""
     ok = np.zeros(len(writer), bool)
     bad: list[str] = []
@@ -287,6 +287,8 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
     for batch in progress(loader, desc=desc, total=len(loader)):
         if stop is not None and stop.requested:
             raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
+        if deadline and time.time() > deadline:
+            raise BuildStopped("image cache build abandoned: it would take more than its share of the budget")
         if t_first is None:
             t_first = time.time()
         else:
@@ -313,12 +315,13 @@ def _write_index(tmp: Path, ok: np.ndarray, bad: list[str], meta: dict) -> None:
 
 def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, num_workers: int = 0,
                 mp_context: str = "", max_bytes: int = 0, stat_files: bool = True, batch_size: int = 8,
-                desc: str = "image cache", stop=None) -> ImageCache:
+                desc: str = "image cache", stop=None, deadline: float = 0.0) -> ImageCache:
     """Open the cache for `paths` at `geometry` under `root`, building it first if needed.
 
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
     bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
-    (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept.
+    (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept;
+    likewise when the wall clock passes `deadline` (time.time() value; 0 = none).
     """
     t0 = time.time()
     geometry = _geometry(geometry)
@@ -340,7 +343,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         data_path = tmp / DATA
         _allocate(data_path, n_fit * per)
         writer = CacheWriter(list(paths)[:n_fit], geometry, str(data_path))
-        ok, bad, steady = _decode_into(writer, num_workers, mp_context, batch_size, desc, stop)
+        ok, bad, steady = _decode_into(writer, num_workers, mp_context, batch_size, desc, stop, deadline)
         writer.close()
         _fsync(data_path)
         _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,

@@ -24,7 +24,6 @@ from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
 from .infer_job import run_infer
-from .reports import write_label_statistics
 from .session import finish_run
 from .stopping import handle_signals
 from .train_job import Outcome, run_train
@@ -170,9 +169,6 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "plan.json", plan.to_dict())
         log.info("dry-run plan for %s on %s:\n%s", cfg.model, info.device(), plan.table())
         return EXIT_OK if plan.fits else EXIT_PLAN_DOES_NOT_FIT
-    if info.is_main:
-        Outcome().guard("label statistics", write_label_statistics, comp.train_targets, comp.class_names,
-                comp.train_paths, comp.task, out_dir)
     outcome = run_train(ctx, comp, info)
     if not info.is_main:
         return EXIT_OK

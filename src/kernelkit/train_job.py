@@ -8,6 +8,7 @@ the best weights available, and the failure is logged loudly and recorded in sum
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
 from .infer import predict
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, write_predictions
+from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .thresholds import ThresholdRule, prior_baseline
@@ -37,6 +39,7 @@ log = logging.getLogger("kernelkit")
 
 PROBE_BATCHES = 3  # the first batch carries loader start-up; two more give the steady speed with prefetch
 MIN_TRAIN_SHARE = 0.25
+CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
 
 
 @dataclass
@@ -146,7 +149,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
     ckpt = check_resume(ctx, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    data = build_training_data(cfg, comp, device, info, ctx.stop)
+    data = build_training_data(cfg, comp, device, info, ctx.stop,
+                               cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
     state = restore(ckpt, parts, resume_path)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
@@ -164,6 +168,9 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                                        "seed": cfg.seed})
     outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
                        "train_start_s": round(clock.elapsed(), 1), "seed": cfg.seed})
+    if info.is_main:
+        outcome.guard("label statistics", write_label_statistics, comp.train_targets, comp.class_names,
+                      comp.train_paths, comp.task, ctx.out_dir)
     ctx.phase = "training"
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
