@@ -113,10 +113,6 @@ from .transforms import EvalTransform, TrainTransform
 log = logging.getLogger("kernelkit")
 
 
-def output_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
-
-
 def num_workers(cfg: Config) -> int:
     return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
 
@@ -137,7 +133,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     build past `deadline`: a cache is a speed-up, never worth the run), others open."""
     if not cfg.cache_images or not paths:
         return None
-    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
+    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(env.out_dir_for(cfg.out_dir))
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
@@ -192,9 +188,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
 
 
 def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo):
-    if cfg.balanced_sampling > 0:
-        if info.enabled:
-            raise ValueError("balanced_sampling is not supported with data-parallel training yet; set ddp_procs=1")
+    if cfg.balanced_sampling > 0:  # not under DDP: train_job.prepare refuses that combination first
         return balanced_sampler(targets, cfg.balanced_sampling, cfg.seed)
     if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
         return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
@@ -781,11 +775,11 @@ class Checkpointer:
             return False
         return self.save(name, {**ckpt, **fields})
 
-    def best_available(self) -> Path | None:
-        for name in (BEST, LAST):
-            if self.path(name).is_file():
-                return self.path(name)
-        return None
+
+
+def best_available(out_dir: Path) -> Path | None:
+    """best.pt, else last.pt, else None: what to predict from when training left no submission."""
+    return next((p for p in (Path(out_dir) / BEST, Path(out_dir) / LAST) if p.is_file()), None)
 
 
 def rng_state() -> dict[str, Any]:
@@ -841,7 +835,7 @@ def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start
     """Config and paths, with no side effects beyond creating out_dir. No competition found and no
     data_dir: the demo (with its preset, unless another was chosen)."""
     cfg, args = make_config(config_block, argv)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+    out_dir = env.out_dir_for(cfg.out_dir)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else env.find_competition_dir()
     is_demo = data_dir is None
     if is_demo and not cfg.preset:
@@ -1332,7 +1326,8 @@ def format_predictions(comp: Competition, decoded: list[list[int]] | np.ndarray)
     return [comp.classes[int(k)] for k in decoded]
 
 
-def _onehot(comp: Competition, cells: list[str]) -> np.ndarray:
+def cells_to_onehot(comp: Competition, cells: list[str]) -> np.ndarray:
+    """Submission cells -> (N, C) 0/1 over comp.classes; a cell naming no class raises ValueError."""
     pos = {c: i for i, c in enumerate(comp.classes)}
     out = np.zeros((len(cells), len(comp.classes)), dtype=np.uint8)
     for r, cell in enumerate(cells):
@@ -1354,7 +1349,7 @@ def render_submission(comp: Competition, cells: list[str], sample: CsvTable | No
         raise ValueError(f"{len(cells)} predictions for {len(comp.test_ids)} test ids")
     sample = sample if sample is not None else _sample_table(comp)
     cols = comp.submission_columns or [comp.id_column, comp.pred_column]
-    onehot = _onehot(comp, cells) if comp.wide_columns else None
+    onehot = cells_to_onehot(comp, cells) if comp.wide_columns else None
     data: dict[str, object] = {}
     for c in cols:
         if c == comp.id_column:
@@ -2532,6 +2527,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from .competition import Competition, cells_to_onehot
 from .metrics import fbeta_per_image
 
 log = logging.getLogger("kernelkit")
@@ -2625,23 +2621,15 @@ def make_demo_competition(root: Path, n_train: int = 1000, n_test: int = 200, se
     return root
 
 
-def score_demo_submission(data_dir: Path, out_dir: Path, comp) -> float | None:
+def score_demo_submission(data_dir: Path, out_dir: Path, comp: Competition) -> float | None:
     """F2 per image of the written submission against the generated test answers."""
     sol = data_dir / "test_solution.csv"
     if comp.task != "multilabel" or not sol.is_file():
         return None
     truth = pd.read_csv(sol, dtype=str, keep_default_na=False)
     sub = pd.read_csv(out_dir / "submission.csv", dtype=str, keep_default_na=False)
-    pos = {c: i for i, c in enumerate(comp.classes)}
-    return fbeta_per_image(_one_hot(truth.attribute_ids, pos), _one_hot(sub.iloc[:, 1], pos))
-
-
-def _one_hot(cells, pos: dict[str, int]) -> np.ndarray:
-    m = np.zeros((len(cells), len(pos)), np.uint8)
-    for r, cell in enumerate(cells):
-        for t in cell.split():
-            m[r, pos[t]] = 1
-    return m
+    return fbeta_per_image(cells_to_onehot(comp, truth.attribute_ids.tolist()),
+                           cells_to_onehot(comp, sub.iloc[:, 1].tolist()))
 ''',
 'kernelkit.distributed': r'''"""Data-parallel training over several processes (Kaggle's "GPU T4 x2"), started from inside
 kernel.py (no torchrun on Kaggle) or by torchrun.
@@ -2780,16 +2768,15 @@ import time
 
 import torch
 
-from .assemble import build_training_data, test_loader
+from .assemble import build_training_data
 from .budget import BudgetClock, InferenceReserve
 from .competition import Competition
 from .components import build_parts, fit_options
 from .config import budget_seconds
 from .context import RunContext
-from .infer import predict
+from .predictor import probe_inference
 from .plan import Plan, make_plan
 from .train import Trainer
-from .transforms import tta_views
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
 
@@ -2802,9 +2789,7 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     budget_s, margin_s = budget_seconds(cfg)
     trainer = Trainer(parts, fit_options(cfg), BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
     tr = trainer.train_epoch(data.train_loader, max_steps=TRAIN_STEPS)
-    n = min(len(comp.test_paths), INFER_BATCHES * 2 * cfg.batch_size)
-    inf = predict(parts.model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta),
-                  cfg.amp, cfg.channels_last, desc="dry-run")
+    inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
                      infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
                      n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])
@@ -2833,6 +2818,11 @@ def on_kaggle() -> bool:
 
 def default_out_dir() -> Path:
     return KAGGLE_WORKING if on_kaggle() else Path("outputs")
+
+
+def out_dir_for(configured: str) -> Path:
+    """The run's output folder: out_dir as configured, else the environment's default."""
+    return Path(configured) if configured else default_out_dir()
 
 
 KAGGLE_TEMP = Path("/kaggle/temp")
@@ -3589,6 +3579,7 @@ import torch
 
 from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
+from .checkpoint import best_available
 from .competition import Competition, check_submission_writable, load_competition
 from .config import ConfigError, budget_seconds
 from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
@@ -3597,7 +3588,7 @@ from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
 from .infer_job import run_infer
-from .session import finish_run
+from .session import finish_run, run_start
 from .stopping import handle_signals
 from .train_job import Outcome, run_train
 
@@ -3752,7 +3743,7 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
-    s.update(wall_s=round(time.time() - _run_start(ctx), 1), exit_status=status, world_size=info.world_size,
+    s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None)
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
@@ -3769,17 +3760,9 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     return status
 
 
-def _run_start(ctx: RunContext) -> float:
-    state = ctx.out_dir / "run_state.json"
-    try:
-        return float(json.loads(state.read_text())["run_start"])
-    except (OSError, ValueError, KeyError):
-        return ctx.t_start
-
-
 def rescue(ctx: RunContext) -> int:
     """The training processes ended without a submission: predict from their best checkpoint."""
-    ckpt = next((ctx.out_dir / n for n in ("best.pt", "last.pt") if (ctx.out_dir / n).is_file()), None)
+    ckpt = best_available(ctx.out_dir)
     if ckpt is None:
         log.error("training ended without a submission and left no checkpoint to predict from")
         return EXIT_NO_SUBMISSION
@@ -3787,7 +3770,7 @@ def rescue(ctx: RunContext) -> int:
     cfg = dataclasses.replace(ctx.cfg, mode="infer", checkpoints=str(ckpt))
     rctx = dataclasses.replace(ctx, cfg=cfg, phase=PREDICTING)
     summary = run_infer(rctx, open_competition(rctx), distributed.SINGLE.device(),
-                        BudgetClock(*budget_seconds(cfg), start_time=_run_start(ctx)))
+                        BudgetClock(*budget_seconds(cfg), start_time=run_start(ctx.out_dir, ctx.t_start)))
     write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
     return EXIT_OK
 
@@ -4442,6 +4425,15 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
     return out
 
 
+def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, device: torch.device, batches: int,
+                    desc: str) -> dict:
+    """Predict the first `batches` batches of real test images (their files, the eval transform, the
+    run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
+    n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
+    return predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
+                   cfg.channels_last, desc=desc)
+
+
 def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,
              stop: StopFlag | None = None, grace_s: float = 20.0) -> int:
     """TTA views that fit `seconds_left` at the measured speed; after a stop request, what fits the grace."""
@@ -4517,7 +4509,6 @@ functions save the tables as CSV and the summary as JSON in out_dir and return t
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -4526,25 +4517,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 from .metrics import one_hot, per_class_report
 
 log = logging.getLogger("kernelkit")
 
 SEP = "; "  # between label names in one cell: iMet names contain spaces ("tag::writing implements")
 HIST_CAP = 10  # wrong labels per image: 10 and more share one bin, the JSON stays small
-
-
-def _write_json(data: dict, path: Path) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(x: object) -> object:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 # ----------------------------------------------------------------------------- training curves
@@ -4682,7 +4661,7 @@ def write_label_statistics(targets: np.ndarray, class_names: list[str], image_pa
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "label_stats.csv", stats["per_class"].to_csv(index=False))
     s = stats["summary"]
-    _write_json(s, out_dir / "label_stats.json")
+    write_json(out_dir / "label_stats.json", s)
     line = f"labels: {s['images']} images, {s['classes']} classes, imbalance {s['imbalance_ratio']}x"
     if "labels_per_image" in s:
         line += (f", {s['labels_per_image']['mean']:.2f} labels per image (max {s['labels_per_image']['max']}), "
@@ -4829,7 +4808,7 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
         if name in result:
             atomic_write(out_dir / f"{name}.csv", result[name].to_csv(index=False))
     s = result["summary"]
-    _write_json(s, out_dir / "error_summary.json")
+    write_json(out_dir / "error_summary.json", s)
     most = ", ".join(f"{n} ({e})" for n, e in s["most_errors"][:3])
     if s["task"] == "multilabel":
         log.info("error analysis: %d of %d validation images have a wrong label (%d missing, %d extra); "
@@ -4921,6 +4900,14 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     archive_checkpoints(out_dir)
     _record(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
     return started_at, None
+
+
+def run_start(out_dir: Path, default: float) -> float:
+    """When the run in out_dir started (possibly in a process killed since); `default` if unknown."""
+    try:
+        return float(json.loads((out_dir / STATE_FILE).read_text())["run_start"])
+    except (OSError, ValueError, KeyError):
+        return default
 
 
 def archive_checkpoints(out_dir: Path) -> None:
@@ -5682,23 +5669,21 @@ from typing import Any, Callable
 import torch
 
 from . import distributed
-from .assemble import TrainingData, build_training_data, test_loader
+from .assemble import TrainingData, build_training_data
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
 from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
 from .competition import Competition
 from .components import build_parts, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
-from .context import RunContext
+from .context import PREDICTING, TRAINING, RunContext
 from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
-from .infer import predict
-from .predictor import Predictor, load_predictor, plan_tta, predict_test, write_predictions
+from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .thresholds import ThresholdRule, prior_baseline
 from .train import FitResult, FitState, TrainParts, Trainer, Validation
-from .transforms import tta_views
 
 log = logging.getLogger("kernelkit")
 
@@ -5771,11 +5756,9 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
                     reserve: InferenceReserve) -> None:
     """Before the first step: predict a few batches of real test images (real eval transform, real
     batch size, every TTA view), so the reserve is measured, not guessed, from the first epoch on."""
-    n = min(len(comp.test_paths), PROBE_BATCHES * 2 * cfg.batch_size)
-    if n == 0:
+    if not comp.test_paths:
         return
-    out = predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
-                  cfg.channels_last, desc="inference probe")
+    out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
     reserve.test_ips = out["images_per_s"]
     reserve.observe_startup(out["startup_s"])
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
@@ -5836,7 +5819,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     if info.is_main:
         outcome.guard("label statistics", write_label_statistics, comp.train_targets, comp.class_names,
                       comp.train_paths, comp.task, ctx.out_dir)
-    ctx.phase = "training"
+    ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
                       fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
@@ -5853,7 +5836,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:
-        ctx.phase = "predicting"
+        ctx.phase = PREDICTING
         finish(ctx, comp, data, result, saver, parts.model, clock, reserve, outcome, device)
     return outcome
 
@@ -5867,13 +5850,13 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
     rule = settings.global_rule(result.state.threshold)
     if comp.task == "multilabel":
         rule = outcome.guard("threshold rule search", refine_rule, settings, result.state.threshold,
-                       comp.class_names, data.val_targets, result.best_val_probs) or rule
+                             comp.class_names, data.val_targets, result.best_val_probs) or rule
         if rule.kind != "global":  # stored so offline inference decodes the same way
             saver.update(BEST, threshold_rule=rule.to_dict())
     outcome.summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
     if len(data.val_targets):
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
-                                              data.val_targets, cfg.beta)
+                                                    data.val_targets, cfg.beta)
     outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
 
@@ -5893,7 +5876,7 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
             pred = predictor_in_memory(model, cfg, comp, rule, device)
         else:
             pred = outcome.guard(f"loading {path.name}", load_predictor, path, device, RuleSettings.of(cfg),
-                           cfg.channels_last)
+                                 cfg.channels_last)
         if pred is None:
             continue
         if comp.task == "multilabel" and path in (None, saver.path(BEST)):
@@ -5907,7 +5890,7 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
         if out is None:
             continue
         if outcome.guard("writing the submission", write_predictions, comp, out["probs"], out["ok"], comp.task,
-                   pred.rule, ctx.out_dir) is not None:
+                         pred.rule, ctx.out_dir) is not None:
             outcome.submitted = True
             outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
                                    infer_images_per_s=round(out["images_per_s"], 1))

@@ -23,10 +23,6 @@ from .transforms import EvalTransform, TrainTransform
 log = logging.getLogger("kernelkit")
 
 
-def output_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
-
-
 def num_workers(cfg: Config) -> int:
     return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
 
@@ -47,7 +43,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     build past `deadline`: a cache is a speed-up, never worth the run), others open."""
     if not cfg.cache_images or not paths:
         return None
-    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(output_dir(cfg))
+    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(env.out_dir_for(cfg.out_dir))
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
@@ -102,9 +98,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
 
 
 def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo):
-    if cfg.balanced_sampling > 0:
-        if info.enabled:
-            raise ValueError("balanced_sampling is not supported with data-parallel training yet; set ddp_procs=1")
+    if cfg.balanced_sampling > 0:  # not under DDP: train_job.prepare refuses that combination first
         return balanced_sampler(targets, cfg.balanced_sampling, cfg.seed)
     if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
         return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,

@@ -84,11 +84,11 @@ class Checkpointer:
             return False
         return self.save(name, {**ckpt, **fields})
 
-    def best_available(self) -> Path | None:
-        for name in (BEST, LAST):
-            if self.path(name).is_file():
-                return self.path(name)
-        return None
+
+
+def best_available(out_dir: Path) -> Path | None:
+    """best.pt, else last.pt, else None: what to predict from when training left no submission."""
+    return next((p for p in (Path(out_dir) / BEST, Path(out_dir) / LAST) if p.is_file()), None)
 
 
 def rng_state() -> dict[str, Any]:

@@ -35,7 +35,7 @@ def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start
     """Config and paths, with no side effects beyond creating out_dir. No competition found and no
     data_dir: the demo (with its preset, unless another was chosen)."""
     cfg, args = make_config(config_block, argv)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else env.default_out_dir()
+    out_dir = env.out_dir_for(cfg.out_dir)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else env.find_competition_dir()
     is_demo = data_dir is None
     if is_demo and not cfg.preset:

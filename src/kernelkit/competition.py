@@ -429,7 +429,8 @@ def format_predictions(comp: Competition, decoded: list[list[int]] | np.ndarray)
     return [comp.classes[int(k)] for k in decoded]
 
 
-def _onehot(comp: Competition, cells: list[str]) -> np.ndarray:
+def cells_to_onehot(comp: Competition, cells: list[str]) -> np.ndarray:
+    """Submission cells -> (N, C) 0/1 over comp.classes; a cell naming no class raises ValueError."""
     pos = {c: i for i, c in enumerate(comp.classes)}
     out = np.zeros((len(cells), len(comp.classes)), dtype=np.uint8)
     for r, cell in enumerate(cells):
@@ -451,7 +452,7 @@ def render_submission(comp: Competition, cells: list[str], sample: CsvTable | No
         raise ValueError(f"{len(cells)} predictions for {len(comp.test_ids)} test ids")
     sample = sample if sample is not None else _sample_table(comp)
     cols = comp.submission_columns or [comp.id_column, comp.pred_column]
-    onehot = _onehot(comp, cells) if comp.wide_columns else None
+    onehot = cells_to_onehot(comp, cells) if comp.wide_columns else None
     data: dict[str, object] = {}
     for c in cols:
         if c == comp.id_column:

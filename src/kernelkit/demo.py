@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from .competition import Competition, cells_to_onehot
 from .metrics import fbeta_per_image
 
 log = logging.getLogger("kernelkit")
@@ -106,20 +107,12 @@ def make_demo_competition(root: Path, n_train: int = 1000, n_test: int = 200, se
     return root
 
 
-def score_demo_submission(data_dir: Path, out_dir: Path, comp) -> float | None:
+def score_demo_submission(data_dir: Path, out_dir: Path, comp: Competition) -> float | None:
     """F2 per image of the written submission against the generated test answers."""
     sol = data_dir / "test_solution.csv"
     if comp.task != "multilabel" or not sol.is_file():
         return None
     truth = pd.read_csv(sol, dtype=str, keep_default_na=False)
     sub = pd.read_csv(out_dir / "submission.csv", dtype=str, keep_default_na=False)
-    pos = {c: i for i, c in enumerate(comp.classes)}
-    return fbeta_per_image(_one_hot(truth.attribute_ids, pos), _one_hot(sub.iloc[:, 1], pos))
-
-
-def _one_hot(cells, pos: dict[str, int]) -> np.ndarray:
-    m = np.zeros((len(cells), len(pos)), np.uint8)
-    for r, cell in enumerate(cells):
-        for t in cell.split():
-            m[r, pos[t]] = 1
-    return m
+    return fbeta_per_image(cells_to_onehot(comp, truth.attribute_ids.tolist()),
+                           cells_to_onehot(comp, sub.iloc[:, 1].tolist()))

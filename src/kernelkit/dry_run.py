@@ -5,16 +5,15 @@ import time
 
 import torch
 
-from .assemble import build_training_data, test_loader
+from .assemble import build_training_data
 from .budget import BudgetClock, InferenceReserve
 from .competition import Competition
 from .components import build_parts, fit_options
 from .config import budget_seconds
 from .context import RunContext
-from .infer import predict
+from .predictor import probe_inference
 from .plan import Plan, make_plan
 from .train import Trainer
-from .transforms import tta_views
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
 
@@ -27,9 +26,7 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     budget_s, margin_s = budget_seconds(cfg)
     trainer = Trainer(parts, fit_options(cfg), BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
     tr = trainer.train_epoch(data.train_loader, max_steps=TRAIN_STEPS)
-    n = min(len(comp.test_paths), INFER_BATCHES * 2 * cfg.batch_size)
-    inf = predict(parts.model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta),
-                  cfg.amp, cfg.channels_last, desc="dry-run")
+    inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
                      infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
                      n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])

@@ -24,6 +24,11 @@ def default_out_dir() -> Path:
     return KAGGLE_WORKING if on_kaggle() else Path("outputs")
 
 
+def out_dir_for(configured: str) -> Path:
+    """The run's output folder: out_dir as configured, else the environment's default."""
+    return Path(configured) if configured else default_out_dir()
+
+
 KAGGLE_TEMP = Path("/kaggle/temp")
 
 

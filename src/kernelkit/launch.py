@@ -16,6 +16,7 @@ import torch
 
 from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
+from .checkpoint import best_available
 from .competition import Competition, check_submission_writable, load_competition
 from .config import ConfigError, budget_seconds
 from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
@@ -24,7 +25,7 @@ from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
 from .infer_job import run_infer
-from .session import finish_run
+from .session import finish_run, run_start
 from .stopping import handle_signals
 from .train_job import Outcome, run_train
 
@@ -179,7 +180,7 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
-    s.update(wall_s=round(time.time() - _run_start(ctx), 1), exit_status=status, world_size=info.world_size,
+    s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None)
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
@@ -196,17 +197,9 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     return status
 
 
-def _run_start(ctx: RunContext) -> float:
-    state = ctx.out_dir / "run_state.json"
-    try:
-        return float(json.loads(state.read_text())["run_start"])
-    except (OSError, ValueError, KeyError):
-        return ctx.t_start
-
-
 def rescue(ctx: RunContext) -> int:
     """The training processes ended without a submission: predict from their best checkpoint."""
-    ckpt = next((ctx.out_dir / n for n in ("best.pt", "last.pt") if (ctx.out_dir / n).is_file()), None)
+    ckpt = best_available(ctx.out_dir)
     if ckpt is None:
         log.error("training ended without a submission and left no checkpoint to predict from")
         return EXIT_NO_SUBMISSION
@@ -214,7 +207,7 @@ def rescue(ctx: RunContext) -> int:
     cfg = dataclasses.replace(ctx.cfg, mode="infer", checkpoints=str(ckpt))
     rctx = dataclasses.replace(ctx, cfg=cfg, phase=PREDICTING)
     summary = run_infer(rctx, open_competition(rctx), distributed.SINGLE.device(),
-                        BudgetClock(*budget_seconds(cfg), start_time=_run_start(ctx)))
+                        BudgetClock(*budget_seconds(cfg), start_time=run_start(ctx.out_dir, ctx.t_start)))
     write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
     return EXIT_OK
 

@@ -71,6 +71,15 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
     return out
 
 
+def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, device: torch.device, batches: int,
+                    desc: str) -> dict:
+    """Predict the first `batches` batches of real test images (their files, the eval transform, the
+    run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
+    n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
+    return predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
+                   cfg.channels_last, desc=desc)
+
+
 def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,
              stop: StopFlag | None = None, grace_s: float = 20.0) -> int:
     """TTA views that fit `seconds_left` at the measured speed; after a stop request, what fits the grace."""

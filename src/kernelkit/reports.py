@@ -13,7 +13,6 @@ functions save the tables as CSV and the summary as JSON in out_dir and return t
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -22,25 +21,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 from .metrics import one_hot, per_class_report
 
 log = logging.getLogger("kernelkit")
 
 SEP = "; "  # between label names in one cell: iMet names contain spaces ("tag::writing implements")
 HIST_CAP = 10  # wrong labels per image: 10 and more share one bin, the JSON stays small
-
-
-def _write_json(data: dict, path: Path) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(x: object) -> object:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 # ----------------------------------------------------------------------------- training curves
@@ -178,7 +165,7 @@ def write_label_statistics(targets: np.ndarray, class_names: list[str], image_pa
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "label_stats.csv", stats["per_class"].to_csv(index=False))
     s = stats["summary"]
-    _write_json(s, out_dir / "label_stats.json")
+    write_json(out_dir / "label_stats.json", s)
     line = f"labels: {s['images']} images, {s['classes']} classes, imbalance {s['imbalance_ratio']}x"
     if "labels_per_image" in s:
         line += (f", {s['labels_per_image']['mean']:.2f} labels per image (max {s['labels_per_image']['max']}), "
@@ -325,7 +312,7 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
         if name in result:
             atomic_write(out_dir / f"{name}.csv", result[name].to_csv(index=False))
     s = result["summary"]
-    _write_json(s, out_dir / "error_summary.json")
+    write_json(out_dir / "error_summary.json", s)
     most = ", ".join(f"{n} ({e})" for n, e in s["most_errors"][:3])
     if s["task"] == "multilabel":
         log.info("error analysis: %d of %d validation images have a wrong label (%d missing, %d extra); "

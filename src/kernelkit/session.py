@@ -48,6 +48,14 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     return started_at, None
 
 
+def run_start(out_dir: Path, default: float) -> float:
+    """When the run in out_dir started (possibly in a process killed since); `default` if unknown."""
+    try:
+        return float(json.loads((out_dir / STATE_FILE).read_text())["run_start"])
+    except (OSError, ValueError, KeyError):
+        return default
+
+
 def archive_checkpoints(out_dir: Path) -> None:
     for name in CHECKPOINTS:
         p = out_dir / name

@@ -17,23 +17,21 @@ from typing import Any, Callable
 import torch
 
 from . import distributed
-from .assemble import TrainingData, build_training_data, test_loader
+from .assemble import TrainingData, build_training_data
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
 from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
 from .competition import Competition
 from .components import build_parts, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
-from .context import RunContext
+from .context import PREDICTING, TRAINING, RunContext
 from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
-from .infer import predict
-from .predictor import Predictor, load_predictor, plan_tta, predict_test, write_predictions
+from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .thresholds import ThresholdRule, prior_baseline
 from .train import FitResult, FitState, TrainParts, Trainer, Validation
-from .transforms import tta_views
 
 log = logging.getLogger("kernelkit")
 
@@ -106,11 +104,9 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
                     reserve: InferenceReserve) -> None:
     """Before the first step: predict a few batches of real test images (real eval transform, real
     batch size, every TTA view), so the reserve is measured, not guessed, from the first epoch on."""
-    n = min(len(comp.test_paths), PROBE_BATCHES * 2 * cfg.batch_size)
-    if n == 0:
+    if not comp.test_paths:
         return
-    out = predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
-                  cfg.channels_last, desc="inference probe")
+    out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
     reserve.test_ips = out["images_per_s"]
     reserve.observe_startup(out["startup_s"])
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
@@ -171,7 +167,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     if info.is_main:
         outcome.guard("label statistics", write_label_statistics, comp.train_targets, comp.class_names,
                       comp.train_paths, comp.task, ctx.out_dir)
-    ctx.phase = "training"
+    ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
                       fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
@@ -188,7 +184,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:
-        ctx.phase = "predicting"
+        ctx.phase = PREDICTING
         finish(ctx, comp, data, result, saver, parts.model, clock, reserve, outcome, device)
     return outcome
 
@@ -202,13 +198,13 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
     rule = settings.global_rule(result.state.threshold)
     if comp.task == "multilabel":
         rule = outcome.guard("threshold rule search", refine_rule, settings, result.state.threshold,
-                       comp.class_names, data.val_targets, result.best_val_probs) or rule
+                             comp.class_names, data.val_targets, result.best_val_probs) or rule
         if rule.kind != "global":  # stored so offline inference decodes the same way
             saver.update(BEST, threshold_rule=rule.to_dict())
     outcome.summary["threshold_rule"] = rule.to_dict() if comp.task == "multilabel" else None
     if len(data.val_targets):
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
-                                              data.val_targets, cfg.beta)
+                                                    data.val_targets, cfg.beta)
     outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
 
@@ -228,7 +224,7 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
             pred = predictor_in_memory(model, cfg, comp, rule, device)
         else:
             pred = outcome.guard(f"loading {path.name}", load_predictor, path, device, RuleSettings.of(cfg),
-                           cfg.channels_last)
+                                 cfg.channels_last)
         if pred is None:
             continue
         if comp.task == "multilabel" and path in (None, saver.path(BEST)):
@@ -242,7 +238,7 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
         if out is None:
             continue
         if outcome.guard("writing the submission", write_predictions, comp, out["probs"], out["ok"], comp.task,
-                   pred.rule, ctx.out_dir) is not None:
+                         pred.rule, ctx.out_dir) is not None:
             outcome.submitted = True
             outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
                                    infer_images_per_s=round(out["images_per_s"], 1))
