@@ -19,6 +19,9 @@ CONFIG = dict(
     # data_dir='',                          # competition folder; empty = find it under /kaggle/input, else run the demo
     # id_column='',                         # train.csv column holding the image ids; empty = detect (sample submission, known names)
     # label_column='',                      # train.csv column holding the labels; empty = detect (sample submission, known names)
+    # train_images='',                      # folder of the training images inside data_dir; empty = detect (train, train_images, ...)
+    # test_images='',                       # folder of the test images inside data_dir; empty = detect (test, test_images, ...)
+    # image_ext='',                         # only files with this extension are images (when a.jpg and a.png both exist); empty = any of .jpg .jpeg .png .webp .bmp .tif .tiff .gif
     # format='auto',                        # auto | multilabel_csv | single_label_csv | folder
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
     # checkpoints='',                       # infer mode: checkpoint file, folder or glob
@@ -819,6 +822,7 @@ from typing import Any
 from . import env
 from .config import ConfigError, make_config
 from .context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
+from .inputs import find_competition
 from .stopping import handle_signals
 
 log = logging.getLogger("kernelkit")
@@ -833,10 +837,11 @@ def refuse(message: str) -> int:
 
 def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> RunContext:
     """Config and paths, with no side effects beyond creating out_dir. No competition found and no
-    data_dir: the demo (with its preset, unless another was chosen)."""
+    data_dir: the demo (with its preset, unless another was chosen), except on Kaggle, where that is
+    a refusal (inputs.find_competition)."""
     cfg, args = make_config(config_block, argv)
     out_dir = env.out_dir_for(cfg.out_dir)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else env.find_competition_dir()
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else find_competition(env.input_root(), env.on_kaggle())
     is_demo = data_dir is None
     if is_demo and not cfg.preset:
         cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
@@ -913,11 +918,12 @@ import numpy as np
 import pandas as pd
 
 from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
+from .config import IMAGE_EXTS
 from .fileio import atomic_write
+from .inputs import TEST_DIRS, TRAIN_DIRS
 
 log = logging.getLogger("kernelkit")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FORMATS = ("multilabel_csv", "single_label_csv", "folder")
 # Column names tried in order when no override and no sample submission column name settles it.
 ID_NAMES = ("id", "image_id", "imageid", "image", "image_name", "img", "img_id", "filename", "file_name",
@@ -953,21 +959,68 @@ class Competition:
         return len(self.classes)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a competition keeps its files and how train.csv names them (options, else detected)."""
+    root: Path
+    train: Path  # the training images folder (train/, train_images/, ...)
+    test: Path
+    id_column: str = ""
+    label_column: str = ""
+    image_ext: str = ""  # only files with this extension are images (".jpg"); "" = any image extension
+
+
+def _image_folder(root: Path, names: tuple[str, ...], explicit: str, option: str) -> Path:
+    if explicit:
+        d = root / explicit
+        if not d.is_dir():
+            raise FileNotFoundError(f"{option}={explicit!r}: {d} is not a folder")
+        return d
+    present = [n for n in names if (root / n).is_dir()]
+    if len(present) > 1:
+        raise ValueError(f"{root}: several image folders {present}; set {option}= to the one to use")
+    return root / (present[0] if present else names[0])
+
+
+def make_layout(root: str | Path, train_images: str = "", test_images: str = "", id_column: str = "",
+                label_column: str = "", image_ext: str = "") -> Layout:
+    root = Path(root)
+    return Layout(root, _image_folder(root, TRAIN_DIRS, train_images, "train_images"),
+                  _image_folder(root, TEST_DIRS, test_images, "test_images"), id_column, label_column,
+                  image_ext.lower())
+
+
 def _is_junk(name: str) -> bool:
     """Hidden entries (.ipynb_checkpoints, AppleDouble ._x.jpg) and __MACOSX are zip/OS debris, not data."""
     return name.startswith((".", "__"))
 
 
-def _index_images(folder: Path) -> dict[str, str]:
-    """Map id (file name and stem) -> path with one directory scan instead of a stat per id."""
-    index: dict[str, str] = {}
+class ImageIndex(dict):
+    """id (file name, and stem) -> path, from one directory scan instead of a stat per id. A stem
+    shared by several files (a.jpg and a.png) is kept out and remembered: an id naming it is refused
+    rather than read from whichever file the scan met first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ambiguous: dict[str, list[str]] = {}
+
+
+def _index_images(folder: Path, ext: str = "") -> ImageIndex:
+    index = ImageIndex()
     if not folder.is_dir():
         return index
+    exts = (ext,) if ext else IMAGE_EXTS
+    stems: dict[str, list[str]] = {}
     with os.scandir(folder) as it:
         for e in it:
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTS) and not _is_junk(e.name):
-                index.setdefault(e.name, e.path)
-                index.setdefault(os.path.splitext(e.name)[0], e.path)
+            if e.is_file() and e.name.lower().endswith(exts) and not _is_junk(e.name):
+                index[e.name] = e.path
+                stems.setdefault(os.path.splitext(e.name)[0], []).append(e.path)
+    for stem, paths in stems.items():
+        if len(paths) == 1:
+            index.setdefault(stem, paths[0])
+        else:
+            index.ambiguous[stem] = sorted(os.path.basename(p) for p in paths)
     return index
 
 
@@ -990,15 +1043,19 @@ def _check_unique(ids: list[str], name: str) -> None:
         seen[i] = r
 
 
-def _lookup(i: str, index: dict[str, str]) -> str:
+def _lookup(i: str, index: ImageIndex) -> str:
     p = index.get(i, "")
-    if not p and i.lower().endswith(IMAGE_EXTS):
+    stem = os.path.splitext(i)[0] if i.lower().endswith(IMAGE_EXTS) else i
+    if not p and stem in index.ambiguous:
+        raise ValueError(f"id {i!r} matches several files {index.ambiguous[stem]}; set image_ext= "
+                         f"(one of {', '.join(IMAGE_EXTS)}) to say which extension the images have")
+    if not p and stem != i:
         # "abc.jpg" in the csv while the file is abc.png: the stem still names it.
-        p = index.get(os.path.splitext(i)[0], "")
+        p = index.get(stem, "")
     return p
 
 
-def _resolve(ids: list[str], index: dict[str, str], what: str) -> tuple[list[str], int]:
+def _resolve(ids: list[str], index: ImageIndex, what: str) -> tuple[list[str], int]:
     paths = [_lookup(i, index) for i in ids]
     missing = sum(1 for p in paths if not p)
     if missing:
@@ -1065,13 +1122,14 @@ def _read_sample(root: Path) -> CsvTable | None:
     return sample
 
 
-def _test_ids(root: Path, sample: CsvTable | None) -> list[str]:
+def _test_ids(lay: Layout, sample: CsvTable | None) -> list[str]:
     if sample is not None:
         name = Path(sample.name).name
         ids = [_safe_id(v, r, name) for r, v in enumerate(sample.column(sample.columns[0]))]
         _check_unique(ids, name)
         return ids
-    return sorted({os.path.splitext(os.path.basename(p))[0] for p in _index_images(root / "test").values()})
+    index = _index_images(lay.test, lay.image_ext)
+    return sorted({os.path.splitext(os.path.basename(p))[0] for p in index.values()} | set(index.ambiguous))
 
 
 def _looks_multilabel(cells: list[str]) -> bool:
@@ -1096,8 +1154,9 @@ def _looks_multilabel(cells: list[str]) -> bool:
     return sum(any(w in reused for w in words) for words in spaced) > len(spaced) / 2
 
 
-def detect_format(root: Path, id_column: str = "", label_column: str = "") -> str:
+def detect_format(root: Path, id_column: str = "", label_column: str = "", train_dir: Path | None = None) -> str:
     root = Path(root)
+    train_dir = train_dir or make_layout(root).train
     train_csv = root / "train.csv"
     if train_csv.is_file():
         table = read_csv_file(train_csv)
@@ -1113,38 +1172,38 @@ def detect_format(root: Path, id_column: str = "", label_column: str = "") -> st
                         next(c for c in cells if len(c.split()) > 1))
             return "multilabel_csv"
         return "single_label_csv"
-    if _class_dirs(root / "train"):
+    if _class_dirs(train_dir):
         return "folder"
     raise FileNotFoundError(
-        f"{root}: no train.csv and no train/<class>/ folders; set format= and data_dir= explicitly")
+        f"{root}: no train.csv and no {train_dir.name}/<class>/ folders; set format= and data_dir= explicitly")
 
 
-def load_competition(root: str | Path, fmt: str = "auto", id_column: str = "",
-                     label_column: str = "") -> Competition:
-    """id_column / label_column name train.csv's columns when detection cannot (or guesses wrong)."""
+def load_competition(root: str | Path, fmt: str = "auto", id_column: str = "", label_column: str = "",
+                     train_images: str = "", test_images: str = "", image_ext: str = "") -> Competition:
+    """id_column / label_column name train.csv's columns, train_images / test_images the image
+    folders, when detection cannot (or guesses wrong)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir {root} does not exist")
-    fmt = detect_format(root, id_column, label_column) if fmt == "auto" else fmt
+    lay = make_layout(root, train_images, test_images, id_column, label_column, image_ext)
+    fmt = detect_format(root, id_column, label_column, lay.train) if fmt == "auto" else fmt
     loader = {"multilabel_csv": _load_multilabel_csv, "single_label_csv": _load_single_label_csv,
               "folder": _load_folder}.get(fmt)
     if loader is None:
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
     sample = _read_sample(root)
-    comp = loader(root, sample, id_column, label_column)
+    comp = loader(lay, sample)
     _fit_submission(comp, sample)
-    test_index = _index_images(root / "test")
-    comp.test_paths, _ = _resolve(comp.test_ids, test_index, "test")
+    comp.test_paths, _ = _resolve(comp.test_ids, _index_images(lay.test, lay.image_ext), "test")
     log.info("%s: %d train images, %d classes (%s), %d test ids", fmt, len(comp.train_paths),
              comp.num_classes, comp.task, len(comp.test_ids))
     return comp
 
 
-def _train_table(root: Path, sample: CsvTable | None, id_column: str,
-                 label_column: str) -> tuple[list[str], list[str], str]:
+def _train_table(lay: Layout, sample: CsvTable | None) -> tuple[list[str], list[str], str]:
     """(ids, raw label cells, label column name) of train.csv, ids checked."""
-    table = require_rows(read_csv_file(root / "train.csv"))
-    id_col, lab_col = pick_columns(table, sample.columns if sample else [], id_column, label_column)
+    table = require_rows(read_csv_file(lay.root / "train.csv"))
+    id_col, lab_col = pick_columns(table, sample.columns if sample else [], lay.id_column, lay.label_column)
     ids = [_safe_id(v, r, "train.csv") for r, v in enumerate(table.column(id_col))]
     _check_unique(ids, "train.csv")
     return ids, [v.strip() for v in table.column(lab_col)], lab_col
@@ -1173,12 +1232,11 @@ def _tags(cells: list[str]) -> list[list[str]]:
     return out
 
 
-def _load_multilabel_csv(root: Path, sample: CsvTable | None = None, id_column: str = "",
-                         label_column: str = "") -> Competition:
+def _load_multilabel_csv(lay: Layout, sample: CsvTable | None = None) -> Competition:
     """iMet 2019 layout: train.csv (id, attribute_ids), labels.csv (attribute_id, attribute_name)."""
-    ids, cells, lab_col = _train_table(root, sample, id_column, label_column)
+    ids, cells, lab_col = _train_table(lay, sample)
     tags = _tags(cells)  # blank cell = an image with no labels (legitimate in iMet)
-    labels_csv = root / "labels.csv"
+    labels_csv = lay.root / "labels.csv"
     if labels_csv.is_file():
         classes, names = _labels_csv(labels_csv)
     else:
@@ -1191,11 +1249,11 @@ def _load_multilabel_csv(root: Path, sample: CsvTable | None = None, id_column: 
             if tag not in pos:
                 raise ValueError(f"train.csv row {r + 2}: label {tag!r} is not in labels.csv")
             targets[r, pos[tag]] = 1
-    paths, missing = _resolve(ids, _index_images(root / "train"), "train")
+    paths, missing = _resolve(ids, _index_images(lay.train, lay.image_ext), "train")
     keep = np.array([bool(p) for p in paths], dtype=bool)
     return Competition(
         format="multilabel_csv", task="multilabel", classes=classes, class_names=names,
-        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(root, sample),
+        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(lay, sample),
         test_paths=[], id_column="id", pred_column="attribute_ids", missing_train=missing,
         train_label_column=lab_col)
 
@@ -1215,20 +1273,19 @@ def _drop_missing_labels(raw: list[str], col: str) -> list[int]:
     return [r for r in range(len(raw)) if r not in drop]
 
 
-def _load_single_label_csv(root: Path, sample: CsvTable | None = None, id_column: str = "",
-                           label_column: str = "") -> Competition:
+def _load_single_label_csv(lay: Layout, sample: CsvTable | None = None) -> Competition:
     """train.csv with (id, label); the submission has one class per id (iNaturalist's id,predicted)."""
-    ids, raw, lab_col = _train_table(root, sample, id_column, label_column)
+    ids, raw, lab_col = _train_table(lay, sample)
     rows = _drop_missing_labels(raw, lab_col)
     ids, raw = [ids[r] for r in rows], [raw[r] for r in rows]
     classes = sorted(set(raw), key=_class_key)
     pos = {c: i for i, c in enumerate(classes)}
     targets = np.array([pos[v] for v in raw], dtype=np.int64)
-    paths, missing = _resolve(ids, _index_images(root / "train"), "train")
+    paths, missing = _resolve(ids, _index_images(lay.train, lay.image_ext), "train")
     keep = np.array([bool(p) for p in paths], dtype=bool)
     return Competition(
         format="single_label_csv", task="multiclass", classes=classes, class_names=classes,
-        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(root, sample),
+        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(lay, sample),
         test_paths=[], id_column="id", pred_column="predicted", missing_train=missing,
         train_label_column=lab_col)
 
@@ -1239,15 +1296,16 @@ def _class_dirs(train: Path) -> list[Path]:
     return sorted(p for p in train.iterdir() if p.is_dir() and not _is_junk(p.name))
 
 
-def _load_folder(root: Path, sample: CsvTable | None = None, id_column: str = "",
-                 label_column: str = "") -> Competition:
+def _load_folder(lay: Layout, sample: CsvTable | None = None) -> Competition:
     """train/<class>/*.jpg (Scene-15, Keras flow_from_directory); test/*.jpg."""
-    junk = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and _is_junk(p.name))
+    if not lay.train.is_dir():
+        raise FileNotFoundError(f"format=folder: {lay.train} is not a folder")
+    junk = sorted(p.name for p in lay.train.iterdir() if p.is_dir() and _is_junk(p.name))
     if junk:
-        log.info("train/: skipping %s (not class folders)", junk)
+        log.info("%s/: skipping %s (not class folders)", lay.train.name, junk)
     classes, paths, targets, empty = [], [], [], []
-    for d in _class_dirs(root / "train"):
-        files = sorted(set(_index_images(d).values()))
+    for d in _class_dirs(lay.train):
+        files = sorted(set(_index_images(d, lay.image_ext).values()))
         if not files:  # an empty folder would be a class the model can never learn
             empty.append(d.name)
             continue
@@ -1257,10 +1315,10 @@ def _load_folder(root: Path, sample: CsvTable | None = None, id_column: str = ""
     if empty:
         log.warning("train/: skipping %d class folders with no images: %s", len(empty), empty[:10])
     if not classes:
-        raise ValueError(f"{root / 'train'}: no class folder holds an image ({', '.join(IMAGE_EXTS)})")
+        raise ValueError(f"{lay.train}: no class folder holds an image ({', '.join(IMAGE_EXTS)})")
     return Competition(
         format="folder", task="multiclass", classes=classes, class_names=classes,
-        train_paths=paths, train_targets=np.array(targets, dtype=np.int64), test_ids=_test_ids(root, sample),
+        train_paths=paths, train_targets=np.array(targets, dtype=np.int64), test_ids=_test_ids(lay, sample),
         test_paths=[], id_column="id", pred_column="label")
 
 
@@ -1550,6 +1608,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 # CONFIG-block values and presets, and --help all read them from here. Modules that implement a
 # choice (losses.LOSSES, transforms.AUG_LEVELS, ...) are checked against these in the tests.
 AUG_LEVELS = ("none", "flip", "light", "medium", "strong")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CHOICES: dict[str, tuple] = {
     "mode": ("train", "infer"),
     "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
@@ -1561,6 +1620,7 @@ CHOICES: dict[str, tuple] = {
     "threshold_rule": ("global", "group", "class"),
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
+    "image_ext": ("", *IMAGE_EXTS),
 }
 
 
@@ -1572,6 +1632,10 @@ class Config:
     data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo")
     id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
     label_column: str = _f("", "train.csv column holding the labels; empty = detect (sample submission, known names)")
+    train_images: str = _f("", "folder of the training images inside data_dir; empty = detect (train, train_images, ...)")
+    test_images: str = _f("", "folder of the test images inside data_dir; empty = detect (test, test_images, ...)")
+    image_ext: str = _f("", "only files with this extension are images (when a.jpg and a.png both exist); "
+                            "empty = any of .jpg .jpeg .png .webp .bmp .tif .tiff .gif", choices=CHOICES['image_ext'])
     format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder", choices=CHOICES['format'])
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
@@ -2812,6 +2876,11 @@ KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
 
 
+def input_root() -> Path:
+    """Where attached competitions and datasets are mounted (KERNELKIT_INPUT_ROOT: a test's fake tree)."""
+    return Path(os.environ.get("KERNELKIT_INPUT_ROOT") or KAGGLE_INPUT)
+
+
 def on_kaggle() -> bool:
     return "KAGGLE_KERNEL_RUN_TYPE" in os.environ or KAGGLE_WORKING.is_dir()
 
@@ -2833,22 +2902,6 @@ def default_cache_dir(out_dir: Path) -> Path:
     if on_kaggle() and KAGGLE_TEMP.is_dir():
         return KAGGLE_TEMP / "kernelkit-cache"
     return out_dir / "cache"
-
-
-def find_competition_dir(input_root: Path = KAGGLE_INPUT) -> Path | None:
-    """The attached dataset that looks like a competition: it has train data beside it.
-
-    Kaggle mounts competitions at /kaggle/input/<slug> (newer images use
-    /kaggle/input/competitions/<slug>), so look two levels deep.
-    """
-    if not input_root.is_dir():
-        return None
-    candidates = []
-    for child in sorted(input_root.iterdir()):
-        for d in [child, *sorted(p for p in child.iterdir() if p.is_dir())] if child.is_dir() else []:
-            if (d / "train.csv").is_file() or (d / "train").is_dir():
-                candidates.append(d)
-    return candidates[0] if candidates else None
 
 
 def cpu_count() -> int:
@@ -3561,6 +3614,135 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
     write_predictions(comp, probs_sum / len(used), ok, comp.task, rule, ctx.out_dir)
     return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
 ''',
+'kernelkit.inputs': r'''"""Which attached folder under /kaggle/input is the competition.
+
+Kaggle mounts a competition at /kaggle/input/<slug> (older images) or
+/kaggle/input/competitions/<slug> (newer ones, sometimes with the data one folder deeper), and
+datasets at /kaggle/input/<slug> or /kaggle/input/datasets/<owner>/<slug>. Users also attach
+pre-resized copies of the training images and earlier kernel outputs, which look like training
+data too. Picking the first folder with a train/ in it silently trains on the wrong thing, and
+finding nothing used to run the demo on Kaggle and submit it. So: every candidate is ranked and
+logged, a tie at the top is refused, and on Kaggle nothing found is a refusal, never the demo.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+
+log = logging.getLogger("kernelkit")
+
+TRAIN_DIRS = ("train", "train_images", "train_imgs", "images_train", "train-images")
+TEST_DIRS = ("test", "test_images", "test_imgs", "images_test", "test-images")
+SAMPLE = "sample_submission.csv"
+MAX_DEPTH = 4  # /kaggle/input/datasets/<owner>/<slug>/<subdir>
+MAX_ENTRIES = 200  # a folder with more entries is data (images), not a folder of datasets
+# Our own generated demo, inside an attached earlier output: never a competition.
+SKIP_NAMES = ("demo_data",)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    under_competitions: bool
+    has_sample: bool
+    has_test: bool
+    has_train_csv: bool
+
+    @property
+    def rank(self) -> tuple[bool, bool, bool, bool]:
+        return (self.under_competitions, self.has_sample, self.has_test, self.has_train_csv)
+
+    def describe(self) -> str:
+        marks = [m for m, on in (("competitions/", self.under_competitions), (SAMPLE, self.has_sample),
+                                 ("test images", self.has_test), ("train.csv", self.has_train_csv)) if on]
+        return f"{self.path} ({', '.join(marks) or 'train images only'})"
+
+
+def _has_any_dir(d: Path, names: tuple[str, ...]) -> bool:
+    return any((d / n).is_dir() for n in names)
+
+
+def has_training_data(d: Path) -> bool:
+    return (d / "train.csv").is_file() or _has_any_dir(d, TRAIN_DIRS)
+
+
+def _subdirs(d: Path) -> list[Path]:
+    """Sub-folders worth descending into; none when `d` holds many entries (an image folder)."""
+    out = []
+    try:
+        with os.scandir(d) as it:
+            for k, e in enumerate(it):
+                if k >= MAX_ENTRIES:
+                    return []
+                if e.is_dir() and not e.name.startswith((".", "__")) and e.name not in SKIP_NAMES:
+                    out.append(Path(e.path))
+    except OSError:
+        return []
+    return sorted(out)
+
+
+def scan(input_root: Path) -> tuple[list[Candidate], list[Path]]:
+    """(candidates with test data or a sample submission, folders with training data only)."""
+    found, train_only = [], []
+    level = [input_root]
+    for depth in range(1, MAX_DEPTH + 1):
+        nxt = []
+        for parent in level:
+            for d in _subdirs(parent):
+                if not has_training_data(d):
+                    nxt.append(d)
+                    continue
+                has_sample, has_test = (d / SAMPLE).is_file(), _has_any_dir(d, TEST_DIRS)
+                if not (has_sample or has_test):
+                    train_only.append(d)
+                    continue
+                rel = d.relative_to(input_root).parts
+                found.append(Candidate(d, rel[0] == "competitions", has_sample, has_test, (d / "train.csv").is_file()))
+        level = nxt
+    return found, train_only
+
+
+def listing(input_root: Path, depth: int = 2) -> str:
+    """What is attached, two levels deep, for the refusal message."""
+    lines = []
+    level = [input_root]
+    for _ in range(depth):
+        level = [d for parent in level for d in _subdirs(parent)]
+        lines += [str(d) for d in level]
+    return ", ".join(sorted(lines)[:30]) or "nothing"
+
+
+def find_competition(input_root: Path, on_kaggle: bool) -> Path | None:
+    """The competition folder, or None (not on Kaggle and nothing found: the caller runs the demo).
+
+    Raises ConfigError when the choice is ambiguous, or when on Kaggle nothing matches."""
+    if not input_root.is_dir():
+        if on_kaggle:
+            raise ConfigError(f"{input_root} does not exist: attach the competition (Add Input) or set data_dir=")
+        return None
+    found, train_only = scan(input_root)
+    for d in train_only:
+        log.info("input %s: training images but no test images and no %s; not a competition", d, SAMPLE)
+    for c in found:
+        log.info("input candidate: %s", c.describe())
+    if not found:
+        if on_kaggle:
+            raise ConfigError(f"no competition found under {input_root} (a folder with train.csv or train/ and "
+                              f"test/ or {SAMPLE}); attached: {listing(input_root)}. Attach the competition or "
+                              "set data_dir= (the generated demo never runs on Kaggle)")
+        return None
+    best = max(c.rank for c in found)
+    top = [c for c in found if c.rank == best]
+    if len(top) > 1:
+        raise ConfigError("several attached folders look like the competition: "
+                          + "; ".join(c.describe() for c in top) + ". Set data_dir= to the one to train on")
+    log.info("competition: %s", top[0].path)
+    return top[0].path
+''',
 'kernelkit.launch': r'''"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
 kernel) and torchrun, with one failure policy: a failing rank stops every rank, and if the
 training processes ended without a valid submission while a checkpoint exists, the launcher
@@ -3616,7 +3798,8 @@ def announce(ctx: RunContext) -> None:
 def open_competition(ctx: RunContext) -> Competition:
     """The data, and proof that a submission can be written for it, before anything slow runs."""
     cfg = ctx.cfg
-    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column)
+    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column,
+                            train_images=cfg.train_images, test_images=cfg.test_images, image_ext=cfg.image_ext)
     check_submission_writable(comp, ctx.out_dir)
     return comp
 

@@ -19,6 +19,7 @@ from typing import Any
 from . import env
 from .config import ConfigError, make_config
 from .context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
+from .inputs import find_competition
 from .stopping import handle_signals
 
 log = logging.getLogger("kernelkit")
@@ -33,10 +34,11 @@ def refuse(message: str) -> int:
 
 def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> RunContext:
     """Config and paths, with no side effects beyond creating out_dir. No competition found and no
-    data_dir: the demo (with its preset, unless another was chosen)."""
+    data_dir: the demo (with its preset, unless another was chosen), except on Kaggle, where that is
+    a refusal (inputs.find_competition)."""
     cfg, args = make_config(config_block, argv)
     out_dir = env.out_dir_for(cfg.out_dir)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else env.find_competition_dir()
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else find_competition(env.input_root(), env.on_kaggle())
     is_demo = data_dir is None
     if is_demo and not cfg.preset:
         cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)

@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 
 from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
+from .config import IMAGE_EXTS
 from .fileio import atomic_write
+from .inputs import TEST_DIRS, TRAIN_DIRS
 
 log = logging.getLogger("kernelkit")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 FORMATS = ("multilabel_csv", "single_label_csv", "folder")
 # Column names tried in order when no override and no sample submission column name settles it.
 ID_NAMES = ("id", "image_id", "imageid", "image", "image_name", "img", "img_id", "filename", "file_name",
@@ -56,21 +57,68 @@ class Competition:
         return len(self.classes)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a competition keeps its files and how train.csv names them (options, else detected)."""
+    root: Path
+    train: Path  # the training images folder (train/, train_images/, ...)
+    test: Path
+    id_column: str = ""
+    label_column: str = ""
+    image_ext: str = ""  # only files with this extension are images (".jpg"); "" = any image extension
+
+
+def _image_folder(root: Path, names: tuple[str, ...], explicit: str, option: str) -> Path:
+    if explicit:
+        d = root / explicit
+        if not d.is_dir():
+            raise FileNotFoundError(f"{option}={explicit!r}: {d} is not a folder")
+        return d
+    present = [n for n in names if (root / n).is_dir()]
+    if len(present) > 1:
+        raise ValueError(f"{root}: several image folders {present}; set {option}= to the one to use")
+    return root / (present[0] if present else names[0])
+
+
+def make_layout(root: str | Path, train_images: str = "", test_images: str = "", id_column: str = "",
+                label_column: str = "", image_ext: str = "") -> Layout:
+    root = Path(root)
+    return Layout(root, _image_folder(root, TRAIN_DIRS, train_images, "train_images"),
+                  _image_folder(root, TEST_DIRS, test_images, "test_images"), id_column, label_column,
+                  image_ext.lower())
+
+
 def _is_junk(name: str) -> bool:
     """Hidden entries (.ipynb_checkpoints, AppleDouble ._x.jpg) and __MACOSX are zip/OS debris, not data."""
     return name.startswith((".", "__"))
 
 
-def _index_images(folder: Path) -> dict[str, str]:
-    """Map id (file name and stem) -> path with one directory scan instead of a stat per id."""
-    index: dict[str, str] = {}
+class ImageIndex(dict):
+    """id (file name, and stem) -> path, from one directory scan instead of a stat per id. A stem
+    shared by several files (a.jpg and a.png) is kept out and remembered: an id naming it is refused
+    rather than read from whichever file the scan met first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ambiguous: dict[str, list[str]] = {}
+
+
+def _index_images(folder: Path, ext: str = "") -> ImageIndex:
+    index = ImageIndex()
     if not folder.is_dir():
         return index
+    exts = (ext,) if ext else IMAGE_EXTS
+    stems: dict[str, list[str]] = {}
     with os.scandir(folder) as it:
         for e in it:
-            if e.is_file() and e.name.lower().endswith(IMAGE_EXTS) and not _is_junk(e.name):
-                index.setdefault(e.name, e.path)
-                index.setdefault(os.path.splitext(e.name)[0], e.path)
+            if e.is_file() and e.name.lower().endswith(exts) and not _is_junk(e.name):
+                index[e.name] = e.path
+                stems.setdefault(os.path.splitext(e.name)[0], []).append(e.path)
+    for stem, paths in stems.items():
+        if len(paths) == 1:
+            index.setdefault(stem, paths[0])
+        else:
+            index.ambiguous[stem] = sorted(os.path.basename(p) for p in paths)
     return index
 
 
@@ -93,15 +141,19 @@ def _check_unique(ids: list[str], name: str) -> None:
         seen[i] = r
 
 
-def _lookup(i: str, index: dict[str, str]) -> str:
+def _lookup(i: str, index: ImageIndex) -> str:
     p = index.get(i, "")
-    if not p and i.lower().endswith(IMAGE_EXTS):
+    stem = os.path.splitext(i)[0] if i.lower().endswith(IMAGE_EXTS) else i
+    if not p and stem in index.ambiguous:
+        raise ValueError(f"id {i!r} matches several files {index.ambiguous[stem]}; set image_ext= "
+                         f"(one of {', '.join(IMAGE_EXTS)}) to say which extension the images have")
+    if not p and stem != i:
         # "abc.jpg" in the csv while the file is abc.png: the stem still names it.
-        p = index.get(os.path.splitext(i)[0], "")
+        p = index.get(stem, "")
     return p
 
 
-def _resolve(ids: list[str], index: dict[str, str], what: str) -> tuple[list[str], int]:
+def _resolve(ids: list[str], index: ImageIndex, what: str) -> tuple[list[str], int]:
     paths = [_lookup(i, index) for i in ids]
     missing = sum(1 for p in paths if not p)
     if missing:
@@ -168,13 +220,14 @@ def _read_sample(root: Path) -> CsvTable | None:
     return sample
 
 
-def _test_ids(root: Path, sample: CsvTable | None) -> list[str]:
+def _test_ids(lay: Layout, sample: CsvTable | None) -> list[str]:
     if sample is not None:
         name = Path(sample.name).name
         ids = [_safe_id(v, r, name) for r, v in enumerate(sample.column(sample.columns[0]))]
         _check_unique(ids, name)
         return ids
-    return sorted({os.path.splitext(os.path.basename(p))[0] for p in _index_images(root / "test").values()})
+    index = _index_images(lay.test, lay.image_ext)
+    return sorted({os.path.splitext(os.path.basename(p))[0] for p in index.values()} | set(index.ambiguous))
 
 
 def _looks_multilabel(cells: list[str]) -> bool:
@@ -199,8 +252,9 @@ def _looks_multilabel(cells: list[str]) -> bool:
     return sum(any(w in reused for w in words) for words in spaced) > len(spaced) / 2
 
 
-def detect_format(root: Path, id_column: str = "", label_column: str = "") -> str:
+def detect_format(root: Path, id_column: str = "", label_column: str = "", train_dir: Path | None = None) -> str:
     root = Path(root)
+    train_dir = train_dir or make_layout(root).train
     train_csv = root / "train.csv"
     if train_csv.is_file():
         table = read_csv_file(train_csv)
@@ -216,38 +270,38 @@ def detect_format(root: Path, id_column: str = "", label_column: str = "") -> st
                         next(c for c in cells if len(c.split()) > 1))
             return "multilabel_csv"
         return "single_label_csv"
-    if _class_dirs(root / "train"):
+    if _class_dirs(train_dir):
         return "folder"
     raise FileNotFoundError(
-        f"{root}: no train.csv and no train/<class>/ folders; set format= and data_dir= explicitly")
+        f"{root}: no train.csv and no {train_dir.name}/<class>/ folders; set format= and data_dir= explicitly")
 
 
-def load_competition(root: str | Path, fmt: str = "auto", id_column: str = "",
-                     label_column: str = "") -> Competition:
-    """id_column / label_column name train.csv's columns when detection cannot (or guesses wrong)."""
+def load_competition(root: str | Path, fmt: str = "auto", id_column: str = "", label_column: str = "",
+                     train_images: str = "", test_images: str = "", image_ext: str = "") -> Competition:
+    """id_column / label_column name train.csv's columns, train_images / test_images the image
+    folders, when detection cannot (or guesses wrong)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir {root} does not exist")
-    fmt = detect_format(root, id_column, label_column) if fmt == "auto" else fmt
+    lay = make_layout(root, train_images, test_images, id_column, label_column, image_ext)
+    fmt = detect_format(root, id_column, label_column, lay.train) if fmt == "auto" else fmt
     loader = {"multilabel_csv": _load_multilabel_csv, "single_label_csv": _load_single_label_csv,
               "folder": _load_folder}.get(fmt)
     if loader is None:
         raise ValueError(f"unknown format {fmt!r}; choose from {FORMATS}")
     sample = _read_sample(root)
-    comp = loader(root, sample, id_column, label_column)
+    comp = loader(lay, sample)
     _fit_submission(comp, sample)
-    test_index = _index_images(root / "test")
-    comp.test_paths, _ = _resolve(comp.test_ids, test_index, "test")
+    comp.test_paths, _ = _resolve(comp.test_ids, _index_images(lay.test, lay.image_ext), "test")
     log.info("%s: %d train images, %d classes (%s), %d test ids", fmt, len(comp.train_paths),
              comp.num_classes, comp.task, len(comp.test_ids))
     return comp
 
 
-def _train_table(root: Path, sample: CsvTable | None, id_column: str,
-                 label_column: str) -> tuple[list[str], list[str], str]:
+def _train_table(lay: Layout, sample: CsvTable | None) -> tuple[list[str], list[str], str]:
     """(ids, raw label cells, label column name) of train.csv, ids checked."""
-    table = require_rows(read_csv_file(root / "train.csv"))
-    id_col, lab_col = pick_columns(table, sample.columns if sample else [], id_column, label_column)
+    table = require_rows(read_csv_file(lay.root / "train.csv"))
+    id_col, lab_col = pick_columns(table, sample.columns if sample else [], lay.id_column, lay.label_column)
     ids = [_safe_id(v, r, "train.csv") for r, v in enumerate(table.column(id_col))]
     _check_unique(ids, "train.csv")
     return ids, [v.strip() for v in table.column(lab_col)], lab_col
@@ -276,12 +330,11 @@ def _tags(cells: list[str]) -> list[list[str]]:
     return out
 
 
-def _load_multilabel_csv(root: Path, sample: CsvTable | None = None, id_column: str = "",
-                         label_column: str = "") -> Competition:
+def _load_multilabel_csv(lay: Layout, sample: CsvTable | None = None) -> Competition:
     """iMet 2019 layout: train.csv (id, attribute_ids), labels.csv (attribute_id, attribute_name)."""
-    ids, cells, lab_col = _train_table(root, sample, id_column, label_column)
+    ids, cells, lab_col = _train_table(lay, sample)
     tags = _tags(cells)  # blank cell = an image with no labels (legitimate in iMet)
-    labels_csv = root / "labels.csv"
+    labels_csv = lay.root / "labels.csv"
     if labels_csv.is_file():
         classes, names = _labels_csv(labels_csv)
     else:
@@ -294,11 +347,11 @@ def _load_multilabel_csv(root: Path, sample: CsvTable | None = None, id_column: 
             if tag not in pos:
                 raise ValueError(f"train.csv row {r + 2}: label {tag!r} is not in labels.csv")
             targets[r, pos[tag]] = 1
-    paths, missing = _resolve(ids, _index_images(root / "train"), "train")
+    paths, missing = _resolve(ids, _index_images(lay.train, lay.image_ext), "train")
     keep = np.array([bool(p) for p in paths], dtype=bool)
     return Competition(
         format="multilabel_csv", task="multilabel", classes=classes, class_names=names,
-        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(root, sample),
+        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(lay, sample),
         test_paths=[], id_column="id", pred_column="attribute_ids", missing_train=missing,
         train_label_column=lab_col)
 
@@ -318,20 +371,19 @@ def _drop_missing_labels(raw: list[str], col: str) -> list[int]:
     return [r for r in range(len(raw)) if r not in drop]
 
 
-def _load_single_label_csv(root: Path, sample: CsvTable | None = None, id_column: str = "",
-                           label_column: str = "") -> Competition:
+def _load_single_label_csv(lay: Layout, sample: CsvTable | None = None) -> Competition:
     """train.csv with (id, label); the submission has one class per id (iNaturalist's id,predicted)."""
-    ids, raw, lab_col = _train_table(root, sample, id_column, label_column)
+    ids, raw, lab_col = _train_table(lay, sample)
     rows = _drop_missing_labels(raw, lab_col)
     ids, raw = [ids[r] for r in rows], [raw[r] for r in rows]
     classes = sorted(set(raw), key=_class_key)
     pos = {c: i for i, c in enumerate(classes)}
     targets = np.array([pos[v] for v in raw], dtype=np.int64)
-    paths, missing = _resolve(ids, _index_images(root / "train"), "train")
+    paths, missing = _resolve(ids, _index_images(lay.train, lay.image_ext), "train")
     keep = np.array([bool(p) for p in paths], dtype=bool)
     return Competition(
         format="single_label_csv", task="multiclass", classes=classes, class_names=classes,
-        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(root, sample),
+        train_paths=[p for p in paths if p], train_targets=targets[keep], test_ids=_test_ids(lay, sample),
         test_paths=[], id_column="id", pred_column="predicted", missing_train=missing,
         train_label_column=lab_col)
 
@@ -342,15 +394,16 @@ def _class_dirs(train: Path) -> list[Path]:
     return sorted(p for p in train.iterdir() if p.is_dir() and not _is_junk(p.name))
 
 
-def _load_folder(root: Path, sample: CsvTable | None = None, id_column: str = "",
-                 label_column: str = "") -> Competition:
+def _load_folder(lay: Layout, sample: CsvTable | None = None) -> Competition:
     """train/<class>/*.jpg (Scene-15, Keras flow_from_directory); test/*.jpg."""
-    junk = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and _is_junk(p.name))
+    if not lay.train.is_dir():
+        raise FileNotFoundError(f"format=folder: {lay.train} is not a folder")
+    junk = sorted(p.name for p in lay.train.iterdir() if p.is_dir() and _is_junk(p.name))
     if junk:
-        log.info("train/: skipping %s (not class folders)", junk)
+        log.info("%s/: skipping %s (not class folders)", lay.train.name, junk)
     classes, paths, targets, empty = [], [], [], []
-    for d in _class_dirs(root / "train"):
-        files = sorted(set(_index_images(d).values()))
+    for d in _class_dirs(lay.train):
+        files = sorted(set(_index_images(d, lay.image_ext).values()))
         if not files:  # an empty folder would be a class the model can never learn
             empty.append(d.name)
             continue
@@ -360,10 +413,10 @@ def _load_folder(root: Path, sample: CsvTable | None = None, id_column: str = ""
     if empty:
         log.warning("train/: skipping %d class folders with no images: %s", len(empty), empty[:10])
     if not classes:
-        raise ValueError(f"{root / 'train'}: no class folder holds an image ({', '.join(IMAGE_EXTS)})")
+        raise ValueError(f"{lay.train}: no class folder holds an image ({', '.join(IMAGE_EXTS)})")
     return Competition(
         format="folder", task="multiclass", classes=classes, class_names=classes,
-        train_paths=paths, train_targets=np.array(targets, dtype=np.int64), test_ids=_test_ids(root, sample),
+        train_paths=paths, train_targets=np.array(targets, dtype=np.int64), test_ids=_test_ids(lay, sample),
         test_paths=[], id_column="id", pred_column="label")
 
 

@@ -18,6 +18,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 # CONFIG-block values and presets, and --help all read them from here. Modules that implement a
 # choice (losses.LOSSES, transforms.AUG_LEVELS, ...) are checked against these in the tests.
 AUG_LEVELS = ("none", "flip", "light", "medium", "strong")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CHOICES: dict[str, tuple] = {
     "mode": ("train", "infer"),
     "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
@@ -29,6 +30,7 @@ CHOICES: dict[str, tuple] = {
     "threshold_rule": ("global", "group", "class"),
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
+    "image_ext": ("", *IMAGE_EXTS),
 }
 
 
@@ -40,6 +42,10 @@ class Config:
     data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo")
     id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
     label_column: str = _f("", "train.csv column holding the labels; empty = detect (sample submission, known names)")
+    train_images: str = _f("", "folder of the training images inside data_dir; empty = detect (train, train_images, ...)")
+    test_images: str = _f("", "folder of the test images inside data_dir; empty = detect (test, test_images, ...)")
+    image_ext: str = _f("", "only files with this extension are images (when a.jpg and a.png both exist); "
+                            "empty = any of .jpg .jpeg .png .webp .bmp .tif .tiff .gif", choices=CHOICES['image_ext'])
     format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder", choices=CHOICES['format'])
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")

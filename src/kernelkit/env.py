@@ -16,6 +16,11 @@ KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_WORKING = Path("/kaggle/working")
 
 
+def input_root() -> Path:
+    """Where attached competitions and datasets are mounted (KERNELKIT_INPUT_ROOT: a test's fake tree)."""
+    return Path(os.environ.get("KERNELKIT_INPUT_ROOT") or KAGGLE_INPUT)
+
+
 def on_kaggle() -> bool:
     return "KAGGLE_KERNEL_RUN_TYPE" in os.environ or KAGGLE_WORKING.is_dir()
 
@@ -37,22 +42,6 @@ def default_cache_dir(out_dir: Path) -> Path:
     if on_kaggle() and KAGGLE_TEMP.is_dir():
         return KAGGLE_TEMP / "kernelkit-cache"
     return out_dir / "cache"
-
-
-def find_competition_dir(input_root: Path = KAGGLE_INPUT) -> Path | None:
-    """The attached dataset that looks like a competition: it has train data beside it.
-
-    Kaggle mounts competitions at /kaggle/input/<slug> (newer images use
-    /kaggle/input/competitions/<slug>), so look two levels deep.
-    """
-    if not input_root.is_dir():
-        return None
-    candidates = []
-    for child in sorted(input_root.iterdir()):
-        for d in [child, *sorted(p for p in child.iterdir() if p.is_dir())] if child.is_dir() else []:
-            if (d / "train.csv").is_file() or (d / "train").is_dir():
-                candidates.append(d)
-    return candidates[0] if candidates else None
 
 
 def cpu_count() -> int:

@@ -53,7 +53,8 @@ def announce(ctx: RunContext) -> None:
 def open_competition(ctx: RunContext) -> Competition:
     """The data, and proof that a submission can be written for it, before anything slow runs."""
     cfg = ctx.cfg
-    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column)
+    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column,
+                            train_images=cfg.train_images, test_images=cfg.test_images, image_ext=cfg.image_ext)
     check_submission_writable(comp, ctx.out_dir)
     return comp
 
