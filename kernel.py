@@ -25,8 +25,8 @@ CONFIG = dict(
     # format='auto',                        # auto | multilabel_csv | single_label_csv | folder
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
     # checkpoints='',                       # infer mode: checkpoint file, folder or glob
-    # model='resnet50',                     # timm model name
-    # pretrained_path='',                   # local weights file (.pth/.safetensors/.bin); empty = random init
+    # model='resnet50',                     # timm model name; empty = the architecture in pretrained_path's config.json
+    # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = random init
     # drop_rate=0.0,                        # dropout before the classifier
     # head='linear',                        # linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)
     # head_hidden=256,                      # mlp head width
@@ -1522,7 +1522,7 @@ from .config import Config, parse_duration, parse_kwargs
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
 from .train import FitOptions, TrainParts
-from .transforms import BatchAugment, seed_augmentations
+from .transforms import IMAGENET, BatchAugment, Preprocess, seed_augmentations
 
 log = logging.getLogger("kernelkit")
 
@@ -1581,12 +1581,12 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
                       batch_aug=batch_augment(cfg, task, num_classes))
 
 
-def fit_options(cfg: Config) -> FitOptions:
+def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks)
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess)
 ''',
 'kernelkit.config': r'''"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
 from __future__ import annotations
@@ -1598,6 +1598,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .weights import resolve_weights, same_architecture
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -1640,8 +1642,9 @@ class Config:
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
     # model
-    model: str = _f("resnet50", "timm model name")
-    pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
+    model: str = _f("resnet50", "timm model name; empty = the architecture in pretrained_path's config.json")
+    pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
+                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
@@ -1717,6 +1720,7 @@ class Config:
         """A config from user input: unknown keys, wrong types and out-of-range values are refused."""
         refuse_unknown_keys(d, "config")
         cfg = cls(**{k: _normalise(k, v) for k, v in d.items()})
+        fill_architecture(cfg)
         validate(cfg)
         return cfg
 
@@ -1851,10 +1855,42 @@ def _parse_problems(c: Config) -> list[str]:
 
 def _path_problems(c: Config) -> list[str]:
     """Files the run will need: a typo here would otherwise surface hours later, or never."""
-    checks = [("data_dir", c.data_dir, "is_dir"), ("pretrained_path", c.pretrained_path, "exists"),
-              ("pretrained_path2", c.pretrained_path2, "exists"), ("resume_from", c.resume_from, "is_file")]
+    checks = [("data_dir", c.data_dir, "is_dir"), ("resume_from", c.resume_from, "is_file")]
     return [f"{key}={value!r} does not exist" for key, value, test in checks
-            if value and not getattr(Path(value), test)()]
+            if value and not getattr(Path(value), test)()] + _weights_problems(c)
+
+
+def _weights_problems(c: Config) -> list[str]:
+    out = []
+    for model_key, path_key in (("model", "pretrained_path"), ("model2", "pretrained_path2")):
+        model, path = getattr(c, model_key), getattr(c, path_key)
+        if not path:
+            continue
+        try:
+            src = resolve_weights(path)
+        except ValueError as e:
+            out.append(str(e))
+            continue
+        if src.architecture and model and not same_architecture(model, src.architecture):
+            out.append(f"{path_key} holds {src.architecture!r} weights (its config.json) but {model_key}={model!r}; "
+                       f"set {model_key}={src.architecture!r} or leave it empty")
+    if not c.model:
+        out.append("model is empty: set model= to a timm model name, or point pretrained_path at a timm folder "
+                   "(config.json + weights) to take the architecture from it")
+    return out
+
+
+def fill_architecture(cfg: Config) -> None:
+    """An empty model (or model2) takes the architecture of its weights folder's config.json, so the
+    config printed, saved and stored in checkpoints names the model that was built."""
+    for model_key, path_key in (("model", "pretrained_path"), ("model2", "pretrained_path2")):
+        if getattr(cfg, model_key) or not getattr(cfg, path_key):
+            continue
+        try:
+            arch = resolve_weights(getattr(cfg, path_key)).architecture
+        except ValueError:
+            continue  # validate() reports it with the other problems
+        setattr(cfg, model_key, arch)
 
 
 def validate(cfg: Config) -> None:
@@ -3456,7 +3492,7 @@ import numpy as np
 import torch
 
 from .progress import progress
-from .transforms import normalize, tta_identity
+from .transforms import IMAGENET, Preprocess, normalize, tta_identity
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -3484,7 +3520,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None) -> dict:
+            desc: str = "predict", stop=None, pre: Preprocess = IMAGENET) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
@@ -3499,7 +3535,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     t_first = None
     pieces = 1
     for images, _, ok in progress(loader, desc=desc):
-        x = normalize(images.to(device, non_blocking=True), channels_last)
+        x = normalize(images.to(device, non_blocking=True), channels_last, pre)
         while True:
             try:
                 use = views[:1] if stop is not None and stop.requested else views
@@ -4335,6 +4371,9 @@ import timm
 import torch
 from torch import nn
 
+from .transforms import Preprocess
+from .weights import resolve_weights
+
 log = logging.getLogger("kernelkit")
 
 HEADS = ("linear", "mlp")
@@ -4350,15 +4389,26 @@ def create_model(name: str, num_classes: int, pretrained_path: str = "", drop_ra
         raise ValueError(f"timm has no model {name!r} (timm {timm.__version__})")
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
     if pretrained_path:
-        path = Path(pretrained_path)
-        if not path.is_file():
+        if not Path(pretrained_path).exists():
             raise FileNotFoundError(
-                f"pretrained_path {path} not found; attach the weights as a Kaggle dataset and point to the file")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        log.info("loaded pretrained weights from %s", path)
+                f"pretrained_path {pretrained_path} not found; attach the weights as a Kaggle dataset and point to the file")
+        src = resolve_weights(pretrained_path)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=src.overlay(), **kwargs)
+        log.info("loaded pretrained weights from %s%s", src.file,
+                 f" ({src.architecture}, {src.num_classes} classes)" if src.architecture else "")
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
     return model
+
+
+def preprocess_of(model: nn.Module) -> Preprocess:
+    """The input statistics the model's weights expect (timm's data config: 0.5/0.5 for many ViTs,
+    the CLIP mean for CLIP weights, ImageNet's for most CNNs); the first backbone's for a feature-head model."""
+    from timm.data import resolve_data_config
+    backbone = model.backbones[0] if isinstance(model, FeatureHeadModel) else model
+    dc = resolve_data_config({}, model=backbone)
+    return Preprocess(tuple(float(v) for v in dc["mean"]), tuple(float(v) for v in dc["std"]),
+                      str(dc.get("interpolation", "bilinear")))
 
 
 class FeatureHeadModel(nn.Module):
@@ -4554,6 +4604,7 @@ from .budget import affordable_tta
 from .checkpoint import load_checkpoint
 from .competition import Competition, format_predictions, write_submission
 from .components import model_from_config
+from .models import preprocess_of
 from .config import Config
 from .decide import RuleSettings, rule_from_checkpoint
 from .decode import decode
@@ -4561,7 +4612,7 @@ from .fileio import write_npy
 from .infer import predict
 from .stopping import StopFlag
 from .thresholds import ThresholdRule
-from .transforms import tta_views
+from .transforms import IMAGENET, Preprocess, tta_views
 
 log = logging.getLogger("kernelkit")
 
@@ -4575,6 +4626,7 @@ class Predictor:
     classes: list[str]
     rule: ThresholdRule
     val_score: float | None = None
+    preprocess: Preprocess = IMAGENET  # what training normalised with (stored in the checkpoint)
 
 
 def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -4592,7 +4644,8 @@ def load_predictor(path: Path, device: torch.device, settings: RuleSettings | No
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Predictor(name=Path(path).stem, model=model, config=cfg, task=ckpt["task"], classes=list(ckpt["classes"]),
-                     rule=rule_from_checkpoint(ckpt, settings), val_score=ckpt.get("best_score"))
+                     rule=rule_from_checkpoint(ckpt, settings), val_score=ckpt.get("best_score"),
+                     preprocess=Preprocess.from_dict(ckpt.get("preprocess")))
 
 
 def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: torch.device, tta: int,
@@ -4603,7 +4656,7 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
                               "num_workers": run_cfg.num_workers, "mp_context": run_cfg.mp_context})
     t0 = time.time()
     out = predict(pred.model, test_loader(cfg, comp, device), device, pred.task, tta_views(tta), run_cfg.amp,
-                  run_cfg.channels_last, desc=f"test {pred.name}", stop=stop)
+                  run_cfg.channels_last, desc=f"test {pred.name}", stop=stop, pre=pred.preprocess)
     out["seconds_per_view"] = (time.time() - t0) / tta
     return out
 
@@ -4614,7 +4667,7 @@ def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, devi
     run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
     n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
     return predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
-                   cfg.channels_last, desc=desc)
+                   cfg.channels_last, desc=desc, pre=preprocess_of(model))
 
 
 def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,
@@ -5552,7 +5605,7 @@ from .infer import OutOfMemory, autocast, predict
 from .models import set_trainable
 from .progress import progress
 from .stopping import StopFlag
-from .transforms import normalize
+from .transforms import IMAGENET, Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
 
@@ -5573,6 +5626,7 @@ class FitOptions:
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
     unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
+    preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
 
 
 @dataclass
@@ -5710,7 +5764,7 @@ class Trainer:
             x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
-            loss = self.forward_backward(normalize(x, opts.channels_last), y, ok)
+            loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             if loss is None:
                 # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
                 # rank together, or the gradient all-reduce would wait forever).
@@ -5797,7 +5851,7 @@ class Trainer:
             return row
         model = self.core if self.parts.ema is None else self.parts.ema.module
         out = predict(model, val.loader, self.device, val.task, amp=opts.amp, channels_last=opts.channels_last,
-                      desc="validate")
+                      desc="validate", pre=opts.preprocess)
         va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                               opts.max_labels)
         self.reserve.val_ips = out["images_per_s"]
@@ -5861,6 +5915,7 @@ from .config import Config, ConfigError, budget_seconds, parse_duration
 from .context import PREDICTING, TRAINING, RunContext
 from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
+from .models import preprocess_of
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
@@ -5995,8 +6050,10 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
 def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     cfg = ctx.cfg
     device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
+    pre = preprocess_of(parts.model)
+    log.info("input statistics of %s: mean %s, std %s", cfg.model, pre.mean, pre.std)
     saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
-                                       "seed": cfg.seed})
+                                       "seed": cfg.seed, "preprocess": pre.to_dict()})
     outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
                        "train_start_s": round(clock.elapsed(), 1), "seed": cfg.seed})
     if info.is_main:
@@ -6005,7 +6062,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
-                      fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
+                      fit_options(cfg, pre), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
         trainer.fit(data.train_loader, val)
@@ -6047,7 +6104,7 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
 def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, rule: ThresholdRule,
                         device: torch.device) -> Predictor:
     model.to(device).eval()
-    return Predictor("in-memory model", model, cfg, comp.task, comp.classes, rule)
+    return Predictor("in-memory model", model, cfg, comp.task, comp.classes, rule, preprocess=preprocess_of(model))
 
 
 def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch.nn.Module, rule: ThresholdRule,
@@ -6140,6 +6197,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -6545,10 +6603,33 @@ class BatchAugment:
         return x, y, ok
 
 
-def normalize(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW on any device -> float normalised with ImageNet statistics."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255
+@dataclass(frozen=True)
+class Preprocess:
+    """What the model's weights expect of its input, stored in checkpoints so inference uses what
+    training used. `interpolation` is recorded for other tools; our uint8 resize is bilinear with
+    antialiasing whatever the weights were trained with."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Preprocess":
+        """None (a checkpoint from before this was stored): ImageNet, what every older run used."""
+        if not d:
+            return IMAGENET
+        return cls(tuple(map(float, d["mean"])), tuple(map(float, d["std"])), str(d.get("interpolation", "bilinear")))
+
+
+IMAGENET = Preprocess()
+
+
+def normalize(batch: torch.Tensor, channels_last: bool = False, pre: Preprocess = IMAGENET) -> torch.Tensor:
+    """uint8 NCHW on any device -> float normalised with the model's statistics."""
+    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
     x = (batch.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
@@ -6577,6 +6658,102 @@ def tta_views(level: int) -> tuple:
     if not 1 <= level <= len(TTA_VIEWS):
         raise ValueError(f"tta must be 1..{len(TTA_VIEWS)}, got {level}")
     return TTA_VIEWS[:level]
+''',
+'kernelkit.weights': r'''"""Pretrained weights as people attach them: a file, or a timm / Hugging Face folder.
+
+Public "timm weights" datasets and Kaggle Models hold the folder `timm.models.save_for_hf` writes:
+config.json (architecture, num_classes, pretrained_cfg with the model's mean/std) beside
+model.safetensors or pytorch_model.bin, often under /kaggle/input/<model>/pytorch/<variation>/<version>/.
+Reading the folder here needs only json and pathlib, so a wrong path is refused at start, before
+torch or timm are imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_EXTS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+MAX_DEPTH = 4  # <model>/pytorch/<variation>/<version>/
+# pretrained_cfg keys that would send timm to the network (hub ids, URLs) instead of our file.
+_SOURCE_KEYS = ("source", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "url", "file", "state_dict")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    file: Path
+    architecture: str = ""  # from config.json; "" for a bare file
+    num_classes: int = 0  # the classifier size of the weights (0: unknown, timm's default applies)
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+
+    def overlay(self) -> dict[str, Any]:
+        """timm `pretrained_cfg_overlay`: the folder's own config, pointing at the local file.
+        Works on timm 0.9, which has no `local-dir:` model names."""
+        cfg = {k: v for k, v in self.pretrained_cfg.items() if k not in _SOURCE_KEYS}
+        if self.num_classes:
+            cfg["num_classes"] = self.num_classes
+        return {**cfg, "file": str(self.file)}
+
+
+def _config_dirs(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if len(Path(dirpath).relative_to(folder).parts) >= MAX_DEPTH:
+            dirnames[:] = []
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if "config.json" in filenames and any(n in filenames for n in WEIGHT_NAMES):
+            found.append(Path(dirpath))
+    return found
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str) or not cfg["architecture"]:
+        raise ValueError(f"{path}: no 'architecture' entry, so this is not a timm model folder "
+                         "(timm.models.save_for_hf writes one); set model= and point pretrained_path at the weights file")
+    return cfg
+
+
+def _bare_file(folder: Path) -> Path:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_EXTS)
+    if len(files) == 1:
+        return files[0]
+    what = f"several weights files {[p.name for p in files]}" if files else "no config.json and no weights file"
+    raise ValueError(f"pretrained_path={str(folder)!r}: {what}; point it at one file, or at a timm folder "
+                     f"(config.json + {WEIGHT_NAMES[0]} or {WEIGHT_NAMES[1]})")
+
+
+def resolve_weights(path: str | Path) -> WeightsSource:
+    """A weights file, or the timm folder at or below `path`; ValueError names what is wrong."""
+    path = Path(path)
+    if path.is_file():
+        return WeightsSource(path)
+    if not path.is_dir():
+        raise ValueError(f"pretrained_path={str(path)!r} does not exist; attach the weights (a dataset or a "
+                         "Kaggle Model) and point to the file or its folder")
+    dirs = _config_dirs(path)
+    if len(dirs) > 1:
+        raise ValueError(f"pretrained_path={str(path)!r} holds several timm model folders "
+                         f"{[str(d) for d in dirs[:5]]}; point it at one of them")
+    if not dirs:
+        return WeightsSource(_bare_file(path))
+    cfg = _read_config(dirs[0])
+    file = next(dirs[0] / n for n in WEIGHT_NAMES if (dirs[0] / n).is_file())
+    pretrained_cfg = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+    num_classes = cfg.get("num_classes", pretrained_cfg.get("num_classes", 0))
+    return WeightsSource(file, cfg["architecture"], int(num_classes or 0), pretrained_cfg)
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """'convnext_tiny' and 'convnext_tiny.fb_in22k' are one architecture (the tag names weights)."""
+    return a.split(".")[0] == b.split(".")[0]
 ''',
 }
 

@@ -13,7 +13,7 @@ from .config import Config, parse_duration, parse_kwargs
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
 from .train import FitOptions, TrainParts
-from .transforms import BatchAugment, seed_augmentations
+from .transforms import IMAGENET, BatchAugment, Preprocess, seed_augmentations
 
 log = logging.getLogger("kernelkit")
 
@@ -72,9 +72,9 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
                       batch_aug=batch_augment(cfg, task, num_classes))
 
 
-def fit_options(cfg: Config) -> FitOptions:
+def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks)
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .weights import resolve_weights, same_architecture
+
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -50,8 +52,9 @@ class Config:
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
     # model
-    model: str = _f("resnet50", "timm model name")
-    pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
+    model: str = _f("resnet50", "timm model name; empty = the architecture in pretrained_path's config.json")
+    pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
+                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
@@ -127,6 +130,7 @@ class Config:
         """A config from user input: unknown keys, wrong types and out-of-range values are refused."""
         refuse_unknown_keys(d, "config")
         cfg = cls(**{k: _normalise(k, v) for k, v in d.items()})
+        fill_architecture(cfg)
         validate(cfg)
         return cfg
 
@@ -261,10 +265,42 @@ def _parse_problems(c: Config) -> list[str]:
 
 def _path_problems(c: Config) -> list[str]:
     """Files the run will need: a typo here would otherwise surface hours later, or never."""
-    checks = [("data_dir", c.data_dir, "is_dir"), ("pretrained_path", c.pretrained_path, "exists"),
-              ("pretrained_path2", c.pretrained_path2, "exists"), ("resume_from", c.resume_from, "is_file")]
+    checks = [("data_dir", c.data_dir, "is_dir"), ("resume_from", c.resume_from, "is_file")]
     return [f"{key}={value!r} does not exist" for key, value, test in checks
-            if value and not getattr(Path(value), test)()]
+            if value and not getattr(Path(value), test)()] + _weights_problems(c)
+
+
+def _weights_problems(c: Config) -> list[str]:
+    out = []
+    for model_key, path_key in (("model", "pretrained_path"), ("model2", "pretrained_path2")):
+        model, path = getattr(c, model_key), getattr(c, path_key)
+        if not path:
+            continue
+        try:
+            src = resolve_weights(path)
+        except ValueError as e:
+            out.append(str(e))
+            continue
+        if src.architecture and model and not same_architecture(model, src.architecture):
+            out.append(f"{path_key} holds {src.architecture!r} weights (its config.json) but {model_key}={model!r}; "
+                       f"set {model_key}={src.architecture!r} or leave it empty")
+    if not c.model:
+        out.append("model is empty: set model= to a timm model name, or point pretrained_path at a timm folder "
+                   "(config.json + weights) to take the architecture from it")
+    return out
+
+
+def fill_architecture(cfg: Config) -> None:
+    """An empty model (or model2) takes the architecture of its weights folder's config.json, so the
+    config printed, saved and stored in checkpoints names the model that was built."""
+    for model_key, path_key in (("model", "pretrained_path"), ("model2", "pretrained_path2")):
+        if getattr(cfg, model_key) or not getattr(cfg, path_key):
+            continue
+        try:
+            arch = resolve_weights(getattr(cfg, path_key)).architecture
+        except ValueError:
+            continue  # validate() reports it with the other problems
+        setattr(cfg, model_key, arch)
 
 
 def validate(cfg: Config) -> None:

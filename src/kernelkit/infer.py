@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .progress import progress
-from .transforms import normalize, tta_identity
+from .transforms import IMAGENET, Preprocess, normalize, tta_identity
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -37,7 +37,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None) -> dict:
+            desc: str = "predict", stop=None, pre: Preprocess = IMAGENET) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
@@ -52,7 +52,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     t_first = None
     pieces = 1
     for images, _, ok in progress(loader, desc=desc):
-        x = normalize(images.to(device, non_blocking=True), channels_last)
+        x = normalize(images.to(device, non_blocking=True), channels_last, pre)
         while True:
             try:
                 use = views[:1] if stop is not None and stop.requested else views

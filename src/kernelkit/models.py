@@ -12,6 +12,9 @@ import timm
 import torch
 from torch import nn
 
+from .transforms import Preprocess
+from .weights import resolve_weights
+
 log = logging.getLogger("kernelkit")
 
 HEADS = ("linear", "mlp")
@@ -27,15 +30,26 @@ def create_model(name: str, num_classes: int, pretrained_path: str = "", drop_ra
         raise ValueError(f"timm has no model {name!r} (timm {timm.__version__})")
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
     if pretrained_path:
-        path = Path(pretrained_path)
-        if not path.is_file():
+        if not Path(pretrained_path).exists():
             raise FileNotFoundError(
-                f"pretrained_path {path} not found; attach the weights as a Kaggle dataset and point to the file")
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
-        log.info("loaded pretrained weights from %s", path)
+                f"pretrained_path {pretrained_path} not found; attach the weights as a Kaggle dataset and point to the file")
+        src = resolve_weights(pretrained_path)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=src.overlay(), **kwargs)
+        log.info("loaded pretrained weights from %s%s", src.file,
+                 f" ({src.architecture}, {src.num_classes} classes)" if src.architecture else "")
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
     return model
+
+
+def preprocess_of(model: nn.Module) -> Preprocess:
+    """The input statistics the model's weights expect (timm's data config: 0.5/0.5 for many ViTs,
+    the CLIP mean for CLIP weights, ImageNet's for most CNNs); the first backbone's for a feature-head model."""
+    from timm.data import resolve_data_config
+    backbone = model.backbones[0] if isinstance(model, FeatureHeadModel) else model
+    dc = resolve_data_config({}, model=backbone)
+    return Preprocess(tuple(float(v) for v in dc["mean"]), tuple(float(v) for v in dc["std"]),
+                      str(dc.get("interpolation", "bilinear")))
 
 
 class FeatureHeadModel(nn.Module):

@@ -17,6 +17,7 @@ from .budget import affordable_tta
 from .checkpoint import load_checkpoint
 from .competition import Competition, format_predictions, write_submission
 from .components import model_from_config
+from .models import preprocess_of
 from .config import Config
 from .decide import RuleSettings, rule_from_checkpoint
 from .decode import decode
@@ -24,7 +25,7 @@ from .fileio import write_npy
 from .infer import predict
 from .stopping import StopFlag
 from .thresholds import ThresholdRule
-from .transforms import tta_views
+from .transforms import IMAGENET, Preprocess, tta_views
 
 log = logging.getLogger("kernelkit")
 
@@ -38,6 +39,7 @@ class Predictor:
     classes: list[str]
     rule: ThresholdRule
     val_score: float | None = None
+    preprocess: Preprocess = IMAGENET  # what training normalised with (stored in the checkpoint)
 
 
 def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -55,7 +57,8 @@ def load_predictor(path: Path, device: torch.device, settings: RuleSettings | No
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Predictor(name=Path(path).stem, model=model, config=cfg, task=ckpt["task"], classes=list(ckpt["classes"]),
-                     rule=rule_from_checkpoint(ckpt, settings), val_score=ckpt.get("best_score"))
+                     rule=rule_from_checkpoint(ckpt, settings), val_score=ckpt.get("best_score"),
+                     preprocess=Preprocess.from_dict(ckpt.get("preprocess")))
 
 
 def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: torch.device, tta: int,
@@ -66,7 +69,7 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
                               "num_workers": run_cfg.num_workers, "mp_context": run_cfg.mp_context})
     t0 = time.time()
     out = predict(pred.model, test_loader(cfg, comp, device), device, pred.task, tta_views(tta), run_cfg.amp,
-                  run_cfg.channels_last, desc=f"test {pred.name}", stop=stop)
+                  run_cfg.channels_last, desc=f"test {pred.name}", stop=stop, pre=pred.preprocess)
     out["seconds_per_view"] = (time.time() - t0) / tta
     return out
 
@@ -77,7 +80,7 @@ def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, devi
     run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
     n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
     return predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
-                   cfg.channels_last, desc=desc)
+                   cfg.channels_last, desc=desc, pre=preprocess_of(model))
 
 
 def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,

@@ -24,7 +24,7 @@ from .infer import OutOfMemory, autocast, predict
 from .models import set_trainable
 from .progress import progress
 from .stopping import StopFlag
-from .transforms import normalize
+from .transforms import IMAGENET, Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
 
@@ -45,6 +45,7 @@ class FitOptions:
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
     unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
+    preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
 
 
 @dataclass
@@ -182,7 +183,7 @@ class Trainer:
             x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
-            loss = self.forward_backward(normalize(x, opts.channels_last), y, ok)
+            loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             if loss is None:
                 # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
                 # rank together, or the gradient all-reduce would wait forever).
@@ -269,7 +270,7 @@ class Trainer:
             return row
         model = self.core if self.parts.ema is None else self.parts.ema.module
         out = predict(model, val.loader, self.device, val.task, amp=opts.amp, channels_last=opts.channels_last,
-                      desc="validate")
+                      desc="validate", pre=opts.preprocess)
         va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                               opts.max_labels)
         self.reserve.val_ips = out["images_per_s"]

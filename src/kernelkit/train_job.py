@@ -26,6 +26,7 @@ from .config import Config, ConfigError, budget_seconds, parse_duration
 from .context import PREDICTING, TRAINING, RunContext
 from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
+from .models import preprocess_of
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
@@ -160,8 +161,10 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
 def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     cfg = ctx.cfg
     device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
+    pre = preprocess_of(parts.model)
+    log.info("input statistics of %s: mean %s, std %s", cfg.model, pre.mean, pre.std)
     saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
-                                       "seed": cfg.seed})
+                                       "seed": cfg.seed, "preprocess": pre.to_dict()})
     outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
                        "train_start_s": round(clock.elapsed(), 1), "seed": cfg.seed})
     if info.is_main:
@@ -170,7 +173,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
-                      fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
+                      fit_options(cfg, pre), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
         trainer.fit(data.train_loader, val)
@@ -212,7 +215,7 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
 def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, rule: ThresholdRule,
                         device: torch.device) -> Predictor:
     model.to(device).eval()
-    return Predictor("in-memory model", model, cfg, comp.task, comp.classes, rule)
+    return Predictor("in-memory model", model, cfg, comp.task, comp.classes, rule, preprocess=preprocess_of(model))
 
 
 def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch.nn.Module, rule: ThresholdRule,

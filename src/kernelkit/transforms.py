@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -426,10 +427,33 @@ class BatchAugment:
         return x, y, ok
 
 
-def normalize(batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW on any device -> float normalised with ImageNet statistics."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1) * 255
+@dataclass(frozen=True)
+class Preprocess:
+    """What the model's weights expect of its input, stored in checkpoints so inference uses what
+    training used. `interpolation` is recorded for other tools; our uint8 resize is bilinear with
+    antialiasing whatever the weights were trained with."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Preprocess":
+        """None (a checkpoint from before this was stored): ImageNet, what every older run used."""
+        if not d:
+            return IMAGENET
+        return cls(tuple(map(float, d["mean"])), tuple(map(float, d["std"])), str(d.get("interpolation", "bilinear")))
+
+
+IMAGENET = Preprocess()
+
+
+def normalize(batch: torch.Tensor, channels_last: bool = False, pre: Preprocess = IMAGENET) -> torch.Tensor:
+    """uint8 NCHW on any device -> float normalised with the model's statistics."""
+    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
     x = (batch.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 

@@ -1,0 +1,95 @@
+"""Pretrained weights as people attach them: a file, or a timm / Hugging Face folder.
+
+Public "timm weights" datasets and Kaggle Models hold the folder `timm.models.save_for_hf` writes:
+config.json (architecture, num_classes, pretrained_cfg with the model's mean/std) beside
+model.safetensors or pytorch_model.bin, often under /kaggle/input/<model>/pytorch/<variation>/<version>/.
+Reading the folder here needs only json and pathlib, so a wrong path is refused at start, before
+torch or timm are imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_EXTS = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+MAX_DEPTH = 4  # <model>/pytorch/<variation>/<version>/
+# pretrained_cfg keys that would send timm to the network (hub ids, URLs) instead of our file.
+_SOURCE_KEYS = ("source", "hf_hub_id", "hf_hub_filename", "hf_hub_revision", "url", "file", "state_dict")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    file: Path
+    architecture: str = ""  # from config.json; "" for a bare file
+    num_classes: int = 0  # the classifier size of the weights (0: unknown, timm's default applies)
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+
+    def overlay(self) -> dict[str, Any]:
+        """timm `pretrained_cfg_overlay`: the folder's own config, pointing at the local file.
+        Works on timm 0.9, which has no `local-dir:` model names."""
+        cfg = {k: v for k, v in self.pretrained_cfg.items() if k not in _SOURCE_KEYS}
+        if self.num_classes:
+            cfg["num_classes"] = self.num_classes
+        return {**cfg, "file": str(self.file)}
+
+
+def _config_dirs(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if len(Path(dirpath).relative_to(folder).parts) >= MAX_DEPTH:
+            dirnames[:] = []
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if "config.json" in filenames and any(n in filenames for n in WEIGHT_NAMES):
+            found.append(Path(dirpath))
+    return found
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str) or not cfg["architecture"]:
+        raise ValueError(f"{path}: no 'architecture' entry, so this is not a timm model folder "
+                         "(timm.models.save_for_hf writes one); set model= and point pretrained_path at the weights file")
+    return cfg
+
+
+def _bare_file(folder: Path) -> Path:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in WEIGHT_EXTS)
+    if len(files) == 1:
+        return files[0]
+    what = f"several weights files {[p.name for p in files]}" if files else "no config.json and no weights file"
+    raise ValueError(f"pretrained_path={str(folder)!r}: {what}; point it at one file, or at a timm folder "
+                     f"(config.json + {WEIGHT_NAMES[0]} or {WEIGHT_NAMES[1]})")
+
+
+def resolve_weights(path: str | Path) -> WeightsSource:
+    """A weights file, or the timm folder at or below `path`; ValueError names what is wrong."""
+    path = Path(path)
+    if path.is_file():
+        return WeightsSource(path)
+    if not path.is_dir():
+        raise ValueError(f"pretrained_path={str(path)!r} does not exist; attach the weights (a dataset or a "
+                         "Kaggle Model) and point to the file or its folder")
+    dirs = _config_dirs(path)
+    if len(dirs) > 1:
+        raise ValueError(f"pretrained_path={str(path)!r} holds several timm model folders "
+                         f"{[str(d) for d in dirs[:5]]}; point it at one of them")
+    if not dirs:
+        return WeightsSource(_bare_file(path))
+    cfg = _read_config(dirs[0])
+    file = next(dirs[0] / n for n in WEIGHT_NAMES if (dirs[0] / n).is_file())
+    pretrained_cfg = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+    num_classes = cfg.get("num_classes", pretrained_cfg.get("num_classes", 0))
+    return WeightsSource(file, cfg["architecture"], int(num_classes or 0), pretrained_cfg)
+
+
+def same_architecture(a: str, b: str) -> bool:
+    """'convnext_tiny' and 'convnext_tiny.fb_in22k' are one architecture (the tag names weights)."""
+    return a.split(".")[0] == b.split(".")[0]
