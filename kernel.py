@@ -47,6 +47,7 @@ CONFIG = dict(
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
     # cache_dir='',                         # image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), else <out_dir>/cache
     # cache_max_gb=15.0,                    # cap on the cache; images beyond it are decoded every epoch (0 = free disk)
+    # output_cap_gb=-1.0,                   # cap on what the run keeps in out_dir, checkpoints and a cache there included (checked before writing); -1 = 19.5 on Kaggle, which keeps at most 20 GB of /kaggle/working, else none; 0 = none
     # budget='8h30m',                       # wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s
     # margin='auto',                        # safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m
     # epochs=0,                             # 0 = as many as fit the budget (schedule over time); >0 = fixed epochs
@@ -94,6 +95,7 @@ __version__ = "0.1.0"
 'kernelkit.assemble': r'''"""Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +113,7 @@ from .distributed import DistInfo
 from .folds import make_folds
 from .sampling import balanced_sampler
 from .stopping import StopFlag
+from .storage import GB, plan_storage
 from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger("kernelkit")
@@ -136,7 +139,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     build past `deadline`: a cache is a speed-up, never worth the run), others open."""
     if not cfg.cache_images or not paths:
         return None
-    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(env.out_dir_for(cfg.out_dir))
+    root = cache_root(cfg)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
@@ -152,6 +155,26 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
         if cache is None:
             cache = open_cache(paths, geometry, root)
     return cache
+
+
+def cache_root(cfg: Config) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(env.out_dir_for(cfg.out_dir))
+
+
+def fit_outputs(cfg: Config, comp: Competition, out_dir: Path, n_params: int) -> Config:
+    """The config the data is built with: the cache cut to what the output cap and the disk leave
+    once the checkpoints are counted. Raises ConfigError when the checkpoints alone do not fit."""
+    n_images = min(len(comp.train_paths), cfg.max_train_images or len(comp.train_paths))
+    plan = plan_storage(out_dir, cache_root(cfg), n_params=n_params, ema=cfg.ema > 0, n_images=n_images,
+                        n_outputs=3 * (len(comp.test_ids) + n_images) * comp.num_classes, img_size=cfg.img_size,
+                        cache_max_gb=cfg.cache_max_gb, cap_gb=env.output_cap_gb(cfg.output_cap_gb))
+    log.info(plan.describe())
+    if not cfg.cache_images or plan.cache_allowed_bytes >= plan.cache_wanted_bytes:
+        return cfg
+    if plan.cache_allowed_bytes < 3 * cfg.img_size ** 2:
+        log.warning("no room for an image cache under the output cap and free disk: images are decoded every epoch")
+        return dataclasses.replace(cfg, cache_images=False)
+    return dataclasses.replace(cfg, cache_max_gb=plan.cache_allowed_bytes / GB)
 
 
 def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -697,23 +720,34 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
 Format history (`format_version`):
   1  (no key) model, ema, optimizer, scaler, epoch, step, progress, best_score, threshold,
      elapsed, run_start, rng, config, classes, task; optionally threshold_rule.
-  2  + format_version and seed; older files load through `migrate`.
+  2  + format_version and seed; older files load through `migrate`. Optionally preprocess (the
+     input mean/std; absent: ImageNet's).
+
+The inference folder (`export_inference`, INFERENCE_DIR) is what a submission needs and nothing
+more: the predicting weights as model.safetensors, a timm config.json (other timm code loads it
+with pretrained_cfg_overlay=dict(file=...)), and kernelkit.json with the classes, threshold rule,
+input statistics and config. `load_checkpoint` reads it like a checkpoint.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 
 log = logging.getLogger("kernelkit")
 
 FORMAT_VERSION = 2
 BEST, LAST = "best.pt", "last.pt"
+INFERENCE_DIR = "model"
+INFERENCE_META, INFERENCE_WEIGHTS = "kernelkit.json", "model.safetensors"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -721,7 +755,10 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """weights_only=True: a checkpoint cannot run code when it is loaded."""
+    """weights_only=True: a checkpoint cannot run code when it is loaded. An inference folder loads
+    as a checkpoint without optimizer or progress."""
+    if Path(path).is_dir():
+        return load_inference(Path(path), map_location)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (UnpicklingError and friends; re-raised with context)
@@ -778,6 +815,57 @@ class Checkpointer:
             return False
         return self.save(name, {**ckpt, **fields})
 
+
+
+def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights that were validated: the EMA when training kept one."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def _timm_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json as timm.models.save_for_hf writes it, for a plain timm model (no custom head)."""
+    cfg, pre = ckpt.get("config", {}), ckpt.get("preprocess") or {}
+    if cfg.get("head", "linear") != "linear" or cfg.get("model2"):
+        return None
+    size = int(cfg.get("img_size", 224))
+    pretrained_cfg = {"input_size": [3, size, size], "crop_pct": 1.0, "num_classes": len(ckpt["classes"]),
+                      **{k: pre[k] for k in ("mean", "std", "interpolation") if k in pre}}
+    return {"architecture": str(cfg["model"]).split(".")[0], "num_classes": len(ckpt["classes"]),
+            "label_names": list(ckpt["classes"]), "pretrained_cfg": pretrained_cfg}
+
+
+def export_inference(ckpt: dict[str, Any], folder: Path) -> Path:
+    """Write the inference folder from a checkpoint; replaces an older folder only once complete."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # safetensors refuses tensors sharing memory (tied weights); contiguous clones own theirs.
+    save_file({k: v.detach().clone().contiguous() for k, v in inference_weights(ckpt).items()},
+              str(tmp / INFERENCE_WEIGHTS))
+    meta = {k: ckpt.get(k) for k in ("config", "classes", "task", "threshold", "threshold_rule", "preprocess",
+                                     "best_score", "seed")}
+    write_json(tmp / INFERENCE_META, {**meta, "format_version": FORMAT_VERSION})
+    timm_cfg = _timm_config(ckpt)
+    if timm_cfg is not None:
+        write_json(tmp / "config.json", timm_cfg)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_inference(folder: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    from safetensors.torch import load_file
+    meta_path, weights_path = folder / INFERENCE_META, folder / INFERENCE_WEIGHTS
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"{folder}: not a kernelkit inference folder (needs {INFERENCE_META} and {INFERENCE_WEIGHTS})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    device = str(map_location) if not isinstance(map_location, str) else map_location
+    return migrate({**meta, "model": load_file(str(weights_path), device=device)})
 
 
 def best_available(out_dir: Path) -> Path | None:
@@ -1549,6 +1637,18 @@ def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) 
                        cfg.pretrained_path2 if with_weights else "")
 
 
+def count_parameters(cfg: Config, num_classes: int) -> int:
+    """Parameters of the configured model, built on the meta device (no memory, no weights read),
+    so the storage plan knows the checkpoint size before the cache is built; 0 when that fails."""
+    try:
+        with torch.device("meta"):
+            model = model_from_config(cfg, num_classes, with_weights=False)
+        return sum(p.numel() for p in model.parameters())
+    except Exception as e:  # noqa: BLE001  (an init that needs real tensors: plan without it)
+        log.warning("could not size the model before building it (%s); the storage plan ignores checkpoints", e)
+        return 0
+
+
 def make_scaler(enabled: bool):
     # torch.amp.GradScaler appeared in torch 2.3; older Kaggle images only have the cuda one.
     if hasattr(torch.amp, "GradScaler"):
@@ -1670,6 +1770,9 @@ class Config:
     cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
                             "else <out_dir>/cache")
     cache_max_gb: float = _f(15.0, "cap on the cache; images beyond it are decoded every epoch (0 = free disk)")
+    output_cap_gb: float = _f(-1.0, "cap on what the run keeps in out_dir, checkpoints and a cache there included "
+                                    "(checked before writing); -1 = 19.5 on Kaggle, which keeps at most 20 GB of "
+                                    "/kaggle/working, else none; 0 = none")
     # training
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
     margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m")
@@ -1805,6 +1908,7 @@ def _range_problems(c: Config) -> list[str]:
         (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
         (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
         (c.cache_max_gb >= 0, f"cache_max_gb={c.cache_max_gb}: must be >= 0"),
+        (c.output_cap_gb >= -1, f"output_cap_gb={c.output_cap_gb}: -1 (auto), 0 (none) or a size in GB"),
         (c.num_workers >= -1, f"num_workers={c.num_workers}: -1 (all cores) or >= 0"),
         (c.ddp_procs >= 0, f"ddp_procs={c.ddp_procs}: must be >= 0"),
         (c.min_labels >= 0 and c.max_labels >= 0, "min_labels and max_labels must be >= 0"),
@@ -2060,11 +2164,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from .config import Config
 from .stopping import StopFlag
+
+log = logging.getLogger("kernelkit")
 
 SETUP, TRAINING, PREDICTING = "setup", "training", "predicting"
 
@@ -2085,6 +2193,27 @@ class RunContext:
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
     phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+
+
+@dataclass
+class Outcome:
+    """What the job reports: summary.json's content, and whether a valid submission exists."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    submitted: bool = False
+
+    def problem(self, what: str) -> None:
+        """Something failed after training started: loud in the log, recorded in the summary."""
+        log.error("!!! %s\n%s", what, traceback.format_exc())
+        self.problems.append(what)
+
+    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
+        """Run a step that must not cost the submission; None when it fails."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.problem(f"{what} failed: {type(e).__name__}: {e}")
+            return None
 
 
 def setup_logging() -> None:
@@ -2931,6 +3060,14 @@ def out_dir_for(configured: str) -> Path:
 
 
 KAGGLE_TEMP = Path("/kaggle/temp")
+KAGGLE_OUTPUT_CAP_GB = 19.5  # Kaggle keeps at most 20 GB of /kaggle/working; room for its own logs
+
+
+def output_cap_gb(configured: float) -> float:
+    """output_cap_gb as configured, -1 resolved for where we run (0 = no cap)."""
+    if configured >= 0:
+        return configured
+    return KAGGLE_OUTPUT_CAP_GB if on_kaggle() else 0.0
 
 
 def default_cache_dir(out_dir: Path) -> Path:
@@ -3584,6 +3721,7 @@ import numpy as np
 import torch
 
 from .budget import BudgetClock, affordable_tta
+from .checkpoint import INFERENCE_DIR, INFERENCE_META
 from .competition import Competition
 from .config import ConfigError, parse_duration
 from .context import PREDICTING, RunContext
@@ -3595,9 +3733,14 @@ log = logging.getLogger("kernelkit")
 
 
 def find_checkpoints(spec: str) -> list[Path]:
+    """A checkpoint file, an inference folder (INFERENCE_DIR), a run's folder (its best*.pt, else
+    any *.pt, else its inference folder) or a glob of those."""
     p = Path(spec)
-    if p.is_dir():
-        found = sorted(p.glob("best*.pt")) or sorted(p.glob("*.pt"))
+    if (p / INFERENCE_META).is_file():
+        found = [p]
+    elif p.is_dir():
+        found = (sorted(p.glob("best*.pt")) or sorted(p.glob("*.pt"))
+                 or [d for d in [p / INFERENCE_DIR] if (d / INFERENCE_META).is_file()])
     elif p.is_file():
         found = [p]
     else:
@@ -3801,14 +3944,14 @@ from .checkpoint import best_available
 from .competition import Competition, check_submission_writable, load_competition
 from .config import ConfigError, budget_seconds
 from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
-                      TRAINING, RunContext, setup_logging)
+                      TRAINING, Outcome, RunContext, setup_logging)
 from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
 from .infer_job import run_infer
 from .session import finish_run, run_start
 from .stopping import handle_signals
-from .train_job import Outcome, run_train
+from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
 
@@ -4508,6 +4651,43 @@ def create_ema(model: nn.Module, decay: float):
     ema_cls = getattr(timm.utils, "ModelEmaV3", ModelEmaV2)
     return ema_cls(model, decay=decay)
 ''',
+'kernelkit.outputs': r'''"""What the train job leaves in out_dir after the submission: the inference weights, and on Kaggle
+no image cache (everything in /kaggle/working is saved as output)."""
+from __future__ import annotations
+
+import logging
+
+from . import env
+from .assemble import cache_root
+from .budget import BudgetClock
+from .checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
+from .context import Outcome, RunContext
+from .storage import remove_cache_from_output
+
+log = logging.getLogger("kernelkit")
+
+EXPORT_BYTES_PER_S = 50e6  # reading the checkpoint and writing the weights, on a slow disk
+
+
+def export_submitted(saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:
+    """The checkpoint the submission came from, as an inference folder (weights only: a fraction of
+    best.pt, which also holds the optimizer), when the budget has room for it."""
+    path = saver.path(str(outcome.summary.get("checkpoint", "")))
+    if not outcome.submitted or not path.is_file():
+        return
+    if clock.remaining() < 2.0 + 2 * path.stat().st_size / EXPORT_BYTES_PER_S:
+        log.warning("no time left to write the inference weights; %s holds them", path.name)
+        return
+    folder = export_inference(load_checkpoint(path), saver.path(INFERENCE_DIR))
+    log.info("inference weights: %s (from %s; --mode infer --checkpoints %s)", folder, path.name, folder)
+
+
+def finish_outputs(ctx: RunContext, saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:
+    outcome.guard("writing the inference weights", export_submitted, saver, outcome, clock)
+    if env.on_kaggle():
+        outcome.guard("removing the image cache from the output", remove_cache_from_output, cache_root(ctx.cfg),
+                      ctx.out_dir)
+''',
 'kernelkit.plan': r'''"""Dry-run planner: measure throughput on a few batches, then lay the full budget out.
 
 Throughput is measured on the machine the dry run runs on; run it on the Kaggle accelerator (a
@@ -4594,14 +4774,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .assemble import test_loader
 from .budget import affordable_tta
-from .checkpoint import load_checkpoint
+from .checkpoint import inference_weights, load_checkpoint
 from .competition import Competition, format_predictions, write_submission
 from .components import model_from_config
 from .models import preprocess_of
@@ -4627,11 +4806,6 @@ class Predictor:
     rule: ThresholdRule
     val_score: float | None = None
     preprocess: Preprocess = IMAGENET  # what training normalised with (stored in the checkpoint)
-
-
-def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights that were validated: the EMA when training kept one."""
-    return ckpt.get("ema") or ckpt["model"]
 
 
 def load_predictor(path: Path, device: torch.device, settings: RuleSettings | None = None,
@@ -5223,6 +5397,113 @@ def ignore_in_worker(worker_id: int = 0) -> None:
     their own when the main process dies.)"""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+''',
+'kernelkit.storage': r'''"""What the run will write, checked against the output cap and the free disk before anything is written.
+
+Kaggle saves everything in /kaggle/working as the kernel's output and keeps at most 20 GB of it; a
+run that passes that loses its output. best.pt and last.pt hold the optimizer (convnext_tiny:
+319 MB each) and an atomic write briefly holds a third copy, so the checkpoints are planned first
+and the image cache, when it lives in the output folder, gets what is left.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError
+
+log = logging.getLogger("kernelkit")
+
+GB = 1e9
+KAGGLE_OUTPUT_CAP_GB = 19.5  # of the 20 GB Kaggle keeps: room for the logs Kaggle writes itself
+CHECKPOINT_COPIES = 3  # best.pt, last.pt, and the temporary file of the one being written
+
+
+def checkpoint_bytes(n_params: int, ema: bool) -> int:
+    """float32 weights + AdamW's two moments (+ the EMA's copy); buffers and metadata are small."""
+    return int(n_params * 4 * (3 + int(ema)) * 1.02) + 1_000_000
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def folder_bytes(folder: Path, skip: Path | None = None) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if skip is not None and _inside(Path(dirpath), skip):
+            dirnames[:] = []
+            continue
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@dataclass
+class StoragePlan:
+    cap_bytes: int  # 0: no cap
+    fixed_bytes: int  # checkpoints, inference weights, small files, what out_dir already holds
+    cache_wanted_bytes: int
+    cache_allowed_bytes: int
+    cache_in_output: bool
+    free_bytes: int
+
+    def describe(self) -> str:
+        cap = f"cap {self.cap_bytes / GB:.2f} GB" if self.cap_bytes else "no cap"
+        where = "in the output folder" if self.cache_in_output else "outside the output"
+        return (f"storage plan: checkpoints and outputs ~{self.fixed_bytes / GB:.2f} GB + image cache "
+                f"{self.cache_allowed_bytes / GB:.2f} of {self.cache_wanted_bytes / GB:.2f} GB wanted ({where}); "
+                f"{cap}, {self.free_bytes / GB:.1f} GB free")
+
+
+def plan_storage(out_dir: Path, cache_root: Path, *, n_params: int, ema: bool, n_images: int, n_outputs: int,
+                 img_size: int, cache_max_gb: float, cap_gb: float) -> StoragePlan:
+    """Raises ConfigError when the checkpoints alone cannot fit the cap or the free disk.
+
+    n_outputs: floats written per run besides the checkpoints (test and validation probabilities)."""
+    cache_in_output = _inside(cache_root, out_dir)
+    fixed = (CHECKPOINT_COPIES * checkpoint_bytes(n_params, ema) + 4 * n_params + 4 * n_outputs + 1_000_000
+             + folder_bytes(out_dir, skip=cache_root if cache_in_output else None))
+    wanted = n_images * 3 * img_size * img_size
+    allowed = min(wanted, int(cache_max_gb * GB)) if cache_max_gb else wanted
+    cap = int(cap_gb * GB)
+    free = shutil.disk_usage(out_dir).free
+    if cap and fixed > cap:
+        raise ConfigError(f"the checkpoints need ~{fixed / GB:.2f} GB ({CHECKPOINT_COPIES} x "
+                          f"{checkpoint_bytes(n_params, ema) / GB:.2f} GB, {n_params / 1e6:.1f}M parameters) but "
+                          f"output_cap_gb={cap_gb:g}; raise the cap, or pick a smaller model")
+    if fixed > free:
+        raise ConfigError(f"the checkpoints need ~{fixed / GB:.2f} GB but {out_dir} has {free / GB:.2f} GB free")
+    if cap and cache_in_output:
+        allowed = min(allowed, cap - fixed)
+    if cache_in_output or _same_disk(out_dir, cache_root):
+        allowed = min(allowed, free - fixed)
+    return StoragePlan(cap, fixed, wanted, max(0, allowed), cache_in_output, free)
+
+
+def _same_disk(a: Path, b: Path) -> bool:
+    b = next((p for p in [b, *b.parents] if p.exists()), b)
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return True
+
+
+def remove_cache_from_output(cache_root: Path, out_dir: Path) -> None:
+    """On Kaggle a cache in /kaggle/working would be saved as output (and count against its 20 GB)."""
+    if cache_root.is_dir() and _inside(cache_root, out_dir):
+        shutil.rmtree(cache_root, ignore_errors=True)
+        log.info("removed the image cache %s so it is not saved as output", cache_root)
 ''',
 'kernelkit.thresholds': r'''"""Multi-label decision rules and their search on validation probabilities.
 
@@ -5898,21 +6179,19 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import distributed
-from .assemble import TrainingData, build_training_data
+from .assemble import TrainingData, build_training_data, fit_outputs
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
 from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
 from .competition import Competition
-from .components import build_parts, fit_options, seed_everything
+from .components import build_parts, count_parameters, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
-from .context import PREDICTING, TRAINING, RunContext
+from .context import PREDICTING, TRAINING, Outcome, RunContext
 from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
 from .models import preprocess_of
@@ -5920,6 +6199,7 @@ from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_
 from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
 from .session import begin_run
+from .outputs import finish_outputs
 from .thresholds import ThresholdRule, prior_baseline
 from .train import FitResult, FitState, TrainParts, Trainer, Validation
 
@@ -5928,27 +6208,6 @@ log = logging.getLogger("kernelkit")
 PROBE_BATCHES = 3  # the first batch carries loader start-up; two more give the steady speed with prefetch
 MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
-
-
-@dataclass
-class Outcome:
-    """What the job reports: summary.json's content, and whether a valid submission exists."""
-    summary: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    submitted: bool = False
-
-    def problem(self, what: str) -> None:
-        """Something failed after training started: loud in the log, recorded in the summary."""
-        log.error("!!! %s\n%s", what, traceback.format_exc())
-        self.problems.append(what)
-
-    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
-        """Run a step that must not cost the submission; None when it fails."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            self.problem(f"{what} failed: {type(e).__name__}: {e}")
-            return None
 
 
 def check_resume(ctx: RunContext, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
@@ -6035,7 +6294,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
     ckpt = check_resume(ctx, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    data = build_training_data(cfg, comp, device, info, ctx.stop,
+    data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
+    data = build_training_data(data_cfg, comp, device, info, ctx.stop,
                                cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
     state = restore(ckpt, parts, resume_path)
@@ -6099,6 +6359,7 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
                                                     data.val_targets, cfg.beta)
     outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
+    finish_outputs(ctx, saver, outcome, clock)
 
 
 def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, rule: ThresholdRule,

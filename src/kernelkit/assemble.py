@@ -1,6 +1,7 @@
 """Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .distributed import DistInfo
 from .folds import make_folds
 from .sampling import balanced_sampler
 from .stopping import StopFlag
+from .storage import GB, plan_storage
 from .transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger("kernelkit")
@@ -43,7 +45,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     build past `deadline`: a cache is a speed-up, never worth the run), others open."""
     if not cfg.cache_images or not paths:
         return None
-    root = Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(env.out_dir_for(cfg.out_dir))
+    root = cache_root(cfg)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
@@ -59,6 +61,26 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
         if cache is None:
             cache = open_cache(paths, geometry, root)
     return cache
+
+
+def cache_root(cfg: Config) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else env.default_cache_dir(env.out_dir_for(cfg.out_dir))
+
+
+def fit_outputs(cfg: Config, comp: Competition, out_dir: Path, n_params: int) -> Config:
+    """The config the data is built with: the cache cut to what the output cap and the disk leave
+    once the checkpoints are counted. Raises ConfigError when the checkpoints alone do not fit."""
+    n_images = min(len(comp.train_paths), cfg.max_train_images or len(comp.train_paths))
+    plan = plan_storage(out_dir, cache_root(cfg), n_params=n_params, ema=cfg.ema > 0, n_images=n_images,
+                        n_outputs=3 * (len(comp.test_ids) + n_images) * comp.num_classes, img_size=cfg.img_size,
+                        cache_max_gb=cfg.cache_max_gb, cap_gb=env.output_cap_gb(cfg.output_cap_gb))
+    log.info(plan.describe())
+    if not cfg.cache_images or plan.cache_allowed_bytes >= plan.cache_wanted_bytes:
+        return cfg
+    if plan.cache_allowed_bytes < 3 * cfg.img_size ** 2:
+        log.warning("no room for an image cache under the output cap and free disk: images are decoded every epoch")
+        return dataclasses.replace(cfg, cache_images=False)
+    return dataclasses.replace(cfg, cache_max_gb=plan.cache_allowed_bytes / GB)
 
 
 def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,23 +3,34 @@
 Format history (`format_version`):
   1  (no key) model, ema, optimizer, scaler, epoch, step, progress, best_score, threshold,
      elapsed, run_start, rng, config, classes, task; optionally threshold_rule.
-  2  + format_version and seed; older files load through `migrate`.
+  2  + format_version and seed; older files load through `migrate`. Optionally preprocess (the
+     input mean/std; absent: ImageNet's).
+
+The inference folder (`export_inference`, INFERENCE_DIR) is what a submission needs and nothing
+more: the predicting weights as model.safetensors, a timm config.json (other timm code loads it
+with pretrained_cfg_overlay=dict(file=...)), and kernelkit.json with the classes, threshold rule,
+input statistics and config. `load_checkpoint` reads it like a checkpoint.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 
 log = logging.getLogger("kernelkit")
 
 FORMAT_VERSION = 2
 BEST, LAST = "best.pt", "last.pt"
+INFERENCE_DIR = "model"
+INFERENCE_META, INFERENCE_WEIGHTS = "kernelkit.json", "model.safetensors"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -27,7 +38,10 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """weights_only=True: a checkpoint cannot run code when it is loaded."""
+    """weights_only=True: a checkpoint cannot run code when it is loaded. An inference folder loads
+    as a checkpoint without optimizer or progress."""
+    if Path(path).is_dir():
+        return load_inference(Path(path), map_location)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (UnpicklingError and friends; re-raised with context)
@@ -84,6 +98,57 @@ class Checkpointer:
             return False
         return self.save(name, {**ckpt, **fields})
 
+
+
+def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights that were validated: the EMA when training kept one."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def _timm_config(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json as timm.models.save_for_hf writes it, for a plain timm model (no custom head)."""
+    cfg, pre = ckpt.get("config", {}), ckpt.get("preprocess") or {}
+    if cfg.get("head", "linear") != "linear" or cfg.get("model2"):
+        return None
+    size = int(cfg.get("img_size", 224))
+    pretrained_cfg = {"input_size": [3, size, size], "crop_pct": 1.0, "num_classes": len(ckpt["classes"]),
+                      **{k: pre[k] for k in ("mean", "std", "interpolation") if k in pre}}
+    return {"architecture": str(cfg["model"]).split(".")[0], "num_classes": len(ckpt["classes"]),
+            "label_names": list(ckpt["classes"]), "pretrained_cfg": pretrained_cfg}
+
+
+def export_inference(ckpt: dict[str, Any], folder: Path) -> Path:
+    """Write the inference folder from a checkpoint; replaces an older folder only once complete."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # safetensors refuses tensors sharing memory (tied weights); contiguous clones own theirs.
+    save_file({k: v.detach().clone().contiguous() for k, v in inference_weights(ckpt).items()},
+              str(tmp / INFERENCE_WEIGHTS))
+    meta = {k: ckpt.get(k) for k in ("config", "classes", "task", "threshold", "threshold_rule", "preprocess",
+                                     "best_score", "seed")}
+    write_json(tmp / INFERENCE_META, {**meta, "format_version": FORMAT_VERSION})
+    timm_cfg = _timm_config(ckpt)
+    if timm_cfg is not None:
+        write_json(tmp / "config.json", timm_cfg)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_inference(folder: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    from safetensors.torch import load_file
+    meta_path, weights_path = folder / INFERENCE_META, folder / INFERENCE_WEIGHTS
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise ValueError(f"{folder}: not a kernelkit inference folder (needs {INFERENCE_META} and {INFERENCE_WEIGHTS})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    device = str(map_location) if not isinstance(map_location, str) else map_location
+    return migrate({**meta, "model": load_file(str(weights_path), device=device)})
 
 
 def best_available(out_dir: Path) -> Path | None:

@@ -40,6 +40,18 @@ def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) 
                        cfg.pretrained_path2 if with_weights else "")
 
 
+def count_parameters(cfg: Config, num_classes: int) -> int:
+    """Parameters of the configured model, built on the meta device (no memory, no weights read),
+    so the storage plan knows the checkpoint size before the cache is built; 0 when that fails."""
+    try:
+        with torch.device("meta"):
+            model = model_from_config(cfg, num_classes, with_weights=False)
+        return sum(p.numel() for p in model.parameters())
+    except Exception as e:  # noqa: BLE001  (an init that needs real tensors: plan without it)
+        log.warning("could not size the model before building it (%s); the storage plan ignores checkpoints", e)
+        return 0
+
+
 def make_scaler(enabled: bool):
     # torch.amp.GradScaler appeared in torch 2.3; older Kaggle images only have the cuda one.
     if hasattr(torch.amp, "GradScaler"):

@@ -80,6 +80,9 @@ class Config:
     cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
                             "else <out_dir>/cache")
     cache_max_gb: float = _f(15.0, "cap on the cache; images beyond it are decoded every epoch (0 = free disk)")
+    output_cap_gb: float = _f(-1.0, "cap on what the run keeps in out_dir, checkpoints and a cache there included "
+                                    "(checked before writing); -1 = 19.5 on Kaggle, which keeps at most 20 GB of "
+                                    "/kaggle/working, else none; 0 = none")
     # training
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
     margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m")
@@ -215,6 +218,7 @@ def _range_problems(c: Config) -> list[str]:
         (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
         (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
         (c.cache_max_gb >= 0, f"cache_max_gb={c.cache_max_gb}: must be >= 0"),
+        (c.output_cap_gb >= -1, f"output_cap_gb={c.output_cap_gb}: -1 (auto), 0 (none) or a size in GB"),
         (c.num_workers >= -1, f"num_workers={c.num_workers}: -1 (all cores) or >= 0"),
         (c.ddp_procs >= 0, f"ddp_procs={c.ddp_procs}: must be >= 0"),
         (c.min_labels >= 0 and c.max_labels >= 0, "min_labels and max_labels must be >= 0"),

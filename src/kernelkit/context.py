@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from .config import Config
 from .stopping import StopFlag
+
+log = logging.getLogger("kernelkit")
 
 SETUP, TRAINING, PREDICTING = "setup", "training", "predicting"
 
@@ -30,6 +34,27 @@ class RunContext:
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
     phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+
+
+@dataclass
+class Outcome:
+    """What the job reports: summary.json's content, and whether a valid submission exists."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    submitted: bool = False
+
+    def problem(self, what: str) -> None:
+        """Something failed after training started: loud in the log, recorded in the summary."""
+        log.error("!!! %s\n%s", what, traceback.format_exc())
+        self.problems.append(what)
+
+    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
+        """Run a step that must not cost the submission; None when it fails."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.problem(f"{what} failed: {type(e).__name__}: {e}")
+            return None
 
 
 def setup_logging() -> None:

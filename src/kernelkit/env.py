@@ -35,6 +35,14 @@ def out_dir_for(configured: str) -> Path:
 
 
 KAGGLE_TEMP = Path("/kaggle/temp")
+KAGGLE_OUTPUT_CAP_GB = 19.5  # Kaggle keeps at most 20 GB of /kaggle/working; room for its own logs
+
+
+def output_cap_gb(configured: float) -> float:
+    """output_cap_gb as configured, -1 resolved for where we run (0 = no cap)."""
+    if configured >= 0:
+        return configured
+    return KAGGLE_OUTPUT_CAP_GB if on_kaggle() else 0.0
 
 
 def default_cache_dir(out_dir: Path) -> Path:

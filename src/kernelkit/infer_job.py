@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .budget import BudgetClock, affordable_tta
+from .checkpoint import INFERENCE_DIR, INFERENCE_META
 from .competition import Competition
 from .config import ConfigError, parse_duration
 from .context import PREDICTING, RunContext
@@ -26,9 +27,14 @@ log = logging.getLogger("kernelkit")
 
 
 def find_checkpoints(spec: str) -> list[Path]:
+    """A checkpoint file, an inference folder (INFERENCE_DIR), a run's folder (its best*.pt, else
+    any *.pt, else its inference folder) or a glob of those."""
     p = Path(spec)
-    if p.is_dir():
-        found = sorted(p.glob("best*.pt")) or sorted(p.glob("*.pt"))
+    if (p / INFERENCE_META).is_file():
+        found = [p]
+    elif p.is_dir():
+        found = (sorted(p.glob("best*.pt")) or sorted(p.glob("*.pt"))
+                 or [d for d in [p / INFERENCE_DIR] if (d / INFERENCE_META).is_file()])
     elif p.is_file():
         found = [p]
     else:

@@ -20,14 +20,14 @@ from .checkpoint import best_available
 from .competition import Competition, check_submission_writable, load_competition
 from .config import ConfigError, budget_seconds
 from .context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
-                      TRAINING, RunContext, setup_logging)
+                      TRAINING, Outcome, RunContext, setup_logging)
 from .demo import make_demo_competition, score_demo_submission
 from .distributed import DistInfo
 from .fileio import write_json
 from .infer_job import run_infer
 from .session import finish_run, run_start
 from .stopping import handle_signals
-from .train_job import Outcome, run_train
+from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
 

@@ -7,14 +7,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .assemble import test_loader
 from .budget import affordable_tta
-from .checkpoint import load_checkpoint
+from .checkpoint import inference_weights, load_checkpoint
 from .competition import Competition, format_predictions, write_submission
 from .components import model_from_config
 from .models import preprocess_of
@@ -40,11 +39,6 @@ class Predictor:
     rule: ThresholdRule
     val_score: float | None = None
     preprocess: Preprocess = IMAGENET  # what training normalised with (stored in the checkpoint)
-
-
-def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights that were validated: the EMA when training kept one."""
-    return ckpt.get("ema") or ckpt["model"]
 
 
 def load_predictor(path: Path, device: torch.device, settings: RuleSettings | None = None,

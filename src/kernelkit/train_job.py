@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import distributed
-from .assemble import TrainingData, build_training_data
+from .assemble import TrainingData, build_training_data, fit_outputs
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
 from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
 from .competition import Competition
-from .components import build_parts, fit_options, seed_everything
+from .components import build_parts, count_parameters, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
-from .context import PREDICTING, TRAINING, RunContext
+from .context import PREDICTING, TRAINING, Outcome, RunContext
 from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
 from .models import preprocess_of
@@ -31,6 +29,7 @@ from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_
 from .reports import write_label_statistics
 from .train_reports import validation_reports, write_history
 from .session import begin_run
+from .outputs import finish_outputs
 from .thresholds import ThresholdRule, prior_baseline
 from .train import FitResult, FitState, TrainParts, Trainer, Validation
 
@@ -39,27 +38,6 @@ log = logging.getLogger("kernelkit")
 PROBE_BATCHES = 3  # the first batch carries loader start-up; two more give the steady speed with prefetch
 MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
-
-
-@dataclass
-class Outcome:
-    """What the job reports: summary.json's content, and whether a valid submission exists."""
-    summary: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    submitted: bool = False
-
-    def problem(self, what: str) -> None:
-        """Something failed after training started: loud in the log, recorded in the summary."""
-        log.error("!!! %s\n%s", what, traceback.format_exc())
-        self.problems.append(what)
-
-    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
-        """Run a step that must not cost the submission; None when it fails."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            self.problem(f"{what} failed: {type(e).__name__}: {e}")
-            return None
 
 
 def check_resume(ctx: RunContext, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
@@ -146,7 +124,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
     ckpt = check_resume(ctx, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
-    data = build_training_data(cfg, comp, device, info, ctx.stop,
+    data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
+    data = build_training_data(data_cfg, comp, device, info, ctx.stop,
                                cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
     state = restore(ckpt, parts, resume_path)
@@ -210,6 +189,7 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
                                                     data.val_targets, cfg.beta)
     outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
+    finish_outputs(ctx, saver, outcome, clock)
 
 
 def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, rule: ThresholdRule,

@@ -1,0 +1,36 @@
+"""What the train job leaves in out_dir after the submission: the inference weights, and on Kaggle
+no image cache (everything in /kaggle/working is saved as output)."""
+from __future__ import annotations
+
+import logging
+
+from . import env
+from .assemble import cache_root
+from .budget import BudgetClock
+from .checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
+from .context import Outcome, RunContext
+from .storage import remove_cache_from_output
+
+log = logging.getLogger("kernelkit")
+
+EXPORT_BYTES_PER_S = 50e6  # reading the checkpoint and writing the weights, on a slow disk
+
+
+def export_submitted(saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:
+    """The checkpoint the submission came from, as an inference folder (weights only: a fraction of
+    best.pt, which also holds the optimizer), when the budget has room for it."""
+    path = saver.path(str(outcome.summary.get("checkpoint", "")))
+    if not outcome.submitted or not path.is_file():
+        return
+    if clock.remaining() < 2.0 + 2 * path.stat().st_size / EXPORT_BYTES_PER_S:
+        log.warning("no time left to write the inference weights; %s holds them", path.name)
+        return
+    folder = export_inference(load_checkpoint(path), saver.path(INFERENCE_DIR))
+    log.info("inference weights: %s (from %s; --mode infer --checkpoints %s)", folder, path.name, folder)
+
+
+def finish_outputs(ctx: RunContext, saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:
+    outcome.guard("writing the inference weights", export_submitted, saver, outcome, clock)
+    if env.on_kaggle():
+        outcome.guard("removing the image cache from the output", remove_cache_from_output, cache_root(ctx.cfg),
+                      ctx.out_dir)
