@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT
 
 from kernelkit import infer, train
+from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 from kernelkit.config import ConfigError, make_config
 from kernelkit.models import create_model, preprocess_of
 from kernelkit.weights import resolve_weights
@@ -120,6 +121,21 @@ def test_a_timm_folder_loads_on_timm_0_9(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "timm 0.9.16 resnet10t (0.5, 0.5, 0.5)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(not (TIMM09 / "timm").is_dir(), reason="scripts/test.sh installs timm 0.9.16 in .cache/timm09")
+def test_kernel_trains_from_a_timm_folder_with_no_model_on_timm_0_9(tmp_path, kernel_dir, single_label_dir):  # noqa: F811
+    folder = timm_folder(tmp_path / "w")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "kernel.py", "--data-dir", str(single_label_dir), "--model", "",
+                           "--pretrained-path", str(folder), "--img-size", "32", "--epochs", "1", "--num-workers", "0",
+                           "--budget", "2m", "--out-dir", str(out)], cwd=kernel_dir,
+                          env={**_env(), "PYTHONPATH": str(TIMM09)}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "timm 0.9.16" in proc.stdout and "loaded pretrained weights from" in proc.stdout
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["config"]["model"] == "resnet10t" and ckpt["preprocess"]["mean"] == list(HALF)
+    assert (out / "submission.csv").is_file() and (out / "model" / "config.json").is_file()
 
 
 def test_training_and_infer_normalise_with_the_weights_statistics(tmp_path, single_label_dir, monkeypatch):

@@ -285,7 +285,7 @@ def _weights_problems(c: Config) -> list[str]:
         except ValueError as e:
             out.append(str(e))
             continue
-        if src.architecture and model and not same_architecture(model, src.architecture):
+        if src.architecture and model not in MODEL_FROM_WEIGHTS and not same_architecture(model, src.architecture):
             out.append(f"{path_key} holds {src.architecture!r} weights (its config.json) but {model_key}={model!r}; "
                        f"set {model_key}={src.architecture!r} or leave it empty")
     if not c.model:
@@ -294,11 +294,14 @@ def _weights_problems(c: Config) -> list[str]:
     return out
 
 
+MODEL_FROM_WEIGHTS = ("", "auto")  # model values that mean "whatever the weights folder holds"
+
+
 def fill_architecture(cfg: Config) -> None:
-    """An empty model (or model2) takes the architecture of its weights folder's config.json, so the
-    config printed, saved and stored in checkpoints names the model that was built."""
+    """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
+    config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
     for model_key, path_key in (("model", "pretrained_path"), ("model2", "pretrained_path2")):
-        if getattr(cfg, model_key) or not getattr(cfg, path_key):
+        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
             continue
         try:
             arch = resolve_weights(getattr(cfg, path_key)).architecture
