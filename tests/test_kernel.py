@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,6 +73,9 @@ def test_demo_runs_alone_with_spawned_workers(kernel_dir):
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "demo" and config["model"] == "test_resnet"
     assert np.load(out / "test_probs.npy").shape == (len(sample), 8)
+    # requirements.txt pins matplotlib (Kaggle images have it): the training curves are drawn
+    with Image.open(out / "history.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]
 
 
 @pytest.mark.parametrize("maker,column", [("make_single_label_csv", "predicted"), ("make_folder", "label")])
