@@ -25,8 +25,9 @@ import ast
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -372,7 +373,7 @@ def _check_kernel_source(ref: str) -> None:
         raise ValueError(f"--kernel-source {ref!r}: a kernel slug has at least {MIN_CHARS} characters")
 
 
-def _check_sources(flag: str, refs: Sequence[str], check) -> None:
+def _check_sources(flag: str, refs: Sequence[str], check: Callable[[str], object]) -> None:
     for ref in refs:
         check(ref)
     if len(set(refs)) != len(refs):
@@ -385,7 +386,7 @@ def kernel_metadata(kernel_id: str, competition: str, datasets: Sequence[str] = 
     """The kernel-metadata.json for `kaggle kernels push`; ValueError names the bad input."""
     slug = _check_kernel_id(kernel_id)
     _check_slug(competition, "--competition")
-    _check_sources("--dataset", datasets, lambda ref: _check_ref(ref, "--dataset"))
+    _check_sources("--dataset", datasets, partial(_check_ref, flag="--dataset"))
     _check_sources("--model-source", models, _check_model_source)
     _check_sources("--kernel-source", kernels, _check_kernel_source)
     if accelerator not in ACCELERATORS:
