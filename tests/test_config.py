@@ -123,3 +123,73 @@ def test_help_has_no_python_reprs(capsys):
     out = capsys.readouterr().out
     assert "2% + 2s" in out and "{'" not in out, "no raw % formatting, no dict reprs"
     assert "--threshold-rule {global,group,class}" in out and "exit status: 0 submission written" in out
+
+
+# --help: grouped like the Config dataclass, every option explained, examples that parse.
+
+def _help(capsys) -> str:
+    from kernelkit.config import build_parser
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_groups_follow_the_comments_of_the_config_dataclass():
+    """GROUP_STARTS must name the field under each `# group` comment of Config, in order."""
+    import re
+    from pathlib import Path
+
+    import kernelkit.config as config
+    source = Path(config.__file__).read_text()
+    body = source[source.index("class Config:"):source.index("    def to_dict(")]
+    found = re.findall(r"\n    # ([a-z ]+)\n    (\w+):", body)
+    assert [(g, f) for f, g in config.GROUP_STARTS.items()] == found
+
+
+def test_help_lists_every_option_with_a_help_line_under_its_group(capsys):
+    from kernelkit.config import GROUP_STARTS, build_parser
+    parser = build_parser()
+    by_dest = {a.dest: a for a in parser._actions}
+    for name in Config.__dataclass_fields__:
+        text = by_dest[name].help.split(" (default")[0]
+        assert len(text) > 5, f"--{name} has no help line"
+    titles = [g.title for g in parser._action_groups]
+    assert [t for t in titles if t in GROUP_STARTS.values()] == list(GROUP_STARTS.values())
+    out = _help(capsys)
+    for title in GROUP_STARTS.values():
+        assert f"\n{title}:\n" in out
+    # options sit under their own group: budget in training, tta in inference
+    assert out.index("\ntraining:\n") < out.index("--budget TIME") < out.index("\ninference:\n") < out.index("--tta N")
+
+
+def test_help_shows_presets_choices_booleans_and_examples(capsys):
+    out = _help(capsys)
+    assert "presets: " + " | ".join(PRESETS) in out
+    assert "--aug {none,flip,light,medium,strong}" in out
+    assert "--amp, --no-amp" in out and "(default on)" in out and "(default True)" not in out
+    assert "examples:\n  python kernel.py" in out
+
+
+def test_the_help_examples_parse(capsys):
+    import shlex
+
+    from kernelkit.config import build_parser
+    lines = [line.split("#")[0] for line in _help(capsys).splitlines() if line.strip().startswith("python kernel.py")]
+    assert len(lines) >= 3
+    for line in lines:
+        build_parser().parse_args(shlex.split(line)[2:])  # argparse exits on anything it does not know
+
+
+@pytest.mark.parametrize("argv, amp", [(["--amp"], True), (["--no-amp"], False), (["--amp", "false"], False),
+                                       (["--amp", "yes"], True), ([], True)])
+def test_boolean_options_take_a_flag_a_no_flag_or_a_value(argv, amp):
+    cfg, _ = make_config({"amp": True}, argv)
+    assert cfg.amp is amp
+
+
+@pytest.mark.parametrize("argv", [["--amp", "maybe"], ["--no-amp", "false"]])
+def test_boolean_options_refuse_anything_else(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        make_config({}, argv)
+    assert exited.value.code == 2 and "--amp" in capsys.readouterr().err

@@ -18,6 +18,8 @@ import build_kernel  # noqa: E402
 KERNEL_ID = "alice/imet-convnext"
 COMPETITION = "imet-2019-fgvc6"
 DATASETS = ["alice/timm-convnext-tiny", "bob_lab/imet-extra-labels"]
+MODELS = ["timm/convnext-tiny/pyTorch/fb-in22k/1", "google/gemma-2/keras/gemma2_2b_en.v2/3"]
+KERNELS = ["alice/imet-convnext-fold0", "bob_lab/imet-pseudo-labels"]
 
 
 def push_args(folder: Path, *extra: str) -> list[str]:
@@ -103,9 +105,11 @@ def test_push_dir_holds_the_built_kernel_and_its_metadata(bundle: Path):
         "kernel_type": "script",
         "is_private": True,
         "enable_gpu": True,
+        "machine_shape": "NvidiaTeslaT4",  # Kaggle's "GPU T4 x2", which the DDP path uses
         "enable_internet": False,
         "competition_sources": [COMPETITION],
         "dataset_sources": DATASETS,
+        "model_sources": [],
         "kernel_sources": [],
     }
 
@@ -120,7 +124,7 @@ def test_kaggle_client_accepts_the_bundle_offline(bundle: Path, kaggle_api, caps
     assert body["language"] == "python"
     assert body["kernelType"] == "script"
     assert body["isPrivate"] is True
-    assert body["enableGpu"] is True
+    assert body["enableGpu"] is True and body["machineShape"] == "NvidiaTeslaT4"
     assert body.get("enableInternet", False) is False  # kaggle's own default would be True
     assert body["competitionDataSources"] == [COMPETITION]
     assert body["datasetDataSources"] == DATASETS
@@ -129,11 +133,50 @@ def test_kaggle_client_accepts_the_bundle_offline(bundle: Path, kaggle_api, caps
     assert "does not resolve" not in capsys.readouterr().out
 
 
-def test_no_gpu_reaches_the_request(tmp_path: Path, kaggle_api):
-    folder = tmp_path / "cpu"
-    assert build_kernel.main(push_args(folder, "--no-gpu")) == 0
-    assert json.loads((folder / "kernel-metadata.json").read_text())["enable_gpu"] is False
-    assert kaggle_push_body(kaggle_api, folder).get("enableGpu", False) is False
+@pytest.mark.parametrize("flags, gpu, shape", [
+    (("--no-gpu",), False, None),
+    (("--accelerator", "none"), False, None),
+    (("--accelerator", "p100"), True, "NvidiaTeslaP100"),
+    (("--accelerator", "t4x2", "--gpu"), True, "NvidiaTeslaT4"),
+])
+def test_the_machine_choice_reaches_the_request(tmp_path: Path, kaggle_api, flags, gpu, shape):
+    folder = tmp_path / "machine"
+    assert build_kernel.main(push_args(folder, *flags)) == 0
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta["enable_gpu"] is gpu and meta.get("machine_shape") == shape
+    body = kaggle_push_body(kaggle_api, folder)
+    assert body.get("enableGpu", False) is gpu and body.get("machineShape") == shape
+
+
+def test_model_and_kernel_sources_pass_kaggle_validation_and_reach_the_request(tmp_path: Path, kaggle_api):
+    folder = tmp_path / "sources"
+    extra = [a for m in MODELS for a in ("--model-source", m)] + [a for k in KERNELS for a in ("--kernel-source", k)]
+    assert build_kernel.main(push_args(folder, *extra, "--accelerator", "p100")) == 0
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta["model_sources"] == MODELS and meta["kernel_sources"] == KERNELS
+    body = kaggle_push_body(kaggle_api, folder)
+    assert body["modelDataSources"] == MODELS and body["kernelDataSources"] == KERNELS
+    assert body["datasetDataSources"] == DATASETS and body["machineShape"] == "NvidiaTeslaP100"
+
+
+def test_push_dir_takes_the_config_region_and_set_without_touching_kernel_py(tmp_path: Path):
+    before = (ROOT / "kernel.py").read_bytes()
+    folder = tmp_path / "configured"
+    assert build_kernel.main(push_args(folder, "--preset", "imet2019", "--set", "budget=8h",
+                                       "--set", "pretrained_path=/kaggle/input/w/model.safetensors")) == 0
+    text = (folder / "kernel.py").read_text(encoding="utf-8")
+    region, line = build_kernel.extract_region(text)
+    assert build_kernel.read_region_values(region, line) == {
+        "preset": "imet2019", "budget": "8h", "pretrained_path": "/kaggle/input/w/model.safetensors"}
+    assert build_kernel.without_region(text) == build_kernel.without_region(build_kernel.build())
+    assert (ROOT / "kernel.py").read_bytes() == before
+
+
+def test_a_refused_setting_writes_no_bundle(tmp_path: Path, capsys: pytest.CaptureFixture):
+    folder = tmp_path / "refused"
+    assert build_kernel.main(push_args(folder, "--set", "loss=focall")) == 2
+    assert "loss='focall' is not one of" in capsys.readouterr().err
+    assert not folder.exists()
 
 
 # Each input is refused by our checks (before anything is written) and, put into an otherwise
@@ -146,6 +189,19 @@ REFUSED_BY_BOTH = [
     pytest.param(("--title", "abc"), {"title": "abc"}, "--title", id="title-too-short"),
     pytest.param(("--dataset", "alice/"), {"dataset_sources": ["alice/"]}, "--dataset", id="dataset-without-slug"),
     pytest.param(("--dataset", "a/b/c/d"), {"dataset_sources": ["a/b/c/d"]}, "--dataset", id="dataset-too-deep"),
+    pytest.param(("--model-source", "timm/convnext-tiny/pyTorch/fb-in22k"),
+                 {"model_sources": ["timm/convnext-tiny/pyTorch/fb-in22k"]}, "--model-source", id="model-no-version"),
+    pytest.param(("--model-source", "timm/convnext-tiny/pyTorch/fb-in22k/v1"),
+                 {"model_sources": ["timm/convnext-tiny/pyTorch/fb-in22k/v1"]}, "--model-source",
+                 id="model-version-not-a-number"),
+    pytest.param(("--model-source", "timm/convnext-tiny"), {"model_sources": ["timm/convnext-tiny"]},
+                 "--model-source", id="model-without-instance"),
+    pytest.param(("--kernel-source", "alice/abc"), {"kernel_sources": ["alice/abc"]}, "--kernel-source",
+                 id="kernel-source-slug-too-short"),
+    pytest.param(("--kernel-source", "a/imet-run/3/4"), {"kernel_sources": ["a/imet-run/3/4"]}, "--kernel-source",
+                 id="kernel-source-too-deep"),
+    pytest.param(("--kernel-source", "imet-convnext"), {"kernel_sources": ["imet-convnext"]}, "--kernel-source",
+                 id="kernel-source-without-owner"),
 ]
 
 
@@ -179,6 +235,10 @@ def test_missing_code_file_is_refused_by_us_and_by_kaggle(bundle: Path, kaggle_a
     (("--competition", "iMet 2019"), "--competition 'iMet 2019'"),
     (("--dataset", "timm-weights"), "--dataset 'timm-weights'"),
     (("--dataset", DATASETS[0]), "given twice"),
+    (("--model-source", "Timm/convnext-tiny/pyTorch/fb-in22k/1"), "--model-source 'Timm/"),
+    (("--model-source", "timm/convnext tiny/pyTorch/fb-in22k/1"), "--model-source"),
+    (("--model-source", MODELS[0], "--model-source", MODELS[0]), "given twice"),
+    (("--kernel-source", "alice/imet_run"), "--kernel-source 'alice/imet_run'"),
 ])
 def test_our_stricter_checks_name_the_bad_flag(tmp_path, capsys, args, message):
     folder = tmp_path / "refused"
@@ -192,6 +252,12 @@ def test_our_stricter_checks_name_the_bad_flag(tmp_path, capsys, args, message):
     ["--no-gpu"],
     ["--push-dir", "x", "--id", KERNEL_ID],
     ["--push-dir", "x", "--competition", COMPETITION, "--id", KERNEL_ID, "--check"],
+    ["--model-source", MODELS[0]],
+    ["--kernel-source", KERNELS[0]],
+    ["--accelerator", "p100"],
+    ["--push-dir", "x", "--competition", COMPETITION, "--id", KERNEL_ID, "--no-gpu", "--accelerator", "t4x2"],
+    ["--push-dir", "x", "--competition", COMPETITION, "--id", KERNEL_ID, "--accelerator", "tpu"],
+    ["--check", "--set", "img_size=288"],
 ])
 def test_push_flags_combine_only_as_documented(argv, capsys):
     with pytest.raises(SystemExit) as exited:

@@ -41,7 +41,7 @@ class Config:
     # what to run
     mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints", choices=CHOICES['mode'])
     preset: str = _f("", "named preset applied under your settings (demo, ...)")
-    data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo")
+    data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo (never on Kaggle)")
     id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
     label_column: str = _f("", "train.csv column holding the labels; empty = detect (sample submission, known names)")
     train_images: str = _f("", "folder of the training images inside data_dir; empty = detect (train, train_images, ...)")
@@ -87,9 +87,9 @@ class Config:
     budget: str = _f("8h30m", "wall-clock budget for the whole kernel, e.g. 9h, 8h30m, 90s")
     margin: str = _f("auto", "safety margin kept free at the end of the budget; auto = 2% + 2s, at most 10m")
     epochs: int = _f(0, "0 = as many as fit the budget (schedule over time); >0 = fixed epochs")
-    batch_size: int = _f(32, "")
+    batch_size: int = _f(32, "images per optimiser step (per process under DDP)")
     lr: float = _f(1e-3, "peak AdamW learning rate")
-    weight_decay: float = _f(0.05, "")
+    weight_decay: float = _f(0.05, "AdamW weight decay")
     warmup: float = _f(0.05, "fraction of training spent warming up")
     clip_grad: float = _f(0.0, "clip the gradient norm to this (0 = off)")
     schedule: str = _f("linear", "decay to zero at the end of training: linear | cosine", choices=CHOICES['schedule'])
@@ -101,7 +101,7 @@ class Config:
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
-    channels_last: bool = _f(True, "")
+    channels_last: bool = _f(True, "GPU: NHWC memory layout (faster convolutions with AMP)")
     num_workers: int = _f(-1, "-1 = all CPU cores")
     mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork", choices=CHOICES['mp_context'])
     seed: int = _f(42, "seeds Python, NumPy, torch and every loader worker; stored in the checkpoints")
@@ -129,12 +129,13 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
-        """A config from user input: unknown keys, wrong types and out-of-range values are refused."""
-        refuse_unknown_keys(d, "config")
+    def from_dict(cls, d: dict[str, Any], where: str = "config", check_paths: bool = True) -> "Config":
+        """A config from user input: unknown keys, wrong types and out-of-range values are refused.
+        check_paths=False skips the files that only exist where the kernel runs (build time)."""
+        refuse_unknown_keys(d, where)
         cfg = cls(**{k: _normalise(k, v) for k, v in d.items()})
         fill_architecture(cfg)
-        validate(cfg)
+        validate(cfg, check_paths=check_paths)
         return cfg
 
     @classmethod
@@ -310,9 +311,11 @@ def fill_architecture(cfg: Config) -> None:
         setattr(cfg, model_key, arch)
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, check_paths: bool = True) -> None:
     """Every option at once, so one run shows every mistake; raises ConfigError naming each option."""
-    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg) + _path_problems(cfg)
+    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg)
+    if check_paths:
+        problems += _path_problems(cfg)
     if problems:
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
 
@@ -399,19 +402,100 @@ class _Typed:
         return _coerce(value, self.typ)
 
 
+def parse_value(key: str, text: str, where: str = "option") -> Any:
+    """One option's value from text (`--set key=value` at build time), typed as its Config field."""
+    refuse_unknown_keys({key: text}, where)
+    try:
+        return _coerce(text, _field_types()[key])
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected {_TYPE_WORDS[_field_types()[key]]}") from None
+
+
+class _BoolFlag(argparse.Action):
+    """--amp / --no-amp, and --amp VALUE (true/false/yes/no/1/0), which scripts already use."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                raise argparse.ArgumentError(self, f"takes no value (got {values!r})")
+            values = False
+        setattr(namespace, self.dest, True if values is None else values)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _BoolFlag):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+
+# --help groups: the first field of each commented group of Config; later fields follow it until the
+# next group starts, so a field added inside a group lands in that group (tests check the comments).
+GROUP_STARTS = {"mode": "what to run", "model": "model", "img_size": "images", "budget": "training",
+                "tta": "inference", "demo_images": "demo"}
+
+_DESCRIPTION = """\
+Kaggle image-classification kernel (kernelkit): trains a timm model inside the time budget, then
+writes submission.csv with test-time augmentation. Settings come from, lowest first: defaults <
+--preset < the CONFIG block at the top of kernel.py < these flags.
+presets: {presets}"""
+
+_EPILOG = """\
+examples:
+  python kernel.py                       # the competition under /kaggle/input (else a generated demo)
+  python kernel.py --preset imet2019 --pretrained-path /kaggle/input/w/model.safetensors --budget 8h
+  python kernel.py --data-dir ~/data/scene15 --model resnet50 --img-size 288 --no-amp --budget 30m
+  python kernel.py --mode infer --checkpoints '/kaggle/input/earlier-run/*.pt'
+  python kernel.py --dry-run --preset imet2019 --budget 8h30m   # does the plan fit?
+
+exit status: 0 submission written (also when training failed: see the log), 2 refused before
+training (bad option or data), 4 --dry-run plan does not fit, other: no submission could be made"""
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    if f.name == "preset":
+        text = f"{text.split(' (')[0]}: {' | '.join(PRESETS)}"
+    default = ("on" if f.default else "off") if isinstance(f.default, bool) else repr(f.default)
+    # argparse %-formats help strings: a literal % (as in "2% + 2s") must be doubled.
+    return f"{text} (default {default})".replace("%", "%%")
+
+
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT", "preset": "NAME", "model": "NAME", "model2": "NAME",
+             **dict.fromkeys(("data_dir", "out_dir", "checkpoints", "pretrained_path", "pretrained_path2",
+                              "cache_dir", "resume_from"), "PATH")}
+
+
+def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field, typ: str) -> None:
+    flag = f"--{f.name.replace('_', '-')}"
+    if typ == "bool":
+        group.add_argument(flag, f"--no-{flag[2:]}", dest=f.name, default=None, nargs="?", action=_BoolFlag,
+                           type=_Typed("bool"), help=_help_text(f))
+        return
+    choices = f.metadata.get("choices")
+    metavar = None if choices else _METAVARS.get(f.name) or ("TIME" if f.name in DURATIONS else _METAVARS[typ])
+    group.add_argument(flag, dest=f.name, default=None, help=_help_text(f), type=_Typed(typ), choices=choices,
+                       metavar=metavar)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Kaggle image-classification kernel (kernelkit)",
-                                epilog="exit status: 0 submission written (also when training failed: see the log), "
-                                       "2 refused before training (bad option or data), 4 --dry-run plan does not "
-                                       "fit, other: no submission could be made")
+    p = argparse.ArgumentParser(description=_DESCRIPTION.format(presets=" | ".join(PRESETS)), epilog=_EPILOG,
+                                formatter_class=_HelpFormatter,
+                                usage="%(prog)s [--preset NAME] [--option VALUE ...]  (--help lists them)")
     types = _field_types()
+    group = p.add_argument_group("options")
     for f in fields(Config):
-        choices = f.metadata.get("choices")
-        # argparse %-formats help strings: a literal % (as in "2% + 2s") must be doubled.
-        text = f"{f.metadata.get('help', '')} (default {f.default!r})".replace("%", "%%")
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=text,
-                       type=_Typed(types[f.name]), choices=choices, metavar=None if choices else f.name.upper())
-    p.add_argument("--dry-run", action="store_true", help="short local run that reports throughput")
+        if f.name in GROUP_STARTS:
+            group = p.add_argument_group(GROUP_STARTS[f.name])
+        _add_option(group, f, types[f.name])
+        if f.name == "checkpoints":
+            group.add_argument("--dry-run", action="store_true",
+                               help="short local run that measures speed and says whether the plan fits the "
+                                    "budget (exit 4 when not)")
     return p
 
 
