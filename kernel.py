@@ -14,14 +14,14 @@ _STARTED_AT = _time.time()  # the budget clock starts here, before the slow impo
 # ----------------------------------------------------------------------------- CONFIG
 # Uncomment and edit. Precedence: defaults < preset < this block < command-line flags.
 CONFIG = dict(
-    # mode='train',                         # train: train then predict | infer: predict from saved checkpoints
+    # mode='train',                         # train: train then predict | infer: predict from saved checkpoints | blend: weight K-fold runs' test probabilities by their out-of-fold scores
     # preset='',                            # named preset applied under your settings (demo, ...)
     # data_dir='',                          # competition folder; empty = find it under /kaggle/input, else run the demo
     # id_column='',                         # train.csv column holding the image ids; empty = detect (sample submission, known names)
     # label_column='',                      # train.csv column holding the labels; empty = detect (sample submission, known names)
     # format='auto',                        # auto | multilabel_csv | single_label_csv | folder
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
-    # checkpoints='',                       # infer mode: checkpoint file, folder or glob
+    # checkpoints='',                       # infer mode: checkpoint file, folder or glob; blend mode: run output folders (comma-separated, globs allowed), each with test_probs.npy and oof/
     # model='resnet50',                     # timm model name
     # pretrained_path='',                   # local weights file (.pth/.safetensors/.bin); empty = random init
     # drop_rate=0.0,                        # dropout before the classifier
@@ -34,6 +34,7 @@ CONFIG = dict(
     # unfreeze_blocks=0,                    # after the frozen stage train the last N backbone blocks/stages (0 = all)
     # layer_decay=0.0,                      # layer-wise LR decay, e.g. 0.75 (0 = off)
     # ema=0.0,                              # EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)
+    # swa=0.0,                              # average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm recomputed after): it predicts when it validates at least as well (0 = off)
     # img_size=224,                         # square input size
     # pad_aspect=2.0,                       # pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
@@ -71,6 +72,7 @@ CONFIG = dict(
     # checkpoint_every='20m',               # also save last.pt at this wall-clock interval
     # resume=True,                          # continue an unfinished run from out_dir/last.pt (its time counts against the budget)
     # resume_from='',                       # continue from this checkpoint of an earlier session (e.g. an attached dataset); the budget is what this session has left
+    # sessions=1,                           # Kaggle sessions one schedule is laid over: each trains its 1/N slice, saves and submits; the next continues with resume_from=<previous>/last.pt
     # max_train_images=0,                   # use only this many training images (0 = all); for quick runs
     # grace='20s',                          # on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if needed), then exit 0 with a submission
     # tta=2,                                # test-time augmentation views: 1 = none, 2 = + horizontal flip
@@ -259,6 +261,9 @@ class InferenceReserve:
         self.train_ips: float | None = None
         self.startup_s = 5.0  # until measured
         self._startup_measured = False
+        # Work after training besides the final validation, at the validation rate: the weight
+        # average's BatchNorm pass and its own validation (swa.py), with one more loader start-up.
+        self.extra_images, self.extra_loaders = 0, 0
 
     def observe_startup(self, seconds: float) -> None:
         """Keep the worst first-batch latency seen: persistent workers make later ones look free,
@@ -270,10 +275,11 @@ class InferenceReserve:
         guess = 2.0 * self.train_ips if self.train_ips else None
         test_rate = self.test_ips or self.val_ips or guess
         val_rate = self.val_ips or self.test_ips or guess
-        fixed = self.overhead_s + 2 * self.startup_s
+        fixed = self.overhead_s + (2 + self.extra_loaders) * self.startup_s
         if not test_rate:
             return fixed
-        return fixed + self.safety * (self.n_test * self.tta / test_rate + self.n_val / val_rate)
+        val_images = self.n_val + self.extra_images
+        return fixed + self.safety * (self.n_test * self.tta / test_rate + val_images / val_rate)
 
 
 def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> float:
@@ -292,11 +298,13 @@ def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> fl
 class Progress:
     """Where training is in [0, 1]: by time toward a (moving) deadline, or by steps.
 
-    On resume it continues from the saved progress and spreads the rest over the time left.
+    On resume it continues from the saved progress and spreads the rest of this session's slice
+    (up to `end`; 1.0 unless the schedule is split over several Kaggle sessions) over the time left.
     """
 
-    def __init__(self, clock: BudgetClock, start_progress: float = 0.0, total_steps: int = 0):
+    def __init__(self, clock: BudgetClock, start_progress: float = 0.0, total_steps: int = 0, end: float = 1.0):
         self.clock, self.p0, self.total_steps = clock, float(start_progress), total_steps
+        self.end = max(float(end), self.p0)
         self.t0 = clock.elapsed()
 
     def at(self, deadline_s: float, step: int = 0) -> float:
@@ -304,8 +312,8 @@ class Progress:
             return min(1.0, step / self.total_steps)
         span = deadline_s - self.t0
         if span <= 0:
-            return 1.0
-        return min(1.0, self.p0 + (1.0 - self.p0) * (self.clock.elapsed() - self.t0) / span)
+            return self.end
+        return min(self.end, self.p0 + (self.end - self.p0) * (self.clock.elapsed() - self.t0) / span)
 
 
 def affordable_tta(level: int, n_images: int, images_per_s: float | None, seconds_left: float) -> int:
@@ -1463,6 +1471,7 @@ import torch
 from .config import Config, parse_duration, parse_kwargs
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
+from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .transforms import BatchAugment, seed_augmentations
 
@@ -1520,7 +1529,7 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
     return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
                       scaler=make_scaler(cfg.amp and device.type == "cuda"),
                       loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
-                      batch_aug=batch_augment(cfg, task, num_classes))
+                      batch_aug=batch_augment(cfg, task, num_classes), swa=create_averager(model, cfg.swa))
 
 
 def fit_options(cfg: Config) -> FitOptions:
@@ -1551,7 +1560,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 # choice (losses.LOSSES, transforms.AUG_LEVELS, ...) are checked against these in the tests.
 AUG_LEVELS = ("none", "flip", "light", "medium", "strong")
 CHOICES: dict[str, tuple] = {
-    "mode": ("train", "infer"),
+    "mode": ("train", "infer", "blend"),
     "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
     "head": ("linear", "mlp"),
     "aug": AUG_LEVELS,
@@ -1567,14 +1576,16 @@ CHOICES: dict[str, tuple] = {
 @dataclass
 class Config:
     # what to run
-    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints", choices=CHOICES['mode'])
+    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints | blend: weight "
+                            "K-fold runs' test probabilities by their out-of-fold scores", choices=CHOICES['mode'])
     preset: str = _f("", "named preset applied under your settings (demo, ...)")
     data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo")
     id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
     label_column: str = _f("", "train.csv column holding the labels; empty = detect (sample submission, known names)")
     format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder", choices=CHOICES['format'])
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
-    checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
+    checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob; blend mode: run output folders "
+                              "(comma-separated, globs allowed), each with test_probs.npy and oof/")
     # model
     model: str = _f("resnet50", "timm model name")
     pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
@@ -1589,6 +1600,8 @@ class Config:
     unfreeze_blocks: int = _f(0, "after the frozen stage train the last N backbone blocks/stages (0 = all)")
     layer_decay: float = _f(0.0, "layer-wise LR decay, e.g. 0.75 (0 = off)")
     ema: float = _f(0.0, "EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)")
+    swa: float = _f(0.0, "average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm "
+                         "recomputed after): it predicts when it validates at least as well (0 = off)")
     # images
     img_size: int = _f(224, "square input size")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
@@ -1632,6 +1645,8 @@ class Config:
     resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
     resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
                               "the budget is what this session has left")
+    sessions: int = _f(1, "Kaggle sessions one schedule is laid over: each trains its 1/N slice, saves and "
+                          "submits; the next continues with resume_from=<previous>/last.pt")
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
     grace: str = _f("20s", "on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if "
                            "needed), then exit 0 with a submission")
@@ -1731,6 +1746,10 @@ def _range_problems(c: Config) -> list[str]:
         (0 <= c.freeze <= 1, f"freeze={c.freeze}: a share of training, in [0, 1]"),
         (0 <= c.layer_decay <= 1, f"layer_decay={c.layer_decay}: 0 (off) or in (0, 1]"),
         (0 <= c.ema < 1, f"ema={c.ema}: 0 (off) or a decay in (0, 1), e.g. 0.999"),
+        (0 <= c.swa < 1, f"swa={c.swa}: 0 (off) or the share of the schedule to average over, in (0, 1), e.g. 0.25"),
+        (1 <= c.sessions <= 100, f"sessions={c.sessions}: must be between 1 and 100"),
+        (not c.epochs or c.epochs >= c.sessions,
+         f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
         (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
@@ -1747,6 +1766,8 @@ def _range_problems(c: Config) -> list[str]:
         (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
         (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
         (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
+        (c.mode != "blend" or bool(c.checkpoints),
+         "mode='blend' needs checkpoints= (run output folders, comma-separated or a glob)"),
         (not ((c.mixup or c.cutmix) and c.loss == "complement"),
          "mixup/cutmix give soft targets, which loss='complement' does not take"),
     ]
@@ -4820,6 +4841,132 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
                  most, f"; most frequent confusion {top_pair[0]} -> {top_pair[1]} ({top_pair[2]})" if top_pair else "")
     return s
 ''',
+'kernelkit.resume': r'''"""Continuing a schedule: after a kill in the same out_dir, or in a later Kaggle session.
+
+A Kaggle GPU session lasts at most 9 hours, so one learning-rate schedule can be laid over
+`sessions` of them. Session k trains its slice of the schedule and saves; the next session, given
+the earlier output as `resume_from=.../last.pt`, continues where the schedule stopped, with its own
+budget, inference reserve and submission.
+
+Slices. With a wall-clock schedule (epochs=0) session k covers progress [(k-1)/N, k/N] over its
+own training time: the progress left is shared evenly by the sessions left, so a session that
+stopped early (a SIGTERM, a crash) hands the rest of its slice to the ones after it. With fixed
+epochs, the epochs are split the same way (epoch boundaries, at least one per session). A restart
+of the same session after a kill keeps the slice stored in its checkpoint.
+
+Refused at start (exit 2), before any data is read: a finished schedule (it would train at LR 0;
+predict with --mode infer instead), and a checkpoint whose schedule, model or data split differ
+from this run's (SCHEDULE_KEYS), e.g. another `sessions` value.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint, set_rng_state
+from .competition import Competition
+from .config import Config, ConfigError
+from .train import FitState, TrainParts
+
+log = logging.getLogger("kernelkit")
+
+# What must not change between the sessions of one schedule: the schedule itself, the model, and
+# the validation split (another split would validate on images the model trained on).
+SCHEDULE_KEYS = ("sessions", "epochs", "schedule", "warmup", "lr", "swa", "freeze", "model", "model2", "head",
+                 "fold", "n_folds", "val_fraction", "seed", "max_train_images")
+
+
+def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
+    """'key: checkpoint X, now Y' for every schedule-defining option that differs (batch_size too with
+    fixed epochs: it sets the number of steps). A key older checkpoints lack counts as its default."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    keys = SCHEDULE_KEYS + (("batch_size",) if cfg.epochs else ())
+    return [f"{k}: checkpoint {trained.get(k, defaults[k])!r}, now {getattr(cfg, k)!r}" for k in keys
+            if trained.get(k, defaults[k]) != getattr(cfg, k)]
+
+
+def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from, checked before anything slow: one of another model, label set
+    or schedule, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0).
+    A restart in the same out_dir (not `explicit`) with a changed config starts fresh instead."""
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    trained = ckpt.get("config", {})
+    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
+        if explicit:
+            raise ConfigError(f"resume_from {path}: trained a different model or label set "
+                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
+        log.warning("%s belongs to a different model or label set; starting fresh", path)
+        return None
+    differ = config_differences(trained, cfg)
+    if differ and explicit:
+        raise ConfigError(f"resume_from {path}: its schedule was made with other settings ({'; '.join(differ)}). "
+                          "Every session of one schedule needs the same values: set them as the checkpoint has "
+                          "them, or start a new schedule (leave resume_from empty)")
+    if differ:
+        log.warning("%s was trained with other settings (%s); starting fresh", path, "; ".join(differ))
+        return None
+    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
+    if finished and explicit:
+        raise ConfigError(
+            f"resume_from {path}: its schedule already finished (session {ckpt.get('session', 1)} of "
+            f"{trained.get('sessions', 1)}, epoch {ckpt['epoch']}, progress {ckpt['progress']:.3f}); training on "
+            f"would run at learning rate 0. To predict with it use --mode infer --checkpoints {path}; to train "
+            "more, start a new schedule (leave resume_from empty)")
+    return ckpt
+
+
+def first_slice(sessions: int, epochs: int) -> float:
+    if epochs:
+        return max(1, round(epochs / sessions)) / epochs
+    return 1.0 / sessions
+
+
+def next_slice(ckpt: dict[str, Any], sessions: int, epochs: int) -> tuple[int, float]:
+    """-> (this session's number, progress at which its slice ends) after the checkpoint's session."""
+    done = int(ckpt.get("session", 1))
+    left = sessions - done
+    if left < 1:
+        log.warning("the checkpoint is from session %d of %d but its schedule is not finished (progress %.3f): "
+                    "this extra session trains the rest", done, sessions, ckpt["progress"])
+        left = 1
+    if epochs:
+        e0 = int(ckpt["epoch"])
+        return done + 1, min(epochs, max(e0 + 1, e0 + round((epochs - e0) / left))) / epochs
+    p0 = float(ckpt["progress"])
+    return done + 1, p0 + (1.0 - p0) / left
+
+
+def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, cfg: Config,
+            new_session: bool) -> FitState:
+    """Weights, optimizer, RNG and schedule position from `ckpt`, and this session's slice. A new
+    session selects its own best epoch (its output folder stands alone: best.pt, val_probs, rule)."""
+    if ckpt is None:
+        state = FitState(session=1, session_end=first_slice(cfg.sessions, cfg.epochs))
+    else:
+        parts.model.load_state_dict(ckpt["model"])
+        if parts.ema is not None and "ema" in ckpt:
+            parts.ema.module.load_state_dict(ckpt["ema"])
+        if parts.swa is not None and "swa" in ckpt:
+            parts.swa.load_state_dict(ckpt["swa"])
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        parts.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        session, end = (next_slice(ckpt, cfg.sessions, cfg.epochs) if new_session
+                        else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
+        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                         best_score=-math.inf if new_session else ckpt["best_score"], threshold=ckpt["threshold"],
+                         session=session, session_end=end)
+        log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
+    if cfg.sessions > 1:
+        log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,
+                 cfg.sessions, state.progress, state.session_end)
+    return state
+''',
 'kernelkit.sampling': r'''"""Class-balanced sampling for long-tailed data (iNaturalist seed)."""
 from __future__ import annotations
 
@@ -4987,6 +5134,128 @@ def ignore_in_worker(worker_id: int = 0) -> None:
     their own when the main process dies.)"""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+''',
+'kernelkit.swa': r'''"""Cheap weight averaging over the end of the schedule (SWA: Izmailov et al., "Averaging Weights
+Leads to Wider Optima and Better Generalization", UAI 2018).
+
+Over the last `swa` share of the schedule every step's weights go into a running average
+(`torch.optim.swa_utils.AveragedModel`, buffers included, so the average is usable even if the
+BatchNorm pass is skipped). After training, the average's BatchNorm statistics are recomputed on a
+few training batches (the averaged weights never produced the running statistics they carry), it is
+validated, and it replaces best.pt only when it scores at least as well as the last and the best
+weights. The BatchNorm pass and the extra validation are charged to the inference reserve up front.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from .decide import score_validation
+from .infer import autocast, predict
+from .transforms import normalize
+
+log = logging.getLogger("kernelkit")
+
+BN_BATCHES = 50  # enough batches for stable BatchNorm statistics; the pass costs about one forward each
+
+
+class WeightAverage:
+    """The running average of the weights from progress `1 - share` on."""
+
+    def __init__(self, model: torch.nn.Module, share: float, bn_batches: int = BN_BATCHES):
+        self.share, self.start, self.bn_batches = share, 1.0 - share, bn_batches
+        self.avg = AveragedModel(model, use_buffers=True)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.avg.module
+
+    @property
+    def n(self) -> int:
+        return int(self.avg.n_averaged)
+
+    def update(self, model: torch.nn.Module, progress: float) -> None:
+        if progress >= self.start:
+            self.avg.update_parameters(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.avg.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.avg.load_state_dict(state)
+
+    def extra_images(self, train_loader: Any, n_val: int) -> tuple[int, int]:
+        """-> (images, loader start-ups) the conclusion costs beyond the final validation."""
+        bn = min(len(train_loader), self.bn_batches) * (train_loader.batch_size or 1) if has_batchnorm(self.module) else 0
+        return bn + n_val, 1 + int(bn > 0)
+
+
+def create_averager(model: torch.nn.Module, share: float) -> WeightAverage | None:
+    return WeightAverage(model, share) if share > 0 else None
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.device, channels_last: bool,
+                        max_batches: int, amp: bool = True) -> int:
+    """Running statistics of every BatchNorm layer from `max_batches` training batches (a cumulative
+    average, as torch.optim.swa_utils.update_bn does, but on this package's uint8 batches).
+    -> the number of batches used (0: the model has no BatchNorm)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    momenta = {m: m.momentum for m in layers}
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    was_training, used = model.training, 0
+    model.train()
+    with torch.no_grad():
+        for x, _, _ in loader:
+            if used >= max_batches:
+                break
+            with autocast(device, amp):
+                model(normalize(x.to(device, non_blocking=True), channels_last))
+            used += 1
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    model.train(was_training)
+    return used
+
+
+def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: torch.device, opts: Any,
+                     best_score: float, last_score: float | None) -> dict | None:
+    """BatchNorm pass, validation, verdict. -> {"score", "threshold", "probs"} when the average should
+    predict (probs None: no validation set, so the average predicts unvalidated, as SWA is meant
+    to), else None."""
+    if avg.n < 2:
+        log.info("weight average: %d snapshot(s) in the last %.0f%% of the schedule, nothing to average",
+                 avg.n, 100 * avg.share)
+        return None
+    batches = recompute_batchnorm(avg.module, train_loader, device, opts.channels_last, avg.bn_batches, opts.amp)
+    if val is None or not len(val.targets):
+        log.info("weight average of %d snapshots (BatchNorm from %d batches); no validation set: it predicts",
+                 avg.n, batches)
+        return {"score": None, "threshold": None, "probs": None}
+    out = predict(avg.module, val.loader, device, val.task, amp=opts.amp, channels_last=opts.channels_last,
+                  desc="validate average")
+    va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
+                          opts.max_labels)
+    bar = max(s for s in (best_score, last_score) if s is not None)
+    use = va["score"] >= bar
+    log.info("weight average of %d snapshots (BatchNorm from %d batches): val %s %.4f; last weights %s, best "
+             "epoch %.4f -> %s", avg.n, batches, va["metric"], va["score"],
+             "n/a" if last_score is None else f"{last_score:.4f}", best_score,
+             "the average predicts" if use else "kept the trained weights")
+    if not use:
+        return None
+    return {"score": va["score"], "threshold": va["threshold"], "probs": out["probs"].astype(np.float32)}
 ''',
 'kernelkit.thresholds': r'''"""Multi-label decision rules and their search on validation probabilities.
 
@@ -5363,6 +5632,7 @@ import torch
 
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import Checkpointer, rng_state
+from .swa import conclude_average
 from .decide import score_validation
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import OutOfMemory, autocast, predict
@@ -5401,6 +5671,7 @@ class TrainParts:
     loss_fn: Callable
     ema: Any = None
     batch_aug: Callable | None = None
+    swa: Any = None  # swa.WeightAverage: running average of the weights over the end of the schedule
 
 
 @dataclass
@@ -5415,6 +5686,8 @@ class FitState:
     bad_images: int = 0
     failed_saves: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
+    session: int = 1  # which Kaggle session of a schedule split over several (slices.py)
+    session_end: float = 1.0  # progress at which this session's slice of the schedule ends
 
 
 @dataclass
@@ -5448,8 +5721,8 @@ class Trainer:
         self.device, self.saver, self.dist, self.stop = device, saver, dist, stop
         self.state = state or FitState()
         self.core = unwrap(parts.model)
-        self.total_steps = 0
-        self.schedule = Progress(clock, self.state.progress)
+        self.total_steps = self.stop_step = 0
+        self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
         self.frozen = False
         self.last_save = time.time()
@@ -5464,7 +5737,7 @@ class Trainer:
         if self.stop is not None and self.stop.requested:
             self.stop_reason = "signal"
             return True
-        if self.total_steps and self.state.step >= self.total_steps:
+        if self.stop_step and self.state.step >= self.stop_step:
             self.stop_reason = "epochs"
             return True
         return self.clock.elapsed() + self.step_s >= self.deadline()
@@ -5491,9 +5764,15 @@ class Trainer:
         """Epochs until told to stop; validate and checkpoint at each epoch end."""
         opts, state = self.opts, self.state
         self.total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
-        self.schedule = Progress(self.clock, state.progress, self.total_steps)
+        # Fixed epochs split over sessions: this session ends at the epoch its slice ends at.
+        stop_epoch = round(state.session_end * opts.epochs)
+        self.stop_step = stop_epoch * len(train_loader)
+        self.schedule = Progress(self.clock, state.progress, self.total_steps, state.session_end)
+        if self.parts.swa is not None:
+            self.reserve.extra_images, self.reserve.extra_loaders = self.parts.swa.extra_images(train_loader,
+                                                                                                self.reserve.n_val)
         result = self.result
-        while not (opts.epochs and state.epoch >= opts.epochs) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
+        while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
             tr = self.train_epoch(train_loader)
@@ -5505,10 +5784,27 @@ class Trainer:
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1
-        result.stop_reason = "epochs" if opts.epochs and state.epoch >= opts.epochs else self.stop_reason
+        result.stop_reason = "epochs" if opts.epochs and state.epoch >= stop_epoch else self.stop_reason
         if self.dist.is_main and (val is None or not len(val.targets)):
             self.save("best.pt", epoch_done=True)  # nothing to select on: the last weights are the best
+        if self.dist.is_main and self.parts.swa is not None:
+            self.use_average(train_loader, val, result)
         return result
+
+    def use_average(self, train_loader, val: Validation | None, result: FitResult) -> None:
+        """The weight average becomes best.pt (what the submission predicts with) when it validates at
+        least as well as the last and the best weights; both scores are logged either way."""
+        last = result.history[-1].get("val_score") if result.history else None
+        if self.stop is not None and self.stop.requested:
+            log.info("weight average skipped: the grace after the stop request is for the prediction")
+            return
+        won = conclude_average(self.parts.swa, train_loader, val, self.device, self.opts, self.state.best_score, last)
+        if won is None:
+            return
+        if won["probs"] is not None:
+            self.state.best_score, self.state.threshold = won["score"], won["threshold"]
+            result.best_val_probs = won["probs"]
+        self.save("best.pt", epoch_done=True, weights=self.parts.swa.module.state_dict())
 
     def train_epoch(self, loader, max_steps: int = 0) -> dict:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
@@ -5543,6 +5839,8 @@ class Trainer:
             parts.scaler.update()
             if parts.ema is not None:
                 parts.ema.update(self.core)
+            if parts.swa is not None:
+                parts.swa.update(self.core, state.progress)
             state.step += 1
             skipped += int((ok == 0).sum())
             images += len(ok)
@@ -5634,17 +5932,21 @@ class Trainer:
         return (f"p={self.state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{self.clock.fmt()}, training ends "
                 f"in {fmt_seconds(train_left)}, then ~{fmt_seconds(self.reserve.seconds())} inference]")
 
-    def save(self, name: str, epoch_done: bool) -> None:
-        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on."""
+    def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
+        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on.
+        `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
         self.last_save = time.time()
         if self.saver is None:
             return
         parts, state = self.parts, self.state
+        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
+        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}
         payload = {
-            "model": self.core.state_dict(), **({"ema": parts.ema.module.state_dict()} if parts.ema is not None else {}),
+            "model": weights or self.core.state_dict(), **ema, **swa,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
             "best_score": state.best_score, "threshold": state.threshold,
+            "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }
         if not self.saver.save(name, payload):
@@ -5659,6 +5961,7 @@ the best weights available, and the failure is logged loudly and recorded in sum
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -5671,7 +5974,7 @@ import torch
 from . import distributed
 from .assemble import TrainingData, build_training_data
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
-from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
+from .checkpoint import BEST, LAST, Checkpointer
 from .competition import Competition
 from .components import build_parts, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
@@ -5680,10 +5983,11 @@ from .decide import RuleSettings, refine_rule
 from .distributed import DistInfo
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .reports import write_label_statistics
+from .resume import check_resume, restore
 from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .thresholds import ThresholdRule, prior_baseline
-from .train import FitResult, FitState, TrainParts, Trainer, Validation
+from .train import FitResult, Trainer, Validation
 
 log = logging.getLogger("kernelkit")
 
@@ -5711,45 +6015,6 @@ class Outcome:
         except Exception as e:  # noqa: BLE001
             self.problem(f"{what} failed: {type(e).__name__}: {e}")
             return None
-
-
-def check_resume(ctx: RunContext, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
-    """The checkpoint to continue from, checked before anything slow: one of another model or label
-    set, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0)."""
-    cfg = ctx.cfg
-    if path is None:
-        return None
-    ckpt = load_checkpoint(path)
-    trained = ckpt.get("config", {})
-    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
-        if explicit:
-            raise ConfigError(f"resume_from {path}: trained a different model or label set "
-                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
-        log.warning("%s belongs to a different model or label set; starting fresh", path)
-        return None
-    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
-    if finished and explicit:
-        raise ConfigError(
-            f"resume_from {path}: its schedule already finished (epoch {ckpt['epoch']}, progress "
-            f"{ckpt['progress']:.3f}); training on would run at learning rate 0. To predict with it use "
-            f"--mode infer --checkpoints {path}; to train more, start a new schedule (leave resume_from empty, "
-            "or raise epochs)")
-    return ckpt
-
-
-def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None) -> FitState:
-    if ckpt is None:
-        return FitState()
-    parts.model.load_state_dict(ckpt["model"])
-    if parts.ema is not None and "ema" in ckpt:
-        parts.ema.module.load_state_dict(ckpt["ema"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-    log.info("resumed from %s: epoch %d, step %d, progress %.2f", path, state.epoch, state.step, state.progress)
-    return state
 
 
 def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
@@ -5795,16 +6060,16 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
     explicit = resume_path is None and bool(cfg.resume_from)
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
-    ckpt = check_resume(ctx, resume_path, comp, explicit)
+    ckpt = check_resume(cfg, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data = build_training_data(cfg, comp, device, info, ctx.stop,
                                cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
-    state = restore(ckpt, parts, resume_path)
+    state = restore(ckpt, parts, resume_path, cfg, explicit)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
-        if resume_path is None and not ctx.stop.requested:
+        if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
     return device, clock, data, parts, state, reserve
 
@@ -5821,7 +6086,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                       comp.train_paths, comp.task, ctx.out_dir)
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
-    trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
+    trainer = Trainer(dataclasses.replace(parts, model=model),
                       fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
@@ -5832,7 +6097,8 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
-                           train_end_s=round(clock.elapsed(), 1))
+                           train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,
+                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4))
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:
