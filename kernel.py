@@ -206,6 +206,245 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
                       cfg.pad_fill)
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
 ''',
+'kernelkit.blend': r'''"""Blending K-fold runs by their out-of-fold predictions (numpy only).
+
+A *member* is one model family trained over the folds: the run folders whose stored configs agree
+on everything but the fold and the run-time settings (RUNTIME_KEYS). Its out-of-fold (OOF) rows
+come from all its folders' `oof/oof_fold<k>_{idx,probs}.npy`, its test probabilities are the mean
+of their `test_probs.npy` (each fold model predicted the whole test set). Non-negative member
+weights summing to 1 are fitted by coordinate search on the competition metric over the OOF rows
+every member covers; the blend of the test probabilities uses the same weights.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("kernelkit")
+
+# Settings that do not change what a model learns: runs differing only in these are folds of one member.
+RUNTIME_KEYS = frozenset({
+    "mode", "fold", "out_dir", "data_dir", "checkpoints", "resume", "resume_from", "sessions", "budget", "margin",
+    "grace", "num_workers", "mp_context", "ddp_procs", "ddp_backend", "cache_images", "cache_dir", "cache_max_gb",
+    "checkpoint_every", "deterministic", "tta", "threshold", "threshold_rule", "min_labels", "max_labels",
+})
+SEARCH_ROWS = 20000  # weight search on at most this many OOF rows (seeded sample): iMet's 109k x 1103 is slow
+
+
+class BlendInputError(ValueError):
+    """Inputs that cannot be blended (missing or mismatched files): named, before anything is written."""
+
+
+@dataclass
+class Member:
+    name: str
+    dirs: list[Path]
+    oof: np.ndarray  # (n, C) float32; rows outside `covered` are 0
+    covered: np.ndarray  # (n,) bool
+    folds: dict[str, np.ndarray] = field(default_factory=dict)  # "dir/oof_fold<k>" -> its row indices
+    test: np.ndarray | None = None  # (n_test, C), mean over the member's folders
+
+
+def find_run_dirs(spec: str) -> list[Path]:
+    """Comma-separated folders or globs -> run folders, in order, each once (a matched file stands
+    for its folder, so `runs/*/test_probs.npy` works too)."""
+    found: list[Path] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        matches = [Path(item)] if Path(item).exists() else [Path(p) for p in sorted(glob.glob(item))]
+        if not matches:
+            raise BlendInputError(f"checkpoints: {item!r} matches no folder")
+        for p in matches:
+            d = (p if p.is_dir() else p.parent).resolve()
+            if d not in found:
+                found.append(d)
+    return found
+
+
+def member_key(run_dir: Path) -> str:
+    """What the run learned, as a string: its config without the run-time keys (the folder when it
+    has no config.json)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return str(run_dir)
+    cfg = json.loads(path.read_text())
+    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in RUNTIME_KEYS})
+
+
+def group_members(dirs: list[Path]) -> list[list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for d in dirs:
+        groups.setdefault(member_key(d), []).append(d)
+    return list(groups.values())
+
+
+def _fold_files(run_dir: Path) -> list[tuple[Path, Path]]:
+    return [(idx, idx.with_name(idx.name.replace("_idx.npy", "_probs.npy")))
+            for idx in sorted((run_dir / "oof").glob("oof_fold*_idx.npy"))]
+
+
+def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Member:
+    """One member's OOF rows and mean test probabilities, every shape checked against the data."""
+    oof, covered = np.zeros((n, num_classes), np.float32), np.zeros(n, bool)
+    folds, tests = {}, []
+    for d in dirs:
+        files = _fold_files(d)
+        test_path = d / "test_probs.npy"
+        if not files or not test_path.is_file():
+            raise BlendInputError(f"{d}: a blend needs oof/oof_fold<k>_idx.npy and test_probs.npy from a run with "
+                                  "fold= set (found " + ", ".join(p.name for p in d.glob("*")) + ")")
+        for idx_path, probs_path in files:
+            idx, p = np.load(idx_path), np.load(probs_path)
+            if p.shape != (len(idx), num_classes) or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+                raise BlendInputError(f"{probs_path}: shape {p.shape} / indices do not fit {n} training images "
+                                      f"x {num_classes} classes; from another data set?")
+            if covered[idx].any():
+                raise BlendInputError(f"{idx_path}: {int(covered[idx].sum())} images already covered by another "
+                                      f"fold of the same model ({', '.join(map(str, dirs))}): one folder per fold")
+            oof[idx], covered[idx] = p, True
+            folds[f"{d.name}/{idx_path.name.replace('_idx.npy', '')}"] = idx
+        test = np.load(test_path)
+        if test.shape != (n_test, num_classes):
+            raise BlendInputError(f"{test_path}: shape {test.shape}, expected ({n_test}, {num_classes})")
+        tests.append(test.astype(np.float32))
+    name = dirs[0].name if len(dirs) == 1 else f"{dirs[0].name}+{len(dirs) - 1}"
+    return Member(name, dirs, oof, covered, folds, np.mean(tests, axis=0))
+
+
+def mix(parts: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    return sum(float(w) * p for w, p in zip(weights, parts))
+
+
+def _with_weight(w: np.ndarray, i: int, value: float) -> np.ndarray:
+    """w with w[i] = value, the others rescaled to share 1 - value as before (evenly if they had none)."""
+    rest = np.delete(np.arange(len(w)), i)
+    others = w[rest].sum()
+    out = w.copy()
+    out[rest] = w[rest] * (1 - value) / others if others > 0 else (1 - value) / len(rest)
+    out[i] = value
+    return out
+
+
+def fit_weights(parts: list[np.ndarray], score: Callable[[np.ndarray], float], rounds: int = 4,
+                grid: int = 21) -> tuple[np.ndarray, float]:
+    """Non-negative weights summing to 1 that maximise `score(mix(parts, w))`: coordinate search from
+    equal weights, each member's weight tried over a grid with the others rescaled; stops when a
+    round improves nothing. -> (weights, score)."""
+    w = np.full(len(parts), 1.0 / len(parts))
+    best = score(mix(parts, w))
+    if len(parts) == 1:
+        return w, best
+    for _ in range(rounds):
+        improved = False
+        for i in range(len(parts)):
+            for value in np.linspace(0.0, 1.0, grid):
+                cand = _with_weight(w, i, value)
+                s = score(mix(parts, cand))
+                if s > best + 1e-9:
+                    best, w, improved = s, cand, True
+        if not improved:
+            break
+    return w, best
+
+
+def search_rows(rows: np.ndarray, seed: int, limit: int = SEARCH_ROWS) -> np.ndarray:
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+''',
+'kernelkit.blend_job': r'''"""The blend job (`--mode blend`): K-fold run folders -> CV score per fold, per model and blended ->
+weights and the threshold rule fitted on the out-of-fold rows -> a validated submission.
+
+Input problems (a folder without out-of-fold files, shapes of another data set) are refusals
+(exit 2) found before anything is written. Nothing is trained or predicted: the runs' saved
+test probabilities are blended, so this takes seconds.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from .blend import BlendInputError, Member, find_run_dirs, fit_weights, group_members, load_member, mix, search_rows
+from .competition import Competition
+from .config import Config, ConfigError
+from .context import PREDICTING, RunContext
+from .decide import RuleSettings, refine_rule, score_validation
+from .fileio import write_json
+from .predictor import write_predictions
+from .thresholds import ThresholdRule
+
+log = logging.getLogger("kernelkit")
+
+
+def load_members(cfg: Config, comp: Competition) -> list[Member]:
+    try:
+        groups = group_members(find_run_dirs(cfg.checkpoints))
+        return [load_member(g, len(comp.train_paths), comp.num_classes, len(comp.test_ids)) for g in groups]
+    except BlendInputError as e:
+        raise ConfigError(str(e)) from e
+
+
+def scorer(cfg: Config, task: str, targets: np.ndarray) -> Callable[[np.ndarray, np.ndarray], dict]:
+    """(probs of `rows`, rows) -> score_validation's answer: the competition metric, with the global
+    threshold searched (multi-label) unless the user fixed it."""
+    def score(probs: np.ndarray, rows: np.ndarray) -> dict:
+        return score_validation(task, targets[rows], probs, cfg.threshold, cfg.beta, cfg.min_labels, cfg.max_labels)
+    return score
+
+
+def cv_report(members: list[Member], score: Callable) -> dict:
+    """Score of every fold file on its own rows, and of every member over all its rows."""
+    folds = {f"{m.name}:{name}": round(score(m.oof[idx], idx)["score"], 5)
+             for m in members for name, idx in m.folds.items()}
+    per_member = {m.name: round(score(m.oof[m.covered], np.flatnonzero(m.covered))["score"], 5) for m in members}
+    return {"folds": folds, "members": per_member}
+
+
+def blend_rule(cfg: Config, comp: Competition, targets: np.ndarray, probs: np.ndarray, found: dict) -> ThresholdRule:
+    settings = RuleSettings.of(cfg)
+    if comp.task != "multilabel":
+        return settings.global_rule(0.5)
+    return refine_rule(settings, found["threshold"], comp.class_names, targets, probs)
+
+
+def run_blend(ctx: RunContext, comp: Competition) -> dict:
+    cfg = ctx.cfg
+    members = load_members(cfg, comp)
+    rows = np.flatnonzero(np.logical_and.reduce([m.covered for m in members]))
+    if not len(rows):
+        raise ConfigError(f"checkpoints={cfg.checkpoints!r}: the models' out-of-fold rows share no image")
+    score = scorer(cfg, comp.task, comp.train_targets)
+    report = cv_report(members, score)
+    sample = search_rows(rows, cfg.seed)
+    weights, _ = fit_weights([m.oof[sample] for m in members], lambda p: score(p, sample)["score"])
+    blended = mix([m.oof[rows] for m in members], weights)
+    found = score(blended, rows)
+    rule = blend_rule(cfg, comp, comp.train_targets[rows], blended, found)
+    ctx.phase = PREDICTING
+    test = mix([m.test for m in members], weights)
+    write_predictions(comp, test, np.ones(len(test), bool), comp.task, rule, ctx.out_dir)
+    report.update(weights={m.name: round(float(w), 4) for m, w in zip(members, weights)}, oof_rows=int(len(rows)),
+                  blended=round(found["score"], 5), metric=found["metric"],
+                  runs={m.name: [str(d) for d in m.dirs] for m in members},
+                  threshold_rule=rule.to_dict() if comp.task == "multilabel" else None)
+    write_json(ctx.out_dir / "blend.json", report)
+    for name, s in report["folds"].items():
+        log.info("CV %s %s: %.4f", found["metric"], name, s)
+    for m, w in zip(members, weights):
+        log.info("model %s (%d run folders): out-of-fold %.4f, weight %.3f", m.name, len(m.dirs),
+                 report["members"][m.name], w)
+    log.info("blend of %d model(s) on %d out-of-fold images: %s %.4f (best fold %.4f, best model %.4f)",
+             len(members), len(rows), found["metric"], found["score"], max(report["folds"].values()),
+             max(report["members"].values()))
+    return {"mode": "blend", **{k: report[k] for k in ("weights", "members", "blended", "metric", "oof_rows")}}
+''',
 'kernelkit.budget': r'''"""Wall-clock budget and the learning-rate schedule defined over it.
 
 Budgeted training (Li et al., ICLR 2020): for a fixed time budget, a schedule that decays to zero
@@ -3600,6 +3839,7 @@ import torch
 
 from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
+from .blend_job import run_blend
 from .checkpoint import best_available
 from .competition import Competition, check_submission_writable, load_competition
 from .config import ConfigError, budget_seconds
@@ -3743,8 +3983,9 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
 def run_job(ctx: RunContext, info: DistInfo) -> int:
     cfg, out_dir = ctx.cfg, ctx.out_dir
     comp = open_competition(ctx)
-    if cfg.mode == "infer":
-        summary = run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
+    if cfg.mode in ("infer", "blend"):
+        summary = (run_blend(ctx, comp) if cfg.mode == "blend" else
+                   run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK

