@@ -5472,9 +5472,9 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
 
 def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: torch.device, opts: Any,
                      best_score: float, last_score: float | None) -> dict | None:
-    """BatchNorm pass, validation, verdict. -> {"score", "threshold", "probs"} when the average should
-    predict (probs None: no validation set, so the average predicts unvalidated, as SWA is meant
-    to), else None."""
+    """BatchNorm pass, validation, verdict. -> {"score", "threshold", "probs", "use"}: `use` when the
+    average should predict (probs None: no validation set, so it predicts unvalidated, as SWA is
+    meant to); None when there was nothing to average."""
     if avg.n < 2:
         log.info("weight average: %d snapshot(s) in the last %.0f%% of the schedule, nothing to average",
                  avg.n, 100 * avg.share)
@@ -5483,7 +5483,7 @@ def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: to
     if val is None or not len(val.targets):
         log.info("weight average of %d snapshots (BatchNorm from %d batches); no validation set: it predicts",
                  avg.n, batches)
-        return {"score": None, "threshold": None, "probs": None}
+        return {"score": None, "threshold": None, "probs": None, "use": True}
     out = predict(avg.module, val.loader, device, val.task, amp=opts.amp, channels_last=opts.channels_last,
                   desc="validate average")
     va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
@@ -5494,9 +5494,7 @@ def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: to
              "epoch %.4f -> %s", avg.n, batches, va["metric"], va["score"],
              "n/a" if last_score is None else f"{last_score:.4f}", best_score,
              "the average predicts" if use else "kept the trained weights")
-    if not use:
-        return None
-    return {"score": va["score"], "threshold": va["threshold"], "probs": out["probs"].astype(np.float32)}
+    return {"score": va["score"], "threshold": va["threshold"], "probs": out["probs"].astype(np.float32), "use": use}
 ''',
 'kernelkit.thresholds': r'''"""Multi-label decision rules and their search on validation probabilities.
 
@@ -5944,6 +5942,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     stop_reason: str = "budget"  # budget | epochs | signal | finished
     best_val_probs: np.ndarray | None = None
+    average: dict | None = None  # the weight average's verdict (swa): snapshots, its score, whether it predicts
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -6041,6 +6040,11 @@ class Trainer:
             return
         won = conclude_average(self.parts.swa, train_loader, val, self.device, self.opts, self.state.best_score, last)
         if won is None:
+            return
+        best = self.state.best_score if math.isfinite(self.state.best_score) else None
+        result.average = {"snapshots": self.parts.swa.n, "score": won["score"], "last_score": last,
+                          "best_score": best, "predicts": won["use"]}
+        if not won["use"]:
             return
         if won["probs"] is not None:
             self.state.best_score, self.state.threshold = won["score"], won["threshold"]
@@ -6339,7 +6343,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
                            train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,
-                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4))
+                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4), swa=result.average)
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:

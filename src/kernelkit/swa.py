@@ -94,9 +94,9 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
 
 def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: torch.device, opts: Any,
                      best_score: float, last_score: float | None) -> dict | None:
-    """BatchNorm pass, validation, verdict. -> {"score", "threshold", "probs"} when the average should
-    predict (probs None: no validation set, so the average predicts unvalidated, as SWA is meant
-    to), else None."""
+    """BatchNorm pass, validation, verdict. -> {"score", "threshold", "probs", "use"}: `use` when the
+    average should predict (probs None: no validation set, so it predicts unvalidated, as SWA is
+    meant to); None when there was nothing to average."""
     if avg.n < 2:
         log.info("weight average: %d snapshot(s) in the last %.0f%% of the schedule, nothing to average",
                  avg.n, 100 * avg.share)
@@ -105,7 +105,7 @@ def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: to
     if val is None or not len(val.targets):
         log.info("weight average of %d snapshots (BatchNorm from %d batches); no validation set: it predicts",
                  avg.n, batches)
-        return {"score": None, "threshold": None, "probs": None}
+        return {"score": None, "threshold": None, "probs": None, "use": True}
     out = predict(avg.module, val.loader, device, val.task, amp=opts.amp, channels_last=opts.channels_last,
                   desc="validate average")
     va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
@@ -116,6 +116,4 @@ def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: to
              "epoch %.4f -> %s", avg.n, batches, va["metric"], va["score"],
              "n/a" if last_score is None else f"{last_score:.4f}", best_score,
              "the average predicts" if use else "kept the trained weights")
-    if not use:
-        return None
-    return {"score": va["score"], "threshold": va["threshold"], "probs": out["probs"].astype(np.float32)}
+    return {"score": va["score"], "threshold": va["threshold"], "probs": out["probs"].astype(np.float32), "use": use}

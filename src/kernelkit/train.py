@@ -89,6 +89,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     stop_reason: str = "budget"  # budget | epochs | signal | finished
     best_val_probs: np.ndarray | None = None
+    average: dict | None = None  # the weight average's verdict (swa): snapshots, its score, whether it predicts
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -186,6 +187,11 @@ class Trainer:
             return
         won = conclude_average(self.parts.swa, train_loader, val, self.device, self.opts, self.state.best_score, last)
         if won is None:
+            return
+        best = self.state.best_score if math.isfinite(self.state.best_score) else None
+        result.average = {"snapshots": self.parts.swa.n, "score": won["score"], "last_score": last,
+                          "best_score": best, "predicts": won["use"]}
+        if not won["use"]:
             return
         if won["probs"] is not None:
             self.state.best_score, self.state.threshold = won["score"], won["threshold"]

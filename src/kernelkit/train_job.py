@@ -144,7 +144,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
                            train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,
-                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4))
+                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4), swa=result.average)
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:
