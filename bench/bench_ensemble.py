@@ -2,14 +2,18 @@
 
 Runs kernel.py (the built artifact, copied to a temp dir) on one generated demo competition:
 
-* swa: the demo preset with the same budget, `swa=0` against `swa=S`, for each seed: validation F2
-  (of what predicts), the demo test F2 against the generated answers, the average's own score.
-* blend: two models (the demo's resnet18 at 64 px, and at 48 px) trained over K folds with a small
-  budget each, then `--mode blend` on the 2K folders: CV F2 per fold, per model (out-of-fold) and
-  blended, and the demo test F2 of every fold model's submission and of the blend's.
+* swa: the demo preset with the same budget and epochs, `swa=0` against `swa=S`, for each seed:
+  validation F2 (of what predicts), the demo test F2 against the generated answers, the average's
+  own score.
+* blend: two models (the demo's resnet18 at 64 px, and at 48 px) trained over K folds, then
+  `--mode blend` on each model's K folders and on all 2K: CV F2 per fold, per model (out-of-fold)
+  and blended, and the demo test F2 of every fold model's submission and of the blends'.
 
-    .venv/bin/python bench/bench_ensemble.py [--swa-budget 150] [--swa 0.25] [--seeds 42 7]
-                                             [--fold-budget 60] [--folds 3] [--skip-swa] [--skip-blend]
+Fixed epochs (and a budget they fit in), so that a machine shared with other work changes how long
+the benchmark takes, not what it measures.
+
+    .venv/bin/python bench/bench_ensemble.py [--swa 0.25] [--seeds 42 7] [--epochs 6] [--fold-epochs 3]
+                                             [--folds 3] [--demo-images 600] [--skip-swa] [--skip-blend]
 """
 from __future__ import annotations
 
@@ -44,8 +48,8 @@ def bench_swa(work: Path, data: Path, args: argparse.Namespace) -> list[dict]:
     for seed in args.seeds:
         for swa in (0.0, args.swa):
             out = work / f"swa{swa}_seed{seed}"
-            s = kernel(work, out, "--preset", "demo", "--data-dir", str(data), "--budget", f"{args.swa_budget}s",
-                       "--seed", str(seed), "--swa", str(swa))
+            s = kernel(work, out, "--preset", "demo", "--data-dir", str(data), "--budget", "40m",
+                       "--epochs", str(args.epochs), "--seed", str(seed), "--swa", str(swa))
             rows.append({"seed": seed, "swa": swa, "val_f2": round(s["val_score"], 4), "demo_test_f2":
                          demo_test_f2(data, out), "wall_s": s["wall_s"], "epochs": s["epochs"], "average": s.get("swa")})
             print(json.dumps(rows[-1]), flush=True)
@@ -60,8 +64,8 @@ def bench_blend(work: Path, data: Path, args: argparse.Namespace) -> dict:
     for name, extra in MODELS.items():
         for fold in range(args.folds):
             out = runs / f"{name}_f{fold}"
-            kernel(work, out, "--preset", "demo", "--data-dir", str(data), "--budget", f"{args.fold_budget}s",
-                   "--fold", str(fold), "--n-folds", str(args.folds), *extra)
+            kernel(work, out, "--preset", "demo", "--data-dir", str(data), "--budget", "40m", "--epochs",
+                   str(args.fold_epochs), "--fold", str(fold), "--n-folds", str(args.folds), *extra)
             fold_tests[out.name] = demo_test_f2(data, out)
             print(out.name, "demo test F2", fold_tests[out.name], flush=True)
     result = {}
@@ -78,10 +82,11 @@ def bench_blend(work: Path, data: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--swa-budget", type=int, default=150)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--swa", type=float, default=0.25)
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 7])
-    ap.add_argument("--fold-budget", type=int, default=60)
+    ap.add_argument("--fold-epochs", type=int, default=3)
+    ap.add_argument("--demo-images", type=int, default=600)
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--skip-swa", action="store_true")
     ap.add_argument("--skip-blend", action="store_true")
@@ -91,8 +96,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shutil.copy(ROOT / "kernel.py", work / "kernel.py")
-        subprocess.run([sys.executable, "kernel.py", "--budget", "30s", "--dry-run", "--out-dir", str(work / "warm")],
-                       cwd=work, capture_output=True)  # generates the demo competition once
+        subprocess.run([sys.executable, "kernel.py", "--budget", "30s", "--dry-run", "--out-dir", str(work / "warm"),
+                        "--demo-images", str(args.demo_images)], cwd=work, capture_output=True)  # the demo data, once
         data = work / "warm" / "demo_data"
         if not args.skip_swa:
             results["swa"] = bench_swa(work, data, args)
