@@ -5871,13 +5871,13 @@ import torch
 
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import Checkpointer, rng_state
-from .swa import conclude_average
 from .decide import score_validation
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import OutOfMemory, autocast, predict
 from .models import set_trainable
 from .progress import progress
 from .stopping import StopFlag
+from .swa import conclude_average
 from .transforms import normalize
 
 log = logging.getLogger("kernelkit")
@@ -5925,7 +5925,7 @@ class FitState:
     bad_images: int = 0
     failed_saves: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
-    session: int = 1  # which Kaggle session of a schedule split over several (slices.py)
+    session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
     session_end: float = 1.0  # progress at which this session's slice of the schedule ends
 
 
