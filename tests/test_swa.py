@@ -43,11 +43,11 @@ def test_average_starts_at_its_share_of_the_schedule_and_batchnorm_matches_torch
 def test_a_run_with_swa_averages_other_weights_and_still_submits_in_budget(single_label_dir, tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level("INFO", logger="kernelkit"):
-        assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(out), "--budget", "60s",
+        assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(out), "--budget", "3m",
                          "--epochs", "3", "--swa", "0.5", "--tta", "1"]) == 0
     validate_submission(out / "submission.csv", load_competition(single_label_dir))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["wall_s"] <= 60 and not summary["problems"]
+    assert summary["wall_s"] <= 180 and not summary["problems"]
     assert summary["swa"]["snapshots"] >= 2 and summary["swa"]["score"] is not None
     last = load_checkpoint(out / "last.pt")
     average = {k.removeprefix("module."): v for k, v in last["swa"].items() if k.startswith("module.")}
