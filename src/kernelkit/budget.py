@@ -98,14 +98,17 @@ class Progress:
         self.clock, self.p0, self.total_steps = clock, float(start_progress), total_steps
         self.end = max(float(end), self.p0)
         self.t0 = clock.elapsed()
+        self.last = self.p0
 
     def at(self, deadline_s: float, step: int = 0) -> float:
         if self.total_steps:
             return min(1.0, step / self.total_steps)
         span = deadline_s - self.t0
-        if span <= 0:
-            return self.end
-        return min(self.end, self.p0 + (self.end - self.p0) * (self.clock.elapsed() - self.t0) / span)
+        p = self.end if span <= 0 else self.p0 + (self.end - self.p0) * (self.clock.elapsed() - self.t0) / span
+        # The deadline moves when the inference reserve is re-estimated; a later one must not take the
+        # schedule (and the learning rate) backwards.
+        self.last = max(self.last, min(self.end, p))
+        return self.last
 
 
 def affordable_tta(level: int, n_images: int, images_per_s: float | None, seconds_left: float) -> int:
