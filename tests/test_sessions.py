@@ -1,12 +1,13 @@
 """One learning-rate schedule laid over several Kaggle sessions (resume.py)."""
 import json
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from kernelkit.budget import BudgetClock, InferenceReserve, lr_factor
+from kernelkit.budget import BudgetClock, InferenceReserve, Progress, lr_factor
 from kernelkit.checkpoint import load_checkpoint
 from kernelkit.cli import main
 from kernelkit.competition import load_competition, validate_submission
@@ -30,6 +31,20 @@ def test_slices_share_what_is_left_among_the_sessions_left():
     assert next_slice({"session": 1, "progress": 0.3, "epoch": 1}, 2, 3) == (2, 1.0)
     # The last session stopped early: one more session finishes the schedule.
     assert next_slice({"session": 3, "progress": 0.9, "epoch": 0}, 3, 0) == (4, pytest.approx(1.0))
+
+
+def test_progress_stops_at_the_slice_end_and_never_goes_back():
+    clock = BudgetClock(100.0, start_time=time.time() - 50.0)  # 50 s used
+    progress = Progress(clock, start_progress=0.2, end=0.6)
+    assert progress.at(deadline_s=150.0) == pytest.approx(0.2, abs=0.01), "starts where the last session stopped"
+    clock.start_time -= 25.0  # 25 s later
+    assert Progress(clock, 0.2, end=0.6).at(deadline_s=150.0) == pytest.approx(0.2, abs=0.01)
+    assert progress.at(deadline_s=60.0) == pytest.approx(0.6), "past the deadline: the end of its slice, not 1"
+    progress = Progress(clock, start_progress=0.2, end=0.6)
+    clock.start_time -= 25.0
+    first = progress.at(deadline_s=125.0)  # 25 of the 50 s to the deadline gone
+    assert first == pytest.approx(0.2 + 0.4 * 25 / 50, abs=0.01)
+    assert progress.at(deadline_s=400.0) == first, "a later deadline does not take the schedule backwards"
 
 
 def test_a_wall_clock_schedule_over_three_sessions_continues_each_slice(single_label_dir, monkeypatch):
