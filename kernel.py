@@ -18,7 +18,7 @@ _STARTED_AT = _time.time()  # the budget clock starts here, before the slow impo
 #   python build_kernel.py --set key=value [--set key=value ...] [--preset NAME] [--reset-config]
 # >>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>>> CONFIG START (yours)
 CONFIG = dict(
-    # mode='train',                         # train: train then predict | infer: predict from saved checkpoints
+    # mode='train',                         # train: train then predict | infer: predict from saved checkpoints | blend: weight K-fold runs' test probabilities by their out-of-fold scores
     # preset='',                            # named preset applied under your settings (demo, ...)
     # data_dir='',                          # competition folder; empty = find it under /kaggle/input, else run the demo (never on Kaggle)
     # id_column='',                         # train.csv column holding the image ids; empty = detect (sample submission, known names)
@@ -28,7 +28,7 @@ CONFIG = dict(
     # image_ext='',                         # only files with this extension are images (when a.jpg and a.png both exist); empty = any of .jpg .jpeg .png .webp .bmp .tif .tiff .gif
     # format='auto',                        # auto | multilabel_csv | single_label_csv | folder
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
-    # checkpoints='',                       # infer mode: checkpoint file, folder or glob
+    # checkpoints='',                       # infer mode: checkpoint file, folder or glob; blend mode: run output folders (comma-separated, globs allowed), each with test_probs.npy and oof/
     # model='resnet50',                     # timm model name; empty = the architecture in pretrained_path's config.json
     # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = random init
     # drop_rate=0.0,                        # dropout before the classifier
@@ -41,6 +41,7 @@ CONFIG = dict(
     # unfreeze_blocks=0,                    # after the frozen stage train the last N backbone blocks/stages (0 = all)
     # layer_decay=0.0,                      # layer-wise LR decay, e.g. 0.75 (0 = off)
     # ema=0.0,                              # EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)
+    # swa=0.0,                              # average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm recomputed after): it predicts when it validates at least as well (0 = off)
     # img_size=224,                         # square input size
     # pad_aspect=2.0,                       # pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
@@ -79,6 +80,7 @@ CONFIG = dict(
     # checkpoint_every='20m',               # also save last.pt at this wall-clock interval
     # resume=True,                          # continue an unfinished run from out_dir/last.pt (its time counts against the budget)
     # resume_from='',                       # continue from this checkpoint of an earlier session (e.g. an attached dataset); the budget is what this session has left
+    # sessions=1,                           # Kaggle sessions one schedule is laid over: each trains its 1/N slice, saves and submits; the next continues with resume_from=<previous>/last.pt
     # max_train_images=0,                   # use only this many training images (0 = all); for quick runs
     # grace='20s',                          # on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if needed), then exit 0 with a submission
     # tta=2,                                # test-time augmentation views: 1 = none, 2 = + horizontal flip
@@ -234,6 +236,245 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
                       cfg.pad_fill)
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
 ''',
+'kernelkit.blend': r'''"""Blending K-fold runs by their out-of-fold predictions (numpy only).
+
+A *member* is one model family trained over the folds: the run folders whose stored configs agree
+on everything but the fold and the run-time settings (RUNTIME_KEYS). Its out-of-fold (OOF) rows
+come from all its folders' `oof/oof_fold<k>_{idx,probs}.npy`, its test probabilities are the mean
+of their `test_probs.npy` (each fold model predicted the whole test set). Non-negative member
+weights summing to 1 are fitted by coordinate search on the competition metric over the OOF rows
+every member covers; the blend of the test probabilities uses the same weights.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("kernelkit")
+
+# Settings that do not change what a model learns: runs differing only in these are folds of one member.
+RUNTIME_KEYS = frozenset({
+    "mode", "fold", "out_dir", "data_dir", "checkpoints", "resume", "resume_from", "sessions", "budget", "margin",
+    "grace", "num_workers", "mp_context", "ddp_procs", "ddp_backend", "cache_images", "cache_dir", "cache_max_gb",
+    "checkpoint_every", "deterministic", "tta", "threshold", "threshold_rule", "min_labels", "max_labels",
+})
+SEARCH_ROWS = 20000  # weight search on at most this many OOF rows (seeded sample): iMet's 109k x 1103 is slow
+
+
+class BlendInputError(ValueError):
+    """Inputs that cannot be blended (missing or mismatched files): named, before anything is written."""
+
+
+@dataclass
+class Member:
+    name: str
+    dirs: list[Path]
+    oof: np.ndarray  # (n, C) float32; rows outside `covered` are 0
+    covered: np.ndarray  # (n,) bool
+    folds: dict[str, np.ndarray] = field(default_factory=dict)  # "dir/oof_fold<k>" -> its row indices
+    test: np.ndarray | None = None  # (n_test, C), mean over the member's folders
+
+
+def find_run_dirs(spec: str) -> list[Path]:
+    """Comma-separated folders or globs -> run folders, in order, each once (a matched file stands
+    for its folder, so `runs/*/test_probs.npy` works too)."""
+    found: list[Path] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        matches = [Path(item)] if Path(item).exists() else [Path(p) for p in sorted(glob.glob(item))]
+        if not matches:
+            raise BlendInputError(f"checkpoints: {item!r} matches no folder")
+        for p in matches:
+            d = (p if p.is_dir() else p.parent).resolve()
+            if d not in found:
+                found.append(d)
+    return found
+
+
+def member_key(run_dir: Path) -> str:
+    """What the run learned, as a string: its config without the run-time keys (the folder when it
+    has no config.json)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return str(run_dir)
+    cfg = json.loads(path.read_text())
+    return json.dumps({k: v for k, v in sorted(cfg.items()) if k not in RUNTIME_KEYS})
+
+
+def group_members(dirs: list[Path]) -> list[list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for d in dirs:
+        groups.setdefault(member_key(d), []).append(d)
+    return list(groups.values())
+
+
+def _fold_files(run_dir: Path) -> list[tuple[Path, Path]]:
+    return [(idx, idx.with_name(idx.name.replace("_idx.npy", "_probs.npy")))
+            for idx in sorted((run_dir / "oof").glob("oof_fold*_idx.npy"))]
+
+
+def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Member:
+    """One member's OOF rows and mean test probabilities, every shape checked against the data."""
+    oof, covered = np.zeros((n, num_classes), np.float32), np.zeros(n, bool)
+    folds, tests = {}, []
+    for d in dirs:
+        files = _fold_files(d)
+        test_path = d / "test_probs.npy"
+        if not files or not test_path.is_file():
+            raise BlendInputError(f"{d}: a blend needs oof/oof_fold<k>_idx.npy and test_probs.npy from a run with "
+                                  "fold= set (found " + ", ".join(p.name for p in d.glob("*")) + ")")
+        for idx_path, probs_path in files:
+            idx, p = np.load(idx_path), np.load(probs_path)
+            if p.shape != (len(idx), num_classes) or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+                raise BlendInputError(f"{probs_path}: shape {p.shape} / indices do not fit {n} training images "
+                                      f"x {num_classes} classes; from another data set?")
+            if covered[idx].any():
+                raise BlendInputError(f"{idx_path}: {int(covered[idx].sum())} images already covered by another "
+                                      f"fold of the same model ({', '.join(map(str, dirs))}): one folder per fold")
+            oof[idx], covered[idx] = p, True
+            folds[f"{d.name}/{idx_path.name.replace('_idx.npy', '')}"] = idx
+        test = np.load(test_path)
+        if test.shape != (n_test, num_classes):
+            raise BlendInputError(f"{test_path}: shape {test.shape}, expected ({n_test}, {num_classes})")
+        tests.append(test.astype(np.float32))
+    name = dirs[0].name if len(dirs) == 1 else f"{dirs[0].name}+{len(dirs) - 1}"
+    return Member(name, dirs, oof, covered, folds, np.mean(tests, axis=0))
+
+
+def mix(parts: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    return sum(float(w) * p for w, p in zip(weights, parts))
+
+
+def _with_weight(w: np.ndarray, i: int, value: float) -> np.ndarray:
+    """w with w[i] = value, the others rescaled to share 1 - value as before (evenly if they had none)."""
+    rest = np.delete(np.arange(len(w)), i)
+    others = w[rest].sum()
+    out = w.copy()
+    out[rest] = w[rest] * (1 - value) / others if others > 0 else (1 - value) / len(rest)
+    out[i] = value
+    return out
+
+
+def fit_weights(parts: list[np.ndarray], score: Callable[[np.ndarray], float], rounds: int = 4,
+                grid: int = 21) -> tuple[np.ndarray, float]:
+    """Non-negative weights summing to 1 that maximise `score(mix(parts, w))`: coordinate search from
+    equal weights, each member's weight tried over a grid with the others rescaled; stops when a
+    round improves nothing. -> (weights, score)."""
+    w = np.full(len(parts), 1.0 / len(parts))
+    best = score(mix(parts, w))
+    if len(parts) == 1:
+        return w, best
+    for _ in range(rounds):
+        improved = False
+        for i in range(len(parts)):
+            for value in np.linspace(0.0, 1.0, grid):
+                cand = _with_weight(w, i, value)
+                s = score(mix(parts, cand))
+                if s > best + 1e-9:
+                    best, w, improved = s, cand, True
+        if not improved:
+            break
+    return w, best
+
+
+def search_rows(rows: np.ndarray, seed: int, limit: int = SEARCH_ROWS) -> np.ndarray:
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+''',
+'kernelkit.blend_job': r'''"""The blend job (`--mode blend`): K-fold run folders -> CV score per fold, per model and blended ->
+weights and the threshold rule fitted on the out-of-fold rows -> a validated submission.
+
+Input problems (a folder without out-of-fold files, shapes of another data set) are refusals
+(exit 2) found before anything is written. Nothing is trained or predicted: the runs' saved
+test probabilities are blended, so this takes seconds.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from .blend import BlendInputError, Member, find_run_dirs, fit_weights, group_members, load_member, mix, search_rows
+from .competition import Competition
+from .config import Config, ConfigError
+from .context import PREDICTING, RunContext
+from .decide import RuleSettings, refine_rule, score_validation
+from .fileio import write_json
+from .predictor import write_predictions
+from .thresholds import ThresholdRule
+
+log = logging.getLogger("kernelkit")
+
+
+def load_members(cfg: Config, comp: Competition) -> list[Member]:
+    try:
+        groups = group_members(find_run_dirs(cfg.checkpoints))
+        return [load_member(g, len(comp.train_paths), comp.num_classes, len(comp.test_ids)) for g in groups]
+    except BlendInputError as e:
+        raise ConfigError(str(e)) from e
+
+
+def scorer(cfg: Config, task: str, targets: np.ndarray) -> Callable[[np.ndarray, np.ndarray], dict]:
+    """(probs of `rows`, rows) -> score_validation's answer: the competition metric, with the global
+    threshold searched (multi-label) unless the user fixed it."""
+    def score(probs: np.ndarray, rows: np.ndarray) -> dict:
+        return score_validation(task, targets[rows], probs, cfg.threshold, cfg.beta, cfg.min_labels, cfg.max_labels)
+    return score
+
+
+def cv_report(members: list[Member], score: Callable) -> dict:
+    """Score of every fold file on its own rows, and of every member over all its rows."""
+    folds = {f"{m.name}:{name}": round(score(m.oof[idx], idx)["score"], 5)
+             for m in members for name, idx in m.folds.items()}
+    per_member = {m.name: round(score(m.oof[m.covered], np.flatnonzero(m.covered))["score"], 5) for m in members}
+    return {"folds": folds, "members": per_member}
+
+
+def blend_rule(cfg: Config, comp: Competition, targets: np.ndarray, probs: np.ndarray, found: dict) -> ThresholdRule:
+    settings = RuleSettings.of(cfg)
+    if comp.task != "multilabel":
+        return settings.global_rule(0.5)
+    return refine_rule(settings, found["threshold"], comp.class_names, targets, probs)
+
+
+def run_blend(ctx: RunContext, comp: Competition) -> dict:
+    cfg = ctx.cfg
+    members = load_members(cfg, comp)
+    rows = np.flatnonzero(np.logical_and.reduce([m.covered for m in members]))
+    if not len(rows):
+        raise ConfigError(f"checkpoints={cfg.checkpoints!r}: the models' out-of-fold rows share no image")
+    score = scorer(cfg, comp.task, comp.train_targets)
+    report = cv_report(members, score)
+    sample = search_rows(rows, cfg.seed)
+    weights, _ = fit_weights([m.oof[sample] for m in members], lambda p: score(p, sample)["score"])
+    blended = mix([m.oof[rows] for m in members], weights)
+    found = score(blended, rows)
+    rule = blend_rule(cfg, comp, comp.train_targets[rows], blended, found)
+    ctx.phase = PREDICTING
+    test = mix([m.test for m in members], weights)
+    write_predictions(comp, test, np.ones(len(test), bool), comp.task, rule, ctx.out_dir)
+    report.update(weights={m.name: round(float(w), 4) for m, w in zip(members, weights)}, oof_rows=int(len(rows)),
+                  blended=round(found["score"], 5), metric=found["metric"],
+                  runs={m.name: [str(d) for d in m.dirs] for m in members},
+                  threshold_rule=rule.to_dict() if comp.task == "multilabel" else None)
+    write_json(ctx.out_dir / "blend.json", report)
+    for name, s in report["folds"].items():
+        log.info("CV %s %s: %.4f", found["metric"], name, s)
+    for m, w in zip(members, weights):
+        log.info("model %s (%d run folders): out-of-fold %.4f, weight %.3f", m.name, len(m.dirs),
+                 report["members"][m.name], w)
+    log.info("blend of %d model(s) on %d out-of-fold images: %s %.4f (best fold %.4f, best model %.4f)",
+             len(members), len(rows), found["metric"], found["score"], max(report["folds"].values()),
+             max(report["members"].values()))
+    return {"mode": "blend", **{k: report[k] for k in ("weights", "members", "blended", "metric", "oof_rows")}}
+''',
 'kernelkit.budget': r'''"""Wall-clock budget and the learning-rate schedule defined over it.
 
 Budgeted training (Li et al., ICLR 2020): for a fixed time budget, a schedule that decays to zero
@@ -289,6 +530,9 @@ class InferenceReserve:
         self.train_ips: float | None = None
         self.startup_s = 5.0  # until measured
         self._startup_measured = False
+        # Work after training besides the final validation, at the validation rate: the weight
+        # average's BatchNorm pass and its own validation (swa.py), with one more loader start-up.
+        self.extra_images, self.extra_loaders = 0, 0
 
     def observe_startup(self, seconds: float) -> None:
         """Keep the worst first-batch latency seen: persistent workers make later ones look free,
@@ -300,10 +544,11 @@ class InferenceReserve:
         guess = 2.0 * self.train_ips if self.train_ips else None
         test_rate = self.test_ips or self.val_ips or guess
         val_rate = self.val_ips or self.test_ips or guess
-        fixed = self.overhead_s + 2 * self.startup_s
+        fixed = self.overhead_s + (2 + self.extra_loaders) * self.startup_s
         if not test_rate:
             return fixed
-        return fixed + self.safety * (self.n_test * self.tta / test_rate + self.n_val / val_rate)
+        val_images = self.n_val + self.extra_images
+        return fixed + self.safety * (self.n_test * self.tta / test_rate + val_images / val_rate)
 
 
 def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> float:
@@ -322,20 +567,25 @@ def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> fl
 class Progress:
     """Where training is in [0, 1]: by time toward a (moving) deadline, or by steps.
 
-    On resume it continues from the saved progress and spreads the rest over the time left.
+    On resume it continues from the saved progress and spreads the rest of this session's slice
+    (up to `end`; 1.0 unless the schedule is split over several Kaggle sessions) over the time left.
     """
 
-    def __init__(self, clock: BudgetClock, start_progress: float = 0.0, total_steps: int = 0):
+    def __init__(self, clock: BudgetClock, start_progress: float = 0.0, total_steps: int = 0, end: float = 1.0):
         self.clock, self.p0, self.total_steps = clock, float(start_progress), total_steps
+        self.end = max(float(end), self.p0)
         self.t0 = clock.elapsed()
+        self.last = self.p0
 
     def at(self, deadline_s: float, step: int = 0) -> float:
         if self.total_steps:
             return min(1.0, step / self.total_steps)
         span = deadline_s - self.t0
-        if span <= 0:
-            return 1.0
-        return min(1.0, self.p0 + (1.0 - self.p0) * (self.clock.elapsed() - self.t0) / span)
+        p = self.end if span <= 0 else self.p0 + (self.end - self.p0) * (self.clock.elapsed() - self.t0) / span
+        # The deadline moves when the inference reserve is re-estimated; a later one must not take the
+        # schedule (and the learning rate) backwards.
+        self.last = max(self.last, min(self.end, p))
+        return self.last
 
 
 def affordable_tta(level: int, n_images: int, images_per_s: float | None, seconds_left: float) -> int:
@@ -1613,6 +1863,7 @@ import torch
 from .config import Config, parse_duration, parse_kwargs
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
+from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .transforms import IMAGENET, BatchAugment, Preprocess, seed_augmentations
 
@@ -1682,7 +1933,7 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
     return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
                       scaler=make_scaler(cfg.amp and device.type == "cuda"),
                       loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
-                      batch_aug=batch_augment(cfg, task, num_classes))
+                      batch_aug=batch_augment(cfg, task, num_classes), swa=create_averager(model, cfg.swa))
 
 
 def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:
@@ -1716,7 +1967,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 AUG_LEVELS = ("none", "flip", "light", "medium", "strong")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CHOICES: dict[str, tuple] = {
-    "mode": ("train", "infer"),
+    "mode": ("train", "infer", "blend"),
     "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
     "head": ("linear", "mlp"),
     "aug": AUG_LEVELS,
@@ -1733,7 +1984,8 @@ CHOICES: dict[str, tuple] = {
 @dataclass
 class Config:
     # what to run
-    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints", choices=CHOICES['mode'])
+    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints | blend: weight "
+                            "K-fold runs' test probabilities by their out-of-fold scores", choices=CHOICES['mode'])
     preset: str = _f("", "named preset applied under your settings (demo, ...)")
     data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo (never on Kaggle)")
     id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
@@ -1744,7 +1996,8 @@ class Config:
                             "empty = any of .jpg .jpeg .png .webp .bmp .tif .tiff .gif", choices=CHOICES['image_ext'])
     format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder", choices=CHOICES['format'])
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
-    checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
+    checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob; blend mode: run output folders "
+                              "(comma-separated, globs allowed), each with test_probs.npy and oof/")
     # model
     model: str = _f("resnet50", "timm model name; empty = the architecture in pretrained_path's config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
@@ -1760,6 +2013,8 @@ class Config:
     unfreeze_blocks: int = _f(0, "after the frozen stage train the last N backbone blocks/stages (0 = all)")
     layer_decay: float = _f(0.0, "layer-wise LR decay, e.g. 0.75 (0 = off)")
     ema: float = _f(0.0, "EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)")
+    swa: float = _f(0.0, "average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm "
+                         "recomputed after): it predicts when it validates at least as well (0 = off)")
     # images
     img_size: int = _f(224, "square input size")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
@@ -1806,6 +2061,8 @@ class Config:
     resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
     resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
                               "the budget is what this session has left")
+    sessions: int = _f(1, "Kaggle sessions one schedule is laid over: each trains its 1/N slice, saves and "
+                          "submits; the next continues with resume_from=<previous>/last.pt")
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
     grace: str = _f("20s", "on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if "
                            "needed), then exit 0 with a submission")
@@ -1907,6 +2164,10 @@ def _range_problems(c: Config) -> list[str]:
         (0 <= c.freeze <= 1, f"freeze={c.freeze}: a share of training, in [0, 1]"),
         (0 <= c.layer_decay <= 1, f"layer_decay={c.layer_decay}: 0 (off) or in (0, 1]"),
         (0 <= c.ema < 1, f"ema={c.ema}: 0 (off) or a decay in (0, 1), e.g. 0.999"),
+        (0 <= c.swa < 1, f"swa={c.swa}: 0 (off) or the share of the schedule to average over, in (0, 1), e.g. 0.25"),
+        (1 <= c.sessions <= 100, f"sessions={c.sessions}: must be between 1 and 100"),
+        (not c.epochs or c.epochs >= c.sessions,
+         f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
         (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
@@ -1924,6 +2185,8 @@ def _range_problems(c: Config) -> list[str]:
         (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
         (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
         (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
+        (c.mode != "blend" or bool(c.checkpoints),
+         "mode='blend' needs checkpoints= (run output folders, comma-separated or a glob)"),
         (not ((c.mixup or c.cutmix) and c.loss == "complement"),
          "mixup/cutmix give soft targets, which loss='complement' does not take"),
     ]
@@ -4031,6 +4294,7 @@ import torch
 
 from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
+from .blend_job import run_blend
 from .checkpoint import best_available
 from .competition import Competition, check_submission_writable, load_competition
 from .config import ConfigError, budget_seconds
@@ -4175,8 +4439,9 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
 def run_job(ctx: RunContext, info: DistInfo) -> int:
     cfg, out_dir = ctx.cfg, ctx.out_dir
     comp = open_competition(ctx)
-    if cfg.mode == "infer":
-        summary = run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
+    if cfg.mode in ("infer", "blend"):
+        summary = (run_blend(ctx, comp) if cfg.mode == "blend" else
+                   run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK
@@ -5321,6 +5586,132 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
                  most, f"; most frequent confusion {top_pair[0]} -> {top_pair[1]} ({top_pair[2]})" if top_pair else "")
     return s
 ''',
+'kernelkit.resume': r'''"""Continuing a schedule: after a kill in the same out_dir, or in a later Kaggle session.
+
+A Kaggle GPU session lasts at most 9 hours, so one learning-rate schedule can be laid over
+`sessions` of them. Session k trains its slice of the schedule and saves; the next session, given
+the earlier output as `resume_from=.../last.pt`, continues where the schedule stopped, with its own
+budget, inference reserve and submission.
+
+Slices. With a wall-clock schedule (epochs=0) session k covers progress [(k-1)/N, k/N] over its
+own training time: the progress left is shared evenly by the sessions left, so a session that
+stopped early (a SIGTERM, a crash) hands the rest of its slice to the ones after it. With fixed
+epochs, the epochs are split the same way (epoch boundaries, at least one per session). A restart
+of the same session after a kill keeps the slice stored in its checkpoint.
+
+Refused at start (exit 2), before any data is read: a finished schedule (it would train at LR 0;
+predict with --mode infer instead), and a checkpoint whose schedule, model or data split differ
+from this run's (SCHEDULE_KEYS), e.g. another `sessions` value.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint, set_rng_state
+from .competition import Competition
+from .config import Config, ConfigError
+from .train import FitState, TrainParts
+
+log = logging.getLogger("kernelkit")
+
+# What must not change between the sessions of one schedule: the schedule itself, the model, and
+# the validation split (another split would validate on images the model trained on).
+SCHEDULE_KEYS = ("sessions", "epochs", "schedule", "warmup", "lr", "swa", "freeze", "model", "model2", "head",
+                 "fold", "n_folds", "val_fraction", "seed", "max_train_images")
+
+
+def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
+    """'key: checkpoint X, now Y' for every schedule-defining option that differs (batch_size too with
+    fixed epochs: it sets the number of steps). A key older checkpoints lack counts as its default."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    keys = SCHEDULE_KEYS + (("batch_size",) if cfg.epochs else ())
+    return [f"{k}: checkpoint {trained.get(k, defaults[k])!r}, now {getattr(cfg, k)!r}" for k in keys
+            if trained.get(k, defaults[k]) != getattr(cfg, k)]
+
+
+def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from, checked before anything slow: one of another model, label set
+    or schedule, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0).
+    A restart in the same out_dir (not `explicit`) with a changed config starts fresh instead."""
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    trained = ckpt.get("config", {})
+    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
+        if explicit:
+            raise ConfigError(f"resume_from {path}: trained a different model or label set "
+                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
+        log.warning("%s belongs to a different model or label set; starting fresh", path)
+        return None
+    differ = config_differences(trained, cfg)
+    if differ and explicit:
+        raise ConfigError(f"resume_from {path}: its schedule was made with other settings ({'; '.join(differ)}). "
+                          "Every session of one schedule needs the same values: set them as the checkpoint has "
+                          "them, or start a new schedule (leave resume_from empty)")
+    if differ:
+        log.warning("%s was trained with other settings (%s); starting fresh", path, "; ".join(differ))
+        return None
+    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
+    if finished and explicit:
+        raise ConfigError(
+            f"resume_from {path}: its schedule already finished (session {ckpt.get('session', 1)} of "
+            f"{trained.get('sessions', 1)}, epoch {ckpt['epoch']}, progress {ckpt['progress']:.3f}); training on "
+            f"would run at learning rate 0. To predict with it use --mode infer --checkpoints {path}; to train "
+            "more, start a new schedule (leave resume_from empty)")
+    return ckpt
+
+
+def first_slice(sessions: int, epochs: int) -> float:
+    if epochs:
+        return max(1, round(epochs / sessions)) / epochs
+    return 1.0 / sessions
+
+
+def next_slice(ckpt: dict[str, Any], sessions: int, epochs: int) -> tuple[int, float]:
+    """-> (this session's number, progress at which its slice ends) after the checkpoint's session."""
+    done = int(ckpt.get("session", 1))
+    left = sessions - done
+    if left < 1:
+        log.warning("the checkpoint is from session %d of %d but its schedule is not finished (progress %.3f): "
+                    "this extra session trains the rest", done, sessions, ckpt["progress"])
+        left = 1
+    if epochs:
+        e0 = int(ckpt["epoch"])
+        return done + 1, min(epochs, max(e0 + 1, e0 + round((epochs - e0) / left))) / epochs
+    p0 = float(ckpt["progress"])
+    return done + 1, p0 + (1.0 - p0) / left
+
+
+def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, cfg: Config,
+            new_session: bool) -> FitState:
+    """Weights, optimizer, RNG and schedule position from `ckpt`, and this session's slice. A new
+    session selects its own best epoch (its output folder stands alone: best.pt, val_probs, rule)."""
+    if ckpt is None:
+        state = FitState(session=1, session_end=first_slice(cfg.sessions, cfg.epochs))
+    else:
+        parts.model.load_state_dict(ckpt["model"])
+        if parts.ema is not None and "ema" in ckpt:
+            parts.ema.module.load_state_dict(ckpt["ema"])
+        if parts.swa is not None and "swa" in ckpt:
+            parts.swa.load_state_dict(ckpt["swa"])
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        parts.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        session, end = (next_slice(ckpt, cfg.sessions, cfg.epochs) if new_session
+                        else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
+        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                         best_score=-math.inf if new_session else ckpt["best_score"], threshold=ckpt["threshold"],
+                         session=session, session_end=end)
+        log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
+    if cfg.sessions > 1:
+        log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,
+                 cfg.sessions, state.progress, state.session_end)
+    return state
+''',
 'kernelkit.sampling': r'''"""Class-balanced sampling for long-tailed data (iNaturalist seed)."""
 from __future__ import annotations
 
@@ -5595,6 +5986,126 @@ def remove_cache_from_output(cache_root: Path, out_dir: Path) -> None:
     if cache_root.is_dir() and _inside(cache_root, out_dir):
         shutil.rmtree(cache_root, ignore_errors=True)
         log.info("removed the image cache %s so it is not saved as output", cache_root)
+''',
+'kernelkit.swa': r'''"""Cheap weight averaging over the end of the schedule (SWA: Izmailov et al., "Averaging Weights
+Leads to Wider Optima and Better Generalization", UAI 2018).
+
+Over the last `swa` share of the schedule every step's weights go into a running average
+(`torch.optim.swa_utils.AveragedModel`, buffers included, so the average is usable even if the
+BatchNorm pass is skipped). After training, the average's BatchNorm statistics are recomputed on a
+few training batches (the averaged weights never produced the running statistics they carry), it is
+validated, and it replaces best.pt only when it scores at least as well as the last and the best
+weights. The BatchNorm pass and the extra validation are charged to the inference reserve up front.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+from .decide import score_validation
+from .infer import autocast, predict
+from .transforms import normalize
+
+log = logging.getLogger("kernelkit")
+
+BN_BATCHES = 50  # enough batches for stable BatchNorm statistics; the pass costs about one forward each
+
+
+class WeightAverage:
+    """The running average of the weights from progress `1 - share` on."""
+
+    def __init__(self, model: torch.nn.Module, share: float, bn_batches: int = BN_BATCHES):
+        self.share, self.start, self.bn_batches = share, 1.0 - share, bn_batches
+        self.avg = AveragedModel(model, use_buffers=True)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.avg.module
+
+    @property
+    def n(self) -> int:
+        return int(self.avg.n_averaged)
+
+    def update(self, model: torch.nn.Module, progress: float) -> None:
+        if progress >= self.start:
+            self.avg.update_parameters(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.avg.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.avg.load_state_dict(state)
+
+    def extra_images(self, train_loader: Any, n_val: int) -> tuple[int, int]:
+        """-> (images, loader start-ups) the conclusion costs beyond the final validation."""
+        bn = min(len(train_loader), self.bn_batches) * (train_loader.batch_size or 1) if has_batchnorm(self.module) else 0
+        return bn + n_val, 1 + int(bn > 0)
+
+
+def create_averager(model: torch.nn.Module, share: float) -> WeightAverage | None:
+    return WeightAverage(model, share) if share > 0 else None
+
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.device, channels_last: bool,
+                        max_batches: int, amp: bool = True) -> int:
+    """Running statistics of every BatchNorm layer from `max_batches` training batches (a cumulative
+    average, as torch.optim.swa_utils.update_bn does, but on this package's uint8 batches).
+    -> the number of batches used (0: the model has no BatchNorm)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    momenta = {m: m.momentum for m in layers}
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    was_training, used = model.training, 0
+    model.train()
+    with torch.no_grad():
+        for x, _, _ in loader:
+            if used >= max_batches:
+                break
+            with autocast(device, amp):
+                model(normalize(x.to(device, non_blocking=True), channels_last))
+            used += 1
+    for m, momentum in momenta.items():
+        m.momentum = momentum
+    model.train(was_training)
+    return used
+
+
+def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: torch.device, opts: Any,
+                     best_score: float, last_score: float | None) -> dict | None:
+    """BatchNorm pass, validation, verdict. -> {"score", "threshold", "probs", "use"}: `use` when the
+    average should predict (probs None: no validation set, so it predicts unvalidated, as SWA is
+    meant to); None when there was nothing to average."""
+    if avg.n < 2:
+        log.info("weight average: %d snapshot(s) in the last %.0f%% of the schedule, nothing to average",
+                 avg.n, 100 * avg.share)
+        return None
+    batches = recompute_batchnorm(avg.module, train_loader, device, opts.channels_last, avg.bn_batches, opts.amp)
+    if val is None or not len(val.targets):
+        log.info("weight average of %d snapshots (BatchNorm from %d batches); no validation set: it predicts",
+                 avg.n, batches)
+        return {"score": None, "threshold": None, "probs": None, "use": True}
+    out = predict(avg.module, val.loader, device, val.task, amp=opts.amp, channels_last=opts.channels_last,
+                  desc="validate average")
+    va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
+                          opts.max_labels)
+    bar = max(s for s in (best_score, last_score) if s is not None)
+    use = va["score"] >= bar
+    log.info("weight average of %d snapshots (BatchNorm from %d batches): val %s %.4f; last weights %s, best "
+             "epoch %.4f -> %s", avg.n, batches, va["metric"], va["score"],
+             "n/a" if last_score is None else f"{last_score:.4f}", best_score,
+             "the average predicts" if use else "kept the trained weights")
+    return {"score": va["score"], "threshold": va["threshold"], "probs": out["probs"].astype(np.float32), "use": use}
 ''',
 'kernelkit.thresholds': r'''"""Multi-label decision rules and their search on validation probabilities.
 
@@ -5977,6 +6488,7 @@ from .infer import OutOfMemory, autocast, predict
 from .models import set_trainable
 from .progress import progress
 from .stopping import StopFlag
+from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
@@ -6010,6 +6522,7 @@ class TrainParts:
     loss_fn: Callable
     ema: Any = None
     batch_aug: Callable | None = None
+    swa: Any = None  # swa.WeightAverage: running average of the weights over the end of the schedule
 
 
 @dataclass
@@ -6024,6 +6537,8 @@ class FitState:
     bad_images: int = 0
     failed_saves: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
+    session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
+    session_end: float = 1.0  # progress at which this session's slice of the schedule ends
 
 
 @dataclass
@@ -6039,6 +6554,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     stop_reason: str = "budget"  # budget | epochs | signal | finished
     best_val_probs: np.ndarray | None = None
+    average: dict | None = None  # the weight average's verdict (swa): snapshots, its score, whether it predicts
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -6057,8 +6573,8 @@ class Trainer:
         self.device, self.saver, self.dist, self.stop = device, saver, dist, stop
         self.state = state or FitState()
         self.core = unwrap(parts.model)
-        self.total_steps = 0
-        self.schedule = Progress(clock, self.state.progress)
+        self.total_steps = self.stop_step = 0
+        self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
         self.frozen = False
         self.last_save = time.time()
@@ -6073,7 +6589,7 @@ class Trainer:
         if self.stop is not None and self.stop.requested:
             self.stop_reason = "signal"
             return True
-        if self.total_steps and self.state.step >= self.total_steps:
+        if self.stop_step and self.state.step >= self.stop_step:
             self.stop_reason = "epochs"
             return True
         return self.clock.elapsed() + self.step_s >= self.deadline()
@@ -6100,9 +6616,15 @@ class Trainer:
         """Epochs until told to stop; validate and checkpoint at each epoch end."""
         opts, state = self.opts, self.state
         self.total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
-        self.schedule = Progress(self.clock, state.progress, self.total_steps)
+        # Fixed epochs split over sessions: this session ends at the epoch its slice ends at.
+        stop_epoch = round(state.session_end * opts.epochs)
+        self.stop_step = stop_epoch * len(train_loader)
+        self.schedule = Progress(self.clock, state.progress, self.total_steps, state.session_end)
+        if self.parts.swa is not None:
+            self.reserve.extra_images, self.reserve.extra_loaders = self.parts.swa.extra_images(train_loader,
+                                                                                                self.reserve.n_val)
         result = self.result
-        while not (opts.epochs and state.epoch >= opts.epochs) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
+        while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
             tr = self.train_epoch(train_loader)
@@ -6114,10 +6636,32 @@ class Trainer:
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1
-        result.stop_reason = "epochs" if opts.epochs and state.epoch >= opts.epochs else self.stop_reason
+        result.stop_reason = "epochs" if opts.epochs and state.epoch >= stop_epoch else self.stop_reason
         if self.dist.is_main and (val is None or not len(val.targets)):
             self.save("best.pt", epoch_done=True)  # nothing to select on: the last weights are the best
+        if self.dist.is_main and self.parts.swa is not None:
+            self.use_average(train_loader, val, result)
         return result
+
+    def use_average(self, train_loader, val: Validation | None, result: FitResult) -> None:
+        """The weight average becomes best.pt (what the submission predicts with) when it validates at
+        least as well as the last and the best weights; both scores are logged either way."""
+        last = result.history[-1].get("val_score") if result.history else None
+        if self.stop is not None and self.stop.requested:
+            log.info("weight average skipped: the grace after the stop request is for the prediction")
+            return
+        won = conclude_average(self.parts.swa, train_loader, val, self.device, self.opts, self.state.best_score, last)
+        if won is None:
+            return
+        best = self.state.best_score if math.isfinite(self.state.best_score) else None
+        result.average = {"snapshots": self.parts.swa.n, "score": won["score"], "last_score": last,
+                          "best_score": best, "predicts": won["use"]}
+        if not won["use"]:
+            return
+        if won["probs"] is not None:
+            self.state.best_score, self.state.threshold = won["score"], won["threshold"]
+            result.best_val_probs = won["probs"]
+        self.save("best.pt", epoch_done=True, weights=self.parts.swa.module.state_dict())
 
     def train_epoch(self, loader, max_steps: int = 0) -> dict:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
@@ -6152,6 +6696,8 @@ class Trainer:
             parts.scaler.update()
             if parts.ema is not None:
                 parts.ema.update(self.core)
+            if parts.swa is not None:
+                parts.swa.update(self.core, state.progress)
             state.step += 1
             skipped += int((ok == 0).sum())
             images += len(ok)
@@ -6243,17 +6789,21 @@ class Trainer:
         return (f"p={self.state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{self.clock.fmt()}, training ends "
                 f"in {fmt_seconds(train_left)}, then ~{fmt_seconds(self.reserve.seconds())} inference]")
 
-    def save(self, name: str, epoch_done: bool) -> None:
-        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on."""
+    def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
+        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on.
+        `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
         self.last_save = time.time()
         if self.saver is None:
             return
         parts, state = self.parts, self.state
+        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
+        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}
         payload = {
-            "model": self.core.state_dict(), **({"ema": parts.ema.module.state_dict()} if parts.ema is not None else {}),
+            "model": weights or self.core.state_dict(), **ema, **swa,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
             "best_score": state.best_score, "threshold": state.threshold,
+            "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }
         if not self.saver.save(name, payload):
@@ -6268,17 +6818,17 @@ the best weights available, and the failure is logged loudly and recorded in sum
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from . import distributed
 from .assemble import TrainingData, build_training_data, fit_outputs
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
-from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
+from .checkpoint import BEST, LAST, Checkpointer
 from .competition import Competition
 from .components import build_parts, count_parameters, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
@@ -6288,11 +6838,12 @@ from .distributed import DistInfo
 from .models import preprocess_of
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .reports import write_label_statistics
+from .resume import check_resume, restore
 from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .outputs import finish_outputs
 from .thresholds import ThresholdRule, prior_baseline
-from .train import FitResult, FitState, TrainParts, Trainer, Validation
+from .train import FitResult, Trainer, Validation
 
 log = logging.getLogger("kernelkit")
 
@@ -6301,43 +6852,6 @@ MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
 
 
-def check_resume(ctx: RunContext, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
-    """The checkpoint to continue from, checked before anything slow: one of another model or label
-    set, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0)."""
-    cfg = ctx.cfg
-    if path is None:
-        return None
-    ckpt = load_checkpoint(path)
-    trained = ckpt.get("config", {})
-    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
-        if explicit:
-            raise ConfigError(f"resume_from {path}: trained a different model or label set "
-                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
-        log.warning("%s belongs to a different model or label set; starting fresh", path)
-        return None
-    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
-    if finished and explicit:
-        raise ConfigError(
-            f"resume_from {path}: its schedule already finished (epoch {ckpt['epoch']}, progress "
-            f"{ckpt['progress']:.3f}); training on would run at learning rate 0. To predict with it use "
-            f"--mode infer --checkpoints {path}; to train more, start a new schedule (leave resume_from empty, "
-            "or raise epochs)")
-    return ckpt
-
-
-def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None) -> FitState:
-    if ckpt is None:
-        return FitState()
-    parts.model.load_state_dict(ckpt["model"])
-    if parts.ema is not None and "ema" in ckpt:
-        parts.ema.module.load_state_dict(ckpt["ema"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-    log.info("resumed from %s: epoch %d, step %d, progress %.2f", path, state.epoch, state.step, state.progress)
-    return state
 
 
 def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
@@ -6383,17 +6897,17 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
     explicit = resume_path is None and bool(cfg.resume_from)
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
-    ckpt = check_resume(ctx, resume_path, comp, explicit)
+    ckpt = check_resume(cfg, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
     data = build_training_data(data_cfg, comp, device, info, ctx.stop,
                                cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
-    state = restore(ckpt, parts, resume_path)
+    state = restore(ckpt, parts, resume_path, cfg, explicit)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
-        if resume_path is None and not ctx.stop.requested:
+        if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
     return device, clock, data, parts, state, reserve
 
@@ -6412,7 +6926,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                       comp.train_paths, comp.task, ctx.out_dir)
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
-    trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
+    trainer = Trainer(dataclasses.replace(parts, model=model),
                       fit_options(cfg, pre), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
@@ -6423,7 +6937,8 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
-                           train_end_s=round(clock.elapsed(), 1))
+                           train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,
+                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4), swa=result.average)
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:

@@ -134,9 +134,10 @@ def test_kill_9_then_restart_resumes_inside_the_original_budget(kernel_dir, tria
 def test_resume_from_an_earlier_session_continues_its_schedule(tmp_path, single_label_dir):
     """A second Kaggle session: the first one's last.pt is attached, the budget is what is left now."""
     from kernelkit.cli import main
-    common = [*TINY, "--data-dir", str(single_label_dir), "--num-workers", "0", "--budget", "5m", "--epochs", "4"]
+    common = [*TINY, "--data-dir", str(single_label_dir), "--num-workers", "0", "--budget", "5m", "--epochs", "4",
+              "--sessions", "2"]
     first, second = tmp_path / "s1", tmp_path / "s2"
-    assert main({}, [*common, "--out-dir", str(first), "--epochs", "2"]) == 0
+    assert main({}, [*common, "--out-dir", str(first)]) == 0
     steps_first = json.loads((first / "summary.json").read_text())["steps"]
     assert main({}, [*common, "--out-dir", str(second), "--resume-from", str(first / "last.pt")]) == 0
     summary = json.loads((second / "summary.json").read_text())

@@ -92,6 +92,10 @@ def test_a_choice_typo_in_the_config_block_is_refused_with_the_allowed_values(ke
     ({"lr": True}, "lr=True: expected a number"), ({"data_dir": "/no/such/dir"}, "data_dir='/no/such/dir' does not exist"),
     ({"resume_from": "/no/such.pt"}, "resume_from='/no/such.pt' does not exist"),
     ({"mixup": 0.2, "loss": "complement"}, "soft targets"),
+    ({"swa": 1.0}, "swa=1.0: 0 .off. or the share"), ({"swa": -0.1}, "swa=-0.1"),
+    ({"sessions": 0}, "sessions=0: must be between 1 and 100"), ({"sessions": 1.5}, "sessions=1.5: expected an integer"),
+    ({"sessions": 3, "epochs": 2}, "epochs=2 cannot be split over sessions=3"),
+    ({"mode": "blend"}, "mode='blend' needs checkpoints"), ({"mode": "blnd"}, "did you mean 'blend'"),
 ])
 def test_values_out_of_range_or_of_the_wrong_type_are_refused_naming_the_option(block, match):
     with pytest.raises(ConfigError, match=match):

@@ -53,6 +53,9 @@ class InferenceReserve:
         self.train_ips: float | None = None
         self.startup_s = 5.0  # until measured
         self._startup_measured = False
+        # Work after training besides the final validation, at the validation rate: the weight
+        # average's BatchNorm pass and its own validation (swa.py), with one more loader start-up.
+        self.extra_images, self.extra_loaders = 0, 0
 
     def observe_startup(self, seconds: float) -> None:
         """Keep the worst first-batch latency seen: persistent workers make later ones look free,
@@ -64,10 +67,11 @@ class InferenceReserve:
         guess = 2.0 * self.train_ips if self.train_ips else None
         test_rate = self.test_ips or self.val_ips or guess
         val_rate = self.val_ips or self.test_ips or guess
-        fixed = self.overhead_s + 2 * self.startup_s
+        fixed = self.overhead_s + (2 + self.extra_loaders) * self.startup_s
         if not test_rate:
             return fixed
-        return fixed + self.safety * (self.n_test * self.tta / test_rate + self.n_val / val_rate)
+        val_images = self.n_val + self.extra_images
+        return fixed + self.safety * (self.n_test * self.tta / test_rate + val_images / val_rate)
 
 
 def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> float:
@@ -86,20 +90,25 @@ def lr_factor(progress: float, warmup: float = 0.05, kind: str = "linear") -> fl
 class Progress:
     """Where training is in [0, 1]: by time toward a (moving) deadline, or by steps.
 
-    On resume it continues from the saved progress and spreads the rest over the time left.
+    On resume it continues from the saved progress and spreads the rest of this session's slice
+    (up to `end`; 1.0 unless the schedule is split over several Kaggle sessions) over the time left.
     """
 
-    def __init__(self, clock: BudgetClock, start_progress: float = 0.0, total_steps: int = 0):
+    def __init__(self, clock: BudgetClock, start_progress: float = 0.0, total_steps: int = 0, end: float = 1.0):
         self.clock, self.p0, self.total_steps = clock, float(start_progress), total_steps
+        self.end = max(float(end), self.p0)
         self.t0 = clock.elapsed()
+        self.last = self.p0
 
     def at(self, deadline_s: float, step: int = 0) -> float:
         if self.total_steps:
             return min(1.0, step / self.total_steps)
         span = deadline_s - self.t0
-        if span <= 0:
-            return 1.0
-        return min(1.0, self.p0 + (1.0 - self.p0) * (self.clock.elapsed() - self.t0) / span)
+        p = self.end if span <= 0 else self.p0 + (self.end - self.p0) * (self.clock.elapsed() - self.t0) / span
+        # The deadline moves when the inference reserve is re-estimated; a later one must not take the
+        # schedule (and the learning rate) backwards.
+        self.last = max(self.last, min(self.end, p))
+        return self.last
 
 
 def affordable_tta(level: int, n_images: int, images_per_s: float | None, seconds_left: float) -> int:

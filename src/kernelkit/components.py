@@ -12,6 +12,7 @@ import torch
 from .config import Config, parse_duration, parse_kwargs
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
+from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .transforms import IMAGENET, BatchAugment, Preprocess, seed_augmentations
 
@@ -81,7 +82,7 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
     return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
                       scaler=make_scaler(cfg.amp and device.type == "cuda"),
                       loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
-                      batch_aug=batch_augment(cfg, task, num_classes))
+                      batch_aug=batch_augment(cfg, task, num_classes), swa=create_averager(model, cfg.swa))
 
 
 def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:

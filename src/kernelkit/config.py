@@ -22,7 +22,7 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 AUG_LEVELS = ("none", "flip", "light", "medium", "strong")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CHOICES: dict[str, tuple] = {
-    "mode": ("train", "infer"),
+    "mode": ("train", "infer", "blend"),
     "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
     "head": ("linear", "mlp"),
     "aug": AUG_LEVELS,
@@ -39,7 +39,8 @@ CHOICES: dict[str, tuple] = {
 @dataclass
 class Config:
     # what to run
-    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints", choices=CHOICES['mode'])
+    mode: str = _f("train", "train: train then predict | infer: predict from saved checkpoints | blend: weight "
+                            "K-fold runs' test probabilities by their out-of-fold scores", choices=CHOICES['mode'])
     preset: str = _f("", "named preset applied under your settings (demo, ...)")
     data_dir: str = _f("", "competition folder; empty = find it under /kaggle/input, else run the demo (never on Kaggle)")
     id_column: str = _f("", "train.csv column holding the image ids; empty = detect (sample submission, known names)")
@@ -50,7 +51,8 @@ class Config:
                             "empty = any of .jpg .jpeg .png .webp .bmp .tif .tiff .gif", choices=CHOICES['image_ext'])
     format: str = _f("auto", "auto | multilabel_csv | single_label_csv | folder", choices=CHOICES['format'])
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
-    checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
+    checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob; blend mode: run output folders "
+                              "(comma-separated, globs allowed), each with test_probs.npy and oof/")
     # model
     model: str = _f("resnet50", "timm model name; empty = the architecture in pretrained_path's config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
@@ -66,6 +68,8 @@ class Config:
     unfreeze_blocks: int = _f(0, "after the frozen stage train the last N backbone blocks/stages (0 = all)")
     layer_decay: float = _f(0.0, "layer-wise LR decay, e.g. 0.75 (0 = off)")
     ema: float = _f(0.0, "EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)")
+    swa: float = _f(0.0, "average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm "
+                         "recomputed after): it predicts when it validates at least as well (0 = off)")
     # images
     img_size: int = _f(224, "square input size")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
@@ -112,6 +116,8 @@ class Config:
     resume: bool = _f(True, "continue an unfinished run from out_dir/last.pt (its time counts against the budget)")
     resume_from: str = _f("", "continue from this checkpoint of an earlier session (e.g. an attached dataset); "
                               "the budget is what this session has left")
+    sessions: int = _f(1, "Kaggle sessions one schedule is laid over: each trains its 1/N slice, saves and "
+                          "submits; the next continues with resume_from=<previous>/last.pt")
     max_train_images: int = _f(0, "use only this many training images (0 = all); for quick runs")
     grace: str = _f("20s", "on SIGTERM/SIGINT: stop training and predict within about this long (fewer TTA views if "
                            "needed), then exit 0 with a submission")
@@ -213,6 +219,10 @@ def _range_problems(c: Config) -> list[str]:
         (0 <= c.freeze <= 1, f"freeze={c.freeze}: a share of training, in [0, 1]"),
         (0 <= c.layer_decay <= 1, f"layer_decay={c.layer_decay}: 0 (off) or in (0, 1]"),
         (0 <= c.ema < 1, f"ema={c.ema}: 0 (off) or a decay in (0, 1), e.g. 0.999"),
+        (0 <= c.swa < 1, f"swa={c.swa}: 0 (off) or the share of the schedule to average over, in (0, 1), e.g. 0.25"),
+        (1 <= c.sessions <= 100, f"sessions={c.sessions}: must be between 1 and 100"),
+        (not c.epochs or c.epochs >= c.sessions,
+         f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
         (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
@@ -230,6 +240,8 @@ def _range_problems(c: Config) -> list[str]:
         (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
         (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
         (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
+        (c.mode != "blend" or bool(c.checkpoints),
+         "mode='blend' needs checkpoints= (run output folders, comma-separated or a glob)"),
         (not ((c.mixup or c.cutmix) and c.loss == "complement"),
          "mixup/cutmix give soft targets, which loss='complement' does not take"),
     ]

@@ -16,6 +16,7 @@ import torch
 
 from . import distributed, env
 from .budget import BudgetClock, fmt_seconds
+from .blend_job import run_blend
 from .checkpoint import best_available
 from .competition import Competition, check_submission_writable, load_competition
 from .config import ConfigError, budget_seconds
@@ -160,8 +161,9 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
 def run_job(ctx: RunContext, info: DistInfo) -> int:
     cfg, out_dir = ctx.cfg, ctx.out_dir
     comp = open_competition(ctx)
-    if cfg.mode == "infer":
-        summary = run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start))
+    if cfg.mode in ("infer", "blend"):
+        summary = (run_blend(ctx, comp) if cfg.mode == "blend" else
+                   run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK

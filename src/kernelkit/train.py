@@ -24,6 +24,7 @@ from .infer import OutOfMemory, autocast, predict
 from .models import set_trainable
 from .progress import progress
 from .stopping import StopFlag
+from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
@@ -57,6 +58,7 @@ class TrainParts:
     loss_fn: Callable
     ema: Any = None
     batch_aug: Callable | None = None
+    swa: Any = None  # swa.WeightAverage: running average of the weights over the end of the schedule
 
 
 @dataclass
@@ -71,6 +73,8 @@ class FitState:
     bad_images: int = 0
     failed_saves: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
+    session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
+    session_end: float = 1.0  # progress at which this session's slice of the schedule ends
 
 
 @dataclass
@@ -86,6 +90,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     stop_reason: str = "budget"  # budget | epochs | signal | finished
     best_val_probs: np.ndarray | None = None
+    average: dict | None = None  # the weight average's verdict (swa): snapshots, its score, whether it predicts
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -104,8 +109,8 @@ class Trainer:
         self.device, self.saver, self.dist, self.stop = device, saver, dist, stop
         self.state = state or FitState()
         self.core = unwrap(parts.model)
-        self.total_steps = 0
-        self.schedule = Progress(clock, self.state.progress)
+        self.total_steps = self.stop_step = 0
+        self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
         self.frozen = False
         self.last_save = time.time()
@@ -120,7 +125,7 @@ class Trainer:
         if self.stop is not None and self.stop.requested:
             self.stop_reason = "signal"
             return True
-        if self.total_steps and self.state.step >= self.total_steps:
+        if self.stop_step and self.state.step >= self.stop_step:
             self.stop_reason = "epochs"
             return True
         return self.clock.elapsed() + self.step_s >= self.deadline()
@@ -147,9 +152,15 @@ class Trainer:
         """Epochs until told to stop; validate and checkpoint at each epoch end."""
         opts, state = self.opts, self.state
         self.total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
-        self.schedule = Progress(self.clock, state.progress, self.total_steps)
+        # Fixed epochs split over sessions: this session ends at the epoch its slice ends at.
+        stop_epoch = round(state.session_end * opts.epochs)
+        self.stop_step = stop_epoch * len(train_loader)
+        self.schedule = Progress(self.clock, state.progress, self.total_steps, state.session_end)
+        if self.parts.swa is not None:
+            self.reserve.extra_images, self.reserve.extra_loaders = self.parts.swa.extra_images(train_loader,
+                                                                                                self.reserve.n_val)
         result = self.result
-        while not (opts.epochs and state.epoch >= opts.epochs) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
+        while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
             if hasattr(train_loader.sampler, "set_epoch"):
                 train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
             tr = self.train_epoch(train_loader)
@@ -161,10 +172,32 @@ class Trainer:
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1
-        result.stop_reason = "epochs" if opts.epochs and state.epoch >= opts.epochs else self.stop_reason
+        result.stop_reason = "epochs" if opts.epochs and state.epoch >= stop_epoch else self.stop_reason
         if self.dist.is_main and (val is None or not len(val.targets)):
             self.save("best.pt", epoch_done=True)  # nothing to select on: the last weights are the best
+        if self.dist.is_main and self.parts.swa is not None:
+            self.use_average(train_loader, val, result)
         return result
+
+    def use_average(self, train_loader, val: Validation | None, result: FitResult) -> None:
+        """The weight average becomes best.pt (what the submission predicts with) when it validates at
+        least as well as the last and the best weights; both scores are logged either way."""
+        last = result.history[-1].get("val_score") if result.history else None
+        if self.stop is not None and self.stop.requested:
+            log.info("weight average skipped: the grace after the stop request is for the prediction")
+            return
+        won = conclude_average(self.parts.swa, train_loader, val, self.device, self.opts, self.state.best_score, last)
+        if won is None:
+            return
+        best = self.state.best_score if math.isfinite(self.state.best_score) else None
+        result.average = {"snapshots": self.parts.swa.n, "score": won["score"], "last_score": last,
+                          "best_score": best, "predicts": won["use"]}
+        if not won["use"]:
+            return
+        if won["probs"] is not None:
+            self.state.best_score, self.state.threshold = won["score"], won["threshold"]
+            result.best_val_probs = won["probs"]
+        self.save("best.pt", epoch_done=True, weights=self.parts.swa.module.state_dict())
 
     def train_epoch(self, loader, max_steps: int = 0) -> dict:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
@@ -199,6 +232,8 @@ class Trainer:
             parts.scaler.update()
             if parts.ema is not None:
                 parts.ema.update(self.core)
+            if parts.swa is not None:
+                parts.swa.update(self.core, state.progress)
             state.step += 1
             skipped += int((ok == 0).sum())
             images += len(ok)
@@ -290,17 +325,21 @@ class Trainer:
         return (f"p={self.state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{self.clock.fmt()}, training ends "
                 f"in {fmt_seconds(train_left)}, then ~{fmt_seconds(self.reserve.seconds())} inference]")
 
-    def save(self, name: str, epoch_done: bool) -> None:
-        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on."""
+    def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
+        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on.
+        `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
         self.last_save = time.time()
         if self.saver is None:
             return
         parts, state = self.parts, self.state
+        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
+        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}
         payload = {
-            "model": self.core.state_dict(), **({"ema": parts.ema.module.state_dict()} if parts.ema is not None else {}),
+            "model": weights or self.core.state_dict(), **ema, **swa,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
             "best_score": state.best_score, "threshold": state.threshold,
+            "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }
         if not self.saver.save(name, payload):

@@ -7,17 +7,17 @@ the best weights available, and the failure is logged loudly and recorded in sum
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from . import distributed
 from .assemble import TrainingData, build_training_data, fit_outputs
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
-from .checkpoint import BEST, LAST, Checkpointer, load_checkpoint, set_rng_state
+from .checkpoint import BEST, LAST, Checkpointer
 from .competition import Competition
 from .components import build_parts, count_parameters, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
@@ -27,11 +27,12 @@ from .distributed import DistInfo
 from .models import preprocess_of
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .reports import write_label_statistics
+from .resume import check_resume, restore
 from .train_reports import validation_reports, write_history
 from .session import begin_run
 from .outputs import finish_outputs
 from .thresholds import ThresholdRule, prior_baseline
-from .train import FitResult, FitState, TrainParts, Trainer, Validation
+from .train import FitResult, Trainer, Validation
 
 log = logging.getLogger("kernelkit")
 
@@ -40,43 +41,6 @@ MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
 
 
-def check_resume(ctx: RunContext, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
-    """The checkpoint to continue from, checked before anything slow: one of another model or label
-    set, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0)."""
-    cfg = ctx.cfg
-    if path is None:
-        return None
-    ckpt = load_checkpoint(path)
-    trained = ckpt.get("config", {})
-    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
-        if explicit:
-            raise ConfigError(f"resume_from {path}: trained a different model or label set "
-                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
-        log.warning("%s belongs to a different model or label set; starting fresh", path)
-        return None
-    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
-    if finished and explicit:
-        raise ConfigError(
-            f"resume_from {path}: its schedule already finished (epoch {ckpt['epoch']}, progress "
-            f"{ckpt['progress']:.3f}); training on would run at learning rate 0. To predict with it use "
-            f"--mode infer --checkpoints {path}; to train more, start a new schedule (leave resume_from empty, "
-            "or raise epochs)")
-    return ckpt
-
-
-def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None) -> FitState:
-    if ckpt is None:
-        return FitState()
-    parts.model.load_state_dict(ckpt["model"])
-    if parts.ema is not None and "ema" in ckpt:
-        parts.ema.module.load_state_dict(ckpt["ema"])
-    parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                     best_score=ckpt["best_score"], threshold=ckpt["threshold"])
-    log.info("resumed from %s: epoch %d, step %d, progress %.2f", path, state.epoch, state.step, state.progress)
-    return state
 
 
 def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
@@ -122,17 +86,17 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     run_start, resume_path = distributed.broadcast_object(info, (run_start, resume_path))
     explicit = resume_path is None and bool(cfg.resume_from)
     resume_path = resume_path or (Path(cfg.resume_from) if cfg.resume_from else None)
-    ckpt = check_resume(ctx, resume_path, comp, explicit)
+    ckpt = check_resume(cfg, resume_path, comp, explicit)
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
     data = build_training_data(data_cfg, comp, device, info, ctx.stop,
                                cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
-    state = restore(ckpt, parts, resume_path)
+    state = restore(ckpt, parts, resume_path, cfg, explicit)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
-        if resume_path is None and not ctx.stop.requested:
+        if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
     return device, clock, data, parts, state, reserve
 
@@ -151,7 +115,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                       comp.train_paths, comp.task, ctx.out_dir)
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
-    trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
+    trainer = Trainer(dataclasses.replace(parts, model=model),
                       fit_options(cfg, pre), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
@@ -162,7 +126,8 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
-                           train_end_s=round(clock.elapsed(), 1))
+                           train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,
+                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4), swa=result.average)
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:

@@ -1,0 +1,65 @@
+"""End-of-schedule weight averaging (swa.py)."""
+import json
+
+import torch
+from torch.optim.swa_utils import update_bn
+
+from kernelkit.checkpoint import load_checkpoint
+from kernelkit.cli import main
+from kernelkit.competition import load_competition, validate_submission
+from kernelkit.swa import WeightAverage, recompute_batchnorm
+from kernelkit.transforms import normalize
+from test_train import _setup
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
+
+
+def test_average_starts_at_its_share_of_the_schedule_and_batchnorm_matches_torch(single_label_dir):
+    comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)
+    avg = WeightAverage(model, 0.25)
+    avg.update(model, 0.5)
+    assert avg.n == 0, "before the last quarter nothing is averaged"
+    for p in (0.8, 0.9):
+        with torch.no_grad():
+            for w in model.parameters():
+                w.add_(0.1)
+        avg.update(model, p)
+    assert avg.n == 2
+    first = next(avg.module.parameters())
+    assert torch.allclose(first, next(model.parameters()) - 0.05), "the mean of the two snapshots"
+    # The validation loader: the same batches twice (the training loader shuffles and augments).
+    ours = recompute_batchnorm(avg.module, vl, torch.device("cpu"), False, max_batches=10**6)
+    assert ours == len(vl)
+    reference = WeightAverage(model, 0.25)
+    reference.avg.load_state_dict(avg.state_dict())
+    update_bn([normalize(x, False) for x, _, _ in vl], reference.module)
+    bn = [m for m in avg.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    ref = [m for m in reference.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(torch.allclose(a.running_mean, b.running_mean, atol=1e-5) and
+                      torch.allclose(a.running_var, b.running_var, atol=1e-4) for a, b in zip(bn, ref))
+    assert all(m.momentum == 0.1 for m in bn), "momentum put back"
+
+
+def test_a_run_with_swa_averages_other_weights_and_still_submits_in_budget(single_label_dir, tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="kernelkit"):
+        assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(out), "--budget", "3m",
+                         "--epochs", "3", "--swa", "0.5", "--tta", "1"]) == 0
+    validate_submission(out / "submission.csv", load_competition(single_label_dir))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["wall_s"] <= 180 and not summary["problems"]
+    assert summary["swa"]["snapshots"] >= 2 and summary["swa"]["score"] is not None
+    last = load_checkpoint(out / "last.pt")
+    average = {k.removeprefix("module."): v for k, v in last["swa"].items() if k.startswith("module.")}
+    assert int(last["swa"]["n_averaged"]) >= 2
+    differ = [k for k, v in last["model"].items() if v.is_floating_point() and not torch.equal(v, average[k])]
+    assert differ, "the averaged weights are not the last weights"
+    verdict = [r.message for r in caplog.records if r.message.startswith("weight average of")]
+    assert len(verdict) == 1 and "last weights" in verdict[0], "both scores logged"
+    best = load_checkpoint(out / "best.pt")
+    if "the average predicts" in verdict[0]:
+        weights = [k for k in average if "running_" not in k and "num_batches" not in k]  # BatchNorm recomputed
+        assert all(torch.equal(best["model"][k], average[k]) for k in weights), "best.pt holds the average"
+        assert any(not torch.equal(best["model"][k], average[k]) for k in average if "running_var" in k)
+    else:
+        assert "kept the trained weights" in verdict[0]
