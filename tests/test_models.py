@@ -94,3 +94,22 @@ def test_layer_decay_scales_lower_blocks_down():
     assert scales == sorted(scales) and scales[-1] == 1.0 and scales[0] < 0.1
     no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0]
     assert no_decay, "norms and biases get no weight decay"
+
+
+def test_ema_decay_warms_up_so_short_runs_are_not_stuck_at_the_initial_weights():
+    """With a fixed 0.999, 30 updates keep 97% of the random init: the helsinki14 preset (ema=0.999)
+    validated and predicted at the label prior on short runs."""
+    from kernelkit.models import create_ema, ema_decay
+    assert ema_decay(0.999, 0) == 0.1 and ema_decay(0.999, 10**6) == 0.999
+    assert [round(ema_decay(0.999, n), 3) for n in (10, 100, 1000)] == [0.55, 0.918, 0.991]
+    model = timm.create_model("test_resnet")
+    ema = create_ema(model, 0.999)
+    target = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(target[n])
+    for _ in range(30):
+        ema.update(model)
+    name = next(iter(target))
+    gap = (dict(ema.module.named_parameters())[name] - target[name]).abs().max().item()
+    assert gap < 0.05 and ema.updates == 30 and ema.decay == ema_decay(0.999, 29)

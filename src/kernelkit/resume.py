@@ -108,6 +108,7 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
         parts.model.load_state_dict(ckpt["model"])
         if parts.ema is not None and "ema" in ckpt:
             parts.ema.module.load_state_dict(ckpt["ema"])
+            parts.ema.updates = int(ckpt["step"])  # the decay goes on where it was, not warming up again
         if parts.swa is not None and "swa" in ckpt:
             parts.swa.load_state_dict(ckpt["swa"])
         parts.optimizer.load_state_dict(ckpt["optimizer"])
