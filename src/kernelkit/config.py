@@ -44,7 +44,8 @@ class Config:
     out_dir: str = _f("", "outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs")
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob")
     # model
-    model: str = _f("resnet50", "timm model name")
+    model: str = _f("auto", "timm model name; auto = the largest of a small ladder (resnet10t..resnet34 on CPU, "
+                            "resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start")
     pretrained_path: str = _f("", "local weights file (.pth/.safetensors/.bin); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
@@ -58,7 +59,9 @@ class Config:
     layer_decay: float = _f(0.0, "layer-wise LR decay, e.g. 0.75 (0 = off)")
     ema: float = _f(0.0, "EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)")
     # images
-    img_size: int = _f(224, "square input size")
+    img_size: int = _f(0, "square input size; 0 or 'auto' = the images' median size (never upscaled past it), "
+                          "lowered until auto_min_epochs fit")
+    auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
@@ -149,6 +152,7 @@ def _field_types() -> dict[str, str]:
 
 
 DURATIONS = ("budget", "margin", "checkpoint_every", "grace")
+AUTO_ZERO = ("img_size",)  # int options where 'auto' is accepted for 0
 
 
 def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
@@ -165,6 +169,8 @@ def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
 def _normalise(key: str, value: Any) -> Any:
     """Type check of one CONFIG-block or preset value: ints stay ints, a string is never a number."""
     typ = _field_types()[key]
+    if key in AUTO_ZERO and value == "auto":
+        return 0
     if typ == "bool" and isinstance(value, bool):
         return value
     if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
@@ -185,7 +191,12 @@ def _range_problems(c: Config) -> list[str]:
     """(condition that must hold, what the user is told) for every numeric option."""
     rules = [
         (c.batch_size >= 1, f"batch_size={c.batch_size}: must be >= 1"),
-        (8 <= c.img_size <= 4096, f"img_size={c.img_size}: must be between 8 and 4096 pixels"),
+        (c.img_size == 0 or 8 <= c.img_size <= 4096,
+         f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
+        (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
+        (c.model.strip() != "", "model='': name a timm model, or 'auto'"),
+        (not (c.model == "auto" and c.pretrained_path),
+         "pretrained_path holds the weights of one architecture: set model= to it (model='auto' picks by speed)"),
         (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
         (c.epochs >= 0, f"epochs={c.epochs}: must be >= 0 (0 = as many as fit the budget)"),
         (c.n_folds >= 2, f"n_folds={c.n_folds}: must be >= 2"),
@@ -343,11 +354,12 @@ def _coerce(value: str, typ: str) -> Any:
 class _Typed:
     """argparse `type=`: a module-level callable (no lambda) whose name shows in error messages."""
 
-    def __init__(self, typ: str):
+    def __init__(self, typ: str, auto_zero: bool = False):
         self.typ, self.__name__ = typ, {"int": "integer", "float": "number", "bool": "boolean"}.get(typ, typ)
+        self.auto_zero = auto_zero
 
     def __call__(self, value: str) -> Any:
-        return _coerce(value, self.typ)
+        return 0 if self.auto_zero and value.strip().lower() == "auto" else _coerce(value, self.typ)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         # argparse %-formats help strings: a literal % (as in "2% + 2s") must be doubled.
         text = f"{f.metadata.get('help', '')} (default {f.default!r})".replace("%", "%%")
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=text,
-                       type=_Typed(types[f.name]), choices=choices, metavar=None if choices else f.name.upper())
+                       type=_Typed(types[f.name], f.name in AUTO_ZERO), choices=choices, metavar=None if choices else f.name.upper())
     p.add_argument("--dry-run", action="store_true", help="short local run that reports throughput")
     return p
 

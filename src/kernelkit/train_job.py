@@ -158,8 +158,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
 
 
 def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
-    cfg = ctx.cfg
     device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
+    cfg = ctx.cfg
     saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
                                        "seed": cfg.seed})
     outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
@@ -171,13 +171,15 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(TrainParts(model, parts.optimizer, parts.scaler, parts.loss_fn, parts.ema, parts.batch_aug),
                       fit_options(cfg), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
-    val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
+    val = (Validation(data.val_loader, data.val_targets, comp.task, prior_baseline(
+        comp.task, data.train_targets, data.val_targets, cfg.beta)) if data.val_loader is not None else None)
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
     result = trainer.result
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
+                           warnings=result.warnings,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
                            train_end_s=round(clock.elapsed(), 1))
