@@ -141,3 +141,16 @@ def test_a_model_stuck_at_the_prior_is_flagged_and_still_submits(tmp_path, singl
     flagged = [w for w in summary["warnings"] if "label prior" in w]
     assert bool(flagged) == warned, summary
     assert summary["epochs"] == 4, "the warning does not stop training"
+
+
+def test_dry_run_prints_every_rung_of_the_ladder(tmp_path, single_label_dir, tiny_ladder, caplog):
+    from kernelkit.cli import main
+    caplog.set_level("INFO", logger="kernelkit")
+    status = main({}, [*SMALL, "--data-dir", str(single_label_dir), "--out-dir", str(tmp_path / "o"),
+                       "--budget", "10m", "--dry-run"])
+    assert status in (0, 4)
+    table = caplog.text.split("autopick: ladder", 1)[1]
+    for model in ("test_resnet", "test_convnext"):
+        assert f"{model} @ 48 px" in table
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert plan["epochs_that_fit"] > 0

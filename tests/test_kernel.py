@@ -46,7 +46,7 @@ def test_build_is_deterministic_small_and_current(tmp_path):
     assert (ROOT / "kernel.py").read_text() == text, "kernel.py is stale: run python build_kernel.py"
     assert text.index("CONFIG = dict(") < text.index("_SOURCES = {")
     stale = tmp_path / "kernel.py"
-    stale.write_text(text.replace("# model='resnet50'", "model='resnet18'"))
+    stale.write_text(text.replace("# model='auto'", "model='resnet18'"))
     check = [sys.executable, str(ROOT / "build_kernel.py"), "--check", "--out", str(stale)]
     assert subprocess.run(check, capture_output=True).returncode == 1
     stale.write_text(text)
