@@ -17,7 +17,7 @@ The same stratified 70/30 split makes both. Each is scored for:
 plus the demo (`--preset demo`, its own generated data and answers). Writes
 bench/results/quality.json and prints a markdown table.
 
-    .venv/bin/python bench/bench_quality.py [--budget 5m] [--quick] [--only single,multi,demo]
+    .venv/bin/python bench/bench_quality.py [--budget 5m] [--quick] [--only single,multi,demo] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -192,6 +192,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1-minute budgets, to check the script")
     ap.add_argument("--only", default="single,multi,demo")
     ap.add_argument("--extra", default="", help="more kernel.py flags for the two digit tasks")
+    ap.add_argument("--keep", default="", help="work folder to keep (data, outputs, logs); default: a temp dir")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     a = ap.parse_args()
     budget = "1m" if a.quick else a.budget
@@ -199,7 +200,8 @@ def main() -> None:
     rows = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kk_quality_") as tmp:
-        work = Path(tmp)
+        work = Path(a.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in a.only.split(","):
             if name == "demo":
                 rows.append(demo_row(work, ["--budget", budget] if a.quick else []))
