@@ -500,11 +500,16 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     shape = RunShape.of(cfg, comp, info.world_size)
     choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
     need = need_epochs(cfg)
-    got = next(t.epochs for t in trials if t.candidate == choice)
+    got = next(t for t in trials if t.candidate == choice)
     log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(time.time() - t0),
              ladder_table(trials, choice, need))
-    verdict = "" if got >= need else f" -- WARNING: even the cheapest fits only ~{max(got, 0):.1f} of {need}"
-    log.info("autopick: chose %s (~%.1f epochs, want >= %d)%s", choice, got, need, verdict)
+    if got.note:
+        verdict = f"the cheapest, {got.note}"
+    elif got.epochs < need:
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: even the cheapest does not fit them"
+    else:
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
+    log.info("autopick: chose %s (%s)", choice, verdict)
     return choice.model, choice.img_size
 
 ''',
