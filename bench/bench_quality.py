@@ -113,6 +113,7 @@ def logistic_multi(xtr, ytr, xte, yte, beta: float = 2.0) -> float:
 
 
 def run_kernel(args: list[str], out_dir: Path, timeout: float) -> tuple[dict, float, str]:
+    """-> (summary.json, wall seconds from outside, the autopick decision line or '')."""
     t0 = time.time()
     log = out_dir.with_suffix(".log")
     with open(log, "w") as f:
@@ -158,7 +159,7 @@ def task_row(name: str, work: Path, data, budget: str, extra: list[str]) -> dict
         logreg = logistic_single(xtr, ytr, xte, yte)
     return {"task": name, "metric": "F2 per image" if multi else "accuracy", "n_train": len(xtr),
             "n_test": len(xte), "kernel": kernel, "logistic_regression": logreg, "label_prior": prior,
-            "kernel_choice": choice, "kernel_val_score": summary.get("val_score"),
+            "kernel_model": model_of(summary), "kernel_choice": choice, "kernel_val_score": summary.get("val_score"),
             "kernel_epochs": summary.get("epochs"), "kernel_wall_s": round(wall, 1),
             "kernel_exit": summary.get("exit_code"), "kernel_warnings": summary.get("warnings", [])}
 
@@ -168,8 +169,12 @@ def demo_row(work: Path, extra: list[str]) -> dict:
     summary, wall, choice = run_kernel(["--preset", "demo", *extra], out, timeout=3600)
     return {"task": "demo", "metric": "F2 per image", "kernel": summary.get("demo_test_score"),
             "kernel_val_score": summary.get("val_score"), "label_prior": summary.get("baseline"),
-            "kernel_choice": choice, "kernel_epochs": summary.get("epochs"), "kernel_wall_s": round(wall, 1),
-            "kernel_exit": summary.get("exit_code")}
+            "kernel_model": model_of(summary), "kernel_choice": choice, "kernel_epochs": summary.get("epochs"),
+            "kernel_wall_s": round(wall, 1), "kernel_exit": summary.get("exit_code")}
+
+
+def model_of(summary: dict) -> str:
+    return f"{summary['model']} @ {summary['img_size']} px" if summary.get("model") else "-"
 
 
 def fmt(v) -> str:
@@ -177,11 +182,11 @@ def fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| task | metric | kernel.py defaults | logistic regression (pixels) | label prior | model chosen | "
+    lines = ["| task | metric | kernel.py | logistic regression (pixels) | label prior | model | "
              "epochs | wall |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['metric']} | {fmt(r['kernel'])} | {fmt(r.get('logistic_regression'))} | "
-                     f"{fmt(r['label_prior'])} | {r['kernel_choice'] or '-'} | {r['kernel_epochs']} | "
+                     f"{fmt(r['label_prior'])} | {r['kernel_model']} | {r['kernel_epochs']} | "
                      f"{r['kernel_wall_s']:.0f}s |")
     return "\n".join(lines)
 
