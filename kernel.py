@@ -299,7 +299,8 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
 
 def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: float) -> tuple[Candidate, dict]:
     """The costliest candidate with epochs_of(c) >= need, by binary search over the cost order
-    (epochs fall as cost rises); the cheapest when none fits. -> (choice, {candidate: epochs})."""
+    (epochs fall as cost rises); when none fits, the one measured with the most epochs (nominal
+    GFLOPs do not always rank CPU speed: a deep stem is slow there). -> (choice, {candidate: epochs})."""
     seen: dict[Candidate, float] = {}
 
     def epochs(i: int) -> float:
@@ -316,7 +317,7 @@ def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: 
             hi = mid - 1
     if best is None:
         epochs(0)
-        best = 0
+        return max(seen, key=lambda c: (seen[c], -c.cost)), seen
     return cands[best], seen
 
 
@@ -506,7 +507,7 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     if got.note:
         verdict = f"the cheapest, {got.note}"
     elif got.epochs < need:
-        verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: even the cheapest does not fit them"
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: none measured fits them; the most epochs"
     else:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
     log.info("autopick: chose %s (%s)", choice, verdict)

@@ -37,6 +37,8 @@ def test_pick_falls_back_to_the_cheapest_and_counts_failures_as_too_slow():
     cands = speeds_ladder()
     choice, seen = pick(cands, lambda c: 1.0, need=10)
     assert choice == cands[0] and cands[0] in seen, "nothing fits: the cheapest, measured so it can be logged"
+    choice, seen = pick(cands, lambda c: 9.0 if c == cands[4] else 1.0, need=10)
+    assert choice == cands[4], "nothing fits, and the nominally cheapest is not the fastest: the most epochs wins"
     failing = {cands[4], cands[6]}  # out of memory, say: -1 epochs
     choice, _ = pick(cands, lambda c: -1.0 if c in failing else 30.0, need=10)
     assert choice not in failing and choice.cost < 5
