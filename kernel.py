@@ -29,7 +29,7 @@ CONFIG = dict(
     # format='auto',                        # auto | multilabel_csv | single_label_csv | folder
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
     # checkpoints='',                       # infer mode: checkpoint file, folder or glob; blend mode: run output folders (comma-separated, globs allowed), each with test_probs.npy and oof/
-    # model='resnet50',                     # timm model name; empty = the architecture in pretrained_path's config.json
+    # model='auto',                         # timm model name; auto = the largest of a small ladder (resnet10t..resnet34 on CPU, resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; auto or empty with a timm weights folder = the architecture in its config.json
     # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = random init
     # drop_rate=0.0,                        # dropout before the classifier
     # head='linear',                        # linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)
@@ -42,7 +42,8 @@ CONFIG = dict(
     # layer_decay=0.0,                      # layer-wise LR decay, e.g. 0.75 (0 = off)
     # ema=0.0,                              # EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)
     # swa=0.0,                              # average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm recomputed after): it predicts when it validates at least as well (0 = off)
-    # img_size=224,                         # square input size
+    # img_size=0,                           # square input size; 0 or 'auto' = the images' median size (never upscaled past it), lowered until auto_min_epochs fit
+    # auto_min_epochs=10,                   # model/img_size auto: the epochs the chosen pair must fit in the training time
     # pad_aspect=2.0,                       # pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
     # aug='light',                          # none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
@@ -235,6 +236,315 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
     ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size,
                       cfg.pad_fill)
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
+''',
+'kernelkit.autopick': r'''"""model='auto' / img_size=0: the largest (model, input size) of a small ladder that still fits
+`auto_min_epochs` epochs in the training time, measured on the machine the run is on.
+
+A network that sees its data ten times beats a bigger one that sees it once: resnet50 at 224 px
+fits less than one epoch of a few thousand images in 5 CPU minutes, and a random-init network
+after one epoch sits at the label prior. So the ladder is climbed by cost (model GFLOPs x pixels)
+and a binary search over it times a few training steps on random tensors per candidate (seconds;
+the time is charged to the budget like any other start-up work). Images are never upscaled past
+their median size: 28 px digits train at 32, not 224.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import distributed
+from .budget import fmt_seconds
+from .competition import Competition
+from .config import Config, budget_seconds
+from .context import RunContext
+from .distributed import DistInfo
+from .infer import autocast
+from .plan import make_plan
+
+log = logging.getLogger("kernelkit")
+
+# (timm model, GFLOPs at 224 px): the cost that orders the ladder. Tests swap in tiny models.
+CPU_MODELS: tuple[tuple[str, float], ...] = (("resnet10t", 1.1), ("resnet18", 1.8), ("resnet34", 3.6))
+GPU_MODELS: tuple[tuple[str, float], ...] = (("resnet18", 1.8), ("resnet34", 3.6), ("resnet50", 4.1),
+                                             ("convnext_tiny", 4.5))
+CPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224)
+GPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320)
+SIZE_FLOOR = {"cpu": 64, "cuda": 128}  # smallest size tried for images at least this large
+DEFAULT_NATIVE = 224  # when no image header could be read
+MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
+MEASURE_MIN_S = 15.0
+TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
+# Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
+# with the model on a CPU-only machine, so real epochs run slower than the bare steps.
+PIPELINE_FACTOR = {"cpu": 0.6, "cuda": 0.8}
+SETUP_AFTER_S = 10.0  # still to come after the pick: data loaders, cache build, model, inference probe
+SIZE_SAMPLE = 200  # image headers read for the median size
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model: str
+    img_size: int
+    cost: float  # GFLOPs per image, forward
+
+    def __str__(self) -> str:
+        return f"{self.model} @ {self.img_size} px"
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    train_ips: float = 0.0
+    infer_ips: float = 0.0
+    epochs: float = -1.0
+    note: str = ""
+
+
+def model_cost(name: str) -> float:
+    known = dict(CPU_MODELS + GPU_MODELS)
+    return known.get(name, 4.0)
+
+
+def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0) -> list[Candidate]:
+    """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
+    first ladder size that reaches the images' native size (no upscaling beyond it)."""
+    models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
+    sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
+    if model:
+        models = ((model, model_cost(model)),)
+    if img_size:
+        sizes = (img_size,)
+    else:
+        reach = [s for s in sizes if s >= (native_size or DEFAULT_NATIVE)]
+        cap = reach[0] if reach else sizes[-1]
+        floor = min(cap, SIZE_FLOOR.get(device_type, sizes[0]))  # 32 px of a 500 px photo keeps nothing
+        sizes = tuple(s for s in sizes if floor <= s <= cap)
+    cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
+    return sorted(cands, key=lambda c: (c.cost, c.img_size))
+
+
+def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: float) -> tuple[Candidate, dict]:
+    """The costliest candidate with epochs_of(c) >= need, by binary search over the cost order
+    (epochs fall as cost rises); when none fits, the one measured with the most epochs (nominal
+    GFLOPs do not always rank CPU speed: a deep stem is slow there). -> (choice, {candidate: epochs})."""
+    seen: dict[Candidate, float] = {}
+
+    def epochs(i: int) -> float:
+        if cands[i] not in seen:
+            seen[cands[i]] = epochs_of(cands[i])
+        return seen[cands[i]]
+
+    lo, hi, best = 0, len(cands) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if epochs(mid) >= need:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        epochs(0)
+        return max(seen, key=lambda c: (seen[c], -c.cost)), seen
+    return cands[best], seen
+
+
+def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device,
+            steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
+    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size.
+    Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
+    from .components import model_from_config
+    model = model_from_config(dataclasses.replace(cfg, model=cand.model, img_size=cand.img_size), num_classes,
+                              with_weights=False).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
+    model.train()
+    times = []
+    for _ in range(steps + 1):
+        t0 = _now(device)
+        with autocast(device, cfg.amp):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(_now(device) - t0)
+        if len(times) >= 2 and time.time() > deadline:
+            break
+    # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
+    # which would rank the candidates by the noise rather than by their cost.
+    train_ips = cfg.batch_size / max(min(times[1:]), 1e-9)
+    model.eval()
+    xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
+    times = []
+    with torch.no_grad(), autocast(device, cfg.amp):
+        for _ in range(3):
+            t0 = _now(device)
+            model(xi)
+            times.append(_now(device) - t0)
+            if len(times) >= 2 and time.time() > deadline:
+                break
+    infer_ips = len(xi) / max(min(times[1:]), 1e-9)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return train_ips, infer_ips
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def native_size(paths: list[str], seed: int = 0) -> int | None:
+    """Median long side of a sample of the training images (headers only); None if none are readable."""
+    from .reports import image_sizes
+    sizes = image_sizes(paths, SIZE_SAMPLE, seed, 2.0)
+    if "width" not in sizes:
+        return None
+    return int(round(max(sizes["width"]["median"], sizes["height"]["median"])))
+
+
+@dataclass
+class RunShape:
+    """What an epoch and the final inference cost in images, and the time there is for them."""
+    n_train: int
+    n_val: int
+    n_test: int
+    tta: int
+    budget_s: float
+    margin_s: float
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, cfg: Config, comp: Competition, world_size: int = 1) -> "RunShape":
+        n = len(comp.train_targets)
+        if cfg.max_train_images:
+            n = min(n, cfg.max_train_images)
+        val_share = 1.0 / cfg.n_folds if cfg.fold >= 0 else cfg.val_fraction
+        n_val = int(round(n * val_share))
+        return cls(n - n_val, n_val, len(comp.test_ids), cfg.tta, *budget_seconds(cfg), world_size)
+
+    def epochs(self, train_ips: float, infer_ips: float, setup_s: float, pipeline: float) -> float:
+        plan = make_plan(budget_s=self.budget_s, margin_s=self.margin_s, setup_s=setup_s,
+                         train_ips=train_ips * pipeline * self.world_size, infer_ips=infer_ips * pipeline,
+                         n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, tta=self.tta,
+                         loader_startup_s=3.0)
+        return plan.epochs_that_fit
+
+
+def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape, started_at: float,
+           every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
+    """Measure and pick; `every`: time the whole ladder (the dry run prints it)."""
+    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
+    cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
+    log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
+             len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
+    deadline = time.time() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
+    trials: dict[Candidate, Trial] = {}
+
+    def epochs_of(c: Candidate) -> float:
+        t = trials.setdefault(c, Trial(c))
+        if time.time() > deadline or (stop is not None and stop.requested):
+            t.note = "not measured (time for measuring is up)"
+            return -1.0
+        try:
+            t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)
+        except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
+            t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
+            return -1.0
+        setup_s = time.time() - started_at + SETUP_AFTER_S
+        t.epochs = shape.epochs(t.train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
+        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs", c, t.train_ips,
+                 t.infer_ips, t.epochs)
+        return t.epochs
+
+    if every:
+        for c in cands:
+            epochs_of(c)
+    choice, _ = pick(cands, epochs_of, need_epochs(cfg))
+    return choice, [trials[c] for c in cands if c in trials]
+
+
+def need_epochs(cfg: Config) -> int:
+    return cfg.epochs or cfg.auto_min_epochs
+
+
+def ladder_table(trials: list[Trial], choice: Candidate, need: int) -> str:
+    rows = [f"  {'model @ size':<28} {'train img/s':>11} {'infer img/s':>11} {'epochs':>7}"]
+    for t in trials:
+        mark = "  <- chosen" if t.candidate == choice else ("" if t.epochs >= need else "  (too slow)")
+        if t.note:
+            rows.append(f"  {str(t.candidate):<28} {t.note}")
+        else:
+            rows.append(f"  {str(t.candidate):<28} {t.train_ips:>11.1f} {t.infer_ips:>11.1f} {t.epochs:>7.1f}{mark}")
+    return "\n".join(rows)
+
+
+def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
+    """The model and size of the run this one will resume (its checkpoint says what was picked)."""
+    from .checkpoint import load_checkpoint
+    from .session import resumable
+    path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+    if path is None:
+        return None
+    try:
+        stored = load_checkpoint(path, "cpu").get("config", {})
+        return str(stored["model"]), int(stored["img_size"])
+    except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
+        log.warning("autopick: could not read the model of %s (%s)", path, e)
+        return None
+
+
+def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
+    """`ctx` with a concrete model and img_size (what checkpoints store); unchanged when both are set.
+    Rank 0 measures, the other ranks take its choice."""
+    cfg = ctx.cfg
+    if cfg.model != "auto" and cfg.img_size:
+        return ctx
+    choice = None
+    if info.is_main:
+        choice = _choose_main(ctx, comp, info, every)
+    model, size = distributed.broadcast_object(info, choice)
+    model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
+    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))
+    if info.is_main:
+        try:
+            resolved.cfg.save(ctx.out_dir / "config.json")
+        except Exception as e:  # noqa: BLE001  (the log has the choice)
+            log.error("!!! could not rewrite config.json (%s)", e)
+    return resolved
+
+
+def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int]:
+    cfg = ctx.cfg
+    stored = None if every else stored_choice(ctx)
+    if stored is not None:
+        log.info("autopick: resuming a run that picked %s @ %d px", *stored)
+        return stored
+    t0 = time.time()
+    shape = RunShape.of(cfg, comp, info.world_size)
+    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
+    need = need_epochs(cfg)
+    got = next(t for t in trials if t.candidate == choice)
+    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(time.time() - t0),
+             ladder_table(trials, choice, need))
+    if got.note:
+        verdict = f"the cheapest, {got.note}"
+    elif got.epochs < need:
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: none measured fits them; the most epochs"
+    else:
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
+    log.info("autopick: chose %s (%s)", choice, verdict)
+    return choice.model, choice.img_size
+
 ''',
 'kernelkit.blend': r'''"""Blending K-fold runs by their out-of-fold predictions (numpy only).
 
@@ -1861,6 +2171,7 @@ import numpy as np
 import torch
 
 from .config import Config, parse_duration, parse_kwargs
+from .learning import likely_causes
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
 from .swa import create_averager
@@ -1941,7 +2252,7 @@ def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess)
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg))
 ''',
 'kernelkit.config': r'''"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
 from __future__ import annotations
@@ -1999,7 +2310,9 @@ class Config:
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob; blend mode: run output folders "
                               "(comma-separated, globs allowed), each with test_probs.npy and oof/")
     # model
-    model: str = _f("resnet50", "timm model name; empty = the architecture in pretrained_path's config.json")
+    model: str = _f("auto", "timm model name; auto = the largest of a small ladder (resnet10t..resnet34 on CPU, "
+                            "resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; "
+                            "auto or empty with a timm weights folder = the architecture in its config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
                                   "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
@@ -2016,7 +2329,9 @@ class Config:
     swa: float = _f(0.0, "average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm "
                          "recomputed after): it predicts when it validates at least as well (0 = off)")
     # images
-    img_size: int = _f(224, "square input size")
+    img_size: int = _f(0, "square input size; 0 or 'auto' = the images' median size (never upscaled past it), "
+                          "lowered until auto_min_epochs fit")
+    auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
@@ -2114,6 +2429,7 @@ def _field_types() -> dict[str, str]:
 
 
 DURATIONS = ("budget", "margin", "checkpoint_every", "grace")
+AUTO_ZERO = ("img_size",)  # int options where 'auto' is accepted for 0
 
 
 def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
@@ -2130,6 +2446,8 @@ def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
 def _normalise(key: str, value: Any) -> Any:
     """Type check of one CONFIG-block or preset value: ints stay ints, a string is never a number."""
     typ = _field_types()[key]
+    if key in AUTO_ZERO and value == "auto":
+        return 0
     if typ == "bool" and isinstance(value, bool):
         return value
     if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
@@ -2150,7 +2468,12 @@ def _range_problems(c: Config) -> list[str]:
     """(condition that must hold, what the user is told) for every numeric option."""
     rules = [
         (c.batch_size >= 1, f"batch_size={c.batch_size}: must be >= 1"),
-        (8 <= c.img_size <= 4096, f"img_size={c.img_size}: must be between 8 and 4096 pixels"),
+        (c.img_size == 0 or 8 <= c.img_size <= 4096,
+         f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
+        (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
+        (not (c.model == "auto" and c.pretrained_path),
+         "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
+         "a timm folder with config.json names its architecture itself)"),
         (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
         (c.epochs >= 0, f"epochs={c.epochs}: must be >= 0 (0 = as many as fit the budget)"),
         (c.n_folds >= 2, f"n_folds={c.n_folds}: must be >= 2"),
@@ -2352,18 +2675,19 @@ def _coerce(value: str, typ: str) -> Any:
 class _Typed:
     """argparse `type=`: a module-level callable (no lambda) whose name shows in error messages."""
 
-    def __init__(self, typ: str):
+    def __init__(self, typ: str, auto_zero: bool = False):
         self.typ, self.__name__ = typ, {"int": "integer", "float": "number", "bool": "boolean"}.get(typ, typ)
+        self.auto_zero = auto_zero
 
     def __call__(self, value: str) -> Any:
-        return _coerce(value, self.typ)
+        return 0 if self.auto_zero and value.strip().lower() == "auto" else _coerce(value, self.typ)
 
 
 def parse_value(key: str, text: str, where: str = "option") -> Any:
     """One option's value from text (`--set key=value` at build time), typed as its Config field."""
     refuse_unknown_keys({key: text}, where)
     try:
-        return _coerce(text, _field_types()[key])
+        return _Typed(_field_types()[key], key in AUTO_ZERO)(text)
     except ValueError:
         raise ConfigError(f"{key}={text!r}: expected {_TYPE_WORDS[_field_types()[key]]}") from None
 
@@ -2435,8 +2759,8 @@ def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field, typ: str) 
         return
     choices = f.metadata.get("choices")
     metavar = None if choices else _METAVARS.get(f.name) or ("TIME" if f.name in DURATIONS else _METAVARS[typ])
-    group.add_argument(flag, dest=f.name, default=None, help=_help_text(f), type=_Typed(typ), choices=choices,
-                       metavar=metavar)
+    group.add_argument(flag, dest=f.name, default=None, help=_help_text(f), type=_Typed(typ, f.name in AUTO_ZERO),
+                       choices=choices, metavar=metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4292,7 +4616,7 @@ import time
 
 import torch
 
-from . import distributed, env
+from . import autopick, distributed, env
 from .budget import BudgetClock, fmt_seconds
 from .blend_job import run_blend
 from .checkpoint import best_available
@@ -4437,14 +4761,16 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
 
 
 def run_job(ctx: RunContext, info: DistInfo) -> int:
-    cfg, out_dir = ctx.cfg, ctx.out_dir
+    out_dir = ctx.out_dir
     comp = open_competition(ctx)
-    if cfg.mode in ("infer", "blend"):
-        summary = (run_blend(ctx, comp) if cfg.mode == "blend" else
-                   run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start)))
+    if ctx.cfg.mode in ("infer", "blend"):
+        summary = (run_blend(ctx, comp) if ctx.cfg.mode == "blend" else
+                   run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(ctx.cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK
+    ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
+    cfg = ctx.cfg
     if ctx.args.dry_run:
         from .dry_run import dry_run
         plan = dry_run(ctx, comp, info.device())
@@ -4462,7 +4788,7 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
-             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None)
+             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
     outcome.guard("writing summary.json", write_json, out_dir / "summary.json", s)
@@ -4492,6 +4818,46 @@ def rescue(ctx: RunContext) -> int:
     write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
     return EXIT_OK
 
+''',
+'kernelkit.learning': r'''"""Is the network learning at all? A validation score still at the label prior (what a constant
+prediction scores) after a quarter of the training time means the rest of the budget is likely
+wasted too: say so loudly, with the usual causes, while there is still time to stop and fix it.
+Training goes on: a late start happens, and the submission is still written."""
+from __future__ import annotations
+
+from .config import PRESETS, Config
+
+CHECK_AT = 0.25  # share of training (time, or steps with fixed epochs) after which the check runs
+GAP_SHARE = 0.1  # "at the prior": closed less than this share of the gap between the prior and a perfect score
+
+
+def at_prior(score: float, prior: float, gap_share: float = GAP_SHARE) -> bool:
+    return score < prior + gap_share * (1.0 - prior)
+
+
+def stuck_message(score: float, prior: float, progress: float, metric: str, causes: str) -> str:
+    return (f"validation {metric} {score:.4f} is still at the label prior ({prior:.4f}) after {progress:.0%} of "
+            f"training: the model is not learning. Likely causes: {causes or 'see the README'}")
+
+
+def likely_causes(cfg: Config) -> str:
+    """The usual suspects for this config, most likely first."""
+    causes = []
+    if not cfg.pretrained_path:
+        if cfg.preset and cfg.preset != "demo" and cfg.preset in PRESETS:
+            causes.append(f"preset {cfg.preset!r} was made for ImageNet weights but pretrained_path is empty "
+                          "(random init): attach the weights and set pretrained_path")
+        else:
+            causes.append("random init (no pretrained_path) needs many epochs: a smaller model or img_size "
+                          "(model='auto', img_size=0) fits more")
+    causes.append(f"lr={cfg.lr:g} too high (loss flat or rising: try a tenth) or too low (loss barely falling: "
+                  "try ten times)")
+    if cfg.loss != "auto" or cfg.loss_args:
+        causes.append(f"loss={cfg.loss!r} {cfg.loss_args!r} may not suit these labels: try loss='auto'")
+    if cfg.freeze >= 1:
+        causes.append("freeze=1 trains only the head: without pretrained weights that cannot work")
+    causes.append("labels that do not follow from the images (check id_column/label_column)")
+    return "; ".join(causes)
 ''',
 'kernelkit.losses': r'''"""Losses that accept a per-sample weight (0 for unreadable images).
 
@@ -5366,7 +5732,7 @@ def plot_history(history_csv: Path, out_png: Path, metric: str = "validation sco
 
 # ----------------------------------------------------------------------------- label statistics
 
-def _image_sizes(paths: list[str], sample: int, seed: int, extreme_aspect: float) -> dict:
+def image_sizes(paths: list[str], sample: int, seed: int, extreme_aspect: float) -> dict:
     """Width/height from file headers only (PIL reads the size without decoding the pixels)."""
     paths = [p for p in paths if p]  # "" marks a missing file (competition.py)
     rng = np.random.default_rng(seed)
@@ -5436,7 +5802,7 @@ def label_statistics(targets: np.ndarray, class_names: list[str], image_paths: l
             images_without_label=int((per_image == 0).sum()),
             images_without_label_share=round(float((per_image == 0).mean()), 4) if n else 0.0)
     if image_paths is not None:
-        summary["image_sizes"] = _image_sizes(list(image_paths), sample_sizes, seed, extreme_aspect)
+        summary["image_sizes"] = image_sizes(list(image_paths), sample_sizes, seed, extreme_aspect)
     return {"summary": summary, "per_class": per_class}
 
 
@@ -5806,14 +6172,21 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     """-> (run start time for the budget clock, checkpoint to resume from or None)."""
     remove_partial_files(out_dir)
     state_path = out_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    last = out_dir / "last.pt"
-    if resume and state and not state.get("finished") and last.is_file():
+    last = resumable(out_dir, resume)
+    if last is not None:
+        state = json.loads(state_path.read_text())
         _record(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
         return float(state["run_start"]), last
     archive_checkpoints(out_dir)
     _record(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
     return started_at, None
+
+
+def resumable(out_dir: Path, resume: bool) -> Path | None:
+    """last.pt of an unfinished run in out_dir, when resuming is on; no side effects."""
+    state_path, last = out_dir / STATE_FILE, out_dir / "last.pt"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    return last if resume and state and not state.get("finished") and last.is_file() else None
 
 
 def run_start(out_dir: Path, default: float) -> float:
@@ -6507,6 +6880,7 @@ from .checkpoint import Checkpointer, rng_state
 from .decide import score_validation
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import OutOfMemory, autocast, predict
+from .learning import CHECK_AT, at_prior, stuck_message
 from .models import set_trainable
 from .progress import progress
 from .stopping import StopFlag
@@ -6533,6 +6907,8 @@ class FitOptions:
     freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
     unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
     preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
+    learn_check_at: float = CHECK_AT  # share of training after which a score at the label prior is flagged
+    learn_hint: str = ""  # likely causes, named in that warning
 
 
 @dataclass
@@ -6568,6 +6944,7 @@ class Validation:
     loader: Any
     targets: np.ndarray
     task: str
+    prior: float | None = None  # score of the best constant prediction: the bar learning must clear
 
 
 @dataclass
@@ -6577,6 +6954,7 @@ class FitResult:
     stop_reason: str = "budget"  # budget | epochs | signal | finished
     best_val_probs: np.ndarray | None = None
     average: dict | None = None  # the weight average's verdict (swa): snapshots, its score, whether it predicts
+    warnings: list[str] = field(default_factory=list)  # loud but not failures (the model is not learning)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -6601,6 +6979,7 @@ class Trainer:
         self.frozen = False
         self.last_save = time.time()
         self.stop_reason = "budget"
+        self.learning_checked = False
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
 
     # ------------------------------------------------------------------ schedule and stopping
@@ -6803,7 +7182,19 @@ class Trainer:
             self.save("best.pt", epoch_done=not tr["stopped"])
         log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
                  va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
+        self.check_learning(val.prior, va["metric"], result)
         return row
+
+    def check_learning(self, prior: float | None, metric: str, result: FitResult) -> None:
+        """Once, at the first validation past `learn_check_at` of training: is the best score still at
+        the label prior? Then warn loudly (and keep training: the submission still comes)."""
+        if self.learning_checked or prior is None or self.state.progress < self.opts.learn_check_at:
+            return
+        self.learning_checked = True
+        if at_prior(self.state.best_score, prior):
+            msg = stuck_message(self.state.best_score, prior, self.state.progress, metric, self.opts.learn_hint)
+            log.warning("!!! %s", msg)
+            result.warnings.append(msg)
 
     def timing(self, tr: dict) -> str:
         """Schedule position, speed, elapsed/budget and when training will end."""
@@ -6935,8 +7326,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
 
 
 def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
-    cfg = ctx.cfg
     device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
+    cfg = ctx.cfg
     pre = preprocess_of(parts.model)
     log.info("input statistics of %s: mean %s, std %s", cfg.model, pre.mean, pre.std)
     saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
@@ -6950,13 +7341,15 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(dataclasses.replace(parts, model=model),
                       fit_options(cfg, pre), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
-    val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
+    val = (Validation(data.val_loader, data.val_targets, comp.task, prior_baseline(
+        comp.task, data.train_targets, data.val_targets, cfg.beta)) if data.val_loader is not None else None)
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
     result = trainer.result
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
+                           warnings=result.warnings,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
                            train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,

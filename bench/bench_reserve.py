@@ -1,7 +1,7 @@
 """The measured inference reserve on a run whose first epoch is longer than the whole budget.
 
 Generates a single-label competition (4000 train JPEGs of 240-400 px, 10 classes, 1000 test images),
-runs kernel.py with its defaults (resnet50 at 224 px) under --budget (default 5m) on this machine's
+runs kernel.py with the old defaults (resnet50 at 224 px, named: the defaults are now `auto`) under --budget (default 5m) on this machine's
 CPU, and records from outside the process: exit status, wall time, whether a valid submission was
 written, and what the log says about the probe, the TTA plan and where training stopped.
 
@@ -57,7 +57,7 @@ def main() -> None:
     out = work / "out"
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data), "--budget", args.budget,
-                           "--out-dir", str(out)], capture_output=True, text=True)
+                           "--model", "resnet50", "--img-size", "224", "--out-dir", str(out)], capture_output=True, text=True)
     wall = time.time() - t0
     log = proc.stdout + proc.stderr
     sub = out / "submission.csv"

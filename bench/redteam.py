@@ -440,7 +440,7 @@ for cid, opt, val, setup in [
 for cid, flags, names, setup in [
     ("opt-tta-0", ["--tta", "0"], ("tta",), S()),
     ("opt-tta-9", ["--tta", "9"], ("tta",), S()),
-    ("opt-img-size-0", ["--img-size", "0"], opt_names("img-size"), S()),
+    ("opt-img-size-4", ["--img-size", "4"], opt_names("img-size"), S()),
     ("opt-img-size-neg", ["--img-size", "-5"], opt_names("img-size"), S()),
     ("opt-batch-size-0", ["--batch-size", "0"], opt_names("batch-size"), S()),
     ("opt-epochs-neg", ["--epochs", "-1"], ("epochs",), S()),

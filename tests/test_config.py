@@ -80,7 +80,7 @@ def test_a_choice_typo_in_the_config_block_is_refused_with_the_allowed_values(ke
 
 
 @pytest.mark.parametrize("block,match", [
-    ({"tta": 0}, "tta=0"), ({"img_size": 0}, "img_size=0"), ({"img_size": -5}, "img_size=-5"),
+    ({"tta": 0}, "tta=0"), ({"img_size": 4}, "img_size=4: must be 0 \\(auto\\) or between 8"), ({"img_size": -5}, "img_size=-5"),
     ({"batch_size": 0}, "batch_size=0"), ({"epochs": -1}, "epochs=-1"), ({"fold": 5}, "fold=5"),
     ({"val_fraction": 1.5}, "val_fraction=1.5"), ({"val_fraction": -0.1}, "val_fraction=-0.1"),
     ({"threshold": 1.5}, "threshold=1.5"), ({"warmup": 2.0}, "warmup=2.0"), ({"lr": 0.0}, "lr=0.0"),

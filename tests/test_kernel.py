@@ -52,7 +52,7 @@ def test_build_is_deterministic_small_and_current(tmp_path):
     check = [sys.executable, str(ROOT / "build_kernel.py"), "--check", "--out", str(stale)]
     stale.write_text(text.replace("def parse_duration(", "def parse_duration_(", 1))
     assert subprocess.run(check, capture_output=True).returncode == 1
-    stale.write_text(text.replace("# model='resnet50'", "model='resnet18'"))
+    stale.write_text(text.replace("# model='auto'", "model='resnet18'"))
     assert subprocess.run(check, capture_output=True).returncode == 0, "the CONFIG region is the user's"
     stale.write_text(text)
     assert subprocess.run(check, capture_output=True).returncode == 0

@@ -43,7 +43,7 @@ PASSING = [
     "opt-preset-typo",
     "opt-tta-0",
     "opt-tta-9",
-    "opt-img-size-0",
+    "opt-img-size-4",
     "opt-img-size-neg",
     "opt-batch-size-0",
     "opt-epochs-neg",

@@ -37,7 +37,7 @@ def test_two_seeded_cpu_runs_give_identical_test_probabilities(tmp_path, multila
 
 @pytest.mark.parametrize("argv,names", [
     (["--threshold-rule", "clas"], "--threshold-rule"), (["--aug", "strnog"], "--aug"),
-    (["--tta", "0"], "tta=0"), (["--img-size", "0"], "img_size=0"), (["--fold", "5"], "fold=5"),
+    (["--tta", "0"], "tta=0"), (["--img-size", "4"], "img_size=4"), (["--fold", "5"], "fold=5"),
 ])
 def test_kernel_refuses_bad_options_in_the_first_seconds_with_exit_2(kernel_dir, argv, names):  # noqa: F811
     t0 = time.time()

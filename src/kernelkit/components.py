@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .config import Config, parse_duration, parse_kwargs
+from .learning import likely_causes
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
 from .swa import create_averager
@@ -90,4 +91,4 @@ def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess)
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg))

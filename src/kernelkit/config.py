@@ -54,7 +54,9 @@ class Config:
     checkpoints: str = _f("", "infer mode: checkpoint file, folder or glob; blend mode: run output folders "
                               "(comma-separated, globs allowed), each with test_probs.npy and oof/")
     # model
-    model: str = _f("resnet50", "timm model name; empty = the architecture in pretrained_path's config.json")
+    model: str = _f("auto", "timm model name; auto = the largest of a small ladder (resnet10t..resnet34 on CPU, "
+                            "resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; "
+                            "auto or empty with a timm weights folder = the architecture in its config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
                                   "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
     drop_rate: float = _f(0.0, "dropout before the classifier")
@@ -71,7 +73,9 @@ class Config:
     swa: float = _f(0.0, "average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm "
                          "recomputed after): it predicts when it validates at least as well (0 = off)")
     # images
-    img_size: int = _f(224, "square input size")
+    img_size: int = _f(0, "square input size; 0 or 'auto' = the images' median size (never upscaled past it), "
+                          "lowered until auto_min_epochs fit")
+    auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
@@ -169,6 +173,7 @@ def _field_types() -> dict[str, str]:
 
 
 DURATIONS = ("budget", "margin", "checkpoint_every", "grace")
+AUTO_ZERO = ("img_size",)  # int options where 'auto' is accepted for 0
 
 
 def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
@@ -185,6 +190,8 @@ def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
 def _normalise(key: str, value: Any) -> Any:
     """Type check of one CONFIG-block or preset value: ints stay ints, a string is never a number."""
     typ = _field_types()[key]
+    if key in AUTO_ZERO and value == "auto":
+        return 0
     if typ == "bool" and isinstance(value, bool):
         return value
     if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
@@ -205,7 +212,12 @@ def _range_problems(c: Config) -> list[str]:
     """(condition that must hold, what the user is told) for every numeric option."""
     rules = [
         (c.batch_size >= 1, f"batch_size={c.batch_size}: must be >= 1"),
-        (8 <= c.img_size <= 4096, f"img_size={c.img_size}: must be between 8 and 4096 pixels"),
+        (c.img_size == 0 or 8 <= c.img_size <= 4096,
+         f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
+        (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
+        (not (c.model == "auto" and c.pretrained_path),
+         "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
+         "a timm folder with config.json names its architecture itself)"),
         (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
         (c.epochs >= 0, f"epochs={c.epochs}: must be >= 0 (0 = as many as fit the budget)"),
         (c.n_folds >= 2, f"n_folds={c.n_folds}: must be >= 2"),
@@ -407,18 +419,19 @@ def _coerce(value: str, typ: str) -> Any:
 class _Typed:
     """argparse `type=`: a module-level callable (no lambda) whose name shows in error messages."""
 
-    def __init__(self, typ: str):
+    def __init__(self, typ: str, auto_zero: bool = False):
         self.typ, self.__name__ = typ, {"int": "integer", "float": "number", "bool": "boolean"}.get(typ, typ)
+        self.auto_zero = auto_zero
 
     def __call__(self, value: str) -> Any:
-        return _coerce(value, self.typ)
+        return 0 if self.auto_zero and value.strip().lower() == "auto" else _coerce(value, self.typ)
 
 
 def parse_value(key: str, text: str, where: str = "option") -> Any:
     """One option's value from text (`--set key=value` at build time), typed as its Config field."""
     refuse_unknown_keys({key: text}, where)
     try:
-        return _coerce(text, _field_types()[key])
+        return _Typed(_field_types()[key], key in AUTO_ZERO)(text)
     except ValueError:
         raise ConfigError(f"{key}={text!r}: expected {_TYPE_WORDS[_field_types()[key]]}") from None
 
@@ -490,8 +503,8 @@ def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field, typ: str) 
         return
     choices = f.metadata.get("choices")
     metavar = None if choices else _METAVARS.get(f.name) or ("TIME" if f.name in DURATIONS else _METAVARS[typ])
-    group.add_argument(flag, dest=f.name, default=None, help=_help_text(f), type=_Typed(typ), choices=choices,
-                       metavar=metavar)
+    group.add_argument(flag, dest=f.name, default=None, help=_help_text(f), type=_Typed(typ, f.name in AUTO_ZERO),
+                       choices=choices, metavar=metavar)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import distributed, env
+from . import autopick, distributed, env
 from .budget import BudgetClock, fmt_seconds
 from .blend_job import run_blend
 from .checkpoint import best_available
@@ -159,14 +159,16 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
 
 
 def run_job(ctx: RunContext, info: DistInfo) -> int:
-    cfg, out_dir = ctx.cfg, ctx.out_dir
+    out_dir = ctx.out_dir
     comp = open_competition(ctx)
-    if cfg.mode in ("infer", "blend"):
-        summary = (run_blend(ctx, comp) if cfg.mode == "blend" else
-                   run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(cfg), start_time=ctx.t_start)))
+    if ctx.cfg.mode in ("infer", "blend"):
+        summary = (run_blend(ctx, comp) if ctx.cfg.mode == "blend" else
+                   run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(ctx.cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK
+    ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
+    cfg = ctx.cfg
     if ctx.args.dry_run:
         from .dry_run import dry_run
         plan = dry_run(ctx, comp, info.device())
@@ -184,7 +186,7 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
-             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None)
+             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
     outcome.guard("writing summary.json", write_json, out_dir / "summary.json", s)

@@ -83,7 +83,7 @@ def plot_history(history_csv: Path, out_png: Path, metric: str = "validation sco
 
 # ----------------------------------------------------------------------------- label statistics
 
-def _image_sizes(paths: list[str], sample: int, seed: int, extreme_aspect: float) -> dict:
+def image_sizes(paths: list[str], sample: int, seed: int, extreme_aspect: float) -> dict:
     """Width/height from file headers only (PIL reads the size without decoding the pixels)."""
     paths = [p for p in paths if p]  # "" marks a missing file (competition.py)
     rng = np.random.default_rng(seed)
@@ -153,7 +153,7 @@ def label_statistics(targets: np.ndarray, class_names: list[str], image_paths: l
             images_without_label=int((per_image == 0).sum()),
             images_without_label_share=round(float((per_image == 0).mean()), 4) if n else 0.0)
     if image_paths is not None:
-        summary["image_sizes"] = _image_sizes(list(image_paths), sample_sizes, seed, extreme_aspect)
+        summary["image_sizes"] = image_sizes(list(image_paths), sample_sizes, seed, extreme_aspect)
     return {"summary": summary, "per_class": per_class}
 
 

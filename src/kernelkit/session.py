@@ -38,14 +38,21 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
     """-> (run start time for the budget clock, checkpoint to resume from or None)."""
     remove_partial_files(out_dir)
     state_path = out_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    last = out_dir / "last.pt"
-    if resume and state and not state.get("finished") and last.is_file():
+    last = resumable(out_dir, resume)
+    if last is not None:
+        state = json.loads(state_path.read_text())
         _record(state_path, {**state, "restarts": int(state.get("restarts", 0)) + 1})
         return float(state["run_start"]), last
     archive_checkpoints(out_dir)
     _record(state_path, {"run_start": started_at, "finished": False, "restarts": 0})
     return started_at, None
+
+
+def resumable(out_dir: Path, resume: bool) -> Path | None:
+    """last.pt of an unfinished run in out_dir, when resuming is on; no side effects."""
+    state_path, last = out_dir / STATE_FILE, out_dir / "last.pt"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    return last if resume and state and not state.get("finished") and last.is_file() else None
 
 
 def run_start(out_dir: Path, default: float) -> float:

@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer, rng_state
 from .decide import score_validation
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import OutOfMemory, autocast, predict
+from .learning import CHECK_AT, at_prior, stuck_message
 from .models import set_trainable
 from .progress import progress
 from .stopping import StopFlag
@@ -47,6 +48,8 @@ class FitOptions:
     freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
     unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
     preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
+    learn_check_at: float = CHECK_AT  # share of training after which a score at the label prior is flagged
+    learn_hint: str = ""  # likely causes, named in that warning
 
 
 @dataclass
@@ -82,6 +85,7 @@ class Validation:
     loader: Any
     targets: np.ndarray
     task: str
+    prior: float | None = None  # score of the best constant prediction: the bar learning must clear
 
 
 @dataclass
@@ -91,6 +95,7 @@ class FitResult:
     stop_reason: str = "budget"  # budget | epochs | signal | finished
     best_val_probs: np.ndarray | None = None
     average: dict | None = None  # the weight average's verdict (swa): snapshots, its score, whether it predicts
+    warnings: list[str] = field(default_factory=list)  # loud but not failures (the model is not learning)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -115,6 +120,7 @@ class Trainer:
         self.frozen = False
         self.last_save = time.time()
         self.stop_reason = "budget"
+        self.learning_checked = False
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
 
     # ------------------------------------------------------------------ schedule and stopping
@@ -317,7 +323,19 @@ class Trainer:
             self.save("best.pt", epoch_done=not tr["stopped"])
         log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
                  va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
+        self.check_learning(val.prior, va["metric"], result)
         return row
+
+    def check_learning(self, prior: float | None, metric: str, result: FitResult) -> None:
+        """Once, at the first validation past `learn_check_at` of training: is the best score still at
+        the label prior? Then warn loudly (and keep training: the submission still comes)."""
+        if self.learning_checked or prior is None or self.state.progress < self.opts.learn_check_at:
+            return
+        self.learning_checked = True
+        if at_prior(self.state.best_score, prior):
+            msg = stuck_message(self.state.best_score, prior, self.state.progress, metric, self.opts.learn_hint)
+            log.warning("!!! %s", msg)
+            result.warnings.append(msg)
 
     def timing(self, tr: dict) -> str:
         """Schedule position, speed, elapsed/budget and when training will end."""

@@ -102,8 +102,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
 
 
 def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
-    cfg = ctx.cfg
     device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
+    cfg = ctx.cfg
     pre = preprocess_of(parts.model)
     log.info("input statistics of %s: mean %s, std %s", cfg.model, pre.mean, pre.std)
     saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
@@ -117,13 +117,15 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(dataclasses.replace(parts, model=model),
                       fit_options(cfg, pre), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
-    val = Validation(data.val_loader, data.val_targets, comp.task) if data.val_loader is not None else None
+    val = (Validation(data.val_loader, data.val_targets, comp.task, prior_baseline(
+        comp.task, data.train_targets, data.val_targets, cfg.beta)) if data.val_loader is not None else None)
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
     result = trainer.result
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
+                           warnings=result.warnings,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
                            train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,
