@@ -80,7 +80,7 @@ def main() -> int:
     comp = build_tree(input_root)
     kernel = work / "kernel.py"
     shutil.copy(ROOT / "kernel.py", kernel)
-    subprocess.run([sys.executable, str(ROOT / "build_kernel.py"), "--out", str(kernel), "--set", "model=",
+    subprocess.run([sys.executable, str(ROOT / "build_kernel.py"), "--out", str(kernel),
                     "--set", f"pretrained_path={input_root / 'resnet10t'}", "--set", f"budget={args.budget}",
                     "--set", "img_size=48"], check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

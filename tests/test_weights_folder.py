@@ -69,6 +69,8 @@ def test_folders_that_are_not_weights_are_refused_clearly(tmp_path):
 
 def test_the_architecture_comes_from_config_json_and_a_mismatch_is_refused_at_start(tmp_path):
     folder = timm_folder(tmp_path / "w")
+    cfg, _ = make_config({"pretrained_path": str(folder)}, [])  # model left at its default, auto
+    assert cfg.model == "resnet10t"
     cfg, _ = make_config({"model": "", "pretrained_path": str(folder)}, [])
     assert cfg.model == "resnet10t"
     cfg, _ = make_config({"model": "resnet10t.some_tag", "pretrained_path": str(folder)}, [])
@@ -127,7 +129,7 @@ def test_a_timm_folder_loads_on_timm_0_9(tmp_path):
 def test_kernel_trains_from_a_timm_folder_with_no_model_on_timm_0_9(tmp_path, kernel_dir, single_label_dir):  # noqa: F811
     folder = timm_folder(tmp_path / "w")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "kernel.py", "--data-dir", str(single_label_dir), "--model", "",
+    proc = subprocess.run([sys.executable, "kernel.py", "--data-dir", str(single_label_dir),
                            "--pretrained-path", str(folder), "--img-size", "32", "--epochs", "1", "--num-workers", "0",
                            "--budget", "2m", "--out-dir", str(out)], cwd=kernel_dir,
                           env={**_env(), "PYTHONPATH": str(TIMM09)}, capture_output=True, text=True, timeout=240)
