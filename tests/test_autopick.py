@@ -161,13 +161,15 @@ def test_dry_run_prints_every_rung_of_the_ladder(tmp_path, single_label_dir, tin
 def test_a_resumed_auto_run_keeps_the_model_its_checkpoint_was_trained_with(tmp_path, single_label_dir,
                                                                             tiny_ladder, monkeypatch):
     from kernelkit.cli import main
-    common = [*SMALL, "--data-dir", str(single_label_dir), "--budget", "40s", "--auto-min-epochs", "1"]
+    # two sessions of one 2-epoch schedule: the second resumes the first's checkpoint
+    common = [*SMALL, "--data-dir", str(single_label_dir), "--budget", "40s", "--auto-min-epochs", "1",
+              "--sessions", "2", "--epochs", "2"]
     first = tmp_path / "first"
-    assert main({}, [*common, "--out-dir", str(first), "--epochs", "1"]) == 0
+    assert main({}, [*common, "--out-dir", str(first)]) == 0
     picked = json.loads((first / "summary.json").read_text())["model"]
     other = "test_convnext" if picked == "test_resnet" else "test_resnet"
     monkeypatch.setattr(autopick, "CPU_MODELS", ((other, 0.01),))  # a fresh pick could only choose `other`
     second = tmp_path / "second"
-    assert main({}, [*common, "--out-dir", str(second), "--epochs", "2", "--resume-from", str(first / "last.pt")]) == 0
+    assert main({}, [*common, "--out-dir", str(second), "--resume-from", str(first / "last.pt")]) == 0
     summary = json.loads((second / "summary.json").read_text())
     assert summary["model"] == picked and summary["epochs"] == 1, "one more epoch on the same network"
