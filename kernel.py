@@ -5400,18 +5400,26 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from . import env
 from .assemble import cache_root
 from .budget import BudgetClock
 from .checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
 from .context import Outcome, RunContext
-from .storage import remove_cache_from_output
+from .storage import checkpoint_bytes, remove_cache_from_output
 
 log = logging.getLogger("kernelkit")
 
 # Reading the checkpoint back (just written: mostly in the page cache) and writing a third of it took
 # 0.13 s for the demo's 134 MB best.pt here; 200 MB/s and 1 s of overhead leave room for a slow disk.
 EXPORT_BYTES_PER_S = 200e6
+
+
+def export_seconds(model: torch.nn.Module, ema: bool) -> float:
+    """What export_submitted will cost, kept in the inference reserve from the first step."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return 1.0 + 2 * checkpoint_bytes(n_params, ema) / EXPORT_BYTES_PER_S
 
 
 def export_submitted(saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:
@@ -7256,7 +7264,7 @@ from .reports import write_label_statistics
 from .resume import check_resume, restore
 from .train_reports import validation_reports, write_history
 from .session import begin_run
-from .outputs import finish_outputs
+from .outputs import export_seconds, finish_outputs
 from .thresholds import ThresholdRule, prior_baseline
 from .train import FitResult, Trainer, Validation
 
@@ -7320,6 +7328,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
     state = restore(ckpt, parts, resume_path, cfg, explicit)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left

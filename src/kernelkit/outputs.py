@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from . import env
 from .assemble import cache_root
 from .budget import BudgetClock
 from .checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
 from .context import Outcome, RunContext
-from .storage import remove_cache_from_output
+from .storage import checkpoint_bytes, remove_cache_from_output
 
 log = logging.getLogger("kernelkit")
 
 # Reading the checkpoint back (just written: mostly in the page cache) and writing a third of it took
 # 0.13 s for the demo's 134 MB best.pt here; 200 MB/s and 1 s of overhead leave room for a slow disk.
 EXPORT_BYTES_PER_S = 200e6
+
+
+def export_seconds(model: torch.nn.Module, ema: bool) -> float:
+    """What export_submitted will cost, kept in the inference reserve from the first step."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return 1.0 + 2 * checkpoint_bytes(n_params, ema) / EXPORT_BYTES_PER_S
 
 
 def export_submitted(saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:

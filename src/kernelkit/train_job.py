@@ -30,7 +30,7 @@ from .reports import write_label_statistics
 from .resume import check_resume, restore
 from .train_reports import validation_reports, write_history
 from .session import begin_run
-from .outputs import finish_outputs
+from .outputs import export_seconds, finish_outputs
 from .thresholds import ThresholdRule, prior_baseline
 from .train import FitResult, Trainer, Validation
 
@@ -94,6 +94,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
     state = restore(ckpt, parts, resume_path, cfg, explicit)
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
