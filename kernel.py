@@ -566,6 +566,8 @@ from typing import Callable
 
 import numpy as np
 
+from .folds import cover, saved_folds
+
 log = logging.getLogger("kernelkit")
 
 # Settings that do not change what a model learns: runs differing only in these are folds of one member.
@@ -623,31 +625,23 @@ def group_members(dirs: list[Path]) -> list[list[Path]]:
     return list(groups.values())
 
 
-def _fold_files(run_dir: Path) -> list[tuple[Path, Path]]:
-    return [(idx, idx.with_name(idx.name.replace("_idx.npy", "_probs.npy")))
-            for idx in sorted((run_dir / "oof").glob("oof_fold*_idx.npy"))]
-
-
 def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Member:
     """One member's OOF rows and mean test probabilities, every shape checked against the data."""
     oof, covered = np.zeros((n, num_classes), np.float32), np.zeros(n, bool)
     folds, tests = {}, []
     for d in dirs:
-        files = _fold_files(d)
         test_path = d / "test_probs.npy"
+        try:
+            files = list(saved_folds(d / "oof", n, num_classes))
+            for name, idx, p in files:
+                folds[f"{d.name}/{name}"] = idx
+                where = f"{d / 'oof' / name} (model {', '.join(map(str, dirs))}: one folder per fold)"
+                cover(oof, covered, idx, p, where)
+        except ValueError as e:  # shapes or indices of another data set, a fold given twice
+            raise BlendInputError(str(e)) from None
         if not files or not test_path.is_file():
             raise BlendInputError(f"{d}: a blend needs oof/oof_fold<k>_idx.npy and test_probs.npy from a run with "
                                   "fold= set (found " + ", ".join(p.name for p in d.glob("*")) + ")")
-        for idx_path, probs_path in files:
-            idx, p = np.load(idx_path), np.load(probs_path)
-            if p.shape != (len(idx), num_classes) or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-                raise BlendInputError(f"{probs_path}: shape {p.shape} / indices do not fit {n} training images "
-                                      f"x {num_classes} classes; from another data set?")
-            if covered[idx].any():
-                raise BlendInputError(f"{idx_path}: {int(covered[idx].sum())} images already covered by another "
-                                      f"fold of the same model ({', '.join(map(str, dirs))}): one folder per fold")
-            oof[idx], covered[idx] = p, True
-            folds[f"{d.name}/{idx_path.name.replace('_idx.npy', '')}"] = idx
         test = np.load(test_path)
         if test.shape != (n_test, num_classes):
             raise BlendInputError(f"{test_path}: shape {test.shape}, expected ({n_test}, {num_classes})")
@@ -3868,6 +3862,7 @@ def _plain(x: Any) -> Any:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -4020,22 +4015,33 @@ def save_oof(out_dir: Path, fold: int, indices: np.ndarray, probs: np.ndarray) -
     return probs_path
 
 
+def saved_folds(out_dir: Path, n: int, num_classes: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Every fold saved in `out_dir`, checked against the data: (name 'oof_fold<k>', indices, probs)."""
+    for idx_path in sorted(Path(out_dir).glob("oof_fold*_idx.npy")):
+        probs_path = idx_path.with_name(idx_path.name.replace("_idx.npy", "_probs.npy"))
+        idx, p = np.load(idx_path), np.load(probs_path)
+        if p.shape != (len(idx), num_classes):
+            raise ValueError(f"{probs_path}: shape {p.shape}, expected ({len(idx)}, {num_classes})")
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"{idx_path}: indices outside 0..{n - 1}; saved for another data set?")
+        yield idx_path.name.replace("_idx.npy", ""), idx, p
+
+
+def cover(probs: np.ndarray, covered: np.ndarray, idx: np.ndarray, p: np.ndarray, name: str) -> None:
+    """Put one fold's rows into the assembled (n, C) array."""
+    if covered[idx].any():
+        # Two folds predicting the same image means files from different splits were mixed.
+        raise ValueError(f"{name}: {int(covered[idx].sum())} images already covered by another fold")
+    probs[idx], covered[idx] = p, True
+
+
 def load_oof(out_dir: Path, n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Assemble every saved fold -> (probs (n, C) float32, covered (n,) bool). Rows no fold
     covered are 0 and False in `covered`: search thresholds on probs[covered] only."""
     probs = np.zeros((n, num_classes), np.float32)
     covered = np.zeros(n, bool)
-    for idx_path in sorted(Path(out_dir).glob("oof_fold*_idx.npy")):
-        probs_path = idx_path.with_name(idx_path.name.replace("_idx.npy", "_probs.npy"))
-        idx, p = np.load(idx_path), np.load(probs_path)
-        if p.shape != (len(idx), num_classes):
-            raise ValueError(f"{probs_path.name}: shape {p.shape}, expected ({len(idx)}, {num_classes})")
-        if len(idx) and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"{idx_path.name}: indices outside 0..{n - 1}; saved for another data set?")
-        if covered[idx].any():
-            # Two folds predicting the same image means files from different splits were mixed.
-            raise ValueError(f"{idx_path.name}: {int(covered[idx].sum())} images already covered by another fold")
-        probs[idx], covered[idx] = p, True
+    for name, idx, p in saved_folds(out_dir, n, num_classes):
+        cover(probs, covered, idx, p, name)
     log.info("out-of-fold predictions cover %d of %d images", int(covered.sum()), n)
     return probs, covered
 ''',

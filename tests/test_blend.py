@@ -63,3 +63,8 @@ def test_blend_mode_reports_cv_fits_weights_and_writes_a_valid_submission(multil
                      "--out-dir", str(tmp_path / "x")]) == 2
     assert "oof_fold" in capsys.readouterr().err
     assert main({}, ["--mode", "blend", "--data-dir", str(multilabel_dir)]) == 2, "blend needs checkpoints="
+    # The same fold twice (a copied run folder joins its model): refused, named.
+    shutil.copytree(runs / "a0", tmp_path / "again" / "a0copy")
+    assert main({}, ["--mode", "blend", "--checkpoints", f"{runs}/a*,{tmp_path}/again/a0copy", "--data-dir",
+                     str(multilabel_dir), "--out-dir", str(tmp_path / "y")]) == 2
+    assert "already covered" in capsys.readouterr().err

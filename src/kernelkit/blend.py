@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from .folds import cover, saved_folds
+
 log = logging.getLogger("kernelkit")
 
 # Settings that do not change what a model learns: runs differing only in these are folds of one member.
@@ -75,31 +77,23 @@ def group_members(dirs: list[Path]) -> list[list[Path]]:
     return list(groups.values())
 
 
-def _fold_files(run_dir: Path) -> list[tuple[Path, Path]]:
-    return [(idx, idx.with_name(idx.name.replace("_idx.npy", "_probs.npy")))
-            for idx in sorted((run_dir / "oof").glob("oof_fold*_idx.npy"))]
-
-
 def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Member:
     """One member's OOF rows and mean test probabilities, every shape checked against the data."""
     oof, covered = np.zeros((n, num_classes), np.float32), np.zeros(n, bool)
     folds, tests = {}, []
     for d in dirs:
-        files = _fold_files(d)
         test_path = d / "test_probs.npy"
+        try:
+            files = list(saved_folds(d / "oof", n, num_classes))
+            for name, idx, p in files:
+                folds[f"{d.name}/{name}"] = idx
+                where = f"{d / 'oof' / name} (model {', '.join(map(str, dirs))}: one folder per fold)"
+                cover(oof, covered, idx, p, where)
+        except ValueError as e:  # shapes or indices of another data set, a fold given twice
+            raise BlendInputError(str(e)) from None
         if not files or not test_path.is_file():
             raise BlendInputError(f"{d}: a blend needs oof/oof_fold<k>_idx.npy and test_probs.npy from a run with "
                                   "fold= set (found " + ", ".join(p.name for p in d.glob("*")) + ")")
-        for idx_path, probs_path in files:
-            idx, p = np.load(idx_path), np.load(probs_path)
-            if p.shape != (len(idx), num_classes) or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-                raise BlendInputError(f"{probs_path}: shape {p.shape} / indices do not fit {n} training images "
-                                      f"x {num_classes} classes; from another data set?")
-            if covered[idx].any():
-                raise BlendInputError(f"{idx_path}: {int(covered[idx].sum())} images already covered by another "
-                                      f"fold of the same model ({', '.join(map(str, dirs))}): one folder per fold")
-            oof[idx], covered[idx] = p, True
-            folds[f"{d.name}/{idx_path.name.replace('_idx.npy', '')}"] = idx
         test = np.load(test_path)
         if test.shape != (n_test, num_classes):
             raise BlendInputError(f"{test_path}: shape {test.shape}, expected ({n_test}, {num_classes})")

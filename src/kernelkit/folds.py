@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,21 +165,32 @@ def save_oof(out_dir: Path, fold: int, indices: np.ndarray, probs: np.ndarray) -
     return probs_path
 
 
+def saved_folds(out_dir: Path, n: int, num_classes: int) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Every fold saved in `out_dir`, checked against the data: (name 'oof_fold<k>', indices, probs)."""
+    for idx_path in sorted(Path(out_dir).glob("oof_fold*_idx.npy")):
+        probs_path = idx_path.with_name(idx_path.name.replace("_idx.npy", "_probs.npy"))
+        idx, p = np.load(idx_path), np.load(probs_path)
+        if p.shape != (len(idx), num_classes):
+            raise ValueError(f"{probs_path}: shape {p.shape}, expected ({len(idx)}, {num_classes})")
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"{idx_path}: indices outside 0..{n - 1}; saved for another data set?")
+        yield idx_path.name.replace("_idx.npy", ""), idx, p
+
+
+def cover(probs: np.ndarray, covered: np.ndarray, idx: np.ndarray, p: np.ndarray, name: str) -> None:
+    """Put one fold's rows into the assembled (n, C) array."""
+    if covered[idx].any():
+        # Two folds predicting the same image means files from different splits were mixed.
+        raise ValueError(f"{name}: {int(covered[idx].sum())} images already covered by another fold")
+    probs[idx], covered[idx] = p, True
+
+
 def load_oof(out_dir: Path, n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Assemble every saved fold -> (probs (n, C) float32, covered (n,) bool). Rows no fold
     covered are 0 and False in `covered`: search thresholds on probs[covered] only."""
     probs = np.zeros((n, num_classes), np.float32)
     covered = np.zeros(n, bool)
-    for idx_path in sorted(Path(out_dir).glob("oof_fold*_idx.npy")):
-        probs_path = idx_path.with_name(idx_path.name.replace("_idx.npy", "_probs.npy"))
-        idx, p = np.load(idx_path), np.load(probs_path)
-        if p.shape != (len(idx), num_classes):
-            raise ValueError(f"{probs_path.name}: shape {p.shape}, expected ({len(idx)}, {num_classes})")
-        if len(idx) and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"{idx_path.name}: indices outside 0..{n - 1}; saved for another data set?")
-        if covered[idx].any():
-            # Two folds predicting the same image means files from different splits were mixed.
-            raise ValueError(f"{idx_path.name}: {int(covered[idx].sum())} images already covered by another fold")
-        probs[idx], covered[idx] = p, True
+    for name, idx, p in saved_folds(out_dir, n, num_classes):
+        cover(probs, covered, idx, p, name)
     log.info("out-of-fold predictions cover %d of %d images", int(covered.sum()), n)
     return probs, covered
