@@ -4313,7 +4313,7 @@ import numpy as np
 import torch
 
 from .progress import progress
-from .transforms import IMAGENET, Preprocess, normalize, tta_identity
+from .transforms import Preprocess, normalize, tta_identity
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -4341,7 +4341,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None, pre: Preprocess = IMAGENET) -> dict:
+            desc: str = "predict", stop=None, *, pre: Preprocess) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
@@ -6419,7 +6419,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .decide import score_validation
 from .infer import autocast, predict
-from .transforms import normalize
+from .transforms import Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
 
@@ -6466,7 +6466,7 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
 
 
 def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.device, channels_last: bool,
-                        max_batches: int, amp: bool = True) -> int:
+                        pre: Preprocess, max_batches: int, amp: bool = True) -> int:
     """Running statistics of every BatchNorm layer from `max_batches` training batches (a cumulative
     average, as torch.optim.swa_utils.update_bn does, but on this package's uint8 batches).
     -> the number of batches used (0: the model has no BatchNorm)."""
@@ -6484,7 +6484,7 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
             if used >= max_batches:
                 break
             with autocast(device, amp):
-                model(normalize(x.to(device, non_blocking=True), channels_last))
+                model(normalize(x.to(device, non_blocking=True), channels_last, pre))
             used += 1
     for m, momentum in momenta.items():
         m.momentum = momentum
@@ -6501,13 +6501,14 @@ def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: to
         log.info("weight average: %d snapshot(s) in the last %.0f%% of the schedule, nothing to average",
                  avg.n, 100 * avg.share)
         return None
-    batches = recompute_batchnorm(avg.module, train_loader, device, opts.channels_last, avg.bn_batches, opts.amp)
+    batches = recompute_batchnorm(avg.module, train_loader, device, opts.channels_last, opts.preprocess,
+                                  avg.bn_batches, opts.amp)
     if val is None or not len(val.targets):
         log.info("weight average of %d snapshots (BatchNorm from %d batches); no validation set: it predicts",
                  avg.n, batches)
         return {"score": None, "threshold": None, "probs": None, "use": True}
     out = predict(avg.module, val.loader, device, val.task, amp=opts.amp, channels_last=opts.channels_last,
-                  desc="validate average")
+                  desc="validate average", pre=opts.preprocess)
     va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                           opts.max_labels)
     bar = max(s for s in (best_score, last_score) if s is not None)
@@ -7925,8 +7926,9 @@ class Preprocess:
 IMAGENET = Preprocess()
 
 
-def normalize(batch: torch.Tensor, channels_last: bool = False, pre: Preprocess = IMAGENET) -> torch.Tensor:
-    """uint8 NCHW on any device -> float normalised with the model's statistics."""
+def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torch.Tensor:
+    """uint8 NCHW on any device -> float normalised with the model's statistics (no default: a
+    caller that forgot them would silently feed a 0.5/0.5 model ImageNet-normalised inputs)."""
     mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
     x = (batch.float() - mean) / std

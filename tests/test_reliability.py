@@ -48,8 +48,8 @@ def test_micro_batches_give_the_full_batch_gradient(single_label_dir):
     model.eval()  # no batch-norm statistics in play: the two gradients must match exactly
     x, y, ok = next(iter(tl))
     ok[3] = 0
-    from kernelkit.transforms import normalize
-    x = normalize(x)
+    from kernelkit.transforms import IMAGENET, normalize
+    x = normalize(x, False, IMAGENET)
     grads = []
     for pieces in (1, 4):
         trainer = Trainer(TrainParts(model, opt, scaler, get_loss("ce", "multiclass")), FitOptions(),

@@ -8,7 +8,7 @@ from kernelkit.checkpoint import load_checkpoint
 from kernelkit.cli import main
 from kernelkit.competition import load_competition, validate_submission
 from kernelkit.swa import WeightAverage, recompute_batchnorm
-from kernelkit.transforms import normalize
+from kernelkit.transforms import IMAGENET, normalize
 from test_train import _setup
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
@@ -28,11 +28,11 @@ def test_average_starts_at_its_share_of_the_schedule_and_batchnorm_matches_torch
     first = next(avg.module.parameters())
     assert torch.allclose(first, next(model.parameters()) - 0.05), "the mean of the two snapshots"
     # The validation loader: the same batches twice (the training loader shuffles and augments).
-    ours = recompute_batchnorm(avg.module, vl, torch.device("cpu"), False, max_batches=10**6)
+    ours = recompute_batchnorm(avg.module, vl, torch.device("cpu"), False, IMAGENET, max_batches=10**6)
     assert ours == len(vl)
     reference = WeightAverage(model, 0.25)
     reference.avg.load_state_dict(avg.state_dict())
-    update_bn([normalize(x, False) for x, _, _ in vl], reference.module)
+    update_bn([normalize(x, False, IMAGENET) for x, _, _ in vl], reference.module)
     bn = [m for m in avg.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     ref = [m for m in reference.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bn and all(torch.allclose(a.running_mean, b.running_mean, atol=1e-5) and

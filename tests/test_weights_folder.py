@@ -142,23 +142,26 @@ def test_kernel_trains_from_a_timm_folder_with_no_model_on_timm_0_9(tmp_path, ke
 
 def test_training_and_infer_normalise_with_the_weights_statistics(tmp_path, single_label_dir, monkeypatch):
     """pretrained_path = a timm folder with mean/std 0.5 and no model: the run builds the folder's
-    architecture, normalises every training, validation and test batch with 0.5, stores it in the
-    checkpoint, and --mode infer normalises with it too."""
+    architecture, normalises every training, validation, weight-average (BatchNorm pass and its
+    validation) and test batch with 0.5, stores it in the checkpoint, and --mode infer uses it too."""
+    from kernelkit import swa
     from kernelkit.cli import main
     seen = []
 
-    def spy(batch, channels_last=False, pre=None):
+    def spy(batch, channels_last, pre):
         seen.append(pre.mean)
         return real(batch, channels_last, pre)
 
     real = train.normalize
     monkeypatch.setattr(train, "normalize", spy)
     monkeypatch.setattr(infer, "normalize", spy)
+    monkeypatch.setattr(swa, "normalize", spy)
     folder = timm_folder(tmp_path / "weights")
     out = tmp_path / "out"
     common = ["--data-dir", str(single_label_dir), "--num-workers", "0", "--img-size", "32", "--budget", "2m"]
-    assert main({}, [*common, "--model", "", "--pretrained-path", str(folder), "--epochs", "1",
-                     "--out-dir", str(out)]) == 0
+    assert main({}, [*common, "--model", "", "--pretrained-path", str(folder), "--epochs", "2", "--swa", "0.75",
+                     "--batch-size", "8", "--out-dir", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["swa"], "the weight average was concluded"
     assert seen and set(seen) == {HALF}, set(seen)
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["config"]["model"] == "resnet10t" and ckpt["preprocess"]["mean"] == list(HALF)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .progress import progress
-from .transforms import IMAGENET, Preprocess, normalize, tta_identity
+from .transforms import Preprocess, normalize, tta_identity
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -37,7 +37,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None, pre: Preprocess = IMAGENET) -> dict:
+            desc: str = "predict", stop=None, *, pre: Preprocess) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under

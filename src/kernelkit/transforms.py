@@ -450,8 +450,9 @@ class Preprocess:
 IMAGENET = Preprocess()
 
 
-def normalize(batch: torch.Tensor, channels_last: bool = False, pre: Preprocess = IMAGENET) -> torch.Tensor:
-    """uint8 NCHW on any device -> float normalised with the model's statistics."""
+def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torch.Tensor:
+    """uint8 NCHW on any device -> float normalised with the model's statistics (no default: a
+    caller that forgot them would silently feed a 0.5/0.5 model ImageNet-normalised inputs)."""
     mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
     x = (batch.float() - mean) / std
