@@ -496,7 +496,7 @@ def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
     if path is None:
         return None
     try:
-        stored = load_checkpoint(path, "cpu").get("config", {})
+        stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
         return str(stored["model"]), int(stored["img_size"])
     except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
         log.warning("autopick: could not read the model of %s (%s)", path, e)
@@ -1312,13 +1312,14 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """weights_only=True: a checkpoint cannot run code when it is loaded. An inference folder loads
-    as a checkpoint without optimizer or progress."""
+    as a checkpoint without optimizer or progress. `mmap`: tensors are read only when touched (for
+    a look at the metadata of a checkpoint that will be loaded in full later)."""
     if Path(path).is_dir():
         return load_inference(Path(path), map_location)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001  (UnpicklingError and friends; re-raised with context)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise ValueError(f"{path}: refusing checkpoint with pickled objects (weights_only=True): {e}") from e

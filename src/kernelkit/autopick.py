@@ -257,7 +257,7 @@ def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
     if path is None:
         return None
     try:
-        stored = load_checkpoint(path, "cpu").get("config", {})
+        stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
         return str(stored["model"]), int(stored["img_size"])
     except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
         log.warning("autopick: could not read the model of %s (%s)", path, e)

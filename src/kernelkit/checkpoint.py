@@ -37,13 +37,14 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """weights_only=True: a checkpoint cannot run code when it is loaded. An inference folder loads
-    as a checkpoint without optimizer or progress."""
+    as a checkpoint without optimizer or progress. `mmap`: tensors are read only when touched (for
+    a look at the metadata of a checkpoint that will be loaded in full later)."""
     if Path(path).is_dir():
         return load_inference(Path(path), map_location)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001  (UnpicklingError and friends; re-raised with context)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise ValueError(f"{path}: refusing checkpoint with pickled objects (weights_only=True): {e}") from e
