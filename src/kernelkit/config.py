@@ -299,9 +299,12 @@ def _path_problems(c: Config) -> list[str]:
             if value and not getattr(Path(value), test)()] + _weights_problems(c)
 
 
+WEIGHTS_OF = (("model", "pretrained_path"), ("model2", "pretrained_path2"))  # each backbone and its weights
+
+
 def _weights_problems(c: Config) -> list[str]:
     out = []
-    for model_key, path_key in (("model", "pretrained_path"), ("model2", "pretrained_path2")):
+    for model_key, path_key in WEIGHTS_OF:
         model, path = getattr(c, model_key), getattr(c, path_key)
         if not path:
             continue
@@ -325,7 +328,7 @@ MODEL_FROM_WEIGHTS = ("", "auto")  # model values that mean "whatever the weight
 def fill_architecture(cfg: Config) -> None:
     """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
     config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
-    for model_key, path_key in (("model", "pretrained_path"), ("model2", "pretrained_path2")):
+    for model_key, path_key in WEIGHTS_OF:
         if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
             continue
         try:
