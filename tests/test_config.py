@@ -49,9 +49,10 @@ def test_config_round_trips_through_json(tmp_path):
 
 
 def test_every_choice_lives_in_one_place_and_matches_the_code():
-    from kernelkit import competition, losses, models, thresholds, transforms
+    from kernelkit import accel, competition, losses, models, thresholds, transforms
     assert set(CHOICES["loss"]) == {"auto", *losses.LOSSES}
-    assert CHOICES["aug"] == transforms.AUG_LEVELS and CHOICES["gpu_aug"] == transforms.BATCH_AUG_LEVELS
+    assert CHOICES["aug"] == transforms.AUG_LEVELS and CHOICES["gpu_aug"] == ("auto", *transforms.BATCH_AUG_LEVELS)
+    assert CHOICES["amp_dtype"] == accel.AMP_DTYPES
     assert CHOICES["head"] == models.HEADS and CHOICES["threshold_rule"] == thresholds.KINDS
     assert CHOICES["format"] == ("auto", *competition.FORMATS)
 

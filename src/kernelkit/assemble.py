@@ -37,6 +37,22 @@ class TrainingData:
     val_targets: np.ndarray
     val_paths: list[str]
     val_rows: np.ndarray  # positions of the validation images in comp.train_paths (for out-of-fold files)
+    gpu_aug: str = ""  # the augmentation level that runs on the device over whole batches ('' = none)
+
+
+def augmentation_split(aug: str, gpu_aug: str, device_type: str, cached: bool) -> tuple[str, str]:
+    """-> (per-image level in the loader, batch level on the device).
+
+    gpu_aug='auto': on a GPU with every training image cached, the loader only gathers cached rows
+    and `aug` runs on the device over whole batches: measured on an H100 with 4 cores, the per-image
+    crop in the loader held training at ~57% of the GPU's speed. On a CPU, or with images decoded
+    on the fly (the per-image work is there anyway), `aug` stays per image. An explicit gpu_aug is
+    taken as given, alongside `aug`."""
+    if gpu_aug != "auto":
+        return aug, gpu_aug
+    if device_type == "cuda" and cached:
+        return "none", "" if aug == "none" else aug
+    return aug, ""
 
 
 def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SINGLE,
@@ -105,8 +121,14 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         raise ValueError("no training images found")
     cache = image_cache(cfg, paths, info, stop, cache_deadline)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
-    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cfg.aug),
-                            cfg.img_size, cfg.pad_fill, cache=cache.subset(tr_idx) if cache else None)
+    train_cache = cache.subset(tr_idx) if cache else None
+    cached = train_cache is not None and train_cache.all_cached(np.arange(len(train_cache)))
+    cpu_aug, gpu_aug = augmentation_split(cfg.aug, cfg.gpu_aug, device.type, cached)
+    if cfg.gpu_aug == "auto" and gpu_aug:
+        log.info("augmentation %r runs on the %s over whole batches (the training images are cached: the "
+                 "loader only gathers rows)", gpu_aug, device.type)
+    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cpu_aug),
+                            cfg.img_size, cfg.pad_fill, cache=train_cache)
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry), cfg.img_size,
                           cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
@@ -116,7 +138,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
                     if len(val_ds) and info.is_main else None),
         train_targets=targets[tr_idx], val_targets=targets[va_idx], val_paths=[paths[i] for i in va_idx],
-        val_rows=keep[va_idx])
+        val_rows=keep[va_idx], gpu_aug=gpu_aug)
 
 
 def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo):

@@ -25,6 +25,7 @@ from .competition import Competition
 from .config import Config, budget_seconds
 from .context import RunContext
 from .distributed import DistInfo
+from .accel import amp_dtype
 from .infer import autocast
 from .plan import make_plan
 
@@ -130,7 +131,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     times = []
     for _ in range(steps + 1):
         t0 = _now(device)
-        with autocast(device, cfg.amp):
+        with autocast(device, cfg.amp, amp_dtype(cfg.amp_dtype, device)):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
@@ -144,7 +145,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     model.eval()
     xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
     times = []
-    with torch.no_grad(), autocast(device, cfg.amp):
+    with torch.no_grad(), autocast(device, cfg.amp, amp_dtype(cfg.amp_dtype, device)):
         for _ in range(3):
             t0 = _now(device)
             model(xi)

@@ -9,13 +9,15 @@ import random
 import numpy as np
 import torch
 
+from . import accel
 from .config import Config, parse_duration, parse_kwargs
 from .learning import likely_causes
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
 from .swa import create_averager
 from .train import FitOptions, TrainParts
-from .transforms import IMAGENET, BatchAugment, Preprocess, seed_augmentations
+from .infer import autocast
+from .transforms import IMAGENET, BatchAugment, Preprocess, normalize, seed_augmentations
 
 log = logging.getLogger("kernelkit")
 
@@ -69,25 +71,64 @@ def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: i
     return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
 
 
-def batch_augment(cfg: Config, task: str, num_classes: int) -> BatchAugment | None:
-    if not (cfg.gpu_aug or cfg.mixup > 0 or cfg.cutmix > 0):
+def batch_augment(cfg: Config, task: str, num_classes: int, level: str) -> BatchAugment | None:
+    """`level`: the augmentation that runs on the device (assemble.augmentation_split decides)."""
+    if not (level or cfg.mixup > 0 or cfg.cutmix > 0):
         return None
-    return BatchAugment(cfg.gpu_aug, cfg.mixup, cfg.cutmix, num_classes if task == "multiclass" else 0)
+    return BatchAugment(level, cfg.mixup, cfg.cutmix, num_classes if task == "multiclass" else 0, fill=cfg.pad_fill)
 
 
 def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndarray,
-                device: torch.device) -> TrainParts:
+                device: torch.device, gpu_aug: str) -> TrainParts:
+    """`gpu_aug`: the batch augmentation level on the device (TrainingData.gpu_aug)."""
+    accel.tune(device, cfg.deterministic)
     model = model_from_config(cfg, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    dtype = accel.amp_dtype(cfg.amp_dtype, device)
+    if cfg.amp and device.type == "cuda":
+        log.info("mixed precision: %s%s", accel.dtype_name(dtype),
+                 " with loss scaling" if accel.needs_loss_scaling(cfg.amp, dtype, device) else "")
     return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
-                      scaler=make_scaler(cfg.amp and device.type == "cuda"),
+                      scaler=make_scaler(accel.needs_loss_scaling(cfg.amp, dtype, device)),
                       loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
-                      batch_aug=batch_augment(cfg, task, num_classes), swa=create_averager(model, cfg.swa))
+                      batch_aug=batch_augment(cfg, task, num_classes, gpu_aug), swa=create_averager(model, cfg.swa))
 
 
-def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:
+def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: int, device: torch.device,
+                       preprocess: Preprocess) -> None:
+    """cfg.compile: compile now (accel.compile_for_training) on a dummy batch shaped like the real
+    ones, so the time is spent before the schedule is laid over the clock; sets parts.step_model
+    (the compiled model, or None after a logged fallback) and parts.compiled."""
+    n, size = cfg.batch_size, cfg.img_size
+    x = normalize(torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device), cfg.channels_last, preprocess)
+    y = (torch.zeros(n, num_classes, device=device) if task == "multilabel"
+         else torch.zeros(n, dtype=torch.long, device=device))
+    ok = torch.ones(n, device=device)
+    dtype = accel.amp_dtype(cfg.amp_dtype, device)
+
+    def warmup(model: torch.nn.Module) -> None:
+        model.train()
+        with autocast(device, cfg.amp, dtype):
+            logits = model(x)
+        parts.loss_fn(logits, y, ok).backward()
+
+    log.info("compiling %s for training (compile=true; the time counts against the budget)", cfg.model)
+    result = accel.compile_for_training(parts.model, warmup)
+    parts.compiled = result
+    if result.error:
+        log.error("!!! torch.compile failed after %.1fs (%s): training continues with the eager model",
+                  result.seconds, result.error)
+        parts.step_model = None
+    else:
+        log.info("compiled in %.1fs", result.seconds)
+        parts.step_model = result.model
+
+
+def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET, device: torch.device | None = None) -> FitOptions:
+    dtype = accel.amp_dtype(cfg.amp_dtype, device) if device is not None else torch.float16
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+                      amp_dtype=dtype,
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,

@@ -26,7 +26,8 @@ CHOICES: dict[str, tuple] = {
     "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
     "head": ("linear", "mlp"),
     "aug": AUG_LEVELS,
-    "gpu_aug": ("", *AUG_LEVELS[1:]),
+    "gpu_aug": ("auto", "", *AUG_LEVELS[1:]),
+    "amp_dtype": ("auto", "bf16", "fp16"),
     "schedule": ("linear", "cosine"),
     "loss": ("auto", "bce", "bce_sum", "focal", "asl", "ce", "complement"),
     "threshold_rule": ("global", "group", "class"),
@@ -80,8 +81,10 @@ class Config:
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
                            "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
-    gpu_aug: str = _f("", "batch augmentation on the training device: '' | flip | light | medium | strong "
-                          "(use with aug='none' to take the work off the CPU workers)", choices=CHOICES['gpu_aug'])
+    gpu_aug: str = _f("auto", "batch augmentation on the training device: auto = on a GPU with the training images "
+                              "cached, `aug` runs there on whole batches and the CPU only gathers cached rows; "
+                              "'' = off (aug runs per image on the CPU) | flip | light | medium | strong",
+                      choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
@@ -109,6 +112,10 @@ class Config:
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
+    amp_dtype: str = _f("auto", "auto = bf16 on GPUs with fast bf16 (A100, H100, L4), fp16 + loss scaling elsewhere "
+                                "(T4, P100) | bf16 | fp16", choices=CHOICES['amp_dtype'])
+    compile: bool = _f(False, "torch.compile the model for training; the compile runs at start, its time is "
+                              "charged to the budget, and a failure falls back to eager (not under DDP)")
     channels_last: bool = _f(True, "GPU: NHWC memory layout (faster convolutions with AMP)")
     num_workers: int = _f(-1, "-1 = all CPU cores")
     mp_context: str = _f("", "DataLoader worker start method: '' (default) | spawn | forkserver | fork", choices=CHOICES['mp_context'])

@@ -56,6 +56,26 @@ class ImageDataset(Dataset):
             log.warning("bad image skipped: %s", e)
             return blank_image(self.size), False
 
+    def batch(self, indices: list[int], pin_memory: bool = False) -> list | None:
+        """The whole batch in one gather from the cache, as collate_images would stack it, when every
+        item is cached and the transform adds nothing per image (aug none: the augmentation runs on
+        the GPU; evaluation). None otherwise: the caller builds the batch item by item."""
+        if self.cache is None or getattr(self.transform, "per_image_work", True):
+            return None
+        items = np.asarray(indices, dtype=np.int64)
+        if not len(items) or not self.cache.all_cached(items):
+            return None
+        s = self.cache.size
+        # Gathered straight into page-locked memory, so the copy to the GPU needs no staging copy.
+        out = torch.empty((len(items), s, s, 3), dtype=torch.uint8, pin_memory=pin_memory)
+        ok = torch.from_numpy(self.cache.gather(items, out.numpy()).astype(np.float32))
+        if self.targets is None:
+            targets = torch.zeros(len(items))
+        else:
+            t = self.targets[items]
+            targets = torch.as_tensor(t, dtype=torch.float32 if t.ndim > 1 else torch.long)
+        return [out.permute(0, 3, 1, 2), targets, ok]
+
     def __getitem__(self, i: int):
         img, ok = self.image(i)
         if self.targets is None:
@@ -184,6 +204,10 @@ class ThreadLoader:
 
     def _fetch(self, indices: list[int], seed: int):
         seed_augmentations(seed)  # per batch, so the result does not depend on which thread builds it
+        whole = getattr(self.dataset, "batch", None)
+        batch = whole(indices, self.pin_memory) if whole is not None else None
+        if batch is not None:
+            return [b if b.is_pinned() or not self.pin_memory else b.pin_memory() for b in batch]
         batch = self.collate_fn([self.dataset[i] for i in indices])
         if self.pin_memory:
             batch = [b.pin_memory() if isinstance(b, torch.Tensor) else b for b in batch]
@@ -208,3 +232,42 @@ class ThreadLoader:
                 yield batch
         finally:  # also when the consumer stops early (budget reached): drop what is queued
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DeviceFeeder:
+    """Batches of `loader` on `device`, each copied on a side CUDA stream while the previous step
+    computes, so the step never waits for a host-to-device copy (the pinned batches make the copy
+    asynchronous). On a CPU device: the loader's batches unchanged. Offers len() like the loader."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            yield from self.loader
+            return
+        stream = torch.cuda.Stream(self.device)
+        batches = iter(self.loader)
+        try:
+            ahead = self._copy(next(batches, None), stream)
+            while ahead is not None:
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                for t in ahead:
+                    # The step's stream uses these tensors: their memory must not be reused by the
+                    # caching allocator until it is done with them.
+                    t.record_stream(torch.cuda.current_stream(self.device))
+                current, ahead = ahead, self._copy(next(batches, None), stream)
+                yield current
+        finally:  # the consumer stopped early (budget reached): stop the loader's threads now
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
+    def _copy(self, batch, stream) -> list | None:
+        if batch is None:
+            return None
+        with torch.cuda.stream(stream):
+            return [t.to(self.device, non_blocking=True) for t in batch]

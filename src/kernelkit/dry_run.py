@@ -11,6 +11,7 @@ from .competition import Competition
 from .components import build_parts, fit_options
 from .config import budget_seconds
 from .context import RunContext
+from .models import preprocess_of
 from .predictor import probe_inference
 from .plan import Plan, make_plan
 from .train import Trainer
@@ -22,9 +23,9 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     cfg = ctx.cfg
     setup_s = time.time() - ctx.t_start
     data = build_training_data(cfg, comp, device)
-    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
+    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
     budget_s, margin_s = budget_seconds(cfg)
-    trainer = Trainer(parts, fit_options(cfg), BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
+    trainer = Trainer(parts, fit_options(cfg, preprocess_of(parts.model), device), BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
     tr = trainer.train_epoch(data.train_loader, max_steps=TRAIN_STEPS)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],

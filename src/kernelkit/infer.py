@@ -12,17 +12,18 @@ from .progress import progress
 from .transforms import Preprocess, normalize, tta_identity
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.float16):
+    """Mixed precision on CUDA only: CPU autocast (bf16) is slower than fp32 on most CPUs."""
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def _average_views(model, x, views, act, device, amp) -> torch.Tensor:
-    with autocast(device, amp):
+def _average_views(model, x, views, act, device, amp, amp_dtype) -> torch.Tensor:
+    with autocast(device, amp, amp_dtype):
         return sum(act(model(view(x)).float()) for view in views) / len(views)
 
 
@@ -37,7 +38,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None, *, pre: Preprocess) -> dict:
+            desc: str = "predict", stop=None, *, pre: Preprocess, amp_dtype: torch.dtype = torch.float16) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
@@ -56,7 +57,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         while True:
             try:
                 use = views[:1] if stop is not None and stop.requested else views
-                p = torch.cat([_average_views(model, part, use, act, device, amp) for part in x.chunk(pieces)])
+                p = torch.cat([_average_views(model, part, use, act, device, amp, amp_dtype) for part in x.chunk(pieces)])
                 break
             except OutOfMemory:
                 if pieces >= len(x):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .accel import amp_dtype
 from .assemble import test_loader
 from .budget import affordable_tta
 from .checkpoint import inference_weights, load_checkpoint
@@ -63,7 +64,8 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
                               "num_workers": run_cfg.num_workers, "mp_context": run_cfg.mp_context})
     t0 = time.time()
     out = predict(pred.model, test_loader(cfg, comp, device), device, pred.task, tta_views(tta), run_cfg.amp,
-                  run_cfg.channels_last, desc=f"test {pred.name}", stop=stop, pre=pred.preprocess)
+                  run_cfg.channels_last, desc=f"test {pred.name}", stop=stop, pre=pred.preprocess,
+                  amp_dtype=amp_dtype(run_cfg.amp_dtype, device))
     out["seconds_per_view"] = (time.time() - t0) / tta
     return out
 
@@ -74,7 +76,7 @@ def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, devi
     run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
     n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
     return predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
-                   cfg.channels_last, desc=desc, pre=preprocess_of(model))
+                   cfg.channels_last, desc=desc, pre=preprocess_of(model), amp_dtype=amp_dtype(cfg.amp_dtype, device))
 
 
 def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,

@@ -66,7 +66,8 @@ def has_batchnorm(model: torch.nn.Module) -> bool:
 
 
 def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.device, channels_last: bool,
-                        pre: Preprocess, max_batches: int, amp: bool = True) -> int:
+                        pre: Preprocess, max_batches: int, amp: bool = True,
+                        amp_dtype: torch.dtype = torch.float16) -> int:
     """Running statistics of every BatchNorm layer from `max_batches` training batches (a cumulative
     average, as torch.optim.swa_utils.update_bn does, but on this package's uint8 batches).
     -> the number of batches used (0: the model has no BatchNorm)."""
@@ -83,7 +84,7 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
         for x, _, _ in loader:
             if used >= max_batches:
                 break
-            with autocast(device, amp):
+            with autocast(device, amp, amp_dtype):
                 model(normalize(x.to(device, non_blocking=True), channels_last, pre))
             used += 1
     for m, momentum in momenta.items():
@@ -102,13 +103,13 @@ def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: to
                  avg.n, 100 * avg.share)
         return None
     batches = recompute_batchnorm(avg.module, train_loader, device, opts.channels_last, opts.preprocess,
-                                  avg.bn_batches, opts.amp)
+                                  avg.bn_batches, opts.amp, opts.amp_dtype)
     if val is None or not len(val.targets):
         log.info("weight average of %d snapshots (BatchNorm from %d batches); no validation set: it predicts",
                  avg.n, batches)
         return {"score": None, "threshold": None, "probs": None, "use": True}
     out = predict(avg.module, val.loader, device, val.task, amp=opts.amp, channels_last=opts.channels_last,
-                  desc="validate average", pre=opts.preprocess)
+                  desc="validate average", pre=opts.preprocess, amp_dtype=opts.amp_dtype)
     va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                           opts.max_labels)
     bar = max(s for s in (best_score, last_score) if s is not None)

@@ -18,6 +18,7 @@ import torch
 
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import Checkpointer, rng_state
+from .data import DeviceFeeder
 from .decide import score_validation
 from .distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .infer import OutOfMemory, autocast, predict
@@ -38,6 +39,7 @@ class FitOptions:
     schedule: str = "linear"
     epochs: int = 0  # 0: train until the time budget (minus the inference reserve) is spent
     amp: bool = True
+    amp_dtype: torch.dtype = torch.float16  # accel.amp_dtype: bf16 on Ampere and later
     channels_last: bool = False
     checkpoint_every_s: float = 1200.0
     threshold: float = -1.0  # multi-label: <0 searches on validation
@@ -62,6 +64,8 @@ class TrainParts:
     ema: Any = None
     batch_aug: Callable | None = None
     swa: Any = None  # swa.WeightAverage: running average of the weights over the end of the schedule
+    step_model: Any = None  # the torch.compile'd model the training steps run (accel); None: `model`
+    compiled: Any = None  # accel.Compiled: how the compile went (seconds, error), for the summary
 
 
 @dataclass
@@ -114,6 +118,9 @@ class Trainer:
         self.device, self.saver, self.dist, self.stop = device, saver, dist, stop
         self.state = state or FitState()
         self.core = unwrap(parts.model)
+        # The steps run the compiled model when there is one; validation, EMA and checkpoints use
+        # the plain module (same weights), so no eval-mode recompile and no '_orig_mod.' keys.
+        self.step_model = parts.step_model if parts.step_model is not None else parts.model
         self.total_steps = self.stop_step = 0
         self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
@@ -212,7 +219,7 @@ class Trainer:
         losses, images, skipped, stopped = [], 0, 0, False
         t0 = t_prev = time.time()
         t_first, first_n = None, 0
-        bar = progress(loader, desc=f"epoch {state.epoch}")
+        bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
         for x, y, ok in bar:
             stop, lr = self.control()
             if stop or (max_steps and state.step >= max_steps):
@@ -289,8 +296,8 @@ class Trainer:
         total_weight = ok.sum().clamp_min(1.0)
         batch_loss = torch.zeros((), device=self.device)
         for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
-            with autocast(self.device, self.opts.amp):
-                logits = self.parts.model(xs)
+            with autocast(self.device, self.opts.amp, self.opts.amp_dtype):
+                logits = self.step_model(xs)
             loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
             if not all_finite(self.dist, loss):
                 return None
@@ -311,7 +318,7 @@ class Trainer:
             return row
         model = self.core if self.parts.ema is None else self.parts.ema.module
         out = predict(model, val.loader, self.device, val.task, amp=opts.amp, channels_last=opts.channels_last,
-                      desc="validate", pre=opts.preprocess)
+                      desc="validate", pre=opts.preprocess, amp_dtype=opts.amp_dtype)
         va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                               opts.max_labels)
         self.reserve.val_ips = out["images_per_s"]

@@ -19,7 +19,7 @@ from .assemble import TrainingData, build_training_data, fit_outputs
 from .budget import BudgetClock, InferenceReserve, fmt_seconds
 from .checkpoint import BEST, LAST, Checkpointer
 from .competition import Competition
-from .components import build_parts, count_parameters, fit_options, seed_everything
+from .components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from .config import Config, ConfigError, budget_seconds, parse_duration
 from .context import PREDICTING, TRAINING, Outcome, RunContext
 from .decide import RuleSettings, refine_rule
@@ -91,8 +91,13 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
     data = build_training_data(data_cfg, comp, device, info, ctx.stop,
                                cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
-    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
+    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
     state = restore(ckpt, parts, resume_path, cfg, explicit)
+    if cfg.compile and info.enabled:
+        log.warning("!!! compile=true is not supported with data-parallel training yet: training eagerly "
+                    "(set ddp_procs=1 to compile on one GPU)")
+    elif cfg.compile:
+        compile_step_model(cfg, parts, comp.task, comp.num_classes, device, preprocess_of(parts.model))
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
     reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
     if info.is_main:
@@ -117,7 +122,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
     trainer = Trainer(dataclasses.replace(parts, model=model),
-                      fit_options(cfg, pre), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
+                      fit_options(cfg, pre, device), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
     val = (Validation(data.val_loader, data.val_targets, comp.task, prior_baseline(
         comp.task, data.train_targets, data.val_targets, cfg.beta)) if data.val_loader is not None else None)
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
@@ -130,7 +135,9 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,
                            failed_saves=saver.failures, micro_batches=trainer.state.micro_batches,
                            train_end_s=round(clock.elapsed(), 1), session=trainer.state.session,
-                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4), swa=result.average)
+                           sessions=cfg.sessions, progress=round(trainer.state.progress, 4), swa=result.average,
+                           compile=parts.compiled and {"seconds": round(parts.compiled.seconds, 1),
+                                                       "error": parts.compiled.error})
     if trainer.state.step == 0:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:

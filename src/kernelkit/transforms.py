@@ -85,6 +85,11 @@ class EvalTransform:
             return x
         return resize_or_pad_tensor(x, self.size, self.pad_aspect, self.fill)
 
+    @property
+    def per_image_work(self) -> bool:
+        """False when a cached row is already the final image (a loader may then gather whole batches)."""
+        return False
+
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -116,6 +121,10 @@ class TrainTransform(EvalTransform):
         self.hflip, self.vflip, self.jitter = hflip, vflip, jitter
         self.degrees, self.translate, self.scale, self.affine_p = degrees, translate, scale, affine_p
         self.noise_std, self.noise_p = noise_std, noise_p
+
+    @property
+    def per_image_work(self) -> bool:
+        return self.aug != "none"
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         level, rng = AUG_LEVELS.index(self.aug), aug_random()
@@ -401,15 +410,16 @@ class BatchAugment:
     On Kaggle the 4 CPU cores feed the GPU; moving crop/flip/colour/affine/noise to the GPU
     (with aug='none' in the workers, or a cached dataset) frees them. Levels add up like
     TrainTransform's: flip; light = + random resized crop; medium = + colour jitter;
-    strong = + shift/scale/rotate and noise. -> (x float 0-255, targets, ok).
+    strong = + shift/scale/rotate and noise, each on half the images and with `fill` outside the
+    image, as TrainTransform does them. -> (x float 0-255, targets, ok).
     """
 
     def __init__(self, level: str = "", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 num_classes: int = 0):
+                 num_classes: int = 0, fill: float = 0.0):
         if level not in BATCH_AUG_LEVELS:
             raise ValueError(f"unknown batch augmentation {level!r}; choose from {BATCH_AUG_LEVELS}")
         self.level, self.mixup_alpha, self.cutmix_alpha = level, mixup_alpha, cutmix_alpha
-        self.num_classes = num_classes
+        self.num_classes, self.fill = num_classes, float(fill)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor):
         x = x.float()
@@ -421,7 +431,7 @@ class BatchAugment:
         if rank >= 3:
             x = color_jitter_batch(x)
         if rank >= 4:
-            x = noise_batch(affine_batch(x))
+            x = noise_batch(affine_batch(x, p=0.5, fill=self.fill))
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
             x, y, ok = mix_batch(x, y, self.mixup_alpha, self.cutmix_alpha, num_classes=self.num_classes, ok=ok)
         return x, y, ok

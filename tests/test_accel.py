@@ -1,0 +1,210 @@
+"""The GPU fast path, checked on the CPU: where augmentation runs, whole-batch gathers from the cache,
+the device feeder, the AMP dtype choice, and torch.compile with its fallback."""
+import json
+import threading
+
+import pytest
+import torch
+
+from kernelkit import accel
+from kernelkit.assemble import augmentation_split
+from kernelkit.cache import build_cache
+from kernelkit.checkpoint import load_checkpoint
+from kernelkit.cli import main
+from kernelkit.competition import load_competition, validate_submission
+from kernelkit.components import batch_augment
+from kernelkit.config import Config
+from kernelkit.data import DeviceFeeder, ImageDataset, ThreadLoader, collate_images, make_loader
+from kernelkit.models import create_model
+from kernelkit.transforms import EvalTransform, TrainTransform, affine_batch
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
+
+
+# ----------------------------------------------------------------------------- where augmentation runs
+@pytest.mark.parametrize("aug, gpu_aug, device, cached, expected", [
+    ("light", "auto", "cuda", True, ("none", "light")),     # the fast path: rows gathered, crop/flip on the GPU
+    ("strong", "auto", "cuda", True, ("none", "strong")),
+    ("none", "auto", "cuda", True, ("none", "")),
+    ("light", "auto", "cuda", False, ("light", "")),        # images decoded on the fly: per image on the CPU
+    ("light", "auto", "cpu", True, ("light", "")),          # no GPU: per image, as before
+    ("light", "", "cuda", True, ("light", "")),             # explicit off wins
+    ("flip", "medium", "cpu", False, ("flip", "medium")),   # explicit level wins, alongside aug
+])
+def test_augmentation_runs_on_the_gpu_only_when_auto_finds_one_and_a_full_cache(aug, gpu_aug, device, cached,
+                                                                                  expected):
+    assert augmentation_split(aug, gpu_aug, device, cached) == expected
+
+
+def test_the_batch_augmentation_uses_the_padding_fill_and_the_chosen_level():
+    cfg = Config(model="test_resnet", img_size=32, pad_fill=255)
+    aug = batch_augment(cfg, "multiclass", 3, "strong")
+    assert aug.level == "strong" and aug.fill == 255.0
+    assert batch_augment(cfg, "multiclass", 3, "") is None, "no level, no mixing: nothing to run"
+    x = torch.full((64, 3, 16, 16), 255, dtype=torch.uint8)
+    out, y, ok = aug(x, torch.zeros(64, dtype=torch.long), torch.ones(64))
+    assert out.shape == x.shape and out.dtype == torch.float32 and ok.tolist() == [1.0] * 64
+    # What the strong level's shift/scale/rotate uncovers is filled like the padding: white stays white.
+    torch.manual_seed(0)
+    moved = affine_batch(x.float(), degrees=30, translate=0.2, p=1.0, fill=aug.fill)
+    assert torch.allclose(moved, torch.full_like(moved, 255.0), atol=1e-3)
+    assert affine_batch(x.float(), degrees=30, translate=0.2, p=1.0, fill=0.0).mean() < 250, "fill matters"
+
+
+# ----------------------------------------------------------------------------- whole-batch gathers
+def _cached_dataset(tmp_path, single_label_dir, transform, bad: int | None = None):
+    comp = load_competition(single_label_dir)
+    paths = list(comp.train_paths)
+    if bad is not None:
+        (tmp_path / "broken.jpg").write_bytes(b"not an image")
+        paths[bad] = str(tmp_path / "broken.jpg")
+    cache = build_cache(paths, transform.geometry, tmp_path / "cache")
+    return ImageDataset(paths, comp.train_targets, transform, 32, cache=cache), comp
+
+
+def test_a_gathered_batch_equals_the_batch_built_image_by_image(tmp_path, single_label_dir):
+    ds, comp = _cached_dataset(tmp_path, single_label_dir, TrainTransform(32, aug="none"), bad=5)
+    idx = [7, 3, 5, 0, 11]
+    fast = ds.batch(idx)
+    slow = collate_images([ds[i] for i in idx])
+    assert fast is not None
+    assert fast[0].shape == slow[0].shape == (5, 3, 32, 32) and fast[0].dtype == torch.uint8
+    assert fast[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1]) and torch.equal(fast[2], slow[2])
+    assert fast[1].dtype == torch.long and fast[2].tolist() == [1, 1, 0, 1, 1], "the unreadable file is flagged"
+
+
+def test_no_gather_where_each_image_needs_its_own_work(tmp_path, single_label_dir):
+    ds, _ = _cached_dataset(tmp_path, single_label_dir, TrainTransform(32, aug="light"))
+    assert ds.batch([0, 1]) is None, "per-image augmentation: item by item"
+    plain = ImageDataset(ds.paths, ds.targets, EvalTransform(32), 32)
+    assert plain.batch([0, 1]) is None, "no cache: item by item"
+    val = ImageDataset(ds.paths, ds.targets, EvalTransform(32), 32, cache=ds.cache)
+    assert val.batch([0, 1]) is not None, "evaluation batches are gathered too"
+
+
+def test_the_threaded_loader_gives_the_same_batches_with_and_without_the_gather(tmp_path, single_label_dir):
+    ds, _ = _cached_dataset(tmp_path, single_label_dir, TrainTransform(32, aug="none"))
+
+    class ItemByItem(ImageDataset):
+        batch = None  # hides the gather: the loader falls back to items
+
+    slow_ds = ItemByItem(ds.paths, ds.targets, ds.transform, 32, cache=ds.cache)
+    fast = list(make_loader(ds, 8, True, 2, seed=3))
+    slow = list(make_loader(slow_ds, 8, True, 2, seed=3))
+    assert len(fast) == len(slow) > 1
+    for a, b in zip(fast, slow):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_the_device_feeder_passes_batches_through_on_cpu_and_stops_the_loader_early(tmp_path, single_label_dir):
+    ds, _ = _cached_dataset(tmp_path, single_label_dir, TrainTransform(32, aug="none"))
+    loader = ThreadLoader(ds, 4, shuffle=False, num_threads=2)
+    feeder = DeviceFeeder(loader, torch.device("cpu"))
+    assert len(feeder) == len(loader)
+    batches = list(feeder)
+    assert len(batches) == len(loader) and torch.equal(batches[0][0], ds.batch([0, 1, 2, 3])[0])
+    it = iter(feeder)
+    next(it)
+    it.close()  # what a training loop's early break does
+    assert not [t for t in threading.enumerate() if t.name.startswith("kernelkit-loader")], "loader threads left"
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def test_amp_dtype_follows_the_hardware_unless_the_user_chose(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not accel.bf16_is_fast(cpu)
+    monkeypatch.setattr(accel, "bf16_is_fast", lambda device: device.type == "cuda")  # an A100/H100
+    assert accel.amp_dtype("auto", gpu) == torch.bfloat16
+    assert accel.amp_dtype("fp16", gpu) == torch.float16, "the user's choice wins"
+    monkeypatch.setattr(accel, "bf16_is_fast", lambda device: False)  # a T4 / P100
+    assert accel.amp_dtype("auto", gpu) == torch.float16
+    with pytest.raises(ValueError, match="auto | bf16 | fp16"):
+        accel.amp_dtype("fp8", gpu)
+    assert accel.needs_loss_scaling(True, torch.float16, gpu)
+    assert not accel.needs_loss_scaling(True, torch.bfloat16, gpu), "bf16 has fp32's range"
+    assert not accel.needs_loss_scaling(True, torch.float16, cpu) and not accel.needs_loss_scaling(
+        False, torch.float16, gpu)
+
+
+def test_a_bad_amp_dtype_is_refused_at_start_with_the_choices(single_label_dir, tmp_path, capsys):
+    args = [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main({}, [*args, "--amp-dtype", "fp8"])
+    assert e.value.code == 2 and "'auto', 'bf16', 'fp16'" in capsys.readouterr().err
+    assert main({"amp_dtype": "fp8"}, args) == 2, "the CONFIG block is checked the same way"
+    captured = capsys.readouterr()
+    assert "amp_dtype" in captured.err + captured.out and "fp16" in captured.err + captured.out
+    assert not (tmp_path / "o" / "submission.csv").exists()
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def _warmup(model):
+    model.train()
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+
+
+def test_a_failing_compile_falls_back_to_the_eager_model_untouched():
+    model = create_model("test_resnet", 3)
+    before = _bn_buffers(model)
+
+    class Broken(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            self.m(x)  # runs (and moves the BatchNorm statistics) before failing, as a compiler can
+            raise RuntimeError("no C++ compiler found\nmore detail")
+
+    out = accel.compile_for_training(model, _warmup, compiler=Broken)
+    assert out.model is model and out.error == "RuntimeError: no C++ compiler found"
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers()), "the dummy batch left no trace"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_compiled_model_shares_the_weights_and_leaves_no_trace_of_the_warmup():
+    model = create_model("test_resnet", 3)
+    before = _bn_buffers(model)
+    out = accel.compile_for_training(model, _warmup, compiler=lambda m: torch.compile(m, backend="eager"))
+    assert not out.error and out.model is not model and accel.original_module(out.model) is model
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    assert all(p.grad is None for p in model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.allclose(out.model(x), model(x))
+
+
+_compile = torch.compile  # the real one, before a test replaces it
+
+
+@pytest.mark.parametrize("works", [True, False])
+def test_a_run_with_compile_trains_saves_plain_weights_and_submits(single_label_dir, tmp_path, monkeypatch, caplog,
+                                                                   works):
+    calls = []
+
+    def compiler(model, **kwargs):
+        calls.append(model)
+        if not works:
+            raise RuntimeError("inductor: unsupported")
+        return _compile(model, backend="eager")  # dynamo tracing without code generation: seconds on CPU
+
+    monkeypatch.setattr(torch, "compile", compiler)
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="kernelkit"):
+        assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(out), "--budget", "3m",
+                         "--epochs", "2", "--compile", "--tta", "1"]) == 0
+    assert len(calls) == 1
+    validate_submission(out / "submission.csv", load_competition(single_label_dir))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compile"]["seconds"] >= 0
+    assert (summary["compile"]["error"] == "") == works
+    if not works:
+        assert any("torch.compile failed" in r.message for r in caplog.records)
+    ckpt = load_checkpoint(out / "best.pt")
+    assert not [k for k in ckpt["model"] if "_orig_mod" in k], "checkpoints hold the plain module's weights"
+    assert summary["steps"] > 0
