@@ -208,3 +208,32 @@ def test_a_run_with_compile_trains_saves_plain_weights_and_submits(single_label_
     ckpt = load_checkpoint(out / "best.pt")
     assert not [k for k in ckpt["model"] if "_orig_mod" in k], "checkpoints hold the plain module's weights"
     assert summary["steps"] > 0
+
+
+def test_a_bf16_checkpoint_resumes_under_fp16_loss_scaling(tmp_path):
+    """A schedule split over sessions can move from an H100 (bf16: no loss scale saved) to a T4 (fp16)."""
+    from kernelkit.checkpoint import rng_state
+    from kernelkit.resume import restore
+    from kernelkit.train import TrainParts
+
+    class Fp16Scaler:  # an enabled GradScaler as on a T4 (the CPU build disables real ones)
+        loaded = None
+
+        def is_enabled(self):
+            return True
+
+        def load_state_dict(self, d):
+            if not d:
+                raise RuntimeError("The source state dict is empty")
+            self.loaded = d
+
+    model = create_model("test_resnet", 3)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "rng": rng_state(),
+            "epoch": 1, "step": 5, "progress": 0.5, "best_score": 0.1, "threshold": 0.5}
+    scaler = Fp16Scaler()
+    state = restore(ckpt, TrainParts(model, opt, scaler, None), tmp_path / "last.pt", Config(), False)
+    assert state.step == 5 and scaler.loaded is None, "the loss scale starts afresh"
+    restore({**ckpt, "scaler": {"scale": 1024.0}}, TrainParts(model, opt, scaler, None), tmp_path / "last.pt",
+            Config(), False)
+    assert scaler.loaded == {"scale": 1024.0}, "fp16 -> fp16 keeps its loss scale"

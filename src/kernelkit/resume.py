@@ -112,7 +112,10 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
         if parts.swa is not None and "swa" in ckpt:
             parts.swa.load_state_dict(ckpt["swa"])
         parts.optimizer.load_state_dict(ckpt["optimizer"])
-        parts.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("scaler") and parts.scaler.is_enabled():
+            parts.scaler.load_state_dict(ckpt["scaler"])
+        # else: bf16 <-> fp16 across sessions on different GPUs (an H100, then a T4): the loss scale
+        # starts afresh, which GradScaler finds within a few steps.
         set_rng_state(ckpt["rng"])
         session, end = (next_slice(ckpt, cfg.sessions, cfg.epochs) if new_session
                         else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
