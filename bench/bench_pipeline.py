@@ -8,7 +8,10 @@ pixel at quality 90), then times, with the same worker count W and batch size:
 * kernelkit direct: ImageDataset + EvalTransform without cache (decode + resize every time);
 * kernelkit cache build: the first pass that decodes once and writes the pre-resized cache;
 * kernelkit cached eval / cached train: later epochs and inference, read from the cache
-  (train adds the random resized crop + flip of aug='light' on the cached tensor).
+  (train adds the random resized crop + flip of aug='light' on the cached tensor);
+* kernelkit cached rows item by item: the cached eval batches built one row at a time, as the
+  loader did before whole-batch gathers (`ImageDataset.batch`), which now serve eval batches and
+  training batches whose augmentation runs on the GPU (`gpu_aug=auto`).
 
 naive uses a torch DataLoader with W worker processes; the kernelkit modes use `make_loader`
 exactly as run.py does: W worker processes for decoding, W threads for cached data. Every mode
@@ -84,6 +87,11 @@ class NaiveDataset(Dataset):
         return torch.from_numpy(np.array(img)).permute(2, 0, 1), torch.zeros(()), torch.tensor(1.0)
 
 
+class ItemByItem(ImageDataset):
+    """The cached dataset without its whole-batch gather: the loader builds batches row by row."""
+    batch = None
+
+
 def images_per_s(loader, passes: int = 1) -> float:
     """Steady-state rate: the clock starts when the first batch arrives (worker start-up, seconds
     under spawn, is paid once per run, not per image), for every mode alike."""
@@ -125,7 +133,7 @@ def main() -> None:
         S, W, B = args.size, args.workers, args.batch
         ev, tr = EvalTransform(S), TrainTransform(S, aug="light")
         modes = ["naive seed (PIL open + resize)", "kernelkit direct (no cache)", "kernelkit cache build (cold)",
-                 "kernelkit cached, eval", "kernelkit cached, train aug"]
+                 "kernelkit cached, eval", "kernelkit cached, train aug", "kernelkit cached, rows item by item"]
         per_round = []  # {mode: images/s}, one dict per round
         whole = []  # cache build rate over the whole call, worker start-up included
         for r in range(args.rounds):
@@ -140,6 +148,7 @@ def main() -> None:
             k = args.cached_passes
             rates[modes[3]] = images_per_s(make_loader(ImageDataset(paths, None, ev, S, cache=cache), B, False, W), k)
             rates[modes[4]] = images_per_s(make_loader(ImageDataset(paths, None, tr, S, cache=cache), B, True, W), k)
+            rates[modes[5]] = images_per_s(make_loader(ItemByItem(paths, None, ev, S, cache=cache), B, False, W), k)
             print(f"round {r + 1}: " + ", ".join(f"{m.split(' (')[0]} {v:.0f}/s" for m, v in rates.items()), flush=True)
             per_round.append(rates)
             shutil.rmtree(root)

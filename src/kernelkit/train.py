@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +31,8 @@ from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
+
+LOG_EVERY = 25  # steps between progress-bar loss updates (each one waits for the GPU)
 
 
 @dataclass
@@ -216,7 +219,12 @@ class Trainer:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
         parts, opts, state = self.parts, self.opts, self.state
         parts.model.train()
-        losses, images, skipped, stopped = [], 0, 0, False
+        images, stopped, n_losses = 0, False, 0
+        # Loss and skipped images are summed on the device and read at the end (and for the bar every
+        # LOG_EVERY steps): reading them per step would make the CPU wait for the GPU at every step
+        # end, leaving the GPU idle while the next step is prepared.
+        loss_sum, unreadable = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        recent: deque = deque(maxlen=50)
         t0 = t_prev = time.time()
         t_first, first_n = None, 0
         bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
@@ -248,24 +256,29 @@ class Trainer:
             if parts.swa is not None:
                 parts.swa.update(self.core, state.progress)
             state.step += 1
-            skipped += int((ok == 0).sum())
+            unreadable += (ok == 0).sum()
             images += len(ok)
-            losses.append(loss.item())
+            loss_sum += loss.detach()
+            recent.append(loss.detach())
+            n_losses += 1
             now = time.time()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
                 t_first, first_n = now, images
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}",
-                            p=f"{state.progress:.2f}", refresh=False)
+            if n_losses % LOG_EVERY == 1:
+                bar.set_postfix(loss=f"{torch.stack(tuple(recent)).mean().item():.4f}",
+                                lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}", p=f"{state.progress:.2f}",
+                                refresh=False)
             if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
                 self.save("last.pt", epoch_done=False)
         bar.close()
+        skipped = int(unreadable.item())
         state.bad_images += skipped
         t_end = time.time()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
-        return {"loss": float(np.mean(losses)) if losses else float("nan"), "images": images,
+        return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
                 "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
                 "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
 
