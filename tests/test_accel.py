@@ -237,3 +237,29 @@ def test_a_bf16_checkpoint_resumes_under_fp16_loss_scaling(tmp_path):
     restore({**ckpt, "scaler": {"scale": 1024.0}}, TrainParts(model, opt, scaler, None), tmp_path / "last.pt",
             Config(), False)
     assert scaler.loaded == {"scale": 1024.0}, "fp16 -> fp16 keeps its loss scale"
+
+
+def test_a_gpu_optimizer_state_resumes_with_this_machines_kernel(tmp_path):
+    """Fused AdamW on a GPU; its saved state (param groups say fused=True) resumes on a CPU unfused."""
+    from kernelkit.checkpoint import rng_state
+    from kernelkit.models import create_optimizer
+    from kernelkit.resume import restore
+    from kernelkit.train import TrainParts
+
+    model = create_model("test_resnet", 3)
+    opt = create_optimizer(model, 1e-3, 0.05)
+    assert not any(g.get("fused") for g in opt.param_groups), "no fused kernel for CPU parameters"
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["fused"] = True  # as a GPU run writes it
+    ckpt = {"model": model.state_dict(), "optimizer": saved, "scaler": {}, "rng": rng_state(), "epoch": 1,
+            "step": 1, "progress": 0.1, "best_score": 0.1, "threshold": 0.5}
+    resumed = create_optimizer(model, 1e-3, 0.05)
+    restore(ckpt, TrainParts(model, resumed, torch.amp.GradScaler("cuda", enabled=False), None), tmp_path / "x",
+            Config(), False)
+    assert not any(g.get("fused") for g in resumed.param_groups)
+    assert resumed.state_dict()["state"][0]["step"] == saved["state"][0]["step"], "the moments were restored"
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    resumed.step()

@@ -133,12 +133,22 @@ def set_trainable(model: nn.Module, blocks: int | None) -> int:
 
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 0.0):
     """AdamW without weight decay on norms and biases; layer_decay < 1 scales each block's LR by
-    layer_decay ** (depth from the top), stored as the group's `lr_scale`."""
+    layer_decay ** (depth from the top), stored as the group's `lr_scale`.
+
+    On a GPU the fused AdamW kernel: one launch for all parameters instead of several per tensor,
+    and with a GradScaler it skips an overflowing step on the device, without the host sync (and
+    the GPU idle time) that checking found_inf on the CPU costs every step."""
     import timm.optim
     if layer_decay and isinstance(model, FeatureHeadModel):
         raise ValueError("layer_decay needs the plain timm model (head='linear', no second backbone)")
-    return timm.optim.create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,
-                                          layer_decay=layer_decay or None)
+    kwargs = dict(opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay or None)
+    params = list(model.parameters())
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        try:
+            return timm.optim.create_optimizer_v2(model, fused=True, **kwargs)
+        except (TypeError, RuntimeError, ValueError) as e:  # an older torch without fused AdamW
+            log.info("fused AdamW unavailable (%s); using the default implementation", e)
+    return timm.optim.create_optimizer_v2(model, **kwargs)
 
 
 def ema_decay(target: float, updates: int) -> float:

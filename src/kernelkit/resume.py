@@ -111,7 +111,12 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
             parts.ema.updates = int(ckpt["step"])  # the decay goes on where it was, not warming up again
         if parts.swa is not None and "swa" in ckpt:
             parts.swa.load_state_dict(ckpt["swa"])
+        # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
+        # CPU, and a CPU one's on a GPU, each with the kernel it can run.
+        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
         parts.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(parts.optimizer.param_groups, flags):
+            group.update(own)
         if ckpt.get("scaler") and parts.scaler.is_enabled():
             parts.scaler.load_state_dict(ckpt["scaler"])
         # else: bf16 <-> fp16 across sessions on different GPUs (an H100, then a T4): the loss scale
