@@ -47,7 +47,7 @@ CONFIG = dict(
     # pad_aspect=2.0,                       # pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
     # aug='light',                          # none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
-    # gpu_aug='',                           # batch augmentation on the training device: '' | flip | light | medium | strong (use with aug='none' to take the work off the CPU workers)
+    # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
     # mixup=0.0,                            # mixup alpha (0 = off)
     # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
@@ -71,6 +71,8 @@ CONFIG = dict(
     # class_balanced=False,                 # weight classes by effective number of samples (Cui et al. 2019)
     # balanced_sampling=0.0,                # draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)
     # amp=True,                             # mixed precision on GPU
+    # amp_dtype='auto',                     # auto = bf16 on GPUs with fast bf16 (A100, H100, L4), fp16 + loss scaling elsewhere (T4, P100) | bf16 | fp16
+    # compile=False,                        # torch.compile the model for training; the compile runs at start, its time is charged to the budget, and a failure falls back to eager (not under DDP)
     # channels_last=True,                   # GPU: NHWC memory layout (faster convolutions with AMP)
     # num_workers=-1,                       # -1 = all CPU cores
     # mp_context='',                        # DataLoader worker start method: '' (default) | spawn | forkserver | fork
