@@ -4565,6 +4565,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .data import DeviceFeeder
 from .progress import progress
 from .transforms import Preprocess, normalize, tta_identity
 
@@ -4609,7 +4610,9 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     t0 = time.time()
     t_first = None
     pieces = 1
-    for images, _, ok in progress(loader, desc=desc):
+    # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
+    # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
+    for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
         x = normalize(images.to(device, non_blocking=True), channels_last, pre)
         while True:
             try:
@@ -4622,10 +4625,14 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        probs.append(p.cpu().numpy())
-        oks.append(ok.numpy() > 0)
+        probs.append(p)
+        oks.append(ok > 0)
         if t_first is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
             t_first = time.time()
+    probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
+    oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
     t_end = time.time()
     n = sum(len(p) for p in probs)
     steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
@@ -4633,8 +4640,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     ips = steady_n * len(views) / max(steady_s, 1e-9)
     first_batch_s = (t_first or t_end) - t0
     return {
-        "probs": np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
-        "ok": np.concatenate(oks) if oks else np.zeros(0, bool),
+        "probs": probs_all,
+        "ok": oks_all,
         "seconds": t_end - t0,
         "first_batch_s": first_batch_s,
         # what the first batch cost beyond its own share of the work: worker start-up, lazy init
@@ -7390,23 +7397,9 @@ class Trainer:
                 x, y, ok = parts.batch_aug(x, y, ok)
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             if loss is None:
-                # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
-                # rank together, or the gradient all-reduce would wait forever).
-                parts.optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_steps += 1
-                log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
-                state.step += 1
+                self.skip_update()
                 continue
-            if opts.clip_grad > 0:
-                parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
-                torch.nn.utils.clip_grad_norm_(parts.model.parameters(), opts.clip_grad)
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-            if parts.ema is not None:
-                parts.ema.update(self.core)
-            if parts.swa is not None:
-                parts.swa.update(self.core, state.progress)
-            state.step += 1
+            self.update()
             unreadable += (ok == 0).sum()
             images += len(ok)
             loss_sum += loss.detach()
@@ -7432,6 +7425,29 @@ class Trainer:
         return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
                 "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
                 "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
+
+    def update(self) -> None:
+        """Clip, step (the scaler skips an overflowing fp16 step), then the weight averages."""
+        parts, state = self.parts, self.state
+        if self.opts.clip_grad > 0:
+            parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.opts.clip_grad)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        if parts.ema is not None:
+            parts.ema.update(self.core)
+        if parts.swa is not None:
+            parts.swa.update(self.core, state.progress)
+        state.step += 1
+
+    def skip_update(self) -> None:
+        """One NaN batch must not poison the weights of a 9-hour run: no update (on every rank
+        together, or the gradient all-reduce would wait forever)."""
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        self.state.nonfinite_steps += 1
+        log.warning("non-finite loss at step %d; update skipped (%d so far)", self.state.step,
+                    self.state.nonfinite_steps)
+        self.state.step += 1
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
         """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .data import DeviceFeeder
 from .progress import progress
 from .transforms import Preprocess, normalize, tta_identity
 
@@ -52,7 +53,9 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     t0 = time.time()
     t_first = None
     pieces = 1
-    for images, _, ok in progress(loader, desc=desc):
+    # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
+    # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
+    for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
         x = normalize(images.to(device, non_blocking=True), channels_last, pre)
         while True:
             try:
@@ -65,10 +68,14 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        probs.append(p.cpu().numpy())
-        oks.append(ok.numpy() > 0)
+        probs.append(p)
+        oks.append(ok > 0)
         if t_first is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
             t_first = time.time()
+    probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
+    oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
     t_end = time.time()
     n = sum(len(p) for p in probs)
     steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
@@ -76,8 +83,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     ips = steady_n * len(views) / max(steady_s, 1e-9)
     first_batch_s = (t_first or t_end) - t0
     return {
-        "probs": np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
-        "ok": np.concatenate(oks) if oks else np.zeros(0, bool),
+        "probs": probs_all,
+        "ok": oks_all,
         "seconds": t_end - t0,
         "first_batch_s": first_batch_s,
         # what the first batch cost beyond its own share of the work: worker start-up, lazy init

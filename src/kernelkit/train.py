@@ -239,23 +239,9 @@ class Trainer:
                 x, y, ok = parts.batch_aug(x, y, ok)
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             if loss is None:
-                # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
-                # rank together, or the gradient all-reduce would wait forever).
-                parts.optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_steps += 1
-                log.warning("non-finite loss at step %d; update skipped (%d so far)", state.step, state.nonfinite_steps)
-                state.step += 1
+                self.skip_update()
                 continue
-            if opts.clip_grad > 0:
-                parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
-                torch.nn.utils.clip_grad_norm_(parts.model.parameters(), opts.clip_grad)
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-            if parts.ema is not None:
-                parts.ema.update(self.core)
-            if parts.swa is not None:
-                parts.swa.update(self.core, state.progress)
-            state.step += 1
+            self.update()
             unreadable += (ok == 0).sum()
             images += len(ok)
             loss_sum += loss.detach()
@@ -281,6 +267,29 @@ class Trainer:
         return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
                 "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
                 "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
+
+    def update(self) -> None:
+        """Clip, step (the scaler skips an overflowing fp16 step), then the weight averages."""
+        parts, state = self.parts, self.state
+        if self.opts.clip_grad > 0:
+            parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.opts.clip_grad)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        if parts.ema is not None:
+            parts.ema.update(self.core)
+        if parts.swa is not None:
+            parts.swa.update(self.core, state.progress)
+        state.step += 1
+
+    def skip_update(self) -> None:
+        """One NaN batch must not poison the weights of a 9-hour run: no update (on every rank
+        together, or the gradient all-reduce would wait forever)."""
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        self.state.nonfinite_steps += 1
+        log.warning("non-finite loss at step %d; update skipped (%d so far)", self.state.step,
+                    self.state.nonfinite_steps)
+        self.state.step += 1
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
         """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
