@@ -263,3 +263,20 @@ def test_a_gpu_optimizer_state_resumes_with_this_machines_kernel(tmp_path):
     assert resumed.state_dict()["state"][0]["step"] == saved["state"][0]["step"], "the moments were restored"
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     resumed.step()
+
+
+@pytest.mark.parametrize("cache_images, device, expected", [
+    (True, "cuda", ("none", "light")),   # a GPU run from the cache: the loader only gathers rows
+    (False, "cuda", ("light", "")),      # decoded on the fly: per image, in the loader
+    (True, "cpu", ("light", "")),
+])
+def test_the_training_data_puts_the_augmentation_where_the_hardware_wants_it(single_label_dir, tmp_path,
+                                                                              cache_images, device, expected):
+    from kernelkit.assemble import build_training_data
+    cfg = Config(model="test_resnet", img_size=32, batch_size=8, num_workers=0, aug="light",
+                 cache_images=cache_images, cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "out"))
+    # Only the wiring is checked: nothing runs on the (absent) GPU.
+    data = build_training_data(cfg, load_competition(single_label_dir), torch.device(device))
+    assert (data.train_loader.dataset.transform.aug, data.gpu_aug) == expected
+    batch = next(iter(data.train_loader))
+    assert batch[0].dtype == torch.uint8 and batch[0].shape[1:] == (3, 32, 32)
