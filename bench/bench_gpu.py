@@ -114,26 +114,31 @@ def make_data(root: Path, n_train: int, n_test: int, seed: int = 0, procs: int =
 
 
 # ----------------------------------------------------------------------------- kernel options
-def known_options(help_text: str) -> dict[str, bool]:
-    """kernel.py --help -> {option_name: is_boolean_flag}; booleans show as '--x, --no-x'."""
-    opts: dict[str, bool] = {}
-    for m in re.finditer(r"(?m)^\s+--([a-z0-9][a-z0-9-]*)(, --no-\1)?", help_text):
-        opts[m.group(1).replace("-", "_")] = bool(m.group(2))
+def known_options(help_text: str) -> dict[str, bool | tuple[str, ...]]:
+    """kernel.py --help -> {option_name: True for a '--x, --no-x' switch, else its choices (maybe ())}."""
+    opts: dict[str, bool | tuple[str, ...]] = {}
+    for m in re.finditer(r"(?m)^\s+--([a-z0-9][a-z0-9-]*)(, --no-\1)?(?: \{([^}]*)\})?", help_text):
+        name = m.group(1).replace("-", "_")
+        opts[name] = True if m.group(2) else tuple(m.group(3).split(",")) if m.group(3) is not None else ()
     return opts
 
 
-def variant_args(settings: list[str], options: dict[str, bool]) -> list[str] | str:
-    """key=value settings -> kernel.py flags, or 'skipped: option X not in this kernel'."""
+def variant_args(settings: list[str], options: dict) -> list[str] | str:
+    """key=value settings -> kernel.py flags, or 'skipped: option X not in this kernel'. 'true' meets
+    a switch (--x / --no-x) or a choice option (on/true/...) whichever way the kernel spells it."""
     args: list[str] = []
     for s in settings:
         key, value = s.split("=", 1)
         if key not in options:
             return f"skipped: option {key} not in this kernel"
-        flag = "--" + key.replace("_", "-")
-        if options[key]:
-            args.append(flag if value.lower() in ("1", "true", "on", "yes") else "--no-" + key.replace("_", "-"))
-        else:
-            args += [flag, value]
+        flag, kind = "--" + key.replace("_", "-"), options[key]
+        truthy = value.lower() in ("1", "true", "on", "yes")
+        if kind is True:
+            args.append(flag if truthy else "--no-" + key.replace("_", "-"))
+            continue
+        if kind and value not in kind and truthy:
+            value = next((c for c in ("on", "true", "1", "yes", "default") if c in kind), value)
+        args += [flag, value]
     return args
 
 
@@ -363,7 +368,9 @@ def core_sets(spec: str) -> list[tuple[str, list[int]]]:
     for item in spec.split(","):
         item = item.strip()
         cpus = allowed if item == "all" else allowed[:int(item)]
-        sets.append((str(len(cpus)) if item != "all" else f"all ({len(allowed)})", cpus))
+        label = f"all ({len(allowed)})" if item == "all" else item if len(cpus) == int(item) \
+            else f"{len(cpus)} (asked {item})"
+        sets.append((label, cpus))
     return sets
 
 
@@ -413,8 +420,10 @@ def kernel_dtype(options: dict[str, bool], cc_major: int) -> str:
 def part_kernel(a, res: dict, model: str, size: int, batch: int, cores: str, cpus: list[int], options, cc) -> None:
     base = ["--model", model, "--img-size", str(size), "--batch-size", str(batch), "--epochs", str(a.epochs),
             "--budget", "2h"]
-    rows = [("kernel defaults", [])] + [(f"kernel: {n}", s) for n, s in VARIANTS if a.variants in ("all", "")
-                                         or any(v.strip() in n for v in a.variants.split(","))]
+    asked = "all" if cores.startswith("all") else cores.split("asked ")[-1].rstrip(")")
+    wanted = asked in [c.strip() for c in a.variant_cores.split(",")]
+    rows = [("kernel defaults", [])] + [(f"kernel: {n}", s) for n, s in VARIANTS if wanted and (
+        a.variants in ("all", "") or any(v.strip() in n for v in a.variants.split(",")))]
     for name, settings in rows:
         key = row_key(model, size, batch, cores, name)
         args = variant_args(settings, options)
@@ -575,6 +584,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cores", default="4,all", help="core counts, e.g. 4,all")
     ap.add_argument("--models", default=DEFAULT_MODELS, help="name@size:batch,...")
     ap.add_argument("--variants", default="all", help="kernel variants whose name contains one of these (all)")
+    ap.add_argument("--variant-cores", default="4",
+                    help="core counts (of --cores) that also run the one-switch variants, e.g. 4 or 4,all")
     ap.add_argument("--n-images", type=int, default=24000, help="generated training JPEGs")
     ap.add_argument("--n-test", type=int, default=1000, help="generated test JPEGs")
     ap.add_argument("--epochs", type=int, default=3, help="kernel.py epochs per row (the first is excluded)")

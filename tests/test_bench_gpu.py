@@ -97,19 +97,25 @@ FAKE_HELP = """usage: kernel.py
                                   decode once
   --channels-last, --no-channels-last
   --amp-dtype {auto,bf16,fp16}    autocast dtype
+  --compile {off,on}              torch.compile
+  --resize-start X                progressive resizing
 """
 
 
 def test_variants_whose_option_the_kernel_lacks_are_skipped():
     options = bench_gpu.known_options(FAKE_HELP)
-    assert options["cache_images"] is True and options["amp_dtype"] is False and "compile" not in options
+    assert options["cache_images"] is True and options["amp_dtype"] == ("auto", "bf16", "fp16")
+    assert options["gpu_aug"] == ("", "flip", "light", "medium", "strong") and options["resize_start"] == ()
     assert bench_gpu.variant_args(["amp_dtype=fp16"], options) == ["--amp-dtype", "fp16"]
     assert bench_gpu.variant_args(["cache_images=false"], options) == ["--no-cache-images"]
     assert bench_gpu.variant_args(["channels_last=true"], options) == ["--channels-last"]
     assert bench_gpu.variant_args(["gpu_aug=", "aug=light"], options) == ["--gpu-aug", "", "--aug", "light"]
-    assert bench_gpu.variant_args(["compile=true"], options) == "skipped: option compile not in this kernel"
-    assert bench_gpu.variant_args(["aug=none", "resize_start=0.5"], options) == \
-        "skipped: option resize_start not in this kernel"
+    assert bench_gpu.variant_args(["compile=true"], options) == ["--compile", "on"]
+    assert bench_gpu.variant_args(["resize_start=0.5"], options) == ["--resize-start", "0.5"]
+    older = bench_gpu.known_options(FAKE_HELP.split("  --amp-dtype")[0])
+    assert bench_gpu.variant_args(["compile=true"], older) == "skipped: option compile not in this kernel"
+    assert bench_gpu.variant_args(["aug=none", "amp_dtype=fp16"], older) == \
+        "skipped: option amp_dtype not in this kernel"
 
 
 def test_every_variant_is_understood_by_the_committed_kernel_or_skipped_by_name():
