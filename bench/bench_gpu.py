@@ -438,7 +438,7 @@ def part_kernel(a, res: dict, model: str, size: int, batch: int, cores: str, cpu
             entry.update(kernel_run(a, base + args, cpus, a.work / "runs" / tag, a.timeout))
         print(f"[kernel] {key}: {entry['status']} {entry.get('img_s')} img/s, util {entry.get('gpu_util_mean')}%, "
               f"longest gap {entry.get('gpu_idle_max_s')} s", flush=True)
-        res["rows"][key] = entry
+        res["rows"][key] = {**entry, "device": res.get("device")}
         save(a, res)
 
 
@@ -456,7 +456,7 @@ def part_child(a, res: dict, kind: str, model: str, size: int, batch: int, cores
                  "dtype": dtype, "wall_s": round(wall, 1), **child_json(rc, out, err)}
         entry.setdefault("img_s", None)
         print(f"[{kind}] {key}: {entry['status']} {entry['img_s']} img/s", flush=True)
-        res["rows"][key] = entry
+        res["rows"][key] = {**entry, "device": res.get("device")}
         save(a, res)
 
 
@@ -471,7 +471,7 @@ def part_budget(a, res: dict, cpus: list[int]) -> None:
         r["status"] = "ok" if r["rc"] == 0 and r["submission_rows"] == a.n_test else r["status"]
         print(f"[budget] {budget}: wall {r['wall_s']} s, rc {r['rc']}, rows {r['submission_rows']}, "
               f"overrun {r['overrun']}", flush=True)
-        res["budget"][budget] = r
+        res["budget"][budget] = {**r, "device": res.get("device")}
         save(a, res)
 
 
@@ -521,9 +521,14 @@ def build_table(res: dict) -> str:
     order = {"bound": 0, "kernel": 1, "reference": 2}
     rows = sorted(res.get("rows", {}).values(), key=lambda r: (r["model"], r["size"], r["cores"],
                                                                  order.get(r["kind"], 3), r["name"] != "kernel defaults"))
-    lines = [f"Device: {res.get('device', '?')}; torch {res.get('torch', '?')}, timm {res.get('timm', '?')}; "
-             f"{res.get('cpu_count', '?')} cores; {res.get('n_images', '?')} generated JPEGs; kernel rows: "
-             f"{res.get('epochs', '?')} epochs, steady img/s excludes the first; `{res.get('command', '')}`", "",
+    devices = sorted({str(r.get("device", res.get("device"))) for r in rows})
+    mixed = len(devices) > 1
+    commands = "; ".join(f"`{c}`" for c in res.get("commands", [res.get("command", "")]))
+    lines = [f"Device: {' + '.join(devices) if rows else res.get('device', '?')}"
+             f"{' (MIXED: compare rows of one device only)' if mixed else ''}; torch {res.get('torch', '?')}, "
+             f"timm {res.get('timm', '?')}; {res.get('cpu_count', '?')} cores; {res.get('n_images', '?')} generated "
+             f"JPEGs; kernel rows: {res.get('epochs', '?')} epochs, steady img/s excludes the first. Commands: "
+             f"{commands}", "",
              "| model @ size, batch | cores | row | dtype | train img/s | share of bound | GPU util (steady) | "
              "longest GPU gap < 10% | checkpoint timing | note |",
              "|---|---|---|---|---:|---:|---:|---:|---|---|"]
@@ -532,8 +537,9 @@ def build_table(res: dict) -> str:
         share = f"{100 * r['img_s'] / bound:.0f}%" if r.get("img_s") and bound else "n/a"
         status = r.get("status", "")
         note = "" if status == "ok" else status
-        if r.get("note"):
-            note = (note + "; " if note else "") + r["note"]
+        for extra in (r.get("note"), f"on {r.get('device')}" if mixed else ""):
+            if extra:
+                note = (note + "; " if note else "") + extra
         kernel = r["kind"] == "kernel" and status == "ok"
         lines.append(f"| {r['model']} @ {r['size']}, {r['batch']} | {r['cores']} | {r['name']} | {r.get('dtype', '')} | "
                      f"{_fmt(r.get('img_s'))} | {share} | "
@@ -628,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         print(SKIP_MESSAGE)
         return 0
     cc = device_info(res)
-    res.update(command="python bench/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    command = "python bench/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    res["commands"] = [c for c in res.get("commands", []) if c != command] + [command]
+    res.update(command=command,
                n_images=a.n_images, epochs=a.epochs, updated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     parts = [p.strip() for p in a.part.split(",")]
     if any(p in parts for p in ("kernel", "reference", "budget")):

@@ -170,3 +170,22 @@ def test_checkpoint_timing_fields_when_present():
     found = bench_gpu.checkpoint_timing({"checkpoint_blocked_s": 0.1, "checkpoint": "best.pt",
                                          "checkpoint_io": {"write_s": 2.0, "path": "x"}})
     assert found == {"checkpoint_blocked_s": 0.1, "checkpoint_io.write_s": 2.0}
+
+
+def test_rows_from_two_devices_are_flagged():
+    res = fake_results()
+    next(iter(res["rows"].values()))["device"] = "OtherGPU"
+    table = bench_gpu.build_table(res)
+    assert "MIXED" in table.splitlines()[0] and "on OtherGPU" in table
+    assert "MIXED" not in bench_gpu.build_table(fake_results())
+
+
+def test_a_failing_child_is_recorded_with_its_last_stderr_line():
+    code = "import sys; print('working'); sys.exit('ValueError: bad things')"
+    rc, out, err, _ = bench_gpu.run_child([sys.executable, "-c", code], sorted(os.sched_getaffinity(0))[:1], 60)
+    assert bench_gpu.child_json(rc, out, err) == {"status": "failed: ValueError: bad things"}
+    rc, out, err, _ = bench_gpu.run_child([sys.executable, "-c", "import json; print(json.dumps({'img_s': 5.0}))"],
+                                          sorted(os.sched_getaffinity(0))[:1], 60)
+    assert bench_gpu.child_json(rc, out, err) == {"status": "ok", "img_s": 5.0}
+    rc, _, err, _ = bench_gpu.run_child([sys.executable, "-c", "import time; time.sleep(30)"], [0], 1)
+    assert rc == 124 and "timed out" in bench_gpu.child_json(rc, "", err)["status"]
