@@ -417,14 +417,20 @@ def kernel_dtype(options: dict[str, bool], cc_major: int) -> str:
     return "bf16" if "amp_dtype" in options and cc_major >= 8 else "fp16"
 
 
+def kernel_rows(a: argparse.Namespace, cores: str) -> list[tuple[str, list[str]]]:
+    """The kernel rows one call runs at `cores` (a core_sets label): defaults unless skipped, then
+    the variants picked by --variants, at the core counts of --variant-cores."""
+    asked = "all" if cores.startswith("all") else cores.split("asked ")[-1].rstrip(")")
+    wanted = asked in [c.strip() for c in a.variant_cores.split(",")]
+    rows = [] if a.skip_defaults else [("kernel defaults", [])]
+    return rows + [(f"kernel: {n}", s) for n, s in VARIANTS if wanted and (
+        a.variants == "all" or any(v.strip() and v.strip() in n for v in a.variants.split(",")))]
+
+
 def part_kernel(a, res: dict, model: str, size: int, batch: int, cores: str, cpus: list[int], options, cc) -> None:
     base = ["--model", model, "--img-size", str(size), "--batch-size", str(batch), "--epochs", str(a.epochs),
             "--budget", "2h"]
-    asked = "all" if cores.startswith("all") else cores.split("asked ")[-1].rstrip(")")
-    wanted = asked in [c.strip() for c in a.variant_cores.split(",")]
-    rows = [("kernel defaults", [])] + [(f"kernel: {n}", s) for n, s in VARIANTS if wanted and (
-        a.variants in ("all", "") or any(v.strip() in n for v in a.variants.split(",")))]
-    for name, settings in rows:
+    for name, settings in kernel_rows(a, cores):
         key = row_key(model, size, batch, cores, name)
         args = variant_args(settings, options)
         dtype = "fp16" if "amp_dtype=fp16" in settings else kernel_dtype(options, cc)
@@ -589,13 +595,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--part", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     ap.add_argument("--cores", default="4,all", help="core counts, e.g. 4,all")
     ap.add_argument("--models", default=DEFAULT_MODELS, help="name@size:batch,...")
-    ap.add_argument("--variants", default="all", help="kernel variants whose name contains one of these (all)")
+    ap.add_argument("--variants", default="all", help="kernel variants whose name contains one of these; all (default) or '' for none")
     ap.add_argument("--variant-cores", default="4",
                     help="core counts (of --cores) that also run the one-switch variants, e.g. 4 or 4,all")
     ap.add_argument("--n-images", type=int, default=24000, help="generated training JPEGs")
     ap.add_argument("--n-test", type=int, default=1000, help="generated test JPEGs")
     ap.add_argument("--epochs", type=int, default=3, help="kernel.py epochs per row (the first is excluded)")
-    ap.add_argument("--steps", type=int, default=60, help="timed steps of the bound and the reference")
+    ap.add_argument("--skip-defaults", action="store_true",
+                    help="part kernel: only the variants (when a call is split to fit a time limit)")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps of the bound and the reference")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps before them")
     ap.add_argument("--budgets", default="120s,300s", help="budget-check runs of kernel.py")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1500 images, 2 epochs, few steps")
@@ -604,7 +612,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     ap.add_argument("--table-only", action="store_true", help="rebuild the README table from --out and stop")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds per row before it is failed")
+    ap.add_argument("--timeout", type=float, default=540, help="seconds per row before it is failed")
     ap.add_argument("--keep-outputs", action="store_true", help="keep each kernel run's output folder")
     ap.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # smoke runs without a GPU
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)

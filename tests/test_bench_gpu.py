@@ -189,3 +189,14 @@ def test_a_failing_child_is_recorded_with_its_last_stderr_line():
     assert bench_gpu.child_json(rc, out, err) == {"status": "ok", "img_s": 5.0}
     rc, _, err, _ = bench_gpu.run_child([sys.executable, "-c", "import time; time.sleep(30)"], [0], 1)
     assert rc == 124 and "timed out" in bench_gpu.child_json(rc, "", err)["status"]
+
+
+def test_kernel_rows_follow_variants_skip_defaults_and_variant_cores():
+    names = lambda argv, cores: [n for n, _ in bench_gpu.kernel_rows(bench_gpu.parse_args(argv), cores)]  # noqa: E731
+    every = names([], "4")
+    assert every[0] == "kernel defaults" and len(every) == 1 + len(bench_gpu.VARIANTS)
+    assert names([], "all (16)") == ["kernel defaults"]
+    assert len(names(["--variant-cores", "4,all"], "all (16)")) == len(every)
+    assert names(["--variants", ""], "4") == ["kernel defaults"]
+    assert names(["--variants", "cache off,compile", "--skip-defaults"], "2 (asked 4)") == \
+        ["kernel: compile on", "kernel: cache off"]
