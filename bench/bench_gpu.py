@@ -401,6 +401,8 @@ def kernel_run(a: argparse.Namespace, extra: list[str], cpus: list[int], out_dir
            "summary_model": summary.get("model"), "summary_img_size": summary.get("img_size")}
     res.update(steady_rate(history))
     res.update(gpu_gaps(samples, history, state.get("run_start", 0.0), summary.get("train_end_s")))
+    if res["problems"]:  # exit 0 with a submission, but something failed after training started
+        res["note"] = "; ".join(filter(None, [res.get("note"), "problems: " + " / ".join(map(str, res["problems"]))]))
     if rc != 0:
         res["status"] = f"failed: {last_line(err)}"
     elif res["img_s"] is None and not budget_run:
@@ -428,8 +430,7 @@ def kernel_rows(a: argparse.Namespace, cores: str) -> list[tuple[str, list[str]]
 
 
 def part_kernel(a, res: dict, model: str, size: int, batch: int, cores: str, cpus: list[int], options, cc) -> None:
-    base = ["--model", model, "--img-size", str(size), "--batch-size", str(batch), "--epochs", str(a.epochs),
-            "--budget", "2h"]
+    base = ["--model", model, "--img-size", str(size), "--batch-size", str(batch), "--epochs", str(a.epochs)]
     for name, settings in kernel_rows(a, cores):
         key = row_key(model, size, batch, cores, name)
         args = variant_args(settings, options)
