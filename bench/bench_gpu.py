@@ -329,7 +329,7 @@ def child_reference(a: argparse.Namespace) -> dict:
     import torch
     from torch.utils.data import DataLoader
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    df = pd.read_csv(Path(a.data) / "train.csv")
+    df = pd.read_csv(Path(a.data) / "train.csv", dtype={"id": str})
     paths = [str(Path(a.data) / "train" / f"{i}.jpg") for i in df["id"]]
     loader = DataLoader(PilDataset(paths, df["label"].values, a.size), batch_size=a.batch, shuffle=True,
                         num_workers=a.workers, pin_memory=device == "cuda", drop_last=True,
