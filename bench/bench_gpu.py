@@ -442,7 +442,10 @@ def part_kernel(a, res: dict, model: str, size: int, batch: int, cores: str, cpu
         else:
             tag = re.sub(r"[^a-z0-9]+", "_", f"{model}_{size}_{len(cpus)}_{name}".lower())
             print(f"[kernel] {key} ...", flush=True)
-            entry.update(kernel_run(a, base + args, cpus, a.work / "runs" / tag, a.timeout))
+            try:
+                entry.update(kernel_run(a, base + args, cpus, a.work / "runs" / tag, a.timeout))
+            except Exception as e:  # a broken output file must not end the whole benchmark
+                entry.update(status=f"failed: {type(e).__name__}: {e}", img_s=None)
         print(f"[kernel] {key}: {entry['status']} {entry.get('img_s')} img/s, util {entry.get('gpu_util_mean')}%, "
               f"longest gap {entry.get('gpu_idle_max_s')} s", flush=True)
         res["rows"][key] = {**entry, "device": res.get("device")}
@@ -471,11 +474,15 @@ def part_budget(a, res: dict, cpus: list[int]) -> None:
     for budget in a.budgets.split(","):
         seconds = parse_seconds(budget)
         print(f"[budget] {budget} ...", flush=True)
-        r = kernel_run(a, ["--budget", budget], cpus, a.work / "runs" / f"budget_{budget}", seconds + 300,
-                       budget_run=True)
+        try:
+            r = kernel_run(a, ["--budget", budget], cpus, a.work / "runs" / f"budget_{budget}", seconds + 300,
+                           budget_run=True)
+        except Exception as e:
+            r = {"status": f"failed: {type(e).__name__}: {e}", "rc": None, "wall_s": None, "submission_rows": None}
         r.update(budget=budget, budget_s=seconds, cores=str(len(cpus)), expected_rows=a.n_test,
-                 overrun=r["wall_s"] > seconds)
-        r["status"] = "ok" if r["rc"] == 0 and r["submission_rows"] == a.n_test else r["status"]
+                 overrun=r["wall_s"] is not None and r["wall_s"] > seconds)
+        if r["status"] == "ok" and r["submission_rows"] != a.n_test:
+            r["status"] = f"failed: submission has {r['submission_rows']} rows, expected {a.n_test}"
         print(f"[budget] {budget}: wall {r['wall_s']} s, rc {r['rc']}, rows {r['submission_rows']}, "
               f"overrun {r['overrun']}", flush=True)
         res["budget"][budget] = {**r, "device": res.get("device")}
@@ -555,11 +562,13 @@ def build_table(res: dict) -> str:
                      f"{_ckpt(r.get('checkpoint_timing')) if kernel else ''} | {note.replace('|', '/')} |")
     if res.get("budget"):
         lines += ["", "| kernel.py defaults, budget | cores | process wall time | exit | submission rows | "
-                      "within budget | model picked |", "|---|---|---:|---|---|---|---|"]
+                      "within budget | model picked | note |", "|---|---|---:|---|---|---|---|---|"]
         for b in res["budget"].values():
-            lines.append(f"| {b['budget']} | {b['cores']} | {b['wall_s']:.1f} s | {b['rc']} | "
-                         f"{b['submission_rows']} of {b['expected_rows']} | {'no: OVERRUN' if b['overrun'] else 'yes'} | "
-                         f"{b.get('summary_model')} @ {b.get('summary_img_size')} |")
+            within = "n/a" if b.get("rc") is None else "no: OVERRUN" if b.get("overrun") else "yes"
+            note = "" if b.get("status", "ok") == "ok" else b["status"]
+            lines.append(f"| {b['budget']} | {b['cores']} | {_fmt(b.get('wall_s'), '.1f', ' s')} | {b.get('rc')} | "
+                         f"{b.get('submission_rows')} of {b.get('expected_rows')} | {within} | "
+                         f"{b.get('summary_model')} @ {b.get('summary_img_size')} | {note.replace('|', '/')} |")
     return "\n".join(lines)
 
 

@@ -43,7 +43,9 @@ def fake_results() -> dict:
     return {"device": "FakeGPU", "rows": {f"{r['cores']}|{r['name']}": r for r in rows},
             "budget": {"120s": {"budget": "120s", "cores": "4", "wall_s": 131.0, "rc": 0, "submission_rows": 10,
                                 "expected_rows": 10, "overrun": True, "summary_model": "resnet34",
-                                "summary_img_size": 224}}}
+                                "summary_img_size": 224},
+                       "300s": {"budget": "300s", "cores": "4", "wall_s": None, "rc": None, "submission_rows": None,
+                                "expected_rows": 10, "overrun": False, "status": "failed: OSError: disk full"}}}
 
 
 def line_of(table: str, *parts: str) -> str:
@@ -65,6 +67,7 @@ def test_table_shares_of_the_bound_skipped_and_failed_rows():
     assert "failed: RuntimeError: CUDA out of memory" in line_of(table, "cache off")
     assert "| n/a |" in line_of(table, "cache off")
     assert "no: OVERRUN" in line_of(table, "| 120s |")
+    assert "| n/a |" in line_of(table, "| 300s |") and "failed: OSError: disk full" in line_of(table, "| 300s |")
 
 
 def test_readme_markers_are_replaced_and_a_second_run_changes_nothing(tmp_path):
