@@ -50,6 +50,8 @@ CONFIG = dict(
     # gpu_aug='',                           # batch augmentation on the training device: '' | flip | light | medium | strong (use with aug='none' to take the work off the CPU workers)
     # mixup=0.0,                            # mixup alpha (0 = off)
     # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
+    # resize_start=0.0,                     # progressive resizing: train at this fraction of img_size first (e.g. 0.5), in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation and TTA always at img_size (0 = off)
+    # resize_full_at=0.75,                  # progressive resizing: share of the schedule after which training is at the full img_size, in (0, 1]
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
     # cache_dir='',                         # image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), else <out_dir>/cache
     # cache_max_gb=15.0,                    # cap on the cache; images beyond it are decoded every epoch (0 = free disk)
@@ -2169,6 +2171,7 @@ from .config import Config, parse_duration, parse_kwargs
 from .learning import likely_causes
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
+from .resolution import schedule_from
 from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .transforms import IMAGENET, BatchAugment, Preprocess, seed_augmentations
@@ -2247,7 +2250,8 @@ def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET) -> FitOptions:
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg))
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg),
+                      resolution=schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at))
 ''',
 'kernelkit.config': r'''"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
 from __future__ import annotations
@@ -2335,6 +2339,11 @@ class Config:
                           "(use with aug='none' to take the work off the CPU workers)", choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
+    resize_start: float = _f(0.0, "progressive resizing: train at this fraction of img_size first (e.g. 0.5), in up to "
+                                  "4 stages, at the full img_size from resize_full_at of the schedule on; stages "
+                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+    resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
+                                     "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
     cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
                             "else <out_dir>/cache")
@@ -2488,6 +2497,9 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
+         f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
+        (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
         (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
         (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
         (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
@@ -5993,6 +6005,161 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
                  most, f"; most frequent confusion {top_pair[0]} -> {top_pair[1]} ({top_pair[2]})" if top_pair else "")
     return s
 ''',
+'kernelkit.resolution': r'''"""Progressive resizing over the wall clock: train at a lower resolution early, at the full
+`img_size` for the last part of the schedule.
+
+FFCV and fastai step the resolution by epoch; here the stages are shares of the schedule's
+progress (`FitState.progress`, the clock-based progress the LR schedule follows), so each stage
+takes a fixed share of the WALL CLOCK whatever the throughput turns out to be, and a resumed run
+continues at the size its restored progress calls for. With fixed `epochs` the progress is the
+share of steps, the same way.
+
+The cache holds every image at the full `img_size`; a lower stage is made by downscaling the batch
+on the training device (`resize_batch`, antialiased bilinear: cheap on a GPU), so the cache already
+holds what each stage needs and nothing is decoded twice. Validation and TTA always run at the full
+size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
+re-tunes per input shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MAX_STAGES = 4  # distinct sizes, the full one included
+MIN_PX = 32  # a stride-32 backbone's last feature map is 1 x 1 here
+
+
+def size_step(full: int) -> int:
+    """Stage sizes are multiples of this: 32 keeps a stride-32 network's feature maps whole at
+    large sizes; small images need finer steps to have stages at all."""
+    return 32 if full >= 128 else 8
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """`start_fraction * full` px at progress 0, up to `full` px from `full_at` on, in at most
+    `stages` steps laid evenly over [0, full_at), each rounded down to a multiple of `step` and never
+    below `min_px`. start_fraction 0 (or >= 1): always `full`."""
+    full: int
+    start_fraction: float = 0.0
+    full_at: float = 0.75
+    step: int = 0  # 0: size_step(full)
+    stages: int = MAX_STAGES
+    min_px: int = MIN_PX
+
+    @property
+    def enabled(self) -> bool:
+        return 0 < self.start_fraction < 1 and len(set(self.sizes())) > 1
+
+    def sizes(self) -> list[int]:
+        """The size of each stage, smallest first, the last one `full` (may repeat when the
+        rounding merges neighbours)."""
+        if not 0 < self.start_fraction < 1 or self.stages < 2:
+            return [self.full]
+        step = self.step or size_step(self.full)
+        lo = min(self.full, max(self.min_px, self.start_fraction * self.full))
+        out = []
+        for i in range(self.stages - 1):
+            want = lo + (self.full - lo) * i / (self.stages - 1)
+            out.append(min(self.full, max(self.min_px, int(want // step) * step)))
+        return [*out, self.full]
+
+    def size_at(self, progress: float) -> int:
+        """The input size at schedule progress `progress` (0..1): non-decreasing, `full` from full_at on."""
+        sizes = self.sizes()
+        if len(sizes) == 1 or progress >= self.full_at:
+            return self.full
+        i = int(max(progress, 0.0) / self.full_at * (len(sizes) - 1))
+        return sizes[min(i, len(sizes) - 1)]
+
+    def spans(self) -> list[tuple[int, float, float]]:
+        """(size, from progress, to progress) of each distinct stage, adjacent equal sizes merged."""
+        sizes = self.sizes()
+        if len(sizes) == 1:
+            return [(self.full, 0.0, 1.0)]
+        n = len(sizes) - 1
+        out: list[tuple[int, float, float]] = []
+        for i, s in enumerate(sizes):
+            a, b = (self.full_at * i / n, self.full_at * (i + 1) / n) if i < n else (self.full_at, 1.0)
+            if out and out[-1][0] == s:
+                out[-1] = (s, out[-1][1], b)
+            else:
+                out.append((s, a, b))
+        return out
+
+    def shares(self) -> dict[int, float]:
+        """{size: share of the schedule's progress spent at it}."""
+        return {s: b - a for s, a, b in self.spans()}
+
+    def describe(self) -> str:
+        spans = self.spans()
+        parts = [f"{s} px until p={b:.2f}" for s, _, b in spans[:-1]]
+        return ", ".join([*parts, f"then {spans[-1][0]} px"])
+
+
+def schedule_from(img_size: int, start: float, full_at: float) -> ResolutionSchedule | None:
+    """The config's schedule, or None when off (start 0) or when the rounding leaves one size."""
+    if not img_size or not 0 < start < 1:
+        return None
+    sched = ResolutionSchedule(img_size, start, full_at)
+    return sched if sched.enabled else None
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) on the 0..255 scale (uint8 or float, contiguous or channels-last) -> size x size
+    on the same device, antialiased bilinear, same dtype and memory format; x itself at that size."""
+    if x.shape[-2] == size and x.shape[-1] == size:
+        return x
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if x.dtype == torch.uint8:
+        y = y.clamp_(0, 255).round_().to(torch.uint8)
+    elif y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def effective_ips(ips_at: dict[int, float], schedule: ResolutionSchedule | None, over_clock: bool = True) -> float:
+    """Training images/s over the whole schedule, from the throughput at each stage size.
+
+    Over the clock (epochs=0) each stage has a fixed share of the TIME: the time-weighted mean.
+    Over steps (fixed epochs) each stage has a fixed share of the IMAGES: the harmonic mean."""
+    if schedule is None:
+        return ips_at[max(ips_at)]
+    shares = schedule.shares()
+    if over_clock:
+        return sum(w * ips_at[s] for s, w in shares.items())
+    return 1.0 / sum(w / max(ips_at[s], 1e-9) for s, w in shares.items())
+
+
+def epochs_with_schedule(train_s: float, n_train: int, ips_at: dict[int, float],
+                         schedule: ResolutionSchedule | None) -> float:
+    """Epochs that fit `train_s` seconds of training (the planners' arithmetic, validation aside)."""
+    return train_s * effective_ips(ips_at, schedule) / max(n_train, 1)
+
+
+def ips_by_pixels(sizes: list[int], measured: dict[int, float]) -> dict[int, float]:
+    """Throughput at every size of `sizes` from two (or more) measured sizes: time per image taken
+    as linear in the pixel count (a fixed per-image cost plus a per-pixel one), fitted through the
+    smallest and the largest measurement; a single measurement scales with the pixel count."""
+    lo, hi = min(measured), max(measured)
+    t_lo, t_hi = 1 / measured[lo], 1 / measured[hi]
+    if lo == hi:
+        return {s: measured[hi] * (hi / s) ** 2 for s in sizes}
+    slope = (t_hi - t_lo) / (hi * hi - lo * lo)
+    out = {}
+    for s in sizes:
+        t = t_lo + slope * (s * s - lo * lo)
+        out[s] = measured[s] if s in measured else 1 / max(t, min(t_lo, t_hi) * 1e-3)
+    return out
+
+
+def fmt_ips(ips_at: dict[int, float]) -> str:
+    return ", ".join(f"{s} px {v:.1f} img/s" for s, v in sorted(ips_at.items()) if math.isfinite(v))
+''',
 'kernelkit.resume': r'''"""Continuing a schedule: after a kill in the same out_dir, or in a later Kaggle session.
 
 A Kaggle GPU session lasts at most 9 hours, so one learning-rate schedule can be laid over
@@ -6904,6 +7071,7 @@ from .infer import OutOfMemory, autocast, predict
 from .learning import CHECK_AT, at_prior, stuck_message
 from .models import set_trainable
 from .progress import progress
+from .resolution import ResolutionSchedule, resize_batch
 from .stopping import StopFlag
 from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
@@ -6930,6 +7098,7 @@ class FitOptions:
     preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
     learn_check_at: float = CHECK_AT  # share of training after which a score at the label prior is flagged
     learn_hint: str = ""  # likely causes, named in that warning
+    resolution: ResolutionSchedule | None = None  # progressive resizing over the clock; None: always full size
 
 
 @dataclass
@@ -7001,6 +7170,7 @@ class Trainer:
         self.last_save = time.time()
         self.stop_reason = "budget"
         self.learning_checked = False
+        self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
 
     # ------------------------------------------------------------------ schedule and stopping
@@ -7032,6 +7202,17 @@ class Trainer:
             log.info("%s: %d trainable parameters", "backbone frozen" if want else
                      f"unfreezing {'all' if blocks is None else f'the last {blocks}'} backbone blocks", n)
             self.frozen = want
+
+    def follow_resolution(self) -> int:
+        """This step's input size; each stage change is logged once (the plan on the first step)."""
+        px = self.opts.resolution.size_at(self.state.progress)
+        if px != self.train_px:
+            if not self.train_px:
+                log.info("resolution: %s (p=%.2f now)", self.opts.resolution.describe(), self.state.progress)
+            else:
+                log.info("resolution -> %d px at p=%.2f", px, self.state.progress)
+            self.train_px = px
+        return px
 
     # ------------------------------------------------------------------ the loop
     def fit(self, train_loader, val: Validation | None) -> FitResult:
@@ -7102,6 +7283,8 @@ class Trainer:
             x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
+            if opts.resolution is not None:
+                x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             if loss is None:
                 # One NaN batch must not poison the weights of a 9-hour run: skip the update (on every
@@ -7185,6 +7368,8 @@ class Trainer:
         row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
                "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
                "elapsed_s": round(self.clock.elapsed(), 1)}
+        if self.opts.resolution is not None:
+            row["train_px"] = self.train_px  # the size at the epoch's end (stage changes are logged)
         if val is None or not len(val.targets) or not tr["images"] or self.stop_reason == "signal":
             # After SIGTERM the grace is for the test prediction, not for a validation pass.
             log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
