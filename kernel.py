@@ -268,6 +268,7 @@ from .context import RunContext
 from .distributed import DistInfo
 from .infer import autocast
 from .plan import make_plan
+from .resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
 
 log = logging.getLogger("kernelkit")
 
@@ -306,6 +307,7 @@ class Trial:
     infer_ips: float = 0.0
     epochs: float = -1.0
     note: str = ""
+    stage_ips: dict | None = None  # progressive resizing: training images/s at each stage size
 
 
 def model_cost(name: str) -> float:
@@ -399,6 +401,19 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     return train_ips, infer_ips
 
 
+def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: torch.device, deadline: float,
+                     full_ips: float) -> dict[int, float] | None:
+    """Progressive resizing: training images/s at each stage size of `cand`'s schedule, from one
+    more measurement at the smallest stage (time per image linear in the pixel count between the
+    two); None when the option is off or leaves a single size."""
+    sched = schedule_from(cand.img_size, cfg.resize_start, cfg.resize_full_at)
+    if sched is None:
+        return None
+    small = min(sched.sizes())
+    small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -459,13 +474,16 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
             return -1.0
         try:
             t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)
+            t.stage_ips = stage_throughput(c, cfg, comp.num_classes, device, deadline, t.train_ips)
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
             return -1.0
         setup_s = time.time() - started_at + SETUP_AFTER_S
-        t.epochs = shape.epochs(t.train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
-        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs", c, t.train_ips,
-                 t.infer_ips, t.epochs)
+        sched = schedule_from(c.img_size, cfg.resize_start, cfg.resize_full_at)
+        train_ips = t.train_ips if t.stage_ips is None else effective_ips(t.stage_ips, sched, not cfg.epochs)
+        t.epochs = shape.epochs(train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
+        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs%s", c, t.train_ips,
+                 t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
         return t.epochs
 
     if every:
@@ -3681,6 +3699,8 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 'kernelkit.dry_run': r'''"""--dry-run: time a few training steps and TTA batches on the real data, then plan the budget."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 
 import torch
@@ -3693,9 +3713,13 @@ from .config import budget_seconds
 from .context import RunContext
 from .predictor import probe_inference
 from .plan import Plan, make_plan
+from .resolution import ResolutionSchedule, effective_ips, fmt_ips
 from .train import Trainer
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
+STAGE_STEPS = 5  # per stage size with progressive resizing (the first is not timed)
+
+log = logging.getLogger("kernelkit")
 
 
 def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
@@ -3704,10 +3728,22 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     data = build_training_data(cfg, comp, device)
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device)
     budget_s, margin_s = budget_seconds(cfg)
-    trainer = Trainer(parts, fit_options(cfg), BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
-    tr = trainer.train_epoch(data.train_loader, max_steps=TRAIN_STEPS)
+    opts = fit_options(cfg)
+    sched = opts.resolution
+    ips_at = {}
+    # Each stage size timed on its own (a constant schedule at that size): the plan is the
+    # time-weighted sum over the stages, not the speed of the first one.
+    for size in sorted(set(sched.sizes())) if sched is not None else [cfg.img_size]:
+        fixed = dataclasses.replace(opts, resolution=ResolutionSchedule(size) if sched is not None else None)
+        trainer = Trainer(parts, fixed, BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
+        tr = trainer.train_epoch(data.train_loader, max_steps=STAGE_STEPS if sched is not None else TRAIN_STEPS)
+        ips_at[size] = tr["images_per_s"]
+    train_ips = effective_ips(ips_at, sched, over_clock=not cfg.epochs)
+    if sched is not None:
+        log.info("progressive resizing: %s; training throughput %s -> %.1f img/s over the schedule",
+                 sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
-    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips,
                      infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
                      n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])
 ''',
@@ -6115,8 +6151,9 @@ def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = y.clamp_(0, 255)  # the antialiasing filter's rounding may step a hair past the range
     if x.dtype == torch.uint8:
-        y = y.clamp_(0, 255).round_().to(torch.uint8)
+        y = y.round_().to(torch.uint8)
     elif y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)

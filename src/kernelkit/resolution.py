@@ -108,8 +108,9 @@ def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = y.clamp_(0, 255)  # the antialiasing filter's rounding may step a hair past the range
     if x.dtype == torch.uint8:
-        y = y.clamp_(0, 255).round_().to(torch.uint8)
+        y = y.round_().to(torch.uint8)
     elif y.dtype != x.dtype:
         y = y.to(x.dtype)
     return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
