@@ -410,7 +410,11 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
     if sched is None:
         return None
     small = min(sched.sizes())
-    small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    try:
+        small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
+        log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
+        return None
     return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
 
 
@@ -6144,6 +6148,12 @@ def schedule_from(img_size: int, start: float, full_at: float) -> ResolutionSche
     return sched if sched.enabled else None
 
 
+def fixed_input_size(model: torch.nn.Module) -> bool:
+    """True for a model that takes only the size it was built for: timm's patch embedding with
+    `strict_img_size` (ViT, DeiT, Swin built without dynamic_img_size) asserts on any other."""
+    return any(getattr(m, "strict_img_size", False) for m in model.modules())
+
+
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) on the 0..255 scale (uint8 or float, contiguous or channels-last) -> size x size
     on the same device, antialiased bilinear, same dtype and memory format; x itself at that size."""
@@ -7091,6 +7101,7 @@ owns the file names; the loop only says when.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -7108,7 +7119,7 @@ from .infer import OutOfMemory, autocast, predict
 from .learning import CHECK_AT, at_prior, stuck_message
 from .models import set_trainable
 from .progress import progress
-from .resolution import ResolutionSchedule, resize_batch
+from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
 from .stopping import StopFlag
 from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
@@ -7209,6 +7220,12 @@ class Trainer:
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        if opts.resolution is not None and fixed_input_size(self.core):
+            msg = ("progressive resizing off: this model takes only img_size inputs (a patch embedding with a "
+                   "fixed size); training runs at img_size throughout")
+            log.warning("!!! %s", msg)
+            self.result.warnings.append(msg)
+            self.opts = dataclasses.replace(opts, resolution=None)
 
     # ------------------------------------------------------------------ schedule and stopping
     def deadline(self) -> float:

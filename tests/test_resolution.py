@@ -175,3 +175,20 @@ def test_dry_run_times_every_stage_and_plans_with_their_mix(single_label_dir, tm
     assert {shape[-1] for training, shape in seen if training} == {32, 40, 48, 64}
     assert "progressive resizing: 32 px until p=0.25" in caplog.text
     assert json.loads((tmp_path / "o" / "plan.json").read_text())["epochs_that_fit"] > 0
+
+
+def test_a_fixed_size_vision_transformer_trains_at_full_size_with_a_warning(single_label_dir):
+    import timm
+
+    from kernelkit.budget import BudgetClock, InferenceReserve
+    from kernelkit.losses import get_loss
+    from kernelkit.train import FitOptions, Trainer, TrainParts
+    from test_train import _setup
+    comp, tl, _, _, _, _, scaler = _setup(single_label_dir, size=64)
+    model = timm.create_model("test_vit", num_classes=comp.num_classes, dynamic_img_size=False, img_size=64)
+    parts = TrainParts(model, torch.optim.AdamW(model.parameters(), lr=1e-3), scaler, get_loss("auto", comp.task))
+    opts = FitOptions(epochs=2, resolution=ResolutionSchedule(64, 0.5))
+    trainer = Trainer(parts, opts, BudgetClock(600), InferenceReserve(0, 0, 1), torch.device("cpu"))
+    assert trainer.opts.resolution is None and opts.resolution is not None, "the caller's options untouched"
+    result = trainer.fit(tl, None)
+    assert result.stop_reason == "epochs" and "progressive resizing off" in result.warnings[0]

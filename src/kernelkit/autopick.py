@@ -169,7 +169,11 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
     if sched is None:
         return None
     small = min(sched.sizes())
-    small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    try:
+        small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
+        log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
+        return None
     return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
 
 

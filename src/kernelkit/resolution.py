@@ -101,6 +101,12 @@ def schedule_from(img_size: int, start: float, full_at: float) -> ResolutionSche
     return sched if sched.enabled else None
 
 
+def fixed_input_size(model: torch.nn.Module) -> bool:
+    """True for a model that takes only the size it was built for: timm's patch embedding with
+    `strict_img_size` (ViT, DeiT, Swin built without dynamic_img_size) asserts on any other."""
+    return any(getattr(m, "strict_img_size", False) for m in model.modules())
+
+
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) on the 0..255 scale (uint8 or float, contiguous or channels-last) -> size x size
     on the same device, antialiased bilinear, same dtype and memory format; x itself at that size."""

@@ -7,6 +7,7 @@ owns the file names; the loop only says when.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from .infer import OutOfMemory, autocast, predict
 from .learning import CHECK_AT, at_prior, stuck_message
 from .models import set_trainable
 from .progress import progress
-from .resolution import ResolutionSchedule, resize_batch
+from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
 from .stopping import StopFlag
 from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
@@ -125,6 +126,12 @@ class Trainer:
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        if opts.resolution is not None and fixed_input_size(self.core):
+            msg = ("progressive resizing off: this model takes only img_size inputs (a patch embedding with a "
+                   "fixed size); training runs at img_size throughout")
+            log.warning("!!! %s", msg)
+            self.result.warnings.append(msg)
+            self.opts = dataclasses.replace(opts, resolution=None)
 
     # ------------------------------------------------------------------ schedule and stopping
     def deadline(self) -> float:
