@@ -50,7 +50,7 @@ CONFIG = dict(
     # gpu_aug='',                           # batch augmentation on the training device: '' | flip | light | medium | strong (use with aug='none' to take the work off the CPU workers)
     # mixup=0.0,                            # mixup alpha (0 = off)
     # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
-    # resize_start=0.0,                     # progressive resizing: train at this fraction of img_size first (e.g. 0.5), in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation and TTA always at img_size (0 = off)
+    # resize_start=0.5,                     # progressive resizing: train at this fraction of img_size first, in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation and TTA always at img_size (0 = off)
     # resize_full_at=0.75,                  # progressive resizing: share of the schedule after which training is at the full img_size, in (0, 1]
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
     # cache_dir='',                         # image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), else <out_dir>/cache
@@ -2361,8 +2361,8 @@ class Config:
                           "(use with aug='none' to take the work off the CPU workers)", choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
-    resize_start: float = _f(0.0, "progressive resizing: train at this fraction of img_size first (e.g. 0.5), in up to "
-                                  "4 stages, at the full img_size from resize_full_at of the schedule on; stages "
+    resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
+                                  "stages, at the full img_size from resize_full_at of the schedule on; stages "
                                   "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
     resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
                                      "full img_size, in (0, 1]")
@@ -7221,10 +7221,9 @@ class Trainer:
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
         if opts.resolution is not None and fixed_input_size(self.core):
-            msg = ("progressive resizing off: this model takes only img_size inputs (a patch embedding with a "
-                   "fixed size); training runs at img_size throughout")
-            log.warning("!!! %s", msg)
-            self.result.warnings.append(msg)
+            # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
+            log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
+                        "a fixed size); training runs at img_size throughout")
             self.opts = dataclasses.replace(opts, resolution=None)
 
     # ------------------------------------------------------------------ schedule and stopping

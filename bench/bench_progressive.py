@@ -5,11 +5,12 @@
     images written at 96 px so that a lower-resolution stage means something; resnet18 @ 96 px
     pinned (no autopick) so both arms train the same network; accuracy on the held-out 30%.
 
-With: `--resize-start 0.5` (default `--resize-full-at 0.75`). Runs are interleaved (with, without,
-with, without) so the load of a shared machine falls on both arms alike. Writes
-bench/results/progressive.json and prints a markdown table.
+With: `--resize-start 0.5` (default `--resize-full-at 0.75`); without: `--resize-start 0`. Runs
+are interleaved (with, without, with, without) so the load of a shared machine falls on both arms
+alike. Writes bench/results/progressive.json and prints a markdown table.
 
     .venv/bin/python bench/bench_progressive.py [--reps 2] [--demo-budget 150s] [--digits-budget 2m]
+                                                [--only demo,digits] [--append]
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def history_sizes(out: Path) -> list:
 
 def one(task: str, arm: str, rep: int, work: Path, args, comp: Path, yte) -> dict:
     out = work / f"{task}_{arm}_{rep}"
-    flags = ["--seed", str(args.seed)] + (["--resize-start", str(args.start)] if arm == "with" else [])
+    flags = ["--seed", str(args.seed), "--resize-start", str(args.start) if arm == "with" else "0"]
     if task == "demo":
         summary, wall, _ = bq.run_kernel(["--preset", "demo", "--budget", args.demo_budget, *flags], out, 3600)
         score = summary.get("demo_test_score")
@@ -89,19 +90,23 @@ def main() -> None:
     ap.add_argument("--digits-budget", default="2m")
     ap.add_argument("--only", default="demo,digits")
     ap.add_argument("--keep", default="")
+    ap.add_argument("--append", action="store_true", help="add reps to the rows already in --out")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "progressive.json"))
     a = ap.parse_args()
     bq.SIZE = DIGITS_PX  # bench_quality's to_image writes at its module-level SIZE
     xtr, xte, ytr, yte = bq.digits()
     load_before = os.getloadavg()
-    rows: list[dict] = []
+    old = json.loads(Path(a.out).read_text()) if a.append and Path(a.out).is_file() else {}
+    rows: list[dict] = old.get("rows", [])
+    first = 1 + max((r["rep"] for r in rows), default=-1)
+    load_before = old.get("load_avg_before", load_before)
     with tempfile.TemporaryDirectory(prefix="kk_progressive_") as tmp:
         work = Path(a.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
         comp = work / "digits_data"
         if not comp.is_dir():
             bq.write_competition(comp, xtr, ytr, xte, multilabel=False)
-        for rep in range(a.reps):
+        for rep in range(first, first + a.reps):
             for task in a.only.split(","):
                 for arm in ("with", "without"):
                     rows.append(one(task, arm, rep, work, a, comp, yte))

@@ -116,6 +116,17 @@ def test_a_run_trains_small_first_full_at_the_end_and_validates_at_full_size(sin
     assert json.loads((out / "config.json").read_text())["resize_start"] == 0.5
 
 
+def test_on_by_default_and_an_explicit_zero_turns_it_off(single_label_dir, tmp_path, monkeypatch):
+    from kernelkit.config import Config
+    assert Config().resize_start == 0.5, "the default bench/bench_progressive.py chose"
+    seen = _spy_inputs(monkeypatch)
+    out = tmp_path / "off"
+    assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--epochs", "2", "--resize-start", "0",
+                     "--out-dir", str(out)]) == 0
+    assert "train_px" not in pd.read_csv(out / "history.csv")
+    assert {shape[-1] for _, shape in seen} == {64}
+
+
 def test_a_resumed_session_continues_at_the_size_of_its_progress(single_label_dir, tmp_path, monkeypatch):
     seen = _spy_inputs(monkeypatch)
     common = [*TINY, "--data-dir", str(single_label_dir), "--epochs", "4", "--resize-start", "0.5",
@@ -177,7 +188,7 @@ def test_dry_run_times_every_stage_and_plans_with_their_mix(single_label_dir, tm
     assert json.loads((tmp_path / "o" / "plan.json").read_text())["epochs_that_fit"] > 0
 
 
-def test_a_fixed_size_vision_transformer_trains_at_full_size_with_a_warning(single_label_dir):
+def test_a_fixed_size_vision_transformer_trains_at_full_size_with_a_warning(single_label_dir, caplog):
     import timm
 
     from kernelkit.budget import BudgetClock, InferenceReserve
@@ -187,8 +198,8 @@ def test_a_fixed_size_vision_transformer_trains_at_full_size_with_a_warning(sing
     comp, tl, _, _, _, _, scaler = _setup(single_label_dir, size=64)
     model = timm.create_model("test_vit", num_classes=comp.num_classes, dynamic_img_size=False, img_size=64)
     parts = TrainParts(model, torch.optim.AdamW(model.parameters(), lr=1e-3), scaler, get_loss("auto", comp.task))
-    opts = FitOptions(epochs=2, resolution=ResolutionSchedule(64, 0.5))
+    opts = FitOptions(epochs=1, resolution=ResolutionSchedule(64, 0.5))
     trainer = Trainer(parts, opts, BudgetClock(600), InferenceReserve(0, 0, 1), torch.device("cpu"))
     assert trainer.opts.resolution is None and opts.resolution is not None, "the caller's options untouched"
     result = trainer.fit(tl, None)
-    assert result.stop_reason == "epochs" and "progressive resizing off" in result.warnings[0]
+    assert result.stop_reason == "epochs" and "progressive resizing off" in caplog.text

@@ -84,8 +84,8 @@ class Config:
                           "(use with aug='none' to take the work off the CPU workers)", choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
-    resize_start: float = _f(0.0, "progressive resizing: train at this fraction of img_size first (e.g. 0.5), in up to "
-                                  "4 stages, at the full img_size from resize_full_at of the schedule on; stages "
+    resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
+                                  "stages, at the full img_size from resize_full_at of the schedule on; stages "
                                   "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
     resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
                                      "full img_size, in (0, 1]")

@@ -127,10 +127,9 @@ class Trainer:
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
         if opts.resolution is not None and fixed_input_size(self.core):
-            msg = ("progressive resizing off: this model takes only img_size inputs (a patch embedding with a "
-                   "fixed size); training runs at img_size throughout")
-            log.warning("!!! %s", msg)
-            self.result.warnings.append(msg)
+            # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
+            log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
+                        "a fixed size); training runs at img_size throughout")
             self.opts = dataclasses.replace(opts, resolution=None)
 
     # ------------------------------------------------------------------ schedule and stopping
