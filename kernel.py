@@ -50,6 +50,8 @@ CONFIG = dict(
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
     # mixup=0.0,                            # mixup alpha (0 = off)
     # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
+    # resize_start=0.5,                     # progressive resizing: train at this fraction of img_size first, in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation and TTA always at img_size (0 = off)
+    # resize_full_at=0.75,                  # progressive resizing: share of the schedule after which training is at the full img_size, in (0, 1]
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
     # cache_dir='',                         # image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), else <out_dir>/cache
     # cache_max_gb=15.0,                    # cap on the cache; images beyond it are decoded every epoch (0 = free disk)
@@ -393,6 +395,7 @@ from .distributed import DistInfo
 from .accel import amp_dtype
 from .infer import autocast
 from .plan import make_plan
+from .resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
 
 log = logging.getLogger("kernelkit")
 
@@ -431,6 +434,7 @@ class Trial:
     infer_ips: float = 0.0
     epochs: float = -1.0
     note: str = ""
+    stage_ips: dict | None = None  # progressive resizing: training images/s at each stage size
 
 
 def model_cost(name: str) -> float:
@@ -524,6 +528,23 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     return train_ips, infer_ips
 
 
+def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: torch.device, deadline: float,
+                     full_ips: float) -> dict[int, float] | None:
+    """Progressive resizing: training images/s at each stage size of `cand`'s schedule, from one
+    more measurement at the smallest stage (time per image linear in the pixel count between the
+    two); None when the option is off or leaves a single size."""
+    sched = schedule_from(cand.img_size, cfg.resize_start, cfg.resize_full_at)
+    if sched is None:
+        return None
+    small = min(sched.sizes())
+    try:
+        small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
+        log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
+        return None
+    return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -584,13 +605,16 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
             return -1.0
         try:
             t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)
+            t.stage_ips = stage_throughput(c, cfg, comp.num_classes, device, deadline, t.train_ips)
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
             return -1.0
         setup_s = time.time() - started_at + SETUP_AFTER_S
-        t.epochs = shape.epochs(t.train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
-        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs", c, t.train_ips,
-                 t.infer_ips, t.epochs)
+        sched = schedule_from(c.img_size, cfg.resize_start, cfg.resize_full_at)
+        train_ips = t.train_ips if t.stage_ips is None else effective_ips(t.stage_ips, sched, not cfg.epochs)
+        t.epochs = shape.epochs(train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
+        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs%s", c, t.train_ips,
+                 t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
         return t.epochs
 
     if every:
@@ -2307,6 +2331,7 @@ from .config import Config, parse_duration, parse_kwargs
 from .learning import likely_causes
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
+from .resolution import schedule_from
 from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .infer import autocast
@@ -2425,7 +2450,8 @@ def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET, device: torch.de
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg))
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg),
+                      resolution=schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at))
 ''',
 'kernelkit.config': r'''"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
 from __future__ import annotations
@@ -2516,6 +2542,11 @@ class Config:
                       choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
+    resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
+                                  "stages, at the full img_size from resize_full_at of the schedule on; stages "
+                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+    resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
+                                     "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
     cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
                             "else <out_dir>/cache")
@@ -2673,6 +2704,9 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
+         f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
+        (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
         (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
         (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
         (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
@@ -3917,6 +3951,8 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 'kernelkit.dry_run': r'''"""--dry-run: time a few training steps and TTA batches on the real data, then plan the budget."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 
 import torch
@@ -3930,9 +3966,13 @@ from .context import RunContext
 from .models import preprocess_of
 from .predictor import probe_inference
 from .plan import Plan, make_plan
+from .resolution import ResolutionSchedule, effective_ips, fmt_ips
 from .train import Trainer
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
+STAGE_STEPS = 5  # per stage size with progressive resizing (the first is not timed)
+
+log = logging.getLogger("kernelkit")
 
 
 def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
@@ -3941,10 +3981,22 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     data = build_training_data(cfg, comp, device)
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
     budget_s, margin_s = budget_seconds(cfg)
-    trainer = Trainer(parts, fit_options(cfg, preprocess_of(parts.model), device), BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
-    tr = trainer.train_epoch(data.train_loader, max_steps=TRAIN_STEPS)
+    opts = fit_options(cfg, preprocess_of(parts.model), device)
+    sched = opts.resolution
+    ips_at = {}
+    # Each stage size timed on its own (a constant schedule at that size): the plan is the
+    # time-weighted sum over the stages, not the speed of the first one.
+    for size in sorted(set(sched.sizes())) if sched is not None else [cfg.img_size]:
+        fixed = dataclasses.replace(opts, resolution=ResolutionSchedule(size) if sched is not None else None)
+        trainer = Trainer(parts, fixed, BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
+        tr = trainer.train_epoch(data.train_loader, max_steps=STAGE_STEPS if sched is not None else TRAIN_STEPS)
+        ips_at[size] = tr["images_per_s"]
+    train_ips = effective_ips(ips_at, sched, over_clock=not cfg.epochs)
+    if sched is not None:
+        log.info("progressive resizing: %s; training throughput %s -> %.1f img/s over the schedule",
+                 sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
-    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=tr["images_per_s"],
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips,
                      infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
                      n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])
 ''',
@@ -6262,6 +6314,168 @@ def write_error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray 
                  most, f"; most frequent confusion {top_pair[0]} -> {top_pair[1]} ({top_pair[2]})" if top_pair else "")
     return s
 ''',
+'kernelkit.resolution': r'''"""Progressive resizing over the wall clock: train at a lower resolution early, at the full
+`img_size` for the last part of the schedule.
+
+FFCV and fastai step the resolution by epoch; here the stages are shares of the schedule's
+progress (`FitState.progress`, the clock-based progress the LR schedule follows), so each stage
+takes a fixed share of the WALL CLOCK whatever the throughput turns out to be, and a resumed run
+continues at the size its restored progress calls for. With fixed `epochs` the progress is the
+share of steps, the same way.
+
+The cache holds every image at the full `img_size`; a lower stage is made by downscaling the batch
+on the training device (`resize_batch`, antialiased bilinear: cheap on a GPU), so the cache already
+holds what each stage needs and nothing is decoded twice. Validation and TTA always run at the full
+size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
+re-tunes per input shape.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MAX_STAGES = 4  # distinct sizes, the full one included
+MIN_PX = 32  # a stride-32 backbone's last feature map is 1 x 1 here
+
+
+def size_step(full: int) -> int:
+    """Stage sizes are multiples of this: 32 keeps a stride-32 network's feature maps whole at
+    large sizes; small images need finer steps to have stages at all."""
+    return 32 if full >= 128 else 8
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """`start_fraction * full` px at progress 0, up to `full` px from `full_at` on, in at most
+    `stages` steps laid evenly over [0, full_at), each rounded down to a multiple of `step` and never
+    below `min_px`. start_fraction 0 (or >= 1): always `full`."""
+    full: int
+    start_fraction: float = 0.0
+    full_at: float = 0.75
+    step: int = 0  # 0: size_step(full)
+    stages: int = MAX_STAGES
+    min_px: int = MIN_PX
+
+    @property
+    def enabled(self) -> bool:
+        return 0 < self.start_fraction < 1 and len(set(self.sizes())) > 1
+
+    def sizes(self) -> list[int]:
+        """The size of each stage, smallest first, the last one `full` (may repeat when the
+        rounding merges neighbours)."""
+        if not 0 < self.start_fraction < 1 or self.stages < 2:
+            return [self.full]
+        step = self.step or size_step(self.full)
+        lo = min(self.full, max(self.min_px, self.start_fraction * self.full))
+        out = []
+        for i in range(self.stages - 1):
+            want = lo + (self.full - lo) * i / (self.stages - 1)
+            out.append(min(self.full, max(self.min_px, int(want // step) * step)))
+        return [*out, self.full]
+
+    def size_at(self, progress: float) -> int:
+        """The input size at schedule progress `progress` (0..1): non-decreasing, `full` from full_at on."""
+        sizes = self.sizes()
+        if len(sizes) == 1 or progress >= self.full_at:
+            return self.full
+        i = int(max(progress, 0.0) / self.full_at * (len(sizes) - 1))
+        return sizes[min(i, len(sizes) - 1)]
+
+    def spans(self) -> list[tuple[int, float, float]]:
+        """(size, from progress, to progress) of each distinct stage, adjacent equal sizes merged."""
+        sizes = self.sizes()
+        if len(sizes) == 1:
+            return [(self.full, 0.0, 1.0)]
+        n = len(sizes) - 1
+        out: list[tuple[int, float, float]] = []
+        for i, s in enumerate(sizes):
+            a, b = (self.full_at * i / n, self.full_at * (i + 1) / n) if i < n else (self.full_at, 1.0)
+            if out and out[-1][0] == s:
+                out[-1] = (s, out[-1][1], b)
+            else:
+                out.append((s, a, b))
+        return out
+
+    def shares(self) -> dict[int, float]:
+        """{size: share of the schedule's progress spent at it}."""
+        return {s: b - a for s, a, b in self.spans()}
+
+    def describe(self) -> str:
+        spans = self.spans()
+        parts = [f"{s} px until p={b:.2f}" for s, _, b in spans[:-1]]
+        return ", ".join([*parts, f"then {spans[-1][0]} px"])
+
+
+def schedule_from(img_size: int, start: float, full_at: float) -> ResolutionSchedule | None:
+    """The config's schedule, or None when off (start 0) or when the rounding leaves one size."""
+    if not img_size or not 0 < start < 1:
+        return None
+    sched = ResolutionSchedule(img_size, start, full_at)
+    return sched if sched.enabled else None
+
+
+def fixed_input_size(model: torch.nn.Module) -> bool:
+    """True for a model that takes only the size it was built for: timm's patch embedding with
+    `strict_img_size` (ViT, DeiT, Swin built without dynamic_img_size) asserts on any other."""
+    return any(getattr(m, "strict_img_size", False) for m in model.modules())
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) on the 0..255 scale (uint8 or float, contiguous or channels-last) -> size x size
+    on the same device, antialiased bilinear, same dtype and memory format; x itself at that size."""
+    if x.shape[-2] == size and x.shape[-1] == size:
+        return x
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = y.clamp_(0, 255)  # the antialiasing filter's rounding may step a hair past the range
+    if x.dtype == torch.uint8:
+        y = y.round_().to(torch.uint8)
+    elif y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+
+
+def effective_ips(ips_at: dict[int, float], schedule: ResolutionSchedule | None, over_clock: bool = True) -> float:
+    """Training images/s over the whole schedule, from the throughput at each stage size.
+
+    Over the clock (epochs=0) each stage has a fixed share of the TIME: the time-weighted mean.
+    Over steps (fixed epochs) each stage has a fixed share of the IMAGES: the harmonic mean."""
+    if schedule is None:
+        return ips_at[max(ips_at)]
+    shares = schedule.shares()
+    if over_clock:
+        return sum(w * ips_at[s] for s, w in shares.items())
+    return 1.0 / sum(w / max(ips_at[s], 1e-9) for s, w in shares.items())
+
+
+def epochs_with_schedule(train_s: float, n_train: int, ips_at: dict[int, float],
+                         schedule: ResolutionSchedule | None) -> float:
+    """Epochs that fit `train_s` seconds of training (the planners' arithmetic, validation aside)."""
+    return train_s * effective_ips(ips_at, schedule) / max(n_train, 1)
+
+
+def ips_by_pixels(sizes: list[int], measured: dict[int, float]) -> dict[int, float]:
+    """Throughput at every size of `sizes` from two (or more) measured sizes: time per image taken
+    as linear in the pixel count (a fixed per-image cost plus a per-pixel one), fitted through the
+    smallest and the largest measurement; a single measurement scales with the pixel count."""
+    lo, hi = min(measured), max(measured)
+    t_lo, t_hi = 1 / measured[lo], 1 / measured[hi]
+    if lo == hi:
+        return {s: measured[hi] * (hi / s) ** 2 for s in sizes}
+    slope = (t_hi - t_lo) / (hi * hi - lo * lo)
+    out = {}
+    for s in sizes:
+        t = t_lo + slope * (s * s - lo * lo)
+        out[s] = measured[s] if s in measured else 1 / max(t, min(t_lo, t_hi) * 1e-3)
+    return out
+
+
+def fmt_ips(ips_at: dict[int, float]) -> str:
+    return ", ".join(f"{s} px {v:.1f} img/s" for s, v in sorted(ips_at.items()) if math.isfinite(v))
+''',
 'kernelkit.resume': r'''"""Continuing a schedule: after a kill in the same out_dir, or in a later Kaggle session.
 
 A Kaggle GPU session lasts at most 9 hours, so one learning-rate schedule can be laid over
@@ -7165,6 +7379,7 @@ owns the file names; the loop only says when.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -7184,6 +7399,7 @@ from .infer import OutOfMemory, autocast, predict
 from .learning import CHECK_AT, at_prior, stuck_message
 from .models import set_trainable
 from .progress import progress
+from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
 from .stopping import StopFlag
 from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
@@ -7213,6 +7429,7 @@ class FitOptions:
     preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
     learn_check_at: float = CHECK_AT  # share of training after which a score at the label prior is flagged
     learn_hint: str = ""  # likely causes, named in that warning
+    resolution: ResolutionSchedule | None = None  # progressive resizing over the clock; None: always full size
 
 
 @dataclass
@@ -7289,7 +7506,13 @@ class Trainer:
         self.last_save = time.time()
         self.stop_reason = "budget"
         self.learning_checked = False
+        self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        if opts.resolution is not None and fixed_input_size(self.core):
+            # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
+            log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
+                        "a fixed size); training runs at img_size throughout")
+            self.opts = dataclasses.replace(opts, resolution=None)
 
     # ------------------------------------------------------------------ schedule and stopping
     def deadline(self) -> float:
@@ -7320,6 +7543,17 @@ class Trainer:
             log.info("%s: %d trainable parameters", "backbone frozen" if want else
                      f"unfreezing {'all' if blocks is None else f'the last {blocks}'} backbone blocks", n)
             self.frozen = want
+
+    def follow_resolution(self) -> int:
+        """This step's input size; each stage change is logged once (the plan on the first step)."""
+        px = self.opts.resolution.size_at(self.state.progress)
+        if px != self.train_px:
+            if not self.train_px:
+                log.info("resolution: %s (p=%.2f now)", self.opts.resolution.describe(), self.state.progress)
+            else:
+                log.info("resolution -> %d px at p=%.2f", px, self.state.progress)
+            self.train_px = px
+        return px
 
     # ------------------------------------------------------------------ the loop
     def fit(self, train_loader, val: Validation | None) -> FitResult:
@@ -7395,6 +7629,8 @@ class Trainer:
             x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
+            if opts.resolution is not None:
+                x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             if loss is None:
                 self.skip_update()
@@ -7492,6 +7728,8 @@ class Trainer:
         row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
                "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
                "elapsed_s": round(self.clock.elapsed(), 1)}
+        if self.opts.resolution is not None:
+            row["train_px"] = self.train_px  # the size at the epoch's end (stage changes are logged)
         if val is None or not len(val.targets) or not tr["images"] or self.stop_reason == "signal":
             # After SIGTERM the grace is for the test prediction, not for a validation pass.
             log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))

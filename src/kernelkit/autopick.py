@@ -28,6 +28,7 @@ from .distributed import DistInfo
 from .accel import amp_dtype
 from .infer import autocast
 from .plan import make_plan
+from .resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
 
 log = logging.getLogger("kernelkit")
 
@@ -66,6 +67,7 @@ class Trial:
     infer_ips: float = 0.0
     epochs: float = -1.0
     note: str = ""
+    stage_ips: dict | None = None  # progressive resizing: training images/s at each stage size
 
 
 def model_cost(name: str) -> float:
@@ -159,6 +161,23 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     return train_ips, infer_ips
 
 
+def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: torch.device, deadline: float,
+                     full_ips: float) -> dict[int, float] | None:
+    """Progressive resizing: training images/s at each stage size of `cand`'s schedule, from one
+    more measurement at the smallest stage (time per image linear in the pixel count between the
+    two); None when the option is off or leaves a single size."""
+    sched = schedule_from(cand.img_size, cfg.resize_start, cfg.resize_full_at)
+    if sched is None:
+        return None
+    small = min(sched.sizes())
+    try:
+        small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
+        log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
+        return None
+    return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -219,13 +238,16 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
             return -1.0
         try:
             t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)
+            t.stage_ips = stage_throughput(c, cfg, comp.num_classes, device, deadline, t.train_ips)
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
             return -1.0
         setup_s = time.time() - started_at + SETUP_AFTER_S
-        t.epochs = shape.epochs(t.train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
-        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs", c, t.train_ips,
-                 t.infer_ips, t.epochs)
+        sched = schedule_from(c.img_size, cfg.resize_start, cfg.resize_full_at)
+        train_ips = t.train_ips if t.stage_ips is None else effective_ips(t.stage_ips, sched, not cfg.epochs)
+        t.epochs = shape.epochs(train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
+        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs%s", c, t.train_ips,
+                 t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
         return t.epochs
 
     if every:

@@ -14,6 +14,7 @@ from .config import Config, parse_duration, parse_kwargs
 from .learning import likely_causes
 from .losses import get_loss
 from .models import build_model, create_ema, create_optimizer
+from .resolution import schedule_from
 from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .infer import autocast
@@ -132,4 +133,5 @@ def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET, device: torch.de
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
-                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg))
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg),
+                      resolution=schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at))

@@ -87,6 +87,11 @@ class Config:
                       choices=CHOICES['gpu_aug'])
     mixup: float = _f(0.0, "mixup alpha (0 = off)")
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
+    resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
+                                  "stages, at the full img_size from resize_full_at of the schedule on; stages "
+                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+    resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
+                                     "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
     cache_dir: str = _f("", "image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), "
                             "else <out_dir>/cache")
@@ -244,6 +249,9 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
+         f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
+        (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
         (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
         (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
         (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),

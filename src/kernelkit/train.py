@@ -7,6 +7,7 @@ owns the file names; the loop only says when.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from .infer import OutOfMemory, autocast, predict
 from .learning import CHECK_AT, at_prior, stuck_message
 from .models import set_trainable
 from .progress import progress
+from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
 from .stopping import StopFlag
 from .swa import conclude_average
 from .transforms import IMAGENET, Preprocess, normalize
@@ -55,6 +57,7 @@ class FitOptions:
     preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
     learn_check_at: float = CHECK_AT  # share of training after which a score at the label prior is flagged
     learn_hint: str = ""  # likely causes, named in that warning
+    resolution: ResolutionSchedule | None = None  # progressive resizing over the clock; None: always full size
 
 
 @dataclass
@@ -131,7 +134,13 @@ class Trainer:
         self.last_save = time.time()
         self.stop_reason = "budget"
         self.learning_checked = False
+        self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        if opts.resolution is not None and fixed_input_size(self.core):
+            # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
+            log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
+                        "a fixed size); training runs at img_size throughout")
+            self.opts = dataclasses.replace(opts, resolution=None)
 
     # ------------------------------------------------------------------ schedule and stopping
     def deadline(self) -> float:
@@ -162,6 +171,17 @@ class Trainer:
             log.info("%s: %d trainable parameters", "backbone frozen" if want else
                      f"unfreezing {'all' if blocks is None else f'the last {blocks}'} backbone blocks", n)
             self.frozen = want
+
+    def follow_resolution(self) -> int:
+        """This step's input size; each stage change is logged once (the plan on the first step)."""
+        px = self.opts.resolution.size_at(self.state.progress)
+        if px != self.train_px:
+            if not self.train_px:
+                log.info("resolution: %s (p=%.2f now)", self.opts.resolution.describe(), self.state.progress)
+            else:
+                log.info("resolution -> %d px at p=%.2f", px, self.state.progress)
+            self.train_px = px
+        return px
 
     # ------------------------------------------------------------------ the loop
     def fit(self, train_loader, val: Validation | None) -> FitResult:
@@ -237,6 +257,8 @@ class Trainer:
             x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
+            if opts.resolution is not None:
+                x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             if loss is None:
                 self.skip_update()
@@ -334,6 +356,8 @@ class Trainer:
         row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
                "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
                "elapsed_s": round(self.clock.elapsed(), 1)}
+        if self.opts.resolution is not None:
+            row["train_px"] = self.train_px  # the size at the epoch's end (stage changes are logged)
         if val is None or not len(val.targets) or not tr["images"] or self.stop_reason == "signal":
             # After SIGTERM the grace is for the test prediction, not for a validation pass.
             log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
