@@ -1436,6 +1436,12 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
 ''',
 'kernelkit.checkpoint': r'''"""Checkpoints: one owner for their names, one atomic write, a versioned format.
 
+Writes happen in the background (`Checkpointer`): `save` copies the payload's tensors to CPU
+memory (a snapshot training cannot change) and returns; one writer thread writes the snapshots in
+order, each through `fileio.atomic_write` (temp file, fsync, os.replace), so at any instant best.pt
+and last.pt on disk are the previous complete file or the new complete one, kill -9 included.
+`Checkpointer.flush` waits for the queue; everything that reads a checkpoint back calls it first.
+
 Format history (`format_version`):
   1  (no key) model, ema, optimizer, scaler, epoch, step, progress, best_score, threshold,
      elapsed, run_start, rng, config, classes, task; optionally threshold_rule.
@@ -1449,11 +1455,14 @@ input statistics and config. `load_checkpoint` reads it like a checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import random
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1501,30 +1510,146 @@ def migrate(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt
 
 
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` that training can no longer change: every tensor in it (nested in dicts,
+    lists, tuples) copied to CPU memory; a CPU tensor is cloned, since the optimizer updates the
+    weights in place right after. A CUDA tensor goes to pinned memory asynchronously, on the stream
+    that computed it: the caller does not wait for the GPU, and later kernels on that stream cannot
+    overwrite the values before the copy has read them. -> (copy, CUDA events to wait on before
+    reading the copy)."""
+    events: dict[torch.device, torch.cuda.Event] = {}
+    out = _copy(obj, events)
+    for device in list(events):
+        with torch.cuda.device(device):
+            events[device] = torch.cuda.Event()
+            events[device].record()
+    return out, list(events.values())
+
+
+def _copy(obj: Any, events: dict) -> Any:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cuda":
+            return t.to("cpu", copy=True)
+        try:
+            host = torch.empty_like(t, device="cpu", pin_memory=True)
+        except RuntimeError:  # no pinned memory to be had: a plain (synchronous) copy
+            return t.to("cpu", copy=True)
+        events.setdefault(t.device, None)
+        return host.copy_(t, non_blocking=True)
+    if isinstance(obj, dict):
+        copied = copy.copy(obj)  # keeps the type and attributes (a state_dict's _metadata)
+        for k, v in obj.items():
+            copied[k] = _copy(v, events)
+        return copied
+    if type(obj) in (list, tuple):
+        return type(obj)(_copy(v, events) for v in obj)
+    return obj  # numbers, strings, None: immutable
+
+
 class Checkpointer:
     """Writes best.pt / last.pt in `out_dir` with the run's metadata (config dict, classes, task,
-    seed). A failed write is logged and counted, never raised: training goes on, and the previous
-    file is intact because the write is atomic."""
+    seed), in the background: `save` snapshots the payload to CPU memory and queues it for ONE writer
+    thread, which writes the snapshots in order, each atomically. A last.pt still queued when a newer
+    one comes is replaced by it (a best.pt is always written). At most `max_pending` snapshots wait:
+    beyond that `save` waits for the writer, the only time training waits for a checkpoint (counted
+    in `blocked_s` with the snapshot time; the writes' own time in `write_s`).
 
-    def __init__(self, out_dir: Path, meta: dict[str, Any]):
-        self.out_dir, self.meta = Path(out_dir), dict(meta)
-        self.failures = 0
+    A failed write is logged and counted in `failures`, never raised: training goes on, and the
+    previous file is intact because the write is atomic. `flush` waits until every queued checkpoint
+    is on disk; call it before reading one back. The writer is not a daemon thread and ends when the
+    queue is empty, so a process that ends still finishes the writes it has queued."""
+
+    def __init__(self, out_dir: Path, meta: dict[str, Any], max_pending: int = 2):
+        self.out_dir, self.meta, self.max_pending = Path(out_dir), dict(meta), max_pending
+        self.failures = self.written = 0
+        self.blocked_s = self.write_s = 0.0
+        self._queue: list[tuple[str, dict[str, Any], list]] = []
+        self._writing = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def path(self, name: str) -> Path:
         return self.out_dir / name
 
     def save(self, name: str, payload: dict[str, Any]) -> bool:
+        """Queue a checkpoint; -> True when accepted (its write's failure, if any, comes later and is
+        counted in `failures`), False when not even the snapshot could be taken (counted too)."""
+        t0 = time.perf_counter()
         try:
-            save_checkpoint({**payload, **self.meta, "format_version": FORMAT_VERSION}, self.path(name))
-            return True
-        except Exception as e:  # noqa: BLE001  (torch.save raises RuntimeError on a full disk, not OSError)
-            self.failures += 1
-            log.error("could not save %s (%s: %s); the previous %s stays usable, training continues",
-                      name, type(e).__name__, e, name)
+            with self._cond:
+                while len(self._queue) >= self.max_pending and not self._queued(name):
+                    self._cond.wait()
+            state, ready = snapshot({**payload, **self.meta, "format_version": FORMAT_VERSION})
+        except Exception as e:  # noqa: BLE001  (out of CPU memory for the copy: training goes on)
+            self._failed(name, e)
             return False
+        finally:
+            self.blocked_s += time.perf_counter() - t0
+        with self._cond:
+            if name != BEST:  # a stale last.pt is not worth writing; the newer one keeps the order
+                self._queue = [item for item in self._queue if item[0] != name]
+            self._queue.append((name, state, ready))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_queued, name="kernelkit-checkpoints")
+                self._thread.start()
+        return True
+
+    def _queued(self, name: str) -> bool:
+        return name != BEST and any(item[0] == name for item in self._queue)
+
+    def _failed(self, name: str, e: BaseException) -> None:
+        with self._cond:  # counted from the writer thread and from save
+            self.failures += 1
+        log.error("could not save %s (%s: %s); the previous %s stays usable, training continues",
+                  name, type(e).__name__, e, name)
+
+    def _write_queued(self) -> None:
+        """The writer thread: one checkpoint at a time, in order, until the queue is empty."""
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                name, state, ready = self._queue.pop(0)
+                self._writing = True
+                self._cond.notify_all()  # room in the queue
+            t0 = time.perf_counter()
+            try:
+                for event in ready:
+                    event.synchronize()
+                save_checkpoint(state, self.path(name))
+                ok = True
+            except Exception as e:  # noqa: BLE001  (torch.save raises RuntimeError on a full disk, not OSError)
+                self._failed(name, e)
+                ok = False
+            del state
+            with self._cond:
+                self.written += int(ok)
+                self.write_s += time.perf_counter() - t0
+                self._writing = False
+                self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every queued checkpoint is written (or has failed)."""
+        with self._cond:
+            while self._queue or self._writing:
+                self._cond.wait()
+
+    def finish(self) -> dict[str, Any]:
+        """Flush, log what checkpointing cost, -> the numbers for summary.json."""
+        self.flush()
+        if self.written or self.failures:
+            log.info("checkpoints: %d written, %d failed, caller blocked %.2f s, writing took %.2f s in the "
+                     "background", self.written, self.failures, self.blocked_s, self.write_s)
+        return {"checkpoints_written": self.written, "checkpoint_blocked_s": round(self.blocked_s, 3),
+                "checkpoint_write_s": round(self.write_s, 3)}
 
     def update(self, name: str, **fields: Any) -> bool:
-        """Add fields (e.g. the final threshold rule) to an existing checkpoint."""
+        """Add fields (e.g. the final threshold rule) to an existing checkpoint; returns once the new
+        file is written (True) or has failed (False)."""
+        self.flush()
         path = self.path(name)
         if not path.is_file():
             return False
@@ -1533,8 +1658,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             log.error("could not read %s back to update it (%s)", name, e)
             return False
-        return self.save(name, {**ckpt, **fields})
-
+        failures = self.failures
+        accepted = self.save(name, {**ckpt, **fields})
+        self.flush()
+        return accepted and self.failures == failures
 
 
 def inference_weights(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -5754,6 +5881,7 @@ def export_seconds(model: torch.nn.Module, ema: bool) -> float:
 def export_submitted(saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:
     """The checkpoint the submission came from, as an inference folder (weights only: a fraction of
     best.pt, which also holds the optimizer), when the budget has room for it."""
+    saver.flush()
     path = saver.path(str(outcome.summary.get("checkpoint", "")))
     if not outcome.submitted or not path.is_file():
         return
@@ -7769,7 +7897,7 @@ class Trainer:
                 f"in {fmt_seconds(train_left)}, then ~{fmt_seconds(self.reserve.seconds())} inference]")
 
     def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
-        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on.
+        """A failed save (full disk, I/O error) is logged and counted by the checkpointer; training goes on.
         `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
         self.last_save = time.time()
         if self.saver is None:
@@ -7785,8 +7913,8 @@ class Trainer:
             "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }
-        if not self.saver.save(name, payload):
-            state.failed_saves += 1
+        self.saver.save(name, payload)  # returns once snapshotted; the write goes on in the background
+        state.failed_saves = self.saver.failures  # a failed background write is only known later
 ''',
 'kernelkit.train_job': r'''"""The train job: competition -> training -> a submission from the best checkpoint.
 
@@ -7920,6 +8048,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
     result = trainer.result
+    outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            warnings=result.warnings,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,

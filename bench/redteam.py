@@ -903,6 +903,9 @@ case("disk-torch-save-enospc-always", "disk", "torch.save raises OSError(ENOSPC)
      faults=[fault("torch.save", ["last.pt", "best.pt"], "enospc")], epochs=2)
 case("disk-torch-save-enospc-after-2", "disk", "torch.save OSError(ENOSPC) after the first 2 saves", S(), "submit",
      faults=[fault("torch.save", [".pt"], "enospc", after=2)], epochs=3)
+case("disk-ckpt-background-partial", "disk", "a background checkpoint write fills the disk 4 KB into its temp file, "
+     "from the third write on (the writer thread's failures must not reach training)", S(), "submit",
+     faults=[fault("open", [".pt.tmp"], after=2, partial=4096)], epochs=3)
 case("disk-npy-enospc", "disk", "writes of val_probs.npy / test_probs.npy fail (ENOSPC)", S(), "submit",
      faults=[fault("open", ["val_probs", "test_probs"])], epochs=2)
 case("disk-history-csv-enospc", "disk", "writes of history.csv fail (ENOSPC)", S(), "submit",

@@ -18,8 +18,11 @@ def run_fit(model, tl, vl, vt, *, task, loss_fn, optimizer, scaler, device, cloc
             ema=None, dist=None):
     """The library's Trainer as the train job drives it, with checkpoints in out_dir."""
     parts = TrainParts(model, optimizer, scaler, loss_fn, ema)
-    trainer = Trainer(parts, opts, clock, reserve, device, Checkpointer(out_dir, {"task": task}))
-    return trainer.fit(tl, Validation(vl, vt, task) if vl is not None else None)
+    saver = Checkpointer(out_dir, {"task": task})
+    trainer = Trainer(parts, opts, clock, reserve, device, saver)
+    result = trainer.fit(tl, Validation(vl, vt, task) if vl is not None else None)
+    saver.flush()  # as the train job does before reading a checkpoint back
+    return result
 
 
 def _setup(data_dir, size=32, batch=16):

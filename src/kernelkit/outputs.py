@@ -29,6 +29,7 @@ def export_seconds(model: torch.nn.Module, ema: bool) -> float:
 def export_submitted(saver: Checkpointer, outcome: Outcome, clock: BudgetClock) -> None:
     """The checkpoint the submission came from, as an inference folder (weights only: a fraction of
     best.pt, which also holds the optimizer), when the budget has room for it."""
+    saver.flush()
     path = saver.path(str(outcome.summary.get("checkpoint", "")))
     if not outcome.submitted or not path.is_file():
         return

@@ -397,7 +397,7 @@ class Trainer:
                 f"in {fmt_seconds(train_left)}, then ~{fmt_seconds(self.reserve.seconds())} inference]")
 
     def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
-        """A failed save (full disk, I/O error) is logged by the checkpointer; training goes on.
+        """A failed save (full disk, I/O error) is logged and counted by the checkpointer; training goes on.
         `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
         self.last_save = time.time()
         if self.saver is None:
@@ -413,5 +413,5 @@ class Trainer:
             "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }
-        if not self.saver.save(name, payload):
-            state.failed_saves += 1
+        self.saver.save(name, payload)  # returns once snapshotted; the write goes on in the background
+        state.failed_saves = self.saver.failures  # a failed background write is only known later

@@ -130,6 +130,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
     result = trainer.result
+    outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            warnings=result.warnings,
                            bad_train_images=trainer.state.bad_images, nonfinite_steps=trainer.state.nonfinite_steps,

@@ -1,0 +1,182 @@
+"""Issue 12: checkpoints are written in the background, from a snapshot, without losing the
+atomic-write guarantees (the previous or the new complete file, never a partial one)."""
+import errno
+import json
+import logging
+import threading
+
+import pandas as pd
+import pytest
+import torch
+
+import kernelkit.checkpoint as checkpoint_module
+from kernelkit.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
+from kernelkit.cli import main
+from kernelkit.competition import load_competition, validate_submission
+from test_reliability import DISK_FULL, TINY
+
+WRITER = "kernelkit-checkpoints"
+
+
+def _payload(v: float) -> dict:
+    """What Trainer.save hands over: state dicts of tensors, nested optimizer state, plain numbers."""
+    w = torch.full((3,), v)
+    return {"model": {"w": w}, "ema": {"w": w * 2},
+            "optimizer": {"state": {0: {"exp_avg": torch.full((3,), v), "step": torch.tensor(v)}},
+                          "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]},
+            "step": int(v), "rng": {"torch": torch.get_rng_state(), "python": (3, (1, 2), None)}}
+
+
+class GatedWriter:
+    """save_checkpoint that records (file, value, thread) and waits for `gate` before writing."""
+
+    def __init__(self, monkeypatch, fail_on: tuple = ()):
+        self.real = checkpoint_module.save_checkpoint
+        self.gate, self.started = threading.Event(), threading.Event()
+        self.calls, self.fail_on = [], fail_on
+        monkeypatch.setattr(checkpoint_module, "save_checkpoint", self)
+
+    def __call__(self, state, path):
+        self.calls.append((path.name, state["step"], threading.current_thread().name))
+        self.started.set()
+        assert self.gate.wait(30), "the test never released the writer"
+        if state["step"] in self.fail_on:
+            raise self.fail_on[state["step"]]
+        self.real(state, path)
+
+
+def test_save_returns_before_the_write_and_the_file_holds_the_snapshot(tmp_path, monkeypatch):
+    writer = GatedWriter(monkeypatch)
+    saver = Checkpointer(tmp_path, {"task": "multiclass"})
+    payload = _payload(1.0)
+    assert saver.save(LAST, payload) is True
+    assert writer.started.wait(10)
+    assert not (tmp_path / LAST).exists(), "save returned while the write is still held"
+    payload["model"]["w"].add_(100.0)  # training goes on and updates everything in place
+    payload["optimizer"]["state"][0]["exp_avg"].mul_(-1)
+    payload["optimizer"]["state"][0]["step"] += 5
+    payload["optimizer"]["param_groups"][0]["lr"] = 7.0
+    writer.gate.set()
+    saver.flush()
+    ckpt = load_checkpoint(tmp_path / LAST)
+    assert torch.equal(ckpt["model"]["w"], torch.full((3,), 1.0)), "the values at snapshot time"
+    assert torch.equal(ckpt["ema"]["w"], torch.full((3,), 2.0))
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], torch.full((3,), 1.0))
+    assert ckpt["optimizer"]["state"][0]["step"].item() == 1.0
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 0.1
+    assert ckpt["task"] == "multiclass" and ckpt["format_version"] == checkpoint_module.FORMAT_VERSION
+    assert [c[2] for c in writer.calls] == [WRITER], "written by the writer thread, not the caller"
+    assert saver.written == 1 and saver.failures == 0
+    assert saver.finish()["checkpoints_written"] == 1
+    assert not [t for t in threading.enumerate() if t.name == WRITER], "the writer ends when the queue is empty"
+
+
+def test_a_queued_last_is_replaced_by_a_newer_one_best_never_dropped_order_kept(tmp_path, monkeypatch):
+    writer = GatedWriter(monkeypatch)
+    saver = Checkpointer(tmp_path, {}, max_pending=2)
+    saver.save(BEST, _payload(1))
+    assert writer.started.wait(10)  # best(1) is being written: the rest queues behind it
+    saver.save(LAST, _payload(2))
+    saver.save(BEST, _payload(3))
+    saver.save(LAST, _payload(4))  # replaces last(2), which was not started
+    blocked = threading.Thread(target=saver.save, args=(BEST, _payload(5)))
+    blocked.start()  # the queue holds 2 (best 3, last 4): this save must wait for room
+    blocked.join(0.5)
+    assert blocked.is_alive(), "a third pending snapshot waits instead of growing memory"
+    writer.gate.set()
+    blocked.join(10)
+    saver.flush()
+    assert [(name, step) for name, step, _ in writer.calls] == [(BEST, 1), (BEST, 3), (LAST, 4), (BEST, 5)]
+    assert load_checkpoint(tmp_path / BEST)["step"] == 5 and load_checkpoint(tmp_path / LAST)["step"] == 4
+    assert saver.blocked_s > 0 and saver.written == 4
+
+
+@pytest.mark.parametrize("error", DISK_FULL, ids=["OSError", "RuntimeError"])
+def test_a_failing_background_write_is_counted_and_the_previous_file_stays(tmp_path, monkeypatch, caplog, error):
+    real_save = torch.save
+
+    def fill_the_disk_on_step_2(obj, f, *a, **k):
+        if obj["step"] == 2:
+            f.write(b"partial")
+            raise error
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", fill_the_disk_on_step_2)
+    saver = Checkpointer(tmp_path, {})
+    saver.save(LAST, _payload(1))
+    saver.flush()
+    with caplog.at_level(logging.ERROR, logger="kernelkit"):
+        assert saver.save(LAST, _payload(2)) is True, "accepted: the failure comes later, in the background"
+        saver.flush()
+    assert saver.failures == 1 and saver.written == 1
+    assert "could not save last.pt" in caplog.text and type(error).__name__ in caplog.text
+    assert load_checkpoint(tmp_path / LAST)["step"] == 1, "the previous file is intact"
+    assert [p.name for p in tmp_path.iterdir()] == [LAST], "the partial temp file is removed"
+    saver.save(LAST, _payload(3))
+    saver.flush()
+    assert load_checkpoint(tmp_path / LAST)["step"] == 3 and saver.failures == 1 and saver.written == 2
+
+
+def test_update_waits_for_queued_writes_and_is_written_when_it_returns(tmp_path, monkeypatch):
+    writer = GatedWriter(monkeypatch)
+    saver = Checkpointer(tmp_path, {})
+    saver.save(BEST, _payload(1))
+    assert writer.started.wait(10)
+    done = threading.Thread(target=saver.update, args=(BEST,), kwargs={"threshold_rule": {"kind": "per_class"}})
+    done.start()
+    done.join(0.3)
+    assert done.is_alive(), "update reads best.pt back only once the queued write is on disk"
+    writer.gate.set()
+    done.join(10)
+    assert load_checkpoint(tmp_path / BEST)["threshold_rule"] == {"kind": "per_class"}
+
+
+def test_training_run_writes_in_the_background_and_resumes(single_label_dir, tmp_path, monkeypatch):
+    threads = []
+    real = checkpoint_module.save_checkpoint
+
+    def spy(state, path):
+        threads.append(threading.current_thread().name)
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", spy)
+    common = [*TINY, "--data-dir", str(single_label_dir), "--epochs", "2", "--sessions", "2", "--budget", "5m"]
+    first, second = tmp_path / "s1", tmp_path / "s2"
+    assert main({}, [*common, "--out-dir", str(first)]) == 0
+    assert threads and set(threads) == {WRITER}
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["checkpoints_written"] >= 2 and summary["failed_saves"] == 0
+    assert summary["checkpoint_blocked_s"] >= 0 and summary["checkpoint_write_s"] > 0
+    assert load_checkpoint(first / BEST)["epoch"] == 1 and load_checkpoint(first / LAST)["epoch"] == 1
+    assert main({}, [*common, "--out-dir", str(second), "--resume-from", str(first / LAST)]) == 0
+    assert load_checkpoint(second / LAST)["epoch"] == 2 and load_checkpoint(second / LAST)["session"] == 2
+    assert pd.read_csv(second / "history.csv").epoch.tolist() == [1]
+    comp = load_competition(single_label_dir)
+    for out in (first, second):
+        validate_submission(out / "submission.csv", comp)
+        assert (out / "model" / "model.safetensors").is_file(), "the export read the flushed checkpoint"
+
+
+def test_disk_full_during_a_background_write_still_submits(multilabel_dir, tmp_path, monkeypatch):
+    """Hostile: the disk fills while a write is in flight and stays full (the threshold rule's update
+    of best.pt fails too): exit 0, a valid submission from the last complete best.pt, failures counted."""
+    out = tmp_path / "out"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_from_the_third_write(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            f.write(b"\0" * 1024)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_from_the_third_write)
+    status = main({}, [*TINY, "--data-dir", str(multilabel_dir), "--out-dir", str(out), "--epochs", "3",
+                       "--budget", "5m", "--threshold-rule", "class"])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_status"] == 0 and summary["failed_saves"] >= 1
+    assert summary["checkpoints_written"] == 2 and summary["checkpoint"] in (BEST, LAST, "in-memory model")
+    assert load_checkpoint(out / LAST)["epoch"] == 1 and not list(out.glob(".*.tmp*"))
+    validate_submission(out / "submission.csv", load_competition(multilabel_dir))
