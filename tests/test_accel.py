@@ -265,6 +265,7 @@ def test_a_gpu_optimizer_state_resumes_with_this_machines_kernel(tmp_path):
     resumed.step()
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # the absent GPU, as expected
 @pytest.mark.parametrize("cache_images, device, expected", [
     (True, "cuda", ("none", "light")),   # a GPU run from the cache: the loader only gathers rows
     (False, "cuda", ("light", "")),      # decoded on the fly: per image, in the loader
