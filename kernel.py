@@ -120,14 +120,11 @@ Each decision is a small function of the device and the user's setting, so the a
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-log = logging.getLogger("kernelkit")
 
 AMP_DTYPES = ("auto", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,15 +139,12 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for `choice` (auto | bf16 | fp16) on `device`. An explicit bf16 on a
-    GPU without fast bf16 is honoured (the user's choice wins) but said loudly."""
+    """The autocast dtype for `choice` (auto | bf16 | fp16) on `device`; an explicit choice wins
+    (components.build_parts says so when bf16 is slow there). Pure: every caller may ask."""
     if choice not in AMP_DTYPES:
         raise ValueError(f"amp_dtype={choice!r}: choose one of {' | '.join(AMP_DTYPES)}")
     if choice == "auto":
         return torch.bfloat16 if bf16_is_fast(device) else torch.float16
-    if choice == "bf16" and device.type == "cuda" and not bf16_is_fast(device):
-        log.warning("!!! amp_dtype=bf16 on %s, which has no fast bf16: expect slow steps (fp16 is faster there)",
-                    torch.cuda.get_device_name(device))
     return _DTYPES[choice]
 
 
@@ -497,10 +491,11 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
     model.train()
+    dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
     for _ in range(steps + 1):
         t0 = _now(device)
-        with autocast(device, cfg.amp, amp_dtype(cfg.amp_dtype, device)):
+        with autocast(device, cfg.amp, dtype):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
@@ -514,7 +509,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     model.eval()
     xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
     times = []
-    with torch.no_grad(), autocast(device, cfg.amp, amp_dtype(cfg.amp_dtype, device)):
+    with torch.no_grad(), autocast(device, cfg.amp, dtype):
         for _ in range(3):
             t0 = _now(device)
             model(xi)
@@ -2462,7 +2457,7 @@ from .resolution import schedule_from
 from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .infer import autocast
-from .transforms import IMAGENET, BatchAugment, Preprocess, normalize, seed_augmentations
+from .transforms import BatchAugment, Preprocess, normalize, seed_augmentations
 
 log = logging.getLogger("kernelkit")
 
@@ -2531,9 +2526,12 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
-    if cfg.amp and device.type == "cuda":
+    if cfg.amp and device.type == "cuda":  # said once here; the other callers of amp_dtype stay quiet
         log.info("mixed precision: %s%s", accel.dtype_name(dtype),
                  " with loss scaling" if accel.needs_loss_scaling(cfg.amp, dtype, device) else "")
+        if dtype == torch.bfloat16 and not accel.bf16_is_fast(device):
+            log.warning("!!! amp_dtype=bf16 on %s, which has no fast bf16: expect slow steps (fp16 is faster "
+                        "there)", torch.cuda.get_device_name(device))
     return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
                       scaler=make_scaler(accel.needs_loss_scaling(cfg.amp, dtype, device)),
                       loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
@@ -2570,10 +2568,9 @@ def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: i
         parts.step_model = result.model
 
 
-def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET, device: torch.device | None = None) -> FitOptions:
-    dtype = accel.amp_dtype(cfg.amp_dtype, device) if device is not None else torch.float16
+def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> FitOptions:
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
-                      amp_dtype=dtype,
+                      amp_dtype=accel.amp_dtype(cfg.amp_dtype, device),
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
@@ -7584,7 +7581,6 @@ class FitState:
     threshold: float = 0.5
     nonfinite_steps: int = 0
     bad_images: int = 0
-    failed_saves: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
     session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
     session_end: float = 1.0  # progress at which this session's slice of the schedule ends
@@ -7913,8 +7909,7 @@ class Trainer:
             "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }
-        self.saver.save(name, payload)  # returns once snapshotted; the write goes on in the background
-        state.failed_saves = self.saver.failures  # a failed background write is only known later
+        self.saver.save(name, payload)  # returns once snapshotted; failures are counted by the checkpointer
 ''',
 'kernelkit.train_job': r'''"""The train job: competition -> training -> a submission from the best checkpoint.
 

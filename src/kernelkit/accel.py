@@ -15,14 +15,11 @@ Each decision is a small function of the device and the user's setting, so the a
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-log = logging.getLogger("kernelkit")
 
 AMP_DTYPES = ("auto", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,15 +34,12 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def amp_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype for `choice` (auto | bf16 | fp16) on `device`. An explicit bf16 on a
-    GPU without fast bf16 is honoured (the user's choice wins) but said loudly."""
+    """The autocast dtype for `choice` (auto | bf16 | fp16) on `device`; an explicit choice wins
+    (components.build_parts says so when bf16 is slow there). Pure: every caller may ask."""
     if choice not in AMP_DTYPES:
         raise ValueError(f"amp_dtype={choice!r}: choose one of {' | '.join(AMP_DTYPES)}")
     if choice == "auto":
         return torch.bfloat16 if bf16_is_fast(device) else torch.float16
-    if choice == "bf16" and device.type == "cuda" and not bf16_is_fast(device):
-        log.warning("!!! amp_dtype=bf16 on %s, which has no fast bf16: expect slow steps (fp16 is faster there)",
-                    torch.cuda.get_device_name(device))
     return _DTYPES[choice]
 
 

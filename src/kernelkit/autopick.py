@@ -130,10 +130,11 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
     model.train()
+    dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
     for _ in range(steps + 1):
         t0 = _now(device)
-        with autocast(device, cfg.amp, amp_dtype(cfg.amp_dtype, device)):
+        with autocast(device, cfg.amp, dtype):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
@@ -147,7 +148,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     model.eval()
     xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
     times = []
-    with torch.no_grad(), autocast(device, cfg.amp, amp_dtype(cfg.amp_dtype, device)):
+    with torch.no_grad(), autocast(device, cfg.amp, dtype):
         for _ in range(3):
             t0 = _now(device)
             model(xi)

@@ -18,7 +18,7 @@ from .resolution import schedule_from
 from .swa import create_averager
 from .train import FitOptions, TrainParts
 from .infer import autocast
-from .transforms import IMAGENET, BatchAugment, Preprocess, normalize, seed_augmentations
+from .transforms import BatchAugment, Preprocess, normalize, seed_augmentations
 
 log = logging.getLogger("kernelkit")
 
@@ -87,9 +87,12 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
-    if cfg.amp and device.type == "cuda":
+    if cfg.amp and device.type == "cuda":  # said once here; the other callers of amp_dtype stay quiet
         log.info("mixed precision: %s%s", accel.dtype_name(dtype),
                  " with loss scaling" if accel.needs_loss_scaling(cfg.amp, dtype, device) else "")
+        if dtype == torch.bfloat16 and not accel.bf16_is_fast(device):
+            log.warning("!!! amp_dtype=bf16 on %s, which has no fast bf16: expect slow steps (fp16 is faster "
+                        "there)", torch.cuda.get_device_name(device))
     return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
                       scaler=make_scaler(accel.needs_loss_scaling(cfg.amp, dtype, device)),
                       loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
@@ -126,10 +129,9 @@ def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: i
         parts.step_model = result.model
 
 
-def fit_options(cfg: Config, preprocess: Preprocess = IMAGENET, device: torch.device | None = None) -> FitOptions:
-    dtype = accel.amp_dtype(cfg.amp_dtype, device) if device is not None else torch.float16
+def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> FitOptions:
     return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
-                      amp_dtype=dtype,
+                      amp_dtype=accel.amp_dtype(cfg.amp_dtype, device),
                       channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
                       threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
                       beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,

@@ -84,7 +84,6 @@ class FitState:
     threshold: float = 0.5
     nonfinite_steps: int = 0
     bad_images: int = 0
-    failed_saves: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
     session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
     session_end: float = 1.0  # progress at which this session's slice of the schedule ends
@@ -413,5 +412,4 @@ class Trainer:
             "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }
-        self.saver.save(name, payload)  # returns once snapshotted; the write goes on in the background
-        state.failed_saves = self.saver.failures  # a failed background write is only known later
+        self.saver.save(name, payload)  # returns once snapshotted; failures are counted by the checkpointer
