@@ -323,7 +323,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     cache = image_cache(cfg, paths, info, stop, cache_deadline)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     train_cache = cache.subset(tr_idx) if cache else None
-    cached = train_cache is not None and train_cache.all_cached(np.arange(len(train_cache)))
+    cached = train_cache is not None and train_cache.all_cached()
     cpu_aug, gpu_aug = augmentation_split(cfg.aug, cfg.gpu_aug, device.type, cached)
     if cfg.gpu_aug == "auto" and gpu_aug:
         log.info("augmentation %r runs on the %s over whole batches (the training images are cached: the "
@@ -1191,8 +1191,10 @@ class ImageCache:
         row = int(self.index[i])
         return torch.from_numpy(np.array(self._images()[row])).permute(2, 0, 1), bool(self.ok_rows[row])
 
-    def all_cached(self, items: np.ndarray) -> bool:
-        return bool((self.index[items] < self.n_cached).all())
+    def all_cached(self, items: np.ndarray | None = None) -> bool:
+        """Are `items` (default: every item) all in the cached rows? False for none."""
+        rows = self.index if items is None else self.index[items]
+        return len(rows) > 0 and bool((rows < self.n_cached).all())
 
     def gather(self, items: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy the rows of `items` (all cached) into `out` (len(items), size, size, 3) uint8 with one
@@ -3445,7 +3447,7 @@ class ImageDataset(Dataset):
         if self.cache is None or getattr(self.transform, "per_image_work", True):
             return None
         items = np.asarray(indices, dtype=np.int64)
-        if not len(items) or not self.cache.all_cached(items):
+        if not self.cache.all_cached(items):
             return None
         s = self.cache.size
         # Gathered straight into page-locked memory, so the copy to the GPU needs no staging copy.
@@ -3491,7 +3493,7 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
 
 def fully_cached(ds: Dataset) -> bool:
     cache = getattr(ds, "cache", None)
-    return cache is not None and len(cache) > 0 and bool((cache.index < cache.n_cached).all())
+    return cache is not None and cache.all_cached()
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",

@@ -122,7 +122,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     cache = image_cache(cfg, paths, info, stop, cache_deadline)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     train_cache = cache.subset(tr_idx) if cache else None
-    cached = train_cache is not None and train_cache.all_cached(np.arange(len(train_cache)))
+    cached = train_cache is not None and train_cache.all_cached()
     cpu_aug, gpu_aug = augmentation_split(cfg.aug, cfg.gpu_aug, device.type, cached)
     if cfg.gpu_aug == "auto" and gpu_aug:
         log.info("augmentation %r runs on the %s over whole batches (the training images are cached: the "

@@ -144,8 +144,10 @@ class ImageCache:
         row = int(self.index[i])
         return torch.from_numpy(np.array(self._images()[row])).permute(2, 0, 1), bool(self.ok_rows[row])
 
-    def all_cached(self, items: np.ndarray) -> bool:
-        return bool((self.index[items] < self.n_cached).all())
+    def all_cached(self, items: np.ndarray | None = None) -> bool:
+        """Are `items` (default: every item) all in the cached rows? False for none."""
+        rows = self.index if items is None else self.index[items]
+        return len(rows) > 0 and bool((rows < self.n_cached).all())
 
     def gather(self, items: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy the rows of `items` (all cached) into `out` (len(items), size, size, 3) uint8 with one

@@ -63,7 +63,7 @@ class ImageDataset(Dataset):
         if self.cache is None or getattr(self.transform, "per_image_work", True):
             return None
         items = np.asarray(indices, dtype=np.int64)
-        if not len(items) or not self.cache.all_cached(items):
+        if not self.cache.all_cached(items):
             return None
         s = self.cache.size
         # Gathered straight into page-locked memory, so the copy to the GPU needs no staging copy.
@@ -109,7 +109,7 @@ def split_indices(targets: np.ndarray, val_fraction: float, seed: int) -> tuple[
 
 def fully_cached(ds: Dataset) -> bool:
     cache = getattr(ds, "cache", None)
-    return cache is not None and len(cache) > 0 and bool((cache.index < cache.n_cached).all())
+    return cache is not None and cache.all_cached()
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
