@@ -4791,7 +4791,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
     # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
-        x = normalize(images.to(device, non_blocking=True), channels_last, pre)
+        x = normalize(images, channels_last, pre)
         while True:
             try:
                 use = views[:1] if stop is not None and stop.requested else views
@@ -7752,7 +7752,6 @@ class Trainer:
                 stopped = True
                 break
             set_lr(parts.optimizer, lr)
-            x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
             if opts.resolution is not None:

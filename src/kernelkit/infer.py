@@ -56,7 +56,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
     # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
-        x = normalize(images.to(device, non_blocking=True), channels_last, pre)
+        x = normalize(images, channels_last, pre)
         while True:
             try:
                 use = views[:1] if stop is not None and stop.requested else views

@@ -253,7 +253,6 @@ class Trainer:
                 stopped = True
                 break
             set_lr(parts.optimizer, lr)
-            x, y, ok = (t.to(self.device, non_blocking=True) for t in (x, y, ok))
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
             if opts.resolution is not None:
