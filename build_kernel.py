@@ -16,7 +16,7 @@ user: a rebuild copies it from the existing kernel.py as it is, and --check does
 Each module's source is embedded verbatim as a string and served by an import hook, so the package
 keeps its module structure: relative imports, `from __future__` lines and pickling by qualified
 name (DataLoader workers under spawn/forkserver re-run kernel.py's top level, which re-installs
-the hook, then import e.g. `kernelkit.data.ImageDataset` normally). The output is deterministic.
+the hook, then import e.g. `kernelkit.data.loaders.ImageDataset` normally). The output is deterministic.
 """
 from __future__ import annotations
 
@@ -82,11 +82,11 @@ class _BundledPackage(_abc.MetaPathFinder, _abc.Loader):
     def find_spec(self, name, path=None, target=None):
         if name not in _SOURCES:
             return None
-        return _util.spec_from_loader(name, self, origin=self._filename(name), is_package=name == {package!r})
+        return _util.spec_from_loader(name, self, origin=self._filename(name), is_package=name in _PACKAGES)
 
     @staticmethod
     def _filename(name):
-        rel = name.replace(".", "/") + ("/__init__.py" if name == {package!r} else ".py")
+        rel = name.replace(".", "/") + ("/__init__.py" if name in _PACKAGES else ".py")
         return _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "kernel.py:" + rel)
 
     def create_module(self, spec):
@@ -116,7 +116,7 @@ def _print_with_source(exc_type, exc, tb):
 _sys.excepthook = _print_with_source
 
 if __name__ == "__main__":
-    from {package}.cli import main
+    from {package}.app.cli import main
     _sys.exit(main(CONFIG, started_at=_STARTED_AT))
 '''
 
@@ -139,11 +139,11 @@ class NotLiteral(RegionError):
 
 
 def _config_module():
-    """kernelkit.config from the src tree (it imports nothing heavy), so the build checks settings
+    """kernelkit.core.config from the src tree (it imports nothing heavy), so the build checks settings
     with the very code the kernel runs."""
     sys.path.insert(0, str(ROOT / "src"))
     try:
-        from kernelkit import config
+        from kernelkit.core import config
     finally:
         sys.path.pop(0)
     return config
@@ -292,12 +292,16 @@ def build(region: str | None = None) -> str:
         if not source.endswith("\n"):
             source += "\n"
         chunks.append(f"{module_name(path)!r}: r\'\'\'{source}\'\'\',")
+    # A package is a folder with an __init__.py: the import hook must mark it so, or its submodules
+    # cannot be found (`kernelkit.core.config` needs `kernelkit.core.__path__`).
+    packages = tuple(sorted(module_name(p) for p in modules if p.name == "__init__.py"))
     region = region_text() if region is None else region
     if region and not region.endswith("\n"):
         region += "\n"
     text = (HEADER.format(package=PACKAGE, start=REGION_START, region=region, end=REGION_END)
             + "\n# Bundled sources of src/" + PACKAGE + ", one module each (generated; do not edit).\n"
             + "_SOURCES = {\n" + "\n".join(chunks) + "\n}\n"
+            + f"_PACKAGES = {packages!r}  # the names whose source is an __init__.py\n"
             + BOOTSTRAP.format(package=PACKAGE))
     size = len(text.encode("utf-8"))
     if size > MAX_BYTES:

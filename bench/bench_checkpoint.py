@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from kernelkit.checkpoint import LAST, Checkpointer, load_checkpoint, save_checkpoint  # noqa: E402
+from kernelkit.engine.checkpoint import LAST, Checkpointer, load_checkpoint, save_checkpoint  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU the numbers show the mechanism, not a GPU's stall
 

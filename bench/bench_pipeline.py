@@ -43,9 +43,9 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kernelkit.cache import build_cache  # noqa: E402
-from kernelkit.data import ImageDataset, make_loader  # noqa: E402
-from kernelkit.transforms import EvalTransform, TrainTransform  # noqa: E402
+from kernelkit.data.cache import build_cache  # noqa: E402
+from kernelkit.data.loaders import ImageDataset, make_loader  # noqa: E402
+from kernelkit.data.transforms import EvalTransform, TrainTransform  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- corpus

@@ -38,8 +38,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kernelkit.metrics import fbeta_per_image  # noqa: E402
-from kernelkit.thresholds import prior_baseline  # noqa: E402
+from kernelkit.decide.metrics import fbeta_per_image  # noqa: E402
+from kernelkit.decide.thresholds import prior_baseline  # noqa: E402
 
 SIZE = 32
 TAGS = {  # digit -> does it have the tag

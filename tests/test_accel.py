@@ -6,17 +6,17 @@ import threading
 import pytest
 import torch
 
-from kernelkit import accel
-from kernelkit.assemble import augmentation_split
-from kernelkit.cache import build_cache
-from kernelkit.checkpoint import load_checkpoint
-from kernelkit.cli import main
-from kernelkit.competition import load_competition, validate_submission
-from kernelkit.components import batch_augment
-from kernelkit.config import Config
-from kernelkit.data import DeviceFeeder, ImageDataset, ThreadLoader, collate_images, make_loader
-from kernelkit.models import create_model
-from kernelkit.transforms import EvalTransform, TrainTransform, affine_batch
+from kernelkit.core import accel
+from kernelkit.build.assemble import augmentation_split
+from kernelkit.data.cache import build_cache
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.app.cli import main
+from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.build.components import batch_augment
+from kernelkit.core.config import Config
+from kernelkit.data.loaders import DeviceFeeder, ImageDataset, ThreadLoader, collate_images, make_loader
+from kernelkit.model.factory import create_model
+from kernelkit.data.transforms import EvalTransform, TrainTransform, affine_batch
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
 
@@ -212,9 +212,9 @@ def test_a_run_with_compile_trains_saves_plain_weights_and_submits(single_label_
 
 def test_a_bf16_checkpoint_resumes_under_fp16_loss_scaling(tmp_path):
     """A schedule split over sessions can move from an H100 (bf16: no loss scale saved) to a T4 (fp16)."""
-    from kernelkit.checkpoint import rng_state
-    from kernelkit.resume import restore
-    from kernelkit.train import TrainParts
+    from kernelkit.engine.checkpoint import rng_state
+    from kernelkit.engine.resume import restore
+    from kernelkit.engine.trainer import TrainParts
 
     class Fp16Scaler:  # an enabled GradScaler as on a T4 (the CPU build disables real ones)
         loaded = None
@@ -241,10 +241,10 @@ def test_a_bf16_checkpoint_resumes_under_fp16_loss_scaling(tmp_path):
 
 def test_a_gpu_optimizer_state_resumes_with_this_machines_kernel(tmp_path):
     """Fused AdamW on a GPU; its saved state (param groups say fused=True) resumes on a CPU unfused."""
-    from kernelkit.checkpoint import rng_state
-    from kernelkit.models import create_optimizer
-    from kernelkit.resume import restore
-    from kernelkit.train import TrainParts
+    from kernelkit.engine.checkpoint import rng_state
+    from kernelkit.model.factory import create_optimizer
+    from kernelkit.engine.resume import restore
+    from kernelkit.engine.trainer import TrainParts
 
     model = create_model("test_resnet", 3)
     opt = create_optimizer(model, 1e-3, 0.05)
@@ -273,7 +273,7 @@ def test_a_gpu_optimizer_state_resumes_with_this_machines_kernel(tmp_path):
 ])
 def test_the_training_data_puts_the_augmentation_where_the_hardware_wants_it(single_label_dir, tmp_path,
                                                                               cache_images, device, expected):
-    from kernelkit.assemble import build_training_data
+    from kernelkit.build.assemble import build_training_data
     cfg = Config(model="test_resnet", img_size=32, batch_size=8, num_workers=0, aug="light",
                  cache_images=cache_images, cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "out"))
     # Only the wiring is checked: nothing runs on the (absent) GPU.

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-import kernelkit.checkpoint as checkpoint_module
-from kernelkit.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
-from kernelkit.cli import main
-from kernelkit.competition import load_competition, validate_submission
+import kernelkit.engine.checkpoint as checkpoint_module
+from kernelkit.engine.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
+from kernelkit.app.cli import main
+from kernelkit.inputs.competition import load_competition, validate_submission
 from test_reliability import DISK_FULL, TINY
 
 WRITER = "kernelkit-checkpoints"

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from kernelkit import autopick
-from kernelkit.autopick import Candidate, ladder, pick
-from kernelkit.checkpoint import load_checkpoint
-from kernelkit.config import Config, ConfigError, make_config
-from kernelkit.learning import at_prior, likely_causes
+from kernelkit.build import autopick
+from kernelkit.build.autopick import Candidate, ladder, pick
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.core.config import Config, ConfigError, make_config
+from kernelkit.engine.learning_check import at_prior, likely_causes
 
 SMALL = ["--batch-size", "16", "--num-workers", "0", "--tta", "1"]
 
@@ -101,7 +101,7 @@ def tiny_ladder(monkeypatch):
 
 
 def test_auto_run_logs_its_choice_and_stores_concrete_values(tmp_path, single_label_dir, tiny_ladder, caplog):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     out = tmp_path / "out"
     caplog.set_level("INFO", logger="kernelkit")
     status = main({}, [*SMALL, "--data-dir", str(single_label_dir), "--out-dir", str(out), "--budget", "40s",
@@ -117,7 +117,7 @@ def test_auto_run_logs_its_choice_and_stores_concrete_values(tmp_path, single_la
 
 
 def test_explicit_model_and_size_are_not_measured(tmp_path, single_label_dir, tiny_ladder, caplog):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     caplog.set_level("INFO", logger="kernelkit")
     status = main({}, [*SMALL, "--data-dir", str(single_label_dir), "--out-dir", str(tmp_path / "o"),
                        "--budget", "40s", "--epochs", "1", "--model", "test_resnet", "--img-size", "32"])
@@ -133,7 +133,7 @@ def test_learning_check_threshold_and_hints():
 
 @pytest.mark.parametrize("lr,warned", [(1e-9, True), (3e-3, False)])
 def test_a_model_stuck_at_the_prior_is_flagged_and_still_submits(tmp_path, single_label_dir, lr, warned):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     out = tmp_path / "out"
     status = main({}, [*SMALL, "--data-dir", str(single_label_dir), "--out-dir", str(out), "--budget", "40s",
                        "--epochs", "4", "--model", "test_resnet", "--img-size", "32", "--lr", str(lr),
@@ -146,7 +146,7 @@ def test_a_model_stuck_at_the_prior_is_flagged_and_still_submits(tmp_path, singl
 
 
 def test_dry_run_prints_every_rung_of_the_ladder(tmp_path, single_label_dir, tiny_ladder, caplog):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     caplog.set_level("INFO", logger="kernelkit")
     status = main({}, [*SMALL, "--data-dir", str(single_label_dir), "--out-dir", str(tmp_path / "o"),
                        "--budget", "10m", "--dry-run"])
@@ -160,7 +160,7 @@ def test_dry_run_prints_every_rung_of_the_ladder(tmp_path, single_label_dir, tin
 
 def test_a_resumed_auto_run_keeps_the_model_its_checkpoint_was_trained_with(tmp_path, single_label_dir,
                                                                             tiny_ladder, monkeypatch):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     # two sessions of one 2-epoch schedule: the second resumes the first's checkpoint
     common = [*SMALL, "--data-dir", str(single_label_dir), "--budget", "40s", "--auto-min-epochs", "1",
               "--sessions", "2", "--epochs", "2"]

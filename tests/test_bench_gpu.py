@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_gpu  # noqa: E402
-from kernelkit.competition import load_competition  # noqa: E402
+from kernelkit.inputs.competition import load_competition  # noqa: E402
 
 
 def test_without_cuda_it_skips_with_a_clear_message_and_exit_0(tmp_path):

@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from kernelkit.blend import _with_weight, fit_weights, group_members, mix
-from kernelkit.cli import main
-from kernelkit.competition import load_competition, validate_submission
-from kernelkit.metrics import accuracy
+from kernelkit.decide.ensemble import _with_weight, fit_weights, group_members, mix
+from kernelkit.app.cli import main
+from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.decide.metrics import accuracy
 
 SMALL = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--num-workers", "0", "--epochs", "1",
          "--budget", "5m", "--lr", "3e-3", "--tta", "1"]

@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
-from kernelkit.budget import BudgetClock, InferenceReserve, Progress, lr_factor
-from kernelkit.checkpoint import load_checkpoint, save_checkpoint
+from kernelkit.engine.budget import BudgetClock, InferenceReserve, Progress, lr_factor
+from kernelkit.engine.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_lr_factor_warms_up_then_decays_to_zero():
@@ -73,10 +73,10 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
 def test_a_format_1_checkpoint_still_loads_and_predicts(tmp_path):
     """Checkpoints written before the format was versioned (no format_version, no seed) migrate on load,
     and the shared predictor path rebuilds the model, its rule (with the training run's min_labels)."""
-    from kernelkit.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-    from kernelkit.components import model_from_config
-    from kernelkit.config import Config
-    from kernelkit.predictor import load_predictor
+    from kernelkit.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+    from kernelkit.build.components import model_from_config
+    from kernelkit.core.config import Config
+    from kernelkit.app.predictor import load_predictor
     cfg = Config(model="test_resnet", img_size=32, min_labels=1)
     model = model_from_config(cfg, 3, with_weights=False)
     old = {"model": model.state_dict(), "epoch": 2, "step": 10, "progress": 0.5, "best_score": 0.7,
@@ -93,7 +93,7 @@ def test_a_format_1_checkpoint_still_loads_and_predicts(tmp_path):
 
 
 def test_a_checkpoint_from_a_newer_kernel_is_refused_clearly(tmp_path):
-    from kernelkit.checkpoint import load_checkpoint, save_checkpoint
+    from kernelkit.engine.checkpoint import load_checkpoint, save_checkpoint
     save_checkpoint({"model": {}, "format_version": 99}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="newer than this kernel"):
         load_checkpoint(tmp_path / "x.pt")

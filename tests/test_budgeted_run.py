@@ -9,9 +9,9 @@ import time
 import pandas as pd
 import pytest
 
-from kernelkit.budget import affordable_tta
-from kernelkit.plan import make_plan
-from kernelkit.session import begin_run, finish_run
+from kernelkit.engine.budget import affordable_tta
+from kernelkit.engine.plan import make_plan
+from kernelkit.engine.run_state import begin_run, finish_run
 from test_kernel import TINY, _env, kernel_dir  # noqa: F401  (fixture)
 
 
@@ -73,8 +73,8 @@ def test_dry_run_prints_a_plan(kernel_dir):  # noqa: F811
 
 
 def test_training_error_still_writes_a_submission(tmp_path, monkeypatch, multilabel_dir):
-    import kernelkit.train as train
-    from kernelkit.cli import main
+    import kernelkit.engine.trainer as train
+    from kernelkit.app.cli import main
 
     real = train.Trainer.train_epoch
     calls = {"n": 0}
@@ -133,7 +133,7 @@ def test_kill_9_then_restart_resumes_inside_the_original_budget(kernel_dir, tria
 
 def test_resume_from_an_earlier_session_continues_its_schedule(tmp_path, single_label_dir):
     """A second Kaggle session: the first one's last.pt is attached, the budget is what is left now."""
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     common = [*TINY, "--data-dir", str(single_label_dir), "--num-workers", "0", "--budget", "5m", "--epochs", "4",
               "--sessions", "2"]
     first, second = tmp_path / "s1", tmp_path / "s2"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kernelkit.config import CHOICES, PRESETS, Config, ConfigError, budget_seconds, make_config, parse_duration
+from kernelkit.core.config import CHOICES, PRESETS, Config, ConfigError, budget_seconds, make_config, parse_duration
 
 
 @pytest.mark.parametrize("text,seconds", [("9h", 32400), ("8h30m", 30600), ("90s", 90), ("1.5h", 5400),
@@ -49,7 +49,12 @@ def test_config_round_trips_through_json(tmp_path):
 
 
 def test_every_choice_lives_in_one_place_and_matches_the_code():
-    from kernelkit import accel, competition, losses, models, thresholds, transforms
+    from kernelkit.core import accel
+    from kernelkit.inputs import competition
+    from kernelkit.model import losses
+    from kernelkit.model import factory as models
+    from kernelkit.decide import thresholds
+    from kernelkit.data import transforms
     assert set(CHOICES["loss"]) == {"auto", *losses.LOSSES}
     assert CHOICES["aug"] == transforms.AUG_LEVELS and CHOICES["gpu_aug"] == ("auto", *transforms.BATCH_AUG_LEVELS)
     assert CHOICES["amp_dtype"] == accel.AMP_DTYPES
@@ -122,7 +127,7 @@ def test_a_checkpoint_config_from_another_version_still_loads():
 
 
 def test_help_has_no_python_reprs(capsys):
-    from kernelkit.config import build_parser
+    from kernelkit.core.config import build_parser
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
@@ -133,7 +138,7 @@ def test_help_has_no_python_reprs(capsys):
 # --help: grouped like the Config dataclass, every option explained, examples that parse.
 
 def _help(capsys) -> str:
-    from kernelkit.config import build_parser
+    from kernelkit.core.config import build_parser
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["--help"])
     assert exited.value.code == 0
@@ -145,7 +150,7 @@ def test_help_groups_follow_the_comments_of_the_config_dataclass():
     import re
     from pathlib import Path
 
-    import kernelkit.config as config
+    import kernelkit.core.config as config
     source = Path(config.__file__).read_text()
     body = source[source.index("class Config:"):source.index("    def to_dict(")]
     found = re.findall(r"\n    # ([a-z ]+)\n    (\w+):", body)
@@ -153,7 +158,7 @@ def test_help_groups_follow_the_comments_of_the_config_dataclass():
 
 
 def test_help_lists_every_option_with_a_help_line_under_its_group(capsys):
-    from kernelkit.config import GROUP_STARTS, build_parser
+    from kernelkit.core.config import GROUP_STARTS, build_parser
     parser = build_parser()
     by_dest = {a.dest: a for a in parser._actions}
     for name in Config.__dataclass_fields__:
@@ -179,7 +184,7 @@ def test_help_shows_presets_choices_booleans_and_examples(capsys):
 def test_the_help_examples_parse(capsys):
     import shlex
 
-    from kernelkit.config import build_parser
+    from kernelkit.core.config import build_parser
     lines = [line.split("#")[0] for line in _help(capsys).splitlines() if line.strip().startswith("python kernel.py")]
     assert len(lines) >= 3
     for line in lines:

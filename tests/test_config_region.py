@@ -36,7 +36,7 @@ def values(kernel: Path) -> dict:
 def test_the_default_build_lists_every_option_and_sets_none(default_text):
     region, _ = build_kernel.extract_region(default_text)
     assert region == build_kernel.region_text() and build_kernel.read_region_values(region) == {}
-    from kernelkit.config import Config
+    from kernelkit.core.config import Config
     for name in Config.__dataclass_fields__:
         assert f"    # {name}=" in region, name
 
@@ -52,7 +52,7 @@ def test_set_writes_typed_values_that_the_kernel_reads(kernel, default_text):
     namespace: dict = {}
     region, _ = build_kernel.extract_region(text)
     exec(region, namespace)
-    from kernelkit.config import make_config
+    from kernelkit.core.config import make_config
     cfg, _ = make_config(namespace["CONFIG"], [])
     assert (cfg.img_size, cfg.amp, cfg.budget, cfg.loss, cfg.min_labels) == (288, False, "2h", "focal", 1)
 

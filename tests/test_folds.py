@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kernelkit.folds import iterative_stratified_folds, load_oof, make_folds, save_oof, stratified_folds
+from kernelkit.data.folds import iterative_stratified_folds, load_oof, make_folds, save_oof, stratified_folds
 
 
 def zipf_targets(n: int, c: int, seed: int = 0, empty_share: float = 0.0) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_folder, make_multilabel_csv, make_single_label_csv
 from PIL import Image
 
-from kernelkit.competition import (
+from kernelkit.inputs.competition import (
     detect_format,
     format_predictions,
     load_competition,
@@ -277,14 +277,14 @@ def test_wide_single_label_sample_is_one_hot(tmp_path):
 
 @pytest.mark.parametrize("make", [make_single_label_csv, make_multilabel_csv, make_folder])
 def test_check_submission_writable_passes_for_good_data(tmp_path, make):
-    from kernelkit.competition import check_submission_writable
+    from kernelkit.inputs.competition import check_submission_writable
     comp = load_competition(make(tmp_path / "d"))
     check_submission_writable(comp, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["d"], "the dry run writes nothing"
 
 
 def test_check_submission_writable_names_the_problem(tmp_path):
-    from kernelkit.competition import check_submission_writable
+    from kernelkit.inputs.competition import check_submission_writable
     root = make_single_label_csv(tmp_path / "d")
     comp = load_competition(root)
     with pytest.raises(ValueError, match="cannot write the submission there"):

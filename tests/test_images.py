@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kernelkit.images import BadImage, load_rgb
-from kernelkit.transforms import EvalTransform, TrainTransform, resize_or_pad, tta_views
+from kernelkit.data.images import BadImage, load_rgb
+from kernelkit.data.transforms import EvalTransform, TrainTransform, resize_or_pad, tta_views
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from conftest import ROOT, colour_image, make_single_label_csv
 
-from kernelkit.competition import load_competition
-from kernelkit.config import ConfigError
-from kernelkit.inputs import find_competition
+from kernelkit.inputs.competition import load_competition
+from kernelkit.core.config import ConfigError
+from kernelkit.inputs.discovery import find_competition
 
 
 def comp(path: Path) -> Path:
@@ -95,7 +95,7 @@ def test_nothing_attached(tmp_path):
 
 def test_image_folders_are_not_walked(tmp_path, monkeypatch):
     """A folder with thousands of images is data, not a folder of datasets: the scan stays fast."""
-    import kernelkit.inputs as inputs
+    import kernelkit.inputs.discovery as inputs
     monkeypatch.setattr(inputs, "MAX_ENTRIES", 5)
     big = tmp_path / "pile"
     for i in range(8):
@@ -176,7 +176,7 @@ def test_a_stem_shared_by_two_files_is_refused_unless_image_ext_says_which(tmp_p
 
 
 def test_image_ext_is_a_checked_choice():
-    from kernelkit.config import make_config
+    from kernelkit.core.config import make_config
     with pytest.raises(SystemExit):
         make_config(None, ["--image-ext", "jpg"])  # argparse: not one of the choices (".jpg")
     with pytest.raises(ConfigError, match="image_ext"):

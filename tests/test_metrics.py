@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from kernelkit.decode import decode, decode_multilabel
-from kernelkit.metrics import accuracy, fbeta_per_image, top_k_error
-from kernelkit.thresholds import prior_baseline, search_threshold
+from kernelkit.decide.labels import decode, decode_multilabel
+from kernelkit.decide.metrics import accuracy, fbeta_per_image, top_k_error
+from kernelkit.decide.thresholds import prior_baseline, search_threshold
 
 
 def test_fbeta_per_image_by_hand():

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from kernelkit import env
-from kernelkit.models import create_model
+from kernelkit.core import env
+from kernelkit.model.factory import create_model
 from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_kernel_runs_with_timm_0_9(kernel_dir, tmp_path):  # noqa: F811
 
 
 def test_heads_and_concatenated_backbones():
-    from kernelkit.models import FeatureHeadModel, build_model
+    from kernelkit.model.factory import FeatureHeadModel, build_model
     x = torch.randn(3, 3, 32, 32)
     plain = build_model("test_resnet", 4)
     assert not isinstance(plain, FeatureHeadModel) and plain(x).shape == (3, 4)
@@ -76,7 +76,7 @@ def test_heads_and_concatenated_backbones():
 
 
 def test_set_trainable_by_blocks():
-    from kernelkit.models import backbone_blocks, build_model, head_parameters, set_trainable
+    from kernelkit.model.factory import backbone_blocks, build_model, head_parameters, set_trainable
     model = build_model("test_resnet", 4)
     blocks = backbone_blocks(model)
     head = sum(p.numel() for p in head_parameters(model))
@@ -88,7 +88,7 @@ def test_set_trainable_by_blocks():
 
 
 def test_layer_decay_scales_lower_blocks_down():
-    from kernelkit.models import build_model, create_optimizer
+    from kernelkit.model.factory import build_model, create_optimizer
     opt = create_optimizer(build_model("test_resnet", 4), 1e-3, 0.05, layer_decay=0.5)
     scales = [g["lr_scale"] for g in opt.param_groups]
     assert scales == sorted(scales) and scales[-1] == 1.0 and scales[0] < 0.1
@@ -99,7 +99,7 @@ def test_layer_decay_scales_lower_blocks_down():
 def test_ema_decay_warms_up_so_short_runs_are_not_stuck_at_the_initial_weights():
     """With a fixed 0.999, 30 updates keep 97% of the random init: the helsinki14 preset (ema=0.999)
     validated and predicted at the label prior on short runs."""
-    from kernelkit.models import create_ema, ema_decay
+    from kernelkit.model.factory import create_ema, ema_decay
     assert ema_decay(0.999, 0) == 0.1 and ema_decay(0.999, 10**6) == 0.999
     assert [round(ema_decay(0.999, n), 3) for n in (10, 100, 1000)] == [0.55, 0.918, 0.991]
     model = timm.create_model("test_resnet")

@@ -10,9 +10,9 @@ import pytest
 import timm
 import torch
 
-from kernelkit.config import ConfigError
-from kernelkit.storage import GB, checkpoint_bytes, folder_bytes, plan_storage
-from kernelkit.weights import resolve_weights
+from kernelkit.core.config import ConfigError
+from kernelkit.core.storage import GB, checkpoint_bytes, folder_bytes, plan_storage
+from kernelkit.core.weights import resolve_weights
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--num-workers", "0", "--epochs", "1",
         "--budget", "2m"]
@@ -36,8 +36,8 @@ def test_the_checkpoints_are_planned_first_and_the_cache_gets_what_is_left(tmp_p
 
 
 def _cap_for_half_the_cache(out: Path, n_images: int, classes: int, n_test: int) -> float:
-    from kernelkit.components import count_parameters
-    from kernelkit.config import make_config
+    from kernelkit.build.components import count_parameters
+    from kernelkit.core.config import make_config
     cfg, _ = make_config({}, TINY)
     n_params = count_parameters(cfg, classes)
     assert n_params > 0
@@ -47,7 +47,7 @@ def _cap_for_half_the_cache(out: Path, n_images: int, classes: int, n_test: int)
 
 
 def test_a_small_output_cap_cuts_the_cache_and_is_never_exceeded(tmp_path, single_label_dir, caplog):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     out = tmp_path / "out"
     out.mkdir()
     cap = _cap_for_half_the_cache(out, 60, 3, 12)
@@ -59,7 +59,7 @@ def test_a_small_output_cap_cuts_the_cache_and_is_never_exceeded(tmp_path, singl
 
 
 def test_a_cap_the_checkpoints_cannot_fit_is_refused_before_training(tmp_path, single_label_dir):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     out = tmp_path / "out"
     assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(out),
                      "--output-cap-gb", "0.0001"]) == 2
@@ -67,7 +67,7 @@ def test_a_cap_the_checkpoints_cannot_fit_is_refused_before_training(tmp_path, s
 
 
 def test_on_kaggle_the_cache_is_not_left_in_the_output(tmp_path, single_label_dir, monkeypatch):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Batch")
     out = tmp_path / "working"
     assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(out)]) == 0
@@ -75,8 +75,8 @@ def test_on_kaggle_the_cache_is_not_left_in_the_output(tmp_path, single_label_di
 
 
 def test_inference_weights_load_in_infer_mode_and_in_plain_timm(tmp_path, multilabel_dir):
-    from kernelkit.cli import main
-    from kernelkit.predictor import load_predictor
+    from kernelkit.app.cli import main
+    from kernelkit.app.predictor import load_predictor
     out = tmp_path / "out"
     assert main({}, [*TINY, "--data-dir", str(multilabel_dir), "--out-dir", str(out)]) == 0
     folder = out / "model"

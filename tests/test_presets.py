@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 import conftest
-from kernelkit.checkpoint import load_checkpoint
-from kernelkit.config import PRESETS, make_config
-from kernelkit.cli import main
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.core.config import PRESETS, make_config
+from kernelkit.app.cli import main
 
 # Tiny backbones and sizes so CPU runs take seconds; everything else comes from the preset.
 FROM_SCRATCH = ["--img-size", "32", "--batch-size", "16", "--num-workers", "0", "--epochs", "8", "--budget", "5m"]
@@ -82,7 +82,7 @@ def test_loss_choice_and_arguments_reach_training(tmp_path, multilabel_dir, caps
 
 
 def test_balanced_sampling_lifts_rare_classes():
-    from kernelkit.sampling import balanced_sample_weights, balanced_sampler
+    from kernelkit.data.sampling import balanced_sample_weights, balanced_sampler
     labels = np.array([0] * 90 + [1] * 10)
     w = balanced_sample_weights(labels, power=1.0)
     assert w[:90].sum() == pytest.approx(0.5) and w[90:].sum() == pytest.approx(0.5)
@@ -95,7 +95,7 @@ def test_balanced_sampling_lifts_rare_classes():
 
 
 def test_kfold_run_writes_out_of_fold_probabilities_and_reports(tmp_path, multilabel_dir):
-    from kernelkit.folds import load_oof
+    from kernelkit.data.folds import load_oof
     out = tmp_path / "out"
     for fold in (0, 1):
         assert main({}, ["--model", "test_resnet", *SMALL, "--epochs", "1", "--data-dir", str(multilabel_dir),

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import kernelkit.checkpoint as checkpoint_module
-from kernelkit.budget import BudgetClock, InferenceReserve
-from kernelkit.checkpoint import load_checkpoint
-from kernelkit.losses import get_loss
-from kernelkit.cli import main
-from kernelkit.train import FitOptions, OutOfMemory
+import kernelkit.engine.checkpoint as checkpoint_module
+from kernelkit.engine.budget import BudgetClock, InferenceReserve
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.model.losses import get_loss
+from kernelkit.app.cli import main
+from kernelkit.engine.trainer import FitOptions, OutOfMemory
 from test_train import _setup, run_fit
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
@@ -42,13 +42,13 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(single_labe
 
 
 def test_micro_batches_give_the_full_batch_gradient(single_label_dir):
-    from kernelkit.budget import BudgetClock
-    from kernelkit.train import FitState, Trainer, TrainParts
+    from kernelkit.engine.budget import BudgetClock
+    from kernelkit.engine.trainer import FitState, Trainer, TrainParts
     comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)
     model.eval()  # no batch-norm statistics in play: the two gradients must match exactly
     x, y, ok = next(iter(tl))
     ok[3] = 0
-    from kernelkit.transforms import IMAGENET, normalize
+    from kernelkit.data.transforms import IMAGENET, normalize
     x = normalize(x, False, IMAGENET)
     grads = []
     for pieces in (1, 4):
@@ -142,7 +142,7 @@ def test_bad_images_in_train_and_test_lose_no_row(single_label_dir, tmp_path):
     ("id,category_id\n../../etc/passwd,1\n", "row 2.*path"),
 ])
 def test_bad_single_label_csvs(tmp_path, content, match):
-    from kernelkit.competition import load_competition
+    from kernelkit.inputs.competition import load_competition
     (tmp_path / "train").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "a1.jpg")
     (tmp_path / "train.csv").write_text(content, encoding="utf-8")
@@ -160,7 +160,7 @@ def test_bad_single_label_csvs(tmp_path, content, match):
     ("id,attribute_ids\nx1,7\n", "row 2: label '7'"),
 ])
 def test_bad_multilabel_csvs(tmp_path, content, match):
-    from kernelkit.competition import load_competition
+    from kernelkit.inputs.competition import load_competition
     (tmp_path / "train").mkdir()
     (tmp_path / "train.csv").write_text(content)
     pd.DataFrame({"attribute_id": [1, 2, 3], "attribute_name": ["a", "b", "c"]}).to_csv(

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-import kernelkit.components as components
-from kernelkit.cli import main
-from kernelkit.competition import load_competition, validate_submission
-from kernelkit.resolution import (ResolutionSchedule, effective_ips, epochs_with_schedule, ips_by_pixels,
+import kernelkit.build.components as components
+from kernelkit.app.cli import main
+from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.engine.resolution import (ResolutionSchedule, effective_ips, epochs_with_schedule, ips_by_pixels,
                                   resize_batch, schedule_from)
 
 PROGRESS = np.linspace(0, 1, 1001)
@@ -117,7 +117,7 @@ def test_a_run_trains_small_first_full_at_the_end_and_validates_at_full_size(sin
 
 
 def test_on_by_default_and_an_explicit_zero_turns_it_off(single_label_dir, tmp_path, monkeypatch):
-    from kernelkit.config import Config
+    from kernelkit.core.config import Config
     assert Config().resize_start == 0.5, "the default bench/bench_progressive.py chose"
     seen = _spy_inputs(monkeypatch)
     out = tmp_path / "off"
@@ -157,8 +157,8 @@ def test_autopick_counts_the_faster_early_stages(monkeypatch):
     import time
     from types import SimpleNamespace
 
-    from kernelkit import autopick
-    from kernelkit.config import Config
+    from kernelkit.build import autopick
+    from kernelkit.core.config import Config
     timed: list[int] = []
 
     def measure(cand, cfg, num_classes, device, steps=3, deadline=0.0):
@@ -191,9 +191,9 @@ def test_dry_run_times_every_stage_and_plans_with_their_mix(single_label_dir, tm
 def test_a_fixed_size_vision_transformer_trains_at_full_size_with_a_warning(single_label_dir, caplog):
     import timm
 
-    from kernelkit.budget import BudgetClock, InferenceReserve
-    from kernelkit.losses import get_loss
-    from kernelkit.train import FitOptions, Trainer, TrainParts
+    from kernelkit.engine.budget import BudgetClock, InferenceReserve
+    from kernelkit.model.losses import get_loss
+    from kernelkit.engine.trainer import FitOptions, Trainer, TrainParts
     from test_train import _setup
     comp, tl, _, _, _, _, scaler = _setup(single_label_dir, size=64)
     model = timm.create_model("test_vit", num_classes=comp.num_classes, dynamic_img_size=False, img_size=64)

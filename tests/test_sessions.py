@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from kernelkit.budget import BudgetClock, InferenceReserve, Progress, lr_factor
-from kernelkit.checkpoint import load_checkpoint
-from kernelkit.cli import main
-from kernelkit.competition import load_competition, validate_submission
-from kernelkit.losses import get_loss
-from kernelkit.resume import first_slice, next_slice
-from kernelkit.train import FitOptions, FitState, Trainer, TrainParts, Validation
+from kernelkit.engine.budget import BudgetClock, InferenceReserve, Progress, lr_factor
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.app.cli import main
+from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.model.losses import get_loss
+from kernelkit.engine.resume import first_slice, next_slice
+from kernelkit.engine.trainer import FitOptions, FitState, Trainer, TrainParts, Validation
 from test_train import _setup
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0",
@@ -51,7 +51,7 @@ def test_a_wall_clock_schedule_over_three_sessions_continues_each_slice(single_l
     """Three sessions of 6 s each (epochs=0): session k trains progress ((k-1)/3, k/3], each step at
     the LR the one long schedule has there, the next session starts where the last stopped, and the
     third ends the schedule (progress ~1, LR ~0)."""
-    import kernelkit.train as train_module
+    import kernelkit.engine.trainer as train_module
     comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir, batch=2)
     parts = TrainParts(model, opt, scaler, get_loss("auto", comp.task))
     steps: list[tuple[int, float, float]] = []  # (session, progress, LR) of every step

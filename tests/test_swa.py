@@ -4,11 +4,11 @@ import json
 import torch
 from torch.optim.swa_utils import update_bn
 
-from kernelkit.checkpoint import load_checkpoint
-from kernelkit.cli import main
-from kernelkit.competition import load_competition, validate_submission
-from kernelkit.swa import WeightAverage, recompute_batchnorm
-from kernelkit.transforms import IMAGENET, normalize
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.app.cli import main
+from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.engine.swa import WeightAverage, recompute_batchnorm
+from kernelkit.data.transforms import IMAGENET, normalize
 from test_train import _setup
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]

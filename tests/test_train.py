@@ -4,14 +4,14 @@ import time
 import numpy as np
 import torch
 
-from kernelkit.budget import BudgetClock, InferenceReserve
-from kernelkit.competition import load_competition
-from kernelkit.data import ImageDataset, make_loader, split_indices
-from kernelkit.losses import get_loss
-from kernelkit.models import create_model
-from kernelkit.checkpoint import Checkpointer
-from kernelkit.train import FitOptions, Trainer, TrainParts, Validation
-from kernelkit.transforms import EvalTransform, TrainTransform
+from kernelkit.engine.budget import BudgetClock, InferenceReserve
+from kernelkit.inputs.competition import load_competition
+from kernelkit.data.loaders import ImageDataset, make_loader, split_indices
+from kernelkit.model.losses import get_loss
+from kernelkit.model.factory import create_model
+from kernelkit.engine.checkpoint import Checkpointer
+from kernelkit.engine.trainer import FitOptions, Trainer, TrainParts, Validation
+from kernelkit.data.transforms import EvalTransform, TrainTransform
 
 
 def run_fit(model, tl, vl, vt, *, task, loss_fn, optimizer, scaler, device, clock, reserve, opts, out_dir,
@@ -126,8 +126,8 @@ def test_clip_grad_clips_every_step(single_label_dir, tmp_path, monkeypatch):
 
 
 def test_linear_probe_keeps_the_backbone_and_ema_is_saved(single_label_dir, tmp_path):
-    from kernelkit.checkpoint import load_checkpoint
-    from kernelkit.models import create_ema, head_parameters
+    from kernelkit.engine.checkpoint import load_checkpoint
+    from kernelkit.model.factory import create_ema, head_parameters
     comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     head_ids = {id(p) for p in head_parameters(model)}

@@ -21,7 +21,7 @@ def _valid_submission(out, data) -> bool:
 
 
 def test_two_seeded_cpu_runs_give_identical_test_probabilities(tmp_path, multilabel_dir):
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     probs = []
     for run in ("a", "b"):
         out = tmp_path / run
@@ -31,7 +31,7 @@ def test_two_seeded_cpu_runs_give_identical_test_probabilities(tmp_path, multila
         probs.append(np.load(out / "test_probs.npy"))
         assert json.loads((out / "summary.json").read_text())["seed"] == 7
     np.testing.assert_array_equal(probs[0], probs[1])
-    from kernelkit.checkpoint import load_checkpoint
+    from kernelkit.engine.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "a" / "best.pt")["seed"] == 7
 
 
@@ -58,9 +58,9 @@ def test_unknown_config_block_key_is_refused_with_a_suggestion(kernel_dir, tmp_p
 
 def test_failures_after_training_still_submit_with_exit_0(tmp_path, multilabel_dir, monkeypatch):
     """A rule search and a report that raise: the run says so loudly and still submits."""
-    import kernelkit.train_job as job
-    import kernelkit.train_reports as train_reports
-    from kernelkit.cli import main
+    import kernelkit.app.train_job as job
+    import kernelkit.app.train_reports as train_reports
+    from kernelkit.app.cli import main
 
     def broken(*a, **k):
         raise RuntimeError("simulated failure")
@@ -77,8 +77,8 @@ def test_failures_after_training_still_submit_with_exit_0(tmp_path, multilabel_d
 
 def test_no_checkpoint_and_a_failing_prediction_path_fall_back_to_the_model_in_memory(tmp_path, multilabel_dir,
                                                                                        monkeypatch):
-    import kernelkit.train_job as job
-    from kernelkit.cli import main
+    import kernelkit.app.train_job as job
+    from kernelkit.app.cli import main
 
     def unreadable(*a, **k):
         raise OSError("checkpoint unreadable")
@@ -93,7 +93,7 @@ def test_no_checkpoint_and_a_failing_prediction_path_fall_back_to_the_model_in_m
 
 def test_a_budget_too_short_for_training_is_refused_before_training(tmp_path, multilabel_dir):
     """Start-up plus the measured inference reserve leave nothing: refuse (exit 2), do not submit untrained."""
-    from kernelkit.cli import main
+    from kernelkit.app.cli import main
     out = tmp_path / "out"
     # 20 s to work with, of which start-up (here: the process started 19 s ago) took 19
     status = main({}, [*FAST, "--data-dir", str(multilabel_dir), "--out-dir", str(out), "--budget", "40s",
@@ -103,12 +103,12 @@ def test_a_budget_too_short_for_training_is_refused_before_training(tmp_path, mu
 
 def test_tracebacks_in_kernel_py_show_the_bundled_source_lines(kernel_dir, tmp_path):  # noqa: F811
     code = ("import runpy, sys; sys.argv = ['kernel.py']; g = runpy.run_path('kernel.py', run_name='bundle'); "
-            "import kernelkit.config as c; c.parse_duration('nine hours')")
+            "import kernelkit.core.config as c; c.parse_duration('nine hours')")
     (tmp_path / "kernel.py").write_text((kernel_dir / "kernel.py").read_text())
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1
-    assert "kernel.py:kernelkit/config.py" in proc.stderr
+    assert "kernel.py:kernelkit/core/config.py" in proc.stderr
     assert 'raise ValueError(f"cannot parse duration' in proc.stderr, proc.stderr
 
 
@@ -152,9 +152,9 @@ def test_a_stop_signal_finishes_with_a_submission_and_exit_0(kernel_dir, moment,
 
 def test_an_image_cache_build_past_its_share_of_the_budget_is_abandoned(tmp_path, single_label_dir):
     """The cache is a speed-up: a build that would eat the budget is dropped, images decode on the fly."""
-    from kernelkit.assemble import image_cache
-    from kernelkit.competition import load_competition
-    from kernelkit.config import make_config
+    from kernelkit.build.assemble import image_cache
+    from kernelkit.inputs.competition import load_competition
+    from kernelkit.core.config import make_config
     comp = load_competition(single_label_dir)
     cfg, _ = make_config({"img_size": 32, "num_workers": 0, "cache_dir": str(tmp_path / "cache")}, [])
     assert image_cache(cfg, comp.train_paths, deadline=time.time() - 1) is None

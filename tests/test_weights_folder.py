@@ -10,11 +10,13 @@ import timm
 import torch
 from conftest import ROOT
 
-from kernelkit import infer, train
+from kernelkit.engine import evaluate as infer
+
+from kernelkit.engine import trainer as train
 from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
-from kernelkit.config import ConfigError, make_config
-from kernelkit.models import create_model, preprocess_of
-from kernelkit.weights import resolve_weights
+from kernelkit.core.config import ConfigError, make_config
+from kernelkit.model.factory import create_model, preprocess_of
+from kernelkit.core.weights import resolve_weights
 
 TIMM09 = ROOT / ".cache" / "timm09"
 HALF = (0.5, 0.5, 0.5)
@@ -99,8 +101,8 @@ def test_weights_from_a_folder_load_with_a_new_head_and_bring_their_statistics(t
 LOAD_ON_OLD_TIMM = """
 import sys, torch, timm
 sys.path.insert(0, {src!r})
-from kernelkit.models import create_model, preprocess_of
-from kernelkit.config import make_config
+from kernelkit.model.factory import create_model, preprocess_of
+from kernelkit.core.config import make_config
 cfg, _ = make_config({{"model": "", "pretrained_path": {folder!r}}}, [])
 m = create_model(cfg.model, 3, cfg.pretrained_path)
 ref = torch.load({ref!r})
@@ -144,8 +146,8 @@ def test_training_and_infer_normalise_with_the_weights_statistics(tmp_path, sing
     """pretrained_path = a timm folder with mean/std 0.5 and no model: the run builds the folder's
     architecture, normalises every training, validation, weight-average (BatchNorm pass and its
     validation) and test batch with 0.5, stores it in the checkpoint, and --mode infer uses it too."""
-    from kernelkit import swa
-    from kernelkit.cli import main
+    from kernelkit.engine import swa
+    from kernelkit.app.cli import main
     seen = []
 
     def spy(batch, channels_last, pre):

@@ -1,6 +1,6 @@
 import sys
 
-from kernelkit.cli import main
+from kernelkit.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,51 @@
+"""--dry-run: time a few training steps and TTA batches on the real data, then plan the budget."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from ..build.assemble import build_training_data
+from ..engine.budget import BudgetClock, InferenceReserve
+from ..inputs.competition import Competition
+from ..build.components import build_parts, fit_options
+from ..core.config import budget_seconds
+from ..core.context import RunContext
+from ..model.factory import preprocess_of
+from .predictor import probe_inference
+from ..engine.plan import Plan, make_plan
+from ..engine.resolution import ResolutionSchedule, effective_ips, fmt_ips
+from ..engine.trainer import Trainer
+
+TRAIN_STEPS, INFER_BATCHES = 12, 4
+STAGE_STEPS = 5  # per stage size with progressive resizing (the first is not timed)
+
+log = logging.getLogger("kernelkit")
+
+
+def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
+    cfg = ctx.cfg
+    setup_s = time.time() - ctx.t_start
+    data = build_training_data(cfg, comp, device)
+    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    budget_s, margin_s = budget_seconds(cfg)
+    opts = fit_options(cfg, preprocess_of(parts.model), device)
+    sched = opts.resolution
+    ips_at = {}
+    # Each stage size timed on its own (a constant schedule at that size): the plan is the
+    # time-weighted sum over the stages, not the speed of the first one.
+    for size in sorted(set(sched.sizes())) if sched is not None else [cfg.img_size]:
+        fixed = dataclasses.replace(opts, resolution=ResolutionSchedule(size) if sched is not None else None)
+        trainer = Trainer(parts, fixed, BudgetClock(budget_s, margin_s), InferenceReserve(0, 0, 1), device)
+        tr = trainer.train_epoch(data.train_loader, max_steps=STAGE_STEPS if sched is not None else TRAIN_STEPS)
+        ips_at[size] = tr["images_per_s"]
+    train_ips = effective_ips(ips_at, sched, over_clock=not cfg.epochs)
+    if sched is not None:
+        log.info("progressive resizing: %s; training throughput %s -> %.1f img/s over the schedule",
+                 sched.describe(), fmt_ips(ips_at), train_ips)
+    inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips,
+                     infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
+                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])

@@ -1,0 +1,332 @@
+"""model='auto' / img_size=0: the largest (model, input size) of a small ladder that still fits
+`auto_min_epochs` epochs in the training time, measured on the machine the run is on.
+
+A network that sees its data ten times beats a bigger one that sees it once: resnet50 at 224 px
+fits less than one epoch of a few thousand images in 5 CPU minutes, and a random-init network
+after one epoch sits at the label prior. So the ladder is climbed by cost (model GFLOPs x pixels)
+and a binary search over it times a few training steps on random tensors per candidate (seconds;
+the time is charged to the budget like any other start-up work). Images are never upscaled past
+their median size: 28 px digits train at 32, not 224.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..core import distributed
+from ..engine.budget import fmt_seconds
+from ..inputs.competition import Competition
+from ..core.config import Config, budget_seconds
+from ..core.context import RunContext
+from ..core.distributed import DistInfo
+from ..core.accel import amp_dtype
+from ..engine.evaluate import autocast
+from ..engine.plan import make_plan
+from ..engine.resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
+
+log = logging.getLogger("kernelkit")
+
+# (timm model, GFLOPs at 224 px): the cost that orders the ladder. Tests swap in tiny models.
+CPU_MODELS: tuple[tuple[str, float], ...] = (("resnet10t", 1.1), ("resnet18", 1.8), ("resnet34", 3.6))
+GPU_MODELS: tuple[tuple[str, float], ...] = (("resnet18", 1.8), ("resnet34", 3.6), ("resnet50", 4.1),
+                                             ("convnext_tiny", 4.5))
+CPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224)
+GPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320)
+SIZE_FLOOR = {"cpu": 64, "cuda": 128}  # smallest size tried for images at least this large
+DEFAULT_NATIVE = 224  # when no image header could be read
+MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
+MEASURE_MIN_S = 15.0
+TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
+# Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
+# with the model on a CPU-only machine, so real epochs run slower than the bare steps.
+PIPELINE_FACTOR = {"cpu": 0.6, "cuda": 0.8}
+SETUP_AFTER_S = 10.0  # still to come after the pick: data loaders, cache build, model, inference probe
+SIZE_SAMPLE = 200  # image headers read for the median size
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model: str
+    img_size: int
+    cost: float  # GFLOPs per image, forward
+
+    def __str__(self) -> str:
+        return f"{self.model} @ {self.img_size} px"
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    train_ips: float = 0.0
+    infer_ips: float = 0.0
+    epochs: float = -1.0
+    note: str = ""
+    stage_ips: dict | None = None  # progressive resizing: training images/s at each stage size
+
+
+def model_cost(name: str) -> float:
+    known = dict(CPU_MODELS + GPU_MODELS)
+    return known.get(name, 4.0)
+
+
+def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0) -> list[Candidate]:
+    """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
+    first ladder size that reaches the images' native size (no upscaling beyond it)."""
+    models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
+    sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
+    if model:
+        models = ((model, model_cost(model)),)
+    if img_size:
+        sizes = (img_size,)
+    else:
+        reach = [s for s in sizes if s >= (native_size or DEFAULT_NATIVE)]
+        cap = reach[0] if reach else sizes[-1]
+        floor = min(cap, SIZE_FLOOR.get(device_type, sizes[0]))  # 32 px of a 500 px photo keeps nothing
+        sizes = tuple(s for s in sizes if floor <= s <= cap)
+    cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
+    return sorted(cands, key=lambda c: (c.cost, c.img_size))
+
+
+def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: float) -> tuple[Candidate, dict]:
+    """The costliest candidate with epochs_of(c) >= need, by binary search over the cost order
+    (epochs fall as cost rises); when none fits, the one measured with the most epochs (nominal
+    GFLOPs do not always rank CPU speed: a deep stem is slow there). -> (choice, {candidate: epochs})."""
+    seen: dict[Candidate, float] = {}
+
+    def epochs(i: int) -> float:
+        if cands[i] not in seen:
+            seen[cands[i]] = epochs_of(cands[i])
+        return seen[cands[i]]
+
+    lo, hi, best = 0, len(cands) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if epochs(mid) >= need:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        epochs(0)
+        return max(seen, key=lambda c: (seen[c], -c.cost)), seen
+    return cands[best], seen
+
+
+def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device,
+            steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
+    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size.
+    Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
+    from .components import model_from_config
+    model = model_from_config(dataclasses.replace(cfg, model=cand.model, img_size=cand.img_size), num_classes,
+                              with_weights=False).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
+    model.train()
+    dtype = amp_dtype(cfg.amp_dtype, device)
+    times = []
+    for _ in range(steps + 1):
+        t0 = _now(device)
+        with autocast(device, cfg.amp, dtype):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(_now(device) - t0)
+        if len(times) >= 2 and time.time() > deadline:
+            break
+    # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
+    # which would rank the candidates by the noise rather than by their cost.
+    train_ips = cfg.batch_size / max(min(times[1:]), 1e-9)
+    model.eval()
+    xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
+    times = []
+    with torch.no_grad(), autocast(device, cfg.amp, dtype):
+        for _ in range(3):
+            t0 = _now(device)
+            model(xi)
+            times.append(_now(device) - t0)
+            if len(times) >= 2 and time.time() > deadline:
+                break
+    infer_ips = len(xi) / max(min(times[1:]), 1e-9)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return train_ips, infer_ips
+
+
+def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: torch.device, deadline: float,
+                     full_ips: float) -> dict[int, float] | None:
+    """Progressive resizing: training images/s at each stage size of `cand`'s schedule, from one
+    more measurement at the smallest stage (time per image linear in the pixel count between the
+    two); None when the option is off or leaves a single size."""
+    sched = schedule_from(cand.img_size, cfg.resize_start, cfg.resize_full_at)
+    if sched is None:
+        return None
+    small = min(sched.sizes())
+    try:
+        small_ips, _ = measure(dataclasses.replace(cand, img_size=small), cfg, num_classes, device, deadline=deadline)
+    except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
+        log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
+        return None
+    return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def native_size(paths: list[str], seed: int = 0) -> int | None:
+    """Median long side of a sample of the training images (headers only); None if none are readable."""
+    from ..decide.reports import image_sizes
+    sizes = image_sizes(paths, SIZE_SAMPLE, seed, 2.0)
+    if "width" not in sizes:
+        return None
+    return int(round(max(sizes["width"]["median"], sizes["height"]["median"])))
+
+
+@dataclass
+class RunShape:
+    """What an epoch and the final inference cost in images, and the time there is for them."""
+    n_train: int
+    n_val: int
+    n_test: int
+    tta: int
+    budget_s: float
+    margin_s: float
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, cfg: Config, comp: Competition, world_size: int = 1) -> "RunShape":
+        n = len(comp.train_targets)
+        if cfg.max_train_images:
+            n = min(n, cfg.max_train_images)
+        val_share = 1.0 / cfg.n_folds if cfg.fold >= 0 else cfg.val_fraction
+        n_val = int(round(n * val_share))
+        return cls(n - n_val, n_val, len(comp.test_ids), cfg.tta, *budget_seconds(cfg), world_size)
+
+    def epochs(self, train_ips: float, infer_ips: float, setup_s: float, pipeline: float) -> float:
+        plan = make_plan(budget_s=self.budget_s, margin_s=self.margin_s, setup_s=setup_s,
+                         train_ips=train_ips * pipeline * self.world_size, infer_ips=infer_ips * pipeline,
+                         n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, tta=self.tta,
+                         loader_startup_s=3.0)
+        return plan.epochs_that_fit
+
+
+def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape, started_at: float,
+           every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
+    """Measure and pick; `every`: time the whole ladder (the dry run prints it)."""
+    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
+    cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
+    log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
+             len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
+    deadline = time.time() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
+    trials: dict[Candidate, Trial] = {}
+
+    def epochs_of(c: Candidate) -> float:
+        t = trials.setdefault(c, Trial(c))
+        if time.time() > deadline or (stop is not None and stop.requested):
+            t.note = "not measured (time for measuring is up)"
+            return -1.0
+        try:
+            t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)
+            t.stage_ips = stage_throughput(c, cfg, comp.num_classes, device, deadline, t.train_ips)
+        except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
+            t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
+            return -1.0
+        setup_s = time.time() - started_at + SETUP_AFTER_S
+        sched = schedule_from(c.img_size, cfg.resize_start, cfg.resize_full_at)
+        train_ips = t.train_ips if t.stage_ips is None else effective_ips(t.stage_ips, sched, not cfg.epochs)
+        t.epochs = shape.epochs(train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
+        log.info("autopick: %-24s %8.1f img/s train %8.1f img/s inference -> %.1f epochs%s", c, t.train_ips,
+                 t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
+        return t.epochs
+
+    if every:
+        for c in cands:
+            epochs_of(c)
+    choice, _ = pick(cands, epochs_of, need_epochs(cfg))
+    return choice, [trials[c] for c in cands if c in trials]
+
+
+def need_epochs(cfg: Config) -> int:
+    return cfg.epochs or cfg.auto_min_epochs
+
+
+def ladder_table(trials: list[Trial], choice: Candidate, need: int) -> str:
+    rows = [f"  {'model @ size':<28} {'train img/s':>11} {'infer img/s':>11} {'epochs':>7}"]
+    for t in trials:
+        mark = "  <- chosen" if t.candidate == choice else ("" if t.epochs >= need else "  (too slow)")
+        if t.note:
+            rows.append(f"  {str(t.candidate):<28} {t.note}")
+        else:
+            rows.append(f"  {str(t.candidate):<28} {t.train_ips:>11.1f} {t.infer_ips:>11.1f} {t.epochs:>7.1f}{mark}")
+    return "\n".join(rows)
+
+
+def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
+    """The model and size of the run this one will resume (its checkpoint says what was picked)."""
+    from ..engine.checkpoint import load_checkpoint
+    from ..engine.run_state import resumable
+    path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+    if path is None:
+        return None
+    try:
+        stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
+        return str(stored["model"]), int(stored["img_size"])
+    except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
+        log.warning("autopick: could not read the model of %s (%s)", path, e)
+        return None
+
+
+def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
+    """`ctx` with a concrete model and img_size (what checkpoints store); unchanged when both are set.
+    Rank 0 measures, the other ranks take its choice."""
+    cfg = ctx.cfg
+    if cfg.model != "auto" and cfg.img_size:
+        return ctx
+    choice = None
+    if info.is_main:
+        choice = _choose_main(ctx, comp, info, every)
+    model, size = distributed.broadcast_object(info, choice)
+    model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
+    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))
+    if info.is_main:
+        try:
+            resolved.cfg.save(ctx.out_dir / "config.json")
+        except Exception as e:  # noqa: BLE001  (the log has the choice)
+            log.error("!!! could not rewrite config.json (%s)", e)
+    return resolved
+
+
+def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int]:
+    cfg = ctx.cfg
+    stored = None if every else stored_choice(ctx)
+    if stored is not None:
+        log.info("autopick: resuming a run that picked %s @ %d px", *stored)
+        return stored
+    t0 = time.time()
+    shape = RunShape.of(cfg, comp, info.world_size)
+    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
+    need = need_epochs(cfg)
+    got = next(t for t in trials if t.candidate == choice)
+    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(time.time() - t0),
+             ladder_table(trials, choice, need))
+    if got.note:
+        verdict = f"the cheapest, {got.note}"
+    elif got.epochs < need:
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: none measured fits them; the most epochs"
+    else:
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
+    log.info("autopick: chose %s (%s)", choice, verdict)
+    return choice.model, choice.img_size
+

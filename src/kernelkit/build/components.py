@@ -1,0 +1,139 @@
+"""Config -> the training parts: model, optimizer, scaler, loss, EMA, batch augmentation, and the
+seeds that make two runs with one seed give the same result."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from ..core import accel
+from ..core.config import Config, parse_duration, parse_kwargs
+from ..engine.learning_check import likely_causes
+from ..model.losses import get_loss
+from ..model.factory import build_model, create_ema, create_optimizer
+from ..engine.resolution import schedule_from
+from ..engine.swa import create_averager
+from ..engine.trainer import FitOptions, TrainParts
+from ..engine.evaluate import autocast
+from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
+
+log = logging.getLogger("kernelkit")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Python, NumPy, torch (CPU and every CUDA device) and the augmentation streams; loader workers
+    derive theirs from the loader's seeded generator (data.seed_worker). On CPU that is enough for
+    identical runs; on GPU `deterministic` also picks deterministic kernels (slower)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+    seed_augmentations(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
+    """The architecture a config describes; `with_weights=False` when a checkpoint will fill it."""
+    return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
+                       cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
+                       cfg.pretrained_path2 if with_weights else "")
+
+
+def count_parameters(cfg: Config, num_classes: int) -> int:
+    """Parameters of the configured model, built on the meta device (no memory, no weights read),
+    so the storage plan knows the checkpoint size before the cache is built; 0 when that fails."""
+    try:
+        with torch.device("meta"):
+            model = model_from_config(cfg, num_classes, with_weights=False)
+        return sum(p.numel() for p in model.parameters())
+    except Exception as e:  # noqa: BLE001  (an init that needs real tensors: plan without it)
+        log.warning("could not size the model before building it (%s); the storage plan ignores checkpoints", e)
+        return 0
+
+
+def make_scaler(enabled: bool):
+    # torch.amp.GradScaler appeared in torch 2.3; older Kaggle images only have the cuda one.
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
+    counts = None
+    if cfg.class_balanced:
+        counts = (train_targets.sum(0) if task == "multilabel"
+                  else np.bincount(train_targets, minlength=num_classes)).astype(float).tolist()
+    return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
+
+
+def batch_augment(cfg: Config, task: str, num_classes: int, level: str) -> BatchAugment | None:
+    """`level`: the augmentation that runs on the device (assemble.augmentation_split decides)."""
+    if not (level or cfg.mixup > 0 or cfg.cutmix > 0):
+        return None
+    return BatchAugment(level, cfg.mixup, cfg.cutmix, num_classes if task == "multiclass" else 0, fill=cfg.pad_fill)
+
+
+def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndarray,
+                device: torch.device, gpu_aug: str) -> TrainParts:
+    """`gpu_aug`: the batch augmentation level on the device (TrainingData.gpu_aug)."""
+    accel.tune(device, cfg.deterministic)
+    model = model_from_config(cfg, num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = accel.amp_dtype(cfg.amp_dtype, device)
+    if cfg.amp and device.type == "cuda":  # said once here; the other callers of amp_dtype stay quiet
+        log.info("mixed precision: %s%s", accel.dtype_name(dtype),
+                 " with loss scaling" if accel.needs_loss_scaling(cfg.amp, dtype, device) else "")
+        if dtype == torch.bfloat16 and not accel.bf16_is_fast(device):
+            log.warning("!!! amp_dtype=bf16 on %s, which has no fast bf16: expect slow steps (fp16 is faster "
+                        "there)", torch.cuda.get_device_name(device))
+    return TrainParts(model=model, optimizer=create_optimizer(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
+                      scaler=make_scaler(accel.needs_loss_scaling(cfg.amp, dtype, device)),
+                      loss_fn=build_loss(cfg, task, train_targets, num_classes), ema=create_ema(model, cfg.ema),
+                      batch_aug=batch_augment(cfg, task, num_classes, gpu_aug), swa=create_averager(model, cfg.swa))
+
+
+def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: int, device: torch.device,
+                       preprocess: Preprocess) -> None:
+    """cfg.compile: compile now (accel.compile_for_training) on a dummy batch shaped like the real
+    ones, so the time is spent before the schedule is laid over the clock; sets parts.step_model
+    (the compiled model, or None after a logged fallback) and parts.compiled."""
+    n, size = cfg.batch_size, cfg.img_size
+    x = normalize(torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device), cfg.channels_last, preprocess)
+    y = (torch.zeros(n, num_classes, device=device) if task == "multilabel"
+         else torch.zeros(n, dtype=torch.long, device=device))
+    ok = torch.ones(n, device=device)
+    dtype = accel.amp_dtype(cfg.amp_dtype, device)
+
+    def warmup(model: torch.nn.Module) -> None:
+        model.train()
+        with autocast(device, cfg.amp, dtype):
+            logits = model(x)
+        parts.loss_fn(logits, y, ok).backward()
+
+    log.info("compiling %s for training (compile=true; the time counts against the budget)", cfg.model)
+    result = accel.compile_for_training(parts.model, warmup)
+    parts.compiled = result
+    if result.error:
+        log.error("!!! torch.compile failed after %.1fs (%s): training continues with the eager model",
+                  result.seconds, result.error)
+        parts.step_model = None
+    else:
+        log.info("compiled in %.1fs", result.seconds)
+        parts.step_model = result.model
+
+
+def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> FitOptions:
+    return FitOptions(lr=cfg.lr, warmup=cfg.warmup, schedule=cfg.schedule, epochs=cfg.epochs, amp=cfg.amp,
+                      amp_dtype=accel.amp_dtype(cfg.amp_dtype, device),
+                      channels_last=cfg.channels_last, checkpoint_every_s=parse_duration(cfg.checkpoint_every),
+                      threshold=cfg.threshold, min_labels=cfg.min_labels, max_labels=cfg.max_labels,
+                      beta=cfg.beta, clip_grad=cfg.clip_grad, freeze_until=cfg.freeze,
+                      unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg),
+                      resolution=schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at))

@@ -1,0 +1,99 @@
+"""Every decision about how probabilities become labels, in one place.
+
+During training: the validation score and the global threshold of each epoch
+(`score_validation`). After training: the rule for the submission, refined per group or class on
+the best epoch's validation probabilities when asked (`refine_rule`). At inference: the rule a
+checkpoint carries (`rule_from_checkpoint`) and the rule for an average of several
+(`ensemble_rule`). A user's explicit `threshold` always wins.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .labels import decode_multilabel
+from .metrics import accuracy, fbeta_per_image
+from .thresholds import ThresholdRule, groups_from_names, search_classes, search_global, search_groups
+
+log = logging.getLogger("kernelkit")
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The user's settings for multi-label decoding (Config's threshold, threshold_rule, ...)."""
+    threshold: float = -1.0  # <0: searched on validation
+    kind: str = "global"
+    min_labels: int = 0
+    max_labels: int = 0
+    beta: float = 2.0
+
+    @classmethod
+    def of(cls, cfg: Any) -> "RuleSettings":
+        return cls(cfg.threshold, cfg.threshold_rule, cfg.min_labels, cfg.max_labels, cfg.beta)
+
+    def global_rule(self, threshold: float) -> ThresholdRule:
+        t = self.threshold if self.threshold >= 0 else threshold
+        return ThresholdRule("global", [t], self.min_labels, self.max_labels)
+
+
+def score_validation(task: str, targets: np.ndarray, probs: np.ndarray, threshold: float = -1.0,
+                     beta: float = 2.0, min_labels: int = 0, max_labels: int = 0) -> dict:
+    """Competition metric on validation; multi-label also picks the global threshold."""
+    if task == "multilabel":
+        if threshold >= 0:
+            s = fbeta_per_image(targets, decode_multilabel(probs, threshold, min_labels, max_labels), beta)
+            t = threshold
+        else:
+            rule, s = search_global(targets, probs, beta, min_labels=min_labels, max_labels=max_labels)
+            t = rule.values[0]
+        return {"score": s, "threshold": t, "metric": f"F{beta:g} per image"}
+    acc = accuracy(targets, probs)
+    return {"score": acc, "threshold": 0.5, "metric": "accuracy", "top1_error": 1 - acc}
+
+
+def refine_rule(settings: RuleSettings, threshold: float, class_names: list[str],
+                val_targets: np.ndarray | None, val_probs: np.ndarray | None) -> ThresholdRule:
+    """The submission's multi-label rule: the training run's global threshold, refined per group or
+    per class on the best epoch's validation probabilities when `settings.kind` asks for it."""
+    rule = settings.global_rule(threshold)
+    if settings.threshold >= 0 or settings.kind == "global" or val_probs is None or val_targets is None:
+        return rule
+    if val_probs.shape != val_targets.shape:
+        log.warning("validation probabilities do not match the validation split; keeping the global threshold")
+        return rule
+    limits = dict(min_labels=settings.min_labels, max_labels=settings.max_labels)
+    if settings.kind == "group":
+        found, score = search_groups(val_targets, val_probs, groups_from_names(class_names), settings.beta, **limits)
+    else:
+        found, score = search_classes(val_targets, val_probs, settings.beta, show_progress=True, **limits)
+    log.info("threshold rule %s: validation F%g %.4f (global %.4f)", found.kind, settings.beta, score,
+             rule.score(val_targets, val_probs, settings.beta))
+    return found
+
+
+def rule_from_checkpoint(ckpt: dict[str, Any], settings: RuleSettings | None = None) -> ThresholdRule:
+    """The rule a checkpoint was trained to use: its stored rule, else its global threshold with the
+    label limits of the run that trained it. `settings` with threshold >= 0 overrides it."""
+    if settings is not None and settings.threshold >= 0:
+        return settings.global_rule(settings.threshold)
+    if ckpt.get("threshold_rule"):
+        return ThresholdRule.from_dict(ckpt["threshold_rule"])
+    trained = ckpt.get("config", {})
+    return ThresholdRule("global", [float(ckpt.get("threshold", 0.5))], int(trained.get("min_labels", 0)),
+                         int(trained.get("max_labels", 0)))
+
+
+def ensemble_rule(rules: list[ThresholdRule], settings: RuleSettings | None = None) -> ThresholdRule:
+    """Global thresholds of several checkpoints average; a refined rule is taken from the first."""
+    if settings is not None and settings.threshold >= 0:
+        return settings.global_rule(settings.threshold)
+    if len(rules) == 1:
+        return rules[0]
+    if all(r.kind == "global" for r in rules):
+        return ThresholdRule("global", [float(np.mean([r.values[0] for r in rules]))], rules[0].min_labels,
+                             rules[0].max_labels)
+    log.info("using the %s threshold rule of the first checkpoint for the average", rules[0].kind)
+    return rules[0]

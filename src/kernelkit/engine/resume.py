@@ -1,0 +1,134 @@
+"""Continuing a schedule: after a kill in the same out_dir, or in a later Kaggle session.
+
+A Kaggle GPU session lasts at most 9 hours, so one learning-rate schedule can be laid over
+`sessions` of them. Session k trains its slice of the schedule and saves; the next session, given
+the earlier output as `resume_from=.../last.pt`, continues where the schedule stopped, with its own
+budget, inference reserve and submission.
+
+Slices. With a wall-clock schedule (epochs=0) session k covers progress [(k-1)/N, k/N] over its
+own training time: the progress left is shared evenly by the sessions left, so a session that
+stopped early (a SIGTERM, a crash) hands the rest of its slice to the ones after it. With fixed
+epochs, the epochs are split the same way (epoch boundaries, at least one per session). A restart
+of the same session after a kill keeps the slice stored in its checkpoint.
+
+Refused at start (exit 2), before any data is read: a finished schedule (it would train at LR 0;
+predict with --mode infer instead), and a checkpoint whose schedule, model or data split differ
+from this run's (SCHEDULE_KEYS), e.g. another `sessions` value.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint, set_rng_state
+from ..inputs.competition import Competition
+from ..core.config import Config, ConfigError
+from .trainer import FitState, TrainParts
+
+log = logging.getLogger("kernelkit")
+
+# What must not change between the sessions of one schedule: the schedule itself, the model, and
+# the validation split (another split would validate on images the model trained on).
+SCHEDULE_KEYS = ("sessions", "epochs", "schedule", "warmup", "lr", "swa", "freeze", "model", "model2", "head",
+                 "fold", "n_folds", "val_fraction", "seed", "max_train_images")
+
+
+def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
+    """'key: checkpoint X, now Y' for every schedule-defining option that differs (batch_size too with
+    fixed epochs: it sets the number of steps). A key older checkpoints lack counts as its default."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    keys = SCHEDULE_KEYS + (("batch_size",) if cfg.epochs else ())
+    return [f"{k}: checkpoint {trained.get(k, defaults[k])!r}, now {getattr(cfg, k)!r}" for k in keys
+            if trained.get(k, defaults[k]) != getattr(cfg, k)]
+
+
+def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
+    """The checkpoint to continue from, checked before anything slow: one of another model, label set
+    or schedule, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0).
+    A restart in the same out_dir (not `explicit`) with a changed config starts fresh instead."""
+    if path is None:
+        return None
+    ckpt = load_checkpoint(path)
+    trained = ckpt.get("config", {})
+    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
+        if explicit:
+            raise ConfigError(f"resume_from {path}: trained a different model or label set "
+                              f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
+        log.warning("%s belongs to a different model or label set; starting fresh", path)
+        return None
+    differ = config_differences(trained, cfg)
+    if differ and explicit:
+        raise ConfigError(f"resume_from {path}: its schedule was made with other settings ({'; '.join(differ)}). "
+                          "Every session of one schedule needs the same values: set them as the checkpoint has "
+                          "them, or start a new schedule (leave resume_from empty)")
+    if differ:
+        log.warning("%s was trained with other settings (%s); starting fresh", path, "; ".join(differ))
+        return None
+    finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
+    if finished and explicit:
+        raise ConfigError(
+            f"resume_from {path}: its schedule already finished (session {ckpt.get('session', 1)} of "
+            f"{trained.get('sessions', 1)}, epoch {ckpt['epoch']}, progress {ckpt['progress']:.3f}); training on "
+            f"would run at learning rate 0. To predict with it use --mode infer --checkpoints {path}; to train "
+            "more, start a new schedule (leave resume_from empty)")
+    return ckpt
+
+
+def first_slice(sessions: int, epochs: int) -> float:
+    if epochs:
+        return max(1, round(epochs / sessions)) / epochs
+    return 1.0 / sessions
+
+
+def next_slice(ckpt: dict[str, Any], sessions: int, epochs: int) -> tuple[int, float]:
+    """-> (this session's number, progress at which its slice ends) after the checkpoint's session."""
+    done = int(ckpt.get("session", 1))
+    left = sessions - done
+    if left < 1:
+        log.warning("the checkpoint is from session %d of %d but its schedule is not finished (progress %.3f): "
+                    "this extra session trains the rest", done, sessions, ckpt["progress"])
+        left = 1
+    if epochs:
+        e0 = int(ckpt["epoch"])
+        return done + 1, min(epochs, max(e0 + 1, e0 + round((epochs - e0) / left))) / epochs
+    p0 = float(ckpt["progress"])
+    return done + 1, p0 + (1.0 - p0) / left
+
+
+def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, cfg: Config,
+            new_session: bool) -> FitState:
+    """Weights, optimizer, RNG and schedule position from `ckpt`, and this session's slice. A new
+    session selects its own best epoch (its output folder stands alone: best.pt, val_probs, rule)."""
+    if ckpt is None:
+        state = FitState(session=1, session_end=first_slice(cfg.sessions, cfg.epochs))
+    else:
+        parts.model.load_state_dict(ckpt["model"])
+        if parts.ema is not None and "ema" in ckpt:
+            parts.ema.module.load_state_dict(ckpt["ema"])
+            parts.ema.updates = int(ckpt["step"])  # the decay goes on where it was, not warming up again
+        if parts.swa is not None and "swa" in ckpt:
+            parts.swa.load_state_dict(ckpt["swa"])
+        # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
+        # CPU, and a CPU one's on a GPU, each with the kernel it can run.
+        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(parts.optimizer.param_groups, flags):
+            group.update(own)
+        if ckpt.get("scaler") and parts.scaler.is_enabled():
+            parts.scaler.load_state_dict(ckpt["scaler"])
+        # else: bf16 <-> fp16 across sessions on different GPUs (an H100, then a T4): the loss scale
+        # starts afresh, which GradScaler finds within a few steps.
+        set_rng_state(ckpt["rng"])
+        session, end = (next_slice(ckpt, cfg.sessions, cfg.epochs) if new_session
+                        else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
+        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
+                         best_score=-math.inf if new_session else ckpt["best_score"], threshold=ckpt["threshold"],
+                         session=session, session_end=end)
+        log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
+    if cfg.sessions > 1:
+        log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,
+                 cfg.sessions, state.progress, state.session_end)
+    return state

@@ -1,0 +1,414 @@
+"""The training loop under a wall-clock budget.
+
+One `Trainer` holds everything a step changes (model, optimizer, scaler, EMA, the progress in
+`FitState`); `fit` returns its result in memory (`FitResult`: history, the best epoch's
+validation probabilities, the state). Checkpoints go through a `checkpoint.Checkpointer`, which
+owns the file names; the loop only says when.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
+from .checkpoint import Checkpointer, rng_state
+from ..data.loaders import DeviceFeeder
+from ..decide.rules import score_validation
+from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from .evaluate import OutOfMemory, autocast, predict
+from .learning_check import CHECK_AT, at_prior, stuck_message
+from ..model.factory import set_trainable
+from ..core.progress import progress
+from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
+from ..core.stopping import StopFlag
+from .swa import conclude_average
+from ..data.transforms import IMAGENET, Preprocess, normalize
+
+log = logging.getLogger("kernelkit")
+
+LOG_EVERY = 25  # steps between progress-bar loss updates (each one waits for the GPU)
+
+
+@dataclass
+class FitOptions:
+    lr: float = 1e-3
+    warmup: float = 0.05
+    schedule: str = "linear"
+    epochs: int = 0  # 0: train until the time budget (minus the inference reserve) is spent
+    amp: bool = True
+    amp_dtype: torch.dtype = torch.float16  # accel.amp_dtype: bf16 on Ampere and later
+    channels_last: bool = False
+    checkpoint_every_s: float = 1200.0
+    threshold: float = -1.0  # multi-label: <0 searches on validation
+    min_labels: int = 0
+    max_labels: int = 0
+    beta: float = 2.0
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    freeze_until: float = 0.0  # progress until which only the head trains (1.0: linear probe)
+    unfreeze_blocks: int = 0  # then train the last N backbone blocks (0: all)
+    preprocess: Preprocess = IMAGENET  # the input statistics the weights expect
+    learn_check_at: float = CHECK_AT  # share of training after which a score at the label prior is flagged
+    learn_hint: str = ""  # likely causes, named in that warning
+    resolution: ResolutionSchedule | None = None  # progressive resizing over the clock; None: always full size
+
+
+@dataclass
+class TrainParts:
+    """What a step updates. batch_aug: (x uint8 on device, y, ok) -> (x float 0-255, y, ok)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    loss_fn: Callable
+    ema: Any = None
+    batch_aug: Callable | None = None
+    swa: Any = None  # swa.WeightAverage: running average of the weights over the end of the schedule
+    step_model: Any = None  # the torch.compile'd model the training steps run (accel); None: `model`
+    compiled: Any = None  # accel.Compiled: how the compile went (seconds, error), for the summary
+
+
+@dataclass
+class FitState:
+    """Where training is; saved in every checkpoint, restored on resume."""
+    epoch: int = 0
+    step: int = 0
+    progress: float = 0.0
+    best_score: float = -math.inf
+    threshold: float = 0.5
+    nonfinite_steps: int = 0
+    bad_images: int = 0
+    micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
+    session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
+    session_end: float = 1.0  # progress at which this session's slice of the schedule ends
+
+
+@dataclass
+class Validation:
+    loader: Any
+    targets: np.ndarray
+    task: str
+    prior: float | None = None  # score of the best constant prediction: the bar learning must clear
+
+
+@dataclass
+class FitResult:
+    state: FitState
+    history: list[dict] = field(default_factory=list)
+    stop_reason: str = "budget"  # budget | epochs | signal | finished
+    best_val_probs: np.ndarray | None = None
+    average: dict | None = None  # the weight average's verdict (swa): snapshots, its score, whether it predicts
+    warnings: list[str] = field(default_factory=list)  # loud but not failures (the model is not learning)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class Trainer:
+    """Trains `parts` until the budget (minus the measured inference reserve), `opts.epochs`, or a
+    stop request. Under DDP (`dist`) rank 0's clock rules and only rank 0 validates and saves."""
+
+    def __init__(self, parts: TrainParts, opts: FitOptions, clock: BudgetClock, reserve: InferenceReserve,
+                 device: torch.device, saver: Checkpointer | None = None, dist: DistInfo = SINGLE,
+                 stop: StopFlag | None = None, state: FitState | None = None):
+        self.parts, self.opts, self.clock, self.reserve = parts, opts, clock, reserve
+        self.device, self.saver, self.dist, self.stop = device, saver, dist, stop
+        self.state = state or FitState()
+        self.core = unwrap(parts.model)
+        # The steps run the compiled model when there is one; validation, EMA and checkpoints use
+        # the plain module (same weights), so no eval-mode recompile and no '_orig_mod.' keys.
+        self.step_model = parts.step_model if parts.step_model is not None else parts.model
+        self.total_steps = self.stop_step = 0
+        self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
+        self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
+        self.frozen = False
+        self.last_save = time.time()
+        self.stop_reason = "budget"
+        self.learning_checked = False
+        self.train_px = 0  # the input size of the last training step (progressive resizing)
+        self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        if opts.resolution is not None and fixed_input_size(self.core):
+            # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
+            log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
+                        "a fixed size); training runs at img_size throughout")
+            self.opts = dataclasses.replace(opts, resolution=None)
+
+    # ------------------------------------------------------------------ schedule and stopping
+    def deadline(self) -> float:
+        return self.clock.total_s - self.clock.margin_s - self.reserve.seconds()
+
+    def time_is_up(self) -> bool:
+        if self.stop is not None and self.stop.requested:
+            self.stop_reason = "signal"
+            return True
+        if self.stop_step and self.state.step >= self.stop_step:
+            self.stop_reason = "epochs"
+            return True
+        return self.clock.elapsed() + self.step_s >= self.deadline()
+
+    def control(self) -> tuple[bool, float]:
+        """-> (stop now?, this step's LR); every rank adopts rank 0's answer."""
+        stop, self.state.progress = agree(self.dist, self.time_is_up(),
+                                          self.schedule.at(self.deadline(), self.state.step))
+        if self.opts.freeze_until > 0:
+            self.follow_freeze_schedule()
+        return stop, self.opts.lr * lr_factor(self.state.progress, self.opts.warmup, self.opts.schedule)
+
+    def follow_freeze_schedule(self) -> None:
+        want = self.state.progress < self.opts.freeze_until
+        if want != self.frozen:
+            blocks = 0 if want else (self.opts.unfreeze_blocks or None)
+            n = set_trainable(self.core, blocks)
+            log.info("%s: %d trainable parameters", "backbone frozen" if want else
+                     f"unfreezing {'all' if blocks is None else f'the last {blocks}'} backbone blocks", n)
+            self.frozen = want
+
+    def follow_resolution(self) -> int:
+        """This step's input size; each stage change is logged once (the plan on the first step)."""
+        px = self.opts.resolution.size_at(self.state.progress)
+        if px != self.train_px:
+            if not self.train_px:
+                log.info("resolution: %s (p=%.2f now)", self.opts.resolution.describe(), self.state.progress)
+            else:
+                log.info("resolution -> %d px at p=%.2f", px, self.state.progress)
+            self.train_px = px
+        return px
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, train_loader, val: Validation | None) -> FitResult:
+        """Epochs until told to stop; validate and checkpoint at each epoch end."""
+        opts, state = self.opts, self.state
+        self.total_steps = opts.epochs * len(train_loader) if opts.epochs else 0
+        # Fixed epochs split over sessions: this session ends at the epoch its slice ends at.
+        stop_epoch = round(state.session_end * opts.epochs)
+        self.stop_step = stop_epoch * len(train_loader)
+        self.schedule = Progress(self.clock, state.progress, self.total_steps, state.session_end)
+        if self.parts.swa is not None:
+            self.reserve.extra_images, self.reserve.extra_loaders = self.parts.swa.extra_images(train_loader,
+                                                                                                self.reserve.n_val)
+        result = self.result
+        while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
+            tr = self.train_epoch(train_loader)
+            if tr["images"]:
+                self.reserve.train_ips = tr["images_per_s"]
+            if self.dist.is_main:
+                result.history.append(self.end_of_epoch(tr, val, result))
+                self.save("last.pt", epoch_done=not tr["stopped"])
+            if tr["stopped"] or not tr["images"]:
+                break
+            state.epoch += 1
+        result.stop_reason = "epochs" if opts.epochs and state.epoch >= stop_epoch else self.stop_reason
+        if self.dist.is_main and (val is None or not len(val.targets)):
+            self.save("best.pt", epoch_done=True)  # nothing to select on: the last weights are the best
+        if self.dist.is_main and self.parts.swa is not None:
+            self.use_average(train_loader, val, result)
+        return result
+
+    def use_average(self, train_loader, val: Validation | None, result: FitResult) -> None:
+        """The weight average becomes best.pt (what the submission predicts with) when it validates at
+        least as well as the last and the best weights; both scores are logged either way."""
+        last = result.history[-1].get("val_score") if result.history else None
+        if self.stop is not None and self.stop.requested:
+            log.info("weight average skipped: the grace after the stop request is for the prediction")
+            return
+        won = conclude_average(self.parts.swa, train_loader, val, self.device, self.opts, self.state.best_score, last)
+        if won is None:
+            return
+        best = self.state.best_score if math.isfinite(self.state.best_score) else None
+        result.average = {"snapshots": self.parts.swa.n, "score": won["score"], "last_score": last,
+                          "best_score": best, "predicts": won["use"]}
+        if not won["use"]:
+            return
+        if won["probs"] is not None:
+            self.state.best_score, self.state.threshold = won["score"], won["threshold"]
+            result.best_val_probs = won["probs"]
+        self.save("best.pt", epoch_done=True, weights=self.parts.swa.module.state_dict())
+
+    def train_epoch(self, loader, max_steps: int = 0) -> dict:
+        """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
+        parts, opts, state = self.parts, self.opts, self.state
+        parts.model.train()
+        images, stopped, n_losses = 0, False, 0
+        # Loss and skipped images are summed on the device and read at the end (and for the bar every
+        # LOG_EVERY steps): reading them per step would make the CPU wait for the GPU at every step
+        # end, leaving the GPU idle while the next step is prepared.
+        loss_sum, unreadable = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        recent: deque = deque(maxlen=50)
+        t0 = t_prev = time.time()
+        t_first, first_n = None, 0
+        bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
+        for x, y, ok in bar:
+            stop, lr = self.control()
+            if stop or (max_steps and state.step >= max_steps):
+                stopped = True
+                break
+            set_lr(parts.optimizer, lr)
+            if parts.batch_aug is not None:
+                x, y, ok = parts.batch_aug(x, y, ok)
+            if opts.resolution is not None:
+                x = resize_batch(x, self.follow_resolution())
+            loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
+            if loss is None:
+                self.skip_update()
+                continue
+            self.update()
+            unreadable += (ok == 0).sum()
+            images += len(ok)
+            loss_sum += loss.detach()
+            recent.append(loss.detach())
+            n_losses += 1
+            now = time.time()
+            self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
+            t_prev = now
+            if t_first is None:
+                t_first, first_n = now, images
+            if n_losses % LOG_EVERY == 1:
+                bar.set_postfix(loss=f"{torch.stack(tuple(recent)).mean().item():.4f}",
+                                lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}", p=f"{state.progress:.2f}",
+                                refresh=False)
+            if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
+                self.save("last.pt", epoch_done=False)
+        bar.close()
+        skipped = int(unreadable.item())
+        state.bad_images += skipped
+        t_end = time.time()
+        # Throughput after the first step, which carries worker start-up and lazy initialisation.
+        steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
+        return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
+                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
+                "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
+
+    def update(self) -> None:
+        """Clip, step (the scaler skips an overflowing fp16 step), then the weight averages."""
+        parts, state = self.parts, self.state
+        if self.opts.clip_grad > 0:
+            parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.opts.clip_grad)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        if parts.ema is not None:
+            parts.ema.update(self.core)
+        if parts.swa is not None:
+            parts.swa.update(self.core, state.progress)
+        state.step += 1
+
+    def skip_update(self) -> None:
+        """One NaN batch must not poison the weights of a 9-hour run: no update (on every rank
+        together, or the gradient all-reduce would wait forever)."""
+        self.parts.optimizer.zero_grad(set_to_none=True)
+        self.state.nonfinite_steps += 1
+        log.warning("non-finite loss at step %d; update skipped (%d so far)", self.state.step,
+                    self.state.nonfinite_steps)
+        self.state.step += 1
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
+        """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
+
+        Out of memory: free what we can, split the batch in twice as many pieces and retry it. The
+        pieces are weighted by their share of valid images, so the gradient equals the full batch's
+        and the effective batch size (hence the LR that suits it) does not change.
+        """
+        state = self.state
+        while True:
+            self.parts.optimizer.zero_grad(set_to_none=True)
+            try:
+                return self._accumulate(x, y, ok, state.micro_batches)
+            except OutOfMemory:
+                if self.dist.enabled or state.micro_batches >= len(x):
+                    raise  # ranks would disagree on the number of backward passes
+                self.parts.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                state.micro_batches *= 2
+                log.warning("out of memory at batch size %d: continuing with %d micro-batches of ~%d "
+                            "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
+                            -(-len(x) // state.micro_batches))
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor | None:
+        total_weight = ok.sum().clamp_min(1.0)
+        batch_loss = torch.zeros((), device=self.device)
+        for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
+            with autocast(self.device, self.opts.amp, self.opts.amp_dtype):
+                logits = self.step_model(xs)
+            loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
+            if not all_finite(self.dist, loss):
+                return None
+            self.parts.scaler.scale(loss).backward()
+            batch_loss += loss.detach()
+        return batch_loss
+
+    # ------------------------------------------------------------------ validation and checkpoints
+    def end_of_epoch(self, tr: dict, val: Validation | None, result: FitResult) -> dict:
+        """Validate, keep best.pt and its validation probabilities; -> the epoch's history row."""
+        state, opts = self.state, self.opts
+        row = {"epoch": state.epoch, "train_loss": tr["loss"], "train_images": tr["images"],
+               "train_s": round(tr["seconds"], 2), "lr_end": tr["lr"], "progress": round(state.progress, 4),
+               "elapsed_s": round(self.clock.elapsed(), 1)}
+        if self.opts.resolution is not None:
+            row["train_px"] = self.train_px  # the size at the epoch's end (stage changes are logged)
+        if val is None or not len(val.targets) or not tr["images"] or self.stop_reason == "signal":
+            # After SIGTERM the grace is for the test prediction, not for a validation pass.
+            log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
+            return row
+        model = self.core if self.parts.ema is None else self.parts.ema.module
+        out = predict(model, val.loader, self.device, val.task, amp=opts.amp, channels_last=opts.channels_last,
+                      desc="validate", pre=opts.preprocess, amp_dtype=opts.amp_dtype)
+        va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
+                              opts.max_labels)
+        self.reserve.val_ips = out["images_per_s"]
+        self.reserve.observe_startup(out["startup_s"])
+        row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(out["seconds"], 2))
+        if va["score"] > state.best_score:
+            state.best_score, state.threshold = va["score"], va["threshold"]
+            result.best_val_probs = out["probs"].astype(np.float32)
+            self.save("best.pt", epoch_done=not tr["stopped"])
+        log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+                 va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
+        self.check_learning(val.prior, va["metric"], result)
+        return row
+
+    def check_learning(self, prior: float | None, metric: str, result: FitResult) -> None:
+        """Once, at the first validation past `learn_check_at` of training: is the best score still at
+        the label prior? Then warn loudly (and keep training: the submission still comes)."""
+        if self.learning_checked or prior is None or self.state.progress < self.opts.learn_check_at:
+            return
+        self.learning_checked = True
+        if at_prior(self.state.best_score, prior):
+            msg = stuck_message(self.state.best_score, prior, self.state.progress, metric, self.opts.learn_hint)
+            log.warning("!!! %s", msg)
+            result.warnings.append(msg)
+
+    def timing(self, tr: dict) -> str:
+        """Schedule position, speed, elapsed/budget and when training will end."""
+        train_left = self.deadline() - self.clock.elapsed()
+        return (f"p={self.state.progress:.2f}  {tr['images_per_s']:.0f} img/s  [{self.clock.fmt()}, training ends "
+                f"in {fmt_seconds(train_left)}, then ~{fmt_seconds(self.reserve.seconds())} inference]")
+
+    def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
+        """A failed save (full disk, I/O error) is logged and counted by the checkpointer; training goes on.
+        `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
+        self.last_save = time.time()
+        if self.saver is None:
+            return
+        parts, state = self.parts, self.state
+        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
+        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}
+        payload = {
+            "model": weights or self.core.state_dict(), **ema, **swa,
+            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+            "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
+            "best_score": state.best_score, "threshold": state.threshold,
+            "session": state.session, "session_end": state.session_end,
+            "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
+        }
+        self.saver.save(name, payload)  # returns once snapshotted; failures are counted by the checkpointer

@@ -1,0 +1,181 @@
+"""timm models by name, optional custom heads and feature concatenation, freezing by blocks.
+
+Pretrained weights only ever come from a local file.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
+import timm
+import torch
+from torch import nn
+
+from ..data.transforms import Preprocess
+from ..core.weights import resolve_weights
+
+log = logging.getLogger("kernelkit")
+
+HEADS = ("linear", "mlp")
+
+
+def create_model(name: str, num_classes: int, pretrained_path: str = "", drop_rate: float = 0.0) -> nn.Module:
+    """Build `name` with a fresh `num_classes` head (num_classes=0: pooled features only).
+
+    With `pretrained_path`, timm loads that file through `pretrained_cfg_overlay` and drops the
+    classifier when its size differs, so ImageNet weights give a new head for our classes.
+    """
+    if name not in timm.list_models() and not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r} (timm {timm.__version__})")
+    kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
+    if pretrained_path:
+        if not Path(pretrained_path).exists():
+            raise FileNotFoundError(
+                f"pretrained_path {pretrained_path} not found; attach the weights as a Kaggle dataset and point to the file")
+        src = resolve_weights(pretrained_path)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=src.overlay(), **kwargs)
+        log.info("loaded pretrained weights from %s%s", src.file,
+                 f" ({src.architecture}, {src.num_classes} classes)" if src.architecture else "")
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    return model
+
+
+def preprocess_of(model: nn.Module) -> Preprocess:
+    """The input statistics the model's weights expect (timm's data config: 0.5/0.5 for many ViTs,
+    the CLIP mean for CLIP weights, ImageNet's for most CNNs); the first backbone's for a feature-head model."""
+    from timm.data import resolve_data_config
+    backbone = model.backbones[0] if isinstance(model, FeatureHeadModel) else model
+    dc = resolve_data_config({}, model=backbone)
+    return Preprocess(tuple(float(v) for v in dc["mean"]), tuple(float(v) for v in dc["std"]),
+                      str(dc.get("interpolation", "bilinear")))
+
+
+class FeatureHeadModel(nn.Module):
+    """Pooled features of one or more backbones, concatenated, under one trained head.
+
+    head 'mlp' is the Scene-15 seed's BatchNorm -> Dense(hidden) -> ReLU -> Dropout -> Dense;
+    two backbones are the Helsinki seed's ensemble of concatenated transfer features.
+    """
+
+    def __init__(self, backbones: list[nn.Module], num_classes: int, head: str = "linear", hidden: int = 256,
+                 dropout: float = 0.5):
+        super().__init__()
+        self.backbones = nn.ModuleList(backbones)
+        dim = sum(b.num_features for b in backbones)
+        if head == "linear":
+            self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
+        elif head == "mlp":
+            self.head = nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, hidden), nn.ReLU(inplace=True),
+                                      nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        else:
+            raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([b(x) for b in self.backbones], dim=1))
+
+
+def build_model(name: str, num_classes: int, pretrained_path: str = "", drop_rate: float = 0.0,
+                head: str = "linear", head_hidden: int = 256, head_dropout: float = 0.5,
+                second_model: str = "", second_pretrained_path: str = "") -> nn.Module:
+    """The plain timm model when that is all that is asked, else a FeatureHeadModel."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose from {HEADS}")
+    if head == "linear" and not second_model:
+        return create_model(name, num_classes, pretrained_path, drop_rate)
+    backbones = [create_model(name, 0, pretrained_path)]
+    if second_model:
+        backbones.append(create_model(second_model, 0, second_pretrained_path))
+    return FeatureHeadModel(backbones, num_classes, head, head_hidden, head_dropout)
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    if isinstance(model, FeatureHeadModel):
+        return list(model.head.parameters())
+    return list(model.get_classifier().parameters())
+
+
+def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Backbone parameters in timm's coarse groups (stem, stage 1, ..., last stage), input first.
+
+    With several backbones the i-th group from the end of each one is merged, so "the last N
+    blocks" means the last N of every backbone.
+    """
+    from timm.models import group_parameters
+    backbones = model.backbones if isinstance(model, FeatureHeadModel) else [model]
+    head_ids = {id(p) for p in head_parameters(model)}
+    per_backbone = []
+    for b in backbones:
+        groups = group_parameters(b, b.group_matcher(coarse=True))
+        blocks = [[b.get_parameter(n) for n in names] for _, names in sorted(groups.items())]
+        per_backbone.append([[p for p in blk if id(p) not in head_ids] for blk in blocks])
+    depth = max(len(g) for g in per_backbone)
+    merged = []
+    for i in range(depth, 0, -1):  # align from the output end
+        merged.append([p for g in per_backbone if len(g) >= i for p in g[-i]])
+    return [blk for blk in merged if blk]
+
+
+def set_trainable(model: nn.Module, blocks: int | None) -> int:
+    """Train the head plus the last `blocks` backbone blocks (None: everything, 0: head only,
+    i.e. a linear probe). -> number of trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(blocks is None)
+    if blocks is not None:
+        for p in head_parameters(model):
+            p.requires_grad_(True)
+        for blk in backbone_blocks(model)[len(backbone_blocks(model)) - blocks:] if blocks else []:
+            for p in blk:
+                p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def create_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float = 0.0):
+    """AdamW without weight decay on norms and biases; layer_decay < 1 scales each block's LR by
+    layer_decay ** (depth from the top), stored as the group's `lr_scale`.
+
+    On a GPU the fused AdamW kernel: one launch for all parameters instead of several per tensor,
+    and with a GradScaler it skips an overflowing step on the device, without the host sync (and
+    the GPU idle time) that checking found_inf on the CPU costs every step."""
+    import timm.optim
+    if layer_decay and isinstance(model, FeatureHeadModel):
+        raise ValueError("layer_decay needs the plain timm model (head='linear', no second backbone)")
+    kwargs = dict(opt="adamw", lr=lr, weight_decay=weight_decay, layer_decay=layer_decay or None)
+    params = list(model.parameters())
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        try:
+            return timm.optim.create_optimizer_v2(model, fused=True, **kwargs)
+        except (TypeError, RuntimeError, ValueError) as e:  # an older torch without fused AdamW
+            log.info("fused AdamW unavailable (%s); using the default implementation", e)
+    return timm.optim.create_optimizer_v2(model, **kwargs)
+
+
+def ema_decay(target: float, updates: int) -> float:
+    """The decay after `updates` updates: (1 + n) / (10 + n), capped at the target. With a fixed 0.999
+    a run of a few hundred steps keeps an average of mostly the random initial weights, and that
+    average is what validates and predicts (the helsinki14 preset stayed at the label prior)."""
+    return min(target, (1.0 + updates) / (10.0 + updates))
+
+
+def create_ema(model: nn.Module, decay: float):
+    """Exponential moving average of the weights (timm's), decay warmed up by `ema_decay`, or None
+    when decay is 0. `updates` counts the updates (restored from the step on resume)."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV2
+    base = getattr(timm.utils, "ModelEmaV3", ModelEmaV2)
+
+    class WarmupEma(base):  # the base class depends on the timm version (V3 appeared in 1.0)
+        def __init__(self, model: nn.Module, target: float):
+            super().__init__(model, decay=target)
+            self.target, self.updates = target, 0
+
+        @torch.no_grad()
+        def update(self, model: nn.Module, *args, **kwargs) -> None:
+            # timm's own warmup (V3 only) needs a step argument our loop does not pass
+            self.decay = ema_decay(self.target, self.updates)
+            super().update(model)
+            self.updates += 1
+
+    return WarmupEma(model, decay)
