@@ -122,14 +122,23 @@ from typing import Callable
 
 import numpy as np
 
-from ..decide.ensemble import BlendInputError, Member, find_run_dirs, fit_weights, group_members, load_member, mix, search_rows
-from ..inputs.competition import Competition
 from ..core.config import Config, ConfigError
 from ..core.context import PREDICTING, RunContext
-from ..decide.rules import RuleSettings, refine_rule, score_validation
 from ..core.fileio import write_json
-from .predictor import write_predictions
+from ..decide.ensemble import (
+    BlendInputError,
+    Member,
+    find_run_dirs,
+    fit_weights,
+    group_members,
+    load_member,
+    mix,
+    search_rows,
+)
+from ..decide.rules import RuleSettings, refine_rule, score_validation
 from ..decide.thresholds import ThresholdRule
+from ..inputs.competition import Competition
+from .predictor import write_predictions
 
 log = logging.getLogger("kernelkit")
 
@@ -217,8 +226,8 @@ from typing import Any
 from ..core import env
 from ..core.config import ConfigError, make_config
 from ..core.context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
-from ..inputs.discovery import find_competition
 from ..core.stopping import handle_signals
+from ..inputs.discovery import find_competition
 
 log = logging.getLogger("kernelkit")
 
@@ -310,8 +319,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ..inputs.competition import Competition, cells_to_onehot
 from ..decide.metrics import fbeta_per_image
+from ..inputs.competition import Competition, cells_to_onehot
 
 log = logging.getLogger("kernelkit")
 
@@ -424,16 +433,16 @@ import time
 import torch
 
 from ..build.assemble import build_training_data
-from ..engine.budget import BudgetClock, InferenceReserve
-from ..inputs.competition import Competition
 from ..build.components import build_parts, fit_options
 from ..core.config import budget_seconds
 from ..core.context import RunContext
-from ..model.factory import preprocess_of
-from .predictor import probe_inference
+from ..engine.budget import BudgetClock, InferenceReserve
 from ..engine.plan import Plan, make_plan
 from ..engine.resolution import ResolutionSchedule, effective_ips, fmt_ips
 from ..engine.trainer import Trainer
+from ..inputs.competition import Competition
+from ..model.factory import preprocess_of
+from .predictor import probe_inference
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
 STAGE_STEPS = 5  # per stage size with progressive resizing (the first is not timed)
@@ -482,13 +491,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.config import ConfigError, parse_duration
+from ..core.context import PREDICTING, RunContext
+from ..core.fileio import write_npy
+from ..decide.rules import RuleSettings, ensemble_rule
 from ..engine.budget import BudgetClock, affordable_tta
 from ..engine.checkpoint import INFERENCE_DIR, INFERENCE_META
 from ..inputs.competition import Competition
-from ..core.config import ConfigError, parse_duration
-from ..core.context import PREDICTING, RunContext
-from ..decide.rules import RuleSettings, ensemble_rule
-from ..core.fileio import write_npy
 from .predictor import load_predictor, plan_tta, predict_test, write_predictions
 
 log = logging.getLogger("kernelkit")
@@ -572,23 +581,30 @@ import time
 import torch
 
 from ..build import autopick
-
-from ..core import distributed
-
-from ..core import env
-from ..engine.budget import BudgetClock, fmt_seconds
-from .blend_job import run_blend
-from ..engine.checkpoint import best_available
-from ..inputs.competition import Competition, check_submission_writable, load_competition
+from ..core import distributed, env
 from ..core.config import ConfigError, budget_seconds
-from ..core.context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
-                      TRAINING, Outcome, RunContext, setup_logging)
-from .demo import make_demo_competition, score_demo_submission
+from ..core.context import (
+    EXIT_NO_SUBMISSION,
+    EXIT_OK,
+    EXIT_PLAN_DOES_NOT_FIT,
+    EXIT_REFUSED,
+    PREDICTING,
+    SETUP,
+    TRAINING,
+    Outcome,
+    RunContext,
+    setup_logging,
+)
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
-from .infer_job import run_infer
-from ..engine.run_state import finish_run, run_start
 from ..core.stopping import handle_signals
+from ..engine.budget import BudgetClock, fmt_seconds
+from ..engine.checkpoint import best_available
+from ..engine.run_state import finish_run, run_start
+from ..inputs.competition import Competition, check_submission_writable, load_competition
+from .blend_job import run_blend
+from .demo import make_demo_competition, score_demo_submission
+from .infer_job import run_infer
 from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
@@ -786,12 +802,12 @@ import logging
 
 import torch
 
-from ..core import env
 from ..build.assemble import cache_root
-from ..engine.budget import BudgetClock
-from ..engine.checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
+from ..core import env
 from ..core.context import Outcome, RunContext
 from ..core.storage import checkpoint_bytes, remove_cache_from_output
+from ..engine.budget import BudgetClock
+from ..engine.checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
 
 log = logging.getLogger("kernelkit")
 
@@ -839,21 +855,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.accel import amp_dtype
 from ..build.assemble import test_loader
+from ..build.components import model_from_config
+from ..core.accel import amp_dtype
+from ..core.config import Config
+from ..core.fileio import write_npy
+from ..core.stopping import StopFlag
+from ..data.transforms import IMAGENET, Preprocess, tta_views
+from ..decide.labels import decode
+from ..decide.rules import RuleSettings, rule_from_checkpoint
+from ..decide.thresholds import ThresholdRule
 from ..engine.budget import affordable_tta
 from ..engine.checkpoint import inference_weights, load_checkpoint
-from ..inputs.competition import Competition, format_predictions, write_submission
-from ..build.components import model_from_config
-from ..model.factory import preprocess_of
-from ..core.config import Config
-from ..decide.rules import RuleSettings, rule_from_checkpoint
-from ..decide.labels import decode
-from ..core.fileio import write_npy
 from ..engine.evaluate import predict
-from ..core.stopping import StopFlag
-from ..decide.thresholds import ThresholdRule
-from ..data.transforms import IMAGENET, Preprocess, tta_views
+from ..inputs.competition import Competition, format_predictions, write_submission
+from ..model.factory import preprocess_of
 
 log = logging.getLogger("kernelkit")
 
@@ -951,25 +967,25 @@ from pathlib import Path
 
 import torch
 
-from ..core import distributed
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
-from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
-from ..engine.checkpoint import BEST, LAST, Checkpointer
-from ..inputs.competition import Competition
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
+from ..core import distributed
 from ..core.config import Config, ConfigError, budget_seconds, parse_duration
 from ..core.context import PREDICTING, TRAINING, Outcome, RunContext
-from ..decide.rules import RuleSettings, refine_rule
 from ..core.distributed import DistInfo
-from ..model.factory import preprocess_of
-from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from ..decide.reports import write_label_statistics
-from ..engine.resume import check_resume, restore
-from .train_reports import validation_reports, write_history
-from ..engine.run_state import begin_run
-from .outputs import export_seconds, finish_outputs
+from ..decide.rules import RuleSettings, refine_rule
 from ..decide.thresholds import ThresholdRule, prior_baseline
+from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
+from ..engine.checkpoint import BEST, LAST, Checkpointer
+from ..engine.resume import check_resume, restore
+from ..engine.run_state import begin_run
 from ..engine.trainer import FitResult, Trainer, Validation
+from ..inputs.competition import Competition
+from ..model.factory import preprocess_of
+from .outputs import export_seconds, finish_outputs
+from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
+from .train_reports import validation_reports, write_history
 
 log = logging.getLogger("kernelkit")
 
@@ -1148,13 +1164,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..inputs.competition import Competition
 from ..core.config import Config
 from ..core.fileio import atomic_write, write_npy
 from ..data.folds import save_oof
 from ..decide.reports import plot_history, write_error_analysis
 from ..decide.thresholds import ThresholdRule
 from ..engine.trainer import FitResult
+from ..inputs.competition import Competition
 
 
 def write_history(history: list[dict], out_dir: Path) -> None:
@@ -1194,19 +1210,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core import distributed
-
-from ..core import env
-from ..data.cache import BuildStopped, ImageCache, build_cache, open_cache
-from ..inputs.competition import Competition
+from ..core import distributed, env
 from ..core.config import Config
-from ..data.loaders import ImageDataset, make_loader, split_indices
 from ..core.distributed import DistInfo
-from ..data.folds import make_folds
-from ..data.sampling import balanced_sampler
 from ..core.stopping import StopFlag
 from ..core.storage import GB, plan_storage
+from ..data.cache import BuildStopped, ImageCache, build_cache, open_cache
+from ..data.folds import make_folds
+from ..data.loaders import ImageDataset, make_loader, split_indices
+from ..data.sampling import balanced_sampler
 from ..data.transforms import EvalTransform, TrainTransform
+from ..inputs.competition import Competition
 
 log = logging.getLogger("kernelkit")
 
@@ -1366,15 +1380,15 @@ from typing import Callable
 import torch
 
 from ..core import distributed
-from ..engine.budget import fmt_seconds
-from ..inputs.competition import Competition
+from ..core.accel import amp_dtype
 from ..core.config import Config, budget_seconds
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..core.accel import amp_dtype
+from ..engine.budget import fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
 from ..engine.resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
+from ..inputs.competition import Competition
 
 log = logging.getLogger("kernelkit")
 
@@ -1690,14 +1704,14 @@ import torch
 
 from ..core import accel
 from ..core.config import Config, parse_duration, parse_kwargs
+from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
+from ..engine.evaluate import autocast
 from ..engine.learning_check import likely_causes
-from ..model.losses import get_loss
-from ..model.factory import build_model, create_ema, create_optimizer
 from ..engine.resolution import schedule_from
 from ..engine.swa import create_averager
 from ..engine.trainer import FitOptions, TrainParts
-from ..engine.evaluate import autocast
-from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
+from ..model.factory import build_model, create_ema, create_optimizer
+from ..model.losses import get_loss
 
 log = logging.getLogger("kernelkit")
 
@@ -3216,9 +3230,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
+from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 
@@ -4028,8 +4042,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
 
-from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
 from ..core.stopping import ignore_in_worker
+from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
 from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")
@@ -5605,9 +5619,9 @@ from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
+from ..core.progress import progress
 from .labels import apply_thresholds, limit_labels, order_and_ranks
 from .metrics import fbeta_per_image
-from ..core.progress import progress
 
 KINDS = ("global", "group", "class")
 
@@ -6379,8 +6393,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..data.loaders import DeviceFeeder
 from ..core.progress import progress
+from ..data.loaders import DeviceFeeder
 from ..data.transforms import Preprocess, normalize, tta_identity
 
 
@@ -6767,9 +6781,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint, set_rng_state
-from ..inputs.competition import Competition
 from ..core.config import Config, ConfigError
+from ..inputs.competition import Competition
+from .checkpoint import load_checkpoint, set_rng_state
 from .trainer import FitState, TrainParts
 
 log = logging.getLogger("kernelkit")
@@ -6974,9 +6988,9 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from ..data.transforms import Preprocess, normalize
 from ..decide.rules import score_validation
 from .evaluate import autocast, predict
-from ..data.transforms import Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
 
@@ -7097,19 +7111,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from ..core.progress import progress
+from ..core.stopping import StopFlag
+from ..data.loaders import DeviceFeeder
+from ..data.transforms import IMAGENET, Preprocess, normalize
+from ..decide.rules import score_validation
+from ..model.factory import set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import Checkpointer, rng_state
-from ..data.loaders import DeviceFeeder
-from ..decide.rules import score_validation
-from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .evaluate import OutOfMemory, autocast, predict
 from .learning_check import CHECK_AT, at_prior, stuck_message
-from ..model.factory import set_trainable
-from ..core.progress import progress
 from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
-from ..core.stopping import StopFlag
 from .swa import conclude_average
-from ..data.transforms import IMAGENET, Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
 
@@ -7514,9 +7528,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
 from ..core.config import IMAGE_EXTS
 from ..core.fileio import atomic_write
+from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
 from .discovery import TEST_DIRS, TRAIN_DIRS
 
 log = logging.getLogger("kernelkit")
@@ -8381,13 +8395,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
 import timm
 import torch
 from torch import nn
 
-from ..data.transforms import Preprocess
+from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
 from ..core.weights import resolve_weights
+from ..data.transforms import Preprocess
 
 log = logging.getLogger("kernelkit")
 

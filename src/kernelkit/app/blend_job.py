@@ -12,14 +12,23 @@ from typing import Callable
 
 import numpy as np
 
-from ..decide.ensemble import BlendInputError, Member, find_run_dirs, fit_weights, group_members, load_member, mix, search_rows
-from ..inputs.competition import Competition
 from ..core.config import Config, ConfigError
 from ..core.context import PREDICTING, RunContext
-from ..decide.rules import RuleSettings, refine_rule, score_validation
 from ..core.fileio import write_json
-from .predictor import write_predictions
+from ..decide.ensemble import (
+    BlendInputError,
+    Member,
+    find_run_dirs,
+    fit_weights,
+    group_members,
+    load_member,
+    mix,
+    search_rows,
+)
+from ..decide.rules import RuleSettings, refine_rule, score_validation
 from ..decide.thresholds import ThresholdRule
+from ..inputs.competition import Competition
+from .predictor import write_predictions
 
 log = logging.getLogger("kernelkit")
 

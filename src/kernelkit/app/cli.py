@@ -19,8 +19,8 @@ from typing import Any
 from ..core import env
 from ..core.config import ConfigError, make_config
 from ..core.context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
-from ..inputs.discovery import find_competition
 from ..core.stopping import handle_signals
+from ..inputs.discovery import find_competition
 
 log = logging.getLogger("kernelkit")
 

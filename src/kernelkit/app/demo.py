@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from ..inputs.competition import Competition, cells_to_onehot
 from ..decide.metrics import fbeta_per_image
+from ..inputs.competition import Competition, cells_to_onehot
 
 log = logging.getLogger("kernelkit")
 

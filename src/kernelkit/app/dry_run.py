@@ -8,16 +8,16 @@ import time
 import torch
 
 from ..build.assemble import build_training_data
-from ..engine.budget import BudgetClock, InferenceReserve
-from ..inputs.competition import Competition
 from ..build.components import build_parts, fit_options
 from ..core.config import budget_seconds
 from ..core.context import RunContext
-from ..model.factory import preprocess_of
-from .predictor import probe_inference
+from ..engine.budget import BudgetClock, InferenceReserve
 from ..engine.plan import Plan, make_plan
 from ..engine.resolution import ResolutionSchedule, effective_ips, fmt_ips
 from ..engine.trainer import Trainer
+from ..inputs.competition import Competition
+from ..model.factory import preprocess_of
+from .predictor import probe_inference
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
 STAGE_STEPS = 5  # per stage size with progressive resizing (the first is not timed)

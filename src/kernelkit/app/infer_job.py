@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.config import ConfigError, parse_duration
+from ..core.context import PREDICTING, RunContext
+from ..core.fileio import write_npy
+from ..decide.rules import RuleSettings, ensemble_rule
 from ..engine.budget import BudgetClock, affordable_tta
 from ..engine.checkpoint import INFERENCE_DIR, INFERENCE_META
 from ..inputs.competition import Competition
-from ..core.config import ConfigError, parse_duration
-from ..core.context import PREDICTING, RunContext
-from ..decide.rules import RuleSettings, ensemble_rule
-from ..core.fileio import write_npy
 from .predictor import load_predictor, plan_tta, predict_test, write_predictions
 
 log = logging.getLogger("kernelkit")

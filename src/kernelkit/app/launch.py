@@ -15,23 +15,30 @@ import time
 import torch
 
 from ..build import autopick
-
-from ..core import distributed
-
-from ..core import env
-from ..engine.budget import BudgetClock, fmt_seconds
-from .blend_job import run_blend
-from ..engine.checkpoint import best_available
-from ..inputs.competition import Competition, check_submission_writable, load_competition
+from ..core import distributed, env
 from ..core.config import ConfigError, budget_seconds
-from ..core.context import (EXIT_NO_SUBMISSION, EXIT_OK, EXIT_PLAN_DOES_NOT_FIT, EXIT_REFUSED, PREDICTING, SETUP,
-                      TRAINING, Outcome, RunContext, setup_logging)
-from .demo import make_demo_competition, score_demo_submission
+from ..core.context import (
+    EXIT_NO_SUBMISSION,
+    EXIT_OK,
+    EXIT_PLAN_DOES_NOT_FIT,
+    EXIT_REFUSED,
+    PREDICTING,
+    SETUP,
+    TRAINING,
+    Outcome,
+    RunContext,
+    setup_logging,
+)
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
-from .infer_job import run_infer
-from ..engine.run_state import finish_run, run_start
 from ..core.stopping import handle_signals
+from ..engine.budget import BudgetClock, fmt_seconds
+from ..engine.checkpoint import best_available
+from ..engine.run_state import finish_run, run_start
+from ..inputs.competition import Competition, check_submission_writable, load_competition
+from .blend_job import run_blend
+from .demo import make_demo_competition, score_demo_submission
+from .infer_job import run_infer
 from .train_job import run_train
 
 log = logging.getLogger("kernelkit")

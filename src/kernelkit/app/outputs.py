@@ -6,12 +6,12 @@ import logging
 
 import torch
 
-from ..core import env
 from ..build.assemble import cache_root
-from ..engine.budget import BudgetClock
-from ..engine.checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
+from ..core import env
 from ..core.context import Outcome, RunContext
 from ..core.storage import checkpoint_bytes, remove_cache_from_output
+from ..engine.budget import BudgetClock
+from ..engine.checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
 
 log = logging.getLogger("kernelkit")
 

@@ -11,21 +11,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.accel import amp_dtype
 from ..build.assemble import test_loader
+from ..build.components import model_from_config
+from ..core.accel import amp_dtype
+from ..core.config import Config
+from ..core.fileio import write_npy
+from ..core.stopping import StopFlag
+from ..data.transforms import IMAGENET, Preprocess, tta_views
+from ..decide.labels import decode
+from ..decide.rules import RuleSettings, rule_from_checkpoint
+from ..decide.thresholds import ThresholdRule
 from ..engine.budget import affordable_tta
 from ..engine.checkpoint import inference_weights, load_checkpoint
-from ..inputs.competition import Competition, format_predictions, write_submission
-from ..build.components import model_from_config
-from ..model.factory import preprocess_of
-from ..core.config import Config
-from ..decide.rules import RuleSettings, rule_from_checkpoint
-from ..decide.labels import decode
-from ..core.fileio import write_npy
 from ..engine.evaluate import predict
-from ..core.stopping import StopFlag
-from ..decide.thresholds import ThresholdRule
-from ..data.transforms import IMAGENET, Preprocess, tta_views
+from ..inputs.competition import Competition, format_predictions, write_submission
+from ..model.factory import preprocess_of
 
 log = logging.getLogger("kernelkit")
 

@@ -14,25 +14,25 @@ from pathlib import Path
 
 import torch
 
-from ..core import distributed
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
-from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
-from ..engine.checkpoint import BEST, LAST, Checkpointer
-from ..inputs.competition import Competition
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
+from ..core import distributed
 from ..core.config import Config, ConfigError, budget_seconds, parse_duration
 from ..core.context import PREDICTING, TRAINING, Outcome, RunContext
-from ..decide.rules import RuleSettings, refine_rule
 from ..core.distributed import DistInfo
-from ..model.factory import preprocess_of
-from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from ..decide.reports import write_label_statistics
-from ..engine.resume import check_resume, restore
-from .train_reports import validation_reports, write_history
-from ..engine.run_state import begin_run
-from .outputs import export_seconds, finish_outputs
+from ..decide.rules import RuleSettings, refine_rule
 from ..decide.thresholds import ThresholdRule, prior_baseline
+from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
+from ..engine.checkpoint import BEST, LAST, Checkpointer
+from ..engine.resume import check_resume, restore
+from ..engine.run_state import begin_run
 from ..engine.trainer import FitResult, Trainer, Validation
+from ..inputs.competition import Competition
+from ..model.factory import preprocess_of
+from .outputs import export_seconds, finish_outputs
+from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
+from .train_reports import validation_reports, write_history
 
 log = logging.getLogger("kernelkit")
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..inputs.competition import Competition
 from ..core.config import Config
 from ..core.fileio import atomic_write, write_npy
 from ..data.folds import save_oof
 from ..decide.reports import plot_history, write_error_analysis
 from ..decide.thresholds import ThresholdRule
 from ..engine.trainer import FitResult
+from ..inputs.competition import Competition
 
 
 def write_history(history: list[dict], out_dir: Path) -> None:

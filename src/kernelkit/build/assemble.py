@@ -10,19 +10,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core import distributed
-
-from ..core import env
-from ..data.cache import BuildStopped, ImageCache, build_cache, open_cache
-from ..inputs.competition import Competition
+from ..core import distributed, env
 from ..core.config import Config
-from ..data.loaders import ImageDataset, make_loader, split_indices
 from ..core.distributed import DistInfo
-from ..data.folds import make_folds
-from ..data.sampling import balanced_sampler
 from ..core.stopping import StopFlag
 from ..core.storage import GB, plan_storage
+from ..data.cache import BuildStopped, ImageCache, build_cache, open_cache
+from ..data.folds import make_folds
+from ..data.loaders import ImageDataset, make_loader, split_indices
+from ..data.sampling import balanced_sampler
 from ..data.transforms import EvalTransform, TrainTransform
+from ..inputs.competition import Competition
 
 log = logging.getLogger("kernelkit")
 

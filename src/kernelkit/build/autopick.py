@@ -20,15 +20,15 @@ from typing import Callable
 import torch
 
 from ..core import distributed
-from ..engine.budget import fmt_seconds
-from ..inputs.competition import Competition
+from ..core.accel import amp_dtype
 from ..core.config import Config, budget_seconds
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..core.accel import amp_dtype
+from ..engine.budget import fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
 from ..engine.resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
+from ..inputs.competition import Competition
 
 log = logging.getLogger("kernelkit")
 

@@ -11,14 +11,14 @@ import torch
 
 from ..core import accel
 from ..core.config import Config, parse_duration, parse_kwargs
+from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
+from ..engine.evaluate import autocast
 from ..engine.learning_check import likely_causes
-from ..model.losses import get_loss
-from ..model.factory import build_model, create_ema, create_optimizer
 from ..engine.resolution import schedule_from
 from ..engine.swa import create_averager
 from ..engine.trainer import FitOptions, TrainParts
-from ..engine.evaluate import autocast
-from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
+from ..model.factory import build_model, create_ema, create_optimizer
+from ..model.losses import get_loss
 
 log = logging.getLogger("kernelkit")
 

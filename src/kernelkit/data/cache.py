@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
+from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
 
-from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
 from ..core.stopping import ignore_in_worker
+from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
 from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")

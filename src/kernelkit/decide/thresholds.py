@@ -18,9 +18,9 @@ from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 
+from ..core.progress import progress
 from .labels import apply_thresholds, limit_labels, order_and_ranks
 from .metrics import fbeta_per_image
-from ..core.progress import progress
 
 KINDS = ("global", "group", "class")
 

@@ -8,8 +8,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..data.loaders import DeviceFeeder
 from ..core.progress import progress
+from ..data.loaders import DeviceFeeder
 from ..data.transforms import Preprocess, normalize, tta_identity
 
 

@@ -23,9 +23,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint, set_rng_state
-from ..inputs.competition import Competition
 from ..core.config import Config, ConfigError
+from ..inputs.competition import Competition
+from .checkpoint import load_checkpoint, set_rng_state
 from .trainer import FitState, TrainParts
 
 log = logging.getLogger("kernelkit")

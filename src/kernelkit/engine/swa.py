@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from ..data.transforms import Preprocess, normalize
 from ..decide.rules import score_validation
 from .evaluate import autocast, predict
-from ..data.transforms import Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
 

@@ -18,19 +18,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from ..core.progress import progress
+from ..core.stopping import StopFlag
+from ..data.loaders import DeviceFeeder
+from ..data.transforms import IMAGENET, Preprocess, normalize
+from ..decide.rules import score_validation
+from ..model.factory import set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import Checkpointer, rng_state
-from ..data.loaders import DeviceFeeder
-from ..decide.rules import score_validation
-from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from .evaluate import OutOfMemory, autocast, predict
 from .learning_check import CHECK_AT, at_prior, stuck_message
-from ..model.factory import set_trainable
-from ..core.progress import progress
 from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
-from ..core.stopping import StopFlag
 from .swa import conclude_average
-from ..data.transforms import IMAGENET, Preprocess, normalize
 
 log = logging.getLogger("kernelkit")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
 from ..core.config import IMAGE_EXTS
 from ..core.fileio import atomic_write
+from .csvfiles import MISSING, CsvTable, is_missing, parse_csv_text, read_csv_file, require_rows
 from .discovery import TEST_DIRS, TRAIN_DIRS
 
 log = logging.getLogger("kernelkit")

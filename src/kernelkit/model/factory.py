@@ -7,13 +7,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
 import timm
 import torch
 from torch import nn
 
-from ..data.transforms import Preprocess
+from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
 from ..core.weights import resolve_weights
+from ..data.transforms import Preprocess
 
 log = logging.getLogger("kernelkit")
 
