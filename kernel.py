@@ -205,7 +205,7 @@ def run_blend(ctx: RunContext, comp: Competition) -> dict:
              max(report["members"].values()))
     return {"mode": "blend", **{k: report[k] for k in ("weights", "members", "blended", "metric", "oof_rows")}}
 ''',
-'kernelkit.app.cli': r'''"""The command line and the exit contract. Imports nothing heavy until the config is known good,
+'kernelkit.app.cli': r'''"""The command line and the exit contract (the policy behind it: `failure`). Imports nothing heavy until the config is known good,
 so a typo is refused in well under a second, before torch is even imported.
 
     0  a valid submission.csv was written (failures after training started are logged loudly
@@ -217,26 +217,18 @@ so a typo is refused in well under a second, before torch is even imported.
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from ..core import env
 from ..core.config import ConfigError, make_config
-from ..core.context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
+from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
 from ..core.stopping import handle_signals
 from ..inputs.discovery import find_competition
+from .failure import after_crash, refuse
 
 log = logging.getLogger("kernelkit")
-
-
-def refuse(message: str) -> int:
-    """Exit 2 with the reason on stderr (where people look) and in the log."""
-    log.error("refused: %s", message)
-    print(f"kernelkit: refused: {message}", file=sys.stderr, flush=True)
-    return EXIT_REFUSED
 
 
 def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> RunContext:
@@ -278,31 +270,7 @@ def run(ctx: RunContext) -> int:
         log.error("interrupted twice: stopping without a submission")
         return EXIT_NO_SUBMISSION
     except Exception as e:  # noqa: BLE001
-        if ctx.phase == SETUP and isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):
-            return refuse(f"{e}")
-        print_fatal(e)
-        return rescue_after_crash(ctx)
-
-
-def rescue_after_crash(ctx: RunContext) -> int:
-    """Past setup, the jobs guard every step themselves; an error escaping them is a bug, and the
-    checkpoints on disk still deserve a submission."""
-    if ctx.phase == SETUP or ctx.cfg.mode != "train":
-        return EXIT_NO_SUBMISSION
-    try:
-        from .launch import rescue
-        return rescue(ctx)
-    except Exception as e:  # noqa: BLE001
-        print_fatal(e)
-        log.error("no submission could be written")
-        return EXIT_NO_SUBMISSION
-
-
-def print_fatal(e: BaseException) -> None:
-    """The traceback with source lines: kernel.py registers its bundled modules with linecache, which
-    the traceback module reads (the interpreter's default hook reads files from disk, and there are
-    none)."""
-    log.error("fatal error: %s: %s\n%s", type(e).__name__, e, "".join(traceback.format_exception(e)))
+        return after_crash(ctx, e)
 ''',
 'kernelkit.app.demo': r'''"""A small iMet-style competition generated on the fly, so the kernel runs with no data attached.
 
@@ -475,6 +443,145 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
                      infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
                      n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])
 ''',
+'kernelkit.app.failure': r'''"""The failure policy, in one place: what a failure costs depends on when it happens.
+
+- Before training starts (phase SETUP), a bad option, data folder, sample submission or resume
+  checkpoint is a refusal: exit 2 within seconds, the message naming what to change (`refuse`,
+  `is_refusal`; under data parallelism rank 0 leaves the verdict in summary.json, `refuse_in_rank`).
+- Once training has started, each later step runs under `Outcome.guard`: a failure is logged
+  loudly, listed in summary.json under "problems", and costs only itself.
+- The test prediction falls back from best.pt to last.pt to the weights in memory
+  (`prediction_sources`, then the job's model).
+- An exception that still escapes a job after start-up is a bug, but the checkpoints on disk
+  still deserve a submission: `after_crash` logs it and predicts from the best one (`rescue`), as
+  the launcher does when its ranks end without a submission.
+- The exit status follows: 0 when a valid submission was written, else 1 (`exit_status`).
+
+The phase lives in one object shared by every copy of the run's context (`RunContext.phase`), so
+a job working on a copy (autopick's, with the concrete model) moves the whole run past SETUP.
+Nothing heavy at module level: the command line refuses through here before torch is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..core.config import ConfigError
+from ..core.context import EXIT_NO_SUBMISSION, EXIT_OK, EXIT_REFUSED, PREDICTING, SETUP, RunContext
+from ..core.fileio import write_json
+
+log = logging.getLogger("kernelkit")
+
+# What a refusal looks like: the user's setting, data or file is wrong (raised before training only).
+REFUSALS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)
+
+
+@dataclass
+class Outcome:
+    """What the job reports: summary.json's content, and whether a valid submission exists."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    submitted: bool = False
+
+    def problem(self, what: str) -> None:
+        """Something failed after training started: loud in the log, recorded in the summary."""
+        log.error("!!! %s\n%s", what, traceback.format_exc())
+        self.problems.append(what)
+
+    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
+        """Run a step that must not cost the submission; None when it fails."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.problem(f"{what} failed: {type(e).__name__}: {e}")
+            return None
+
+    def exit_status(self) -> int:
+        return exit_status(self.submitted)
+
+
+def exit_status(submitted: bool) -> int:
+    return EXIT_OK if submitted else EXIT_NO_SUBMISSION
+
+
+def refuse(message: str) -> int:
+    """Exit 2 with the reason on stderr (where people look) and in the log."""
+    log.error("refused: %s", message)
+    print(f"kernelkit: refused: {message}", file=sys.stderr, flush=True)
+    return EXIT_REFUSED
+
+
+def is_refusal(ctx: RunContext, e: BaseException) -> bool:
+    return ctx.phase == SETUP and isinstance(e, REFUSALS)
+
+
+def refuse_in_rank(ctx: RunContext, e: BaseException, is_main: bool) -> int:
+    """A data-parallel rank refused: rank 0 leaves the verdict for the launcher in summary.json."""
+    if is_main:
+        log.error("refused: %s", e)
+        write_json(ctx.out_dir / "summary.json", {"exit_status": EXIT_REFUSED, "refused": str(e)})
+    return EXIT_REFUSED
+
+
+def after_crash(ctx: RunContext, e: BaseException) -> int:
+    """An exception escaped the job: a refusal before training, else logged and rescued from disk."""
+    if is_refusal(ctx, e):
+        return refuse(f"{e}")
+    print_fatal(e)
+    if ctx.phase == SETUP or ctx.cfg.mode != "train":
+        return EXIT_NO_SUBMISSION
+    try:
+        return rescue(ctx)
+    except Exception as again:  # noqa: BLE001
+        print_fatal(again)
+        log.error("no submission could be written")
+        return EXIT_NO_SUBMISSION
+
+
+def after_ranks(ctx: RunContext, status: int) -> int:
+    """The ranks' verdict; one without a submission (a dead rank) is rescued from the checkpoints."""
+    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
+
+
+def prediction_sources(out_dir: Path) -> list[Path]:
+    """The checkpoints to predict from, in the order to try them: best.pt, then last.pt."""
+    from ..engine.checkpoint import BEST, LAST
+    return [p for p in (Path(out_dir) / BEST, Path(out_dir) / LAST) if p.is_file()]
+
+
+def rescue(ctx: RunContext) -> int:
+    """Training ended without a submission: predict from its best checkpoint."""
+    from ..build.assemble import open_competition
+    from ..core import distributed
+    from ..core.config import budget_seconds
+    from ..engine.budget import BudgetClock
+    from ..engine.run_state import run_start
+    from .infer_job import run_infer
+    sources = prediction_sources(ctx.out_dir)
+    if not sources:
+        log.error("training ended without a submission and left no checkpoint to predict from")
+        return EXIT_NO_SUBMISSION
+    log.error("!!! training ended without a submission; predicting from %s", sources[0])
+    cfg = dataclasses.replace(ctx.cfg, mode="infer", checkpoints=str(sources[0]))
+    rctx = dataclasses.replace(ctx, cfg=cfg)
+    rctx.phase = PREDICTING
+    summary = run_infer(rctx, open_competition(rctx), distributed.SINGLE.device(),
+                        BudgetClock(*budget_seconds(cfg), start_time=run_start(ctx.out_dir, ctx.t_start)))
+    write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
+    return EXIT_OK
+
+
+def print_fatal(e: BaseException) -> None:
+    """The traceback with source lines: kernel.py registers its bundled modules with linecache, which
+    the traceback module reads (the interpreter's default hook reads files from disk, and there are
+    none)."""
+    log.error("fatal error: %s: %s\n%s", type(e).__name__, e, "".join(traceback.format_exception(e)))
+''',
 'kernelkit.app.infer_job': r'''"""The infer job: average the TTA probabilities of one or more checkpoints and write the submission.
 
 Each checkpoint rebuilds its own model, input size and threshold rule (predictor.load_predictor,
@@ -565,9 +672,7 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
     return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
 ''',
 'kernelkit.app.launch': r'''"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
-kernel) and torchrun, with one failure policy: a failing rank stops every rank, and if the
-training processes ended without a valid submission while a checkpoint exists, the launcher
-predicts from it."""
+kernel) and torchrun. A failing rank stops every rank; what that costs is `failure`'s policy."""
 from __future__ import annotations
 
 import contextlib
@@ -581,17 +686,16 @@ import time
 import torch
 
 from ..build import autopick
+from ..build.assemble import open_competition
 from ..core import distributed, env
 from ..core.config import ConfigError, budget_seconds
 from ..core.context import (
     EXIT_NO_SUBMISSION,
     EXIT_OK,
     EXIT_PLAN_DOES_NOT_FIT,
-    EXIT_REFUSED,
-    PREDICTING,
     SETUP,
     TRAINING,
-    Outcome,
+    Phase,
     RunContext,
     setup_logging,
 )
@@ -599,11 +703,11 @@ from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
 from ..engine.budget import BudgetClock, fmt_seconds
-from ..engine.checkpoint import best_available
 from ..engine.run_state import finish_run, run_start
-from ..inputs.competition import Competition, check_submission_writable, load_competition
+from ..inputs.competition import Competition
 from .blend_job import run_blend
 from .demo import make_demo_competition, score_demo_submission
+from .failure import REFUSALS, Outcome, after_ranks, is_refusal, refuse_in_rank
 from .infer_job import run_infer
 from .train_job import run_train
 
@@ -626,15 +730,6 @@ def announce(ctx: RunContext) -> None:
     if ctx.is_demo:
         log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
         make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
-
-
-def open_competition(ctx: RunContext) -> Competition:
-    """The data, and proof that a submission can be written for it, before anything slow runs."""
-    cfg = ctx.cfg
-    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column,
-                            train_images=cfg.train_images, test_images=cfg.test_images, image_ext=cfg.image_ext)
-    check_submission_writable(comp, ctx.out_dir)
-    return comp
 
 
 def data_parallel_processes(ctx: RunContext) -> int:
@@ -667,8 +762,7 @@ def launch(ctx: RunContext) -> int:
     open_competition(ctx)  # a refusal here, in the launcher, is an exit 2 like any other
     (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
     ctx.phase = TRAINING
-    status = launch_ranks(ctx, procs)
-    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
+    return after_ranks(ctx, launch_ranks(ctx, procs))
 
 
 def launch_ranks(ctx: RunContext, procs: int) -> int:
@@ -707,16 +801,13 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         log.setLevel(logging.WARNING)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
-        ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)
+        ctx = dataclasses.replace(ctx, stop=stop, stage=Phase(SETUP))
         try:
             status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            if ctx.phase != SETUP:
+        except REFUSALS as e:
+            if not is_refusal(ctx, e):
                 raise
-            if info.is_main:
-                log.error("refused: %s", e)
-                write_json(ctx.out_dir / "summary.json", {"exit_status": EXIT_REFUSED, "refused": str(e)})
-            status = EXIT_REFUSED
+            status = refuse_in_rank(ctx, e, info.is_main)
     if status != EXIT_OK:
         raise SystemExit(status)
 
@@ -760,7 +851,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
 
 def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo) -> int:
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
-    status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
+    status = outcome.exit_status()
     outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
@@ -777,22 +868,6 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
         log.error("!!! %s, but %d step(s) failed: %s", "the submission was written" if outcome.submitted
                   else "NO submission could be written", len(outcome.problems), "; ".join(outcome.problems))
     return status
-
-
-def rescue(ctx: RunContext) -> int:
-    """The training processes ended without a submission: predict from their best checkpoint."""
-    ckpt = best_available(ctx.out_dir)
-    if ckpt is None:
-        log.error("training ended without a submission and left no checkpoint to predict from")
-        return EXIT_NO_SUBMISSION
-    log.error("!!! training ended without a submission; predicting from %s", ckpt)
-    cfg = dataclasses.replace(ctx.cfg, mode="infer", checkpoints=str(ckpt))
-    rctx = dataclasses.replace(ctx, cfg=cfg, phase=PREDICTING)
-    summary = run_infer(rctx, open_competition(rctx), distributed.SINGLE.device(),
-                        BudgetClock(*budget_seconds(cfg), start_time=run_start(ctx.out_dir, ctx.t_start)))
-    write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
-    return EXIT_OK
-
 ''',
 'kernelkit.app.outputs': r'''"""What the train job leaves in out_dir after the submission: the inference weights, and on Kaggle
 no image cache (everything in /kaggle/working is saved as output)."""
@@ -804,10 +879,11 @@ import torch
 
 from ..build.assemble import cache_root
 from ..core import env
-from ..core.context import Outcome, RunContext
+from ..core.context import RunContext
 from ..core.storage import checkpoint_bytes, remove_cache_from_output
 from ..engine.budget import BudgetClock
 from ..engine.checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
+from .failure import Outcome
 
 log = logging.getLogger("kernelkit")
 
@@ -971,18 +1047,19 @@ from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
 from ..core.config import Config, ConfigError, budget_seconds, parse_duration
-from ..core.context import PREDICTING, TRAINING, Outcome, RunContext
+from ..core.context import PREDICTING, TRAINING, RunContext
 from ..core.distributed import DistInfo
 from ..decide.reports import write_label_statistics
 from ..decide.rules import RuleSettings, refine_rule
 from ..decide.thresholds import ThresholdRule, prior_baseline
 from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
-from ..engine.checkpoint import BEST, LAST, Checkpointer
+from ..engine.checkpoint import BEST, Checkpointer
 from ..engine.resume import check_resume, restore
 from ..engine.run_state import begin_run
 from ..engine.trainer import FitResult, Trainer, Validation
 from ..inputs.competition import Competition
 from ..model.factory import preprocess_of
+from .failure import Outcome, prediction_sources
 from .outputs import export_seconds, finish_outputs
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .train_reports import validation_reports, write_history
@@ -1131,7 +1208,7 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
            clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome, device: torch.device) -> None:
     """Predict with the best checkpoint; should that fail, with last.pt, then with the model in memory."""
     cfg = ctx.cfg
-    for path in [p for p in (saver.path(BEST), saver.path(LAST)) if p.is_file()] + [None]:
+    for path in prediction_sources(saver.out_dir) + [None]:
         if path is None:
             pred = predictor_in_memory(model, cfg, comp, rule, device)
         else:
@@ -1198,7 +1275,7 @@ def validation_reports(cfg: Config, comp: Competition, data, result: FitResult, 
 loss (`assemble`, `components`), and the timed choice of model and image size (`autopick`).
 Imports from every package below it, never from `app`."""
 ''',
-'kernelkit.build.assemble': r'''"""Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
+'kernelkit.build.assemble': r'''"""Config -> the competition (`open_competition`), and config + competition -> the loaders a run needs (the image cache, the split, samplers)."""
 from __future__ import annotations
 
 import dataclasses
@@ -1212,6 +1289,7 @@ import torch
 
 from ..core import distributed, env
 from ..core.config import Config
+from ..core.context import RunContext
 from ..core.distributed import DistInfo
 from ..core.stopping import StopFlag
 from ..core.storage import GB, plan_storage
@@ -1220,9 +1298,18 @@ from ..data.folds import make_folds
 from ..data.loaders import ImageDataset, make_loader, split_indices
 from ..data.sampling import balanced_sampler
 from ..data.transforms import EvalTransform, TrainTransform
-from ..inputs.competition import Competition
+from ..inputs.competition import Competition, check_submission_writable, load_competition
 
 log = logging.getLogger("kernelkit")
+
+
+def open_competition(ctx: RunContext) -> Competition:
+    """The data, and proof that a submission can be written for it, before anything slow runs."""
+    cfg = ctx.cfg
+    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column,
+                            train_images=cfg.train_images, test_images=cfg.test_images, image_ext=cfg.image_ext)
+    check_submission_writable(comp, ctx.out_dir)
+    return comp
 
 
 def num_workers(cfg: Config) -> int:
@@ -2540,10 +2627,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from .config import Config
 from .stopping import StopFlag
@@ -2559,6 +2644,15 @@ EXIT_REFUSED = 2  # refused before training: a bad option, data or sample submis
 EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
 
 
+class Phase:
+    """The run's phase, one object shared by every copy of its context (like the stop flag): a job
+    that works on a copy (autopick's, with the concrete model) moves the whole run on, so the
+    command line and the launcher, which hold the original, rescue instead of refusing."""
+
+    def __init__(self, name: str = SETUP):
+        self.name = name
+
+
 @dataclass
 class RunContext:
     cfg: Config
@@ -2568,28 +2662,16 @@ class RunContext:
     is_demo: bool
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
-    phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+    stage: Phase = field(default_factory=Phase)
 
+    @property
+    def phase(self) -> str:
+        """Failures in SETUP are refusals (exit 2); later ones must still leave a submission."""
+        return self.stage.name
 
-@dataclass
-class Outcome:
-    """What the job reports: summary.json's content, and whether a valid submission exists."""
-    summary: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    submitted: bool = False
-
-    def problem(self, what: str) -> None:
-        """Something failed after training started: loud in the log, recorded in the summary."""
-        log.error("!!! %s\n%s", what, traceback.format_exc())
-        self.problems.append(what)
-
-    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
-        """Run a step that must not cost the submission; None when it fails."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            self.problem(f"{what} failed: {type(e).__name__}: {e}")
-            return None
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self.stage.name = name
 
 
 def setup_logging() -> None:
@@ -6360,11 +6442,6 @@ def load_inference(folder: Path, map_location: str | torch.device = "cpu") -> di
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     device = str(map_location) if not isinstance(map_location, str) else map_location
     return migrate({**meta, "model": load_file(str(weights_path), device=device)})
-
-
-def best_available(out_dir: Path) -> Path | None:
-    """best.pt, else last.pt, else None: what to predict from when training left no submission."""
-    return next((p for p in (Path(out_dir) / BEST, Path(out_dir) / LAST) if p.is_file()), None)
 
 
 def rng_state() -> dict[str, Any]:

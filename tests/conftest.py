@@ -89,3 +89,29 @@ def folder_dir(tmp_path):
 @pytest.fixture
 def multilabel_dir(tmp_path):
     return make_multilabel_csv(tmp_path / "imet")
+
+
+# The tiny run most end-to-end tests share: a random-init timm test model at 32 px, in-process
+# loading (workers are exercised by the kernel's own subprocess tests).
+TINY_MODEL = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3"]
+TINY = [*TINY_MODEL, "--num-workers", "0"]
+# The same run with model and img_size left at 'auto' (the defaults): autopick times the ladder.
+TINY_AUTO = ["--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)
+
+
+@pytest.fixture
+def tiny_ladder(monkeypatch):
+    """autopick's ladder cut down to two tiny models and three sizes, so 'auto' measures in seconds."""
+    from kernelkit.build import autopick
+    monkeypatch.setattr(autopick, "CPU_MODELS", (("test_resnet", 0.01), ("test_convnext", 0.02)))
+    monkeypatch.setattr(autopick, "CPU_SIZES", (32, 48, 64))
+
+
+@pytest.fixture
+def tiny_auto(tiny_ladder):
+    return list(TINY_AUTO)

@@ -94,12 +94,6 @@ def test_measure_gives_positive_speeds_for_a_tiny_model():
     assert train_ips > 0 and infer_ips > 0
 
 
-@pytest.fixture
-def tiny_ladder(monkeypatch):
-    monkeypatch.setattr(autopick, "CPU_MODELS", (("test_resnet", 0.01), ("test_convnext", 0.02)))
-    monkeypatch.setattr(autopick, "CPU_SIZES", (32, 48, 64))
-
-
 def test_auto_run_logs_its_choice_and_stores_concrete_values(tmp_path, single_label_dir, tiny_ladder, caplog):
     from kernelkit.app.cli import main
     out = tmp_path / "out"

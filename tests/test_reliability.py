@@ -167,3 +167,24 @@ def test_bad_multilabel_csvs(tmp_path, content, match):
         tmp_path / "labels.csv", index=False)
     with pytest.raises(ValueError, match=match):
         load_competition(tmp_path, "multilabel_csv")
+
+
+def test_a_crash_after_training_started_with_model_auto_is_rescued_from_best_pt(
+        single_label_dir, tmp_path, monkeypatch, tiny_auto):
+    """Issue 21: with model=auto the job runs on autopick's copy of the run context. An error that
+    escapes the job after training started is a bug, not the user's setting: the run predicts from
+    best.pt and exits 0 instead of refusing (exit 2) with nothing submitted."""
+    import kernelkit.app.train_job as train_job
+
+    def finish_that_fails(*args, **kwargs):
+        raise ValueError("a bug after training")
+
+    monkeypatch.setattr(train_job, "finish", finish_that_fails)
+    out = tmp_path / "out"
+    status = main({}, [*tiny_auto, "--data-dir", str(single_label_dir), "--out-dir", str(out), "--epochs", "1",
+                       "--budget", "2m", "--tta", "1"])
+    assert status == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rescued"] is True and summary["checkpoints"][0]["checkpoint"] == str(out / "best.pt")
+    sub = pd.read_csv(out / "submission.csv")
+    assert len(sub) == len(pd.read_csv(single_label_dir / "sample_submission.csv"))

@@ -1,4 +1,4 @@
-"""The command line and the exit contract. Imports nothing heavy until the config is known good,
+"""The command line and the exit contract (the policy behind it: `failure`). Imports nothing heavy until the config is known good,
 so a typo is refused in well under a second, before torch is even imported.
 
     0  a valid submission.csv was written (failures after training started are logged loudly
@@ -10,26 +10,18 @@ so a typo is refused in well under a second, before torch is even imported.
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from ..core import env
 from ..core.config import ConfigError, make_config
-from ..core.context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
+from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
 from ..core.stopping import handle_signals
 from ..inputs.discovery import find_competition
+from .failure import after_crash, refuse
 
 log = logging.getLogger("kernelkit")
-
-
-def refuse(message: str) -> int:
-    """Exit 2 with the reason on stderr (where people look) and in the log."""
-    log.error("refused: %s", message)
-    print(f"kernelkit: refused: {message}", file=sys.stderr, flush=True)
-    return EXIT_REFUSED
 
 
 def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start: float) -> RunContext:
@@ -71,28 +63,4 @@ def run(ctx: RunContext) -> int:
         log.error("interrupted twice: stopping without a submission")
         return EXIT_NO_SUBMISSION
     except Exception as e:  # noqa: BLE001
-        if ctx.phase == SETUP and isinstance(e, (ConfigError, ValueError, FileNotFoundError, NotADirectoryError)):
-            return refuse(f"{e}")
-        print_fatal(e)
-        return rescue_after_crash(ctx)
-
-
-def rescue_after_crash(ctx: RunContext) -> int:
-    """Past setup, the jobs guard every step themselves; an error escaping them is a bug, and the
-    checkpoints on disk still deserve a submission."""
-    if ctx.phase == SETUP or ctx.cfg.mode != "train":
-        return EXIT_NO_SUBMISSION
-    try:
-        from .launch import rescue
-        return rescue(ctx)
-    except Exception as e:  # noqa: BLE001
-        print_fatal(e)
-        log.error("no submission could be written")
-        return EXIT_NO_SUBMISSION
-
-
-def print_fatal(e: BaseException) -> None:
-    """The traceback with source lines: kernel.py registers its bundled modules with linecache, which
-    the traceback module reads (the interpreter's default hook reads files from disk, and there are
-    none)."""
-    log.error("fatal error: %s: %s\n%s", type(e).__name__, e, "".join(traceback.format_exception(e)))
+        return after_crash(ctx, e)

@@ -1,7 +1,5 @@
 """One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
-kernel) and torchrun, with one failure policy: a failing rank stops every rank, and if the
-training processes ended without a valid submission while a checkpoint exists, the launcher
-predicts from it."""
+kernel) and torchrun. A failing rank stops every rank; what that costs is `failure`'s policy."""
 from __future__ import annotations
 
 import contextlib
@@ -15,17 +13,16 @@ import time
 import torch
 
 from ..build import autopick
+from ..build.assemble import open_competition
 from ..core import distributed, env
 from ..core.config import ConfigError, budget_seconds
 from ..core.context import (
     EXIT_NO_SUBMISSION,
     EXIT_OK,
     EXIT_PLAN_DOES_NOT_FIT,
-    EXIT_REFUSED,
-    PREDICTING,
     SETUP,
     TRAINING,
-    Outcome,
+    Phase,
     RunContext,
     setup_logging,
 )
@@ -33,11 +30,11 @@ from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
 from ..engine.budget import BudgetClock, fmt_seconds
-from ..engine.checkpoint import best_available
 from ..engine.run_state import finish_run, run_start
-from ..inputs.competition import Competition, check_submission_writable, load_competition
+from ..inputs.competition import Competition
 from .blend_job import run_blend
 from .demo import make_demo_competition, score_demo_submission
+from .failure import REFUSALS, Outcome, after_ranks, is_refusal, refuse_in_rank
 from .infer_job import run_infer
 from .train_job import run_train
 
@@ -60,15 +57,6 @@ def announce(ctx: RunContext) -> None:
     if ctx.is_demo:
         log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
         make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
-
-
-def open_competition(ctx: RunContext) -> Competition:
-    """The data, and proof that a submission can be written for it, before anything slow runs."""
-    cfg = ctx.cfg
-    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column,
-                            train_images=cfg.train_images, test_images=cfg.test_images, image_ext=cfg.image_ext)
-    check_submission_writable(comp, ctx.out_dir)
-    return comp
 
 
 def data_parallel_processes(ctx: RunContext) -> int:
@@ -101,8 +89,7 @@ def launch(ctx: RunContext) -> int:
     open_competition(ctx)  # a refusal here, in the launcher, is an exit 2 like any other
     (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
     ctx.phase = TRAINING
-    status = launch_ranks(ctx, procs)
-    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
+    return after_ranks(ctx, launch_ranks(ctx, procs))
 
 
 def launch_ranks(ctx: RunContext, procs: int) -> int:
@@ -141,16 +128,13 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         log.setLevel(logging.WARNING)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
-        ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)
+        ctx = dataclasses.replace(ctx, stop=stop, stage=Phase(SETUP))
         try:
             status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            if ctx.phase != SETUP:
+        except REFUSALS as e:
+            if not is_refusal(ctx, e):
                 raise
-            if info.is_main:
-                log.error("refused: %s", e)
-                write_json(ctx.out_dir / "summary.json", {"exit_status": EXIT_REFUSED, "refused": str(e)})
-            status = EXIT_REFUSED
+            status = refuse_in_rank(ctx, e, info.is_main)
     if status != EXIT_OK:
         raise SystemExit(status)
 
@@ -194,7 +178,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
 
 def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo) -> int:
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
-    status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
+    status = outcome.exit_status()
     outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
@@ -211,19 +195,3 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
         log.error("!!! %s, but %d step(s) failed: %s", "the submission was written" if outcome.submitted
                   else "NO submission could be written", len(outcome.problems), "; ".join(outcome.problems))
     return status
-
-
-def rescue(ctx: RunContext) -> int:
-    """The training processes ended without a submission: predict from their best checkpoint."""
-    ckpt = best_available(ctx.out_dir)
-    if ckpt is None:
-        log.error("training ended without a submission and left no checkpoint to predict from")
-        return EXIT_NO_SUBMISSION
-    log.error("!!! training ended without a submission; predicting from %s", ckpt)
-    cfg = dataclasses.replace(ctx.cfg, mode="infer", checkpoints=str(ckpt))
-    rctx = dataclasses.replace(ctx, cfg=cfg, phase=PREDICTING)
-    summary = run_infer(rctx, open_competition(rctx), distributed.SINGLE.device(),
-                        BudgetClock(*budget_seconds(cfg), start_time=run_start(ctx.out_dir, ctx.t_start)))
-    write_json(ctx.out_dir / "summary.json", {**summary, "exit_status": EXIT_OK, "rescued": True})
-    return EXIT_OK
-

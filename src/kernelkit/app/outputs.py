@@ -8,10 +8,11 @@ import torch
 
 from ..build.assemble import cache_root
 from ..core import env
-from ..core.context import Outcome, RunContext
+from ..core.context import RunContext
 from ..core.storage import checkpoint_bytes, remove_cache_from_output
 from ..engine.budget import BudgetClock
 from ..engine.checkpoint import INFERENCE_DIR, Checkpointer, export_inference, load_checkpoint
+from .failure import Outcome
 
 log = logging.getLogger("kernelkit")
 

@@ -18,18 +18,19 @@ from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
 from ..core.config import Config, ConfigError, budget_seconds, parse_duration
-from ..core.context import PREDICTING, TRAINING, Outcome, RunContext
+from ..core.context import PREDICTING, TRAINING, RunContext
 from ..core.distributed import DistInfo
 from ..decide.reports import write_label_statistics
 from ..decide.rules import RuleSettings, refine_rule
 from ..decide.thresholds import ThresholdRule, prior_baseline
 from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
-from ..engine.checkpoint import BEST, LAST, Checkpointer
+from ..engine.checkpoint import BEST, Checkpointer
 from ..engine.resume import check_resume, restore
 from ..engine.run_state import begin_run
 from ..engine.trainer import FitResult, Trainer, Validation
 from ..inputs.competition import Competition
 from ..model.factory import preprocess_of
+from .failure import Outcome, prediction_sources
 from .outputs import export_seconds, finish_outputs
 from .predictor import Predictor, load_predictor, plan_tta, predict_test, probe_inference, write_predictions
 from .train_reports import validation_reports, write_history
@@ -178,7 +179,7 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
            clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome, device: torch.device) -> None:
     """Predict with the best checkpoint; should that fail, with last.pt, then with the model in memory."""
     cfg = ctx.cfg
-    for path in [p for p in (saver.path(BEST), saver.path(LAST)) if p.is_file()] + [None]:
+    for path in prediction_sources(saver.out_dir) + [None]:
         if path is None:
             pred = predictor_in_memory(model, cfg, comp, rule, device)
         else:

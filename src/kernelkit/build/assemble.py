@@ -1,4 +1,4 @@
-"""Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
+"""Config -> the competition (`open_competition`), and config + competition -> the loaders a run needs (the image cache, the split, samplers)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +12,7 @@ import torch
 
 from ..core import distributed, env
 from ..core.config import Config
+from ..core.context import RunContext
 from ..core.distributed import DistInfo
 from ..core.stopping import StopFlag
 from ..core.storage import GB, plan_storage
@@ -20,9 +21,18 @@ from ..data.folds import make_folds
 from ..data.loaders import ImageDataset, make_loader, split_indices
 from ..data.sampling import balanced_sampler
 from ..data.transforms import EvalTransform, TrainTransform
-from ..inputs.competition import Competition
+from ..inputs.competition import Competition, check_submission_writable, load_competition
 
 log = logging.getLogger("kernelkit")
+
+
+def open_competition(ctx: RunContext) -> Competition:
+    """The data, and proof that a submission can be written for it, before anything slow runs."""
+    cfg = ctx.cfg
+    comp = load_competition(ctx.data_dir, cfg.format, id_column=cfg.id_column, label_column=cfg.label_column,
+                            train_images=cfg.train_images, test_images=cfg.test_images, image_ext=cfg.image_ext)
+    check_submission_writable(comp, ctx.out_dir)
+    return comp
 
 
 def num_workers(cfg: Config) -> int:

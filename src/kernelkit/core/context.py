@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 from .config import Config
 from .stopping import StopFlag
@@ -24,6 +22,15 @@ EXIT_REFUSED = 2  # refused before training: a bad option, data or sample submis
 EXIT_PLAN_DOES_NOT_FIT = 4  # --dry-run: the plan does not fit the budget
 
 
+class Phase:
+    """The run's phase, one object shared by every copy of its context (like the stop flag): a job
+    that works on a copy (autopick's, with the concrete model) moves the whole run on, so the
+    command line and the launcher, which hold the original, rescue instead of refusing."""
+
+    def __init__(self, name: str = SETUP):
+        self.name = name
+
+
 @dataclass
 class RunContext:
     cfg: Config
@@ -33,28 +40,16 @@ class RunContext:
     is_demo: bool
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
-    phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+    stage: Phase = field(default_factory=Phase)
 
+    @property
+    def phase(self) -> str:
+        """Failures in SETUP are refusals (exit 2); later ones must still leave a submission."""
+        return self.stage.name
 
-@dataclass
-class Outcome:
-    """What the job reports: summary.json's content, and whether a valid submission exists."""
-    summary: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    submitted: bool = False
-
-    def problem(self, what: str) -> None:
-        """Something failed after training started: loud in the log, recorded in the summary."""
-        log.error("!!! %s\n%s", what, traceback.format_exc())
-        self.problems.append(what)
-
-    def guard(self, what: str, fn: Callable, *args, **kwargs) -> Any:
-        """Run a step that must not cost the submission; None when it fails."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            self.problem(f"{what} failed: {type(e).__name__}: {e}")
-            return None
+    @phase.setter
+    def phase(self, name: str) -> None:
+        self.stage.name = name
 
 
 def setup_logging() -> None:

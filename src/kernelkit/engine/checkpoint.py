@@ -279,11 +279,6 @@ def load_inference(folder: Path, map_location: str | torch.device = "cpu") -> di
     return migrate({**meta, "model": load_file(str(weights_path), device=device)})
 
 
-def best_available(out_dir: Path) -> Path | None:
-    """best.pt, else last.pt, else None: what to predict from when training left no submission."""
-    return next((p for p in (Path(out_dir) / BEST, Path(out_dir) / LAST) if p.is_file()), None)
-
-
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
