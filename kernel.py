@@ -1039,6 +1039,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -1056,7 +1057,7 @@ from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
 from ..engine.checkpoint import BEST, Checkpointer
 from ..engine.resume import check_resume, restore
 from ..engine.run_state import begin_run
-from ..engine.trainer import FitResult, Trainer, Validation
+from ..engine.trainer import FitResult, FitState, Trainer, TrainParts, Validation
 from ..inputs.competition import Competition
 from ..model.factory import preprocess_of
 from .failure import Outcome, prediction_sources
@@ -1104,7 +1105,21 @@ def fit_reserve_to_budget(clock: BudgetClock, reserve: InferenceReserve, cfg: Co
             f"{fmt_seconds(clock.margin_s)}. Raise budget, or lower img_size / pick a faster model")
 
 
-def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
+@dataclass
+class TrainRun:
+    """What `prepare` builds before the first step, and what the steps after training read: the
+    prediction (`submit`) and everything around it (`finish`). `saver` and `result` come with training."""
+    device: torch.device
+    clock: BudgetClock
+    data: TrainingData
+    parts: TrainParts  # parts.model: the plain module (not the data-parallel wrapper)
+    state: FitState
+    reserve: InferenceReserve
+    saver: Checkpointer | None = None
+    result: FitResult | None = None
+
+
+def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
     if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
@@ -1134,15 +1149,15 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
-    return device, clock, data, parts, state, reserve
+    return TrainRun(device, clock, data, parts, state, reserve)
 
 
 def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
-    device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
-    cfg = ctx.cfg
+    run = prepare(ctx, comp, info)
+    cfg, device, clock, data, parts = ctx.cfg, run.device, run.clock, run.data, run.parts
     pre = preprocess_of(parts.model)
     log.info("input statistics of %s: mean %s, std %s", cfg.model, pre.mean, pre.std)
-    saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
+    saver = run.saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
                                        "seed": cfg.seed, "preprocess": pre.to_dict()})
     outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
                        "train_start_s": round(clock.elapsed(), 1), "seed": cfg.seed})
@@ -1151,15 +1166,15 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                       comp.train_paths, comp.task, ctx.out_dir)
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
-    trainer = Trainer(dataclasses.replace(parts, model=model),
-                      fit_options(cfg, pre, device), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
+    trainer = Trainer(dataclasses.replace(parts, model=model), fit_options(cfg, pre, device), clock, run.reserve,
+                      device, saver if info.is_main else None, info, ctx.stop, run.state)
     val = (Validation(data.val_loader, data.val_targets, comp.task, prior_baseline(
         comp.task, data.train_targets, data.val_targets, cfg.beta)) if data.val_loader is not None else None)
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
-    result = trainer.result
+    result = run.result = trainer.result
     outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            warnings=result.warnings,
@@ -1173,15 +1188,13 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:
         ctx.phase = PREDICTING
-        finish(ctx, comp, data, result, saver, parts.model, clock, reserve, outcome, device)
+        finish(ctx, comp, run, outcome)
     return outcome
 
 
-def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitResult, saver: Checkpointer,
-           model: torch.nn.Module, clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome,
-           device: torch.device) -> None:
+def finish(ctx: RunContext, comp: Competition, run: TrainRun, outcome: Outcome) -> None:
     """Rule, reports, prediction and submission; each step guarded, so a failing one costs only itself."""
-    cfg, settings = ctx.cfg, RuleSettings.of(ctx.cfg)
+    cfg, settings, data, result, saver = ctx.cfg, RuleSettings.of(ctx.cfg), run.data, run.result, run.saver
     outcome.guard("writing history.csv", write_history, result.history, ctx.out_dir)
     rule = settings.global_rule(result.state.threshold)
     if comp.task == "multilabel":
@@ -1194,8 +1207,8 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
                                                     data.val_targets, cfg.beta)
     outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
-    submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
-    finish_outputs(ctx, saver, outcome, clock)
+    submit(ctx, comp, run, rule, outcome)
+    finish_outputs(ctx, saver, outcome, run.clock)
 
 
 def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, rule: ThresholdRule,
@@ -1204,13 +1217,12 @@ def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, 
     return Predictor("in-memory model", model, cfg, comp.task, comp.classes, rule, preprocess=preprocess_of(model))
 
 
-def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch.nn.Module, rule: ThresholdRule,
-           clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome, device: torch.device) -> None:
+def submit(ctx: RunContext, comp: Competition, run: TrainRun, rule: ThresholdRule, outcome: Outcome) -> None:
     """Predict with the best checkpoint; should that fail, with last.pt, then with the model in memory."""
-    cfg = ctx.cfg
+    cfg, saver, clock, reserve, device = ctx.cfg, run.saver, run.clock, run.reserve, run.device
     for path in prediction_sources(saver.out_dir) + [None]:
         if path is None:
-            pred = predictor_in_memory(model, cfg, comp, rule, device)
+            pred = predictor_in_memory(run.parts.model, cfg, comp, rule, device)
         else:
             pred = outcome.guard(f"loading {path.name}", load_predictor, path, device, RuleSettings.of(cfg),
                                  cfg.channels_last)
@@ -6860,8 +6872,8 @@ from typing import Any
 
 from ..core.config import Config, ConfigError
 from ..inputs.competition import Competition
-from .checkpoint import load_checkpoint, set_rng_state
-from .trainer import FitState, TrainParts
+from .checkpoint import load_checkpoint
+from .trainer import FitState, TrainParts, TrainState
 
 log = logging.getLogger("kernelkit")
 
@@ -6940,28 +6952,11 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
     if ckpt is None:
         state = FitState(session=1, session_end=first_slice(cfg.sessions, cfg.epochs))
     else:
-        parts.model.load_state_dict(ckpt["model"])
-        if parts.ema is not None and "ema" in ckpt:
-            parts.ema.module.load_state_dict(ckpt["ema"])
-            parts.ema.updates = int(ckpt["step"])  # the decay goes on where it was, not warming up again
-        if parts.swa is not None and "swa" in ckpt:
-            parts.swa.load_state_dict(ckpt["swa"])
-        # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
-        # CPU, and a CPU one's on a GPU, each with the kernel it can run.
-        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
-        parts.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, own in zip(parts.optimizer.param_groups, flags):
-            group.update(own)
-        if ckpt.get("scaler") and parts.scaler.is_enabled():
-            parts.scaler.load_state_dict(ckpt["scaler"])
-        # else: bf16 <-> fp16 across sessions on different GPUs (an H100, then a T4): the loss scale
-        # starts afresh, which GradScaler finds within a few steps.
-        set_rng_state(ckpt["rng"])
-        session, end = (next_slice(ckpt, cfg.sessions, cfg.epochs) if new_session
-                        else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
-        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                         best_score=-math.inf if new_session else ckpt["best_score"], threshold=ckpt["threshold"],
-                         session=session, session_end=end)
+        state = FitState()
+        TrainState(parts, state).load_state_dict(ckpt)
+        if new_session:
+            state.session, state.session_end = next_slice(ckpt, cfg.sessions, cfg.epochs)
+            state.best_score = -math.inf
         log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
     if cfg.sessions > 1:
         log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,
@@ -6982,6 +6977,7 @@ import os
 from pathlib import Path
 
 from ..core.fileio import TEMP_GLOB, write_json
+from .checkpoint import BEST, LAST
 
 log = logging.getLogger("kernelkit")
 
@@ -6994,7 +6990,7 @@ def _record(path: Path, data: dict) -> None:
         log.error("could not write %s (%s); a restart after a kill would not resume", path.name, e)
 
 STATE_FILE = "run_state.json"
-CHECKPOINTS = ("last.pt", "best.pt")
+CHECKPOINTS = (LAST, BEST)
 
 
 def remove_partial_files(out_dir: Path) -> None:
@@ -7020,7 +7016,7 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
 
 def resumable(out_dir: Path, resume: bool) -> Path | None:
     """last.pt of an unfinished run in out_dir, when resuming is on; no side effects."""
-    state_path, last = out_dir / STATE_FILE, out_dir / "last.pt"
+    state_path, last = out_dir / STATE_FILE, out_dir / LAST
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     return last if resume and state and not state.get("finished") and last.is_file() else None
 
@@ -7196,7 +7192,7 @@ from ..data.transforms import IMAGENET, Preprocess, normalize
 from ..decide.rules import score_validation
 from ..model.factory import set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
-from .checkpoint import Checkpointer, rng_state
+from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
 from .evaluate import OutOfMemory, autocast, predict
 from .learning_check import CHECK_AT, at_prior, stuck_message
 from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
@@ -7257,6 +7253,56 @@ class FitState:
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
     session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
     session_end: float = 1.0  # progress at which this session's slice of the schedule ends
+
+
+@dataclass
+class TrainState:
+    """The checkpoint format of a training run, owned in one place: what `state_dict` writes is what
+    `load_state_dict` reads back (weights, EMA, weight average, optimizer, scaler, RNG, and where the
+    schedule is). File names, atomic background writes, the format version and its migration are
+    `checkpoint`'s; the session slice a restore starts is `resume`'s."""
+    parts: TrainParts
+    fit: FitState
+    clock: BudgetClock | None = None  # saving only: the time spent so far goes into the file
+
+    def state_dict(self, epoch_done: bool, weights: dict | None = None, average: bool = True) -> dict[str, Any]:
+        """`weights`: saved instead of the model's (and of the EMA, which would otherwise predict);
+        `average`: with the running weight average, which only a resume needs (last.pt)."""
+        parts, state, clock = self.parts, self.fit, self.clock
+        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
+        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and average else {}
+        return {
+            "model": weights or unwrap(parts.model).state_dict(), **ema, **swa,
+            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+            "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
+            "best_score": state.best_score, "threshold": state.threshold,
+            "session": state.session, "session_end": state.session_end,
+            "elapsed": clock.elapsed() if clock else 0.0, "run_start": clock.start_time if clock else 0.0,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        parts, state = self.parts, self.fit
+        unwrap(parts.model).load_state_dict(ckpt["model"])
+        if parts.ema is not None and "ema" in ckpt:
+            parts.ema.module.load_state_dict(ckpt["ema"])
+            parts.ema.updates = int(ckpt["step"])  # the decay goes on where it was, not warming up again
+        if parts.swa is not None and "swa" in ckpt:
+            parts.swa.load_state_dict(ckpt["swa"])
+        # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
+        # CPU, and a CPU one's on a GPU, each with the kernel it can run.
+        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(parts.optimizer.param_groups, flags):
+            group.update(own)
+        if ckpt.get("scaler") and parts.scaler.is_enabled():
+            parts.scaler.load_state_dict(ckpt["scaler"])
+        # else: bf16 <-> fp16 across sessions on different GPUs (an H100, then a T4): the loss scale
+        # starts afresh, which GradScaler finds within a few steps.
+        set_rng_state(ckpt["rng"])
+        state.epoch, state.step, state.progress = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["progress"])
+        state.best_score, state.threshold = ckpt["best_score"], ckpt["threshold"]
+        state.session, state.session_end = int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))
 
 
 @dataclass
@@ -7373,13 +7419,13 @@ class Trainer:
                 self.reserve.train_ips = tr["images_per_s"]
             if self.dist.is_main:
                 result.history.append(self.end_of_epoch(tr, val, result))
-                self.save("last.pt", epoch_done=not tr["stopped"])
+                self.save(LAST, epoch_done=not tr["stopped"])
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1
         result.stop_reason = "epochs" if opts.epochs and state.epoch >= stop_epoch else self.stop_reason
         if self.dist.is_main and (val is None or not len(val.targets)):
-            self.save("best.pt", epoch_done=True)  # nothing to select on: the last weights are the best
+            self.save(BEST, epoch_done=True)  # nothing to select on: the last weights are the best
         if self.dist.is_main and self.parts.swa is not None:
             self.use_average(train_loader, val, result)
         return result
@@ -7402,7 +7448,7 @@ class Trainer:
         if won["probs"] is not None:
             self.state.best_score, self.state.threshold = won["score"], won["threshold"]
             result.best_val_probs = won["probs"]
-        self.save("best.pt", epoch_done=True, weights=self.parts.swa.module.state_dict())
+        self.save(BEST, epoch_done=True, weights=self.parts.swa.module.state_dict())
 
     def train_epoch(self, loader, max_steps: int = 0) -> dict:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
@@ -7447,7 +7493,7 @@ class Trainer:
                                 lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}", p=f"{state.progress:.2f}",
                                 refresh=False)
             if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
-                self.save("last.pt", epoch_done=False)
+                self.save(LAST, epoch_done=False)
         bar.close()
         skipped = int(unreadable.item())
         state.bad_images += skipped
@@ -7541,7 +7587,7 @@ class Trainer:
         if va["score"] > state.best_score:
             state.best_score, state.threshold = va["score"], va["threshold"]
             result.best_val_probs = out["probs"].astype(np.float32)
-            self.save("best.pt", epoch_done=not tr["stopped"])
+            self.save(BEST, epoch_done=not tr["stopped"])
         log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
                  va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
         self.check_learning(val.prior, va["metric"], result)
@@ -7570,17 +7616,7 @@ class Trainer:
         self.last_save = time.time()
         if self.saver is None:
             return
-        parts, state = self.parts, self.state
-        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
-        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}
-        payload = {
-            "model": weights or self.core.state_dict(), **ema, **swa,
-            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
-            "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
-            "best_score": state.best_score, "threshold": state.threshold,
-            "session": state.session, "session_end": state.session_end,
-            "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
-        }
+        payload = TrainState(self.parts, self.state, self.clock).state_dict(epoch_done, weights, average=name == LAST)
         self.saver.save(name, payload)  # returns once snapshotted; failures are counted by the checkpointer
 ''',
 'kernelkit.inputs': r'''"""What the competition gives: finding it under /kaggle/input (`discovery`), reading its layout and

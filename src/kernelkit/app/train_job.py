@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
 from ..engine.checkpoint import BEST, Checkpointer
 from ..engine.resume import check_resume, restore
 from ..engine.run_state import begin_run
-from ..engine.trainer import FitResult, Trainer, Validation
+from ..engine.trainer import FitResult, FitState, Trainer, TrainParts, Validation
 from ..inputs.competition import Competition
 from ..model.factory import preprocess_of
 from .failure import Outcome, prediction_sources
@@ -75,7 +76,21 @@ def fit_reserve_to_budget(clock: BudgetClock, reserve: InferenceReserve, cfg: Co
             f"{fmt_seconds(clock.margin_s)}. Raise budget, or lower img_size / pick a faster model")
 
 
-def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
+@dataclass
+class TrainRun:
+    """What `prepare` builds before the first step, and what the steps after training read: the
+    prediction (`submit`) and everything around it (`finish`). `saver` and `result` come with training."""
+    device: torch.device
+    clock: BudgetClock
+    data: TrainingData
+    parts: TrainParts  # parts.model: the plain module (not the data-parallel wrapper)
+    state: FitState
+    reserve: InferenceReserve
+    saver: Checkpointer | None = None
+    result: FitResult | None = None
+
+
+def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
     if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
@@ -105,15 +120,15 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
-    return device, clock, data, parts, state, reserve
+    return TrainRun(device, clock, data, parts, state, reserve)
 
 
 def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
-    device, clock, data, parts, state, reserve = prepare(ctx, comp, info)
-    cfg = ctx.cfg
+    run = prepare(ctx, comp, info)
+    cfg, device, clock, data, parts = ctx.cfg, run.device, run.clock, run.data, run.parts
     pre = preprocess_of(parts.model)
     log.info("input statistics of %s: mean %s, std %s", cfg.model, pre.mean, pre.std)
-    saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
+    saver = run.saver = Checkpointer(ctx.out_dir, {"config": cfg.to_dict(), "classes": comp.classes, "task": comp.task,
                                        "seed": cfg.seed, "preprocess": pre.to_dict()})
     outcome = Outcome({"train_images": len(data.train_targets), "val_images": len(data.val_targets),
                        "train_start_s": round(clock.elapsed(), 1), "seed": cfg.seed})
@@ -122,15 +137,15 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
                       comp.train_paths, comp.task, ctx.out_dir)
     ctx.phase = TRAINING
     model = distributed.wrap(parts.model, info)
-    trainer = Trainer(dataclasses.replace(parts, model=model),
-                      fit_options(cfg, pre, device), clock, reserve, device, saver if info.is_main else None, info, ctx.stop, state)
+    trainer = Trainer(dataclasses.replace(parts, model=model), fit_options(cfg, pre, device), clock, run.reserve,
+                      device, saver if info.is_main else None, info, ctx.stop, run.state)
     val = (Validation(data.val_loader, data.val_targets, comp.task, prior_baseline(
         comp.task, data.train_targets, data.val_targets, cfg.beta)) if data.val_loader is not None else None)
     if info.enabled:  # a rank that fails must die, so the launcher stops its peers instead of them hanging
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
-    result = trainer.result
+    result = run.result = trainer.result
     outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
                            warnings=result.warnings,
@@ -144,15 +159,13 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
         log.warning("no training step was taken (%s); predicting with the initial weights", result.stop_reason)
     if info.is_main:
         ctx.phase = PREDICTING
-        finish(ctx, comp, data, result, saver, parts.model, clock, reserve, outcome, device)
+        finish(ctx, comp, run, outcome)
     return outcome
 
 
-def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitResult, saver: Checkpointer,
-           model: torch.nn.Module, clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome,
-           device: torch.device) -> None:
+def finish(ctx: RunContext, comp: Competition, run: TrainRun, outcome: Outcome) -> None:
     """Rule, reports, prediction and submission; each step guarded, so a failing one costs only itself."""
-    cfg, settings = ctx.cfg, RuleSettings.of(ctx.cfg)
+    cfg, settings, data, result, saver = ctx.cfg, RuleSettings.of(ctx.cfg), run.data, run.result, run.saver
     outcome.guard("writing history.csv", write_history, result.history, ctx.out_dir)
     rule = settings.global_rule(result.state.threshold)
     if comp.task == "multilabel":
@@ -165,8 +178,8 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
                                                     data.val_targets, cfg.beta)
     outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
-    submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
-    finish_outputs(ctx, saver, outcome, clock)
+    submit(ctx, comp, run, rule, outcome)
+    finish_outputs(ctx, saver, outcome, run.clock)
 
 
 def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, rule: ThresholdRule,
@@ -175,13 +188,12 @@ def predictor_in_memory(model: torch.nn.Module, cfg: Config, comp: Competition, 
     return Predictor("in-memory model", model, cfg, comp.task, comp.classes, rule, preprocess=preprocess_of(model))
 
 
-def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch.nn.Module, rule: ThresholdRule,
-           clock: BudgetClock, reserve: InferenceReserve, outcome: Outcome, device: torch.device) -> None:
+def submit(ctx: RunContext, comp: Competition, run: TrainRun, rule: ThresholdRule, outcome: Outcome) -> None:
     """Predict with the best checkpoint; should that fail, with last.pt, then with the model in memory."""
-    cfg = ctx.cfg
+    cfg, saver, clock, reserve, device = ctx.cfg, run.saver, run.clock, run.reserve, run.device
     for path in prediction_sources(saver.out_dir) + [None]:
         if path is None:
-            pred = predictor_in_memory(model, cfg, comp, rule, device)
+            pred = predictor_in_memory(run.parts.model, cfg, comp, rule, device)
         else:
             pred = outcome.guard(f"loading {path.name}", load_predictor, path, device, RuleSettings.of(cfg),
                                  cfg.channels_last)

@@ -25,8 +25,8 @@ from typing import Any
 
 from ..core.config import Config, ConfigError
 from ..inputs.competition import Competition
-from .checkpoint import load_checkpoint, set_rng_state
-from .trainer import FitState, TrainParts
+from .checkpoint import load_checkpoint
+from .trainer import FitState, TrainParts, TrainState
 
 log = logging.getLogger("kernelkit")
 
@@ -105,28 +105,11 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
     if ckpt is None:
         state = FitState(session=1, session_end=first_slice(cfg.sessions, cfg.epochs))
     else:
-        parts.model.load_state_dict(ckpt["model"])
-        if parts.ema is not None and "ema" in ckpt:
-            parts.ema.module.load_state_dict(ckpt["ema"])
-            parts.ema.updates = int(ckpt["step"])  # the decay goes on where it was, not warming up again
-        if parts.swa is not None and "swa" in ckpt:
-            parts.swa.load_state_dict(ckpt["swa"])
-        # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
-        # CPU, and a CPU one's on a GPU, each with the kernel it can run.
-        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
-        parts.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, own in zip(parts.optimizer.param_groups, flags):
-            group.update(own)
-        if ckpt.get("scaler") and parts.scaler.is_enabled():
-            parts.scaler.load_state_dict(ckpt["scaler"])
-        # else: bf16 <-> fp16 across sessions on different GPUs (an H100, then a T4): the loss scale
-        # starts afresh, which GradScaler finds within a few steps.
-        set_rng_state(ckpt["rng"])
-        session, end = (next_slice(ckpt, cfg.sessions, cfg.epochs) if new_session
-                        else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
-        state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
-                         best_score=-math.inf if new_session else ckpt["best_score"], threshold=ckpt["threshold"],
-                         session=session, session_end=end)
+        state = FitState()
+        TrainState(parts, state).load_state_dict(ckpt)
+        if new_session:
+            state.session, state.session_end = next_slice(ckpt, cfg.sessions, cfg.epochs)
+            state.best_score = -math.inf
         log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
     if cfg.sessions > 1:
         log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,

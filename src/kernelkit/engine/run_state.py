@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..core.fileio import TEMP_GLOB, write_json
+from .checkpoint import BEST, LAST
 
 log = logging.getLogger("kernelkit")
 
@@ -24,7 +25,7 @@ def _record(path: Path, data: dict) -> None:
         log.error("could not write %s (%s); a restart after a kill would not resume", path.name, e)
 
 STATE_FILE = "run_state.json"
-CHECKPOINTS = ("last.pt", "best.pt")
+CHECKPOINTS = (LAST, BEST)
 
 
 def remove_partial_files(out_dir: Path) -> None:
@@ -50,7 +51,7 @@ def begin_run(out_dir: Path, resume: bool, started_at: float) -> tuple[float, Pa
 
 def resumable(out_dir: Path, resume: bool) -> Path | None:
     """last.pt of an unfinished run in out_dir, when resuming is on; no side effects."""
-    state_path, last = out_dir / STATE_FILE, out_dir / "last.pt"
+    state_path, last = out_dir / STATE_FILE, out_dir / LAST
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     return last if resume and state and not state.get("finished") and last.is_file() else None
 

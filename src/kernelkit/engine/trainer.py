@@ -26,7 +26,7 @@ from ..data.transforms import IMAGENET, Preprocess, normalize
 from ..decide.rules import score_validation
 from ..model.factory import set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
-from .checkpoint import Checkpointer, rng_state
+from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
 from .evaluate import OutOfMemory, autocast, predict
 from .learning_check import CHECK_AT, at_prior, stuck_message
 from .resolution import ResolutionSchedule, fixed_input_size, resize_batch
@@ -87,6 +87,56 @@ class FitState:
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
     session: int = 1  # which Kaggle session of a schedule split over several (resume.py)
     session_end: float = 1.0  # progress at which this session's slice of the schedule ends
+
+
+@dataclass
+class TrainState:
+    """The checkpoint format of a training run, owned in one place: what `state_dict` writes is what
+    `load_state_dict` reads back (weights, EMA, weight average, optimizer, scaler, RNG, and where the
+    schedule is). File names, atomic background writes, the format version and its migration are
+    `checkpoint`'s; the session slice a restore starts is `resume`'s."""
+    parts: TrainParts
+    fit: FitState
+    clock: BudgetClock | None = None  # saving only: the time spent so far goes into the file
+
+    def state_dict(self, epoch_done: bool, weights: dict | None = None, average: bool = True) -> dict[str, Any]:
+        """`weights`: saved instead of the model's (and of the EMA, which would otherwise predict);
+        `average`: with the running weight average, which only a resume needs (last.pt)."""
+        parts, state, clock = self.parts, self.fit, self.clock
+        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
+        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and average else {}
+        return {
+            "model": weights or unwrap(parts.model).state_dict(), **ema, **swa,
+            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+            "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
+            "best_score": state.best_score, "threshold": state.threshold,
+            "session": state.session, "session_end": state.session_end,
+            "elapsed": clock.elapsed() if clock else 0.0, "run_start": clock.start_time if clock else 0.0,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        parts, state = self.parts, self.fit
+        unwrap(parts.model).load_state_dict(ckpt["model"])
+        if parts.ema is not None and "ema" in ckpt:
+            parts.ema.module.load_state_dict(ckpt["ema"])
+            parts.ema.updates = int(ckpt["step"])  # the decay goes on where it was, not warming up again
+        if parts.swa is not None and "swa" in ckpt:
+            parts.swa.load_state_dict(ckpt["swa"])
+        # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
+        # CPU, and a CPU one's on a GPU, each with the kernel it can run.
+        flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(parts.optimizer.param_groups, flags):
+            group.update(own)
+        if ckpt.get("scaler") and parts.scaler.is_enabled():
+            parts.scaler.load_state_dict(ckpt["scaler"])
+        # else: bf16 <-> fp16 across sessions on different GPUs (an H100, then a T4): the loss scale
+        # starts afresh, which GradScaler finds within a few steps.
+        set_rng_state(ckpt["rng"])
+        state.epoch, state.step, state.progress = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["progress"])
+        state.best_score, state.threshold = ckpt["best_score"], ckpt["threshold"]
+        state.session, state.session_end = int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))
 
 
 @dataclass
@@ -203,13 +253,13 @@ class Trainer:
                 self.reserve.train_ips = tr["images_per_s"]
             if self.dist.is_main:
                 result.history.append(self.end_of_epoch(tr, val, result))
-                self.save("last.pt", epoch_done=not tr["stopped"])
+                self.save(LAST, epoch_done=not tr["stopped"])
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1
         result.stop_reason = "epochs" if opts.epochs and state.epoch >= stop_epoch else self.stop_reason
         if self.dist.is_main and (val is None or not len(val.targets)):
-            self.save("best.pt", epoch_done=True)  # nothing to select on: the last weights are the best
+            self.save(BEST, epoch_done=True)  # nothing to select on: the last weights are the best
         if self.dist.is_main and self.parts.swa is not None:
             self.use_average(train_loader, val, result)
         return result
@@ -232,7 +282,7 @@ class Trainer:
         if won["probs"] is not None:
             self.state.best_score, self.state.threshold = won["score"], won["threshold"]
             result.best_val_probs = won["probs"]
-        self.save("best.pt", epoch_done=True, weights=self.parts.swa.module.state_dict())
+        self.save(BEST, epoch_done=True, weights=self.parts.swa.module.state_dict())
 
     def train_epoch(self, loader, max_steps: int = 0) -> dict:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
@@ -277,7 +327,7 @@ class Trainer:
                                 lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}", p=f"{state.progress:.2f}",
                                 refresh=False)
             if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
-                self.save("last.pt", epoch_done=False)
+                self.save(LAST, epoch_done=False)
         bar.close()
         skipped = int(unreadable.item())
         state.bad_images += skipped
@@ -371,7 +421,7 @@ class Trainer:
         if va["score"] > state.best_score:
             state.best_score, state.threshold = va["score"], va["threshold"]
             result.best_val_probs = out["probs"].astype(np.float32)
-            self.save("best.pt", epoch_done=not tr["stopped"])
+            self.save(BEST, epoch_done=not tr["stopped"])
         log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
                  va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
         self.check_learning(val.prior, va["metric"], result)
@@ -400,15 +450,5 @@ class Trainer:
         self.last_save = time.time()
         if self.saver is None:
             return
-        parts, state = self.parts, self.state
-        ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
-        swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}
-        payload = {
-            "model": weights or self.core.state_dict(), **ema, **swa,
-            "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
-            "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
-            "best_score": state.best_score, "threshold": state.threshold,
-            "session": state.session, "session_end": state.session_end,
-            "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
-        }
+        payload = TrainState(self.parts, self.state, self.clock).state_dict(epoch_done, weights, average=name == LAST)
         self.saver.save(name, payload)  # returns once snapshotted; failures are counted by the checkpointer
