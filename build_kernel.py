@@ -25,6 +25,7 @@ import ast
 import json
 import re
 import sys
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from functools import partial
@@ -138,15 +139,16 @@ class NotLiteral(RegionError):
     """A CONFIG value is an expression: the kernel may run it, but the build cannot check or rewrite it."""
 
 
-def _config_module():
-    """kernelkit.core.config from the src tree (it imports nothing heavy), so the build checks settings
-    with the very code the kernel runs."""
+def _config_module() -> types.SimpleNamespace:
+    """kernelkit's config schema, checks and option parsing from the src tree (they import nothing
+    heavy), so the build checks settings with the very code the kernel runs."""
     sys.path.insert(0, str(ROOT / "src"))
     try:
-        from kernelkit.core import config
+        from kernelkit.core import checks, config, options
     finally:
         sys.path.pop(0)
-    return config
+    return types.SimpleNamespace(Config=config.Config, PRESETS=config.PRESETS, ConfigError=config.ConfigError,
+                                 checked_config=checks.checked_config, parse_value=options.parse_value)
 
 
 def config_lines(values: dict[str, object] | None = None) -> str:
@@ -266,7 +268,7 @@ def check_values(values: dict[str, object]) -> None:
     config = _config_module()
     preset = values.get("preset", "")
     merged = {**config.PRESETS.get(preset if isinstance(preset, str) else "", {}), **values}
-    config.Config.from_dict(merged, where="CONFIG", check_paths=False)
+    config.checked_config(merged, where="CONFIG", check_paths=False)
 
 
 def parse_settings(pairs: Sequence[str]) -> dict[str, object]:

@@ -222,7 +222,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core import env
-from ..core.config import ConfigError, make_config
+from ..core.config import ConfigError
+from ..core.options import make_config
 from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
 from ..core.stopping import handle_signals
 from ..inputs.discovery import find_competition
@@ -402,9 +403,8 @@ import torch
 
 from ..build.assemble import build_training_data
 from ..build.components import build_parts, fit_options
-from ..core.config import budget_seconds
 from ..core.context import RunContext
-from ..engine.budget import BudgetClock, InferenceReserve
+from ..engine.budget import BudgetClock, InferenceReserve, budget_seconds
 from ..engine.plan import Plan, make_plan
 from ..engine.resolution import ResolutionSchedule, effective_ips, fmt_ips
 from ..engine.trainer import Trainer
@@ -558,8 +558,7 @@ def rescue(ctx: RunContext) -> int:
     """Training ended without a submission: predict from its best checkpoint."""
     from ..build.assemble import open_competition
     from ..core import distributed
-    from ..core.config import budget_seconds
-    from ..engine.budget import BudgetClock
+    from ..engine.budget import BudgetClock, budget_seconds
     from ..engine.run_state import run_start
     from .infer_job import run_infer
     sources = prediction_sources(ctx.out_dir)
@@ -688,7 +687,7 @@ import torch
 from ..build import autopick
 from ..build.assemble import open_competition
 from ..core import distributed, env
-from ..core.config import ConfigError, budget_seconds
+from ..core.config import ConfigError
 from ..core.context import (
     EXIT_NO_SUBMISSION,
     EXIT_OK,
@@ -702,7 +701,7 @@ from ..core.context import (
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
-from ..engine.budget import BudgetClock, fmt_seconds
+from ..engine.budget import BudgetClock, budget_seconds, fmt_seconds
 from ..engine.run_state import finish_run, run_start
 from ..inputs.competition import Competition
 from .blend_job import run_blend
@@ -1047,13 +1046,13 @@ import torch
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
-from ..core.config import Config, ConfigError, budget_seconds, parse_duration
+from ..core.config import Config, ConfigError, parse_duration
 from ..core.context import PREDICTING, TRAINING, RunContext
 from ..core.distributed import DistInfo
 from ..decide.reports import write_label_statistics
 from ..decide.rules import RuleSettings, refine_rule
 from ..decide.thresholds import ThresholdRule, prior_baseline
-from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
+from ..engine.budget import BudgetClock, InferenceReserve, budget_seconds, fmt_seconds
 from ..engine.checkpoint import BEST, Checkpointer
 from ..engine.resume import check_resume, restore
 from ..engine.run_state import begin_run
@@ -1480,10 +1479,10 @@ import torch
 
 from ..core import distributed
 from ..core.accel import amp_dtype
-from ..core.config import Config, budget_seconds
+from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..engine.budget import fmt_seconds
+from ..engine.budget import budget_seconds, fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
 from ..engine.resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
@@ -2032,18 +2031,244 @@ def original_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a torch.compile wrapper (whose state_dict keys carry an '_orig_mod.' prefix)."""
     return getattr(model, "_orig_mod", model)
 ''',
-'kernelkit.core.config': r'''"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
+'kernelkit.core.checks': r'''"""Checking a config: every option at once, so one run shows every mistake (`validate`), the type
+of each CONFIG-block or preset value, unknown keys with the closest known one, the budget against
+the margin, and the weights files against the model they are for. `checked_config` is the one way
+from user input (a dict) to a Config that passed. Raises ConfigError (exit 2) naming each option."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import difflib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .config import (
+    AUTO_ZERO,
+    CHOICES,
+    DURATIONS,
+    PRESETS,
+    TYPE_WORDS,
+    Config,
+    ConfigError,
+    field_types,
+    parse_duration,
+    parse_kwargs,
+)
+from .weights import resolve_weights, same_architecture
+
+
+def checked_config(d: dict[str, Any], where: str = "config", check_paths: bool = True) -> Config:
+    """A config from user input: unknown keys, wrong types and out-of-range values are refused.
+    check_paths=False skips the files that only exist where the kernel runs (build time)."""
+    refuse_unknown_keys(d, where)
+    cfg = Config(**{k: _normalise(k, v) for k, v in d.items()})
+    fill_architecture(cfg)
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
+    known = [f.name for f in fields(Config)]
+    problems = []
+    for key in sorted(set(d) - set(known)):
+        close = difflib.get_close_matches(str(key), known, n=2)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        problems.append(f"unknown {where} key {key!r}{hint}")
+    if problems:
+        raise ConfigError("; ".join(problems) + f". Known keys: {', '.join(known)}")
+
+
+def _normalise(key: str, value: Any) -> Any:
+    """Type check of one CONFIG-block or preset value: ints stay ints, a string is never a number."""
+    typ = field_types()[key]
+    if key in AUTO_ZERO and value == "auto":
+        return 0
+    if typ == "bool" and isinstance(value, bool):
+        return value
+    if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ == "str" and isinstance(value, str):
+        return value
+    if typ == "str" and key in DURATIONS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value}s"  # budget=3600 means seconds
+    raise ConfigError(f"{key}={value!r}: expected {TYPE_WORDS[typ]}, got {type(value).__name__}")
+
+
+def _range_problems(c: Config) -> list[str]:
+    """(condition that must hold, what the user is told) for every numeric option."""
+    rules = [
+        (c.batch_size >= 1, f"batch_size={c.batch_size}: must be >= 1"),
+        (c.img_size == 0 or 8 <= c.img_size <= 4096,
+         f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
+        (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
+        (not (c.model == "auto" and c.pretrained_path),
+         "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
+         "a timm folder with config.json names its architecture itself)"),
+        (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
+        (c.epochs >= 0, f"epochs={c.epochs}: must be >= 0 (0 = as many as fit the budget)"),
+        (c.n_folds >= 2, f"n_folds={c.n_folds}: must be >= 2"),
+        (-1 <= c.fold < c.n_folds, f"fold={c.fold}: must be -1 (off) or 0..{c.n_folds - 1} (n_folds={c.n_folds})"),
+        (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
+        (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
+        (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
+        (c.lr > 0, f"lr={c.lr}: must be > 0"),
+        (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
+        (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
+        (0 <= c.freeze <= 1, f"freeze={c.freeze}: a share of training, in [0, 1]"),
+        (0 <= c.layer_decay <= 1, f"layer_decay={c.layer_decay}: 0 (off) or in (0, 1]"),
+        (0 <= c.ema < 1, f"ema={c.ema}: 0 (off) or a decay in (0, 1), e.g. 0.999"),
+        (0 <= c.swa < 1, f"swa={c.swa}: 0 (off) or the share of the schedule to average over, in (0, 1), e.g. 0.25"),
+        (1 <= c.sessions <= 100, f"sessions={c.sessions}: must be between 1 and 100"),
+        (not c.epochs or c.epochs >= c.sessions,
+         f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
+        (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
+        (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
+         f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
+        (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
+        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+        (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
+        (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
+        (c.cache_max_gb >= 0, f"cache_max_gb={c.cache_max_gb}: must be >= 0"),
+        (c.output_cap_gb >= -1, f"output_cap_gb={c.output_cap_gb}: -1 (auto), 0 (none) or a size in GB"),
+        (c.num_workers >= -1, f"num_workers={c.num_workers}: -1 (all cores) or >= 0"),
+        (c.ddp_procs >= 0, f"ddp_procs={c.ddp_procs}: must be >= 0"),
+        (c.min_labels >= 0 and c.max_labels >= 0, "min_labels and max_labels must be >= 0"),
+        (not c.max_labels or c.min_labels <= c.max_labels,
+         f"min_labels={c.min_labels} > max_labels={c.max_labels}"),
+        (c.beta > 0, f"beta={c.beta}: must be > 0"),
+        (c.head_hidden >= 1 and c.unfreeze_blocks >= 0, "head_hidden must be >= 1 and unfreeze_blocks >= 0"),
+        (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
+        (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
+        (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
+        (c.mode != "blend" or bool(c.checkpoints),
+         "mode='blend' needs checkpoints= (run output folders, comma-separated or a glob)"),
+        (not ((c.mixup or c.cutmix) and c.loss == "complement"),
+         "mixup/cutmix give soft targets, which loss='complement' does not take"),
+    ]
+    return [msg for ok, msg in rules if not ok]
+
+
+def _choice_problems(c: Config) -> list[str]:
+    out = []
+    for key, allowed in CHOICES.items():
+        value = getattr(c, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"{key}={value!r} is not one of {' | '.join(repr(a) for a in allowed)}{hint}")
+    if c.preset and c.preset not in PRESETS:
+        out.append(f"preset={c.preset!r} is not one of {' | '.join(sorted(PRESETS))}")
+    return out
+
+
+def _parse_problems(c: Config) -> list[str]:
+    out = []
+    for key in ("checkpoint_every", "grace"):
+        try:
+            if parse_duration(getattr(c, key)) <= 0:
+                out.append(f"{key}={getattr(c, key)!r}: must be longer than 0 s")
+        except ValueError as e:
+            out.append(f"{key}: {e}")
+    try:
+        budget_and_margin(c.budget, c.margin, c.mode)
+    except ValueError as e:
+        out.append(f"budget={c.budget!r} / margin={c.margin!r}: {e}")
+    try:
+        parse_kwargs(c.loss_args)
+    except ValueError as e:
+        out.append(f"loss_args={c.loss_args!r}: {e}")
+    return out
+
+
+def _path_problems(c: Config) -> list[str]:
+    """Files the run will need: a typo here would otherwise surface hours later, or never."""
+    checks = [("data_dir", c.data_dir, "is_dir"), ("resume_from", c.resume_from, "is_file")]
+    return [f"{key}={value!r} does not exist" for key, value, test in checks
+            if value and not getattr(Path(value), test)()] + _weights_problems(c)
+
+
+WEIGHTS_OF = (("model", "pretrained_path"), ("model2", "pretrained_path2"))  # each backbone and its weights
+
+
+def _weights_problems(c: Config) -> list[str]:
+    out = []
+    for model_key, path_key in WEIGHTS_OF:
+        model, path = getattr(c, model_key), getattr(c, path_key)
+        if not path:
+            continue
+        try:
+            src = resolve_weights(path)
+        except ValueError as e:
+            out.append(str(e))
+            continue
+        if src.architecture and model not in MODEL_FROM_WEIGHTS and not same_architecture(model, src.architecture):
+            out.append(f"{path_key} holds {src.architecture!r} weights (its config.json) but {model_key}={model!r}; "
+                       f"set {model_key}={src.architecture!r} or leave it empty")
+    if not c.model:
+        out.append("model is empty: set model= to a timm model name, or point pretrained_path at a timm folder "
+                   "(config.json + weights) to take the architecture from it")
+    return out
+
+
+MODEL_FROM_WEIGHTS = ("", "auto")  # model values that mean "whatever the weights folder holds"
+
+
+def fill_architecture(cfg: Config) -> None:
+    """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
+    config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
+    for model_key, path_key in WEIGHTS_OF:
+        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
+            continue
+        try:
+            arch = resolve_weights(getattr(cfg, path_key)).architecture
+        except ValueError:
+            continue  # validate() reports it with the other problems
+        setattr(cfg, model_key, arch)
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Every option at once, so one run shows every mistake; raises ConfigError naming each option."""
+    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg)
+    if check_paths:
+        problems += _path_problems(cfg)
+    if problems:
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+MIN_TRAIN_BUDGET_S = 20.0
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def budget_and_margin(budget: str, margin: str, mode: str) -> tuple[float, float]:
+    """-> (budget, margin) in seconds; the margin must leave time to work with. The budget clock
+    (engine.budget.budget_seconds) takes its numbers from here, so the check and the clock agree."""
+    total = parse_duration(budget)
+    # Fixed costs (interpreter exit, worker teardown) dominate short runs, a share of the budget long ones.
+    margin_s = min(600.0, 0.02 * total + 2.0) if margin == "auto" else parse_duration(margin)
+    if total <= 0 or margin_s >= total:
+        raise ValueError(f"budget {budget!r} must be positive and larger than margin {margin!r}")
+    if mode == "train" and total - margin_s < MIN_TRAIN_BUDGET_S:
+        raise ValueError(f"budget {budget!r} (margin {fmt(margin_s)}) leaves under {MIN_TRAIN_BUDGET_S:.0f} s: "
+                         "start-up alone (imports, data index, model) takes seconds; give at least 1m")
+    return total, margin_s
+''',
+'kernelkit.core.config': r'''"""The one typed config: its schema. Every option with its default, help text and allowed values
+(`Config`, CHOICES), the presets, and the value syntax (durations, key=value lists). Checking a
+config is `checks`'s; reading one from the command line and the CONFIG block is `options`'s.
+Defaults < preset < CONFIG block in kernel.py < command line."""
+from __future__ import annotations
+
+import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-
-from .weights import resolve_weights, same_architecture
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -2185,16 +2410,6 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config", check_paths: bool = True) -> "Config":
-        """A config from user input: unknown keys, wrong types and out-of-range values are refused.
-        check_paths=False skips the files that only exist where the kernel runs (build time)."""
-        refuse_unknown_keys(d, where)
-        cfg = cls(**{k: _normalise(k, v) for k, v in d.items()})
-        fill_architecture(cfg)
-        validate(cfg, check_paths=check_paths)
-        return cfg
-
-    @classmethod
     def from_stored(cls, d: dict[str, Any]) -> "Config":
         """The config stored in a checkpoint (any kernelkit version): keys this version does not know
         are dropped and missing ones take their defaults; no range checks (it was valid when saved)."""
@@ -2213,187 +2428,14 @@ class ConfigError(ValueError):
     """A setting that cannot work, found before anything slow ran: the kernel exits with status 2."""
 
 
-def _field_types() -> dict[str, str]:
+def field_types() -> dict[str, str]:
     # `from __future__ import annotations` keeps annotations as strings: "int", "float", "bool", "str".
     return {f.name: str(f.type) for f in fields(Config)}
 
 
 DURATIONS = ("budget", "margin", "checkpoint_every", "grace")
 AUTO_ZERO = ("img_size",)  # int options where 'auto' is accepted for 0
-
-
-def refuse_unknown_keys(d: dict[str, Any], where: str) -> None:
-    known = [f.name for f in fields(Config)]
-    problems = []
-    for key in sorted(set(d) - set(known)):
-        close = difflib.get_close_matches(str(key), known, n=2)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        problems.append(f"unknown {where} key {key!r}{hint}")
-    if problems:
-        raise ConfigError("; ".join(problems) + f". Known keys: {', '.join(known)}")
-
-
-def _normalise(key: str, value: Any) -> Any:
-    """Type check of one CONFIG-block or preset value: ints stay ints, a string is never a number."""
-    typ = _field_types()[key]
-    if key in AUTO_ZERO and value == "auto":
-        return 0
-    if typ == "bool" and isinstance(value, bool):
-        return value
-    if typ == "int" and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if typ == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if typ == "str" and isinstance(value, str):
-        return value
-    if typ == "str" and key in DURATIONS and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value}s"  # budget=3600 means seconds
-    raise ConfigError(f"{key}={value!r}: expected {_TYPE_WORDS[typ]}, got {type(value).__name__}")
-
-
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}
-
-
-def _range_problems(c: Config) -> list[str]:
-    """(condition that must hold, what the user is told) for every numeric option."""
-    rules = [
-        (c.batch_size >= 1, f"batch_size={c.batch_size}: must be >= 1"),
-        (c.img_size == 0 or 8 <= c.img_size <= 4096,
-         f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
-        (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
-        (not (c.model == "auto" and c.pretrained_path),
-         "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
-         "a timm folder with config.json names its architecture itself)"),
-        (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
-        (c.epochs >= 0, f"epochs={c.epochs}: must be >= 0 (0 = as many as fit the budget)"),
-        (c.n_folds >= 2, f"n_folds={c.n_folds}: must be >= 2"),
-        (-1 <= c.fold < c.n_folds, f"fold={c.fold}: must be -1 (off) or 0..{c.n_folds - 1} (n_folds={c.n_folds})"),
-        (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
-        (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
-        (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
-        (c.lr > 0, f"lr={c.lr}: must be > 0"),
-        (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
-        (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
-        (0 <= c.freeze <= 1, f"freeze={c.freeze}: a share of training, in [0, 1]"),
-        (0 <= c.layer_decay <= 1, f"layer_decay={c.layer_decay}: 0 (off) or in (0, 1]"),
-        (0 <= c.ema < 1, f"ema={c.ema}: 0 (off) or a decay in (0, 1), e.g. 0.999"),
-        (0 <= c.swa < 1, f"swa={c.swa}: 0 (off) or the share of the schedule to average over, in (0, 1), e.g. 0.25"),
-        (1 <= c.sessions <= 100, f"sessions={c.sessions}: must be between 1 and 100"),
-        (not c.epochs or c.epochs >= c.sessions,
-         f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
-        (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
-        (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
-        (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
-         f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
-        (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
-        (c.mixup >= 0 and c.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
-        (c.clip_grad >= 0, f"clip_grad={c.clip_grad}: must be >= 0 (0 = off)"),
-        (0 <= c.balanced_sampling <= 1, f"balanced_sampling={c.balanced_sampling}: must be in [0, 1]"),
-        (c.cache_max_gb >= 0, f"cache_max_gb={c.cache_max_gb}: must be >= 0"),
-        (c.output_cap_gb >= -1, f"output_cap_gb={c.output_cap_gb}: -1 (auto), 0 (none) or a size in GB"),
-        (c.num_workers >= -1, f"num_workers={c.num_workers}: -1 (all cores) or >= 0"),
-        (c.ddp_procs >= 0, f"ddp_procs={c.ddp_procs}: must be >= 0"),
-        (c.min_labels >= 0 and c.max_labels >= 0, "min_labels and max_labels must be >= 0"),
-        (not c.max_labels or c.min_labels <= c.max_labels,
-         f"min_labels={c.min_labels} > max_labels={c.max_labels}"),
-        (c.beta > 0, f"beta={c.beta}: must be > 0"),
-        (c.head_hidden >= 1 and c.unfreeze_blocks >= 0, "head_hidden must be >= 1 and unfreeze_blocks >= 0"),
-        (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
-        (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
-        (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
-        (c.mode != "blend" or bool(c.checkpoints),
-         "mode='blend' needs checkpoints= (run output folders, comma-separated or a glob)"),
-        (not ((c.mixup or c.cutmix) and c.loss == "complement"),
-         "mixup/cutmix give soft targets, which loss='complement' does not take"),
-    ]
-    return [msg for ok, msg in rules if not ok]
-
-
-def _choice_problems(c: Config) -> list[str]:
-    out = []
-    for key, allowed in CHOICES.items():
-        value = getattr(c, key)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            out.append(f"{key}={value!r} is not one of {' | '.join(repr(a) for a in allowed)}{hint}")
-    if c.preset and c.preset not in PRESETS:
-        out.append(f"preset={c.preset!r} is not one of {' | '.join(sorted(PRESETS))}")
-    return out
-
-
-def _parse_problems(c: Config) -> list[str]:
-    out = []
-    for key in ("checkpoint_every", "grace"):
-        try:
-            if parse_duration(getattr(c, key)) <= 0:
-                out.append(f"{key}={getattr(c, key)!r}: must be longer than 0 s")
-        except ValueError as e:
-            out.append(f"{key}: {e}")
-    try:
-        budget_seconds(c)
-    except ValueError as e:
-        out.append(f"budget={c.budget!r} / margin={c.margin!r}: {e}")
-    try:
-        parse_kwargs(c.loss_args)
-    except ValueError as e:
-        out.append(f"loss_args={c.loss_args!r}: {e}")
-    return out
-
-
-def _path_problems(c: Config) -> list[str]:
-    """Files the run will need: a typo here would otherwise surface hours later, or never."""
-    checks = [("data_dir", c.data_dir, "is_dir"), ("resume_from", c.resume_from, "is_file")]
-    return [f"{key}={value!r} does not exist" for key, value, test in checks
-            if value and not getattr(Path(value), test)()] + _weights_problems(c)
-
-
-WEIGHTS_OF = (("model", "pretrained_path"), ("model2", "pretrained_path2"))  # each backbone and its weights
-
-
-def _weights_problems(c: Config) -> list[str]:
-    out = []
-    for model_key, path_key in WEIGHTS_OF:
-        model, path = getattr(c, model_key), getattr(c, path_key)
-        if not path:
-            continue
-        try:
-            src = resolve_weights(path)
-        except ValueError as e:
-            out.append(str(e))
-            continue
-        if src.architecture and model not in MODEL_FROM_WEIGHTS and not same_architecture(model, src.architecture):
-            out.append(f"{path_key} holds {src.architecture!r} weights (its config.json) but {model_key}={model!r}; "
-                       f"set {model_key}={src.architecture!r} or leave it empty")
-    if not c.model:
-        out.append("model is empty: set model= to a timm model name, or point pretrained_path at a timm folder "
-                   "(config.json + weights) to take the architecture from it")
-    return out
-
-
-MODEL_FROM_WEIGHTS = ("", "auto")  # model values that mean "whatever the weights folder holds"
-
-
-def fill_architecture(cfg: Config) -> None:
-    """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
-    config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
-    for model_key, path_key in WEIGHTS_OF:
-        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
-            continue
-        try:
-            arch = resolve_weights(getattr(cfg, path_key)).architecture
-        except ValueError:
-            continue  # validate() reports it with the other problems
-        setattr(cfg, model_key, arch)
-
-
-def validate(cfg: Config, check_paths: bool = True) -> None:
-    """Every option at once, so one run shows every mistake; raises ConfigError naming each option."""
-    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg)
-    if check_paths:
-        problems += _path_problems(cfg)
-    if problems:
-        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems))
+TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string"}
 
 
 # One preset per reference project the toolkit reproduces (iMet 2019, iNaturalist 2019, Scene-15,
@@ -2459,145 +2501,6 @@ def parse_duration(text: str | float | int) -> float:
     return total
 
 
-def _coerce(value: str, typ: str) -> Any:
-    if typ == "bool":
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"not a boolean: {value!r}")
-    return {"int": int, "float": float, "str": str}[typ](value)
-
-
-class _Typed:
-    """argparse `type=`: a module-level callable (no lambda) whose name shows in error messages."""
-
-    def __init__(self, typ: str, auto_zero: bool = False):
-        self.typ, self.__name__ = typ, {"int": "integer", "float": "number", "bool": "boolean"}.get(typ, typ)
-        self.auto_zero = auto_zero
-
-    def __call__(self, value: str) -> Any:
-        return 0 if self.auto_zero and value.strip().lower() == "auto" else _coerce(value, self.typ)
-
-
-def parse_value(key: str, text: str, where: str = "option") -> Any:
-    """One option's value from text (`--set key=value` at build time), typed as its Config field."""
-    refuse_unknown_keys({key: text}, where)
-    try:
-        return _Typed(_field_types()[key], key in AUTO_ZERO)(text)
-    except ValueError:
-        raise ConfigError(f"{key}={text!r}: expected {_TYPE_WORDS[_field_types()[key]]}") from None
-
-
-class _BoolFlag(argparse.Action):
-    """--amp / --no-amp, and --amp VALUE (true/false/yes/no/1/0), which scripts already use."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if option_string and option_string.startswith("--no-"):
-            if values is not None:
-                raise argparse.ArgumentError(self, f"takes no value (got {values!r})")
-            values = False
-        setattr(namespace, self.dest, True if values is None else values)
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=34)
-
-    def _format_action_invocation(self, action: argparse.Action) -> str:
-        if isinstance(action, _BoolFlag):
-            return ", ".join(action.option_strings)
-        return super()._format_action_invocation(action)
-
-
-# --help groups: the first field of each commented group of Config; later fields follow it until the
-# next group starts, so a field added inside a group lands in that group (tests check the comments).
-GROUP_STARTS = {"mode": "what to run", "model": "model", "img_size": "images", "budget": "training",
-                "tta": "inference", "demo_images": "demo"}
-
-_DESCRIPTION = """\
-Kaggle image-classification kernel (kernelkit): trains a timm model inside the time budget, then
-writes submission.csv with test-time augmentation. Settings come from, lowest first: defaults <
---preset < the CONFIG block at the top of kernel.py < these flags.
-presets: {presets}"""
-
-_EPILOG = """\
-examples:
-  python kernel.py                       # the competition under /kaggle/input (else a generated demo)
-  python kernel.py --preset imet2019 --pretrained-path /kaggle/input/w/model.safetensors --budget 8h
-  python kernel.py --data-dir ~/data/scene15 --model resnet50 --img-size 288 --no-amp --budget 30m
-  python kernel.py --mode infer --checkpoints '/kaggle/input/earlier-run/*.pt'
-  python kernel.py --dry-run --preset imet2019 --budget 8h30m   # does the plan fit?
-
-exit status: 0 submission written (also when training failed: see the log), 2 refused before
-training (bad option or data), 4 --dry-run plan does not fit, other: no submission could be made"""
-
-
-def _help_text(f: dataclasses.Field) -> str:
-    text = f.metadata.get("help", "")
-    if f.name == "preset":
-        text = f"{text.split(' (')[0]}: {' | '.join(PRESETS)}"
-    default = ("on" if f.default else "off") if isinstance(f.default, bool) else repr(f.default)
-    # argparse %-formats help strings: a literal % (as in "2% + 2s") must be doubled.
-    return f"{text} (default {default})".replace("%", "%%")
-
-
-_METAVARS = {"int": "N", "float": "X", "str": "TEXT", "preset": "NAME", "model": "NAME", "model2": "NAME",
-             **dict.fromkeys(("data_dir", "out_dir", "checkpoints", "pretrained_path", "pretrained_path2",
-                              "cache_dir", "resume_from"), "PATH")}
-
-
-def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field, typ: str) -> None:
-    flag = f"--{f.name.replace('_', '-')}"
-    if typ == "bool":
-        group.add_argument(flag, f"--no-{flag[2:]}", dest=f.name, default=None, nargs="?", action=_BoolFlag,
-                           type=_Typed("bool"), help=_help_text(f))
-        return
-    choices = f.metadata.get("choices")
-    metavar = None if choices else _METAVARS.get(f.name) or ("TIME" if f.name in DURATIONS else _METAVARS[typ])
-    group.add_argument(flag, dest=f.name, default=None, help=_help_text(f), type=_Typed(typ, f.name in AUTO_ZERO),
-                       choices=choices, metavar=metavar)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=_DESCRIPTION.format(presets=" | ".join(PRESETS)), epilog=_EPILOG,
-                                formatter_class=_HelpFormatter,
-                                usage="%(prog)s [--preset NAME] [--option VALUE ...]  (--help lists them)")
-    types = _field_types()
-    group = p.add_argument_group("options")
-    for f in fields(Config):
-        if f.name in GROUP_STARTS:
-            group = p.add_argument_group(GROUP_STARTS[f.name])
-        _add_option(group, f, types[f.name])
-        if f.name == "checkpoints":
-            group.add_argument("--dry-run", action="store_true",
-                               help="short local run that measures speed and says whether the plan fits the "
-                                    "budget (exit 4 when not)")
-    return p
-
-
-def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Merge defaults, the named preset, the CONFIG block and command-line flags, in that order.
-
-    Raises ConfigError (argparse errors exit with status 2 themselves) before anything is imported
-    or read that takes time.
-    """
-    args = build_parser().parse_args(argv)
-    cli = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
-    block = dict(block or {})
-    refuse_unknown_keys(block, "CONFIG block")
-    preset = cli.get("preset", block.get("preset", ""))
-    merged: dict[str, Any] = {}
-    if preset:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; choose from {' | '.join(sorted(PRESETS))}")
-        merged.update(PRESETS[preset])
-    merged.update(block)
-    merged.update(cli)
-    return Config.from_dict(merged), args
-
-
 def parse_kwargs(text: str) -> dict[str, Any]:
     """'gamma=2,reduce=sum' -> {'gamma': 2.0, 'reduce': 'sum'}."""
     out: dict[str, Any] = {}
@@ -2611,26 +2514,6 @@ def parse_kwargs(text: str) -> dict[str, Any]:
         except ValueError:
             out[key.strip()] = {"true": True, "false": False, "none": None}.get(value.lower(), value)
     return out
-
-
-def budget_seconds(cfg: Config) -> tuple[float, float]:
-    """-> (budget, margin) in seconds; the margin must leave time to work with."""
-    total = parse_duration(cfg.budget)
-    # Fixed costs (interpreter exit, worker teardown) dominate short runs, a share of the budget long ones.
-    margin = min(600.0, 0.02 * total + 2.0) if cfg.margin == "auto" else parse_duration(cfg.margin)
-    if total <= 0 or margin >= total:
-        raise ValueError(f"budget {cfg.budget!r} must be positive and larger than margin {cfg.margin!r}")
-    if cfg.mode == "train" and total - margin < MIN_TRAIN_BUDGET_S:
-        raise ValueError(f"budget {cfg.budget!r} (margin {fmt(margin)}) leaves under {MIN_TRAIN_BUDGET_S:.0f} s: "
-                         "start-up alone (imports, data index, model) takes seconds; give at least 1m")
-    return total, margin
-
-
-MIN_TRAIN_BUDGET_S = 20.0
-
-
-def fmt(seconds: float) -> str:
-    return f"{seconds:g}s"
 ''',
 'kernelkit.core.context': r'''"""What one run knows about itself: its config, where it reads and writes, when it started, its
 stop flag, and which phase it is in (the exit status depends on it)."""
@@ -2978,6 +2861,160 @@ def _plain(x: Any) -> Any:
     if hasattr(x, "tolist"):
         return x.tolist()
     return float(x)
+''',
+'kernelkit.core.options': r'''"""The command line: --help built from the Config schema (groups, metavars, defaults), typed flags
+(`--amp` / `--no-amp`, `--img-size auto`), `--set key=value` values at build time (`parse_value`),
+and the merge defaults < preset < CONFIG block < flags (`make_config`), checked by `checks`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import fields
+from typing import Any
+
+from .checks import checked_config, refuse_unknown_keys
+from .config import AUTO_ZERO, DURATIONS, PRESETS, TYPE_WORDS, Config, ConfigError, field_types
+
+
+def _coerce(value: str, typ: str) -> Any:
+    if typ == "bool":
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {value!r}")
+    return {"int": int, "float": float, "str": str}[typ](value)
+
+
+class _Typed:
+    """argparse `type=`: a module-level callable (no lambda) whose name shows in error messages."""
+
+    def __init__(self, typ: str, auto_zero: bool = False):
+        self.typ, self.__name__ = typ, {"int": "integer", "float": "number", "bool": "boolean"}.get(typ, typ)
+        self.auto_zero = auto_zero
+
+    def __call__(self, value: str) -> Any:
+        return 0 if self.auto_zero and value.strip().lower() == "auto" else _coerce(value, self.typ)
+
+
+def parse_value(key: str, text: str, where: str = "option") -> Any:
+    """One option's value from text (`--set key=value` at build time), typed as its Config field."""
+    refuse_unknown_keys({key: text}, where)
+    try:
+        return _Typed(field_types()[key], key in AUTO_ZERO)(text)
+    except ValueError:
+        raise ConfigError(f"{key}={text!r}: expected {TYPE_WORDS[field_types()[key]]}") from None
+
+
+class _BoolFlag(argparse.Action):
+    """--amp / --no-amp, and --amp VALUE (true/false/yes/no/1/0), which scripts already use."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                raise argparse.ArgumentError(self, f"takes no value (got {values!r})")
+            values = False
+        setattr(namespace, self.dest, True if values is None else values)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _BoolFlag):
+            return ", ".join(action.option_strings)
+        return super()._format_action_invocation(action)
+
+
+# --help groups: the first field of each commented group of Config; later fields follow it until the
+# next group starts, so a field added inside a group lands in that group (tests check the comments).
+GROUP_STARTS = {"mode": "what to run", "model": "model", "img_size": "images", "budget": "training",
+                "tta": "inference", "demo_images": "demo"}
+
+
+_DESCRIPTION = """\
+Kaggle image-classification kernel (kernelkit): trains a timm model inside the time budget, then
+writes submission.csv with test-time augmentation. Settings come from, lowest first: defaults <
+--preset < the CONFIG block at the top of kernel.py < these flags.
+presets: {presets}"""
+
+
+_EPILOG = """\
+examples:
+  python kernel.py                       # the competition under /kaggle/input (else a generated demo)
+  python kernel.py --preset imet2019 --pretrained-path /kaggle/input/w/model.safetensors --budget 8h
+  python kernel.py --data-dir ~/data/scene15 --model resnet50 --img-size 288 --no-amp --budget 30m
+  python kernel.py --mode infer --checkpoints '/kaggle/input/earlier-run/*.pt'
+  python kernel.py --dry-run --preset imet2019 --budget 8h30m   # does the plan fit?
+
+exit status: 0 submission written (also when training failed: see the log), 2 refused before
+training (bad option or data), 4 --dry-run plan does not fit, other: no submission could be made"""
+
+
+def _help_text(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    if f.name == "preset":
+        text = f"{text.split(' (')[0]}: {' | '.join(PRESETS)}"
+    default = ("on" if f.default else "off") if isinstance(f.default, bool) else repr(f.default)
+    # argparse %-formats help strings: a literal % (as in "2% + 2s") must be doubled.
+    return f"{text} (default {default})".replace("%", "%%")
+
+
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT", "preset": "NAME", "model": "NAME", "model2": "NAME",
+             **dict.fromkeys(("data_dir", "out_dir", "checkpoints", "pretrained_path", "pretrained_path2",
+                              "cache_dir", "resume_from"), "PATH")}
+
+
+def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field, typ: str) -> None:
+    flag = f"--{f.name.replace('_', '-')}"
+    if typ == "bool":
+        group.add_argument(flag, f"--no-{flag[2:]}", dest=f.name, default=None, nargs="?", action=_BoolFlag,
+                           type=_Typed("bool"), help=_help_text(f))
+        return
+    choices = f.metadata.get("choices")
+    metavar = None if choices else _METAVARS.get(f.name) or ("TIME" if f.name in DURATIONS else _METAVARS[typ])
+    group.add_argument(flag, dest=f.name, default=None, help=_help_text(f), type=_Typed(typ, f.name in AUTO_ZERO),
+                       choices=choices, metavar=metavar)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=_DESCRIPTION.format(presets=" | ".join(PRESETS)), epilog=_EPILOG,
+                                formatter_class=_HelpFormatter,
+                                usage="%(prog)s [--preset NAME] [--option VALUE ...]  (--help lists them)")
+    types = field_types()
+    group = p.add_argument_group("options")
+    for f in fields(Config):
+        if f.name in GROUP_STARTS:
+            group = p.add_argument_group(GROUP_STARTS[f.name])
+        _add_option(group, f, types[f.name])
+        if f.name == "checkpoints":
+            group.add_argument("--dry-run", action="store_true",
+                               help="short local run that measures speed and says whether the plan fits the "
+                                    "budget (exit 4 when not)")
+    return p
+
+
+def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Merge defaults, the named preset, the CONFIG block and command-line flags, in that order.
+
+    Raises ConfigError (argparse errors exit with status 2 themselves) before anything is imported
+    or read that takes time.
+    """
+    args = build_parser().parse_args(argv)
+    cli = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    block = dict(block or {})
+    refuse_unknown_keys(block, "CONFIG block")
+    preset = cli.get("preset", block.get("preset", ""))
+    merged: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose from {' | '.join(sorted(PRESETS))}")
+        merged.update(PRESETS[preset])
+    merged.update(block)
+    merged.update(cli)
+    return checked_config(merged), args
 ''',
 'kernelkit.core.progress': r'''"""tqdm that stays readable in Kaggle's log, where every carriage-return refresh becomes a line."""
 from __future__ import annotations
@@ -6065,6 +6102,14 @@ from __future__ import annotations
 
 import math
 import time
+
+from ..core.checks import budget_and_margin
+from ..core.config import Config
+
+
+def budget_seconds(cfg: Config) -> tuple[float, float]:
+    """-> (budget, margin) in seconds, as the start-up check computed them."""
+    return budget_and_margin(cfg.budget, cfg.margin, cfg.mode)
 
 
 class BudgetClock:

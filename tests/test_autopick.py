@@ -7,7 +7,8 @@ import torch
 from kernelkit.build import autopick
 from kernelkit.build.autopick import Candidate, ladder, pick
 from kernelkit.engine.checkpoint import load_checkpoint
-from kernelkit.core.config import Config, ConfigError, make_config
+from kernelkit.core.config import Config, ConfigError
+from kernelkit.core.options import make_config
 from kernelkit.engine.learning_check import at_prior, likely_causes
 
 SMALL = ["--batch-size", "16", "--num-workers", "0", "--tta", "1"]

@@ -2,7 +2,10 @@ import json
 
 import pytest
 
-from kernelkit.core.config import CHOICES, PRESETS, Config, ConfigError, budget_seconds, make_config, parse_duration
+from kernelkit.core.checks import checked_config
+from kernelkit.core.config import CHOICES, PRESETS, Config, ConfigError, parse_duration
+from kernelkit.core.options import make_config
+from kernelkit.engine.budget import budget_seconds
 
 
 @pytest.mark.parametrize("text,seconds", [("9h", 32400), ("8h30m", 30600), ("90s", 90), ("1.5h", 5400),
@@ -45,7 +48,7 @@ def test_auto_margin_is_two_percent_plus_two_seconds_at_most_ten_minutes():
 def test_config_round_trips_through_json(tmp_path):
     cfg, _ = make_config({"model": "test_vit", "epochs": 3}, [])
     cfg.save(tmp_path / "c.json")
-    assert Config.from_dict(json.loads((tmp_path / "c.json").read_text())) == cfg
+    assert checked_config(json.loads((tmp_path / "c.json").read_text())) == cfg
 
 
 def test_every_choice_lives_in_one_place_and_matches_the_code():
@@ -127,7 +130,7 @@ def test_a_checkpoint_config_from_another_version_still_loads():
 
 
 def test_help_has_no_python_reprs(capsys):
-    from kernelkit.core.config import build_parser
+    from kernelkit.core.options import build_parser
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
@@ -138,7 +141,7 @@ def test_help_has_no_python_reprs(capsys):
 # --help: grouped like the Config dataclass, every option explained, examples that parse.
 
 def _help(capsys) -> str:
-    from kernelkit.core.config import build_parser
+    from kernelkit.core.options import build_parser
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["--help"])
     assert exited.value.code == 0
@@ -151,14 +154,15 @@ def test_help_groups_follow_the_comments_of_the_config_dataclass():
     from pathlib import Path
 
     import kernelkit.core.config as config
+    from kernelkit.core.options import GROUP_STARTS
     source = Path(config.__file__).read_text()
     body = source[source.index("class Config:"):source.index("    def to_dict(")]
     found = re.findall(r"\n    # ([a-z ]+)\n    (\w+):", body)
-    assert [(g, f) for f, g in config.GROUP_STARTS.items()] == found
+    assert [(g, f) for f, g in GROUP_STARTS.items()] == found
 
 
 def test_help_lists_every_option_with_a_help_line_under_its_group(capsys):
-    from kernelkit.core.config import GROUP_STARTS, build_parser
+    from kernelkit.core.options import GROUP_STARTS, build_parser
     parser = build_parser()
     by_dest = {a.dest: a for a in parser._actions}
     for name in Config.__dataclass_fields__:
@@ -184,7 +188,7 @@ def test_help_shows_presets_choices_booleans_and_examples(capsys):
 def test_the_help_examples_parse(capsys):
     import shlex
 
-    from kernelkit.core.config import build_parser
+    from kernelkit.core.options import build_parser
     lines = [line.split("#")[0] for line in _help(capsys).splitlines() if line.strip().startswith("python kernel.py")]
     assert len(lines) >= 3
     for line in lines:

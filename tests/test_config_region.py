@@ -52,7 +52,7 @@ def test_set_writes_typed_values_that_the_kernel_reads(kernel, default_text):
     namespace: dict = {}
     region, _ = build_kernel.extract_region(text)
     exec(region, namespace)
-    from kernelkit.core.config import make_config
+    from kernelkit.core.options import make_config
     cfg, _ = make_config(namespace["CONFIG"], [])
     assert (cfg.img_size, cfg.amp, cfg.budget, cfg.loss, cfg.min_labels) == (288, False, "2h", "focal", 1)
 

@@ -176,7 +176,7 @@ def test_a_stem_shared_by_two_files_is_refused_unless_image_ext_says_which(tmp_p
 
 
 def test_image_ext_is_a_checked_choice():
-    from kernelkit.core.config import make_config
+    from kernelkit.core.options import make_config
     with pytest.raises(SystemExit):
         make_config(None, ["--image-ext", "jpg"])  # argparse: not one of the choices (".jpg")
     with pytest.raises(ConfigError, match="image_ext"):

@@ -37,7 +37,7 @@ def test_the_checkpoints_are_planned_first_and_the_cache_gets_what_is_left(tmp_p
 
 def _cap_for_half_the_cache(out: Path, n_images: int, classes: int, n_test: int) -> float:
     from kernelkit.build.components import count_parameters
-    from kernelkit.core.config import make_config
+    from kernelkit.core.options import make_config
     cfg, _ = make_config({}, TINY)
     n_params = count_parameters(cfg, classes)
     assert n_params > 0

@@ -7,7 +7,8 @@ import pytest
 
 import conftest
 from kernelkit.engine.checkpoint import load_checkpoint
-from kernelkit.core.config import PRESETS, make_config
+from kernelkit.core.config import PRESETS
+from kernelkit.core.options import make_config
 from kernelkit.app.cli import main
 
 # Tiny backbones and sizes so CPU runs take seconds; everything else comes from the preset.

@@ -154,7 +154,7 @@ def test_an_image_cache_build_past_its_share_of_the_budget_is_abandoned(tmp_path
     """The cache is a speed-up: a build that would eat the budget is dropped, images decode on the fly."""
     from kernelkit.build.assemble import image_cache
     from kernelkit.inputs.competition import load_competition
-    from kernelkit.core.config import make_config
+    from kernelkit.core.options import make_config
     comp = load_competition(single_label_dir)
     cfg, _ = make_config({"img_size": 32, "num_workers": 0, "cache_dir": str(tmp_path / "cache")}, [])
     assert image_cache(cfg, comp.train_paths, deadline=time.time() - 1) is None

@@ -14,7 +14,8 @@ from kernelkit.engine import evaluate as infer
 
 from kernelkit.engine import trainer as train
 from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
-from kernelkit.core.config import ConfigError, make_config
+from kernelkit.core.config import ConfigError
+from kernelkit.core.options import make_config
 from kernelkit.model.factory import create_model, preprocess_of
 from kernelkit.core.weights import resolve_weights
 
@@ -102,7 +103,7 @@ LOAD_ON_OLD_TIMM = """
 import sys, torch, timm
 sys.path.insert(0, {src!r})
 from kernelkit.model.factory import create_model, preprocess_of
-from kernelkit.core.config import make_config
+from kernelkit.core.options import make_config
 cfg, _ = make_config({{"model": "", "pretrained_path": {folder!r}}}, [])
 m = create_model(cfg.model, 3, cfg.pretrained_path)
 ref = torch.load({ref!r})

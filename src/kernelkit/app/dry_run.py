@@ -9,9 +9,8 @@ import torch
 
 from ..build.assemble import build_training_data
 from ..build.components import build_parts, fit_options
-from ..core.config import budget_seconds
 from ..core.context import RunContext
-from ..engine.budget import BudgetClock, InferenceReserve
+from ..engine.budget import BudgetClock, InferenceReserve, budget_seconds
 from ..engine.plan import Plan, make_plan
 from ..engine.resolution import ResolutionSchedule, effective_ips, fmt_ips
 from ..engine.trainer import Trainer

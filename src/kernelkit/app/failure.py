@@ -113,8 +113,7 @@ def rescue(ctx: RunContext) -> int:
     """Training ended without a submission: predict from its best checkpoint."""
     from ..build.assemble import open_competition
     from ..core import distributed
-    from ..core.config import budget_seconds
-    from ..engine.budget import BudgetClock
+    from ..engine.budget import BudgetClock, budget_seconds
     from ..engine.run_state import run_start
     from .infer_job import run_infer
     sources = prediction_sources(ctx.out_dir)

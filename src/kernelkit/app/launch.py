@@ -15,7 +15,7 @@ import torch
 from ..build import autopick
 from ..build.assemble import open_competition
 from ..core import distributed, env
-from ..core.config import ConfigError, budget_seconds
+from ..core.config import ConfigError
 from ..core.context import (
     EXIT_NO_SUBMISSION,
     EXIT_OK,
@@ -29,7 +29,7 @@ from ..core.context import (
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
-from ..engine.budget import BudgetClock, fmt_seconds
+from ..engine.budget import BudgetClock, budget_seconds, fmt_seconds
 from ..engine.run_state import finish_run, run_start
 from ..inputs.competition import Competition
 from .blend_job import run_blend

@@ -18,13 +18,13 @@ import torch
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
-from ..core.config import Config, ConfigError, budget_seconds, parse_duration
+from ..core.config import Config, ConfigError, parse_duration
 from ..core.context import PREDICTING, TRAINING, RunContext
 from ..core.distributed import DistInfo
 from ..decide.reports import write_label_statistics
 from ..decide.rules import RuleSettings, refine_rule
 from ..decide.thresholds import ThresholdRule, prior_baseline
-from ..engine.budget import BudgetClock, InferenceReserve, fmt_seconds
+from ..engine.budget import BudgetClock, InferenceReserve, budget_seconds, fmt_seconds
 from ..engine.checkpoint import BEST, Checkpointer
 from ..engine.resume import check_resume, restore
 from ..engine.run_state import begin_run

@@ -21,10 +21,10 @@ import torch
 
 from ..core import distributed
 from ..core.accel import amp_dtype
-from ..core.config import Config, budget_seconds
+from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..engine.budget import fmt_seconds
+from ..engine.budget import budget_seconds, fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
 from ..engine.resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from

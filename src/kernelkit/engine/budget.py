@@ -9,6 +9,14 @@ from __future__ import annotations
 import math
 import time
 
+from ..core.checks import budget_and_margin
+from ..core.config import Config
+
+
+def budget_seconds(cfg: Config) -> tuple[float, float]:
+    """-> (budget, margin) in seconds, as the start-up check computed them."""
+    return budget_and_margin(cfg.budget, cfg.margin, cfg.mode)
+
 
 class BudgetClock:
     """Seconds since the run started (possibly in an earlier process that was killed)."""
