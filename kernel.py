@@ -411,6 +411,7 @@ from ..engine.trainer import Trainer
 from ..inputs.competition import Competition
 from ..model.factory import preprocess_of
 from .predictor import probe_inference
+from .train_job import new_reserve
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
 STAGE_STEPS = 5  # per stage size with progressive resizing (the first is not timed)
@@ -439,9 +440,11 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
         log.info("progressive resizing: %s; training throughput %s -> %.1f img/s over the schedule",
                  sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
-    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips,
-                     infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
-                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])
+    reserve = new_reserve(cfg, comp, data, parts)  # the very reserve training will keep back
+    reserve.test_ips = inf["images_per_s"]
+    reserve.observe_startup(inf["startup_s"])
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips, reserve=reserve,
+                     n_train=len(data.train_targets), epochs=cfg.epochs)
 ''',
 'kernelkit.app.failure': r'''"""The failure policy, in one place: what a failure costs depends on when it happens.
 
@@ -1087,6 +1090,16 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
 
 
+def new_reserve(cfg: Config, comp: Competition, data: TrainingData, parts: TrainParts) -> InferenceReserve:
+    """The time to keep for everything after training, before it is measured: the final validation and
+    test prediction, the inference weights written after the submission, the weight average's work."""
+    reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    if parts.swa is not None:
+        reserve.extra_images, reserve.extra_loaders = parts.swa.extra_images(data.train_loader, reserve.n_val)
+    return reserve
+
+
 def fit_reserve_to_budget(clock: BudgetClock, reserve: InferenceReserve, cfg: Config) -> None:
     """Leave training at least MIN_TRAIN_SHARE of what is left: fewer TTA views first (said loudly),
     and when even one view leaves no time to train, refuse before training (exit 2)."""
@@ -1142,8 +1155,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
                     "(set ddp_procs=1 to compile on one GPU)")
     elif cfg.compile:
         compile_step_model(cfg, parts, comp.task, comp.num_classes, device, preprocess_of(parts.model))
-    reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
-    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    reserve = new_reserve(cfg, comp, data, parts)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
@@ -1482,7 +1494,7 @@ from ..core.accel import amp_dtype
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..engine.budget import budget_seconds, fmt_seconds
+from ..engine.budget import InferenceReserve, budget_seconds, fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
 from ..engine.resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
@@ -1673,10 +1685,9 @@ class RunShape:
         return cls(n - n_val, n_val, len(comp.test_ids), cfg.tta, *budget_seconds(cfg), world_size)
 
     def epochs(self, train_ips: float, infer_ips: float, setup_s: float, pipeline: float) -> float:
+        reserve = InferenceReserve.measured(self.n_test, self.n_val, self.tta, infer_ips * pipeline, 3.0)
         plan = make_plan(budget_s=self.budget_s, margin_s=self.margin_s, setup_s=setup_s,
-                         train_ips=train_ips * pipeline * self.world_size, infer_ips=infer_ips * pipeline,
-                         n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, tta=self.tta,
-                         loader_startup_s=3.0)
+                         train_ips=train_ips * pipeline * self.world_size, reserve=reserve, n_train=self.n_train)
         return plan.epochs_that_fit
 
 
@@ -6159,6 +6170,14 @@ class InferenceReserve:
         # average's BatchNorm pass and its own validation (swa.py), with one more loader start-up.
         self.extra_images, self.extra_loaders = 0, 0
 
+    @classmethod
+    def measured(cls, n_test: int, n_val: int, tta: int, images_per_s: float, startup_s: float) -> InferenceReserve:
+        """A reserve from a probe: inference speed (image-views/s) and a loader's first-batch latency."""
+        reserve = cls(n_test, n_val, tta)
+        reserve.test_ips = images_per_s
+        reserve.observe_startup(startup_s)
+        return reserve
+
     def observe_startup(self, seconds: float) -> None:
         """Keep the worst first-batch latency seen: persistent workers make later ones look free,
         but the test loader starts its workers from scratch."""
@@ -6660,7 +6679,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .budget import fmt_seconds
+from .budget import InferenceReserve, fmt_seconds
 
 
 @dataclass
@@ -6705,13 +6724,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: float, infer_ips: float,
-              n_train: int, n_val: int, n_test: int, tta: int, epochs: int = 0,
-              loader_startup_s: float = 0.0, safety: float = 1.3) -> Plan:
-    """Same arithmetic as the live run's InferenceReserve, so the plan predicts what training will do."""
-    val_s = n_val / infer_ips
+def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: float, reserve: InferenceReserve,
+              n_train: int, epochs: int = 0) -> Plan:
+    """The budget laid out with the live run's own numbers: inference is `reserve.seconds()`, what
+    training keeps back (measured speeds, loader start-ups, overhead, the weight average's extra
+    work), so the plan predicts what training will do."""
+    infer_ips = reserve.test_ips or reserve.val_ips
+    if not infer_ips:
+        raise ValueError("a plan needs a measured inference speed (reserve.test_ips)")
+    val_s = reserve.n_val / (reserve.val_ips or infer_ips)
     epoch_s = n_train / train_ips + val_s
-    inference_s = 2 * loader_startup_s + safety * (n_test * tta + n_val) / infer_ips
+    inference_s = reserve.seconds()
     train_s = budget_s - margin_s - setup_s - inference_s
     fit_epochs = max(0.0, train_s / epoch_s)
     warnings = []
@@ -6724,8 +6747,8 @@ def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: fl
         warnings.append(f"epochs={epochs} does not fit: ~{fit_epochs:.1f} do; training will stop at the deadline "
                         "with the LR not yet decayed (use epochs=0 to schedule over time)")
     return Plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_images_per_s=train_ips,
-                infer_images_per_s=infer_ips, n_train=n_train, n_val=n_val, n_test=n_test, tta=tta,
-                epoch_s=epoch_s, inference_s=inference_s, train_s=train_s, epochs_that_fit=fit_epochs,
+                infer_images_per_s=infer_ips, n_train=n_train, n_val=reserve.n_val, n_test=reserve.n_test,
+                tta=reserve.tta, epoch_s=epoch_s, inference_s=inference_s, train_s=train_s, epochs_that_fit=fit_epochs,
                 epochs_requested=epochs, fits=not warnings, warnings=warnings)
 ''',
 'kernelkit.engine.resolution': r'''"""Progressive resizing over the wall clock: train at a lower resolution early, at the full

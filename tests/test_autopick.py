@@ -6,6 +6,7 @@ import torch
 
 from kernelkit.build import autopick
 from kernelkit.build.autopick import Candidate, ladder, pick
+from kernelkit.engine.budget import InferenceReserve
 from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.core.config import Config, ConfigError
 from kernelkit.core.options import make_config
@@ -62,7 +63,9 @@ def test_ladder_never_upscales_past_the_native_size_and_explicit_settings_pin_an
 def test_epoch_estimate_charges_setup_and_inference():
     shape = autopick.RunShape(n_train=900, n_val=100, n_test=200, tta=2, budget_s=300, margin_s=8)
     fast = shape.epochs(train_ips=300, infer_ips=900, setup_s=20, pipeline=1.0)
-    assert fast == pytest.approx((300 - 8 - 20 - 6 - 1.3 * 500 / 900) / (3 + 100 / 900))
+    reserve = InferenceReserve.measured(n_test=200, n_val=100, tta=2, images_per_s=900, startup_s=3.0)
+    assert reserve.seconds() == pytest.approx(2.5 + 2 * 3.0 + 1.3 * 500 / 900), "overhead, 2 loaders, the views"
+    assert fast == pytest.approx((300 - 8 - 20 - reserve.seconds()) / (3 + 100 / 900)), "the live run's reserve"
     assert shape.epochs(150, 900, 20, 1.0) < fast and shape.epochs(300, 900, 100, 1.0) < fast
     assert autopick.RunShape(900, 100, 200, 2, 300, 8, world_size=2).epochs(150, 900, 20, 1.0) > \
         shape.epochs(150, 900, 20, 1.0), "data-parallel ranks share the epoch"
@@ -156,8 +159,9 @@ def test_dry_run_prints_every_rung_of_the_ladder(tmp_path, single_label_dir, tin
 def test_a_resumed_auto_run_keeps_the_model_its_checkpoint_was_trained_with(tmp_path, single_label_dir,
                                                                             tiny_ladder, monkeypatch):
     from kernelkit.app.cli import main
-    # two sessions of one 2-epoch schedule: the second resumes the first's checkpoint
-    common = [*SMALL, "--data-dir", str(single_label_dir), "--budget", "40s", "--auto-min-epochs", "1",
+    # two sessions of one 2-epoch schedule: the second resumes the first's checkpoint. The epochs end
+    # each session; the budget only has to be long enough that a busy machine does not cut one short.
+    common = [*SMALL, "--data-dir", str(single_label_dir), "--budget", "2m", "--auto-min-epochs", "1",
               "--sessions", "2", "--epochs", "2"]
     first = tmp_path / "first"
     assert main({}, [*common, "--out-dir", str(first)]) == 0

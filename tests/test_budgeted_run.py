@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from kernelkit.engine.budget import affordable_tta
+from kernelkit.engine.budget import InferenceReserve, affordable_tta
 from kernelkit.engine.plan import make_plan
 from kernelkit.engine.run_state import begin_run, finish_run
 from test_kernel import TINY, _env, kernel_dir  # noqa: F401  (fixture)
@@ -37,18 +37,28 @@ def test_session_resumes_only_an_unfinished_run(tmp_path):
 
 
 def test_plan_arithmetic_and_warnings():
-    plan = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, infer_ips=400, n_train=9000,
-                     n_val=1000, n_test=2000, tta=2, epochs=0)
+    reserve = InferenceReserve.measured(n_test=2000, n_val=1000, tta=2, images_per_s=400, startup_s=1.5)
+    plan = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, reserve=reserve, n_train=9000)
     assert plan.epoch_s == pytest.approx(90 + 2.5)
-    assert plan.inference_s == pytest.approx(1.3 * 5000 / 400)
+    assert plan.inference_s == pytest.approx(2.5 + 2 * 1.5 + 1.3 * 5000 / 400), "overhead + 2 loaders + views"
     assert plan.epochs_that_fit == pytest.approx((3600 - 60 - 30 - plan.inference_s) / 92.5)
     assert plan.fits and "epochs that fit" in plan.table()
-    too_many = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, infer_ips=400, n_train=9000,
-                         n_val=1000, n_test=2000, tta=2, epochs=100)
+    too_many = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, reserve=reserve, n_train=9000,
+                         epochs=100)
     assert not too_many.fits and "does not fit" in too_many.warnings[0]
-    hopeless = make_plan(budget_s=60, margin_s=6, setup_s=10, train_ips=100, infer_ips=10, n_train=9000,
-                         n_val=100, n_test=2000, tta=4)
+    hopeless = make_plan(budget_s=60, margin_s=6, setup_s=10, train_ips=100, n_train=9000,
+                         reserve=InferenceReserve.measured(2000, 100, 4, images_per_s=10, startup_s=1.0))
     assert not hopeless.fits and "no time left" in hopeless.warnings[0]
+
+
+def test_the_plan_keeps_back_what_training_keeps_back():
+    """One arithmetic: the plan's inference time is the live reserve's, weight-average work included."""
+    reserve = InferenceReserve.measured(n_test=500, n_val=200, tta=2, images_per_s=100, startup_s=2.0)
+    before = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, reserve=reserve, n_train=900)
+    reserve.extra_images, reserve.extra_loaders = 264, 2  # swa: BatchNorm pass + its validation
+    after = make_plan(budget_s=3600, margin_s=60, setup_s=30, train_ips=100, reserve=reserve, n_train=900)
+    assert after.inference_s == pytest.approx(reserve.seconds())
+    assert after.inference_s > before.inference_s and after.epochs_that_fit < before.epochs_that_fit
 
 
 def test_dry_run_prints_a_plan(kernel_dir):  # noqa: F811

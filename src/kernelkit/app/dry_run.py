@@ -17,6 +17,7 @@ from ..engine.trainer import Trainer
 from ..inputs.competition import Competition
 from ..model.factory import preprocess_of
 from .predictor import probe_inference
+from .train_job import new_reserve
 
 TRAIN_STEPS, INFER_BATCHES = 12, 4
 STAGE_STEPS = 5  # per stage size with progressive resizing (the first is not timed)
@@ -45,6 +46,8 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
         log.info("progressive resizing: %s; training throughput %s -> %.1f img/s over the schedule",
                  sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
-    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips,
-                     infer_ips=inf["images_per_s"], n_train=len(data.train_targets), n_val=len(data.val_targets),
-                     n_test=len(comp.test_ids), tta=cfg.tta, epochs=cfg.epochs, loader_startup_s=inf["startup_s"])
+    reserve = new_reserve(cfg, comp, data, parts)  # the very reserve training will keep back
+    reserve.test_ips = inf["images_per_s"]
+    reserve.observe_startup(inf["startup_s"])
+    return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips, reserve=reserve,
+                     n_train=len(data.train_targets), epochs=cfg.epochs)

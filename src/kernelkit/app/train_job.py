@@ -59,6 +59,16 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
 
 
+def new_reserve(cfg: Config, comp: Competition, data: TrainingData, parts: TrainParts) -> InferenceReserve:
+    """The time to keep for everything after training, before it is measured: the final validation and
+    test prediction, the inference weights written after the submission, the weight average's work."""
+    reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    if parts.swa is not None:
+        reserve.extra_images, reserve.extra_loaders = parts.swa.extra_images(data.train_loader, reserve.n_val)
+    return reserve
+
+
 def fit_reserve_to_budget(clock: BudgetClock, reserve: InferenceReserve, cfg: Config) -> None:
     """Leave training at least MIN_TRAIN_SHARE of what is left: fewer TTA views first (said loudly),
     and when even one view leaves no time to train, refuse before training (exit 2)."""
@@ -114,8 +124,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
                     "(set ddp_procs=1 to compile on one GPU)")
     elif cfg.compile:
         compile_step_model(cfg, parts, comp.task, comp.num_classes, device, preprocess_of(parts.model))
-    reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
-    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    reserve = new_reserve(cfg, comp, data, parts)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left

@@ -24,7 +24,7 @@ from ..core.accel import amp_dtype
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..engine.budget import budget_seconds, fmt_seconds
+from ..engine.budget import InferenceReserve, budget_seconds, fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
 from ..engine.resolution import effective_ips, fmt_ips, ips_by_pixels, schedule_from
@@ -215,10 +215,9 @@ class RunShape:
         return cls(n - n_val, n_val, len(comp.test_ids), cfg.tta, *budget_seconds(cfg), world_size)
 
     def epochs(self, train_ips: float, infer_ips: float, setup_s: float, pipeline: float) -> float:
+        reserve = InferenceReserve.measured(self.n_test, self.n_val, self.tta, infer_ips * pipeline, 3.0)
         plan = make_plan(budget_s=self.budget_s, margin_s=self.margin_s, setup_s=setup_s,
-                         train_ips=train_ips * pipeline * self.world_size, infer_ips=infer_ips * pipeline,
-                         n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, tta=self.tta,
-                         loader_startup_s=3.0)
+                         train_ips=train_ips * pipeline * self.world_size, reserve=reserve, n_train=self.n_train)
         return plan.epochs_that_fit
 
 

@@ -65,6 +65,14 @@ class InferenceReserve:
         # average's BatchNorm pass and its own validation (swa.py), with one more loader start-up.
         self.extra_images, self.extra_loaders = 0, 0
 
+    @classmethod
+    def measured(cls, n_test: int, n_val: int, tta: int, images_per_s: float, startup_s: float) -> InferenceReserve:
+        """A reserve from a probe: inference speed (image-views/s) and a loader's first-batch latency."""
+        reserve = cls(n_test, n_val, tta)
+        reserve.test_ips = images_per_s
+        reserve.observe_startup(startup_s)
+        return reserve
+
     def observe_startup(self, seconds: float) -> None:
         """Keep the worst first-batch latency seen: persistent workers make later ones look free,
         but the test loader starts its workers from scratch."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .budget import fmt_seconds
+from .budget import InferenceReserve, fmt_seconds
 
 
 @dataclass
@@ -52,13 +52,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: float, infer_ips: float,
-              n_train: int, n_val: int, n_test: int, tta: int, epochs: int = 0,
-              loader_startup_s: float = 0.0, safety: float = 1.3) -> Plan:
-    """Same arithmetic as the live run's InferenceReserve, so the plan predicts what training will do."""
-    val_s = n_val / infer_ips
+def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: float, reserve: InferenceReserve,
+              n_train: int, epochs: int = 0) -> Plan:
+    """The budget laid out with the live run's own numbers: inference is `reserve.seconds()`, what
+    training keeps back (measured speeds, loader start-ups, overhead, the weight average's extra
+    work), so the plan predicts what training will do."""
+    infer_ips = reserve.test_ips or reserve.val_ips
+    if not infer_ips:
+        raise ValueError("a plan needs a measured inference speed (reserve.test_ips)")
+    val_s = reserve.n_val / (reserve.val_ips or infer_ips)
     epoch_s = n_train / train_ips + val_s
-    inference_s = 2 * loader_startup_s + safety * (n_test * tta + n_val) / infer_ips
+    inference_s = reserve.seconds()
     train_s = budget_s - margin_s - setup_s - inference_s
     fit_epochs = max(0.0, train_s / epoch_s)
     warnings = []
@@ -71,6 +75,6 @@ def make_plan(*, budget_s: float, margin_s: float, setup_s: float, train_ips: fl
         warnings.append(f"epochs={epochs} does not fit: ~{fit_epochs:.1f} do; training will stop at the deadline "
                         "with the LR not yet decayed (use epochs=0 to schedule over time)")
     return Plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_images_per_s=train_ips,
-                infer_images_per_s=infer_ips, n_train=n_train, n_val=n_val, n_test=n_test, tta=tta,
-                epoch_s=epoch_s, inference_s=inference_s, train_s=train_s, epochs_that_fit=fit_epochs,
+                infer_images_per_s=infer_ips, n_train=n_train, n_val=reserve.n_val, n_test=reserve.n_test,
+                tta=reserve.tta, epoch_s=epoch_s, inference_s=inference_s, train_s=train_s, epochs_that_fit=fit_epochs,
                 epochs_requested=epochs, fits=not warnings, warnings=warnings)
