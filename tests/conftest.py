@@ -96,12 +96,7 @@ def multilabel_dir(tmp_path):
 TINY_MODEL = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3"]
 TINY = [*TINY_MODEL, "--num-workers", "0"]
 # The same run with model and img_size left at 'auto' (the defaults): autopick times the ladder.
-TINY_AUTO = ["--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
-
-
-@pytest.fixture
-def tiny():
-    return list(TINY)
+TINY_AUTO = ["--batch-size", "16", "--num-workers", "0"]
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from kernelkit.core.config import Config
 from kernelkit.data.loaders import DeviceFeeder, ImageDataset, ThreadLoader, collate_images, make_loader
 from kernelkit.model.factory import create_model
 from kernelkit.data.transforms import EvalTransform, TrainTransform, affine_batch
+from conftest import TINY
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
 
 
 # ----------------------------------------------------------------------------- where augmentation runs

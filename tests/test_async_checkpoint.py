@@ -13,7 +13,8 @@ import kernelkit.engine.checkpoint as checkpoint_module
 from kernelkit.engine.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
 from kernelkit.app.cli import main
 from kernelkit.inputs.competition import load_competition, validate_submission
-from test_reliability import DISK_FULL, TINY
+from conftest import TINY
+from test_reliability import DISK_FULL
 
 WRITER = "kernelkit-checkpoints"
 

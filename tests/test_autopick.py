@@ -11,8 +11,9 @@ from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.core.config import Config, ConfigError
 from kernelkit.core.options import make_config
 from kernelkit.engine.learning_check import at_prior, likely_causes
+from conftest import TINY_AUTO
 
-SMALL = ["--batch-size", "16", "--num-workers", "0", "--tta", "1"]
+SMALL = [*TINY_AUTO, "--tta", "1"]
 
 
 def speeds_ladder():

@@ -9,9 +9,9 @@ from kernelkit.decide.ensemble import _with_weight, fit_weights, group_members, 
 from kernelkit.app.cli import main
 from kernelkit.inputs.competition import load_competition, validate_submission
 from kernelkit.decide.metrics import accuracy
+from conftest import TINY
 
-SMALL = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--num-workers", "0", "--epochs", "1",
-         "--budget", "5m", "--lr", "3e-3", "--tta", "1"]
+SMALL = [*TINY, "--epochs", "1", "--budget", "5m", "--tta", "1"]
 
 
 def test_weights_favour_the_better_model_and_never_lose_to_the_best_alone():

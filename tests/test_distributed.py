@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_kernel import TINY, _env, kernel_dir  # noqa: F401  (fixture)
+from conftest import TINY_MODEL as TINY
+from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 
 
 def _check(out, proc, steps_single=None):

@@ -14,8 +14,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import build_kernel  # noqa: E402
+from conftest import TINY_MODEL
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3"]
+TINY = TINY_MODEL  # workers on: the bundled kernel spawns them
 
 
 def _env() -> dict:

@@ -13,9 +13,9 @@ import torch
 from kernelkit.core.config import ConfigError
 from kernelkit.core.storage import GB, checkpoint_bytes, folder_bytes, plan_storage
 from kernelkit.core.weights import resolve_weights
+from conftest import TINY
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--num-workers", "0", "--epochs", "1",
-        "--budget", "2m"]
+TINY = [*TINY, "--epochs", "1", "--budget", "2m"]
 
 
 def test_the_checkpoints_are_planned_first_and_the_cache_gets_what_is_left(tmp_path):

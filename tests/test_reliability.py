@@ -15,9 +15,7 @@ from kernelkit.model.losses import get_loss
 from kernelkit.app.cli import main
 from kernelkit.engine.trainer import FitOptions, OutOfMemory
 from test_train import _setup, run_fit
-
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
-
+from conftest import TINY
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(single_label_dir, tmp_path):
     comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)

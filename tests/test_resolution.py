@@ -12,6 +12,7 @@ from kernelkit.app.cli import main
 from kernelkit.inputs.competition import load_competition, validate_submission
 from kernelkit.engine.resolution import (ResolutionSchedule, effective_ips, epochs_with_schedule, ips_by_pixels,
                                   resize_batch, schedule_from)
+from conftest import TINY
 
 PROGRESS = np.linspace(0, 1, 1001)
 
@@ -80,8 +81,7 @@ def test_stage_throughput_from_two_measurements():
 
 
 # ----------------------------------------------------------------------------- a training run
-TINY = ["--model", "test_resnet", "--img-size", "64", "--batch-size", "8", "--lr", "3e-3", "--num-workers", "0",
-        "--budget", "5m", "--tta", "2"]
+TINY = [*TINY, "--img-size", "64", "--batch-size", "8", "--budget", "5m", "--tta", "2"]
 
 
 def _spy_inputs(monkeypatch) -> list[tuple[bool, tuple]]:

@@ -15,9 +15,9 @@ from kernelkit.model.losses import get_loss
 from kernelkit.engine.resume import first_slice, next_slice
 from kernelkit.engine.trainer import FitOptions, FitState, Trainer, TrainParts, Validation
 from test_train import _setup
+from conftest import TINY
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0",
-        "--budget", "5m"]
+TINY = [*TINY, "--budget", "5m"]
 
 
 def test_slices_share_what_is_left_among_the_sessions_left():

@@ -10,9 +10,7 @@ from kernelkit.inputs.competition import load_competition, validate_submission
 from kernelkit.engine.swa import WeightAverage, recompute_batchnorm
 from kernelkit.data.transforms import IMAGENET, normalize
 from test_train import _setup
-
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--lr", "3e-3", "--num-workers", "0"]
-
+from conftest import TINY
 
 def test_average_starts_at_its_share_of_the_schedule_and_batchnorm_matches_torch(single_label_dir):
     comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)

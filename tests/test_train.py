@@ -1,17 +1,18 @@
 import math
-import time
 
 import numpy as np
 import torch
 
+from kernelkit.build.assemble import build_training_data
+from kernelkit.build.components import build_parts
+from kernelkit.core.checks import checked_config
+from kernelkit.data.loaders import ImageDataset
+from kernelkit.data.transforms import EvalTransform
 from kernelkit.engine.budget import BudgetClock, InferenceReserve
-from kernelkit.inputs.competition import load_competition
-from kernelkit.data.loaders import ImageDataset, make_loader, split_indices
-from kernelkit.model.losses import get_loss
-from kernelkit.model.factory import create_model
 from kernelkit.engine.checkpoint import Checkpointer
 from kernelkit.engine.trainer import FitOptions, Trainer, TrainParts, Validation
-from kernelkit.data.transforms import EvalTransform, TrainTransform
+from kernelkit.inputs.competition import load_competition
+from kernelkit.model.losses import get_loss
 
 
 def run_fit(model, tl, vl, vt, *, task, loss_fn, optimizer, scaler, device, clock, reserve, opts, out_dir,
@@ -26,16 +27,17 @@ def run_fit(model, tl, vl, vt, *, task, loss_fn, optimizer, scaler, device, cloc
 
 
 def _setup(data_dir, size=32, batch=16):
+    """A tiny run's loaders, model, optimizer and scaler, made by the factories the train job uses
+    (build.assemble, build.components) from a checked config, not wired by hand."""
     torch.manual_seed(0)
     comp = load_competition(data_dir)
-    tr, va = split_indices(comp.train_targets, 0.25, seed=0)
-    paths = comp.train_paths
-    train = ImageDataset([paths[i] for i in tr], comp.train_targets[tr], TrainTransform(size, aug="flip"), size)
-    val = ImageDataset([paths[i] for i in va], comp.train_targets[va], EvalTransform(size), size)
-    model = create_model("test_resnet", comp.num_classes)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    return comp, make_loader(train, batch, True, 0), make_loader(val, 32, False, 0), comp.train_targets[va], model, opt, scaler
+    cfg = checked_config({"model": "test_resnet", "img_size": size, "batch_size": batch, "lr": 3e-3, "weight_decay": 0.01,
+                          "aug": "flip", "val_fraction": 0.25, "seed": 0, "num_workers": 0, "cache_images": False,
+                          "channels_last": False})
+    device = torch.device("cpu")
+    data = build_training_data(cfg, comp, device)
+    parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    return comp, data.train_loader, data.val_loader, data.val_targets, parts.model, parts.optimizer, parts.scaler
 
 
 def test_fixed_epochs_learn_single_label_and_save_checkpoints(single_label_dir, tmp_path):
@@ -68,7 +70,6 @@ def test_budget_stops_training_mid_epoch_with_lr_near_zero(single_label_dir, tmp
     reserve = InferenceReserve(12, len(vt), 2, overhead_s=0.0)
     reserve.startup_s = 0.0
     clock = BudgetClock(3.0, 0.0)
-    t0 = time.time()
     result = run_fit(model, tl, vl, vt, task=comp.task, loss_fn=get_loss("auto", comp.task), optimizer=opt,
                  scaler=scaler, device=torch.device("cpu"), clock=clock, reserve=reserve,
                  opts=FitOptions(lr=1e-3, warmup=0.1), out_dir=tmp_path)
@@ -77,7 +78,9 @@ def test_budget_stops_training_mid_epoch_with_lr_near_zero(single_label_dir, tmp
     # Relations, not speeds: the schedule (a function of time) was near its end when the clock
     # stopped training, the LR was decaying, and the stop came at the deadline, not a step later.
     assert result.state.progress > 0.8 and opt.param_groups[0]["lr"] < 1e-3
-    assert time.time() - t0 < clock.total_s + 2.0
+    # When training stopped, by the clock itself; the epoch's validation after it runs at the speed of
+    # a (possibly busy) machine, and is the inference reserve's business.
+    assert result.history[-1]["elapsed_s"] < clock.total_s + 2.0
     assert (tmp_path / "last.pt").is_file()
 
 

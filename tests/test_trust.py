@@ -9,10 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from test_kernel import TINY, _env, kernel_dir  # noqa: F401  (fixture)
-
-FAST = [*TINY, "--num-workers", "0"]
-
+from conftest import TINY as FAST
+from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 
 def _valid_submission(out, data) -> bool:
     sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
