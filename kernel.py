@@ -103,8 +103,8 @@ _SOURCES = {
 'kernelkit': r'''"""kernelkit: train a timm model inside a Kaggle time budget and write submission.csv."""
 __version__ = "0.1.0"
 ''',
-'kernelkit.app': r'''"""The thin top: the command line and exit codes (`cli`), one launch path for a process or ranks
-(`launch`), the jobs (`train_job`, `infer_job`, `blend_job`, `dry_run`), checkpoint-to-submission
+'kernelkit.app': r'''"""The thin top: the command line (`cli`), the failure policy and exit codes (`failure`), one launch
+path for a process or ranks (`launch`), the jobs (`train_job`, `infer_job`, `blend_job`, `dry_run`), checkpoint-to-submission
 (`predictor`), the files a run leaves (`outputs`, `train_reports`) and the generated demo (`demo`).
 Nothing imports `app`."""
 ''',
@@ -6097,9 +6097,10 @@ def prior_baseline(task: str, train_targets: np.ndarray, val_targets: np.ndarray
     return search_threshold(val_targets, probs, beta, grid=np.unique(np.concatenate([[0.0], freq])))[1]
 ''',
 'kernelkit.engine': r'''"""Training and prediction under the wall clock: the budget clock and inference reserve (`budget`),
-the plan (`plan`), progressive resizing (`resolution`), the training loop (`trainer`), the
-prediction and validation loop (`evaluate`), weight averaging (`swa`), the not-learning check
-(`learning_check`), checkpoints and their format (`checkpoint`), resuming (`resume`) and the
+the plan (`plan`), progressive resizing (`resolution`), the training loop and the checkpoint
+format it saves and restores (`trainer`, `TrainState`), the prediction and validation loop
+(`evaluate`), weight averaging (`swa`), the not-learning check (`learning_check`), checkpoint files:
+names, atomic background writes, format versions (`checkpoint`), resuming (`resume`) and the
 run_state.json of a run spread over sessions (`run_state`). Takes explicit objects, never the
 config's wiring; imports from `core`, `inputs`, `data`, `model` and `decide`."""
 ''',
@@ -7237,7 +7238,7 @@ def conclude_average(avg: WeightAverage, train_loader: Any, val: Any, device: to
 One `Trainer` holds everything a step changes (model, optimizer, scaler, EMA, the progress in
 `FitState`); `fit` returns its result in memory (`FitResult`: history, the best epoch's
 validation probabilities, the state). Checkpoints go through a `checkpoint.Checkpointer`, which
-owns the file names; the loop only says when.
+owns the file names; what goes in them is `TrainState`'s; the loop only says when.
 """
 from __future__ import annotations
 

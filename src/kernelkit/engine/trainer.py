@@ -3,7 +3,7 @@
 One `Trainer` holds everything a step changes (model, optimizer, scaler, EMA, the progress in
 `FitState`); `fit` returns its result in memory (`FitResult`: history, the best epoch's
 validation probabilities, the state). Checkpoints go through a `checkpoint.Checkpointer`, which
-owns the file names; the loop only says when.
+owns the file names; what goes in them is `TrainState`'s; the loop only says when.
 """
 from __future__ import annotations
 
