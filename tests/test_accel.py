@@ -11,7 +11,8 @@ from kernelkit.build.assemble import augmentation_split
 from kernelkit.data.cache import build_cache
 from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
 from kernelkit.build.components import batch_augment
 from kernelkit.core.config import Config
 from kernelkit.data.loaders import DeviceFeeder, ImageDataset, ThreadLoader, collate_images, make_loader

@@ -12,7 +12,8 @@ import torch
 import kernelkit.engine.checkpoint as checkpoint_module
 from kernelkit.engine.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
 from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
 from conftest import TINY
 from test_reliability import DISK_FULL
 

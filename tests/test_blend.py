@@ -7,7 +7,8 @@ import pytest
 
 from kernelkit.decide.ensemble import _with_weight, fit_weights, group_members, mix
 from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
 from kernelkit.decide.metrics import accuracy
 from conftest import TINY
 

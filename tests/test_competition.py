@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernelkit.inputs.competition import detect_format, format_predictions, load_competition, write_submission
+from kernelkit.inputs.competition import detect_format, load_competition
+from kernelkit.inputs.submission import format_predictions, write_submission
 
 
 def test_multilabel_csv(multilabel_dir):

@@ -10,13 +10,8 @@ import pytest
 from conftest import make_folder, make_multilabel_csv, make_single_label_csv
 from PIL import Image
 
-from kernelkit.inputs.competition import (
-    detect_format,
-    format_predictions,
-    load_competition,
-    validate_submission,
-    write_submission,
-)
+from kernelkit.inputs.competition import detect_format, load_competition
+from kernelkit.inputs.submission import format_predictions, validate_submission, write_submission
 
 
 def write_rows(path, header, rows, sep=",", encoding="utf-8", bom=b""):
@@ -277,14 +272,14 @@ def test_wide_single_label_sample_is_one_hot(tmp_path):
 
 @pytest.mark.parametrize("make", [make_single_label_csv, make_multilabel_csv, make_folder])
 def test_check_submission_writable_passes_for_good_data(tmp_path, make):
-    from kernelkit.inputs.competition import check_submission_writable
+    from kernelkit.inputs.submission import check_submission_writable
     comp = load_competition(make(tmp_path / "d"))
     check_submission_writable(comp, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["d"], "the dry run writes nothing"
 
 
 def test_check_submission_writable_names_the_problem(tmp_path):
-    from kernelkit.inputs.competition import check_submission_writable
+    from kernelkit.inputs.submission import check_submission_writable
     root = make_single_label_csv(tmp_path / "d")
     comp = load_competition(root)
     with pytest.raises(ValueError, match="cannot write the submission there"):

@@ -9,7 +9,8 @@ import torch
 
 import kernelkit.build.components as components
 from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
 from kernelkit.engine.resolution import (ResolutionSchedule, effective_ips, epochs_with_schedule, ips_by_pixels,
                                   resize_batch, schedule_from)
 from conftest import TINY

@@ -10,7 +10,8 @@ import torch
 from kernelkit.engine.budget import BudgetClock, InferenceReserve, Progress, lr_factor
 from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
 from kernelkit.model.losses import get_loss
 from kernelkit.engine.resume import first_slice, next_slice
 from kernelkit.engine.trainer import FitOptions, FitState, Trainer, TrainParts, Validation

@@ -6,7 +6,8 @@ from torch.optim.swa_utils import update_bn
 
 from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition, validate_submission
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
 from kernelkit.engine.swa import WeightAverage, recompute_batchnorm
 from kernelkit.data.transforms import IMAGENET, normalize
 from test_train import _setup

@@ -16,8 +16,8 @@ from typing import Any
 
 from ..core import env
 from ..core.config import ConfigError
-from ..core.options import make_config
 from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
+from ..core.options import make_config
 from ..core.stopping import handle_signals
 from ..inputs.discovery import find_competition
 from .failure import after_crash, refuse

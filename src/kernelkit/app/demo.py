@@ -14,7 +14,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from ..decide.metrics import fbeta_per_image
-from ..inputs.competition import Competition, cells_to_onehot
+from ..inputs.competition import Competition
+from ..inputs.submission import cells_to_onehot
 
 log = logging.getLogger("kernelkit")
 

@@ -24,7 +24,8 @@ from ..decide.thresholds import ThresholdRule
 from ..engine.budget import affordable_tta
 from ..engine.checkpoint import inference_weights, load_checkpoint
 from ..engine.evaluate import predict
-from ..inputs.competition import Competition, format_predictions, write_submission
+from ..inputs.competition import Competition
+from ..inputs.submission import format_predictions, write_submission
 from ..model.factory import preprocess_of
 
 log = logging.getLogger("kernelkit")

@@ -21,7 +21,8 @@ from ..data.folds import make_folds
 from ..data.loaders import ImageDataset, make_loader, split_indices
 from ..data.sampling import balanced_sampler
 from ..data.transforms import EvalTransform, TrainTransform
-from ..inputs.competition import Competition, check_submission_writable, load_competition
+from ..inputs.competition import Competition, load_competition
+from ..inputs.submission import check_submission_writable
 
 log = logging.getLogger("kernelkit")
 
