@@ -1891,6 +1891,54 @@ def needs_loss_scaling(amp: bool, dtype: torch.dtype, device: torch.device) -> b
     return amp and device.type == "cuda" and dtype == torch.float16
 
 
+def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """A 0-d float tensor on the gradients' device, 1 when any gradient holds inf or NaN (the check
+    GradScaler runs, with scale 1); computed on the device, nothing read. None: no gradients."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    found = None
+    for (device, _), grads in groups.items():
+        flag = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones((), device=device))
+        found = flag if found is None else torch.maximum(found, flag.to(found.device, non_blocking=True))
+    return found
+
+
+class StepGuard:
+    """Applies an optimizer step only when its gradients are finite, without the host reading a flag.
+
+    fp16: the (enabled) GradScaler does it. bf16 and fp32 have no scaler, and a non-finite gradient
+    would reach the weights; here the gradients are checked on the device and the flag is handed to
+    an optimizer that skips on the device (fused AdamW: `_step_supports_amp_scaling`, the protocol
+    GradScaler uses). Any other optimizer needs the flag on the host: one read per step, only then.
+    `step` -> a 0-d float tensor on the device, 1 when the step was skipped (None under fp16, whose
+    overflow skips are the scaler's normal business)."""
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        if self.scaler.is_enabled():
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            return None
+        found = nonfinite_gradients(optimizer)
+        if found is None:
+            optimizer.step()
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf, optimizer.grad_scale = found, None
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale
+        elif not found.item():
+            optimizer.step()
+        return found
+
+
 def tune(device: torch.device, deterministic: bool) -> None:
     if device.type != "cuda":
         return
@@ -4350,11 +4398,15 @@ A transform has two stages:
 normalisation happens on the device (`normalize`), so workers ship 4x fewer bytes than floats.
 
 Randomness: per-sample augmentations draw from Python's `random` (each DataLoader worker is seeded
-by `data.seed_worker`); batch functions take an optional `torch.Generator` (CPU) for their
-parameters, so they are reproducible and run wherever the batch lives.
+by `data.seed_worker`); batch functions take an optional `torch.Generator` for their parameters,
+so they are reproducible and run wherever the batch lives. Without one they draw on the batch's
+device (its global RNG): on a GPU a parameter drawn on the CPU is one blocking upload per draw,
+and a parameter read back to choose a branch (mixup's lambda, cutmix's box) is a wait for the
+GPU, so nothing in a batch function reads a tensor on the host.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import threading
@@ -4549,16 +4601,16 @@ def _back(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # All take images on the 0..255 scale, (N, 3, H, W) uint8 or float (e.g. `x.float()` on the GPU
 # before `normalize`), and return the same dtype and device. Parameters are explicit; random ones
 # are drawn from `generator` (a CPU torch.Generator, or the global RNG when None).
-def _gdev(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
+def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) draws on `device`: from `generator` where it lives (one copy), else from the
+    device's own RNG (no copy at all)."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, generator=generator, device=generator.device).to(device, non_blocking=True)
 
 
-def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=_gdev(generator)).cpu()
-
-
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> torch.Tensor:
-    return lo + (hi - lo) * _rand(n, generator)
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return lo + (hi - lo) * _rand(n, generator, device)
 
 
 def affine(x: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -4602,7 +4654,7 @@ def _gray(y: torch.Tensor) -> torch.Tensor:
 
 
 def hflip_batch(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    flip = (_rand(len(x), generator) < p).to(x.device).view(-1, 1, 1, 1)
+    flip = (_rand(len(x), generator, x.device) < p).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
 
@@ -4610,13 +4662,14 @@ def affine_batch(x: torch.Tensor, degrees: float = 15.0, translate: float = 0.1,
                  scale: tuple[float, float] = (0.9, 1.1), p: float = 1.0, fill: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random shift/scale/rotate per image (the seeds' ShiftScaleRotate), with probability p."""
-    n = len(x)
-    angle = _uniform(n, -degrees, degrees, generator)
-    shift = _uniform(2 * n, -translate, translate, generator).view(n, 2)
-    sc = _uniform(n, scale[0], scale[1], generator)
-    off = _rand(n, generator) >= p
-    angle[off], shift[off], sc[off] = 0.0, 0.0, 1.0
-    return affine(x, angle, shift, sc, fill)
+    n, dev = len(x), x.device
+    angle = _uniform(n, -degrees, degrees, generator, dev)
+    shift = _uniform(2 * n, -translate, translate, generator, dev).view(n, 2)
+    sc = _uniform(n, scale[0], scale[1], generator, dev)
+    on = _rand(n, generator, dev) < p
+    # torch.where, not masked assignment: a boolean index is a nonzero(), which waits for the GPU.
+    return affine(x, torch.where(on, angle, 0.0), torch.where(on[:, None], shift, 0.0), torch.where(on, sc, 1.0),
+                  fill)
 
 
 def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
@@ -4626,16 +4679,17 @@ def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
     fraction in `scale` and aspect ratio in `ratio`, at a random position. The batch twin of
     TrainTransform's per-sample crop, for running it on the GPU."""
     n, _, h, w = x.shape
-    area = _uniform(n, scale[0], scale[1], generator)
-    r = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator))
+    dev = x.device
+    area = _uniform(n, scale[0], scale[1], generator, dev)
+    r = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, dev))
     cw = torch.sqrt(area * r * h / w).clamp(max=1.0)  # crop size as a fraction of the width / height,
     ch = torch.sqrt(area / r * w / h).clamp(max=1.0)  # its aspect ratio (in pixels) r
-    cx = (1 - cw) * (_rand(n, generator) - 0.5)  # crop centre offset, fraction of the size
-    cy = (1 - ch) * (_rand(n, generator) - 0.5)
-    theta = torch.zeros(n, 2, 3)
+    cx = (1 - cw) * (_rand(n, generator, dev) - 0.5)  # crop centre offset, fraction of the size
+    cy = (1 - ch) * (_rand(n, generator, dev) - 0.5)
+    theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1] = cw, ch
     theta[:, 0, 2], theta[:, 1, 2] = 2 * cx, 2 * cy
-    grid = F.affine_grid(theta.to(x.device), [n, x.shape[1], h, w], align_corners=False)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
     y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return _back(y, x.dtype)
 
@@ -4643,16 +4697,16 @@ def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
 def color_jitter_batch(x: torch.Tensor, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Factors drawn uniformly from [1 - v, 1 + v] per image."""
-    n = len(x)
-    return color_jitter(x, _uniform(n, 1 - brightness, 1 + brightness, generator),
-                        _uniform(n, 1 - contrast, 1 + contrast, generator),
-                        _uniform(n, 1 - saturation, 1 + saturation, generator))
+    n, dev = len(x), x.device
+    return color_jitter(x, _uniform(n, 1 - brightness, 1 + brightness, generator, dev),
+                        _uniform(n, 1 - contrast, 1 + contrast, generator, dev),
+                        _uniform(n, 1 - saturation, 1 + saturation, generator, dev))
 
 
 def noise_batch(x: torch.Tensor, std: float = 8.0, p: float = 0.5,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian noise (std in pixel levels) on a random share p of the images."""
-    on = (_rand(len(x), generator) < p).to(x.device, torch.float32).view(-1, 1, 1, 1)
+    on = (_rand(len(x), generator, x.device) < p).to(torch.float32).view(-1, 1, 1, 1)
     return _back(x.float() + _randn_like(x, generator) * (std * on), x.dtype)
 
 
@@ -4662,19 +4716,32 @@ def soft_targets(y: torch.Tensor, num_classes: int = 0) -> torch.Tensor:
     if y.ndim == 1:
         if num_classes <= 0:
             raise ValueError("class-index targets need num_classes to be mixed")
-        return F.one_hot(y.long(), num_classes).float()
+        # scatter, not F.one_hot: one_hot checks the range of y on the host (a wait for the GPU).
+        return torch.zeros(len(y), num_classes, device=y.device).scatter_(1, y.long()[:, None], 1.0)
     return y.float()
 
 
-def _beta(alpha: float, generator: torch.Generator | None) -> float:
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gdev(generator)))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+def _beta(alpha: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """lam ~ Beta(alpha, alpha) as a 0-d tensor on `device` (G1 / (G1 + G2), Gi ~ Gamma(alpha)),
+    drawn where it is used: a lambda read on the host would wait for the GPU every batch."""
+    conc = torch.full((2,), float(alpha), device=generator.device if generator is not None else device)
+    g = torch._standard_gamma(conc, generator=generator)
+    return (g[0] / g.sum().clamp_min(1e-12)).to(device, non_blocking=True)
 
 
-def _partners(n: int, perm: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+def _lam(lam: float | torch.Tensor | None, alpha: float, generator: torch.Generator | None,
+         device: torch.device) -> torch.Tensor:
+    if lam is None:
+        return _beta(alpha, generator, device)
+    return lam.to(device, torch.float32) if isinstance(lam, torch.Tensor) else torch.full((), float(lam), device=device)
+
+
+def _partners(n: int, perm: torch.Tensor | None, generator: torch.Generator | None,
+              device: torch.device) -> torch.Tensor:
     if perm is None:
-        return torch.randperm(n, generator=generator, device=_gdev(generator)).cpu()
-    return perm.long().cpu()
+        gdev = generator.device if generator is not None else device
+        return torch.randperm(n, generator=generator, device=gdev).to(device, non_blocking=True)
+    return perm.long().to(device)
 
 
 def _mix_ok(ok: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
@@ -4683,55 +4750,63 @@ def _mix_ok(ok: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.4, num_classes: int = 0,
-          ok: torch.Tensor | None = None, lam: float | None = None, perm: torch.Tensor | None = None,
+          ok: torch.Tensor | None = None, lam: float | torch.Tensor | None = None, perm: torch.Tensor | None = None,
           generator: torch.Generator | None = None):
     """x' = lam x + (1 - lam) x[perm], y' likewise, lam ~ Beta(alpha, alpha).
 
     -> (x', y' float (N, C), ok' or None). Targets: class indices (give num_classes) or
     (N, C) multi-hot. `ok` (1 = readable) is mixed as ok * ok[perm]. uint8 images are rounded.
     """
-    lam = _beta(alpha, generator) if lam is None else float(lam)
-    perm = _partners(len(x), perm, generator)
-    pd = perm.to(x.device)
-    xm = _back(x.float() * lam + x[pd].float() * (1 - lam), x.dtype)
     t = soft_targets(y, num_classes)
-    return xm, t * lam + t[perm.to(t.device)] * (1 - lam), _mix_ok(ok, perm)
+    lam = _lam(lam, alpha, generator, x.device)
+    perm = _partners(len(x), perm, generator, x.device)
+    xm = _back(x.float() * lam + x[perm].float() * (1 - lam), x.dtype)
+    lam_t = lam.to(t.device)
+    return xm, t * lam_t + t[perm.to(t.device)] * (1 - lam_t), _mix_ok(ok, perm)
 
 
-def cutmix_box(h: int, w: int, lam: float, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): a box of area ~ (1 - lam) h w at a random centre, clipped to the image."""
-    r = math.sqrt(max(0.0, 1.0 - lam))
-    ch, cw = int(h * r), int(w * r)
-    cy, cx = (int(v * n) for v, n in zip(_rand(2, generator), (h, w)))
-    return max(cy - ch // 2, 0), min(cy + ch - ch // 2, h), max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+def cutmix_mask(h: int, w: int, lam: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool (h, w) on lam's device: a box of area ~ (1 - lam) h w at a random centre, clipped to the
+    image. Built by comparisons, so the box never has to be read on the host to slice with it."""
+    dev = lam.device
+    r = (1.0 - lam).clamp_min(0.0).sqrt()
+    ch, cw = (h * r).floor(), (w * r).floor()
+    u = _rand(2, generator, dev)
+    cy, cx = (u[0] * h).floor(), (u[1] * w).floor()
+    y0, y1 = (cy - (ch / 2).floor()).clamp_min(0), (cy + ch - (ch / 2).floor()).clamp_max(h)
+    x0, x1 = (cx - (cw / 2).floor()).clamp_min(0), (cx + cw - (cw / 2).floor()).clamp_max(w)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    return ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
 
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, num_classes: int = 0,
-           ok: torch.Tensor | None = None, lam: float | None = None, perm: torch.Tensor | None = None,
+           ok: torch.Tensor | None = None, lam: float | torch.Tensor | None = None, perm: torch.Tensor | None = None,
            generator: torch.Generator | None = None):
     """Paste a box of x[perm] into x; targets mixed by the pasted area actually used.
 
     -> (x', y' float (N, C), ok' or None); see `mixup` for the arguments.
     """
-    lam = _beta(alpha, generator) if lam is None else float(lam)
-    perm = _partners(len(x), perm, generator)
-    h, w = x.shape[-2:]
-    y0, y1, x0, x1 = cutmix_box(h, w, lam, generator)
-    xm = x.clone()
-    xm[:, :, y0:y1, x0:x1] = x[perm.to(x.device)][:, :, y0:y1, x0:x1]
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
     t = soft_targets(y, num_classes)
-    return xm, t * lam + t[perm.to(t.device)] * (1 - lam), _mix_ok(ok, perm)
+    lam = _lam(lam, alpha, generator, x.device)
+    perm = _partners(len(x), perm, generator, x.device)
+    h, w = x.shape[-2:]
+    mask = cutmix_mask(h, w, lam, generator)
+    xm = torch.where(mask, x[perm], x)
+    kept = (1.0 - mask.float().mean()).to(t.device)  # the share of each image that stayed its own
+    return xm, t * kept + t[perm.to(t.device)] * (1 - kept), _mix_ok(ok, perm)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.4, cutmix_alpha: float = 1.0,
               prob: float = 1.0, switch_prob: float = 0.5, num_classes: int = 0,
               ok: torch.Tensor | None = None, generator: torch.Generator | None = None):
     """With probability `prob` apply cutmix (probability `switch_prob`, when cutmix_alpha > 0) or
-    mixup (when mixup_alpha > 0); otherwise return the batch with targets made float."""
-    u = _rand(2, generator)
-    if float(u[0]) < prob:
-        if cutmix_alpha > 0 and (mixup_alpha <= 0 or float(u[1]) < switch_prob):
+    mixup (when mixup_alpha > 0); otherwise return the batch with targets made float. The branch is
+    chosen with a host random stream (augmentation's, or one seeded from `generator`), so choosing
+    it never reads the device."""
+    rng = aug_random() if generator is None else random.Random(
+        int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+    if rng.random() < prob:
+        if cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob):
             return cutmix(x, y, cutmix_alpha, num_classes, ok, generator=generator)
         if mixup_alpha > 0:
             return mixup(x, y, mixup_alpha, num_classes, ok, generator=generator)
@@ -4797,11 +4872,19 @@ class Preprocess:
 IMAGENET = Preprocess()
 
 
+@functools.lru_cache(maxsize=16)
+def _statistics(pre: Preprocess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) * 255 as (1, 3, 1, 1) tensors on `device`, uploaded once per device: built per
+    batch they were two blocking host-to-device copies every training step and predict batch."""
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW on any device -> float normalised with the model's statistics (no default: a
     caller that forgot them would silently feed a 0.5/0.5 model ImageNet-normalised inputs)."""
-    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
+    mean, std = _statistics(pre, batch.device)
     x = (batch.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
@@ -6421,6 +6504,35 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=1)
 
 
+class HostChunks:
+    """Per-batch results moved to host memory as they come, so the device holds one batch of them
+    at a time (200k images x 15k classes is 12 GB: kept on a T4 until the end, it overflows it).
+    On CUDA each chunk goes into pinned memory with a non-blocking copy on the current stream, so
+    the loop never waits; `gather` waits once, for the last copy."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.chunks = device, []
+        self.pin = device.type == "cuda"
+
+    def add(self, t: torch.Tensor) -> None:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+        host.copy_(t, non_blocking=self.pin)  # on CPU a copy too: the result owns no device memory
+        self.chunks.append(host)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def rows(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def gather(self) -> torch.Tensor | None:
+        if not self.chunks:
+            return None
+        if self.pin:
+            torch.cuda.current_stream(self.device).synchronize()  # the copies above have landed
+        return torch.cat(self.chunks)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
@@ -6434,12 +6546,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     """
     model.eval()
     act = activation(task)
-    probs, oks = [], []
+    probs, oks = HostChunks(device), HostChunks(device)
     t0 = time.time()
-    t_first = None
+    t_first, first_rows = None, 0
     pieces = 1
-    # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
-    # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
+    # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
+    # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
         x = normalize(images, channels_last, pre)
         while True:
@@ -6453,18 +6565,20 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        probs.append(p)
-        oks.append(ok > 0)
+        probs.add(p)
+        oks.add(ok > 0)
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first = time.time()
-    probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
-    oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
+            t_first, first_rows = time.time(), len(p)
+    probs_all = probs.gather()
+    probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
+    oks_all = oks.gather()
+    oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
     t_end = time.time()
-    n = sum(len(p) for p in probs)
-    steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
-    steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
+    n, batches = probs.rows(), len(probs)
+    steady_n = n - (first_rows if batches > 1 else 0)
+    steady_s = (t_end - t_first) if batches > 1 else (t_end - t0)
     ips = steady_n * len(views) / max(steady_s, 1e-9)
     first_batch_s = (t_first or t_end) - t0
     return {
@@ -6473,7 +6587,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         "seconds": t_end - t0,
         "first_batch_s": first_batch_s,
         # what the first batch cost beyond its own share of the work: worker start-up, lazy init
-        "startup_s": max(0.0, first_batch_s - len(probs[0]) * len(views) / ips) if len(probs) > 1 else first_batch_s,
+        "startup_s": max(0.0, first_batch_s - first_rows * len(views) / ips) if batches > 1 else first_batch_s,
         "images_per_s": ips,
     }
 ''',
@@ -6973,8 +7087,12 @@ def finish_run(out_dir: Path) -> None:
 Leads to Wider Optima and Better Generalization", UAI 2018).
 
 Over the last `swa` share of the schedule every step's weights go into a running average
-(`torch.optim.swa_utils.AveragedModel`, buffers included, so the average is usable even if the
-BatchNorm pass is skipped). After training, the average's BatchNorm statistics are recomputed on a
+(buffers included, so the average is usable even if the BatchNorm pass is skipped). The container
+is `torch.optim.swa_utils.AveragedModel` (its state_dict format), but the update is ours: its
+update_parameters sends integer buffers (BatchNorm's num_batches_tracked) through
+`_foreach_addcdiv_` on CUDA, which raises on the second update, and reads `n_averaged` on the host
+twice per step. Here floating tensors are averaged with one foreach lerp, integer ones copied, and
+the count is a host integer. After training, the average's BatchNorm statistics are recomputed on a
 few training batches (the averaged weights never produced the running statistics they carry), it is
 validated, and it replaces best.pt only when it scores at least as well as the last and the best
 weights. The BatchNorm pass and the extra validation are charged to the inference reserve up front.
@@ -7003,6 +7121,7 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, share: float, bn_batches: int = BN_BATCHES):
         self.share, self.start, self.bn_batches = share, 1.0 - share, bn_batches
         self.avg = AveragedModel(model, use_buffers=True)
+        self.count = 0  # snapshots averaged, on the host (avg.n_averaged mirrors it on the device)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -7010,22 +7129,43 @@ class WeightAverage:
 
     @property
     def n(self) -> int:
-        return int(self.avg.n_averaged)
+        return self.count
 
     def update(self, model: torch.nn.Module, progress: float) -> None:
         if progress >= self.start:
-            self.avg.update_parameters(model)
+            average_into(self.avg.module, model, self.count)
+            self.count += 1
+            self.avg.n_averaged.fill_(self.count)  # a device-side fill, no host read
 
     def state_dict(self) -> dict[str, Any]:
         return self.avg.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.avg.load_state_dict(state)
+        self.count = int(self.avg.n_averaged)  # once, on resume
 
     def extra_images(self, train_loader: Any, n_val: int) -> tuple[int, int]:
         """-> (images, loader start-ups) the conclusion costs beyond the final validation."""
         bn = min(len(train_loader), self.bn_batches) * (train_loader.batch_size or 1) if has_batchnorm(self.module) else 0
         return bn + n_val, 1 + int(bn > 0)
+
+
+@torch.no_grad()
+def average_into(avg: torch.nn.Module, model: torch.nn.Module, n: int) -> None:
+    """avg <- (n avg + model) / (n + 1) for floating parameters and buffers (one foreach lerp per
+    device and dtype); integer buffers (num_batches_tracked) are copied, never divided."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    pairs = zip(list(avg.parameters()) + list(avg.buffers()), list(model.parameters()) + list(model.buffers()))
+    for a, m in pairs:
+        a, m = a.detach(), m.detach()
+        if n == 0 or not a.is_floating_point():
+            a.copy_(m)
+        else:
+            dst, src = groups.setdefault((a.device, a.dtype), ([], []))
+            dst.append(a)
+            src.append(m.to(a.device, non_blocking=True))
+    for dst, src in groups.values():
+        torch._foreach_lerp_(dst, src, 1.0 / (n + 1))
 
 
 def create_averager(model: torch.nn.Module, share: float) -> WeightAverage | None:
@@ -7111,7 +7251,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from ..core.accel import StepGuard
+from ..core.distributed import SINGLE, DistInfo, agree, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
@@ -7228,6 +7369,8 @@ class Trainer:
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        self.guard = StepGuard(parts.scaler)
+        self.epoch_skipped = 0  # skipped steps of this epoch already counted in state.nonfinite_steps
         if opts.resolution is not None and fixed_input_size(self.core):
             # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
             log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
@@ -7332,10 +7475,12 @@ class Trainer:
         parts, opts, state = self.parts, self.opts, self.state
         parts.model.train()
         images, stopped, n_losses = 0, False, 0
+        self.epoch_skipped = 0
         # Loss and skipped images are summed on the device and read at the end (and for the bar every
         # LOG_EVERY steps): reading them per step would make the CPU wait for the GPU at every step
         # end, leaving the GPU idle while the next step is prepared.
-        loss_sum, unreadable = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        # Non-finite steps are skipped on the device (StepGuard) and counted there too, read with the loss.
+        loss_sum, unreadable, skipped, good = (torch.zeros((), device=self.device) for _ in range(4))
         recent: deque = deque(maxlen=50)
         t0 = t_prev = time.time()
         t_first, first_n = None, 0
@@ -7351,61 +7496,67 @@ class Trainer:
             if opts.resolution is not None:
                 x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
-            if loss is None:
-                self.skip_update()
-                continue
-            self.update()
+            bad = self.update(loss)
+            loss = torch.where(bad > 0, torch.nan, loss)  # a skipped step's loss is not averaged
+            skipped += bad
+            good += 1 - bad
             unreadable += (ok == 0).sum()
             images += len(ok)
-            loss_sum += loss.detach()
-            recent.append(loss.detach())
+            loss_sum += loss.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            recent.append(loss)
             n_losses += 1
             now = time.time()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
                 t_first, first_n = now, images
-            if n_losses % LOG_EVERY == 1:
-                bar.set_postfix(loss=f"{torch.stack(tuple(recent)).mean().item():.4f}",
-                                lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}", p=f"{state.progress:.2f}",
-                                refresh=False)
+            if n_losses % LOG_EVERY == 1:  # the loop's only host read: the bar's loss and the skip count
+                mean, n_skipped = torch.stack((torch.stack(tuple(recent)).nanmean(), skipped)).tolist()
+                self.note_skipped(int(n_skipped))
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}",
+                                p=f"{state.progress:.2f}", refresh=False)
             if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
                 self.save("last.pt", epoch_done=False)
         bar.close()
-        skipped = int(unreadable.item())
-        state.bad_images += skipped
+        loss_total, n_good, n_unreadable, n_skipped = torch.stack((loss_sum, good, unreadable, skipped)).tolist()
+        self.note_skipped(int(n_skipped))
+        state.bad_images += int(n_unreadable)
         t_end = time.time()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
-        return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
-                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
+        return {"loss": loss_total / n_good if n_good else float("nan"), "images": images,
+                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": int(n_unreadable),
                 "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
 
-    def update(self) -> None:
-        """Clip, step (the scaler skips an overflowing fp16 step), then the weight averages."""
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip, step, then the weight averages. One NaN batch must not poison the weights of a
+        9-hour run: a step with non-finite gradients is skipped on the device (the fp16 scaler, or
+        StepGuard for bf16/fp32), the same on every rank (the gradients are all-reduced first).
+        -> 0-d float on the device: 1 when this step was skipped (fp16: when its loss was not finite)."""
         parts, state = self.parts, self.state
         if self.opts.clip_grad > 0:
             parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.opts.clip_grad)
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
+        found = self.guard.step(parts.optimizer)
         if parts.ema is not None:
             parts.ema.update(self.core)
         if parts.swa is not None:
             parts.swa.update(self.core, state.progress)
         state.step += 1
+        bad = (~torch.isfinite(loss)).float()
+        return bad if found is None else torch.maximum(bad, found.to(bad.device).clamp(max=1.0))
 
-    def skip_update(self) -> None:
-        """One NaN batch must not poison the weights of a 9-hour run: no update (on every rank
-        together, or the gradient all-reduce would wait forever)."""
-        self.parts.optimizer.zero_grad(set_to_none=True)
-        self.state.nonfinite_steps += 1
-        log.warning("non-finite loss at step %d; update skipped (%d so far)", self.state.step,
-                    self.state.nonfinite_steps)
-        self.state.step += 1
+    def note_skipped(self, epoch_total: int) -> None:
+        """`epoch_total`: steps skipped so far this epoch (read with the loss); new ones are logged."""
+        new = epoch_total - self.epoch_skipped
+        if new > 0:
+            self.epoch_skipped = epoch_total
+            self.state.nonfinite_steps += new
+            log.warning("non-finite loss or gradients in %d step(s) up to step %d; updates skipped (%d so far)",
+                        new, self.state.step, self.state.nonfinite_steps)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
-        """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Gradients of the batch loss, in `state.micro_batches` pieces; -> the loss (not read here).
 
         Out of memory: free what we can, split the batch in twice as many pieces and retry it. The
         pieces are weighted by their share of valid images, so the gradient equals the full batch's
@@ -7427,15 +7578,13 @@ class Trainer:
                             "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
                             -(-len(x) // state.micro_batches))
 
-    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor | None:
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor:
         total_weight = ok.sum().clamp_min(1.0)
         batch_loss = torch.zeros((), device=self.device)
         for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
             with autocast(self.device, self.opts.amp, self.opts.amp_dtype):
                 logits = self.step_model(xs)
             loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
-            if not all_finite(self.dist, loss):
-                return None
             self.parts.scaler.scale(loss).backward()
             batch_loss += loss.detach()
         return batch_loss
@@ -8606,9 +8755,25 @@ def _reduce_labels(per_label: torch.Tensor, reduce: str) -> torch.Tensor:
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
+class ClassWeights:
+    """Class weights held on the host and copied to each device once: `get_loss` binds them like
+    this, because a per-call upload is a blocking host-to-device copy every training step."""
+
+    def __init__(self, values: Sequence[float] | torch.Tensor):
+        self.host = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on:
+            self._on[device] = self.host.to(device)
+        return self._on[device]
+
+
 def _class_weights(class_weights, like: torch.Tensor) -> torch.Tensor | None:
     if class_weights is None:
         return None
+    if isinstance(class_weights, ClassWeights):
+        return class_weights.on(like.device)
     return torch.as_tensor(class_weights, dtype=torch.float32, device=like.device)
 
 
@@ -8805,6 +8970,8 @@ def get_loss(name: str, task: str, class_counts: Sequence[float] | None = None, 
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"loss {name!r} got unknown parameters {unknown}; it accepts {accepted}")
+    if params.get("class_weights") is not None:
+        params["class_weights"] = ClassWeights(params["class_weights"])
     return functools.partial(fn, **params) if params else fn
 ''',
 }

@@ -36,6 +36,35 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=1)
 
 
+class HostChunks:
+    """Per-batch results moved to host memory as they come, so the device holds one batch of them
+    at a time (200k images x 15k classes is 12 GB: kept on a T4 until the end, it overflows it).
+    On CUDA each chunk goes into pinned memory with a non-blocking copy on the current stream, so
+    the loop never waits; `gather` waits once, for the last copy."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.chunks = device, []
+        self.pin = device.type == "cuda"
+
+    def add(self, t: torch.Tensor) -> None:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+        host.copy_(t, non_blocking=self.pin)  # on CPU a copy too: the result owns no device memory
+        self.chunks.append(host)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def rows(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def gather(self) -> torch.Tensor | None:
+        if not self.chunks:
+            return None
+        if self.pin:
+            torch.cuda.current_stream(self.device).synchronize()  # the copies above have landed
+        return torch.cat(self.chunks)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
@@ -49,12 +78,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     """
     model.eval()
     act = activation(task)
-    probs, oks = [], []
+    probs, oks = HostChunks(device), HostChunks(device)
     t0 = time.time()
-    t_first = None
+    t_first, first_rows = None, 0
     pieces = 1
-    # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
-    # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
+    # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
+    # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
         x = normalize(images, channels_last, pre)
         while True:
@@ -68,18 +97,20 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        probs.append(p)
-        oks.append(ok > 0)
+        probs.add(p)
+        oks.add(ok > 0)
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first = time.time()
-    probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
-    oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
+            t_first, first_rows = time.time(), len(p)
+    probs_all = probs.gather()
+    probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
+    oks_all = oks.gather()
+    oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
     t_end = time.time()
-    n = sum(len(p) for p in probs)
-    steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
-    steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
+    n, batches = probs.rows(), len(probs)
+    steady_n = n - (first_rows if batches > 1 else 0)
+    steady_s = (t_end - t_first) if batches > 1 else (t_end - t0)
     ips = steady_n * len(views) / max(steady_s, 1e-9)
     first_batch_s = (t_first or t_end) - t0
     return {
@@ -88,6 +119,6 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         "seconds": t_end - t0,
         "first_batch_s": first_batch_s,
         # what the first batch cost beyond its own share of the work: worker start-up, lazy init
-        "startup_s": max(0.0, first_batch_s - len(probs[0]) * len(views) / ips) if len(probs) > 1 else first_batch_s,
+        "startup_s": max(0.0, first_batch_s - first_rows * len(views) / ips) if batches > 1 else first_batch_s,
         "images_per_s": ips,
     }
