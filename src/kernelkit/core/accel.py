@@ -108,11 +108,34 @@ def tune(device: torch.device, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = not deterministic
 
 
+TRITON_MIN_CAPABILITY = (7, 0)  # Triton (torch.compile's GPU code generator) needs Volta or later
+
+
+def compile_unsupported(device: torch.device) -> str:
+    """Why torch.compile cannot work on `device` ('' when it can): on a P100 (compute capability 6.0)
+    Triton refuses only after the whole trace has been paid for, so it is skipped up front."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    cap = tuple(torch.cuda.get_device_capability(device))
+    if cap < TRITON_MIN_CAPABILITY:
+        return (f"compute capability {cap[0]}.{cap[1]} < {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}: "
+                "Triton cannot generate code for this GPU")
+    return ""
+
+
+def has_tensor_cores(device: torch.device) -> bool:
+    """False on CUDA GPUs before Volta (P100): there channels_last can be slower than NCHW."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return tuple(torch.cuda.get_device_capability(device)) >= (7, 0)
+
+
 @dataclass
 class Compiled:
     model: torch.nn.Module  # the compiled module, or the eager one after a failure
     seconds: float
     error: str = ""  # why it fell back to eager ('' = compiled)
+    sizes: tuple[int, ...] = ()  # the input sizes the warm-up compiled for
 
 
 def compile_for_training(model: torch.nn.Module, warmup: Callable[[torch.nn.Module], None],
