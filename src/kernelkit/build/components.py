@@ -39,6 +39,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def ready_device(cfg: Config, device: torch.device, rank: int = 0) -> None:
+    """Seeds and accelerator settings, before anything runs on the device (autopick measures first):
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when it starts, and a measurement without
+    cudnn.benchmark and TF32 underrates what training will reach."""
+    seed_everything(cfg.seed + rank, cfg.deterministic)
+    accel.tune(device, cfg.deterministic)
+
+
 def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
     """The architecture a config describes; `with_weights=False` when a checkpoint will fill it."""
     return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
