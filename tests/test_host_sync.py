@@ -250,3 +250,24 @@ def test_prediction_keeps_at_most_one_batch_of_probabilities_on_the_device():
         OnDevice.alive = None
     assert out["probs"].shape == (4 * n, classes) and type(out["probs"]).__module__ == "numpy"
     assert len(held) == n and max(held) <= 1, f"device-held probability batches at each forward: {held}"
+
+
+def test_ranks_agree_each_step_over_a_cpu_group_even_under_nccl(monkeypatch):
+    """Under NCCL the per-step stop/progress broadcast used a GPU tensor: an upload and two reads
+    back every step. It goes over a gloo group of CPU tensors now."""
+    from kernelkit.core import distributed
+    sent = []
+    monkeypatch.setattr(distributed.dist, "new_group", lambda backend=None, **k: f"group:{backend}")
+
+    def broadcast(t, src, group=None):
+        sent.append((t.device.type, group))
+        t.copy_(torch.tensor([1.0, 0.25], dtype=t.dtype))  # what rank 0 decided
+    monkeypatch.setattr(distributed.dist, "broadcast", broadcast)
+    distributed._CONTROL.clear()
+    info = distributed.DistInfo(rank=1, world_size=2, local_rank=1, backend="nccl")
+    try:
+        assert distributed.agree(info, False, 0.1) == (True, 0.25)
+        assert distributed.agree(info, False, 0.2) == (True, 0.25)
+    finally:
+        distributed._CONTROL.clear()
+    assert sent == [("cpu", "group:gloo")] * 2, "one gloo group, made once, CPU tensors only"
