@@ -520,7 +520,7 @@ def parse_seconds(text: str) -> float:
 CHECK_LIMIT_S = 480.0  # the whole check must fit 8 minutes of device time, by the sum of its timeouts
 CHECK_DATA = {"n_images": 2500, "n_test": 500, "epochs": 3, "steps": 30, "warmup": 5, "budgets": "120s",
               "cores": "4"}
-CHECK_TIMEOUTS = {"data": 40.0, "bound": 25.0, "kernel": 50.0, "swa": 40.0, "compile": 70.0, "budget_grace": 20.0,
+CHECK_TIMEOUTS = {"data": 35.0, "bound": 20.0, "kernel": 60.0, "swa": 40.0, "compile": 70.0, "budget_grace": 20.0,
                   "ddp": 35.0}
 
 
