@@ -6612,6 +6612,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
@@ -6648,30 +6649,49 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 class HostChunks:
     """Per-batch results moved to host memory as they come, so the device holds one batch of them
     at a time (200k images x 15k classes is 12 GB: kept on a T4 until the end, it overflows it).
-    On CUDA each chunk goes into pinned memory with a non-blocking copy on the current stream, so
-    the loop never waits; `gather` waits once, for the last copy."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.chunks = device, []
+    On CUDA each batch is copied without blocking into one of `ring` reused pinned staging buffers
+    (pinned memory per batch would stay page-locked in torch's host cache: 12 GB of it), and moved
+    to pageable memory when its buffer comes round again, `ring` batches later: that waits for
+    that batch's copy only, long done, never for the work queued since. `gather` lands the rest."""
+
+    def __init__(self, device: torch.device, ring: int = 4):
+        self.device, self.ring, self.chunks = device, ring, []
         self.pin = device.type == "cuda"
+        self.pending: deque = deque()  # (staging buffer, event, chunk index) of copies in flight
+        self.free: dict[tuple, list[torch.Tensor]] = {}
 
     def add(self, t: torch.Tensor) -> None:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
-        host.copy_(t, non_blocking=self.pin)  # on CPU a copy too: the result owns no device memory
-        self.chunks.append(host)
+        if not self.pin:
+            host = torch.empty(t.shape, dtype=t.dtype)
+            host.copy_(t)  # a copy owning its memory: nothing of the batch outlives it
+            self.chunks.append(host)
+            return
+        if len(self.pending) >= self.ring:
+            self._land(self.pending.popleft())
+        key = (tuple(t.shape), t.dtype)
+        staging = self.free.get(key, [])
+        buf = staging.pop() if staging else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.chunks.append(None)
+        self.pending.append((buf, event, len(self.chunks) - 1))
+
+    def _land(self, item: tuple) -> None:
+        buf, event, i = item
+        event.synchronize()
+        self.chunks[i] = buf.clone()
+        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def rows(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
     def gather(self) -> torch.Tensor | None:
-        if not self.chunks:
-            return None
-        if self.pin:
-            torch.cuda.current_stream(self.device).synchronize()  # the copies above have landed
-        return torch.cat(self.chunks)
+        while self.pending:
+            self._land(self.pending.popleft())
+        self.free.clear()  # the staging buffers go back to torch's host cache: `ring` batches at most
+        return torch.cat(self.chunks) if self.chunks else None
 
 
 @torch.no_grad()
@@ -6717,7 +6737,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     oks_all = oks.gather()
     oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
     t_end = time.time()
-    n, batches = probs.rows(), len(probs)
+    n, batches = len(probs_all), len(probs)
     steady_n = n - (first_rows if batches > 1 else 0)
     steady_s = (t_end - t_first) if batches > 1 else (t_end - t0)
     ips = steady_n * len(views) / max(steady_s, 1e-9)
@@ -7617,10 +7637,9 @@ class Trainer:
         parts.model.train()
         images, stopped, n_losses = 0, False, 0
         self.epoch_skipped = 0
-        # Loss and skipped images are summed on the device and read at the end (and for the bar every
-        # LOG_EVERY steps): reading them per step would make the CPU wait for the GPU at every step
-        # end, leaving the GPU idle while the next step is prepared.
-        # Non-finite steps are skipped on the device (StepGuard) and counted there too, read with the loss.
+        # Loss, unreadable images and skipped (non-finite) steps are summed on the device and read at the
+        # end (and for the bar every LOG_EVERY steps): reading them per step would make the CPU wait for
+        # the GPU at every step end, leaving the GPU idle while the next step is prepared.
         loss_sum, unreadable, skipped, good = (torch.zeros((), device=self.device) for _ in range(4))
         recent: deque = deque(maxlen=50)
         t0 = t_prev = time.time()

@@ -271,3 +271,43 @@ def test_ranks_agree_each_step_over_a_cpu_group_even_under_nccl(monkeypatch):
     finally:
         distributed._CONTROL.clear()
     assert sent == [("cpu", "group:gloo")] * 2, "one gloo group, made once, CPU tensors only"
+
+
+def test_the_cuda_path_of_host_chunks_reuses_a_ring_of_pinned_buffers(monkeypatch):
+    """On CUDA the batches go through `ring` reused pinned staging buffers (pinned per batch, 12 GB
+    of probabilities would stay page-locked in torch's host cache), each landed `ring` batches later."""
+    from kernelkit.engine.evaluate import HostChunks
+    pinned, waited = [], []
+    real_empty = torch.empty
+
+    def empty(*a, pin_memory=False, **k):
+        out = real_empty(*a, **k)
+        if pin_memory:
+            pinned.append(out)
+        return out
+
+    class Event:
+        made = 0
+
+        def __init__(self):
+            self.n, Event.made = Event.made, Event.made + 1
+
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            waited.append(self.n)
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    chunks = HostChunks(torch.device("cuda"), ring=2)
+    batches = [torch.full((3, 4), float(i)) for i in range(6)] + [torch.full((1, 4), 9.0)]
+    for b in batches:
+        chunks.add(b)
+        b.fill_(-1.0)  # later kernels reuse the batch memory (stream-ordered after the copy)
+    assert len(pinned) == 3, "two staging buffers in turn, one more for the short last batch"
+    assert waited == [0, 1, 2, 3, 4], "each landing waits for that batch's copy only"
+    out = chunks.gather()
+    assert waited == [0, 1, 2, 3, 4, 5, 6]
+    assert torch.equal(out, torch.cat([torch.full((3, 4), float(i)) for i in range(6)] + [torch.full((1, 4), 9.0)]))
+    assert not chunks.free and not chunks.pending

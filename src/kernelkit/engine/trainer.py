@@ -243,10 +243,9 @@ class Trainer:
         parts.model.train()
         images, stopped, n_losses = 0, False, 0
         self.epoch_skipped = 0
-        # Loss and skipped images are summed on the device and read at the end (and for the bar every
-        # LOG_EVERY steps): reading them per step would make the CPU wait for the GPU at every step
-        # end, leaving the GPU idle while the next step is prepared.
-        # Non-finite steps are skipped on the device (StepGuard) and counted there too, read with the loss.
+        # Loss, unreadable images and skipped (non-finite) steps are summed on the device and read at the
+        # end (and for the bar every LOG_EVERY steps): reading them per step would make the CPU wait for
+        # the GPU at every step end, leaving the GPU idle while the next step is prepared.
         loss_sum, unreadable, skipped, good = (torch.zeros((), device=self.device) for _ in range(4))
         recent: deque = deque(maxlen=50)
         t0 = t_prev = time.time()
