@@ -2757,6 +2757,7 @@ class DistInfo:
 
 
 SINGLE = DistInfo()
+_CONTROL: dict[str, object] = {}  # the per-step control group (control_group) and the timeout it gets
 
 
 def from_torchrun() -> DistInfo | None:
@@ -2788,10 +2789,11 @@ def init(info: DistInfo, init_method: str = "env://", timeout_s: float = 1800.0)
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(info.backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    _CONTROL["timeout_s"] = timeout_s  # the control group waits as long as the default one
 
 
 def shutdown(info: DistInfo) -> None:
-    _CONTROL.clear()
+    _CONTROL.pop("group", None)
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -2808,9 +2810,6 @@ def agree(info: DistInfo, stop: bool, progress: float) -> tuple[bool, float]:
     return bool(stop_now), float(position)
 
 
-_CONTROL: dict[str, object] = {}
-
-
 def control_group(info: DistInfo):
     """The process group for small per-step control messages: the default one when it runs on the
     CPU (gloo), else a gloo group over the same ranks, made on first use (every rank reaches its
@@ -2818,7 +2817,8 @@ def control_group(info: DistInfo):
     if info.backend != "nccl":
         return None
     if "group" not in _CONTROL:
-        _CONTROL["group"] = dist.new_group(backend="gloo")
+        timeout = datetime.timedelta(seconds=float(_CONTROL.get("timeout_s", 1800.0)))
+        _CONTROL["group"] = dist.new_group(backend="gloo", timeout=timeout)
     return _CONTROL["group"]
 
 

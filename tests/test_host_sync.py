@@ -257,20 +257,22 @@ def test_ranks_agree_each_step_over_a_cpu_group_even_under_nccl(monkeypatch):
     back every step. It goes over a gloo group of CPU tensors now."""
     from kernelkit.core import distributed
     sent = []
-    monkeypatch.setattr(distributed.dist, "new_group", lambda backend=None, **k: f"group:{backend}")
+    monkeypatch.setattr(distributed.dist, "new_group",
+                        lambda backend=None, timeout=None: f"group:{backend}:{timeout.total_seconds():.0f}")
 
     def broadcast(t, src, group=None):
         sent.append((t.device.type, group))
         t.copy_(torch.tensor([1.0, 0.25], dtype=t.dtype))  # what rank 0 decided
     monkeypatch.setattr(distributed.dist, "broadcast", broadcast)
     distributed._CONTROL.clear()
+    distributed._CONTROL["timeout_s"] = 5400.0  # as init() records the process group's timeout
     info = distributed.DistInfo(rank=1, world_size=2, local_rank=1, backend="nccl")
     try:
         assert distributed.agree(info, False, 0.1) == (True, 0.25)
         assert distributed.agree(info, False, 0.2) == (True, 0.25)
     finally:
         distributed._CONTROL.clear()
-    assert sent == [("cpu", "group:gloo")] * 2, "one gloo group, made once, CPU tensors only"
+    assert sent == [("cpu", "group:gloo:5400")] * 2, "one gloo group, made once, CPU tensors only, same timeout"
 
 
 def test_the_cuda_path_of_host_chunks_reuses_a_ring_of_pinned_buffers(monkeypatch):
