@@ -1594,12 +1594,13 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
     """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size.
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
+    from ..model.factory import create_optimizer
     from .components import model_from_config
     model = model_from_config(dataclasses.replace(cfg, model=cand.model, img_size=cand.img_size), num_classes,
                               with_weights=False).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
     x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
     model.train()
@@ -1696,7 +1697,11 @@ class RunShape:
 
 def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape, started_at: float,
            every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
-    """Measure and pick; `every`: time the whole ladder (the dry run prints it)."""
+    """Measure and pick; `every`: time the whole ladder (the dry run prints it). The device is tuned
+    and seeded first (cudnn.benchmark, TF32; under `deterministic` CUBLAS_WORKSPACE_CONFIG, which
+    cuBLAS reads once, when the first measurement starts it), so it is measured as it will train."""
+    from .components import ready_device
+    ready_device(cfg, device)
     native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
     cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
@@ -1807,6 +1812,7 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
 seeds that make two runs with one seed give the same result."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -1819,7 +1825,7 @@ from ..core.config import Config, parse_duration, parse_kwargs
 from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
 from ..engine.evaluate import autocast
 from ..engine.learning_check import likely_causes
-from ..engine.resolution import schedule_from
+from ..engine.resolution import fixed_input_size, schedule_from
 from ..engine.swa import create_averager
 from ..engine.trainer import FitOptions, TrainParts
 from ..model.factory import build_model, create_ema, create_optimizer
@@ -1841,6 +1847,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def ready_device(cfg: Config, device: torch.device, rank: int = 0) -> None:
+    """Seeds and accelerator settings, before anything runs on the device (autopick measures first):
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when it starts, and a measurement without
+    cudnn.benchmark and TF32 underrates what training will reach."""
+    seed_everything(cfg.seed + rank, cfg.deterministic)
+    accel.tune(device, cfg.deterministic)
 
 
 def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
@@ -1891,6 +1905,9 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
     model = model_from_config(cfg, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if not accel.has_tensor_cores(device):
+            log.info("channels_last on %s, which has no tensor cores: NHWC may be slower than NCHW there "
+                     "(channels_last=false to compare)", torch.cuda.get_device_name(device))
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
     if cfg.amp and device.type == "cuda":  # said once here; the other callers of amp_dtype stay quiet
         log.info("mixed precision: %s%s", accel.dtype_name(dtype),
@@ -1906,32 +1923,58 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
 
 def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: int, device: torch.device,
                        preprocess: Preprocess) -> None:
-    """cfg.compile: compile now (accel.compile_for_training) on a dummy batch shaped like the real
-    ones, so the time is spent before the schedule is laid over the clock; sets parts.step_model
-    (the compiled model, or None after a logged fallback) and parts.compiled."""
-    n, size = cfg.batch_size, cfg.img_size
-    x = normalize(torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device), cfg.channels_last, preprocess)
-    y = (torch.zeros(n, num_classes, device=device) if task == "multilabel"
-         else torch.zeros(n, dtype=torch.long, device=device))
-    ok = torch.ones(n, device=device)
+    """cfg.compile: compile now (accel.compile_for_training) on dummy batches shaped like the real
+    ones, at every input size progressive resizing will train at (a size first seen in training
+    would recompile on the training clock, and a second size makes Dynamo trace dynamic shapes, so
+    each size gets its own static graph here), so the time is spent before the schedule is laid over
+    the clock; sets parts.step_model (the compiled model, or None after a logged fallback) and
+    parts.compiled."""
+    skip = accel.compile_unsupported(device)
+    if skip:
+        log.warning("compile=true skipped on %s (%s): training runs the eager model",
+                    torch.cuda.get_device_name(device), skip)
+        parts.compiled, parts.step_model = accel.Compiled(parts.model, 0.0, f"skipped: {skip}"), None
+        return
+    sizes = warmup_sizes(cfg, parts.model)
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
 
     def warmup(model: torch.nn.Module) -> None:
         model.train()
-        with autocast(device, cfg.amp, dtype):
-            logits = model(x)
-        parts.loss_fn(logits, y, ok).backward()
+        for size in sizes:
+            x, y, ok = dummy_batch(cfg.batch_size, size, task, num_classes, device, cfg.channels_last, preprocess)
+            with autocast(device, cfg.amp, dtype):
+                logits = model(x)
+            parts.loss_fn(logits, y, ok).backward()
 
-    log.info("compiling %s for training (compile=true; the time counts against the budget)", cfg.model)
-    result = accel.compile_for_training(parts.model, warmup)
+    log.info("compiling %s for training at %s px (compile=true; the time counts against the budget)", cfg.model,
+             ", ".join(map(str, sizes)))
+    result = accel.compile_for_training(parts.model, warmup, compiler=functools.partial(torch.compile, dynamic=False))
+    result.sizes = tuple(sizes)
     parts.compiled = result
     if result.error:
         log.error("!!! torch.compile failed after %.1fs (%s): training continues with the eager model",
                   result.seconds, result.error)
         parts.step_model = None
     else:
-        log.info("compiled in %.1fs", result.seconds)
+        log.info("compiled in %.1fs (%d input size%s, warm-up included; charged to the budget)", result.seconds,
+                 len(sizes), "" if len(sizes) == 1 else "s")
         parts.step_model = result.model
+
+
+def warmup_sizes(cfg: Config, model: torch.nn.Module) -> list[int]:
+    """Every input size training will run at: the progressive-resizing stages, else img_size."""
+    sched = schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at)
+    if sched is None or fixed_input_size(model):
+        return [cfg.img_size]
+    return sorted(set(sched.sizes()))
+
+
+def dummy_batch(n: int, size: int, task: str, num_classes: int, device: torch.device, channels_last: bool,
+                preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = normalize(torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device), channels_last, preprocess)
+    y = (torch.zeros(n, num_classes, device=device) if task == "multilabel"
+         else torch.zeros(n, dtype=torch.long, device=device))
+    return x, y, torch.ones(n, device=device)
 
 
 def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> FitOptions:
@@ -2003,6 +2046,54 @@ def needs_loss_scaling(amp: bool, dtype: torch.dtype, device: torch.device) -> b
     return amp and device.type == "cuda" and dtype == torch.float16
 
 
+def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """A 0-d float tensor on the gradients' device, 1 when any gradient holds inf or NaN (the check
+    GradScaler runs, with scale 1); computed on the device, nothing read. None: no gradients."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    found = None
+    for (device, _), grads in groups.items():
+        flag = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones((), device=device))
+        found = flag if found is None else torch.maximum(found, flag.to(found.device, non_blocking=True))
+    return found
+
+
+class StepGuard:
+    """Applies an optimizer step only when its gradients are finite, without the host reading a flag.
+
+    fp16: the (enabled) GradScaler does it. bf16 and fp32 have no scaler, and a non-finite gradient
+    would reach the weights; here the gradients are checked on the device and the flag is handed to
+    an optimizer that skips on the device (fused AdamW: `_step_supports_amp_scaling`, the protocol
+    GradScaler uses). Any other optimizer needs the flag on the host: one read per step, only then.
+    `step` -> a 0-d float tensor on the device, 1 when the step was skipped (None under fp16, whose
+    overflow skips are the scaler's normal business)."""
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        if self.scaler.is_enabled():
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            return None
+        found = nonfinite_gradients(optimizer)
+        if found is None:
+            optimizer.step()
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf, optimizer.grad_scale = found, None
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale
+        elif not found.item():
+            optimizer.step()
+        return found
+
+
 def tune(device: torch.device, deterministic: bool) -> None:
     if device.type != "cuda":
         return
@@ -2011,11 +2102,34 @@ def tune(device: torch.device, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = not deterministic
 
 
+TRITON_MIN_CAPABILITY = (7, 0)  # Triton (torch.compile's GPU code generator) needs Volta or later
+
+
+def compile_unsupported(device: torch.device) -> str:
+    """Why torch.compile cannot work on `device` ('' when it can): on a P100 (compute capability 6.0)
+    Triton refuses only after the whole trace has been paid for, so it is skipped up front."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    cap = tuple(torch.cuda.get_device_capability(device))
+    if cap < TRITON_MIN_CAPABILITY:
+        return (f"compute capability {cap[0]}.{cap[1]} < {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}: "
+                "Triton cannot generate code for this GPU")
+    return ""
+
+
+def has_tensor_cores(device: torch.device) -> bool:
+    """False on CUDA GPUs before Volta (P100): there channels_last can be slower than NCHW."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return tuple(torch.cuda.get_device_capability(device)) >= (7, 0)
+
+
 @dataclass
 class Compiled:
     model: torch.nn.Module  # the compiled module, or the eager one after a failure
     seconds: float
     error: str = ""  # why it fell back to eager ('' = compiled)
+    sizes: tuple[int, ...] = ()  # the input sizes the warm-up compiled for
 
 
 def compile_for_training(model: torch.nn.Module, warmup: Callable[[torch.nn.Module], None],
@@ -2634,6 +2748,7 @@ class DistInfo:
 
 
 SINGLE = DistInfo()
+_CONTROL: dict[str, object] = {}  # the per-step control group (control_group) and the timeout it gets
 
 
 def from_torchrun() -> DistInfo | None:
@@ -2665,30 +2780,37 @@ def init(info: DistInfo, init_method: str = "env://", timeout_s: float = 1800.0)
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(info.backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    _CONTROL["timeout_s"] = timeout_s  # the control group waits as long as the default one
 
 
 def shutdown(info: DistInfo) -> None:
+    _CONTROL.pop("group", None)
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def agree(info: DistInfo, stop: bool, progress: float) -> tuple[bool, float]:
-    """Everyone adopts rank 0's decision and schedule position."""
+    """Everyone adopts rank 0's decision and schedule position, every step. The message goes over a
+    CPU (gloo) group even when the gradients go over NCCL: a broadcast of a GPU tensor is a
+    host-to-device copy and two reads back per step, each a wait for the GPU."""
     if not info.enabled:
         return stop, progress
-    t = torch.tensor([float(stop), progress], dtype=torch.float64, device=_comm_device(info))
-    dist.broadcast(t, src=0)
-    return bool(t[0].item()), float(t[1].item())
+    t = torch.tensor([float(stop), progress], dtype=torch.float64)
+    dist.broadcast(t, src=0, group=control_group(info))
+    stop_now, position = t.tolist()  # a CPU tensor: no device involved
+    return bool(stop_now), float(position)
 
 
-def all_finite(info: DistInfo, loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank."""
-    finite = torch.isfinite(loss.detach())
-    if not info.enabled:
-        return bool(finite)
-    t = finite.to(torch.float32).reshape(1).to(_comm_device(info))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+def control_group(info: DistInfo):
+    """The process group for small per-step control messages: the default one when it runs on the
+    CPU (gloo), else a gloo group over the same ranks, made on first use (every rank reaches its
+    first `agree` together, as new_group requires)."""
+    if info.backend != "nccl":
+        return None
+    if "group" not in _CONTROL:
+        timeout = datetime.timedelta(seconds=float(_CONTROL.get("timeout_s", 1800.0)))
+        _CONTROL["group"] = dist.new_group(backend="gloo", timeout=timeout)
+    return _CONTROL["group"]
 
 
 def broadcast_object(info: DistInfo, obj):
@@ -4495,11 +4617,15 @@ A transform has two stages:
 normalisation happens on the device (`normalize`), so workers ship 4x fewer bytes than floats.
 
 Randomness: per-sample augmentations draw from Python's `random` (each DataLoader worker is seeded
-by `data.seed_worker`); batch functions take an optional `torch.Generator` (CPU) for their
-parameters, so they are reproducible and run wherever the batch lives.
+by `data.seed_worker`); batch functions take an optional `torch.Generator` for their parameters,
+so they are reproducible and run wherever the batch lives. Without one they draw on the batch's
+device (its global RNG): on a GPU a parameter drawn on the CPU is one blocking upload per draw,
+and a parameter read back to choose a branch (mixup's lambda, cutmix's box) is a wait for the
+GPU, so nothing in a batch function reads a tensor on the host.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import threading
@@ -4694,16 +4820,16 @@ def _back(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # All take images on the 0..255 scale, (N, 3, H, W) uint8 or float (e.g. `x.float()` on the GPU
 # before `normalize`), and return the same dtype and device. Parameters are explicit; random ones
 # are drawn from `generator` (a CPU torch.Generator, or the global RNG when None).
-def _gdev(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
+def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) draws on `device`: from `generator` where it lives (one copy), else from the
+    device's own RNG (no copy at all)."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, generator=generator, device=generator.device).to(device, non_blocking=True)
 
 
-def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=_gdev(generator)).cpu()
-
-
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> torch.Tensor:
-    return lo + (hi - lo) * _rand(n, generator)
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return lo + (hi - lo) * _rand(n, generator, device)
 
 
 def affine(x: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -4747,7 +4873,7 @@ def _gray(y: torch.Tensor) -> torch.Tensor:
 
 
 def hflip_batch(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    flip = (_rand(len(x), generator) < p).to(x.device).view(-1, 1, 1, 1)
+    flip = (_rand(len(x), generator, x.device) < p).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
 
@@ -4755,13 +4881,14 @@ def affine_batch(x: torch.Tensor, degrees: float = 15.0, translate: float = 0.1,
                  scale: tuple[float, float] = (0.9, 1.1), p: float = 1.0, fill: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random shift/scale/rotate per image (the seeds' ShiftScaleRotate), with probability p."""
-    n = len(x)
-    angle = _uniform(n, -degrees, degrees, generator)
-    shift = _uniform(2 * n, -translate, translate, generator).view(n, 2)
-    sc = _uniform(n, scale[0], scale[1], generator)
-    off = _rand(n, generator) >= p
-    angle[off], shift[off], sc[off] = 0.0, 0.0, 1.0
-    return affine(x, angle, shift, sc, fill)
+    n, dev = len(x), x.device
+    angle = _uniform(n, -degrees, degrees, generator, dev)
+    shift = _uniform(2 * n, -translate, translate, generator, dev).view(n, 2)
+    sc = _uniform(n, scale[0], scale[1], generator, dev)
+    on = _rand(n, generator, dev) < p
+    # torch.where, not masked assignment: a boolean index is a nonzero(), which waits for the GPU.
+    return affine(x, torch.where(on, angle, 0.0), torch.where(on[:, None], shift, 0.0), torch.where(on, sc, 1.0),
+                  fill)
 
 
 def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
@@ -4771,16 +4898,17 @@ def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
     fraction in `scale` and aspect ratio in `ratio`, at a random position. The batch twin of
     TrainTransform's per-sample crop, for running it on the GPU."""
     n, _, h, w = x.shape
-    area = _uniform(n, scale[0], scale[1], generator)
-    r = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator))
+    dev = x.device
+    area = _uniform(n, scale[0], scale[1], generator, dev)
+    r = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, dev))
     cw = torch.sqrt(area * r * h / w).clamp(max=1.0)  # crop size as a fraction of the width / height,
     ch = torch.sqrt(area / r * w / h).clamp(max=1.0)  # its aspect ratio (in pixels) r
-    cx = (1 - cw) * (_rand(n, generator) - 0.5)  # crop centre offset, fraction of the size
-    cy = (1 - ch) * (_rand(n, generator) - 0.5)
-    theta = torch.zeros(n, 2, 3)
+    cx = (1 - cw) * (_rand(n, generator, dev) - 0.5)  # crop centre offset, fraction of the size
+    cy = (1 - ch) * (_rand(n, generator, dev) - 0.5)
+    theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1] = cw, ch
     theta[:, 0, 2], theta[:, 1, 2] = 2 * cx, 2 * cy
-    grid = F.affine_grid(theta.to(x.device), [n, x.shape[1], h, w], align_corners=False)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
     y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return _back(y, x.dtype)
 
@@ -4788,16 +4916,16 @@ def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
 def color_jitter_batch(x: torch.Tensor, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Factors drawn uniformly from [1 - v, 1 + v] per image."""
-    n = len(x)
-    return color_jitter(x, _uniform(n, 1 - brightness, 1 + brightness, generator),
-                        _uniform(n, 1 - contrast, 1 + contrast, generator),
-                        _uniform(n, 1 - saturation, 1 + saturation, generator))
+    n, dev = len(x), x.device
+    return color_jitter(x, _uniform(n, 1 - brightness, 1 + brightness, generator, dev),
+                        _uniform(n, 1 - contrast, 1 + contrast, generator, dev),
+                        _uniform(n, 1 - saturation, 1 + saturation, generator, dev))
 
 
 def noise_batch(x: torch.Tensor, std: float = 8.0, p: float = 0.5,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian noise (std in pixel levels) on a random share p of the images."""
-    on = (_rand(len(x), generator) < p).to(x.device, torch.float32).view(-1, 1, 1, 1)
+    on = (_rand(len(x), generator, x.device) < p).to(torch.float32).view(-1, 1, 1, 1)
     return _back(x.float() + _randn_like(x, generator) * (std * on), x.dtype)
 
 
@@ -4807,19 +4935,32 @@ def soft_targets(y: torch.Tensor, num_classes: int = 0) -> torch.Tensor:
     if y.ndim == 1:
         if num_classes <= 0:
             raise ValueError("class-index targets need num_classes to be mixed")
-        return F.one_hot(y.long(), num_classes).float()
+        # scatter, not F.one_hot: one_hot checks the range of y on the host (a wait for the GPU).
+        return torch.zeros(len(y), num_classes, device=y.device).scatter_(1, y.long()[:, None], 1.0)
     return y.float()
 
 
-def _beta(alpha: float, generator: torch.Generator | None) -> float:
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gdev(generator)))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+def _beta(alpha: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """lam ~ Beta(alpha, alpha) as a 0-d tensor on `device` (G1 / (G1 + G2), Gi ~ Gamma(alpha)),
+    drawn where it is used: a lambda read on the host would wait for the GPU every batch."""
+    conc = torch.full((2,), float(alpha), device=generator.device if generator is not None else device)
+    g = torch._standard_gamma(conc, generator=generator)
+    return (g[0] / g.sum().clamp_min(1e-12)).to(device, non_blocking=True)
 
 
-def _partners(n: int, perm: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+def _lam(lam: float | torch.Tensor | None, alpha: float, generator: torch.Generator | None,
+         device: torch.device) -> torch.Tensor:
+    if lam is None:
+        return _beta(alpha, generator, device)
+    return lam.to(device, torch.float32) if isinstance(lam, torch.Tensor) else torch.full((), float(lam), device=device)
+
+
+def _partners(n: int, perm: torch.Tensor | None, generator: torch.Generator | None,
+              device: torch.device) -> torch.Tensor:
     if perm is None:
-        return torch.randperm(n, generator=generator, device=_gdev(generator)).cpu()
-    return perm.long().cpu()
+        gdev = generator.device if generator is not None else device
+        return torch.randperm(n, generator=generator, device=gdev).to(device, non_blocking=True)
+    return perm.long().to(device)
 
 
 def _mix_ok(ok: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
@@ -4828,55 +4969,63 @@ def _mix_ok(ok: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.4, num_classes: int = 0,
-          ok: torch.Tensor | None = None, lam: float | None = None, perm: torch.Tensor | None = None,
+          ok: torch.Tensor | None = None, lam: float | torch.Tensor | None = None, perm: torch.Tensor | None = None,
           generator: torch.Generator | None = None):
     """x' = lam x + (1 - lam) x[perm], y' likewise, lam ~ Beta(alpha, alpha).
 
     -> (x', y' float (N, C), ok' or None). Targets: class indices (give num_classes) or
     (N, C) multi-hot. `ok` (1 = readable) is mixed as ok * ok[perm]. uint8 images are rounded.
     """
-    lam = _beta(alpha, generator) if lam is None else float(lam)
-    perm = _partners(len(x), perm, generator)
-    pd = perm.to(x.device)
-    xm = _back(x.float() * lam + x[pd].float() * (1 - lam), x.dtype)
     t = soft_targets(y, num_classes)
-    return xm, t * lam + t[perm.to(t.device)] * (1 - lam), _mix_ok(ok, perm)
+    lam = _lam(lam, alpha, generator, x.device)
+    perm = _partners(len(x), perm, generator, x.device)
+    xm = _back(x.float() * lam + x[perm].float() * (1 - lam), x.dtype)
+    lam_t = lam.to(t.device)
+    return xm, t * lam_t + t[perm.to(t.device)] * (1 - lam_t), _mix_ok(ok, perm)
 
 
-def cutmix_box(h: int, w: int, lam: float, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): a box of area ~ (1 - lam) h w at a random centre, clipped to the image."""
-    r = math.sqrt(max(0.0, 1.0 - lam))
-    ch, cw = int(h * r), int(w * r)
-    cy, cx = (int(v * n) for v, n in zip(_rand(2, generator), (h, w)))
-    return max(cy - ch // 2, 0), min(cy + ch - ch // 2, h), max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+def cutmix_mask(h: int, w: int, lam: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool (h, w) on lam's device: a box of area ~ (1 - lam) h w at a random centre, clipped to the
+    image. Built by comparisons, so the box never has to be read on the host to slice with it."""
+    dev = lam.device
+    r = (1.0 - lam).clamp_min(0.0).sqrt()
+    ch, cw = (h * r).floor(), (w * r).floor()
+    u = _rand(2, generator, dev)
+    cy, cx = (u[0] * h).floor(), (u[1] * w).floor()
+    y0, y1 = (cy - (ch / 2).floor()).clamp_min(0), (cy + ch - (ch / 2).floor()).clamp_max(h)
+    x0, x1 = (cx - (cw / 2).floor()).clamp_min(0), (cx + cw - (cw / 2).floor()).clamp_max(w)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    return ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
 
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, num_classes: int = 0,
-           ok: torch.Tensor | None = None, lam: float | None = None, perm: torch.Tensor | None = None,
+           ok: torch.Tensor | None = None, lam: float | torch.Tensor | None = None, perm: torch.Tensor | None = None,
            generator: torch.Generator | None = None):
     """Paste a box of x[perm] into x; targets mixed by the pasted area actually used.
 
     -> (x', y' float (N, C), ok' or None); see `mixup` for the arguments.
     """
-    lam = _beta(alpha, generator) if lam is None else float(lam)
-    perm = _partners(len(x), perm, generator)
-    h, w = x.shape[-2:]
-    y0, y1, x0, x1 = cutmix_box(h, w, lam, generator)
-    xm = x.clone()
-    xm[:, :, y0:y1, x0:x1] = x[perm.to(x.device)][:, :, y0:y1, x0:x1]
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
     t = soft_targets(y, num_classes)
-    return xm, t * lam + t[perm.to(t.device)] * (1 - lam), _mix_ok(ok, perm)
+    lam = _lam(lam, alpha, generator, x.device)
+    perm = _partners(len(x), perm, generator, x.device)
+    h, w = x.shape[-2:]
+    mask = cutmix_mask(h, w, lam, generator)
+    xm = torch.where(mask, x[perm], x)
+    kept = (1.0 - mask.float().mean()).to(t.device)  # the share of each image that stayed its own
+    return xm, t * kept + t[perm.to(t.device)] * (1 - kept), _mix_ok(ok, perm)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.4, cutmix_alpha: float = 1.0,
               prob: float = 1.0, switch_prob: float = 0.5, num_classes: int = 0,
               ok: torch.Tensor | None = None, generator: torch.Generator | None = None):
     """With probability `prob` apply cutmix (probability `switch_prob`, when cutmix_alpha > 0) or
-    mixup (when mixup_alpha > 0); otherwise return the batch with targets made float."""
-    u = _rand(2, generator)
-    if float(u[0]) < prob:
-        if cutmix_alpha > 0 and (mixup_alpha <= 0 or float(u[1]) < switch_prob):
+    mixup (when mixup_alpha > 0); otherwise return the batch with targets made float. The branch is
+    chosen with a host random stream (augmentation's, or one seeded from `generator`), so choosing
+    it never reads the device."""
+    rng = aug_random() if generator is None else random.Random(
+        int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+    if rng.random() < prob:
+        if cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob):
             return cutmix(x, y, cutmix_alpha, num_classes, ok, generator=generator)
         if mixup_alpha > 0:
             return mixup(x, y, mixup_alpha, num_classes, ok, generator=generator)
@@ -4942,11 +5091,19 @@ class Preprocess:
 IMAGENET = Preprocess()
 
 
+@functools.lru_cache(maxsize=16)
+def _statistics(pre: Preprocess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) * 255 as (1, 3, 1, 1) tensors on `device`, uploaded once per device: built per
+    batch they were two blocking host-to-device copies every training step and predict batch."""
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW on any device -> float normalised with the model's statistics (no default: a
     caller that forgot them would silently feed a 0.5/0.5 model ImageNet-normalised inputs)."""
-    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
+    mean, std = _statistics(pre, batch.device)
     x = (batch.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
@@ -6319,41 +6476,94 @@ def migrate(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt
 
 
-def snapshot(obj: Any) -> Any:
+PINNED_LIMIT = 2 << 30  # bytes of page-locked snapshot memory at most: a Kaggle VM has ~30 GB of RAM in all
+
+
+class SnapshotArena:
+    """Host buffers for snapshots, reused from one checkpoint to the next (a model's tensors have the
+    same sizes every time) and never more than `limit` bytes in all. With `pin` (a GPU is there) they
+    are page-locked, so the device-to-host copies are asynchronous; allocated per snapshot they were
+    up to three full snapshots (model, EMA, SWA, 2x AdamW state) pinned and cached by the host
+    allocator for good. Past the limit a tensor is copied to pageable memory, freed after its write."""
+
+    def __init__(self, limit: int = PINNED_LIMIT, pin: bool | None = None):
+        self.limit, self.pin = limit, torch.cuda.is_available() if pin is None else pin
+        self.allocated = 0
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()  # taken by save (training thread) and give (writer thread)
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 buffer of `nbytes` (reused when one is free), or None past the limit."""
+        with self._lock:
+            blocks = self.free.get(nbytes)
+            if blocks:
+                return blocks.pop()
+            if self.allocated + nbytes > self.limit:
+                return None
+            try:
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            except RuntimeError:  # no page-locked memory to be had: pageable copies from here on
+                self.limit = self.allocated
+                return None
+            self.allocated += nbytes
+            return buf
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        """Back for reuse, once the snapshot that used them is written (or dropped)."""
+        with self._lock:
+            for b in buffers:
+                self.free.setdefault(b.numel(), []).append(b)
+
+
+def snapshot(obj: Any, arena: SnapshotArena | None = None) -> tuple[Any, list, list]:
     """A copy of `obj` that training can no longer change: every tensor in it (nested in dicts,
-    lists, tuples) copied to CPU memory; a CPU tensor is cloned, since the optimizer updates the
-    weights in place right after. A CUDA tensor goes to pinned memory asynchronously, on the stream
-    that computed it: the caller does not wait for the GPU, and later kernels on that stream cannot
-    overwrite the values before the copy has read them. -> (copy, CUDA events to wait on before
-    reading the copy)."""
-    events: dict[torch.device, torch.cuda.Event] = {}
-    out = _copy(obj, events)
-    for device in list(events):
+    lists, tuples) copied to CPU memory (the optimizer updates the weights in place right after),
+    into `arena` buffers while they last. A CUDA tensor copied into a pinned buffer goes
+    asynchronously, on the stream that computed it: the caller does not wait for the GPU, and later
+    kernels on that stream cannot overwrite the values before the copy has read them.
+    -> (copy, CUDA events to wait on before reading the copy, arena buffers to give back after)."""
+    events: dict[torch.device, Any] = {}
+    buffers: list[torch.Tensor] = []
+    out = _copy(obj, events, arena, buffers)
+    return out, ready_events(list(events)), buffers
+
+
+def ready_events(devices: list[torch.device]) -> list:
+    """One event per device, recorded now. blocking=True: the writer thread sleeps in synchronize()
+    instead of spinning a CPU core (of 4 on Kaggle, which the loaders need) until the copy lands."""
+    out = []
+    for device in devices:
         with torch.cuda.device(device):
-            events[device] = torch.cuda.Event()
-            events[device].record()
-    return out, list(events.values())
+            event = torch.cuda.Event(blocking=True)
+            event.record()
+            out.append(event)
+    return out
 
 
-def _copy(obj: Any, events: dict) -> Any:
+def _copy(obj: Any, events: dict, arena: SnapshotArena | None, buffers: list) -> Any:
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.device.type != "cuda":
-            return t.to("cpu", copy=True)
-        try:
-            host = torch.empty_like(t, device="cpu", pin_memory=True)
-        except RuntimeError:  # no pinned memory to be had: a plain (synchronous) copy
-            return t.to("cpu", copy=True)
-        events.setdefault(t.device, None)
-        return host.copy_(t, non_blocking=True)
+        return _copy_tensor(obj.detach(), events, arena, buffers)
     if isinstance(obj, dict):
         copied = copy.copy(obj)  # keeps the type and attributes (a state_dict's _metadata)
         for k, v in obj.items():
-            copied[k] = _copy(v, events)
+            copied[k] = _copy(v, events, arena, buffers)
         return copied
     if type(obj) in (list, tuple):
-        return type(obj)(_copy(v, events) for v in obj)
+        return type(obj)(_copy(v, events, arena, buffers) for v in obj)
     return obj  # numbers, strings, None: immutable
+
+
+def _copy_tensor(t: torch.Tensor, events: dict, arena: SnapshotArena | None, buffers: list) -> torch.Tensor:
+    nbytes = t.numel() * t.element_size()
+    buf = arena.take(nbytes) if arena is not None and nbytes else None
+    if buf is None:
+        return t.to("cpu", copy=True)  # pageable (a CUDA tensor: a synchronous copy)
+    buffers.append(buf)
+    host = buf.view(t.dtype).view(t.shape)
+    async_copy = t.device.type == "cuda" and buf.is_pinned()
+    if async_copy:
+        events.setdefault(t.device, None)
+    return host.copy_(t, non_blocking=async_copy)
 
 
 class Checkpointer:
@@ -6369,11 +6579,13 @@ class Checkpointer:
     is on disk; call it before reading one back. The writer is not a daemon thread and ends when the
     queue is empty, so a process that ends still finishes the writes it has queued."""
 
-    def __init__(self, out_dir: Path, meta: dict[str, Any], max_pending: int = 2):
+    def __init__(self, out_dir: Path, meta: dict[str, Any], max_pending: int = 2,
+                 arena: SnapshotArena | None = None):
         self.out_dir, self.meta, self.max_pending = Path(out_dir), dict(meta), max_pending
+        self.arena = arena or SnapshotArena()
         self.failures = self.written = 0
         self.blocked_s = self.write_s = 0.0
-        self._queue: list[tuple[str, dict[str, Any], list]] = []
+        self._queue: list[tuple[str, dict[str, Any], list, list]] = []
         self._writing = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -6389,7 +6601,7 @@ class Checkpointer:
             with self._cond:
                 while len(self._queue) >= self.max_pending and not self._queued(name):
                     self._cond.wait()
-            state, ready = snapshot({**payload, **self.meta, "format_version": FORMAT_VERSION})
+            state, ready, buffers = snapshot({**payload, **self.meta, "format_version": FORMAT_VERSION}, self.arena)
         except Exception as e:  # noqa: BLE001  (out of CPU memory for the copy: training goes on)
             self._failed(name, e)
             return False
@@ -6397,8 +6609,11 @@ class Checkpointer:
             self.blocked_s += time.perf_counter() - t0
         with self._cond:
             if name != BEST:  # a stale last.pt is not worth writing; the newer one keeps the order
+                stale = [item for item in self._queue if item[0] == name]
                 self._queue = [item for item in self._queue if item[0] != name]
-            self._queue.append((name, state, ready))
+                for item in stale:
+                    self._release(item)
+            self._queue.append((name, state, ready, buffers))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_queued, name="kernelkit-checkpoints")
                 self._thread.start()
@@ -6421,7 +6636,8 @@ class Checkpointer:
                     self._thread = None
                     self._cond.notify_all()
                     return
-                name, state, ready = self._queue.pop(0)
+                item = self._queue.pop(0)
+                name, state, ready, _ = item
                 self._writing = True
                 self._cond.notify_all()  # room in the queue
             t0 = time.perf_counter()
@@ -6434,11 +6650,19 @@ class Checkpointer:
                 self._failed(name, e)
                 ok = False
             del state
+            self._release(item)
+            del item
             with self._cond:
                 self.written += int(ok)
                 self.write_s += time.perf_counter() - t0
                 self._writing = False
                 self._cond.notify_all()
+
+    def _release(self, item: tuple) -> None:
+        """Give a written (or dropped) snapshot's buffers back for the next snapshot."""
+        for event in item[2]:
+            event.synchronize()  # a dropped snapshot's copies may still be in flight into its buffers
+        self.arena.give(item[3])
 
     def flush(self) -> None:
         """Wait until every queued checkpoint is written (or has failed)."""
@@ -6545,6 +6769,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
@@ -6578,6 +6803,54 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=1)
 
 
+class HostChunks:
+    """Per-batch results moved to host memory as they come, so the device holds one batch of them
+    at a time (200k images x 15k classes is 12 GB: kept on a T4 until the end, it overflows it).
+
+    On CUDA each batch is copied without blocking into one of `ring` reused pinned staging buffers
+    (pinned memory per batch would stay page-locked in torch's host cache: 12 GB of it), and moved
+    to pageable memory when its buffer comes round again, `ring` batches later: that waits for
+    that batch's copy only, long done, never for the work queued since. `gather` lands the rest."""
+
+    def __init__(self, device: torch.device, ring: int = 4):
+        self.device, self.ring, self.chunks = device, ring, []
+        self.pin = device.type == "cuda"
+        self.pending: deque = deque()  # (staging buffer, event, chunk index) of copies in flight
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        if not self.pin:
+            host = torch.empty(t.shape, dtype=t.dtype)
+            host.copy_(t)  # a copy owning its memory: nothing of the batch outlives it
+            self.chunks.append(host)
+            return
+        if len(self.pending) >= self.ring:
+            self._land(self.pending.popleft())
+        key = (tuple(t.shape), t.dtype)
+        staging = self.free.get(key, [])
+        buf = staging.pop() if staging else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.chunks.append(None)
+        self.pending.append((buf, event, len(self.chunks) - 1))
+
+    def _land(self, item: tuple) -> None:
+        buf, event, i = item
+        event.synchronize()
+        self.chunks[i] = buf.clone()
+        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def gather(self) -> torch.Tensor | None:
+        while self.pending:
+            self._land(self.pending.popleft())
+        self.free.clear()  # the staging buffers go back to torch's host cache: `ring` batches at most
+        return torch.cat(self.chunks) if self.chunks else None
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
@@ -6591,12 +6864,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     """
     model.eval()
     act = activation(task)
-    probs, oks = [], []
+    probs, oks = HostChunks(device), HostChunks(device)
     t0 = time.time()
-    t_first = None
+    t_first, first_rows = None, 0
     pieces = 1
-    # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
-    # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
+    # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
+    # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
         x = normalize(images, channels_last, pre)
         while True:
@@ -6610,18 +6883,20 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        probs.append(p)
-        oks.append(ok > 0)
+        probs.add(p)
+        oks.add(ok > 0)
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first = time.time()
-    probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
-    oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
+            t_first, first_rows = time.time(), len(p)
+    probs_all = probs.gather()
+    probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
+    oks_all = oks.gather()
+    oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
     t_end = time.time()
-    n = sum(len(p) for p in probs)
-    steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
-    steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
+    n, batches = len(probs_all), len(probs)
+    steady_n = n - (first_rows if batches > 1 else 0)
+    steady_s = (t_end - t_first) if batches > 1 else (t_end - t0)
     ips = steady_n * len(views) / max(steady_s, 1e-9)
     first_batch_s = (t_first or t_end) - t0
     return {
@@ -6630,7 +6905,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         "seconds": t_end - t0,
         "first_batch_s": first_batch_s,
         # what the first batch cost beyond its own share of the work: worker start-up, lazy init
-        "startup_s": max(0.0, first_batch_s - len(probs[0]) * len(views) / ips) if len(probs) > 1 else first_batch_s,
+        "startup_s": max(0.0, first_batch_s - first_rows * len(views) / ips) if batches > 1 else first_batch_s,
         "images_per_s": ips,
     }
 ''',
@@ -7118,8 +7393,12 @@ def finish_run(out_dir: Path) -> None:
 Leads to Wider Optima and Better Generalization", UAI 2018).
 
 Over the last `swa` share of the schedule every step's weights go into a running average
-(`torch.optim.swa_utils.AveragedModel`, buffers included, so the average is usable even if the
-BatchNorm pass is skipped). After training, the average's BatchNorm statistics are recomputed on a
+(buffers included, so the average is usable even if the BatchNorm pass is skipped). The container
+is `torch.optim.swa_utils.AveragedModel` (its state_dict format), but the update is ours: its
+update_parameters sends integer buffers (BatchNorm's num_batches_tracked) through
+`_foreach_addcdiv_` on CUDA, which raises on the second update, and reads `n_averaged` on the host
+twice per step. Here floating tensors are averaged with one foreach lerp, integer ones copied, and
+the count is a host integer. After training, the average's BatchNorm statistics are recomputed on a
 few training batches (the averaged weights never produced the running statistics they carry), it is
 validated, and it replaces best.pt only when it scores at least as well as the last and the best
 weights. The BatchNorm pass and the extra validation are charged to the inference reserve up front.
@@ -7148,6 +7427,7 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, share: float, bn_batches: int = BN_BATCHES):
         self.share, self.start, self.bn_batches = share, 1.0 - share, bn_batches
         self.avg = AveragedModel(model, use_buffers=True)
+        self.count = 0  # snapshots averaged, on the host (avg.n_averaged mirrors it on the device)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -7155,22 +7435,43 @@ class WeightAverage:
 
     @property
     def n(self) -> int:
-        return int(self.avg.n_averaged)
+        return self.count
 
     def update(self, model: torch.nn.Module, progress: float) -> None:
         if progress >= self.start:
-            self.avg.update_parameters(model)
+            average_into(self.avg.module, model, self.count)
+            self.count += 1
+            self.avg.n_averaged.fill_(self.count)  # a device-side fill, no host read
 
     def state_dict(self) -> dict[str, Any]:
         return self.avg.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.avg.load_state_dict(state)
+        self.count = int(self.avg.n_averaged)  # once, on resume
 
     def extra_images(self, train_loader: Any, n_val: int) -> tuple[int, int]:
         """-> (images, loader start-ups) the conclusion costs beyond the final validation."""
         bn = min(len(train_loader), self.bn_batches) * (train_loader.batch_size or 1) if has_batchnorm(self.module) else 0
         return bn + n_val, 1 + int(bn > 0)
+
+
+@torch.no_grad()
+def average_into(avg: torch.nn.Module, model: torch.nn.Module, n: int) -> None:
+    """avg <- (n avg + model) / (n + 1) for floating parameters and buffers (one foreach lerp per
+    device and dtype); integer buffers (num_batches_tracked) are copied, never divided."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    pairs = zip(list(avg.parameters()) + list(avg.buffers()), list(model.parameters()) + list(model.buffers()))
+    for a, m in pairs:
+        a, m = a.detach(), m.detach()
+        if n == 0 or not a.is_floating_point():
+            a.copy_(m)
+        else:
+            dst, src = groups.setdefault((a.device, a.dtype), ([], []))
+            dst.append(a)
+            src.append(m.to(a.device, non_blocking=True))
+    for dst, src in groups.values():
+        torch._foreach_lerp_(dst, src, 1.0 / (n + 1))
 
 
 def create_averager(model: torch.nn.Module, share: float) -> WeightAverage | None:
@@ -7256,7 +7557,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from ..core.accel import StepGuard
+from ..core.distributed import SINGLE, DistInfo, agree, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
@@ -7423,6 +7725,8 @@ class Trainer:
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        self.guard = StepGuard(parts.scaler)
+        self.epoch_skipped = 0  # skipped steps of this epoch already counted in state.nonfinite_steps
         if opts.resolution is not None and fixed_input_size(self.core):
             # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
             log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
@@ -7527,10 +7831,11 @@ class Trainer:
         parts, opts, state = self.parts, self.opts, self.state
         parts.model.train()
         images, stopped, n_losses = 0, False, 0
-        # Loss and skipped images are summed on the device and read at the end (and for the bar every
-        # LOG_EVERY steps): reading them per step would make the CPU wait for the GPU at every step
-        # end, leaving the GPU idle while the next step is prepared.
-        loss_sum, unreadable = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.epoch_skipped = 0
+        # Loss, unreadable images and skipped (non-finite) steps are summed on the device and read at the
+        # end (and for the bar every LOG_EVERY steps): reading them per step would make the CPU wait for
+        # the GPU at every step end, leaving the GPU idle while the next step is prepared.
+        loss_sum, unreadable, skipped, good = (torch.zeros((), device=self.device) for _ in range(4))
         recent: deque = deque(maxlen=50)
         t0 = t_prev = time.time()
         t_first, first_n = None, 0
@@ -7546,61 +7851,67 @@ class Trainer:
             if opts.resolution is not None:
                 x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
-            if loss is None:
-                self.skip_update()
-                continue
-            self.update()
+            bad = self.update(loss)
+            loss = torch.where(bad > 0, torch.nan, loss)  # a skipped step's loss is not averaged
+            skipped += bad
+            good += 1 - bad
             unreadable += (ok == 0).sum()
             images += len(ok)
-            loss_sum += loss.detach()
-            recent.append(loss.detach())
+            loss_sum += loss.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            recent.append(loss)
             n_losses += 1
             now = time.time()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
                 t_first, first_n = now, images
-            if n_losses % LOG_EVERY == 1:
-                bar.set_postfix(loss=f"{torch.stack(tuple(recent)).mean().item():.4f}",
-                                lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}", p=f"{state.progress:.2f}",
-                                refresh=False)
+            if n_losses % LOG_EVERY == 1:  # the loop's only host read: the bar's loss and the skip count
+                mean, n_skipped = torch.stack((torch.stack(tuple(recent)).nanmean(), skipped)).tolist()
+                self.note_skipped(int(n_skipped))
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}",
+                                p=f"{state.progress:.2f}", refresh=False)
             if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
                 self.save(LAST, epoch_done=False)
         bar.close()
-        skipped = int(unreadable.item())
-        state.bad_images += skipped
+        loss_total, n_good, n_unreadable, n_skipped = torch.stack((loss_sum, good, unreadable, skipped)).tolist()
+        self.note_skipped(int(n_skipped))
+        state.bad_images += int(n_unreadable)
         t_end = time.time()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
-        return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
-                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
+        return {"loss": loss_total / n_good if n_good else float("nan"), "images": images,
+                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": int(n_unreadable),
                 "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
 
-    def update(self) -> None:
-        """Clip, step (the scaler skips an overflowing fp16 step), then the weight averages."""
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip, step, then the weight averages. One NaN batch must not poison the weights of a
+        9-hour run: a step with non-finite gradients is skipped on the device (the fp16 scaler, or
+        StepGuard for bf16/fp32), the same on every rank (the gradients are all-reduced first).
+        -> 0-d float on the device: 1 when this step was skipped (fp16: when its loss was not finite)."""
         parts, state = self.parts, self.state
         if self.opts.clip_grad > 0:
             parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.opts.clip_grad)
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
+        found = self.guard.step(parts.optimizer)
         if parts.ema is not None:
             parts.ema.update(self.core)
         if parts.swa is not None:
             parts.swa.update(self.core, state.progress)
         state.step += 1
+        bad = (~torch.isfinite(loss)).float()
+        return bad if found is None else torch.maximum(bad, found.to(bad.device).clamp(max=1.0))
 
-    def skip_update(self) -> None:
-        """One NaN batch must not poison the weights of a 9-hour run: no update (on every rank
-        together, or the gradient all-reduce would wait forever)."""
-        self.parts.optimizer.zero_grad(set_to_none=True)
-        self.state.nonfinite_steps += 1
-        log.warning("non-finite loss at step %d; update skipped (%d so far)", self.state.step,
-                    self.state.nonfinite_steps)
-        self.state.step += 1
+    def note_skipped(self, epoch_total: int) -> None:
+        """`epoch_total`: steps skipped so far this epoch (read with the loss); new ones are logged."""
+        new = epoch_total - self.epoch_skipped
+        if new > 0:
+            self.epoch_skipped = epoch_total
+            self.state.nonfinite_steps += new
+            log.warning("non-finite loss or gradients in %d step(s) up to step %d; updates skipped (%d so far)",
+                        new, self.state.step, self.state.nonfinite_steps)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
-        """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Gradients of the batch loss, in `state.micro_batches` pieces; -> the loss (not read here).
 
         Out of memory: free what we can, split the batch in twice as many pieces and retry it. The
         pieces are weighted by their share of valid images, so the gradient equals the full batch's
@@ -7622,15 +7933,13 @@ class Trainer:
                             "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
                             -(-len(x) // state.micro_batches))
 
-    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor | None:
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor:
         total_weight = ok.sum().clamp_min(1.0)
         batch_loss = torch.zeros((), device=self.device)
         for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
             with autocast(self.device, self.opts.amp, self.opts.amp_dtype):
                 logits = self.step_model(xs)
             loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
-            if not all_finite(self.dist, loss):
-                return None
             self.parts.scaler.scale(loss).backward()
             batch_loss += loss.detach()
         return batch_loss
@@ -8806,9 +9115,25 @@ def _reduce_labels(per_label: torch.Tensor, reduce: str) -> torch.Tensor:
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
+class ClassWeights:
+    """Class weights held on the host and copied to each device once: `get_loss` binds them like
+    this, because a per-call upload is a blocking host-to-device copy every training step."""
+
+    def __init__(self, values: Sequence[float] | torch.Tensor):
+        self.host = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on:
+            self._on[device] = self.host.to(device)
+        return self._on[device]
+
+
 def _class_weights(class_weights, like: torch.Tensor) -> torch.Tensor | None:
     if class_weights is None:
         return None
+    if isinstance(class_weights, ClassWeights):
+        return class_weights.on(like.device)
     return torch.as_tensor(class_weights, dtype=torch.float32, device=like.device)
 
 
@@ -9005,6 +9330,8 @@ def get_loss(name: str, task: str, class_counts: Sequence[float] | None = None, 
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"loss {name!r} got unknown parameters {unknown}; it accepts {accepted}")
+    if params.get("class_weights") is not None:
+        params["class_weights"] = ClassWeights(params["class_weights"])
     return functools.partial(fn, **params) if params else fn
 ''',
 }

@@ -22,6 +22,14 @@ Results merge into --out (JSON); the README table between the bench_gpu markers 
     python bench/bench_gpu.py [--quick] [--part bound,kernel,reference,budget] [--cores 4,all]
         [--models resnet50@224:128,convnext_tiny@320:64] [--n-images 24000] [--no-readme] [--out F]
     python bench/bench_gpu.py --table-only [--out F]      # README table from the JSON only
+    python bench/bench_gpu.py --check                     # the short GPU check (issue 21), < 8 minutes
+
+--check: one pass sized to fit 8 minutes of device time by its own estimate (the sum of its rows'
+timeouts, printed first): generated data (2500 + 500 JPEGs), the bound in kernel.py's dtype and
+kernel.py defaults for resnet50 @224 b128 and convnext_tiny @320 b64 at 4 cores, swa=0.25 and
+compile=true on resnet50 (BatchNorm: the CUDA path of the weight average), a 120 s budget run, and
+2 GPUs (ddp_procs=2) when there are two. JSON + table under $OUT (gpu_check.json, gpu_check.md),
+else bench/results/. Without CUDA it prints the plan and a skip line and exits 0.
 """
 from __future__ import annotations
 
@@ -430,34 +438,42 @@ def kernel_rows(a: argparse.Namespace, cores: str) -> list[tuple[str, list[str]]
 
 
 def part_kernel(a, res: dict, model: str, size: int, batch: int, cores: str, cpus: list[int], options, cc) -> None:
+    for name, settings in kernel_rows(a, cores):
+        kernel_row(a, res, (model, size, batch), cores, cpus, name, settings, options, cc, a.timeout)
+
+
+def kernel_row(a, res: dict, spec: tuple[str, int, int], cores: str, cpus: list[int], name: str,
+               settings: list[str], options, cc: int, timeout: float) -> None:
+    """One kernel.py run with `settings` on top of the row's model, size, batch and epochs."""
+    model, size, batch = spec
     base = ["--model", model, "--img-size", str(size), "--batch-size", str(batch), "--epochs", str(a.epochs)]
     # Throughput at img_size, as the bound is measured: progressive resizing (on by default) would mix
     # smaller inputs in. Its own row turns it back on (a later flag wins).
     at_full_size = variant_args(["resize_start=0"], options)
     base += at_full_size if isinstance(at_full_size, list) else []
-    for name, settings in kernel_rows(a, cores):
-        key = row_key(model, size, batch, cores, name)
-        args = variant_args(settings, options)
-        dtype = "fp16" if "amp_dtype=fp16" in settings else kernel_dtype(options, cc)
-        entry = {"kind": "kernel", "model": model, "size": size, "batch": batch, "cores": cores, "name": name,
-                 "dtype": dtype, "settings": settings}
-        if isinstance(args, str):
-            entry.update(status=args, img_s=None)
-        else:
-            tag = re.sub(r"[^a-z0-9]+", "_", f"{model}_{size}_{len(cpus)}_{name}".lower())
-            print(f"[kernel] {key} ...", flush=True)
-            try:
-                entry.update(kernel_run(a, base + args, cpus, a.work / "runs" / tag, a.timeout))
-            except Exception as e:  # a broken output file must not end the whole benchmark
-                entry.update(status=f"failed: {type(e).__name__}: {e}", img_s=None)
-        print(f"[kernel] {key}: {entry['status']} {entry.get('img_s')} img/s, util {entry.get('gpu_util_mean')}%, "
-              f"longest gap {entry.get('gpu_idle_max_s')} s", flush=True)
-        res["rows"][key] = {**entry, "device": res.get("device")}
-        save(a, res)
+    key = row_key(model, size, batch, cores, name)
+    args = variant_args(settings, options)
+    dtype = "fp16" if "amp_dtype=fp16" in settings else kernel_dtype(options, cc)
+    entry = {"kind": "kernel", "model": model, "size": size, "batch": batch, "cores": cores, "name": name,
+             "dtype": dtype, "settings": settings}
+    if isinstance(args, str):
+        entry.update(status=args, img_s=None)
+    else:
+        tag = re.sub(r"[^a-z0-9]+", "_", f"{model}_{size}_{len(cpus)}_{name}".lower())
+        print(f"[kernel] {key} ...", flush=True)
+        try:
+            entry.update(kernel_run(a, base + args, cpus, a.work / "runs" / tag, timeout))
+        except Exception as e:  # a broken output file must not end the whole benchmark
+            entry.update(status=f"failed: {type(e).__name__}: {e}", img_s=None)
+    print(f"[kernel] {key}: {entry['status']} {entry.get('img_s')} img/s, util {entry.get('gpu_util_mean')}%, "
+          f"longest gap {entry.get('gpu_idle_max_s')} s", flush=True)
+    res["rows"][key] = {**entry, "device": res.get("device")}
+    save(a, res)
 
 
-def part_child(a, res: dict, kind: str, model: str, size: int, batch: int, cores: str, cpus: list[int]) -> None:
-    dtypes = ["bf16", "fp16"] if kind == "bound" else ["fp16"]
+def part_child(a, res: dict, kind: str, model: str, size: int, batch: int, cores: str, cpus: list[int],
+               dtypes: list[str] | None = None) -> None:
+    dtypes = dtypes or (["bf16", "fp16"] if kind == "bound" else ["fp16"])
     for dtype in dtypes:
         name = f"bound ({dtype})" if kind == "bound" else "reference: PIL + DataLoader (fp16)"
         key = row_key(model, size, batch, cores, name)
@@ -474,12 +490,12 @@ def part_child(a, res: dict, kind: str, model: str, size: int, batch: int, cores
         save(a, res)
 
 
-def part_budget(a, res: dict, cpus: list[int]) -> None:
+def part_budget(a, res: dict, cpus: list[int], grace_s: float = 300.0) -> None:
     for budget in a.budgets.split(","):
         seconds = parse_seconds(budget)
         print(f"[budget] {budget} ...", flush=True)
         try:
-            r = kernel_run(a, ["--budget", budget], cpus, a.work / "runs" / f"budget_{budget}", seconds + 300,
+            r = kernel_run(a, ["--budget", budget], cpus, a.work / "runs" / f"budget_{budget}", seconds + grace_s,
                            budget_run=True)
         except Exception as e:
             r = {"status": f"failed: {type(e).__name__}: {e}", "rc": None, "wall_s": None, "submission_rows": None}
@@ -498,6 +514,47 @@ def parse_seconds(text: str) -> float:
     for num, unit in re.findall(r"(\d+(?:\.\d+)?)([hms])", text):
         total += float(num) * {"h": 3600, "m": 60, "s": 1}[unit]
     return total
+
+
+# ----------------------------------------------------------------------------- the short GPU check
+CHECK_LIMIT_S = 480.0  # the whole check must fit 8 minutes of device time, by the sum of its timeouts
+CHECK_DATA = {"n_images": 2500, "n_test": 500, "epochs": 3, "steps": 30, "warmup": 5, "budgets": "120s",
+              "cores": "4"}
+CHECK_TIMEOUTS = {"data": 35.0, "bound": 20.0, "kernel": 60.0, "swa": 40.0, "compile": 70.0, "budget_grace": 20.0,
+                  "ddp": 35.0}
+
+
+def check_plan(models: list[tuple[str, int, int]], gpus: int, budget: str = CHECK_DATA["budgets"]) -> list[tuple[str, float]]:
+    """(step, worst-case seconds: its timeout) of --check, in order; the sum is its own estimate."""
+    t = CHECK_TIMEOUTS
+    plan = [("generate data", t["data"])]
+    for model, size, batch in models:
+        plan += [(f"bound {model}@{size}:{batch}", t["bound"]), (f"kernel defaults {model}@{size}:{batch}", t["kernel"])]
+    plan += [(f"swa=0.25 {models[0][0]}", t["swa"]), (f"compile=true {models[0][0]}", t["compile"]),
+             (f"budget {budget}", parse_seconds(budget) + t["budget_grace"])]
+    if gpus >= 2:
+        plan.append((f"2 GPUs (ddp_procs=2) {models[0][0]}", t["ddp"]))
+    return plan
+
+
+def run_check(a, res: dict, options, cc: int, gpus: int) -> None:
+    """--check's rows (see the module docstring), each under its planned timeout."""
+    models = parse_models(a.models)
+    cores, cpus = core_sets(a.cores)[0]
+    dtype = kernel_dtype(options, cc)
+    for model, size, batch in models:
+        a.timeout = CHECK_TIMEOUTS["bound"]
+        part_child(a, res, "bound", model, size, batch, cores, cpus, dtypes=[dtype])
+        kernel_row(a, res, (model, size, batch), cores, cpus, "kernel defaults", [], options, cc,
+                   CHECK_TIMEOUTS["kernel"])
+    first = models[0]
+    kernel_row(a, res, first, cores, cpus, "kernel: swa 0.25", ["swa=0.25"], options, cc, CHECK_TIMEOUTS["swa"])
+    kernel_row(a, res, first, cores, cpus, "kernel: compile on", ["compile=true"], options, cc,
+               CHECK_TIMEOUTS["compile"])
+    part_budget(a, res, cpus, grace_s=CHECK_TIMEOUTS["budget_grace"])
+    if gpus >= 2:
+        kernel_row(a, res, first, cores, cpus, "kernel: 2 GPUs (ddp_procs 2)", ["ddp_procs=2"], options, cc,
+                   CHECK_TIMEOUTS["ddp"])
 
 
 # ----------------------------------------------------------------------------- results and table
@@ -628,6 +685,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--table-only", action="store_true", help="rebuild the README table from --out and stop")
     ap.add_argument("--timeout", type=float, default=540, help="seconds per row before it is failed")
     ap.add_argument("--keep-outputs", action="store_true", help="keep each kernel run's output folder")
+    ap.add_argument("--check", action="store_true",
+                    help="the short GPU check (< 8 minutes): bound + defaults for both models, swa, compile, "
+                         "a 120 s budget, 2 GPUs when present; results under $OUT")
     ap.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # smoke runs without a GPU
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     for name, kind, default in (("model", str, ""), ("size", int, 0), ("batch", int, 0), ("dtype", str, "fp16"),
@@ -636,6 +696,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.quick:
         a.n_images, a.n_test, a.epochs, a.steps, a.warmup = min(a.n_images, 1500), min(a.n_test, 100), 2, 8, 3
+    if a.check:
+        for key, value in CHECK_DATA.items():
+            setattr(a, key, value)
+        results = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+        a.out, a.models, a.no_readme = results / "gpu_check.json", DEFAULT_MODELS, True
     a.work, a.out = Path(a.work), Path(a.out)
     a.data_dir = a.work / f"data_{a.n_images}"
     return a
@@ -652,6 +717,11 @@ def main(argv: list[str] | None = None) -> int:
         print(build_table(res))
         return 0
     import torch
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if a.check:
+        plan = check_plan(parse_models(a.models), gpus)
+        print(f"gpu check plan ({len(plan)} steps, at most {sum(s for _, s in plan):.0f} s of "
+              f"{CHECK_LIMIT_S:.0f}): " + ", ".join(f"{n} <= {s:.0f} s" for n, s in plan), flush=True)
     if not torch.cuda.is_available() and not a.allow_cpu:
         print(SKIP_MESSAGE)
         return 0
@@ -661,13 +731,17 @@ def main(argv: list[str] | None = None) -> int:
     res.update(command=command,
                n_images=a.n_images, epochs=a.epochs, updated=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     parts = [p.strip() for p in a.part.split(",")]
-    if any(p in parts for p in ("kernel", "reference", "budget")):
+    if a.check or any(p in parts for p in ("kernel", "reference", "budget")):
         meta = make_data(a.data_dir, a.n_images, a.n_test)
         res["data"] = meta
         print(f"data: {meta}", flush=True)
     help_text = subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--help"], capture_output=True,
                                text=True).stdout
     options = known_options(help_text)
+    if a.check:
+        res["check_plan_s"] = sum(s for _, s in check_plan(parse_models(a.models), gpus))
+        run_check(a, res, options, cc, gpus)
+        parts = []
     for model, size, batch in parse_models(a.models):
         for cores, cpus in core_sets(a.cores):
             if "bound" in parts:
@@ -681,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     save(a, res)
     table = build_table(res)
     print(table)
+    if a.check:
+        (a.out.parent / "gpu_check.md").write_text(table + "\n")
     if not a.no_readme:
         write_readme(Path(a.readme), table)
     return 0

@@ -282,3 +282,67 @@ def test_the_training_data_puts_the_augmentation_where_the_hardware_wants_it(sin
     assert (data.train_loader.dataset.transform.aug, data.gpu_aug) == expected
     batch = next(iter(data.train_loader))
     assert batch[0].dtype == torch.uint8 and batch[0].shape[1:] == (3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- compile warm-up (issue 21)
+def _recording_compiler(seen):
+    """A stand-in for torch.compile that records the input sizes its model is run at."""
+    def compiler(model, **kwargs):
+        seen.append(("kwargs", kwargs))
+
+        class Recorded(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self._orig_mod = model
+
+            def forward(self, x):
+                seen.append(x.shape[-1])
+                return model(x)
+        return Recorded()
+    return compiler
+
+
+@pytest.mark.parametrize("resize_start, expected", [(0.5, [32, 40, 48, 64]), (0.0, [64])])
+def test_compile_warms_up_every_progressive_resizing_size_inside_the_measured_time(monkeypatch, caplog,
+                                                                                   resize_start, expected):
+    """Warmed up at img_size only, the first real step (at half size) recompiled on the training clock."""
+    from kernelkit.build.components import compile_step_model
+    from kernelkit.engine.resolution import schedule_from
+    from kernelkit.engine.trainer import TrainParts
+    from kernelkit.model.losses import get_loss
+    from kernelkit.data.transforms import IMAGENET
+    seen = []
+    monkeypatch.setattr(torch, "compile", _recording_compiler(seen))
+    cfg = Config(model="test_resnet", img_size=64, batch_size=2, compile=True, resize_start=resize_start)
+    sched = schedule_from(64, resize_start, cfg.resize_full_at)
+    assert (sorted(set(sched.sizes())) if sched else [64]) == expected, "the stages this test expects"
+    model = create_model("test_resnet", 3)
+    parts = TrainParts(model, torch.optim.AdamW(model.parameters()), None, get_loss("ce", "multiclass"))
+    with caplog.at_level("INFO", logger="kernelkit"):
+        compile_step_model(cfg, parts, "multiclass", 3, torch.device("cpu"), IMAGENET)
+    sizes = [s for s in seen if isinstance(s, int)]
+    assert sorted(set(sizes)) == expected and parts.step_model is not None
+    assert ("kwargs", {"dynamic": False}) in seen, "one static graph per size, not a dynamic-shape trace"
+    assert parts.compiled.sizes == tuple(expected)
+    assert any("compiled in" in r.message and f"{len(expected)} input size" in r.message for r in caplog.records)
+
+
+def test_compile_is_skipped_with_a_log_line_below_compute_capability_7(monkeypatch, caplog):
+    """P100 (6.0): Triton refuses only after the trace time is spent, so it is never tried there."""
+    from kernelkit.build.components import compile_step_model
+    from kernelkit.engine.trainer import TrainParts
+    from kernelkit.data.transforms import IMAGENET
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compile attempted on a P100"))
+    model = create_model("test_resnet", 3)
+    parts = TrainParts(model, torch.optim.AdamW(model.parameters()), None, None)
+    with caplog.at_level("INFO", logger="kernelkit"):
+        compile_step_model(Config(model="test_resnet", compile=True), parts, "multiclass", 3, torch.device("cuda"),
+                           IMAGENET)
+    assert parts.step_model is None and parts.compiled.error.startswith("skipped")
+    assert any("compile=true skipped on Tesla P100" in r.message for r in caplog.records)
+    assert not accel.has_tensor_cores(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert accel.compile_unsupported(torch.device("cuda")) == "" and accel.has_tensor_cores(torch.device("cuda"))

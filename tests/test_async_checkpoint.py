@@ -182,3 +182,62 @@ def test_disk_full_during_a_background_write_still_submits(multilabel_dir, tmp_p
     assert summary["checkpoints_written"] == 2 and summary["checkpoint"] in (BEST, LAST, "in-memory model")
     assert load_checkpoint(out / LAST)["epoch"] == 1 and not list(out.glob(".*.tmp*"))
     validate_submission(out / "submission.csv", load_competition(multilabel_dir))
+
+
+# ----------------------------------------------------------------------------- snapshot memory (issue 21)
+def test_snapshot_memory_is_reused_and_bounded(tmp_path):
+    """Pinned per snapshot and cached by the host allocator, three full snapshots stayed page-locked
+    for good; the arena reuses its buffers and never holds more than its limit, the rest pageable."""
+    from kernelkit.engine.checkpoint import SnapshotArena
+    nbytes = sum(t.numel() * t.element_size() for t in (_payload(0)["model"]["w"], _payload(0)["ema"]["w"],
+                                                         _payload(0)["optimizer"]["state"][0]["exp_avg"]))
+    arena = SnapshotArena(limit=nbytes + 8, pin=False)  # the weights and moments fit; the RNG state does not
+    saver = Checkpointer(tmp_path, {"task": "multiclass"}, arena=arena)
+    for v in range(1, 6):
+        assert saver.save(LAST if v % 2 else BEST, _payload(float(v)))
+        saver.flush()
+        assert arena.allocated <= arena.limit
+    after_first = arena.allocated
+    for v in range(6, 9):
+        saver.save(LAST, _payload(float(v)))
+        saver.flush()
+    assert arena.allocated == after_first > 0, "later snapshots reuse the buffers, allocate nothing new"
+    assert sum(b.numel() for bs in arena.free.values() for b in bs) == arena.allocated, "all back after the writes"
+    ckpt = load_checkpoint(tmp_path / LAST)
+    assert torch.equal(ckpt["model"]["w"], torch.full((3,), 8.0)) and torch.equal(ckpt["ema"]["w"], torch.full((3,), 16.0))
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], torch.full((3,), 8.0))
+    assert torch.equal(load_checkpoint(tmp_path / BEST)["model"]["w"], torch.full((3,), 4.0))
+
+
+def test_a_queued_snapshot_keeps_its_buffers_until_written(tmp_path, monkeypatch):
+    """Buffers go back only after the write: a snapshot waiting in the queue must not be overwritten
+    by the next one reusing its memory."""
+    from kernelkit.engine.checkpoint import SnapshotArena
+    writer = GatedWriter(monkeypatch)
+    arena = SnapshotArena(limit=1 << 20, pin=False)
+    saver = Checkpointer(tmp_path, {"task": "multiclass"}, arena=arena)
+    saver.save(BEST, _payload(1.0))
+    assert writer.started.wait(10)
+    saver.save(BEST, _payload(2.0))  # queued behind the held write
+    assert not arena.free, "no buffer is free while both snapshots wait"
+    writer.gate.set()
+    saver.flush()
+    assert torch.equal(load_checkpoint(tmp_path / BEST)["model"]["w"], torch.full((3,), 2.0))
+    assert [c[1] for c in writer.calls] == [1, 2]
+
+
+def test_the_writer_waits_for_the_copies_on_a_blocking_event(monkeypatch):
+    """A default CUDA event spins a CPU core in synchronize() for as long as the copy takes."""
+    import contextlib
+    made = []
+
+    class Event:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def record(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    events = checkpoint_module.ready_events([torch.device("cuda", 0)])
+    assert len(events) == 1 and made == [{"blocking": True}]

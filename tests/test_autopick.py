@@ -1,5 +1,7 @@
 """Issue 13: model/img_size 'auto' pick what fits the budget here; a model that does not learn is flagged."""
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -173,3 +175,43 @@ def test_a_resumed_auto_run_keeps_the_model_its_checkpoint_was_trained_with(tmp_
     assert main({}, [*common, "--out-dir", str(second), "--resume-from", str(first / "last.pt")]) == 0
     summary = json.loads((second / "summary.json").read_text())
     assert summary["model"] == picked and summary["epochs"] == 1, "one more epoch on the same network"
+
+
+def test_autopick_tunes_and_seeds_the_device_before_it_measures(monkeypatch, tmp_path, single_label_dir):
+    """Measured before accel.tune (no cudnn.benchmark, plain AdamW) it picked smaller than it could; and
+    under `deterministic` CUBLAS_WORKSPACE_CONFIG set after cuBLAS started is ignored."""
+    from kernelkit.build import components
+    from kernelkit.core import accel
+    from kernelkit.inputs.competition import load_competition
+    events = []
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"})
+    monkeypatch.setattr(accel, "tune", lambda device, deterministic: events.append(("tune", deterministic)))
+    real_seed = components.seed_everything
+
+    def seed(s, deterministic=False):
+        real_seed(s, deterministic)
+        events.append(("seed", os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+    monkeypatch.setattr(components, "seed_everything", seed)
+
+    def measure(cand, cfg, num_classes, device, steps=3, deadline=0.0):
+        events.append(("measure", cand.model))
+        return 100.0, 200.0
+    monkeypatch.setattr(autopick, "measure", measure)
+    monkeypatch.setattr(autopick, "stage_throughput", lambda *a, **k: None)
+    cfg = Config(model="auto", img_size=32, deterministic=True)
+    comp = load_competition(single_label_dir)
+    autopick.choose(cfg, comp, torch.device("cpu"), autopick.RunShape.of(cfg, comp), time.time())
+    kinds = [e[0] for e in events]
+    assert "measure" in kinds and kinds.index("seed") < kinds.index("measure") and kinds.index("tune") < kinds.index("measure")
+    assert ("seed", ":4096:8") in events and ("tune", True) in events
+    torch.use_deterministic_algorithms(False)
+
+
+def test_measure_steps_the_optimizer_training_uses(monkeypatch):
+    from kernelkit.model import factory
+    made = []
+    real = factory.create_optimizer
+    monkeypatch.setattr(factory, "create_optimizer", lambda *a, **k: made.append(a) or real(*a, **k))
+    cfg = Config(model="test_resnet", img_size=32, batch_size=4)
+    autopick.measure(Candidate("test_resnet", 32, 0.01), cfg, 3, torch.device("cpu"), steps=1)
+    assert len(made) == 1

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,3 +204,48 @@ def test_kernel_rows_follow_variants_skip_defaults_and_variant_cores():
     assert names(["--variants", ""], "4") == ["kernel defaults"]
     assert names(["--variants", "cache off,compile", "--skip-defaults"], "2 (asked 4)") == \
         ["kernel: compile on", "kernel: cache off"]
+
+
+def test_the_gpu_check_skips_on_cpu_after_printing_a_plan_that_fits_8_minutes(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path)}
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--check"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert bench_gpu.SKIP_MESSAGE in p.stdout and "gpu check plan" in p.stdout
+    assert not list(tmp_path.iterdir()), "nothing written without a GPU"
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_the_gpu_check_plan_covers_the_issue_and_fits_8_minutes(gpus):
+    plan = bench_gpu.check_plan(bench_gpu.parse_models(bench_gpu.DEFAULT_MODELS), gpus)
+    names = " | ".join(n for n, _ in plan)
+    for want in ("bound resnet50@224:128", "kernel defaults resnet50@224:128", "bound convnext_tiny@320:64",
+                 "kernel defaults convnext_tiny@320:64", "swa=0.25", "compile=true", "budget 120s"):
+        assert want in names
+    assert ("2 GPUs" in names) == (gpus >= 2)
+    assert sum(s for _, s in plan) <= bench_gpu.CHECK_LIMIT_S
+    assert dict(plan)["budget 120s"] > 120, "the budget run gets its budget and a grace"
+
+
+def test_the_gpu_check_writes_under_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    a = bench_gpu.parse_args(["--check"])
+    assert a.out == tmp_path / "gpu_check.json" and a.no_readme and a.cores == "4" and a.budgets == "120s"
+
+
+def test_the_gpu_check_runs_its_planned_rows_under_their_timeouts(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(bench_gpu, "part_child", lambda a, res, kind, model, *r, dtypes=None: calls.append(
+        (kind, model, tuple(dtypes), a.timeout)))
+    monkeypatch.setattr(bench_gpu, "kernel_row", lambda a, res, spec, cores, cpus, name, settings, options, cc,
+                        timeout: calls.append(("kernel", spec[0], tuple(settings), timeout)))
+    monkeypatch.setattr(bench_gpu, "part_budget", lambda a, res, cpus, grace_s: calls.append(
+        ("budget", a.budgets, (), grace_s)))
+    a = bench_gpu.parse_args(["--check"])
+    bench_gpu.run_check(a, {"rows": {}}, {"amp_dtype": (), "swa": (), "compile": True, "ddp_procs": ()}, 9, gpus=2)
+    t = bench_gpu.CHECK_TIMEOUTS
+    assert calls == [("bound", "resnet50", ("bf16",), t["bound"]), ("kernel", "resnet50", (), t["kernel"]),
+                     ("bound", "convnext_tiny", ("bf16",), t["bound"]), ("kernel", "convnext_tiny", (), t["kernel"]),
+                     ("kernel", "resnet50", ("swa=0.25",), t["swa"]), ("kernel", "resnet50", ("compile=true",), t["compile"]),
+                     ("budget", "120s", (), t["budget_grace"]), ("kernel", "resnet50", ("ddp_procs=2",), t["ddp"])]

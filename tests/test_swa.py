@@ -62,3 +62,30 @@ def test_a_run_with_swa_averages_other_weights_and_still_submits_in_budget(singl
         assert any(not torch.equal(best["model"][k], average[k]) for k in average if "running_var" in k)
     else:
         assert "kept the trained weights" in verdict[0]
+
+
+def test_average_of_a_batchnorm_model_survives_the_cuda_foreach_path(monkeypatch):
+    """On CUDA AveragedModel sends BatchNorm's int64 num_batches_tracked through _foreach_addcdiv_,
+    which raises on the second update; forcing that path on CPU shows it. Floating tensors must be
+    averaged, integer buffers copied."""
+    import torch.optim.swa_utils as swa_utils
+    monkeypatch.setattr(swa_utils, "_get_foreach_kernels_supported_devices", lambda: ["cpu", "cuda"])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    avg = WeightAverage(model, 1.0)
+    seen = []
+    for step in range(3):
+        with torch.no_grad():
+            model(torch.randn(2, 3, 8, 8))  # train mode: running stats and num_batches_tracked move
+            for w in model.parameters():
+                w.add_(1.0)
+        avg.update(model, 0.5)
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert avg.n == 3 and int(avg.avg.n_averaged) == 3
+    for k, v in avg.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sum(s[k] for s in seen) / 3, atol=1e-6), k
+        else:
+            assert v.dtype == torch.int64 and torch.equal(v, seen[-1][k]), "integer buffers are copied"
+    restored = WeightAverage(model, 1.0)
+    restored.load_state_dict(avg.state_dict())
+    assert restored.n == 3

@@ -121,12 +121,13 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
     """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size.
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
+    from ..model.factory import create_optimizer
     from .components import model_from_config
     model = model_from_config(dataclasses.replace(cfg, model=cand.model, img_size=cand.img_size), num_classes,
                               with_weights=False).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
     x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
     model.train()
@@ -223,7 +224,11 @@ class RunShape:
 
 def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape, started_at: float,
            every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
-    """Measure and pick; `every`: time the whole ladder (the dry run prints it)."""
+    """Measure and pick; `every`: time the whole ladder (the dry run prints it). The device is tuned
+    and seeded first (cudnn.benchmark, TF32; under `deterministic` CUBLAS_WORKSPACE_CONFIG, which
+    cuBLAS reads once, when the first measurement starts it), so it is measured as it will train."""
+    from .components import ready_device
+    ready_device(cfg, device)
     native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
     cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",

@@ -2,6 +2,7 @@
 seeds that make two runs with one seed give the same result."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -14,7 +15,7 @@ from ..core.config import Config, parse_duration, parse_kwargs
 from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
 from ..engine.evaluate import autocast
 from ..engine.learning_check import likely_causes
-from ..engine.resolution import schedule_from
+from ..engine.resolution import fixed_input_size, schedule_from
 from ..engine.swa import create_averager
 from ..engine.trainer import FitOptions, TrainParts
 from ..model.factory import build_model, create_ema, create_optimizer
@@ -36,6 +37,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def ready_device(cfg: Config, device: torch.device, rank: int = 0) -> None:
+    """Seeds and accelerator settings, before anything runs on the device (autopick measures first):
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG once, when it starts, and a measurement without
+    cudnn.benchmark and TF32 underrates what training will reach."""
+    seed_everything(cfg.seed + rank, cfg.deterministic)
+    accel.tune(device, cfg.deterministic)
 
 
 def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
@@ -86,6 +95,9 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
     model = model_from_config(cfg, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if not accel.has_tensor_cores(device):
+            log.info("channels_last on %s, which has no tensor cores: NHWC may be slower than NCHW there "
+                     "(channels_last=false to compare)", torch.cuda.get_device_name(device))
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
     if cfg.amp and device.type == "cuda":  # said once here; the other callers of amp_dtype stay quiet
         log.info("mixed precision: %s%s", accel.dtype_name(dtype),
@@ -101,32 +113,58 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
 
 def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: int, device: torch.device,
                        preprocess: Preprocess) -> None:
-    """cfg.compile: compile now (accel.compile_for_training) on a dummy batch shaped like the real
-    ones, so the time is spent before the schedule is laid over the clock; sets parts.step_model
-    (the compiled model, or None after a logged fallback) and parts.compiled."""
-    n, size = cfg.batch_size, cfg.img_size
-    x = normalize(torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device), cfg.channels_last, preprocess)
-    y = (torch.zeros(n, num_classes, device=device) if task == "multilabel"
-         else torch.zeros(n, dtype=torch.long, device=device))
-    ok = torch.ones(n, device=device)
+    """cfg.compile: compile now (accel.compile_for_training) on dummy batches shaped like the real
+    ones, at every input size progressive resizing will train at (a size first seen in training
+    would recompile on the training clock, and a second size makes Dynamo trace dynamic shapes, so
+    each size gets its own static graph here), so the time is spent before the schedule is laid over
+    the clock; sets parts.step_model (the compiled model, or None after a logged fallback) and
+    parts.compiled."""
+    skip = accel.compile_unsupported(device)
+    if skip:
+        log.warning("compile=true skipped on %s (%s): training runs the eager model",
+                    torch.cuda.get_device_name(device), skip)
+        parts.compiled, parts.step_model = accel.Compiled(parts.model, 0.0, f"skipped: {skip}"), None
+        return
+    sizes = warmup_sizes(cfg, parts.model)
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
 
     def warmup(model: torch.nn.Module) -> None:
         model.train()
-        with autocast(device, cfg.amp, dtype):
-            logits = model(x)
-        parts.loss_fn(logits, y, ok).backward()
+        for size in sizes:
+            x, y, ok = dummy_batch(cfg.batch_size, size, task, num_classes, device, cfg.channels_last, preprocess)
+            with autocast(device, cfg.amp, dtype):
+                logits = model(x)
+            parts.loss_fn(logits, y, ok).backward()
 
-    log.info("compiling %s for training (compile=true; the time counts against the budget)", cfg.model)
-    result = accel.compile_for_training(parts.model, warmup)
+    log.info("compiling %s for training at %s px (compile=true; the time counts against the budget)", cfg.model,
+             ", ".join(map(str, sizes)))
+    result = accel.compile_for_training(parts.model, warmup, compiler=functools.partial(torch.compile, dynamic=False))
+    result.sizes = tuple(sizes)
     parts.compiled = result
     if result.error:
         log.error("!!! torch.compile failed after %.1fs (%s): training continues with the eager model",
                   result.seconds, result.error)
         parts.step_model = None
     else:
-        log.info("compiled in %.1fs", result.seconds)
+        log.info("compiled in %.1fs (%d input size%s, warm-up included; charged to the budget)", result.seconds,
+                 len(sizes), "" if len(sizes) == 1 else "s")
         parts.step_model = result.model
+
+
+def warmup_sizes(cfg: Config, model: torch.nn.Module) -> list[int]:
+    """Every input size training will run at: the progressive-resizing stages, else img_size."""
+    sched = schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at)
+    if sched is None or fixed_input_size(model):
+        return [cfg.img_size]
+    return sorted(set(sched.sizes()))
+
+
+def dummy_batch(n: int, size: int, task: str, num_classes: int, device: torch.device, channels_last: bool,
+                preprocess: Preprocess) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = normalize(torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device), channels_last, preprocess)
+    y = (torch.zeros(n, num_classes, device=device) if task == "multilabel"
+         else torch.zeros(n, dtype=torch.long, device=device))
+    return x, y, torch.ones(n, device=device)
 
 
 def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> FitOptions:

@@ -52,6 +52,54 @@ def needs_loss_scaling(amp: bool, dtype: torch.dtype, device: torch.device) -> b
     return amp and device.type == "cuda" and dtype == torch.float16
 
 
+def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """A 0-d float tensor on the gradients' device, 1 when any gradient holds inf or NaN (the check
+    GradScaler runs, with scale 1); computed on the device, nothing read. None: no gradients."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    found = None
+    for (device, _), grads in groups.items():
+        flag = torch.zeros((), device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones((), device=device))
+        found = flag if found is None else torch.maximum(found, flag.to(found.device, non_blocking=True))
+    return found
+
+
+class StepGuard:
+    """Applies an optimizer step only when its gradients are finite, without the host reading a flag.
+
+    fp16: the (enabled) GradScaler does it. bf16 and fp32 have no scaler, and a non-finite gradient
+    would reach the weights; here the gradients are checked on the device and the flag is handed to
+    an optimizer that skips on the device (fused AdamW: `_step_supports_amp_scaling`, the protocol
+    GradScaler uses). Any other optimizer needs the flag on the host: one read per step, only then.
+    `step` -> a 0-d float tensor on the device, 1 when the step was skipped (None under fp16, whose
+    overflow skips are the scaler's normal business)."""
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def step(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        if self.scaler.is_enabled():
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            return None
+        found = nonfinite_gradients(optimizer)
+        if found is None:
+            optimizer.step()
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf, optimizer.grad_scale = found, None
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale
+        elif not found.item():
+            optimizer.step()
+        return found
+
+
 def tune(device: torch.device, deterministic: bool) -> None:
     if device.type != "cuda":
         return
@@ -60,11 +108,34 @@ def tune(device: torch.device, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = not deterministic
 
 
+TRITON_MIN_CAPABILITY = (7, 0)  # Triton (torch.compile's GPU code generator) needs Volta or later
+
+
+def compile_unsupported(device: torch.device) -> str:
+    """Why torch.compile cannot work on `device` ('' when it can): on a P100 (compute capability 6.0)
+    Triton refuses only after the whole trace has been paid for, so it is skipped up front."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    cap = tuple(torch.cuda.get_device_capability(device))
+    if cap < TRITON_MIN_CAPABILITY:
+        return (f"compute capability {cap[0]}.{cap[1]} < {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}: "
+                "Triton cannot generate code for this GPU")
+    return ""
+
+
+def has_tensor_cores(device: torch.device) -> bool:
+    """False on CUDA GPUs before Volta (P100): there channels_last can be slower than NCHW."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return True
+    return tuple(torch.cuda.get_device_capability(device)) >= (7, 0)
+
+
 @dataclass
 class Compiled:
     model: torch.nn.Module  # the compiled module, or the eager one after a failure
     seconds: float
     error: str = ""  # why it fell back to eager ('' = compiled)
+    sizes: tuple[int, ...] = ()  # the input sizes the warm-up compiled for
 
 
 def compile_for_training(model: torch.nn.Module, warmup: Callable[[torch.nn.Module], None],

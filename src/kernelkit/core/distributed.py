@@ -39,6 +39,7 @@ class DistInfo:
 
 
 SINGLE = DistInfo()
+_CONTROL: dict[str, object] = {}  # the per-step control group (control_group) and the timeout it gets
 
 
 def from_torchrun() -> DistInfo | None:
@@ -70,30 +71,37 @@ def init(info: DistInfo, init_method: str = "env://", timeout_s: float = 1800.0)
         torch.cuda.set_device(info.local_rank)
     dist.init_process_group(info.backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
+    _CONTROL["timeout_s"] = timeout_s  # the control group waits as long as the default one
 
 
 def shutdown(info: DistInfo) -> None:
+    _CONTROL.pop("group", None)
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def agree(info: DistInfo, stop: bool, progress: float) -> tuple[bool, float]:
-    """Everyone adopts rank 0's decision and schedule position."""
+    """Everyone adopts rank 0's decision and schedule position, every step. The message goes over a
+    CPU (gloo) group even when the gradients go over NCCL: a broadcast of a GPU tensor is a
+    host-to-device copy and two reads back per step, each a wait for the GPU."""
     if not info.enabled:
         return stop, progress
-    t = torch.tensor([float(stop), progress], dtype=torch.float64, device=_comm_device(info))
-    dist.broadcast(t, src=0)
-    return bool(t[0].item()), float(t[1].item())
+    t = torch.tensor([float(stop), progress], dtype=torch.float64)
+    dist.broadcast(t, src=0, group=control_group(info))
+    stop_now, position = t.tolist()  # a CPU tensor: no device involved
+    return bool(stop_now), float(position)
 
 
-def all_finite(info: DistInfo, loss: torch.Tensor) -> bool:
-    """True when the loss is finite on every rank."""
-    finite = torch.isfinite(loss.detach())
-    if not info.enabled:
-        return bool(finite)
-    t = finite.to(torch.float32).reshape(1).to(_comm_device(info))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+def control_group(info: DistInfo):
+    """The process group for small per-step control messages: the default one when it runs on the
+    CPU (gloo), else a gloo group over the same ranks, made on first use (every rank reaches its
+    first `agree` together, as new_group requires)."""
+    if info.backend != "nccl":
+        return None
+    if "group" not in _CONTROL:
+        timeout = datetime.timedelta(seconds=float(_CONTROL.get("timeout_s", 1800.0)))
+        _CONTROL["group"] = dist.new_group(backend="gloo", timeout=timeout)
+    return _CONTROL["group"]
 
 
 def broadcast_object(info: DistInfo, obj):

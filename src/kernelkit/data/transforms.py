@@ -13,11 +13,15 @@ A transform has two stages:
 normalisation happens on the device (`normalize`), so workers ship 4x fewer bytes than floats.
 
 Randomness: per-sample augmentations draw from Python's `random` (each DataLoader worker is seeded
-by `data.seed_worker`); batch functions take an optional `torch.Generator` (CPU) for their
-parameters, so they are reproducible and run wherever the batch lives.
+by `data.seed_worker`); batch functions take an optional `torch.Generator` for their parameters,
+so they are reproducible and run wherever the batch lives. Without one they draw on the batch's
+device (its global RNG): on a GPU a parameter drawn on the CPU is one blocking upload per draw,
+and a parameter read back to choose a branch (mixup's lambda, cutmix's box) is a wait for the
+GPU, so nothing in a batch function reads a tensor on the host.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import threading
@@ -212,16 +216,16 @@ def _back(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # All take images on the 0..255 scale, (N, 3, H, W) uint8 or float (e.g. `x.float()` on the GPU
 # before `normalize`), and return the same dtype and device. Parameters are explicit; random ones
 # are drawn from `generator` (a CPU torch.Generator, or the global RNG when None).
-def _gdev(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
+def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) draws on `device`: from `generator` where it lives (one copy), else from the
+    device's own RNG (no copy at all)."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, generator=generator, device=generator.device).to(device, non_blocking=True)
 
 
-def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=_gdev(generator)).cpu()
-
-
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> torch.Tensor:
-    return lo + (hi - lo) * _rand(n, generator)
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    return lo + (hi - lo) * _rand(n, generator, device)
 
 
 def affine(x: torch.Tensor, angle: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
@@ -265,7 +269,7 @@ def _gray(y: torch.Tensor) -> torch.Tensor:
 
 
 def hflip_batch(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    flip = (_rand(len(x), generator) < p).to(x.device).view(-1, 1, 1, 1)
+    flip = (_rand(len(x), generator, x.device) < p).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
 
 
@@ -273,13 +277,14 @@ def affine_batch(x: torch.Tensor, degrees: float = 15.0, translate: float = 0.1,
                  scale: tuple[float, float] = (0.9, 1.1), p: float = 1.0, fill: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Random shift/scale/rotate per image (the seeds' ShiftScaleRotate), with probability p."""
-    n = len(x)
-    angle = _uniform(n, -degrees, degrees, generator)
-    shift = _uniform(2 * n, -translate, translate, generator).view(n, 2)
-    sc = _uniform(n, scale[0], scale[1], generator)
-    off = _rand(n, generator) >= p
-    angle[off], shift[off], sc[off] = 0.0, 0.0, 1.0
-    return affine(x, angle, shift, sc, fill)
+    n, dev = len(x), x.device
+    angle = _uniform(n, -degrees, degrees, generator, dev)
+    shift = _uniform(2 * n, -translate, translate, generator, dev).view(n, 2)
+    sc = _uniform(n, scale[0], scale[1], generator, dev)
+    on = _rand(n, generator, dev) < p
+    # torch.where, not masked assignment: a boolean index is a nonzero(), which waits for the GPU.
+    return affine(x, torch.where(on, angle, 0.0), torch.where(on[:, None], shift, 0.0), torch.where(on, sc, 1.0),
+                  fill)
 
 
 def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
@@ -289,16 +294,17 @@ def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
     fraction in `scale` and aspect ratio in `ratio`, at a random position. The batch twin of
     TrainTransform's per-sample crop, for running it on the GPU."""
     n, _, h, w = x.shape
-    area = _uniform(n, scale[0], scale[1], generator)
-    r = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator))
+    dev = x.device
+    area = _uniform(n, scale[0], scale[1], generator, dev)
+    r = torch.exp(_uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator, dev))
     cw = torch.sqrt(area * r * h / w).clamp(max=1.0)  # crop size as a fraction of the width / height,
     ch = torch.sqrt(area / r * w / h).clamp(max=1.0)  # its aspect ratio (in pixels) r
-    cx = (1 - cw) * (_rand(n, generator) - 0.5)  # crop centre offset, fraction of the size
-    cy = (1 - ch) * (_rand(n, generator) - 0.5)
-    theta = torch.zeros(n, 2, 3)
+    cx = (1 - cw) * (_rand(n, generator, dev) - 0.5)  # crop centre offset, fraction of the size
+    cy = (1 - ch) * (_rand(n, generator, dev) - 0.5)
+    theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1] = cw, ch
     theta[:, 0, 2], theta[:, 1, 2] = 2 * cx, 2 * cy
-    grid = F.affine_grid(theta.to(x.device), [n, x.shape[1], h, w], align_corners=False)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
     y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return _back(y, x.dtype)
 
@@ -306,16 +312,16 @@ def resized_crop_batch(x: torch.Tensor, scale: tuple[float, float] = (0.6, 1.0),
 def color_jitter_batch(x: torch.Tensor, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Factors drawn uniformly from [1 - v, 1 + v] per image."""
-    n = len(x)
-    return color_jitter(x, _uniform(n, 1 - brightness, 1 + brightness, generator),
-                        _uniform(n, 1 - contrast, 1 + contrast, generator),
-                        _uniform(n, 1 - saturation, 1 + saturation, generator))
+    n, dev = len(x), x.device
+    return color_jitter(x, _uniform(n, 1 - brightness, 1 + brightness, generator, dev),
+                        _uniform(n, 1 - contrast, 1 + contrast, generator, dev),
+                        _uniform(n, 1 - saturation, 1 + saturation, generator, dev))
 
 
 def noise_batch(x: torch.Tensor, std: float = 8.0, p: float = 0.5,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian noise (std in pixel levels) on a random share p of the images."""
-    on = (_rand(len(x), generator) < p).to(x.device, torch.float32).view(-1, 1, 1, 1)
+    on = (_rand(len(x), generator, x.device) < p).to(torch.float32).view(-1, 1, 1, 1)
     return _back(x.float() + _randn_like(x, generator) * (std * on), x.dtype)
 
 
@@ -325,19 +331,32 @@ def soft_targets(y: torch.Tensor, num_classes: int = 0) -> torch.Tensor:
     if y.ndim == 1:
         if num_classes <= 0:
             raise ValueError("class-index targets need num_classes to be mixed")
-        return F.one_hot(y.long(), num_classes).float()
+        # scatter, not F.one_hot: one_hot checks the range of y on the host (a wait for the GPU).
+        return torch.zeros(len(y), num_classes, device=y.device).scatter_(1, y.long()[:, None], 1.0)
     return y.float()
 
 
-def _beta(alpha: float, generator: torch.Generator | None) -> float:
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_gdev(generator)))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+def _beta(alpha: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """lam ~ Beta(alpha, alpha) as a 0-d tensor on `device` (G1 / (G1 + G2), Gi ~ Gamma(alpha)),
+    drawn where it is used: a lambda read on the host would wait for the GPU every batch."""
+    conc = torch.full((2,), float(alpha), device=generator.device if generator is not None else device)
+    g = torch._standard_gamma(conc, generator=generator)
+    return (g[0] / g.sum().clamp_min(1e-12)).to(device, non_blocking=True)
 
 
-def _partners(n: int, perm: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+def _lam(lam: float | torch.Tensor | None, alpha: float, generator: torch.Generator | None,
+         device: torch.device) -> torch.Tensor:
+    if lam is None:
+        return _beta(alpha, generator, device)
+    return lam.to(device, torch.float32) if isinstance(lam, torch.Tensor) else torch.full((), float(lam), device=device)
+
+
+def _partners(n: int, perm: torch.Tensor | None, generator: torch.Generator | None,
+              device: torch.device) -> torch.Tensor:
     if perm is None:
-        return torch.randperm(n, generator=generator, device=_gdev(generator)).cpu()
-    return perm.long().cpu()
+        gdev = generator.device if generator is not None else device
+        return torch.randperm(n, generator=generator, device=gdev).to(device, non_blocking=True)
+    return perm.long().to(device)
 
 
 def _mix_ok(ok: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
@@ -346,55 +365,63 @@ def _mix_ok(ok: torch.Tensor | None, perm: torch.Tensor) -> torch.Tensor | None:
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.4, num_classes: int = 0,
-          ok: torch.Tensor | None = None, lam: float | None = None, perm: torch.Tensor | None = None,
+          ok: torch.Tensor | None = None, lam: float | torch.Tensor | None = None, perm: torch.Tensor | None = None,
           generator: torch.Generator | None = None):
     """x' = lam x + (1 - lam) x[perm], y' likewise, lam ~ Beta(alpha, alpha).
 
     -> (x', y' float (N, C), ok' or None). Targets: class indices (give num_classes) or
     (N, C) multi-hot. `ok` (1 = readable) is mixed as ok * ok[perm]. uint8 images are rounded.
     """
-    lam = _beta(alpha, generator) if lam is None else float(lam)
-    perm = _partners(len(x), perm, generator)
-    pd = perm.to(x.device)
-    xm = _back(x.float() * lam + x[pd].float() * (1 - lam), x.dtype)
     t = soft_targets(y, num_classes)
-    return xm, t * lam + t[perm.to(t.device)] * (1 - lam), _mix_ok(ok, perm)
+    lam = _lam(lam, alpha, generator, x.device)
+    perm = _partners(len(x), perm, generator, x.device)
+    xm = _back(x.float() * lam + x[perm].float() * (1 - lam), x.dtype)
+    lam_t = lam.to(t.device)
+    return xm, t * lam_t + t[perm.to(t.device)] * (1 - lam_t), _mix_ok(ok, perm)
 
 
-def cutmix_box(h: int, w: int, lam: float, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): a box of area ~ (1 - lam) h w at a random centre, clipped to the image."""
-    r = math.sqrt(max(0.0, 1.0 - lam))
-    ch, cw = int(h * r), int(w * r)
-    cy, cx = (int(v * n) for v, n in zip(_rand(2, generator), (h, w)))
-    return max(cy - ch // 2, 0), min(cy + ch - ch // 2, h), max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+def cutmix_mask(h: int, w: int, lam: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool (h, w) on lam's device: a box of area ~ (1 - lam) h w at a random centre, clipped to the
+    image. Built by comparisons, so the box never has to be read on the host to slice with it."""
+    dev = lam.device
+    r = (1.0 - lam).clamp_min(0.0).sqrt()
+    ch, cw = (h * r).floor(), (w * r).floor()
+    u = _rand(2, generator, dev)
+    cy, cx = (u[0] * h).floor(), (u[1] * w).floor()
+    y0, y1 = (cy - (ch / 2).floor()).clamp_min(0), (cy + ch - (ch / 2).floor()).clamp_max(h)
+    x0, x1 = (cx - (cw / 2).floor()).clamp_min(0), (cx + cw - (cw / 2).floor()).clamp_max(w)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    return ((rows >= y0) & (rows < y1))[:, None] & ((cols >= x0) & (cols < x1))[None, :]
 
 
 def cutmix(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, num_classes: int = 0,
-           ok: torch.Tensor | None = None, lam: float | None = None, perm: torch.Tensor | None = None,
+           ok: torch.Tensor | None = None, lam: float | torch.Tensor | None = None, perm: torch.Tensor | None = None,
            generator: torch.Generator | None = None):
     """Paste a box of x[perm] into x; targets mixed by the pasted area actually used.
 
     -> (x', y' float (N, C), ok' or None); see `mixup` for the arguments.
     """
-    lam = _beta(alpha, generator) if lam is None else float(lam)
-    perm = _partners(len(x), perm, generator)
-    h, w = x.shape[-2:]
-    y0, y1, x0, x1 = cutmix_box(h, w, lam, generator)
-    xm = x.clone()
-    xm[:, :, y0:y1, x0:x1] = x[perm.to(x.device)][:, :, y0:y1, x0:x1]
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
     t = soft_targets(y, num_classes)
-    return xm, t * lam + t[perm.to(t.device)] * (1 - lam), _mix_ok(ok, perm)
+    lam = _lam(lam, alpha, generator, x.device)
+    perm = _partners(len(x), perm, generator, x.device)
+    h, w = x.shape[-2:]
+    mask = cutmix_mask(h, w, lam, generator)
+    xm = torch.where(mask, x[perm], x)
+    kept = (1.0 - mask.float().mean()).to(t.device)  # the share of each image that stayed its own
+    return xm, t * kept + t[perm.to(t.device)] * (1 - kept), _mix_ok(ok, perm)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.4, cutmix_alpha: float = 1.0,
               prob: float = 1.0, switch_prob: float = 0.5, num_classes: int = 0,
               ok: torch.Tensor | None = None, generator: torch.Generator | None = None):
     """With probability `prob` apply cutmix (probability `switch_prob`, when cutmix_alpha > 0) or
-    mixup (when mixup_alpha > 0); otherwise return the batch with targets made float."""
-    u = _rand(2, generator)
-    if float(u[0]) < prob:
-        if cutmix_alpha > 0 and (mixup_alpha <= 0 or float(u[1]) < switch_prob):
+    mixup (when mixup_alpha > 0); otherwise return the batch with targets made float. The branch is
+    chosen with a host random stream (augmentation's, or one seeded from `generator`), so choosing
+    it never reads the device."""
+    rng = aug_random() if generator is None else random.Random(
+        int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+    if rng.random() < prob:
+        if cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob):
             return cutmix(x, y, cutmix_alpha, num_classes, ok, generator=generator)
         if mixup_alpha > 0:
             return mixup(x, y, mixup_alpha, num_classes, ok, generator=generator)
@@ -460,11 +487,19 @@ class Preprocess:
 IMAGENET = Preprocess()
 
 
+@functools.lru_cache(maxsize=16)
+def _statistics(pre: Preprocess, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) * 255 as (1, 3, 1, 1) tensors on `device`, uploaded once per device: built per
+    batch they were two blocking host-to-device copies every training step and predict batch."""
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torch.Tensor:
     """uint8 NCHW on any device -> float normalised with the model's statistics (no default: a
     caller that forgot them would silently feed a 0.5/0.5 model ImageNet-normalised inputs)."""
-    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
+    mean, std = _statistics(pre, batch.device)
     x = (batch.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 

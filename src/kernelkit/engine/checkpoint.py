@@ -74,41 +74,94 @@ def migrate(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt
 
 
-def snapshot(obj: Any) -> Any:
+PINNED_LIMIT = 2 << 30  # bytes of page-locked snapshot memory at most: a Kaggle VM has ~30 GB of RAM in all
+
+
+class SnapshotArena:
+    """Host buffers for snapshots, reused from one checkpoint to the next (a model's tensors have the
+    same sizes every time) and never more than `limit` bytes in all. With `pin` (a GPU is there) they
+    are page-locked, so the device-to-host copies are asynchronous; allocated per snapshot they were
+    up to three full snapshots (model, EMA, SWA, 2x AdamW state) pinned and cached by the host
+    allocator for good. Past the limit a tensor is copied to pageable memory, freed after its write."""
+
+    def __init__(self, limit: int = PINNED_LIMIT, pin: bool | None = None):
+        self.limit, self.pin = limit, torch.cuda.is_available() if pin is None else pin
+        self.allocated = 0
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()  # taken by save (training thread) and give (writer thread)
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 buffer of `nbytes` (reused when one is free), or None past the limit."""
+        with self._lock:
+            blocks = self.free.get(nbytes)
+            if blocks:
+                return blocks.pop()
+            if self.allocated + nbytes > self.limit:
+                return None
+            try:
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            except RuntimeError:  # no page-locked memory to be had: pageable copies from here on
+                self.limit = self.allocated
+                return None
+            self.allocated += nbytes
+            return buf
+
+    def give(self, buffers: list[torch.Tensor]) -> None:
+        """Back for reuse, once the snapshot that used them is written (or dropped)."""
+        with self._lock:
+            for b in buffers:
+                self.free.setdefault(b.numel(), []).append(b)
+
+
+def snapshot(obj: Any, arena: SnapshotArena | None = None) -> tuple[Any, list, list]:
     """A copy of `obj` that training can no longer change: every tensor in it (nested in dicts,
-    lists, tuples) copied to CPU memory; a CPU tensor is cloned, since the optimizer updates the
-    weights in place right after. A CUDA tensor goes to pinned memory asynchronously, on the stream
-    that computed it: the caller does not wait for the GPU, and later kernels on that stream cannot
-    overwrite the values before the copy has read them. -> (copy, CUDA events to wait on before
-    reading the copy)."""
-    events: dict[torch.device, torch.cuda.Event] = {}
-    out = _copy(obj, events)
-    for device in list(events):
+    lists, tuples) copied to CPU memory (the optimizer updates the weights in place right after),
+    into `arena` buffers while they last. A CUDA tensor copied into a pinned buffer goes
+    asynchronously, on the stream that computed it: the caller does not wait for the GPU, and later
+    kernels on that stream cannot overwrite the values before the copy has read them.
+    -> (copy, CUDA events to wait on before reading the copy, arena buffers to give back after)."""
+    events: dict[torch.device, Any] = {}
+    buffers: list[torch.Tensor] = []
+    out = _copy(obj, events, arena, buffers)
+    return out, ready_events(list(events)), buffers
+
+
+def ready_events(devices: list[torch.device]) -> list:
+    """One event per device, recorded now. blocking=True: the writer thread sleeps in synchronize()
+    instead of spinning a CPU core (of 4 on Kaggle, which the loaders need) until the copy lands."""
+    out = []
+    for device in devices:
         with torch.cuda.device(device):
-            events[device] = torch.cuda.Event()
-            events[device].record()
-    return out, list(events.values())
+            event = torch.cuda.Event(blocking=True)
+            event.record()
+            out.append(event)
+    return out
 
 
-def _copy(obj: Any, events: dict) -> Any:
+def _copy(obj: Any, events: dict, arena: SnapshotArena | None, buffers: list) -> Any:
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.device.type != "cuda":
-            return t.to("cpu", copy=True)
-        try:
-            host = torch.empty_like(t, device="cpu", pin_memory=True)
-        except RuntimeError:  # no pinned memory to be had: a plain (synchronous) copy
-            return t.to("cpu", copy=True)
-        events.setdefault(t.device, None)
-        return host.copy_(t, non_blocking=True)
+        return _copy_tensor(obj.detach(), events, arena, buffers)
     if isinstance(obj, dict):
         copied = copy.copy(obj)  # keeps the type and attributes (a state_dict's _metadata)
         for k, v in obj.items():
-            copied[k] = _copy(v, events)
+            copied[k] = _copy(v, events, arena, buffers)
         return copied
     if type(obj) in (list, tuple):
-        return type(obj)(_copy(v, events) for v in obj)
+        return type(obj)(_copy(v, events, arena, buffers) for v in obj)
     return obj  # numbers, strings, None: immutable
+
+
+def _copy_tensor(t: torch.Tensor, events: dict, arena: SnapshotArena | None, buffers: list) -> torch.Tensor:
+    nbytes = t.numel() * t.element_size()
+    buf = arena.take(nbytes) if arena is not None and nbytes else None
+    if buf is None:
+        return t.to("cpu", copy=True)  # pageable (a CUDA tensor: a synchronous copy)
+    buffers.append(buf)
+    host = buf.view(t.dtype).view(t.shape)
+    async_copy = t.device.type == "cuda" and buf.is_pinned()
+    if async_copy:
+        events.setdefault(t.device, None)
+    return host.copy_(t, non_blocking=async_copy)
 
 
 class Checkpointer:
@@ -124,11 +177,13 @@ class Checkpointer:
     is on disk; call it before reading one back. The writer is not a daemon thread and ends when the
     queue is empty, so a process that ends still finishes the writes it has queued."""
 
-    def __init__(self, out_dir: Path, meta: dict[str, Any], max_pending: int = 2):
+    def __init__(self, out_dir: Path, meta: dict[str, Any], max_pending: int = 2,
+                 arena: SnapshotArena | None = None):
         self.out_dir, self.meta, self.max_pending = Path(out_dir), dict(meta), max_pending
+        self.arena = arena or SnapshotArena()
         self.failures = self.written = 0
         self.blocked_s = self.write_s = 0.0
-        self._queue: list[tuple[str, dict[str, Any], list]] = []
+        self._queue: list[tuple[str, dict[str, Any], list, list]] = []
         self._writing = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -144,7 +199,7 @@ class Checkpointer:
             with self._cond:
                 while len(self._queue) >= self.max_pending and not self._queued(name):
                     self._cond.wait()
-            state, ready = snapshot({**payload, **self.meta, "format_version": FORMAT_VERSION})
+            state, ready, buffers = snapshot({**payload, **self.meta, "format_version": FORMAT_VERSION}, self.arena)
         except Exception as e:  # noqa: BLE001  (out of CPU memory for the copy: training goes on)
             self._failed(name, e)
             return False
@@ -152,8 +207,11 @@ class Checkpointer:
             self.blocked_s += time.perf_counter() - t0
         with self._cond:
             if name != BEST:  # a stale last.pt is not worth writing; the newer one keeps the order
+                stale = [item for item in self._queue if item[0] == name]
                 self._queue = [item for item in self._queue if item[0] != name]
-            self._queue.append((name, state, ready))
+                for item in stale:
+                    self._release(item)
+            self._queue.append((name, state, ready, buffers))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_queued, name="kernelkit-checkpoints")
                 self._thread.start()
@@ -176,7 +234,8 @@ class Checkpointer:
                     self._thread = None
                     self._cond.notify_all()
                     return
-                name, state, ready = self._queue.pop(0)
+                item = self._queue.pop(0)
+                name, state, ready, _ = item
                 self._writing = True
                 self._cond.notify_all()  # room in the queue
             t0 = time.perf_counter()
@@ -189,11 +248,19 @@ class Checkpointer:
                 self._failed(name, e)
                 ok = False
             del state
+            self._release(item)
+            del item
             with self._cond:
                 self.written += int(ok)
                 self.write_s += time.perf_counter() - t0
                 self._writing = False
                 self._cond.notify_all()
+
+    def _release(self, item: tuple) -> None:
+        """Give a written (or dropped) snapshot's buffers back for the next snapshot."""
+        for event in item[2]:
+            event.synchronize()  # a dropped snapshot's copies may still be in flight into its buffers
+        self.arena.give(item[3])
 
     def flush(self) -> None:
         """Wait until every queued checkpoint is written (or has failed)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
@@ -36,6 +37,54 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=1)
 
 
+class HostChunks:
+    """Per-batch results moved to host memory as they come, so the device holds one batch of them
+    at a time (200k images x 15k classes is 12 GB: kept on a T4 until the end, it overflows it).
+
+    On CUDA each batch is copied without blocking into one of `ring` reused pinned staging buffers
+    (pinned memory per batch would stay page-locked in torch's host cache: 12 GB of it), and moved
+    to pageable memory when its buffer comes round again, `ring` batches later: that waits for
+    that batch's copy only, long done, never for the work queued since. `gather` lands the rest."""
+
+    def __init__(self, device: torch.device, ring: int = 4):
+        self.device, self.ring, self.chunks = device, ring, []
+        self.pin = device.type == "cuda"
+        self.pending: deque = deque()  # (staging buffer, event, chunk index) of copies in flight
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+
+    def add(self, t: torch.Tensor) -> None:
+        if not self.pin:
+            host = torch.empty(t.shape, dtype=t.dtype)
+            host.copy_(t)  # a copy owning its memory: nothing of the batch outlives it
+            self.chunks.append(host)
+            return
+        if len(self.pending) >= self.ring:
+            self._land(self.pending.popleft())
+        key = (tuple(t.shape), t.dtype)
+        staging = self.free.get(key, [])
+        buf = staging.pop() if staging else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self.chunks.append(None)
+        self.pending.append((buf, event, len(self.chunks) - 1))
+
+    def _land(self, item: tuple) -> None:
+        buf, event, i = item
+        event.synchronize()
+        self.chunks[i] = buf.clone()
+        self.free.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def gather(self) -> torch.Tensor | None:
+        while self.pending:
+            self._land(self.pending.popleft())
+        self.free.clear()  # the staging buffers go back to torch's host cache: `ring` batches at most
+        return torch.cat(self.chunks) if self.chunks else None
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
@@ -49,12 +98,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     """
     model.eval()
     act = activation(task)
-    probs, oks = [], []
+    probs, oks = HostChunks(device), HostChunks(device)
     t0 = time.time()
-    t_first = None
+    t_first, first_rows = None, 0
     pieces = 1
-    # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
-    # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
+    # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
+    # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
         x = normalize(images, channels_last, pre)
         while True:
@@ -68,18 +117,20 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        probs.append(p)
-        oks.append(ok > 0)
+        probs.add(p)
+        oks.add(ok > 0)
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first = time.time()
-    probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
-    oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
+            t_first, first_rows = time.time(), len(p)
+    probs_all = probs.gather()
+    probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
+    oks_all = oks.gather()
+    oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
     t_end = time.time()
-    n = sum(len(p) for p in probs)
-    steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
-    steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
+    n, batches = len(probs_all), len(probs)
+    steady_n = n - (first_rows if batches > 1 else 0)
+    steady_s = (t_end - t_first) if batches > 1 else (t_end - t0)
     ips = steady_n * len(views) / max(steady_s, 1e-9)
     first_batch_s = (t_first or t_end) - t0
     return {
@@ -88,6 +139,6 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         "seconds": t_end - t0,
         "first_batch_s": first_batch_s,
         # what the first batch cost beyond its own share of the work: worker start-up, lazy init
-        "startup_s": max(0.0, first_batch_s - len(probs[0]) * len(views) / ips) if len(probs) > 1 else first_batch_s,
+        "startup_s": max(0.0, first_batch_s - first_rows * len(views) / ips) if batches > 1 else first_batch_s,
         "images_per_s": ips,
     }

@@ -2,8 +2,12 @@
 Leads to Wider Optima and Better Generalization", UAI 2018).
 
 Over the last `swa` share of the schedule every step's weights go into a running average
-(`torch.optim.swa_utils.AveragedModel`, buffers included, so the average is usable even if the
-BatchNorm pass is skipped). After training, the average's BatchNorm statistics are recomputed on a
+(buffers included, so the average is usable even if the BatchNorm pass is skipped). The container
+is `torch.optim.swa_utils.AveragedModel` (its state_dict format), but the update is ours: its
+update_parameters sends integer buffers (BatchNorm's num_batches_tracked) through
+`_foreach_addcdiv_` on CUDA, which raises on the second update, and reads `n_averaged` on the host
+twice per step. Here floating tensors are averaged with one foreach lerp, integer ones copied, and
+the count is a host integer. After training, the average's BatchNorm statistics are recomputed on a
 few training batches (the averaged weights never produced the running statistics they carry), it is
 validated, and it replaces best.pt only when it scores at least as well as the last and the best
 weights. The BatchNorm pass and the extra validation are charged to the inference reserve up front.
@@ -32,6 +36,7 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, share: float, bn_batches: int = BN_BATCHES):
         self.share, self.start, self.bn_batches = share, 1.0 - share, bn_batches
         self.avg = AveragedModel(model, use_buffers=True)
+        self.count = 0  # snapshots averaged, on the host (avg.n_averaged mirrors it on the device)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -39,22 +44,43 @@ class WeightAverage:
 
     @property
     def n(self) -> int:
-        return int(self.avg.n_averaged)
+        return self.count
 
     def update(self, model: torch.nn.Module, progress: float) -> None:
         if progress >= self.start:
-            self.avg.update_parameters(model)
+            average_into(self.avg.module, model, self.count)
+            self.count += 1
+            self.avg.n_averaged.fill_(self.count)  # a device-side fill, no host read
 
     def state_dict(self) -> dict[str, Any]:
         return self.avg.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.avg.load_state_dict(state)
+        self.count = int(self.avg.n_averaged)  # once, on resume
 
     def extra_images(self, train_loader: Any, n_val: int) -> tuple[int, int]:
         """-> (images, loader start-ups) the conclusion costs beyond the final validation."""
         bn = min(len(train_loader), self.bn_batches) * (train_loader.batch_size or 1) if has_batchnorm(self.module) else 0
         return bn + n_val, 1 + int(bn > 0)
+
+
+@torch.no_grad()
+def average_into(avg: torch.nn.Module, model: torch.nn.Module, n: int) -> None:
+    """avg <- (n avg + model) / (n + 1) for floating parameters and buffers (one foreach lerp per
+    device and dtype); integer buffers (num_batches_tracked) are copied, never divided."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    pairs = zip(list(avg.parameters()) + list(avg.buffers()), list(model.parameters()) + list(model.buffers()))
+    for a, m in pairs:
+        a, m = a.detach(), m.detach()
+        if n == 0 or not a.is_floating_point():
+            a.copy_(m)
+        else:
+            dst, src = groups.setdefault((a.device, a.dtype), ([], []))
+            dst.append(a)
+            src.append(m.to(a.device, non_blocking=True))
+    for dst, src in groups.values():
+        torch._foreach_lerp_(dst, src, 1.0 / (n + 1))
 
 
 def create_averager(model: torch.nn.Module, share: float) -> WeightAverage | None:

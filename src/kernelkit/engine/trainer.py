@@ -18,7 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from ..core.accel import StepGuard
+from ..core.distributed import SINGLE, DistInfo, agree, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
@@ -185,6 +186,8 @@ class Trainer:
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
+        self.guard = StepGuard(parts.scaler)
+        self.epoch_skipped = 0  # skipped steps of this epoch already counted in state.nonfinite_steps
         if opts.resolution is not None and fixed_input_size(self.core):
             # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
             log.warning("progressive resizing off: this model takes only img_size inputs (a patch embedding with "
@@ -289,10 +292,11 @@ class Trainer:
         parts, opts, state = self.parts, self.opts, self.state
         parts.model.train()
         images, stopped, n_losses = 0, False, 0
-        # Loss and skipped images are summed on the device and read at the end (and for the bar every
-        # LOG_EVERY steps): reading them per step would make the CPU wait for the GPU at every step
-        # end, leaving the GPU idle while the next step is prepared.
-        loss_sum, unreadable = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.epoch_skipped = 0
+        # Loss, unreadable images and skipped (non-finite) steps are summed on the device and read at the
+        # end (and for the bar every LOG_EVERY steps): reading them per step would make the CPU wait for
+        # the GPU at every step end, leaving the GPU idle while the next step is prepared.
+        loss_sum, unreadable, skipped, good = (torch.zeros((), device=self.device) for _ in range(4))
         recent: deque = deque(maxlen=50)
         t0 = t_prev = time.time()
         t_first, first_n = None, 0
@@ -308,61 +312,67 @@ class Trainer:
             if opts.resolution is not None:
                 x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
-            if loss is None:
-                self.skip_update()
-                continue
-            self.update()
+            bad = self.update(loss)
+            loss = torch.where(bad > 0, torch.nan, loss)  # a skipped step's loss is not averaged
+            skipped += bad
+            good += 1 - bad
             unreadable += (ok == 0).sum()
             images += len(ok)
-            loss_sum += loss.detach()
-            recent.append(loss.detach())
+            loss_sum += loss.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            recent.append(loss)
             n_losses += 1
             now = time.time()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
                 t_first, first_n = now, images
-            if n_losses % LOG_EVERY == 1:
-                bar.set_postfix(loss=f"{torch.stack(tuple(recent)).mean().item():.4f}",
-                                lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}", p=f"{state.progress:.2f}",
-                                refresh=False)
+            if n_losses % LOG_EVERY == 1:  # the loop's only host read: the bar's loss and the skip count
+                mean, n_skipped = torch.stack((torch.stack(tuple(recent)).nanmean(), skipped)).tolist()
+                self.note_skipped(int(n_skipped))
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{parts.optimizer.param_groups[0]['lr']:.2e}",
+                                p=f"{state.progress:.2f}", refresh=False)
             if self.dist.is_main and now - self.last_save >= opts.checkpoint_every_s:
                 self.save(LAST, epoch_done=False)
         bar.close()
-        skipped = int(unreadable.item())
-        state.bad_images += skipped
+        loss_total, n_good, n_unreadable, n_skipped = torch.stack((loss_sum, good, unreadable, skipped)).tolist()
+        self.note_skipped(int(n_skipped))
+        state.bad_images += int(n_unreadable)
         t_end = time.time()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
-        return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
-                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": skipped,
+        return {"loss": loss_total / n_good if n_good else float("nan"), "images": images,
+                "seconds": t_end - t0, "images_per_s": steady[0] / max(steady[1], 1e-9), "skipped": int(n_unreadable),
                 "stopped": stopped, "lr": parts.optimizer.param_groups[0]["lr"]}
 
-    def update(self) -> None:
-        """Clip, step (the scaler skips an overflowing fp16 step), then the weight averages."""
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """Clip, step, then the weight averages. One NaN batch must not poison the weights of a
+        9-hour run: a step with non-finite gradients is skipped on the device (the fp16 scaler, or
+        StepGuard for bf16/fp32), the same on every rank (the gradients are all-reduced first).
+        -> 0-d float on the device: 1 when this step was skipped (fp16: when its loss was not finite)."""
         parts, state = self.parts, self.state
         if self.opts.clip_grad > 0:
             parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the loss-scaled ones
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), self.opts.clip_grad)
-        parts.scaler.step(parts.optimizer)
-        parts.scaler.update()
+        found = self.guard.step(parts.optimizer)
         if parts.ema is not None:
             parts.ema.update(self.core)
         if parts.swa is not None:
             parts.swa.update(self.core, state.progress)
         state.step += 1
+        bad = (~torch.isfinite(loss)).float()
+        return bad if found is None else torch.maximum(bad, found.to(bad.device).clamp(max=1.0))
 
-    def skip_update(self) -> None:
-        """One NaN batch must not poison the weights of a 9-hour run: no update (on every rank
-        together, or the gradient all-reduce would wait forever)."""
-        self.parts.optimizer.zero_grad(set_to_none=True)
-        self.state.nonfinite_steps += 1
-        log.warning("non-finite loss at step %d; update skipped (%d so far)", self.state.step,
-                    self.state.nonfinite_steps)
-        self.state.step += 1
+    def note_skipped(self, epoch_total: int) -> None:
+        """`epoch_total`: steps skipped so far this epoch (read with the loss); new ones are logged."""
+        new = epoch_total - self.epoch_skipped
+        if new > 0:
+            self.epoch_skipped = epoch_total
+            self.state.nonfinite_steps += new
+            log.warning("non-finite loss or gradients in %d step(s) up to step %d; updates skipped (%d so far)",
+                        new, self.state.step, self.state.nonfinite_steps)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor | None:
-        """Gradients of the batch loss, in `state.micro_batches` pieces; None when the loss is not finite.
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """Gradients of the batch loss, in `state.micro_batches` pieces; -> the loss (not read here).
 
         Out of memory: free what we can, split the batch in twice as many pieces and retry it. The
         pieces are weighted by their share of valid images, so the gradient equals the full batch's
@@ -384,15 +394,13 @@ class Trainer:
                             "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
                             -(-len(x) // state.micro_batches))
 
-    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor | None:
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor:
         total_weight = ok.sum().clamp_min(1.0)
         batch_loss = torch.zeros((), device=self.device)
         for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
             with autocast(self.device, self.opts.amp, self.opts.amp_dtype):
                 logits = self.step_model(xs)
             loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
-            if not all_finite(self.dist, loss):
-                return None
             self.parts.scaler.scale(loss).backward()
             batch_loss += loss.detach()
         return batch_loss

@@ -36,9 +36,25 @@ def _reduce_labels(per_label: torch.Tensor, reduce: str) -> torch.Tensor:
     raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
 
 
+class ClassWeights:
+    """Class weights held on the host and copied to each device once: `get_loss` binds them like
+    this, because a per-call upload is a blocking host-to-device copy every training step."""
+
+    def __init__(self, values: Sequence[float] | torch.Tensor):
+        self.host = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on:
+            self._on[device] = self.host.to(device)
+        return self._on[device]
+
+
 def _class_weights(class_weights, like: torch.Tensor) -> torch.Tensor | None:
     if class_weights is None:
         return None
+    if isinstance(class_weights, ClassWeights):
+        return class_weights.on(like.device)
     return torch.as_tensor(class_weights, dtype=torch.float32, device=like.device)
 
 
@@ -235,4 +251,6 @@ def get_loss(name: str, task: str, class_counts: Sequence[float] | None = None, 
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"loss {name!r} got unknown parameters {unknown}; it accepts {accepted}")
+    if params.get("class_weights") is not None:
+        params["class_weights"] = ClassWeights(params["class_weights"])
     return functools.partial(fn, **params) if params else fn
