@@ -609,6 +609,8 @@ from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
 
+RANK_GRACE_S = 10.0  # after a rank failed: how long the others get to end on SIGTERM before SIGKILL
+
 
 def timm_version() -> str:
     import timm
@@ -668,11 +670,11 @@ def launch(ctx: RunContext) -> int:
     (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
     ctx.phase = TRAINING
     status = launch_ranks(ctx, procs)
-    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
+    return status if status in (EXIT_OK, EXIT_REFUSED) else carry_on_alone(ctx)
 
 
 def launch_ranks(ctx: RunContext, procs: int) -> int:
-    """Spawn one process per rank; a SIGTERM to us is passed on to them. -> rank 0's exit status."""
+    """Spawn one process per rank and watch them; a SIGTERM to us is passed on. -> rank 0's exit status."""
     import torch.multiprocessing as mp
     port = distributed.free_port()
     log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
@@ -684,18 +686,45 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
                                        start_method="spawn")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    try:
-        while not procs_ctx.join(timeout=2.0):
-            if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
-                for p in procs_ctx.processes:
-                    if p.is_alive():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p.pid, signal.SIGTERM)
-    except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
-        log.exception("a data-parallel rank failed; every rank was stopped")
+    log.info("rank pids: %s", " ".join(f"{r}={p.pid}" for r, p in enumerate(procs_ctx.processes)))
+    supervise(ctx, procs_ctx.processes)
     summary = ctx.out_dir / "summary.json"
     return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
         else EXIT_NO_SUBMISSION
+
+
+def supervise(ctx: RunContext, ranks: list) -> None:
+    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
+    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
+    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
+    failed_at = None
+    while any(p.is_alive() for p in ranks):
+        if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
+            _signal_alive(ranks, signal.SIGTERM)
+        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
+        if bad and failed_at is None:
+            failed_at = time.time()
+            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
+                      _exit_text(bad[0][1]))
+            _signal_alive(ranks, signal.SIGTERM)
+        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
+            log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
+            _signal_alive(ranks, signal.SIGKILL)
+        for p in ranks:
+            p.join(0.25)
+    for p in ranks:
+        p.join()
+
+
+def _signal_alive(ranks: list, sig: int) -> None:
+    for p in ranks:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
 def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
@@ -710,6 +739,9 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)
         try:
             status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+        except distributed.RendezvousFailed as e:  # the launcher carries on in one process
+            log.error("!!! rank %d: %s", rank, e)
+            status = EXIT_NO_SUBMISSION
         except (ConfigError, ValueError, FileNotFoundError) as e:
             if ctx.phase != SETUP:
                 raise
@@ -725,7 +757,7 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
     if info.enabled:
         if info.rank:
             log.setLevel(logging.WARNING)
-        distributed.init(info, init_method)
+        info = join_ranks(ctx, info, init_method)
     try:
         if info.is_main and not announced:
             announce(ctx)
@@ -733,6 +765,25 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)
+
+
+def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
+    """The process group, or under torchrun, when the ranks cannot meet within seconds: rank 0 trains
+    alone (and says so), the others refuse. Spawned ranks raise RendezvousFailed to the launcher."""
+    threads = torch.get_num_threads()  # torch's own choice for this machine, now shared between the ranks
+    torch.set_num_threads(distributed.cpu_share(env.cpu_count(), info.world_size, cap=threads))
+    try:
+        distributed.init(info, init_method, ctx.stop)
+        return info
+    except distributed.RendezvousFailed as e:
+        if init_method != "env://":
+            raise
+        if info.rank:
+            raise ConfigError(f"rank {info.rank} of {info.world_size}: {e}; only rank 0 writes the submission, so this "
+                              "rank stops (check MASTER_ADDR / MASTER_PORT, or start one process)") from e
+        log.warning("!!! %s: training in one process instead of %d", e, info.world_size)
+        torch.set_num_threads(threads)
+        return distributed.SINGLE
 
 
 def run_job(ctx: RunContext, info: DistInfo) -> int:
@@ -777,6 +828,22 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
         log.error("!!! %s, but %d step(s) failed: %s", "the submission was written" if outcome.submitted
                   else "NO submission could be written", len(outcome.problems), "; ".join(outcome.problems))
     return status
+
+
+def carry_on_alone(ctx: RunContext) -> int:
+    """The ranks ended without a submission (a rank failed, or they never met). With no stop
+    requested, this process goes on alone: it resumes from their last.pt (or starts over), on the
+    same clock. A stop request, or a failure here, predicts from the best checkpoint there is."""
+    if not ctx.stop.requested:
+        log.error("!!! data-parallel training ended without a submission: continuing in one process")
+        cfg = dataclasses.replace(ctx.cfg, ddp_procs=1, resume=True)
+        alone = dataclasses.replace(ctx, cfg=cfg, phase=SETUP)
+        try:
+            if run_rank(alone, distributed.SINGLE, announced=True) == EXIT_OK:
+                return EXIT_OK
+        except Exception as e:  # noqa: BLE001  (what was learned is still on disk)
+            log.error("!!! training in one process failed too: %s: %s", type(e).__name__, e)
+    return rescue(ctx)
 
 
 def rescue(ctx: RunContext) -> int:
@@ -994,8 +1061,6 @@ MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
 
 
-
-
 def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
                     reserve: InferenceReserve) -> None:
     """Before the first step: predict a few batches of real test images (real eval transform, real
@@ -1057,6 +1122,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
+    distributed.main_done(info, clock.start_time + clock.total_s)  # the probe ran on rank 0 alone
     return device, clock, data, parts, state, reserve
 
 
@@ -1203,6 +1269,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1224,9 +1291,12 @@ from ..inputs.competition import Competition
 
 log = logging.getLogger("kernelkit")
 
+CACHE_WAIT_SLACK_S = 120.0  # past the build's deadline: its abandonment and the index write
 
-def num_workers(cfg: Config) -> int:
-    return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
+
+def num_workers(cfg: Config, world_size: int = 1) -> int:
+    """num_workers as set, or -1: this rank's share of the cores (distributed.cpu_share)."""
+    return distributed.cpu_share(env.cpu_count(), world_size) if cfg.num_workers < 0 else cfg.num_workers
 
 
 @dataclass
@@ -1266,6 +1336,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     cache = None
     if info.is_main:
         try:
+            # rank 0 alone: the other ranks wait idle, so it takes every core
             cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
                                 max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop, deadline=deadline)
         except BuildStopped as e:
@@ -1273,7 +1344,8 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
         except OSError as e:  # a full or read-only disk: slower epochs, not a lost run
             log.error("!!! the image cache could not be built (%s); images will be decoded as they are used", e)
     if info.enabled:
-        distributed.barrier(info)
+        # a store key, not a barrier: the build may outlast any collective timeout
+        distributed.main_done(info, deadline + CACHE_WAIT_SLACK_S if deadline else time.time() + 86400.0)
         if cache is None:
             cache = open_cache(paths, geometry, root)
     return cache
@@ -1310,7 +1382,7 @@ def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def build_training_data(cfg: Config, comp: Competition, device: torch.device,
                         info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None,
                         cache_deadline: float = 0.0) -> TrainingData:
-    nw, pin = num_workers(cfg), device.type == "cuda"
+    nw, pin = num_workers(cfg, info.world_size), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
     keep = np.arange(len(paths))
     if cfg.max_train_images and len(paths) > cfg.max_train_images:
@@ -1657,6 +1729,8 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
+    # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
+    distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
     model, size = distributed.broadcast_object(info, choice)
     model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
     resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))
@@ -2608,17 +2682,46 @@ kernel.py (no torchrun on Kaggle) or by torchrun.
 Rank 0 owns the budget clock: it decides when training stops and what the schedule position is,
 and broadcasts both every step, so all ranks take the same number of steps with the same LR.
 Only rank 0 validates, writes checkpoints and the submission.
+
+No wait here is unbounded. The ranks meet through a TCP store that this module polls, so an address
+nothing answers on, a port in use or a peer that never starts ends the rendezvous within
+`RENDEZVOUS_S` (or at once on SIGTERM) with `RendezvousFailed`, instead of the store's 30 minutes
+of retries. While rank 0 works alone (cache build, model choice, validation), the other ranks wait
+on a store key with the run's own deadline (`main_done`), not in a collective whose timeout a
+9-hour run would outlast.
 """
 from __future__ import annotations
 
 import datetime
 import inspect
+import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("kernelkit")
+
+RENDEZVOUS_S = 30.0  # the ranks start together: a peer that has not arrived by then is not coming
+COLLECTIVE_TIMEOUT_S = 1800.0  # torch's default; the long solo phases wait on store keys instead
+POLL_S = 0.2
+# Read here only, set only by the test harness: both timeouts above, in seconds, so a test can
+# make rank 0's solo phases outlast the collective timeout, or a rendezvous give up quickly.
+TEST_TIMEOUT_ENV = "KERNELKIT_TEST_DIST_TIMEOUT_S"
+
+
+def timeouts() -> tuple[float, float]:
+    """-> (rendezvous deadline, collective timeout), in seconds."""
+    forced = os.environ.get(TEST_TIMEOUT_ENV)
+    return (float(forced), float(forced)) if forced else (RENDEZVOUS_S, COLLECTIVE_TIMEOUT_S)
+
+
+class RendezvousFailed(RuntimeError):
+    """The ranks did not all meet in time (or a stop was requested while they waited)."""
 
 
 @dataclass(frozen=True)
@@ -2637,9 +2740,10 @@ class DistInfo:
         return self.rank == 0
 
     def device(self) -> torch.device:
-        if torch.cuda.is_available() and self.backend != "gloo":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """Each rank its own GPU, whatever the backend (gloo on a GPU machine too); else the CPU."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank if self.enabled else 0)
+        return torch.device("cpu")
 
 
 SINGLE = DistInfo()
@@ -2669,16 +2773,122 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(info: DistInfo, init_method: str = "env://", timeout_s: float = 1800.0) -> None:
+def cpu_share(cpus: int, world_size: int, cap: int = 8) -> int:
+    """CPU threads (and loader workers) one rank may use: the machine's cores split between the ranks
+    (T4 x2 has 4 vCPUs: 2 each, not 4 each), at most `cap`, at least 1."""
+    return max(1, min(cap, cpus // max(1, world_size)))
+
+
+def rendezvous_address(init_method: str) -> tuple[str, int]:
+    """tcp://host:port, or env:// (MASTER_ADDR / MASTER_PORT, as torchrun sets them)."""
+    if init_method.startswith("tcp://"):
+        host, _, port = init_method[len("tcp://"):].rpartition(":")
+        return host, int(port)
+    return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+
+
+_store: dist.Store | None = None
+_waits = 0  # solo phases so far: every rank counts the same sequence, so the keys match
+
+
+def init(info: DistInfo, init_method: str = "env://", stop=None) -> None:  # noqa: ANN001  (a StopFlag)
+    """Meet the other ranks within the rendezvous deadline, then start the process group on that store.
+    Raises RendezvousFailed (nothing is left initialised)."""
+    global _store, _waits
+    deadline_s, collective_s = timeouts()
+    host, port = rendezvous_address(init_method)
+    where = f"{host}:{port}"
+    store = _meet(info, host, port, time.time() + deadline_s, stop, where)
+    store.set_timeout(datetime.timedelta(seconds=collective_s))
     if info.backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(info.backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(info.backend, store=store, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=collective_s))
+    _store, _waits = store, 0
+
+
+def _meet(info: DistInfo, host: str, port: int, deadline: float, stop, where: str) -> dist.Store:  # noqa: ANN001
+    # torchrun's agent already serves a store at MASTER_PORT: every rank is its client then.
+    hosts = info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    prefix = f"kernelkit/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    if hosts:
+        try:
+            store = dist.TCPStore(host, port, info.world_size, True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=max(1.0, deadline - time.time())))
+        except (RuntimeError, OSError) as e:  # DistNetworkError: port in use, address not ours
+            raise RendezvousFailed(f"rank 0 cannot listen on {where}: {_first_line(e)}") from e
+    else:
+        store = _connect(host, port, info.world_size, deadline, stop, where)
+    store.set(f"{prefix}arrived/{info.rank}", "1")
+    peers = [f"{prefix}arrived/{r}" for r in range(info.world_size)]
+    while not (store.check(peers) if info.rank == 0 else store.check([prefix + "go"])):
+        if store.check([prefix + "abandoned"]):
+            raise RendezvousFailed(f"rank 0 stopped waiting for the other ranks at {where}")
+        missing = [] if info.rank else [r for r, k in enumerate(peers) if not store.check([k])]
+        why = ("a stop was requested" if stop is not None and stop.requested else
+               "no rank arrived in time" if time.time() > deadline else "")
+        if why:
+            if info.rank == 0:
+                store.set(prefix + "abandoned", "1")  # a late rank gives up at once instead of waiting
+            raise RendezvousFailed(f"rendezvous at {where} did not complete: {why}"
+                                   + (f" (ranks {missing} never arrived)" if missing else ""))
+        time.sleep(POLL_S)
+    if info.rank == 0:
+        store.set(prefix + "go", "1")
+    return store
+
+
+def _connect(host: str, port: int, world_size: int, deadline: float, stop, where: str) -> dist.Store:  # noqa: ANN001
+    """A store client, connecting in a thread: torch retries inside C++ for the whole timeout, where
+    no signal handler runs, so the main thread polls the stop flag meanwhile. (A connect abandoned on
+    SIGTERM is left to its daemon thread, which ends at its own timeout or with the process.)"""
+    box: dict = {}
+
+    def connect() -> None:
+        try:
+            box["store"] = dist.TCPStore(host, port, world_size, False,
+                                         timeout=datetime.timedelta(seconds=max(1.0, deadline - time.time())))
+        except Exception as e:  # noqa: BLE001  (reported by the main thread)
+            box["error"] = e
+
+    worker = threading.Thread(target=connect, name="kernelkit-rendezvous", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if stop is not None and stop.requested:
+            raise RendezvousFailed(f"rendezvous at {where} did not complete: a stop was requested")
+        worker.join(POLL_S)
+    if "error" in box:
+        raise RendezvousFailed(f"cannot reach rank 0 at {where}: {_first_line(box['error'])}") from box["error"]
+    return box["store"]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def main_done(info: DistInfo, deadline: float) -> None:
+    """Call on every rank after a phase rank 0 does alone: rank 0 marks it done, the others poll for
+    the mark (no collective, so no collective timeout) until `deadline` (wall time). A peer that
+    died, or the deadline passing, raises RuntimeError: this rank cannot go on without rank 0."""
+    global _waits
+    if not info.enabled or _store is None:
+        return
+    _waits += 1
+    key = f"kernelkit/solo/{_waits}"
+    if info.is_main:
+        _store.set(key, "1")
+        return
+    while not _store.check([key]):  # raises once rank 0 (the store's host) is gone
+        if time.time() > deadline:
+            raise RuntimeError(f"rank 0 did not finish its solo phase {_waits} by the run's deadline")
+        time.sleep(POLL_S)
 
 
 def shutdown(info: DistInfo) -> None:
+    global _store
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _store = None
 
 
 def agree(info: DistInfo, stop: bool, progress: float) -> tuple[bool, float]:
@@ -2725,7 +2935,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     if not info.enabled:
         return model
-    device_ids = [info.local_rank] if info.backend == "nccl" else None
+    device_ids = [info.local_rank] if info.device().type == "cuda" else None
     # No buffer sync inside forward: rank 0 validates alone, and a collective inside its forward
     # would wait forever for ranks that are not running one. (Newer torch renamed the switch.)
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
@@ -7111,7 +7321,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from ..core.distributed import SINGLE, DistInfo, agree, all_finite, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
@@ -7297,6 +7507,8 @@ class Trainer:
             if self.dist.is_main:
                 result.history.append(self.end_of_epoch(tr, val, result))
                 self.save("last.pt", epoch_done=not tr["stopped"])
+            # rank 0 validated alone: the others wait on a store key, with no collective timeout to outlast
+            main_done(self.dist, self.clock.start_time + self.clock.total_s)
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1

@@ -43,6 +43,8 @@ from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
 
+RANK_GRACE_S = 10.0  # after a rank failed: how long the others get to end on SIGTERM before SIGKILL
+
 
 def timm_version() -> str:
     import timm
@@ -102,11 +104,11 @@ def launch(ctx: RunContext) -> int:
     (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
     ctx.phase = TRAINING
     status = launch_ranks(ctx, procs)
-    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
+    return status if status in (EXIT_OK, EXIT_REFUSED) else carry_on_alone(ctx)
 
 
 def launch_ranks(ctx: RunContext, procs: int) -> int:
-    """Spawn one process per rank; a SIGTERM to us is passed on to them. -> rank 0's exit status."""
+    """Spawn one process per rank and watch them; a SIGTERM to us is passed on. -> rank 0's exit status."""
     import torch.multiprocessing as mp
     port = distributed.free_port()
     log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
@@ -118,18 +120,45 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
                                        start_method="spawn")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    try:
-        while not procs_ctx.join(timeout=2.0):
-            if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
-                for p in procs_ctx.processes:
-                    if p.is_alive():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p.pid, signal.SIGTERM)
-    except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
-        log.exception("a data-parallel rank failed; every rank was stopped")
+    log.info("rank pids: %s", " ".join(f"{r}={p.pid}" for r, p in enumerate(procs_ctx.processes)))
+    supervise(ctx, procs_ctx.processes)
     summary = ctx.out_dir / "summary.json"
     return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
         else EXIT_NO_SUBMISSION
+
+
+def supervise(ctx: RunContext, ranks: list) -> None:
+    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
+    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
+    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
+    failed_at = None
+    while any(p.is_alive() for p in ranks):
+        if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
+            _signal_alive(ranks, signal.SIGTERM)
+        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
+        if bad and failed_at is None:
+            failed_at = time.time()
+            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
+                      _exit_text(bad[0][1]))
+            _signal_alive(ranks, signal.SIGTERM)
+        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
+            log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
+            _signal_alive(ranks, signal.SIGKILL)
+        for p in ranks:
+            p.join(0.25)
+    for p in ranks:
+        p.join()
+
+
+def _signal_alive(ranks: list, sig: int) -> None:
+    for p in ranks:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 
 
 def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
@@ -144,6 +173,9 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)
         try:
             status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+        except distributed.RendezvousFailed as e:  # the launcher carries on in one process
+            log.error("!!! rank %d: %s", rank, e)
+            status = EXIT_NO_SUBMISSION
         except (ConfigError, ValueError, FileNotFoundError) as e:
             if ctx.phase != SETUP:
                 raise
@@ -159,7 +191,7 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
     if info.enabled:
         if info.rank:
             log.setLevel(logging.WARNING)
-        distributed.init(info, init_method)
+        info = join_ranks(ctx, info, init_method)
     try:
         if info.is_main and not announced:
             announce(ctx)
@@ -167,6 +199,25 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)
+
+
+def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
+    """The process group, or under torchrun, when the ranks cannot meet within seconds: rank 0 trains
+    alone (and says so), the others refuse. Spawned ranks raise RendezvousFailed to the launcher."""
+    threads = torch.get_num_threads()  # torch's own choice for this machine, now shared between the ranks
+    torch.set_num_threads(distributed.cpu_share(env.cpu_count(), info.world_size, cap=threads))
+    try:
+        distributed.init(info, init_method, ctx.stop)
+        return info
+    except distributed.RendezvousFailed as e:
+        if init_method != "env://":
+            raise
+        if info.rank:
+            raise ConfigError(f"rank {info.rank} of {info.world_size}: {e}; only rank 0 writes the submission, so this "
+                              "rank stops (check MASTER_ADDR / MASTER_PORT, or start one process)") from e
+        log.warning("!!! %s: training in one process instead of %d", e, info.world_size)
+        torch.set_num_threads(threads)
+        return distributed.SINGLE
 
 
 def run_job(ctx: RunContext, info: DistInfo) -> int:
@@ -211,6 +262,22 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
         log.error("!!! %s, but %d step(s) failed: %s", "the submission was written" if outcome.submitted
                   else "NO submission could be written", len(outcome.problems), "; ".join(outcome.problems))
     return status
+
+
+def carry_on_alone(ctx: RunContext) -> int:
+    """The ranks ended without a submission (a rank failed, or they never met). With no stop
+    requested, this process goes on alone: it resumes from their last.pt (or starts over), on the
+    same clock. A stop request, or a failure here, predicts from the best checkpoint there is."""
+    if not ctx.stop.requested:
+        log.error("!!! data-parallel training ended without a submission: continuing in one process")
+        cfg = dataclasses.replace(ctx.cfg, ddp_procs=1, resume=True)
+        alone = dataclasses.replace(ctx, cfg=cfg, phase=SETUP)
+        try:
+            if run_rank(alone, distributed.SINGLE, announced=True) == EXIT_OK:
+                return EXIT_OK
+        except Exception as e:  # noqa: BLE001  (what was learned is still on disk)
+            log.error("!!! training in one process failed too: %s: %s", type(e).__name__, e)
+    return rescue(ctx)
 
 
 def rescue(ctx: RunContext) -> int:

@@ -41,8 +41,6 @@ MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
 
 
-
-
 def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
                     reserve: InferenceReserve) -> None:
     """Before the first step: predict a few batches of real test images (real eval transform, real
@@ -104,6 +102,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
+    distributed.main_done(info, clock.start_time + clock.total_s)  # the probe ran on rank 0 alone
     return device, clock, data, parts, state, reserve
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
+from ..core.distributed import SINGLE, DistInfo, agree, all_finite, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
@@ -204,6 +204,8 @@ class Trainer:
             if self.dist.is_main:
                 result.history.append(self.end_of_epoch(tr, val, result))
                 self.save("last.pt", epoch_done=not tr["stopped"])
+            # rank 0 validated alone: the others wait on a store key, with no collective timeout to outlast
+            main_done(self.dist, self.clock.start_time + self.clock.total_s)
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1
