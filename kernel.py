@@ -272,8 +272,10 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 def run(ctx: RunContext) -> int:
     try:
-        from .launch import launch  # torch, timm: only now
-        return launch(ctx)
+        from .ranks import torchrun_rank  # torch: only now
+        rank = torchrun_rank(ctx)
+        from .launch import launch  # timm and the jobs
+        return launch(ctx, rank)
     except KeyboardInterrupt:
         log.error("interrupted twice: stopping without a submission")
         return EXIT_NO_SUBMISSION
@@ -565,16 +567,16 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
     return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
 ''',
 'kernelkit.app.launch': r'''"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
-kernel) and torchrun, with one failure policy: a failing rank stops every rank, and if the
-training processes ended without a valid submission while a checkpoint exists, the launcher
-predicts from it."""
+kernel) and torchrun, with one failure policy: a failing rank stops every rank (SIGTERM, then
+SIGKILL), and when the ranks end without a valid submission the launcher carries on in one
+process (resuming their last.pt, on the same clock), or, after a stop request, predicts from the
+best checkpoint. Ranks that cannot meet within seconds: the spawned ones end and the launcher goes
+on alone; under torchrun rank 0 trains alone and the others refuse."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 
@@ -605,11 +607,10 @@ from ..inputs.competition import Competition, check_submission_writable, load_co
 from .blend_job import run_blend
 from .demo import make_demo_competition, score_demo_submission
 from .infer_job import run_infer
+from .ranks import join_ranks, supervise
 from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
-
-RANK_GRACE_S = 10.0  # after a rank failed: how long the others get to end on SIGTERM before SIGKILL
 
 
 def timm_version() -> str:
@@ -657,11 +658,10 @@ def data_parallel_processes(ctx: RunContext) -> int:
     return procs
 
 
-def launch(ctx: RunContext) -> int:
-    info = distributed.from_torchrun()
-    if info is not None:  # started by torchrun: one process per rank already
-        info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
-        return run_rank(ctx, info)
+def launch(ctx: RunContext, torchrun: DistInfo | None = None) -> int:
+    """`torchrun`: this process's rank when torchrun started it, already joined (ranks.torchrun_rank)."""
+    if torchrun is not None:  # started by torchrun: one process per rank already
+        return run_rank(ctx, torchrun, joined=True)
     procs = data_parallel_processes(ctx)
     if procs == 1:
         return run_rank(ctx, distributed.SINGLE)
@@ -693,40 +693,6 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
         else EXIT_NO_SUBMISSION
 
 
-def supervise(ctx: RunContext, ranks: list) -> None:
-    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
-    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
-    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
-    failed_at = None
-    while any(p.is_alive() for p in ranks):
-        if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
-            _signal_alive(ranks, signal.SIGTERM)
-        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
-        if bad and failed_at is None:
-            failed_at = time.time()
-            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
-                      _exit_text(bad[0][1]))
-            _signal_alive(ranks, signal.SIGTERM)
-        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
-            log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
-            _signal_alive(ranks, signal.SIGKILL)
-        for p in ranks:
-            p.join(0.25)
-    for p in ranks:
-        p.join()
-
-
-def _signal_alive(ranks: list, sig: int) -> None:
-    for p in ranks:
-        if p.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, sig)
-
-
-def _exit_text(code: int) -> str:
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-
-
 def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
     non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
@@ -753,8 +719,9 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         raise SystemExit(status)
 
 
-def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False) -> int:
-    if info.enabled:
+def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False,
+             joined: bool = False) -> int:
+    if info.enabled and not joined:
         if info.rank:
             log.setLevel(logging.WARNING)
         info = join_ranks(ctx, info, init_method)
@@ -765,25 +732,6 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)
-
-
-def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
-    """The process group, or under torchrun, when the ranks cannot meet within seconds: rank 0 trains
-    alone (and says so), the others refuse. Spawned ranks raise RendezvousFailed to the launcher."""
-    threads = torch.get_num_threads()  # torch's own choice for this machine, now shared between the ranks
-    torch.set_num_threads(distributed.cpu_share(env.cpu_count(), info.world_size, cap=threads))
-    try:
-        distributed.init(info, init_method, ctx.stop)
-        return info
-    except distributed.RendezvousFailed as e:
-        if init_method != "env://":
-            raise
-        if info.rank:
-            raise ConfigError(f"rank {info.rank} of {info.world_size}: {e}; only rank 0 writes the submission, so this "
-                              "rank stops (check MASTER_ADDR / MASTER_PORT, or start one process)") from e
-        log.warning("!!! %s: training in one process instead of %d", e, info.world_size)
-        torch.set_num_threads(threads)
-        return distributed.SINGLE
 
 
 def run_job(ctx: RunContext, info: DistInfo) -> int:
@@ -1017,6 +965,95 @@ def write_predictions(comp: Competition, probs: np.ndarray, ok: np.ndarray, task
     except Exception as e:  # noqa: BLE001  (the submission is what counts; the probabilities are extra)
         log.error("could not save test_probs.npy (%s)", e)
     return path
+''',
+'kernelkit.app.ranks': r'''"""Joining the other ranks, before anything slow is imported: a rank that cannot meet its peers is
+told in seconds (torch is all a rendezvous needs; timm and the jobs load after)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from ..core import distributed, env
+from ..core.config import ConfigError
+from ..core.context import RunContext
+from ..core.distributed import DistInfo
+
+log = logging.getLogger("kernelkit")
+
+RANK_GRACE_S = 10.0  # after a rank failed: how long the others get to end on SIGTERM before SIGKILL
+
+
+def torchrun_rank(ctx: RunContext) -> DistInfo | None:
+    """This process's rank, joined to the others, when torchrun (or its variables) started it (SINGLE
+    when rank 0 had to go on alone); None otherwise."""
+    info = distributed.from_torchrun()
+    if info is None:
+        return None
+    info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
+    if not info.enabled:
+        return info
+    if info.rank:
+        log.setLevel(logging.WARNING)
+    return join_ranks(ctx, info, "env://")
+
+
+def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
+    """The process group, or under torchrun, when the ranks cannot meet within seconds: rank 0 trains
+    alone (and says so), the others refuse. Spawned ranks raise RendezvousFailed to the launcher."""
+    threads = torch.get_num_threads()  # torch's own choice for this machine, now shared between the ranks
+    torch.set_num_threads(distributed.cpu_share(env.cpu_count(), info.world_size, cap=threads))
+    try:
+        distributed.init(info, init_method, ctx.stop)
+        return info
+    except distributed.RendezvousFailed as e:
+        if init_method != "env://":
+            raise
+        if info.rank:
+            raise ConfigError(f"rank {info.rank} of {info.world_size}: {e}; only rank 0 writes the submission, so this "
+                              "rank stops (check MASTER_ADDR / MASTER_PORT, or start one process)") from e
+        log.warning("!!! %s: training in one process instead of %d", e, info.world_size)
+        torch.set_num_threads(threads)
+        return distributed.SINGLE
+
+
+def supervise(ctx: RunContext, ranks: list) -> None:
+    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
+    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
+    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
+    failed_at = None
+    while any(p.is_alive() for p in ranks):
+        if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
+            _signal_alive(ranks, signal.SIGTERM)
+        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
+        if bad and failed_at is None:
+            failed_at = time.time()
+            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
+                      _exit_text(bad[0][1]))
+            _signal_alive(ranks, signal.SIGTERM)
+        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
+            log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
+            _signal_alive(ranks, signal.SIGKILL)
+        for p in ranks:
+            p.join(0.25)
+    for p in ranks:
+        p.join()
+
+
+def _signal_alive(ranks: list, sig: int) -> None:
+    for p in ranks:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
 ''',
 'kernelkit.app.train_job': r'''"""The train job: competition -> training -> a submission from the best checkpoint.
 
@@ -1335,6 +1372,8 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
+        log.info("image cache: %d images at %d px%s", len(paths), cfg.img_size,
+                 " (rank 0; the other ranks wait)" if info.enabled else "")
         try:
             # rank 0 alone: the other ranks wait idle, so it takes every core
             cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
@@ -2706,18 +2745,21 @@ import torch.distributed as dist
 
 log = logging.getLogger("kernelkit")
 
-RENDEZVOUS_S = 30.0  # the ranks start together: a peer that has not arrived by then is not coming
+RENDEZVOUS_S = 15.0  # the ranks start together: a peer that has not arrived by then is not coming
 COLLECTIVE_TIMEOUT_S = 1800.0  # torch's default; the long solo phases wait on store keys instead
 POLL_S = 0.2
-# Read here only, set only by the test harness: both timeouts above, in seconds, so a test can
-# make rank 0's solo phases outlast the collective timeout, or a rendezvous give up quickly.
+# Read here only, set only by the test harness: "R" or "R,C" seconds for the rendezvous deadline and
+# the collective timeout, so a test's rendezvous gives up quickly, or rank 0's solo phases outlast
+# the collective timeout.
 TEST_TIMEOUT_ENV = "KERNELKIT_TEST_DIST_TIMEOUT_S"
 
 
 def timeouts() -> tuple[float, float]:
     """-> (rendezvous deadline, collective timeout), in seconds."""
-    forced = os.environ.get(TEST_TIMEOUT_ENV)
-    return (float(forced), float(forced)) if forced else (RENDEZVOUS_S, COLLECTIVE_TIMEOUT_S)
+    forced = [float(x) for x in os.environ.get(TEST_TIMEOUT_ENV, "").split(",") if x.strip()]
+    if not forced:
+        return RENDEZVOUS_S, COLLECTIVE_TIMEOUT_S
+    return forced[0], forced[-1]
 
 
 class RendezvousFailed(RuntimeError):
@@ -2798,6 +2840,7 @@ def init(info: DistInfo, init_method: str = "env://", stop=None) -> None:  # noq
     deadline_s, collective_s = timeouts()
     host, port = rendezvous_address(init_method)
     where = f"{host}:{port}"
+    log.info("rank %d: meeting %d ranks at %s (giving up after %.0f s)", info.rank, info.world_size, where, deadline_s)
     store = _meet(info, host, port, time.time() + deadline_s, stop, where)
     store.set_timeout(datetime.timedelta(seconds=collective_s))
     if info.backend == "nccl":

@@ -1,14 +1,14 @@
 """One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
-kernel) and torchrun, with one failure policy: a failing rank stops every rank, and if the
-training processes ended without a valid submission while a checkpoint exists, the launcher
-predicts from it."""
+kernel) and torchrun, with one failure policy: a failing rank stops every rank (SIGTERM, then
+SIGKILL), and when the ranks end without a valid submission the launcher carries on in one
+process (resuming their last.pt, on the same clock), or, after a stop request, predicts from the
+best checkpoint. Ranks that cannot meet within seconds: the spawned ones end and the launcher goes
+on alone; under torchrun rank 0 trains alone and the others refuse."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 
@@ -39,11 +39,10 @@ from ..inputs.competition import Competition, check_submission_writable, load_co
 from .blend_job import run_blend
 from .demo import make_demo_competition, score_demo_submission
 from .infer_job import run_infer
+from .ranks import join_ranks, supervise
 from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
-
-RANK_GRACE_S = 10.0  # after a rank failed: how long the others get to end on SIGTERM before SIGKILL
 
 
 def timm_version() -> str:
@@ -91,11 +90,10 @@ def data_parallel_processes(ctx: RunContext) -> int:
     return procs
 
 
-def launch(ctx: RunContext) -> int:
-    info = distributed.from_torchrun()
-    if info is not None:  # started by torchrun: one process per rank already
-        info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
-        return run_rank(ctx, info)
+def launch(ctx: RunContext, torchrun: DistInfo | None = None) -> int:
+    """`torchrun`: this process's rank when torchrun started it, already joined (ranks.torchrun_rank)."""
+    if torchrun is not None:  # started by torchrun: one process per rank already
+        return run_rank(ctx, torchrun, joined=True)
     procs = data_parallel_processes(ctx)
     if procs == 1:
         return run_rank(ctx, distributed.SINGLE)
@@ -127,40 +125,6 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
         else EXIT_NO_SUBMISSION
 
 
-def supervise(ctx: RunContext, ranks: list) -> None:
-    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
-    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
-    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
-    failed_at = None
-    while any(p.is_alive() for p in ranks):
-        if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
-            _signal_alive(ranks, signal.SIGTERM)
-        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
-        if bad and failed_at is None:
-            failed_at = time.time()
-            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
-                      _exit_text(bad[0][1]))
-            _signal_alive(ranks, signal.SIGTERM)
-        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
-            log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
-            _signal_alive(ranks, signal.SIGKILL)
-        for p in ranks:
-            p.join(0.25)
-    for p in ranks:
-        p.join()
-
-
-def _signal_alive(ranks: list, sig: int) -> None:
-    for p in ranks:
-        if p.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, sig)
-
-
-def _exit_text(code: int) -> str:
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-
-
 def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
     non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
@@ -187,8 +151,9 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         raise SystemExit(status)
 
 
-def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False) -> int:
-    if info.enabled:
+def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False,
+             joined: bool = False) -> int:
+    if info.enabled and not joined:
         if info.rank:
             log.setLevel(logging.WARNING)
         info = join_ranks(ctx, info, init_method)
@@ -199,25 +164,6 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)
-
-
-def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
-    """The process group, or under torchrun, when the ranks cannot meet within seconds: rank 0 trains
-    alone (and says so), the others refuse. Spawned ranks raise RendezvousFailed to the launcher."""
-    threads = torch.get_num_threads()  # torch's own choice for this machine, now shared between the ranks
-    torch.set_num_threads(distributed.cpu_share(env.cpu_count(), info.world_size, cap=threads))
-    try:
-        distributed.init(info, init_method, ctx.stop)
-        return info
-    except distributed.RendezvousFailed as e:
-        if init_method != "env://":
-            raise
-        if info.rank:
-            raise ConfigError(f"rank {info.rank} of {info.world_size}: {e}; only rank 0 writes the submission, so this "
-                              "rank stops (check MASTER_ADDR / MASTER_PORT, or start one process)") from e
-        log.warning("!!! %s: training in one process instead of %d", e, info.world_size)
-        torch.set_num_threads(threads)
-        return distributed.SINGLE
 
 
 def run_job(ctx: RunContext, info: DistInfo) -> int:

@@ -69,6 +69,8 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
+        log.info("image cache: %d images at %d px%s", len(paths), cfg.img_size,
+                 " (rank 0; the other ranks wait)" if info.enabled else "")
         try:
             # rank 0 alone: the other ranks wait idle, so it takes every core
             cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,

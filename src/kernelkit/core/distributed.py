@@ -28,18 +28,21 @@ import torch.distributed as dist
 
 log = logging.getLogger("kernelkit")
 
-RENDEZVOUS_S = 30.0  # the ranks start together: a peer that has not arrived by then is not coming
+RENDEZVOUS_S = 15.0  # the ranks start together: a peer that has not arrived by then is not coming
 COLLECTIVE_TIMEOUT_S = 1800.0  # torch's default; the long solo phases wait on store keys instead
 POLL_S = 0.2
-# Read here only, set only by the test harness: both timeouts above, in seconds, so a test can
-# make rank 0's solo phases outlast the collective timeout, or a rendezvous give up quickly.
+# Read here only, set only by the test harness: "R" or "R,C" seconds for the rendezvous deadline and
+# the collective timeout, so a test's rendezvous gives up quickly, or rank 0's solo phases outlast
+# the collective timeout.
 TEST_TIMEOUT_ENV = "KERNELKIT_TEST_DIST_TIMEOUT_S"
 
 
 def timeouts() -> tuple[float, float]:
     """-> (rendezvous deadline, collective timeout), in seconds."""
-    forced = os.environ.get(TEST_TIMEOUT_ENV)
-    return (float(forced), float(forced)) if forced else (RENDEZVOUS_S, COLLECTIVE_TIMEOUT_S)
+    forced = [float(x) for x in os.environ.get(TEST_TIMEOUT_ENV, "").split(",") if x.strip()]
+    if not forced:
+        return RENDEZVOUS_S, COLLECTIVE_TIMEOUT_S
+    return forced[0], forced[-1]
 
 
 class RendezvousFailed(RuntimeError):
@@ -120,6 +123,7 @@ def init(info: DistInfo, init_method: str = "env://", stop=None) -> None:  # noq
     deadline_s, collective_s = timeouts()
     host, port = rendezvous_address(init_method)
     where = f"{host}:{port}"
+    log.info("rank %d: meeting %d ranks at %s (giving up after %.0f s)", info.rank, info.world_size, where, deadline_s)
     store = _meet(info, host, port, time.time() + deadline_s, stop, where)
     store.set_timeout(datetime.timedelta(seconds=collective_s))
     if info.backend == "nccl":

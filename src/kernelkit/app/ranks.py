@@ -1,0 +1,88 @@
+"""Joining the other ranks, before anything slow is imported: a rank that cannot meet its peers is
+told in seconds (torch is all a rendezvous needs; timm and the jobs load after)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from ..core import distributed, env
+from ..core.config import ConfigError
+from ..core.context import RunContext
+from ..core.distributed import DistInfo
+
+log = logging.getLogger("kernelkit")
+
+RANK_GRACE_S = 10.0  # after a rank failed: how long the others get to end on SIGTERM before SIGKILL
+
+
+def torchrun_rank(ctx: RunContext) -> DistInfo | None:
+    """This process's rank, joined to the others, when torchrun (or its variables) started it (SINGLE
+    when rank 0 had to go on alone); None otherwise."""
+    info = distributed.from_torchrun()
+    if info is None:
+        return None
+    info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
+    if not info.enabled:
+        return info
+    if info.rank:
+        log.setLevel(logging.WARNING)
+    return join_ranks(ctx, info, "env://")
+
+
+def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
+    """The process group, or under torchrun, when the ranks cannot meet within seconds: rank 0 trains
+    alone (and says so), the others refuse. Spawned ranks raise RendezvousFailed to the launcher."""
+    threads = torch.get_num_threads()  # torch's own choice for this machine, now shared between the ranks
+    torch.set_num_threads(distributed.cpu_share(env.cpu_count(), info.world_size, cap=threads))
+    try:
+        distributed.init(info, init_method, ctx.stop)
+        return info
+    except distributed.RendezvousFailed as e:
+        if init_method != "env://":
+            raise
+        if info.rank:
+            raise ConfigError(f"rank {info.rank} of {info.world_size}: {e}; only rank 0 writes the submission, so this "
+                              "rank stops (check MASTER_ADDR / MASTER_PORT, or start one process)") from e
+        log.warning("!!! %s: training in one process instead of %d", e, info.world_size)
+        torch.set_num_threads(threads)
+        return distributed.SINGLE
+
+
+def supervise(ctx: RunContext, ranks: list) -> None:
+    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
+    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
+    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
+    failed_at = None
+    while any(p.is_alive() for p in ranks):
+        if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
+            _signal_alive(ranks, signal.SIGTERM)
+        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
+        if bad and failed_at is None:
+            failed_at = time.time()
+            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
+                      _exit_text(bad[0][1]))
+            _signal_alive(ranks, signal.SIGTERM)
+        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
+            log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
+            _signal_alive(ranks, signal.SIGKILL)
+        for p in ranks:
+            p.join(0.25)
+    for p in ranks:
+        p.join()
+
+
+def _signal_alive(ranks: list, sig: int) -> None:
+    for p in ranks:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
