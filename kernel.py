@@ -682,24 +682,26 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
     # forwarded while a rank is still importing torch does not kill it (it is re-sent below).
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+        released = mp.get_context("spawn").Array("b", procs, lock=False)  # distributed.release
+        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx, released), nprocs=procs, join=False,
                                        start_method="spawn")
     finally:
         signal.signal(signal.SIGTERM, previous)
     log.info("rank pids: %s", " ".join(f"{r}={p.pid}" for r, p in enumerate(procs_ctx.processes)))
-    supervise(ctx, procs_ctx.processes)
+    supervise(ctx, procs_ctx.processes, released)
     summary = ctx.out_dir / "summary.json"
     return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
         else EXIT_NO_SUBMISSION
 
 
-def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
+def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext, released=None) -> None:  # noqa: ANN001
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
     non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
     its verdict in summary.json (2 for a refusal)."""
     setup_logging()
     if rank:
         log.setLevel(logging.WARNING)
+    distributed.share_release_flags(released)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
         ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)
@@ -1022,27 +1024,29 @@ def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
         return distributed.SINGLE
 
 
-def supervise(ctx: RunContext, ranks: list) -> None:
-    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
-    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
-    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
+def supervise(ctx: RunContext, ranks: list, released) -> None:  # noqa: ANN001  (distributed.release flags)
+    """Until every rank has ended. When a rank fails while its peers still need it, nobody waits on
+    it: the others are told to finish (SIGTERM: under gloo their next collective fails at once) and
+    killed RANK_GRACE_S later if still inside one. A rank that fails after its collectives ended
+    (rank 1 exiting while rank 0 predicts) is only logged: rank 0 finishes on its own clock."""
     failed_at = None
     while any(p.is_alive() for p in ranks):
         if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
             _signal_alive(ranks, signal.SIGTERM)
-        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
-        if bad and failed_at is None:
-            failed_at = time.time()
-            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
-                      _exit_text(bad[0][1]))
-            _signal_alive(ranks, signal.SIGTERM)
-        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
+        for r, p in enumerate(ranks):
+            if p.exitcode not in (None, 0) and failed_at is None and not (released[r] or released[0]):
+                failed_at = time.time()
+                log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r, _exit_text(p.exitcode))
+                _signal_alive(ranks, signal.SIGTERM)
+        if failed_at is not None and not released[0] and time.time() - failed_at > RANK_GRACE_S:
             log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
             _signal_alive(ranks, signal.SIGKILL)
         for p in ranks:
             p.join(0.25)
-    for p in ranks:
+    for r, p in enumerate(ranks):
         p.join()
+        if p.exitcode and released[r]:
+            log.warning("data-parallel rank %d ended with %s after its training was done", r, _exit_text(p.exitcode))
 
 
 def _signal_alive(ranks: list, sig: int) -> None:
@@ -1185,6 +1189,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
+    distributed.release(info)  # no collective after training: a peer that dies now costs nothing
     result = trainer.result
     outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
@@ -2925,6 +2930,21 @@ def main_done(info: DistInfo, deadline: float) -> None:
         if time.time() > deadline:
             raise RuntimeError(f"rank 0 did not finish its solo phase {_waits} by the run's deadline")
         time.sleep(POLL_S)
+
+
+_released = None  # flags shared with the launcher (one per rank), when it spawned us
+
+
+def share_release_flags(flags) -> None:  # noqa: ANN001  (a multiprocessing array)
+    global _released
+    _released = flags
+
+
+def release(info: DistInfo) -> None:
+    """This rank needs no peer any more (its collectives are over): the launcher may then ignore a
+    peer that dies, instead of stopping this rank (rank 0 predicting alone must not be cut short)."""
+    if info.enabled and _released is not None:
+        _released[info.rank] = 1
 
 
 def shutdown(info: DistInfo) -> None:

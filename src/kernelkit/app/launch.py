@@ -114,24 +114,26 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
     # forwarded while a rank is still importing torch does not kill it (it is re-sent below).
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+        released = mp.get_context("spawn").Array("b", procs, lock=False)  # distributed.release
+        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx, released), nprocs=procs, join=False,
                                        start_method="spawn")
     finally:
         signal.signal(signal.SIGTERM, previous)
     log.info("rank pids: %s", " ".join(f"{r}={p.pid}" for r, p in enumerate(procs_ctx.processes)))
-    supervise(ctx, procs_ctx.processes)
+    supervise(ctx, procs_ctx.processes, released)
     summary = ctx.out_dir / "summary.json"
     return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
         else EXIT_NO_SUBMISSION
 
 
-def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
+def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext, released=None) -> None:  # noqa: ANN001
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
     non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
     its verdict in summary.json (2 for a refusal)."""
     setup_logging()
     if rank:
         log.setLevel(logging.WARNING)
+    distributed.share_release_flags(released)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
         ctx = dataclasses.replace(ctx, stop=stop, phase=SETUP)

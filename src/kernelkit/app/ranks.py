@@ -54,27 +54,29 @@ def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
         return distributed.SINGLE
 
 
-def supervise(ctx: RunContext, ranks: list) -> None:
-    """Until every rank has ended. A rank that fails is not waited on by the others: rank 0 is told to
-    finish (SIGTERM: under gloo its next collective fails at once; predicting, it writes the
-    submission) and is killed if it has not ended RANK_GRACE_S later (stuck in a collective)."""
+def supervise(ctx: RunContext, ranks: list, released) -> None:  # noqa: ANN001  (distributed.release flags)
+    """Until every rank has ended. When a rank fails while its peers still need it, nobody waits on
+    it: the others are told to finish (SIGTERM: under gloo their next collective fails at once) and
+    killed RANK_GRACE_S later if still inside one. A rank that fails after its collectives ended
+    (rank 1 exiting while rank 0 predicts) is only logged: rank 0 finishes on its own clock."""
     failed_at = None
     while any(p.is_alive() for p in ranks):
         if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
             _signal_alive(ranks, signal.SIGTERM)
-        bad = [(r, p.exitcode) for r, p in enumerate(ranks) if p.exitcode not in (None, 0)]
-        if bad and failed_at is None:
-            failed_at = time.time()
-            log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", bad[0][0],
-                      _exit_text(bad[0][1]))
-            _signal_alive(ranks, signal.SIGTERM)
-        elif failed_at is not None and time.time() - failed_at > RANK_GRACE_S:
+        for r, p in enumerate(ranks):
+            if p.exitcode not in (None, 0) and failed_at is None and not (released[r] or released[0]):
+                failed_at = time.time()
+                log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r, _exit_text(p.exitcode))
+                _signal_alive(ranks, signal.SIGTERM)
+        if failed_at is not None and not released[0] and time.time() - failed_at > RANK_GRACE_S:
             log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
             _signal_alive(ranks, signal.SIGKILL)
         for p in ranks:
             p.join(0.25)
-    for p in ranks:
+    for r, p in enumerate(ranks):
         p.join()
+        if p.exitcode and released[r]:
+            log.warning("data-parallel rank %d ended with %s after its training was done", r, _exit_text(p.exitcode))
 
 
 def _signal_alive(ranks: list, sig: int) -> None:

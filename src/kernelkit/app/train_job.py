@@ -128,6 +128,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
+    distributed.release(info)  # no collective after training: a peer that dies now costs nothing
     result = trainer.result
     outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,

@@ -210,6 +210,21 @@ def main_done(info: DistInfo, deadline: float) -> None:
         time.sleep(POLL_S)
 
 
+_released = None  # flags shared with the launcher (one per rank), when it spawned us
+
+
+def share_release_flags(flags) -> None:  # noqa: ANN001  (a multiprocessing array)
+    global _released
+    _released = flags
+
+
+def release(info: DistInfo) -> None:
+    """This rank needs no peer any more (its collectives are over): the launcher may then ignore a
+    peer that dies, instead of stopping this rank (rank 0 predicting alone must not be cut short)."""
+    if info.enabled and _released is not None:
+        _released[info.rank] = 1
+
+
 def shutdown(info: DistInfo) -> None:
     global _store
     if info.enabled and dist.is_initialized():
