@@ -1000,7 +1000,7 @@ case("ranks-kill1-cache", "ranks", "SIGKILL to rank 1 while rank 0 builds the im
      budget=RANK_BUDGET_S)
 case("ranks-kill1-train", "ranks", "SIGKILL to rank 1 during training (after last.pt): the launcher resumes it alone",
      S(n_train=192), "submit", RANK_FLAGS, env=RANK_ENV, action=Action("kill_rank", "train", signal.SIGKILL, 0.3),
-     require=(ALONE, r"resum"), no_leftovers=True, epochs=6, budget=RANK_BUDGET_S)
+     require=(ALONE, r"resum"), no_leftovers=True, epochs=4, budget=RANK_BUDGET_S)
 case("ranks-kill1-predict", "ranks", f"SIGKILL to rank 1 while rank 0 predicts ({PREDICT_TEST_IMAGES} images x 4 "
      "views; rank 1 has usually ended by then)", lambda d: big_test_set(single_label(d), n=PREDICT_TEST_IMAGES),
      "submit", RANK_FLAGS + PREDICT_FLAGS, env=RANK_ENV, action=Action("kill_rank", "predict", signal.SIGKILL, 0.5),

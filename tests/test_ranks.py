@@ -139,6 +139,7 @@ def test_rank_0_may_work_alone_past_the_collective_timeout(monkeypatch, wait):
 SUITE_CASES = ["ranks-kill1-train", "ranks-slow0", "ranks-sigterm-rendezvous-rank0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", SUITE_CASES)
 def test_rank_case(case_id, tmp_path):
     case = CASES[case_id]

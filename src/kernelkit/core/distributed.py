@@ -145,6 +145,16 @@ def _meet(info: DistInfo, host: str, port: int, deadline: float, stop, where: st
             raise RendezvousFailed(f"rank 0 cannot listen on {where}: {_first_line(e)}") from e
     else:
         store = _connect(host, port, info.world_size, deadline, stop, where)
+    try:
+        _wait_for_all(info, store, prefix, deadline, stop, where)
+    except RendezvousFailed:
+        raise
+    except RuntimeError as e:  # DistNetworkError: the host of the store went away meanwhile
+        raise RendezvousFailed(f"rendezvous at {where} broke off: {_first_line(e)}") from e
+    return store
+
+
+def _wait_for_all(info: DistInfo, store: dist.Store, prefix: str, deadline: float, stop, where: str) -> None:  # noqa: ANN001
     store.set(f"{prefix}arrived/{info.rank}", "1")
     peers = [f"{prefix}arrived/{r}" for r in range(info.world_size)]
     while not (store.check(peers) if info.rank == 0 else store.check([prefix + "go"])):
@@ -152,7 +162,7 @@ def _meet(info: DistInfo, host: str, port: int, deadline: float, stop, where: st
             raise RendezvousFailed(f"rank 0 stopped waiting for the other ranks at {where}")
         missing = [] if info.rank else [r for r, k in enumerate(peers) if not store.check([k])]
         why = ("a stop was requested" if stop is not None and stop.requested else
-               "no rank arrived in time" if time.time() > deadline else "")
+               "not every rank arrived in time" if time.time() > deadline else "")
         if why:
             if info.rank == 0:
                 store.set(prefix + "abandoned", "1")  # a late rank gives up at once instead of waiting
@@ -161,7 +171,6 @@ def _meet(info: DistInfo, host: str, port: int, deadline: float, stop, where: st
         time.sleep(POLL_S)
     if info.rank == 0:
         store.set(prefix + "go", "1")
-    return store
 
 
 def _connect(host: str, port: int, world_size: int, deadline: float, stop, where: str) -> dist.Store:  # noqa: ANN001
