@@ -730,7 +730,7 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
     try:
         if info.is_main and not announced:
             announce(ctx)
-        distributed.barrier(info)
+        distributed.main_done(info, ctx.t_start + budget_seconds(ctx.cfg)[0])  # rank 0 announced alone (demo data)
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)
@@ -1036,7 +1036,8 @@ def supervise(ctx: RunContext, ranks: list, released) -> None:  # noqa: ANN001  
         for r, p in enumerate(ranks):
             if p.exitcode not in (None, 0) and failed_at is None and not (released[r] or released[0]):
                 failed_at = time.time()
-                log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r, _exit_text(p.exitcode))
+                log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r,
+                          _exit_text(p.exitcode))
                 _signal_alive(ranks, signal.SIGTERM)
         if failed_at is not None and not released[0] and time.time() - failed_at > RANK_GRACE_S:
             log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
@@ -2876,7 +2877,8 @@ def _meet(info: DistInfo, host: str, port: int, deadline: float, stop, where: st
     return store
 
 
-def _wait_for_all(info: DistInfo, store: dist.Store, prefix: str, deadline: float, stop, where: str) -> None:  # noqa: ANN001
+def _wait_for_all(info: DistInfo, store: dist.Store, prefix: str, deadline: float, stop,  # noqa: ANN001
+                  where: str) -> None:
     store.set(f"{prefix}arrived/{info.rank}", "1")
     peers = [f"{prefix}arrived/{r}" for r in range(info.world_size)]
     while not (store.check(peers) if info.rank == 0 else store.check([prefix + "go"])):

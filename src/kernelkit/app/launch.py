@@ -162,7 +162,7 @@ def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", annou
     try:
         if info.is_main and not announced:
             announce(ctx)
-        distributed.barrier(info)
+        distributed.main_done(info, ctx.t_start + budget_seconds(ctx.cfg)[0])  # rank 0 announced alone (demo data)
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)

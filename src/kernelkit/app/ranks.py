@@ -66,7 +66,8 @@ def supervise(ctx: RunContext, ranks: list, released) -> None:  # noqa: ANN001  
         for r, p in enumerate(ranks):
             if p.exitcode not in (None, 0) and failed_at is None and not (released[r] or released[0]):
                 failed_at = time.time()
-                log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r, _exit_text(p.exitcode))
+                log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r,
+                          _exit_text(p.exitcode))
                 _signal_alive(ranks, signal.SIGTERM)
         if failed_at is not None and not released[0] and time.time() - failed_at > RANK_GRACE_S:
             log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)

@@ -154,7 +154,8 @@ def _meet(info: DistInfo, host: str, port: int, deadline: float, stop, where: st
     return store
 
 
-def _wait_for_all(info: DistInfo, store: dist.Store, prefix: str, deadline: float, stop, where: str) -> None:  # noqa: ANN001
+def _wait_for_all(info: DistInfo, store: dist.Store, prefix: str, deadline: float, stop,  # noqa: ANN001
+                  where: str) -> None:
     store.set(f"{prefix}arrived/{info.rank}", "1")
     peers = [f"{prefix}arrived/{r}" for r in range(info.world_size)]
     while not (store.check(peers) if info.rank == 0 else store.check([prefix + "go"])):
