@@ -59,7 +59,7 @@ def supervise(ctx: RunContext, ranks: list, released) -> None:  # noqa: ANN001  
     it: the others are told to finish (SIGTERM: under gloo their next collective fails at once) and
     killed RANK_GRACE_S later if still inside one. A rank that fails after its collectives ended
     (rank 1 exiting while rank 0 predicts) is only logged: rank 0 finishes on its own clock."""
-    failed_at = None
+    failed_at = main_ended_at = None
     while any(p.is_alive() for p in ranks):
         if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
             _signal_alive(ranks, signal.SIGTERM)
@@ -69,9 +69,15 @@ def supervise(ctx: RunContext, ranks: list, released) -> None:  # noqa: ANN001  
                 log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r,
                           _exit_text(p.exitcode))
                 _signal_alive(ranks, signal.SIGTERM)
-        if failed_at is not None and not released[0] and time.time() - failed_at > RANK_GRACE_S:
-            log.error("!!! ranks still running %.0f s after a peer failed: killing them", RANK_GRACE_S)
+        if main_ended_at is None and not ranks[0].is_alive():
+            main_ended_at = time.time()  # the others have nothing left to do: RANK_GRACE_S to exit
+        now = time.time()
+        if (failed_at is not None and not released[0] and now - failed_at > RANK_GRACE_S) or \
+                (main_ended_at is not None and now - main_ended_at > RANK_GRACE_S):
+            log.error("!!! ranks still running %.0f s after a peer failed or rank 0 ended: killing them",
+                      RANK_GRACE_S)
             _signal_alive(ranks, signal.SIGKILL)
+            failed_at = main_ended_at = float("inf")  # once
         for p in ranks:
             p.join(0.25)
     for r, p in enumerate(ranks):
