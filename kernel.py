@@ -265,8 +265,10 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 def run(ctx: RunContext) -> int:
     try:
-        from .launch import launch  # torch, timm: only now
-        return launch(ctx)
+        from .ranks import torchrun_rank  # torch: only now
+        rank = torchrun_rank(ctx)
+        from .launch import launch  # timm and the jobs
+        return launch(ctx, rank)
     except KeyboardInterrupt:
         log.error("interrupted twice: stopping without a submission")
         return EXIT_NO_SUBMISSION
@@ -458,7 +460,7 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
   (`prediction_sources`, then the job's model).
 - An exception that still escapes a job after start-up is a bug, but the checkpoints on disk
   still deserve a submission: `after_crash` logs it and predicts from the best one (`rescue`), as
-  the launcher does when its ranks end without a submission.
+  the launcher does when its ranks end without a submission and one process cannot carry on.
 - The exit status follows: 0 when a valid submission was written, else 1 (`exit_status`).
 
 The phase lives in one object shared by every copy of the run's context (`RunContext.phase`), so
@@ -545,11 +547,6 @@ def after_crash(ctx: RunContext, e: BaseException) -> int:
         print_fatal(again)
         log.error("no submission could be written")
         return EXIT_NO_SUBMISSION
-
-
-def after_ranks(ctx: RunContext, status: int) -> int:
-    """The ranks' verdict; one without a submission (a dead rank) is rescued from the checkpoints."""
-    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
 
 
 def prediction_sources(out_dir: Path) -> list[Path]:
@@ -675,14 +672,16 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
     return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
 ''',
 'kernelkit.app.launch': r'''"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
-kernel) and torchrun. A failing rank stops every rank; what that costs is `failure`'s policy."""
+kernel) and torchrun. A failing rank stops every rank (SIGTERM, then SIGKILL); when the ranks end
+without a valid submission the launcher carries on in one process (resuming their last.pt, on the
+same clock), or, after a stop request, predicts from the best checkpoint (`failure.rescue`). Ranks
+that cannot meet within seconds: the spawned ones end and the launcher goes on alone; under
+torchrun rank 0 trains alone and the others refuse."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 
@@ -696,6 +695,7 @@ from ..core.context import (
     EXIT_NO_SUBMISSION,
     EXIT_OK,
     EXIT_PLAN_DOES_NOT_FIT,
+    EXIT_REFUSED,
     SETUP,
     TRAINING,
     Phase,
@@ -710,8 +710,9 @@ from ..engine.run_state import finish_run, run_start
 from ..inputs.competition import Competition
 from .blend_job import run_blend
 from .demo import make_demo_competition, score_demo_submission
-from .failure import REFUSALS, Outcome, after_ranks, is_refusal, refuse_in_rank
+from .failure import REFUSALS, Outcome, is_refusal, refuse_in_rank, rescue
 from .infer_job import run_infer
+from .ranks import join_ranks, supervise
 from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
@@ -753,11 +754,10 @@ def data_parallel_processes(ctx: RunContext) -> int:
     return procs
 
 
-def launch(ctx: RunContext) -> int:
-    info = distributed.from_torchrun()
-    if info is not None:  # started by torchrun: one process per rank already
-        info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
-        return run_rank(ctx, info)
+def launch(ctx: RunContext, torchrun: DistInfo | None = None) -> int:
+    """`torchrun`: this process's rank when torchrun started it, already joined (ranks.torchrun_rank)."""
+    if torchrun is not None:  # started by torchrun: one process per rank already
+        return run_rank(ctx, torchrun, joined=True)
     procs = data_parallel_processes(ctx)
     if procs == 1:
         return run_rank(ctx, distributed.SINGLE)
@@ -765,11 +765,12 @@ def launch(ctx: RunContext) -> int:
     open_competition(ctx)  # a refusal here, in the launcher, is an exit 2 like any other
     (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
     ctx.phase = TRAINING
-    return after_ranks(ctx, launch_ranks(ctx, procs))
+    status = launch_ranks(ctx, procs)
+    return status if status in (EXIT_OK, EXIT_REFUSED) else carry_on_alone(ctx)
 
 
 def launch_ranks(ctx: RunContext, procs: int) -> int:
-    """Spawn one process per rank; a SIGTERM to us is passed on to them. -> rank 0's exit status."""
+    """Spawn one process per rank and watch them; a SIGTERM to us is passed on. -> rank 0's exit status."""
     import torch.multiprocessing as mp
     port = distributed.free_port()
     log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
@@ -777,36 +778,34 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
     # forwarded while a rank is still importing torch does not kill it (it is re-sent below).
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+        released = mp.get_context("spawn").Array("b", procs, lock=False)  # distributed.release
+        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx, released), nprocs=procs, join=False,
                                        start_method="spawn")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    try:
-        while not procs_ctx.join(timeout=2.0):
-            if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
-                for p in procs_ctx.processes:
-                    if p.is_alive():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p.pid, signal.SIGTERM)
-    except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
-        log.exception("a data-parallel rank failed; every rank was stopped")
+    log.info("rank pids: %s", " ".join(f"{r}={p.pid}" for r, p in enumerate(procs_ctx.processes)))
+    supervise(ctx, procs_ctx.processes, released)
     summary = ctx.out_dir / "summary.json"
     return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
         else EXIT_NO_SUBMISSION
 
 
-def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
+def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext, released=None) -> None:  # noqa: ANN001
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
     non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
     its verdict in summary.json (2 for a refusal)."""
     setup_logging()
     if rank:
         log.setLevel(logging.WARNING)
+    distributed.share_release_flags(released)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
         ctx = dataclasses.replace(ctx, stop=stop, stage=Phase(SETUP))
         try:
             status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+        except distributed.RendezvousFailed as e:  # the launcher carries on in one process
+            log.error("!!! rank %d: %s", rank, e)
+            status = EXIT_NO_SUBMISSION
         except REFUSALS as e:
             if not is_refusal(ctx, e):
                 raise
@@ -815,15 +814,16 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         raise SystemExit(status)
 
 
-def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False) -> int:
-    if info.enabled:
+def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False,
+             joined: bool = False) -> int:
+    if info.enabled and not joined:
         if info.rank:
             log.setLevel(logging.WARNING)
-        distributed.init(info, init_method)
+        info = join_ranks(ctx, info, init_method)
     try:
         if info.is_main and not announced:
             announce(ctx)
-        distributed.barrier(info)
+        distributed.main_done(info, ctx.t_start + budget_seconds(ctx.cfg)[0])  # rank 0 announced alone (demo data)
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)
@@ -871,6 +871,22 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
         log.error("!!! %s, but %d step(s) failed: %s", "the submission was written" if outcome.submitted
                   else "NO submission could be written", len(outcome.problems), "; ".join(outcome.problems))
     return status
+
+
+def carry_on_alone(ctx: RunContext) -> int:
+    """The ranks ended without a submission (a rank failed, or they never met). With no stop
+    requested, this process goes on alone: it resumes from their last.pt (or starts over), on the
+    same clock. A stop request, or a failure here, predicts from the best checkpoint there is."""
+    if not ctx.stop.requested:
+        log.error("!!! data-parallel training ended without a submission: continuing in one process")
+        cfg = dataclasses.replace(ctx.cfg, ddp_procs=1, resume=True)
+        alone = dataclasses.replace(ctx, cfg=cfg, stage=Phase(SETUP))
+        try:
+            if run_rank(alone, distributed.SINGLE, announced=True) == EXIT_OK:
+                return EXIT_OK
+        except Exception as e:  # noqa: BLE001  (what was learned is still on disk)
+            log.error("!!! training in one process failed too: %s: %s", type(e).__name__, e)
+    return rescue(ctx)
 ''',
 'kernelkit.app.outputs': r'''"""What the train job leaves in out_dir after the submission: the inference weights, and on Kaggle
 no image cache (everything in /kaggle/working is saved as output)."""
@@ -1031,6 +1047,104 @@ def write_predictions(comp: Competition, probs: np.ndarray, ok: np.ndarray, task
         log.error("could not save test_probs.npy (%s)", e)
     return path
 ''',
+'kernelkit.app.ranks': r'''"""Joining the other ranks, before anything slow is imported: a rank that cannot meet its peers is
+told in seconds (torch is all a rendezvous needs; timm and the jobs load after)."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import torch
+
+from ..core import distributed, env
+from ..core.config import ConfigError
+from ..core.context import RunContext
+from ..core.distributed import DistInfo
+
+log = logging.getLogger("kernelkit")
+
+RANK_GRACE_S = 10.0  # after a rank failed: how long the others get to end on SIGTERM before SIGKILL
+
+
+def torchrun_rank(ctx: RunContext) -> DistInfo | None:
+    """This process's rank, joined to the others, when torchrun (or its variables) started it (SINGLE
+    when rank 0 had to go on alone); None otherwise."""
+    info = distributed.from_torchrun()
+    if info is None:
+        return None
+    info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
+    if not info.enabled:
+        return info
+    if info.rank:
+        log.setLevel(logging.WARNING)
+    return join_ranks(ctx, info, "env://")
+
+
+def join_ranks(ctx: RunContext, info: DistInfo, init_method: str) -> DistInfo:
+    """The process group, or under torchrun, when the ranks cannot meet within seconds: rank 0 trains
+    alone (and says so), the others refuse. Spawned ranks raise RendezvousFailed to the launcher."""
+    threads = torch.get_num_threads()  # torch's own choice for this machine, now shared between the ranks
+    torch.set_num_threads(distributed.cpu_share(env.cpu_count(), info.world_size, cap=threads))
+    try:
+        distributed.init(info, init_method, ctx.stop)
+        return info
+    except distributed.RendezvousFailed as e:
+        if init_method != "env://":
+            raise
+        if info.rank:
+            raise ConfigError(f"rank {info.rank} of {info.world_size}: {e}; only rank 0 writes the submission, so this "
+                              "rank stops (check MASTER_ADDR / MASTER_PORT, or start one process)") from e
+        log.warning("!!! %s: training in one process instead of %d", e, info.world_size)
+        torch.set_num_threads(threads)
+        return distributed.SINGLE
+
+
+def supervise(ctx: RunContext, ranks: list, released) -> None:  # noqa: ANN001  (distributed.release flags)
+    """Until every rank has ended. When a rank fails while its peers still need it, nobody waits on
+    it: the others are told to finish (SIGTERM: under gloo their next collective fails at once) and
+    killed RANK_GRACE_S later if still inside one. A rank that fails after its collectives ended
+    (rank 1 exiting while rank 0 predicts) is only logged: rank 0 finishes on its own clock."""
+    failed_at = main_ended_at = None
+    while any(p.is_alive() for p in ranks):
+        if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
+            _signal_alive(ranks, signal.SIGTERM)
+        for r, p in enumerate(ranks):
+            if p.exitcode not in (None, 0) and failed_at is None and not (released[r] or released[0]):
+                failed_at = time.time()
+                log.error("!!! data-parallel rank %d ended with %s: stopping the other ranks", r,
+                          _exit_text(p.exitcode))
+                _signal_alive(ranks, signal.SIGTERM)
+        if main_ended_at is None and not ranks[0].is_alive():
+            main_ended_at = time.time()  # the others have nothing left to do: RANK_GRACE_S to exit
+        now = time.time()
+        if (failed_at is not None and not released[0] and now - failed_at > RANK_GRACE_S) or \
+                (main_ended_at is not None and now - main_ended_at > RANK_GRACE_S):
+            log.error("!!! ranks still running %.0f s after a peer failed or rank 0 ended: killing them",
+                      RANK_GRACE_S)
+            _signal_alive(ranks, signal.SIGKILL)
+            failed_at = main_ended_at = float("inf")  # once
+        for p in ranks:
+            p.join(0.25)
+    for r, p in enumerate(ranks):
+        p.join()
+        if p.exitcode and released[r]:
+            log.warning("data-parallel rank %d ended with %s after its training was done", r, _exit_text(p.exitcode))
+
+
+def _signal_alive(ranks: list, sig: int) -> None:
+    for p in ranks:
+        if p.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+
+
+def _exit_text(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+''',
 'kernelkit.app.train_job': r'''"""The train job: competition -> training -> a submission from the best checkpoint.
 
 Before training, everything that can be checked is (the data, the sample submission, the resume
@@ -1074,8 +1188,6 @@ log = logging.getLogger("kernelkit")
 PROBE_BATCHES = 3  # the first batch carries loader start-up; two more give the steady speed with prefetch
 MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
-
-
 
 
 def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
@@ -1162,6 +1274,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
+    distributed.main_done(info, clock.start_time + clock.total_s)  # the probe ran on rank 0 alone
     return TrainRun(device, clock, data, parts, state, reserve)
 
 
@@ -1187,6 +1300,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
+    distributed.release(info)  # no collective after training: a peer that dies now costs nothing
     result = run.result = trainer.result
     outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,
@@ -1305,6 +1419,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1328,6 +1443,7 @@ from ..inputs.submission import check_submission_writable
 
 log = logging.getLogger("kernelkit")
 
+CACHE_WAIT_SLACK_S = 120.0  # past the build's deadline: its abandonment and the index write
 
 def open_competition(ctx: RunContext) -> Competition:
     """The data, and proof that a submission can be written for it, before anything slow runs."""
@@ -1338,8 +1454,9 @@ def open_competition(ctx: RunContext) -> Competition:
     return comp
 
 
-def num_workers(cfg: Config) -> int:
-    return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
+def num_workers(cfg: Config, world_size: int = 1) -> int:
+    """num_workers as set, or -1: this rank's share of the cores (distributed.cpu_share)."""
+    return distributed.cpu_share(env.cpu_count(), world_size) if cfg.num_workers < 0 else cfg.num_workers
 
 
 @dataclass
@@ -1378,7 +1495,10 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
+        log.info("image cache: %d images at %d px%s", len(paths), cfg.img_size,
+                 " (rank 0; the other ranks wait)" if info.enabled else "")
         try:
+            # rank 0 alone: the other ranks wait idle, so it takes every core
             cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
                                 max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop, deadline=deadline)
         except BuildStopped as e:
@@ -1386,7 +1506,8 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
         except OSError as e:  # a full or read-only disk: slower epochs, not a lost run
             log.error("!!! the image cache could not be built (%s); images will be decoded as they are used", e)
     if info.enabled:
-        distributed.barrier(info)
+        # a store key, not a barrier: the build may outlast any collective timeout
+        distributed.main_done(info, deadline + CACHE_WAIT_SLACK_S if deadline else time.time() + 86400.0)
         if cache is None:
             cache = open_cache(paths, geometry, root)
     return cache
@@ -1423,7 +1544,7 @@ def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def build_training_data(cfg: Config, comp: Competition, device: torch.device,
                         info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None,
                         cache_deadline: float = 0.0) -> TrainingData:
-    nw, pin = num_workers(cfg), device.type == "cuda"
+    nw, pin = num_workers(cfg, info.world_size), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
     keep = np.arange(len(paths))
     if cfg.max_train_images and len(paths) > cfg.max_train_images:
@@ -1774,6 +1895,8 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
+    # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
+    distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
     model, size = distributed.broadcast_object(info, choice)
     model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
     resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))
@@ -2713,17 +2836,49 @@ kernel.py (no torchrun on Kaggle) or by torchrun.
 Rank 0 owns the budget clock: it decides when training stops and what the schedule position is,
 and broadcasts both every step, so all ranks take the same number of steps with the same LR.
 Only rank 0 validates, writes checkpoints and the submission.
+
+No wait here is unbounded. The ranks meet through a TCP store that this module polls, so an address
+nothing answers on, a port in use or a peer that never starts ends the rendezvous within
+`RENDEZVOUS_S` (or at once on SIGTERM) with `RendezvousFailed`, instead of the store's 30 minutes
+of retries. While rank 0 works alone (cache build, model choice, validation), the other ranks wait
+on a store key with the run's own deadline (`main_done`), not in a collective whose timeout a
+9-hour run would outlast.
 """
 from __future__ import annotations
 
 import datetime
 import inspect
+import logging
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("kernelkit")
+
+RENDEZVOUS_S = 15.0  # the ranks start together: a peer that has not arrived by then is not coming
+COLLECTIVE_TIMEOUT_S = 1800.0  # torch's default; the long solo phases wait on store keys instead
+POLL_S = 0.2
+# Read here only, set only by the test harness: "R" or "R,C" seconds for the rendezvous deadline and
+# the collective timeout, so a test's rendezvous gives up quickly, or rank 0's solo phases outlast
+# the collective timeout.
+TEST_TIMEOUT_ENV = "KERNELKIT_TEST_DIST_TIMEOUT_S"
+
+
+def timeouts() -> tuple[float, float]:
+    """-> (rendezvous deadline, collective timeout), in seconds."""
+    forced = [float(x) for x in os.environ.get(TEST_TIMEOUT_ENV, "").split(",") if x.strip()]
+    if not forced:
+        return RENDEZVOUS_S, COLLECTIVE_TIMEOUT_S
+    return forced[0], forced[-1]
+
+
+class RendezvousFailed(RuntimeError):
+    """The ranks did not all meet in time (or a stop was requested while they waited)."""
 
 
 @dataclass(frozen=True)
@@ -2742,9 +2897,10 @@ class DistInfo:
         return self.rank == 0
 
     def device(self) -> torch.device:
-        if torch.cuda.is_available() and self.backend != "gloo":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """Each rank its own GPU, whatever the backend (gloo on a GPU machine too); else the CPU."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank if self.enabled else 0)
+        return torch.device("cpu")
 
 
 SINGLE = DistInfo()
@@ -2775,18 +2931,150 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(info: DistInfo, init_method: str = "env://", timeout_s: float = 1800.0) -> None:
+def cpu_share(cpus: int, world_size: int, cap: int = 8) -> int:
+    """CPU threads (and loader workers) one rank may use: the machine's cores split between the ranks
+    (T4 x2 has 4 vCPUs: 2 each, not 4 each), at most `cap`, at least 1."""
+    return max(1, min(cap, cpus // max(1, world_size)))
+
+
+def rendezvous_address(init_method: str) -> tuple[str, int]:
+    """tcp://host:port, or env:// (MASTER_ADDR / MASTER_PORT, as torchrun sets them)."""
+    if init_method.startswith("tcp://"):
+        host, _, port = init_method[len("tcp://"):].rpartition(":")
+        return host, int(port)
+    return os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+
+
+_store: dist.Store | None = None
+_waits = 0  # solo phases so far: every rank counts the same sequence, so the keys match
+
+
+def init(info: DistInfo, init_method: str = "env://", stop=None) -> None:  # noqa: ANN001  (a StopFlag)
+    """Meet the other ranks within the rendezvous deadline, then start the process group on that store.
+    Raises RendezvousFailed (nothing is left initialised)."""
+    global _store, _waits
+    deadline_s, collective_s = timeouts()
+    host, port = rendezvous_address(init_method)
+    where = f"{host}:{port}"
+    log.info("rank %d: meeting %d ranks at %s (giving up after %.0f s)", info.rank, info.world_size, where, deadline_s)
+    store = _meet(info, host, port, time.time() + deadline_s, stop, where)
+    store.set_timeout(datetime.timedelta(seconds=collective_s))
     if info.backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(info.backend, init_method=init_method, rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    _CONTROL["timeout_s"] = timeout_s  # the control group waits as long as the default one
+    dist.init_process_group(info.backend, store=store, rank=info.rank, world_size=info.world_size,
+                            timeout=datetime.timedelta(seconds=collective_s))
+    _store, _waits = store, 0
+    _CONTROL["timeout_s"] = collective_s  # the control group waits as long as the default one
+
+
+def _meet(info: DistInfo, host: str, port: int, deadline: float, stop, where: str) -> dist.Store:  # noqa: ANN001
+    # torchrun's agent already serves a store at MASTER_PORT: every rank is its client then.
+    hosts = info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    prefix = f"kernelkit/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    if hosts:
+        try:
+            store = dist.TCPStore(host, port, info.world_size, True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=max(1.0, deadline - time.time())))
+        except (RuntimeError, OSError) as e:  # DistNetworkError: port in use, address not ours
+            raise RendezvousFailed(f"rank 0 cannot listen on {where}: {_first_line(e)}") from e
+    else:
+        store = _connect(host, port, info.world_size, deadline, stop, where)
+    try:
+        _wait_for_all(info, store, prefix, deadline, stop, where)
+    except RendezvousFailed:
+        raise
+    except RuntimeError as e:  # DistNetworkError: the host of the store went away meanwhile
+        raise RendezvousFailed(f"rendezvous at {where} broke off: {_first_line(e)}") from e
+    return store
+
+
+def _wait_for_all(info: DistInfo, store: dist.Store, prefix: str, deadline: float, stop,  # noqa: ANN001
+                  where: str) -> None:
+    store.set(f"{prefix}arrived/{info.rank}", "1")
+    peers = [f"{prefix}arrived/{r}" for r in range(info.world_size)]
+    while not (store.check(peers) if info.rank == 0 else store.check([prefix + "go"])):
+        if store.check([prefix + "abandoned"]):
+            raise RendezvousFailed(f"rank 0 stopped waiting for the other ranks at {where}")
+        missing = [] if info.rank else [r for r, k in enumerate(peers) if not store.check([k])]
+        why = ("a stop was requested" if stop is not None and stop.requested else
+               "not every rank arrived in time" if time.time() > deadline else "")
+        if why:
+            if info.rank == 0:
+                store.set(prefix + "abandoned", "1")  # a late rank gives up at once instead of waiting
+            raise RendezvousFailed(f"rendezvous at {where} did not complete: {why}"
+                                   + (f" (ranks {missing} never arrived)" if missing else ""))
+        time.sleep(POLL_S)
+    if info.rank == 0:
+        store.set(prefix + "go", "1")
+
+
+def _connect(host: str, port: int, world_size: int, deadline: float, stop, where: str) -> dist.Store:  # noqa: ANN001
+    """A store client, connecting in a thread: torch retries inside C++ for the whole timeout, where
+    no signal handler runs, so the main thread polls the stop flag meanwhile. (A connect abandoned on
+    SIGTERM is left to its daemon thread, which ends at its own timeout or with the process.)"""
+    box: dict = {}
+
+    def connect() -> None:
+        try:
+            box["store"] = dist.TCPStore(host, port, world_size, False,
+                                         timeout=datetime.timedelta(seconds=max(1.0, deadline - time.time())))
+        except Exception as e:  # noqa: BLE001  (reported by the main thread)
+            box["error"] = e
+
+    worker = threading.Thread(target=connect, name="kernelkit-rendezvous", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if stop is not None and stop.requested:
+            raise RendezvousFailed(f"rendezvous at {where} did not complete: a stop was requested")
+        worker.join(POLL_S)
+    if "error" in box:
+        raise RendezvousFailed(f"cannot reach rank 0 at {where}: {_first_line(box['error'])}") from box["error"]
+    return box["store"]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def main_done(info: DistInfo, deadline: float) -> None:
+    """Call on every rank after a phase rank 0 does alone: rank 0 marks it done, the others poll for
+    the mark (no collective, so no collective timeout) until `deadline` (wall time). A peer that
+    died, or the deadline passing, raises RuntimeError: this rank cannot go on without rank 0."""
+    global _waits
+    if not info.enabled or _store is None:
+        return
+    _waits += 1
+    key = f"kernelkit/solo/{_waits}"
+    if info.is_main:
+        _store.set(key, "1")
+        return
+    while not _store.check([key]):  # raises once rank 0 (the store's host) is gone
+        if time.time() > deadline:
+            raise RuntimeError(f"rank 0 did not finish its solo phase {_waits} by the run's deadline")
+        time.sleep(POLL_S)
+
+
+_released = None  # flags shared with the launcher (one per rank), when it spawned us
+
+
+def share_release_flags(flags) -> None:  # noqa: ANN001  (a multiprocessing array)
+    global _released
+    _released = flags
+
+
+def release(info: DistInfo) -> None:
+    """This rank needs no peer any more (its collectives are over): the launcher may then ignore a
+    peer that dies, instead of stopping this rank (rank 0 predicting alone must not be cut short)."""
+    if info.enabled and _released is not None:
+        _released[info.rank] = 1
 
 
 def shutdown(info: DistInfo) -> None:
+    global _store
     _CONTROL.pop("group", None)
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+    _store = None
 
 
 def agree(info: DistInfo, stop: bool, progress: float) -> tuple[bool, float]:
@@ -2838,7 +3126,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     if not info.enabled:
         return model
-    device_ids = [info.local_rank] if info.backend == "nccl" else None
+    device_ids = [info.local_rank] if info.device().type == "cuda" else None
     # No buffer sync inside forward: rank 0 validates alone, and a collective inside its forward
     # would wait forever for ranks that are not running one. (Newer torch renamed the switch.)
     params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
@@ -7558,7 +7846,7 @@ import numpy as np
 import torch
 
 from ..core.accel import StepGuard
-from ..core.distributed import SINGLE, DistInfo, agree, unwrap
+from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
@@ -7796,6 +8084,8 @@ class Trainer:
             if self.dist.is_main:
                 result.history.append(self.end_of_epoch(tr, val, result))
                 self.save(LAST, epoch_done=not tr["stopped"])
+            # rank 0 validated alone: the others wait on a store key, with no collective timeout to outlast
+            main_done(self.dist, self.clock.start_time + self.clock.total_s)
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1

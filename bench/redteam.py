@@ -209,7 +209,7 @@ def more_train_images(spec: Spec, n: int = 1500, size=(320, 240), seed: int = 2)
 SITECUSTOMIZE = r'''
 """Red-team fault injection, loaded by the interpreter from PYTHONPATH (as sitecustomize).
 
-RT_FAULTS (JSON) lists faults: {"target": "torch.save" | "open", "match": [substrings of the file's base
+RT_FAULTS (JSON) lists faults: {"target": "torch.save" | "open" (or rank.raise / rank.slow: _patch_ranks), "match": [substrings of the file's base
 name; "" matches all], "exclude": [substrings that spare a file], "exc": "runtime" | "enospc",
 "after": N (matching calls that succeed first), "partial": bytes written before the failure}.
 "open" wraps builtins.open / io.open for writing (so pandas, numpy, pathlib, json, any atomic-write
@@ -328,14 +328,58 @@ class _PostImport(importlib.abc.MetaPathFinder):
                 def exec_module(module, _real=real_exec):
                     _real(module)
                     _patch_torch(module)
+                    _patch_ranks(module)
                 spec.loader.exec_module = exec_module
                 return spec
         return None
 
 
+def _on_rank(torch, f):
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() == f.get("rank", 0)
+
+
+def _note(f, what):
+    if LOG:
+        with _real_open(LOG, "a") as fh:
+            fh.write(f"{os.getpid()} {f['target']} rank {f.get('rank', 0)} {what}\n")
+
+
+def _patch_ranks(torch):
+    """rank.raise: DDP forward raises on `rank` after `after` calls. rank.slow: on `rank`, the first
+    `times` iterations of a loader that is not sharded between the ranks (cache build, reserve probe,
+    validation: what rank 0 does alone) start `seconds` late."""
+    import time as _time
+    for f in FAULTS:
+        if f["target"] == "rank.raise":
+            ddp = torch.nn.parallel.DistributedDataParallel
+            real_forward = ddp.forward
+
+            def forward(self, *a, _f=f, _real=real_forward, **k):
+                if _on_rank(torch, _f):
+                    _f["calls"] = _f.get("calls", 0) + 1
+                    if _f["calls"] > _f.get("after", 0):
+                        _note(_f, "raise")
+                        raise RuntimeError(f"red-team: rank {_f.get('rank', 0)} fails in its forward")
+                return _real(self, *a, **k)
+            ddp.forward = forward
+        elif f["target"] == "rank.slow":
+            loader = torch.utils.data.DataLoader
+            real_iter = loader.__iter__
+
+            def it(self, _f=f, _real=real_iter):
+                solo = not isinstance(getattr(self, "sampler", None), torch.utils.data.DistributedSampler)
+                if solo and _on_rank(torch, _f) and _f.get("done", 0) < _f.get("times", 1):
+                    _f["done"] = _f.get("done", 0) + 1
+                    _note(_f, f"sleep {_f['seconds']}")
+                    _time.sleep(_f["seconds"])
+                return _real(self)
+            loader.__iter__ = it
+
+
 if any(f["target"] == "open" for f in FAULTS):
     builtins.open = io.open = _open
-if any(f["target"] == "torch.save" for f in FAULTS):
+if any(f["target"] == "torch.save" or f["target"].startswith("rank.") for f in FAULTS):
     sys.meta_path.insert(0, _PostImport())
 '''
 
@@ -351,9 +395,11 @@ def fault(target: str, match: list[str], exc: str = "enospc", after: int = 0, pa
 
 @dataclass
 class Action:
-    """Something done to the running kernel: `signal` (sig at a moment) or `kill9_rerun` (SIGKILL, run again)."""
+    """Something done to the running kernel: `signal` (sig at a moment), `kill9_rerun` (SIGKILL, run again)
+    or `kill_rank` (SIGKILL to data-parallel rank 1 alone, found in the launcher's "rank pids" line)."""
     kind: str
     moment: str  # import (fixed delay) | startup (config announced) | train (a checkpoint exists) | predict
+    #              | cache (rank 0 builds the image cache) | rendezvous (rank 0 waits for the others)
     sig: int = signal.SIGTERM
     delay: float = 0.0  # seconds after the moment is reached
     group: bool = False  # send to the whole process group (Ctrl-C in a terminal reaches the workers too)
@@ -376,6 +422,10 @@ class Case:
     base: bool = True  # pass the base flags at all (--help: no)
     faults: list[dict] | None = None  # sitecustomize faults
     pre_submission: bool = False  # put an older valid submission.csv at the path first
+    env: dict = field(default_factory=dict)  # extra environment; "{free_port}" / "{busy_port}" filled per run
+    forbid: tuple[str, ...] = ()  # regexes the output must not match (e.g. a fallback that must not happen)
+    require: tuple[str, ...] = ()  # regexes the output must match
+    no_leftovers: bool = False  # no process of the kernel's session may outlive it (rank cases)
 
     @property
     def trains(self) -> bool:
@@ -922,6 +972,61 @@ case("disk-full-everything", "disk", "every write fails, the submission's too: n
      "nosubmit", faults=[fault("torch.save", [""]), fault("open", [""], partial=16)], epochs=2)
 
 
+# --- 8. ranks: two gloo ranks on CPU that fail, die, stall or never meet (issue #22 item 3) ---
+# Spawned by kernel.py (--ddp-procs 2): whatever rank 1 does, rank 0's side (the launcher, carrying on
+# in one process from the ranks' last.pt) writes a valid submission within budget + OVERRUN_S, and no
+# process of the run outlives it. Under torchrun's variables (RANK / WORLD_SIZE / MASTER_*) with no
+# peer: rank 0 trains alone and says so, rank 1 refuses in seconds; SIGTERM ends the wait at once.
+RANK_FLAGS = ["--ddp-procs", "2", "--ddp-backend", "gloo"]
+RANK_ENV = {"KERNELKIT_TEST_DIST_TIMEOUT_S": "20,4"}  # rendezvous 20 s; collectives time out after 4 s
+ALONE = r"continuing in one process"
+
+
+def torchrun_env(rank: int, port: str = "{free_port}", deadline_s: str = "3") -> dict:
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}
+    if deadline_s:
+        env["KERNELKIT_TEST_DIST_TIMEOUT_S"] = deadline_s
+    return env
+
+
+RANK_BUDGET_S = 120  # two spawned ranks each import torch and timm: ~30 s of start-up on 2 busy cores
+case("ranks-control", "ranks", "2 gloo ranks, nothing goes wrong: both train, no fallback", S(n_train=96), "submit",
+     RANK_FLAGS, env=RANK_ENV, forbid=(ALONE,), require=(r"rank pids: 0=\d+ 1=\d+",), no_leftovers=True, epochs=2,
+     budget=RANK_BUDGET_S)
+case("ranks-kill1-cache", "ranks", "SIGKILL to rank 1 while rank 0 builds the image cache (1,500 images)",
+     lambda d: more_train_images(single_label(d)), "submit", RANK_FLAGS, env=RANK_ENV,
+     action=Action("kill_rank", "cache", signal.SIGKILL, 0.3), require=(ALONE,), no_leftovers=True, epochs=1,
+     budget=RANK_BUDGET_S)
+case("ranks-kill1-train", "ranks", "SIGKILL to rank 1 during training (after last.pt): the launcher resumes it alone",
+     S(n_train=192), "submit", RANK_FLAGS, env=RANK_ENV, action=Action("kill_rank", "train", signal.SIGKILL, 0.3),
+     require=(ALONE, r"resum"), no_leftovers=True, epochs=4, budget=RANK_BUDGET_S)
+case("ranks-kill1-predict", "ranks", f"SIGKILL to rank 1 while rank 0 predicts ({PREDICT_TEST_IMAGES} images x 4 "
+     "views; rank 1 has usually ended by then)", lambda d: big_test_set(single_label(d), n=PREDICT_TEST_IMAGES),
+     "submit", RANK_FLAGS + PREDICT_FLAGS, env=RANK_ENV, action=Action("kill_rank", "predict", signal.SIGKILL, 0.5),
+     no_leftovers=True, epochs=1, budget=PREDICT_BUDGET_S)
+case("ranks-raise1", "ranks", "rank 1 raises in its 3rd training forward", S(n_train=96), "submit", RANK_FLAGS,
+     env=RANK_ENV, faults=[{"target": "rank.raise", "rank": 1, "after": 2}], require=(ALONE,), no_leftovers=True,
+     epochs=3, budget=RANK_BUDGET_S)
+case("ranks-slow0", "ranks", "rank 0 sleeps 6 s in each of its first 3 solo phases (cache, reserve probe, "
+     "validation) against a 4 s collective timeout: the ranks wait on store keys and train together",
+     S(n_train=96), "submit", RANK_FLAGS, env=RANK_ENV, faults=[{"target": "rank.slow", "rank": 0, "seconds": 6,
+                                                                "times": 3}],
+     forbid=(ALONE,), no_leftovers=True, epochs=2, budget=RANK_BUDGET_S)
+case("ranks-nomeet-rank1", "ranks", "torchrun variables, RANK=1, nothing listens at MASTER_PORT: refuse in seconds",
+     S(), "refuse", env=torchrun_env(1), names=("rank 1", "MASTER_ADDR", "127.0.0.1"), no_leftovers=True)
+case("ranks-nomeet-rank0", "ranks", "torchrun variables, RANK=0, rank 1 never comes: rank 0 trains alone and says so",
+     S(), "submit", env=torchrun_env(0), require=(r"training in one process",), no_leftovers=True)
+case("ranks-port-in-use-rank0", "ranks", "torchrun variables, RANK=0, MASTER_PORT already in use: train alone at once",
+     S(), "submit", env=torchrun_env(0, "{busy_port}", ""), require=(r"cannot listen on",), no_leftovers=True)
+case("ranks-sigterm-rendezvous-rank0", "ranks", "torchrun variables, RANK=0 waits for rank 1 (15 s deadline): SIGTERM "
+     "during the wait", S(), "submit", env=torchrun_env(0, deadline_s=""),
+     action=Action("signal", "rendezvous", signal.SIGTERM, 0.5), no_leftovers=True, epochs=None)
+case("ranks-sigterm-rendezvous-rank1", "ranks", "torchrun variables, RANK=1 retries an address nothing listens on (15 s "
+     "deadline): SIGTERM 6 s after start", S(), "refuse", env=torchrun_env(1, deadline_s=""),
+     action=Action("signal", "import", signal.SIGTERM, 6.0), names=("stop was requested", "rank 1"), no_leftovers=True)
+
+
 # --- 7. images ---
 def corrupt(paths, how: str, rng=None):
     rng = rng or np.random.default_rng(5)
@@ -1265,6 +1370,12 @@ def wait_for_moment(proc: Proc, out: Path, a: Action, deadline: float) -> bool:
         elif a.moment == "startup":
             if re.search(r"kernelkit: torch|config:", text):
                 break
+        elif a.moment == "cache":
+            if re.search(r"image cache: \d+ images at", text):
+                break
+        elif a.moment == "rendezvous":
+            if re.search(r"meeting \d+ ranks at", text):
+                break
         elif a.moment == "train":
             if (out / "last.pt").is_file() or (out / "best.pt").is_file():
                 break
@@ -1281,6 +1392,55 @@ def wait_for_moment(proc: Proc, out: Path, a: Action, deadline: float) -> bool:
         return False
     time.sleep(a.delay)
     return proc.poll() is None
+
+
+def session_pids(sid: int) -> list[int]:
+    """Processes of session `sid` (the kernel runs in its own): from /proc, no psutil."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def leftovers(sid: int, wait_s: float = 3.0) -> list[int]:
+    """What of the kernel's session is still running `wait_s` after it exited (exiting children get that long)."""
+    end = time.time() + wait_s
+    while True:
+        left = session_pids(sid)
+        if not left or time.time() > end:
+            return left
+        time.sleep(0.1)
+
+
+def rank_pid(text: str, rank: int) -> int | None:
+    m = re.search(rf"rank pids:.*\b{rank}=(\d+)", text)
+    return int(m.group(1)) if m else None
+
+
+def case_env(c: Case, env: dict, held: list) -> dict:
+    """c.env with its ports filled: {free_port} nothing listens on, {busy_port} a socket of ours listens on."""
+    import socket
+    out = dict(env)
+    for k, v in c.env.items():
+        if "{free_port}" in v or "{busy_port}" in v:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if "{busy_port}" in v:
+                sock.listen(1)
+                held.append(sock)  # held open for the whole run
+            else:
+                sock.close()
+            v = v.replace("{free_port}", str(port)).replace("{busy_port}", str(port))
+        out[k] = v
+    return out
 
 
 def file_state(path: Path):
@@ -1319,7 +1479,17 @@ def _run_case(c: Case, kernel: Path, d: Path, res: dict) -> dict:
         sub.write_bytes(old_submission(spec))
     before = file_state(sub)
     cmd = [sys.executable, "kernel.py", *build_argv(c, spec, out)]
-    env = child_env(d, c)
+    held: list = []
+    try:
+        env = case_env(c, child_env(d, c), held)
+        return _run_kernel(c, d, out, spec, cmd, env, before, res)
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _run_kernel(c: Case, d: Path, out: Path, spec: Spec | None, cmd: list[str], env: dict, before, res: dict) -> dict:
+    sub = out / "submission.csv"
     res["cmd"] = " ".join(cmd[1:])
     limit = (c.budget if c.expect != "help" else 0) + OVERRUN_S + 20.0  # hard stop past the bound
     proc = Proc(cmd, d, env, d, "")
@@ -1330,15 +1500,37 @@ def _run_case(c: Case, kernel: Path, d: Path, res: dict) -> dict:
     if a is not None:
         reached = wait_for_moment(proc, out, a, t_start + limit)
         res["moment_reached"] = reached
-        if reached:
+        if reached and a.kind == "kill_rank":
+            t_signal = time.time()
+            res["signal_at_s"] = round(t_signal - t_start, 1)
+            pid = rank_pid(proc.text(), 1)
+            try:
+                os.kill(pid, a.sig) if pid else None
+                res["rank_killed"] = bool(pid)
+            except ProcessLookupError:
+                res["rank_killed"] = "had already ended"
+            if not pid:
+                reasons.append("no 'rank pids' line: rank 1 could not be found")
+        elif reached:
             t_signal = time.time()
             res["signal_at_s"] = round(t_signal - t_start, 1)
             proc.send(a.sig, a.group)
         else:
             reasons.append(f"moment '{a.moment}' not reached before the process ended (harness could not act)")
     rc, wall = proc.wait(t_start + limit)
+    if c.no_leftovers:
+        left = leftovers(proc.p.pid)
+        res["left_behind"] = left
+        if left:
+            reasons.append(f"processes left behind: {left}")
     proc.reap_group()
     output = proc.text()
+    for rx in c.require:
+        if not re.search(rx, output):
+            reasons.append(f"the output never says /{rx}/")
+    for rx in c.forbid:
+        if re.search(rx, output):
+            reasons.append(f"the output says /{rx}/, which must not happen here")
     if a is not None and a.kind == "kill9_rerun" and t_signal is not None:
         res["first_rc"] = rc
         proc = Proc(cmd, d, env, d, "-rerun")

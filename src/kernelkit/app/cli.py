@@ -58,8 +58,10 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 def run(ctx: RunContext) -> int:
     try:
-        from .launch import launch  # torch, timm: only now
-        return launch(ctx)
+        from .ranks import torchrun_rank  # torch: only now
+        rank = torchrun_rank(ctx)
+        from .launch import launch  # timm and the jobs
+        return launch(ctx, rank)
     except KeyboardInterrupt:
         log.error("interrupted twice: stopping without a submission")
         return EXIT_NO_SUBMISSION

@@ -9,7 +9,7 @@
   (`prediction_sources`, then the job's model).
 - An exception that still escapes a job after start-up is a bug, but the checkpoints on disk
   still deserve a submission: `after_crash` logs it and predicts from the best one (`rescue`), as
-  the launcher does when its ranks end without a submission.
+  the launcher does when its ranks end without a submission and one process cannot carry on.
 - The exit status follows: 0 when a valid submission was written, else 1 (`exit_status`).
 
 The phase lives in one object shared by every copy of the run's context (`RunContext.phase`), so
@@ -96,11 +96,6 @@ def after_crash(ctx: RunContext, e: BaseException) -> int:
         print_fatal(again)
         log.error("no submission could be written")
         return EXIT_NO_SUBMISSION
-
-
-def after_ranks(ctx: RunContext, status: int) -> int:
-    """The ranks' verdict; one without a submission (a dead rank) is rescued from the checkpoints."""
-    return status if status in (EXIT_OK, EXIT_REFUSED) else rescue(ctx)
 
 
 def prediction_sources(out_dir: Path) -> list[Path]:

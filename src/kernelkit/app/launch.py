@@ -1,12 +1,14 @@
 """One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
-kernel) and torchrun. A failing rank stops every rank; what that costs is `failure`'s policy."""
+kernel) and torchrun. A failing rank stops every rank (SIGTERM, then SIGKILL); when the ranks end
+without a valid submission the launcher carries on in one process (resuming their last.pt, on the
+same clock), or, after a stop request, predicts from the best checkpoint (`failure.rescue`). Ranks
+that cannot meet within seconds: the spawned ones end and the launcher goes on alone; under
+torchrun rank 0 trains alone and the others refuse."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
 import time
 
@@ -20,6 +22,7 @@ from ..core.context import (
     EXIT_NO_SUBMISSION,
     EXIT_OK,
     EXIT_PLAN_DOES_NOT_FIT,
+    EXIT_REFUSED,
     SETUP,
     TRAINING,
     Phase,
@@ -34,8 +37,9 @@ from ..engine.run_state import finish_run, run_start
 from ..inputs.competition import Competition
 from .blend_job import run_blend
 from .demo import make_demo_competition, score_demo_submission
-from .failure import REFUSALS, Outcome, after_ranks, is_refusal, refuse_in_rank
+from .failure import REFUSALS, Outcome, is_refusal, refuse_in_rank, rescue
 from .infer_job import run_infer
+from .ranks import join_ranks, supervise
 from .train_job import run_train
 
 log = logging.getLogger("kernelkit")
@@ -77,11 +81,10 @@ def data_parallel_processes(ctx: RunContext) -> int:
     return procs
 
 
-def launch(ctx: RunContext) -> int:
-    info = distributed.from_torchrun()
-    if info is not None:  # started by torchrun: one process per rank already
-        info = dataclasses.replace(info, backend=distributed.default_backend(ctx.cfg.ddp_backend))
-        return run_rank(ctx, info)
+def launch(ctx: RunContext, torchrun: DistInfo | None = None) -> int:
+    """`torchrun`: this process's rank when torchrun started it, already joined (ranks.torchrun_rank)."""
+    if torchrun is not None:  # started by torchrun: one process per rank already
+        return run_rank(ctx, torchrun, joined=True)
     procs = data_parallel_processes(ctx)
     if procs == 1:
         return run_rank(ctx, distributed.SINGLE)
@@ -89,11 +92,12 @@ def launch(ctx: RunContext) -> int:
     open_competition(ctx)  # a refusal here, in the launcher, is an exit 2 like any other
     (ctx.out_dir / "summary.json").unlink(missing_ok=True)  # the ranks' verdict, not an earlier run's
     ctx.phase = TRAINING
-    return after_ranks(ctx, launch_ranks(ctx, procs))
+    status = launch_ranks(ctx, procs)
+    return status if status in (EXIT_OK, EXIT_REFUSED) else carry_on_alone(ctx)
 
 
 def launch_ranks(ctx: RunContext, procs: int) -> int:
-    """Spawn one process per rank; a SIGTERM to us is passed on to them. -> rank 0's exit status."""
+    """Spawn one process per rank and watch them; a SIGTERM to us is passed on. -> rank 0's exit status."""
     import torch.multiprocessing as mp
     port = distributed.free_port()
     log.info("starting %d data-parallel processes (%s)", procs, distributed.default_backend(ctx.cfg.ddp_backend))
@@ -101,36 +105,34 @@ def launch_ranks(ctx: RunContext, procs: int) -> int:
     # forwarded while a rank is still importing torch does not kill it (it is re-sent below).
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx), nprocs=procs, join=False,
+        released = mp.get_context("spawn").Array("b", procs, lock=False)  # distributed.release
+        procs_ctx = mp.start_processes(rank_worker, args=(procs, port, ctx, released), nprocs=procs, join=False,
                                        start_method="spawn")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    try:
-        while not procs_ctx.join(timeout=2.0):
-            if ctx.stop.requested:  # idempotent in the ranks; repeated for ranks that were still starting
-                for p in procs_ctx.processes:
-                    if p.is_alive():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p.pid, signal.SIGTERM)
-    except Exception:  # noqa: BLE001  (a rank failed: join has stopped the others)
-        log.exception("a data-parallel rank failed; every rank was stopped")
+    log.info("rank pids: %s", " ".join(f"{r}={p.pid}" for r, p in enumerate(procs_ctx.processes)))
+    supervise(ctx, procs_ctx.processes, released)
     summary = ctx.out_dir / "summary.json"
     return int(json.loads(summary.read_text()).get("exit_status", EXIT_NO_SUBMISSION)) if summary.is_file() \
         else EXIT_NO_SUBMISSION
 
 
-def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
+def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext, released=None) -> None:  # noqa: ANN001
     """Entry of a spawned rank (module level, so spawn can import it). Any failure ends the process
     non-zero, which makes the launcher stop every rank: nobody waits on a dead peer. Rank 0 leaves
     its verdict in summary.json (2 for a refusal)."""
     setup_logging()
     if rank:
         log.setLevel(logging.WARNING)
+    distributed.share_release_flags(released)
     info = DistInfo(rank, world_size, rank, distributed.default_backend(ctx.cfg.ddp_backend))
     with handle_signals() as stop:
         ctx = dataclasses.replace(ctx, stop=stop, stage=Phase(SETUP))
         try:
             status = run_rank(ctx, info, init_method=f"tcp://127.0.0.1:{port}", announced=True)
+        except distributed.RendezvousFailed as e:  # the launcher carries on in one process
+            log.error("!!! rank %d: %s", rank, e)
+            status = EXIT_NO_SUBMISSION
         except REFUSALS as e:
             if not is_refusal(ctx, e):
                 raise
@@ -139,15 +141,16 @@ def rank_worker(rank: int, world_size: int, port: int, ctx: RunContext) -> None:
         raise SystemExit(status)
 
 
-def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False) -> int:
-    if info.enabled:
+def run_rank(ctx: RunContext, info: DistInfo, init_method: str = "env://", announced: bool = False,
+             joined: bool = False) -> int:
+    if info.enabled and not joined:
         if info.rank:
             log.setLevel(logging.WARNING)
-        distributed.init(info, init_method)
+        info = join_ranks(ctx, info, init_method)
     try:
         if info.is_main and not announced:
             announce(ctx)
-        distributed.barrier(info)
+        distributed.main_done(info, ctx.t_start + budget_seconds(ctx.cfg)[0])  # rank 0 announced alone (demo data)
         return run_job(ctx, info)
     finally:
         distributed.shutdown(info)
@@ -195,3 +198,19 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
         log.error("!!! %s, but %d step(s) failed: %s", "the submission was written" if outcome.submitted
                   else "NO submission could be written", len(outcome.problems), "; ".join(outcome.problems))
     return status
+
+
+def carry_on_alone(ctx: RunContext) -> int:
+    """The ranks ended without a submission (a rank failed, or they never met). With no stop
+    requested, this process goes on alone: it resumes from their last.pt (or starts over), on the
+    same clock. A stop request, or a failure here, predicts from the best checkpoint there is."""
+    if not ctx.stop.requested:
+        log.error("!!! data-parallel training ended without a submission: continuing in one process")
+        cfg = dataclasses.replace(ctx.cfg, ddp_procs=1, resume=True)
+        alone = dataclasses.replace(ctx, cfg=cfg, stage=Phase(SETUP))
+        try:
+            if run_rank(alone, distributed.SINGLE, announced=True) == EXIT_OK:
+                return EXIT_OK
+        except Exception as e:  # noqa: BLE001  (what was learned is still on disk)
+            log.error("!!! training in one process failed too: %s: %s", type(e).__name__, e)
+    return rescue(ctx)

@@ -43,8 +43,6 @@ MIN_TRAIN_SHARE = 0.25
 CACHE_SHARE = 0.25  # of the time left at start that building the image cache may take
 
 
-
-
 def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, device: torch.device,
                     reserve: InferenceReserve) -> None:
     """Before the first step: predict a few batches of real test images (real eval transform, real
@@ -129,6 +127,7 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
             fit_reserve_to_budget(clock, reserve, cfg)
+    distributed.main_done(info, clock.start_time + clock.total_s)  # the probe ran on rank 0 alone
     return TrainRun(device, clock, data, parts, state, reserve)
 
 
@@ -154,6 +153,7 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
         trainer.fit(data.train_loader, val)
     elif outcome.guard("training", trainer.fit, data.train_loader, val) is None:
         trainer.result.stop_reason = "error"  # what was learned before the failure is kept
+    distributed.release(info)  # no collective after training: a peer that dies now costs nothing
     result = run.result = trainer.result
     outcome.summary.update(saver.finish())  # every queued checkpoint on disk before anything reads one
     outcome.summary.update(stop_reason=result.stop_reason, epochs=len(result.history), steps=trainer.state.step,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from ..inputs.submission import check_submission_writable
 
 log = logging.getLogger("kernelkit")
 
+CACHE_WAIT_SLACK_S = 120.0  # past the build's deadline: its abandonment and the index write
 
 def open_competition(ctx: RunContext) -> Competition:
     """The data, and proof that a submission can be written for it, before anything slow runs."""
@@ -36,8 +38,9 @@ def open_competition(ctx: RunContext) -> Competition:
     return comp
 
 
-def num_workers(cfg: Config) -> int:
-    return min(env.cpu_count(), 8) if cfg.num_workers < 0 else cfg.num_workers
+def num_workers(cfg: Config, world_size: int = 1) -> int:
+    """num_workers as set, or -1: this rank's share of the cores (distributed.cpu_share)."""
+    return distributed.cpu_share(env.cpu_count(), world_size) if cfg.num_workers < 0 else cfg.num_workers
 
 
 @dataclass
@@ -76,7 +79,10 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
     cache = None
     if info.is_main:
+        log.info("image cache: %d images at %d px%s", len(paths), cfg.img_size,
+                 " (rank 0; the other ranks wait)" if info.enabled else "")
         try:
+            # rank 0 alone: the other ranks wait idle, so it takes every core
             cache = build_cache(paths, geometry, root, num_workers=num_workers(cfg), mp_context=cfg.mp_context,
                                 max_bytes=int(cfg.cache_max_gb * 1e9), stop=stop, deadline=deadline)
         except BuildStopped as e:
@@ -84,7 +90,8 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
         except OSError as e:  # a full or read-only disk: slower epochs, not a lost run
             log.error("!!! the image cache could not be built (%s); images will be decoded as they are used", e)
     if info.enabled:
-        distributed.barrier(info)
+        # a store key, not a barrier: the build may outlast any collective timeout
+        distributed.main_done(info, deadline + CACHE_WAIT_SLACK_S if deadline else time.time() + 86400.0)
         if cache is None:
             cache = open_cache(paths, geometry, root)
     return cache
@@ -121,7 +128,7 @@ def split(cfg: Config, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def build_training_data(cfg: Config, comp: Competition, device: torch.device,
                         info: DistInfo = distributed.SINGLE, stop: StopFlag | None = None,
                         cache_deadline: float = 0.0) -> TrainingData:
-    nw, pin = num_workers(cfg), device.type == "cuda"
+    nw, pin = num_workers(cfg, info.world_size), device.type == "cuda"
     targets, paths = comp.train_targets, comp.train_paths
     keep = np.arange(len(paths))
     if cfg.max_train_images and len(paths) > cfg.max_train_images:

@@ -301,6 +301,8 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
+    # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
+    distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
     model, size = distributed.broadcast_object(info, choice)
     model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
     resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..core.accel import StepGuard
-from ..core.distributed import SINGLE, DistInfo, agree, unwrap
+from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
@@ -257,6 +257,8 @@ class Trainer:
             if self.dist.is_main:
                 result.history.append(self.end_of_epoch(tr, val, result))
                 self.save(LAST, epoch_done=not tr["stopped"])
+            # rank 0 validated alone: the others wait on a store key, with no collective timeout to outlast
+            main_done(self.dist, self.clock.start_time + self.clock.total_s)
             if tr["stopped"] or not tr["images"]:
                 break
             state.epoch += 1
