@@ -218,12 +218,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from ..core import env
+from ..core.clock import at as clock_at
+from ..core.clock import now as clock_now
 from ..core.config import ConfigError, make_config
 from ..core.context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
 from ..core.stopping import handle_signals
@@ -262,7 +263,7 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
     counts the imports too."""
     setup_logging()
     try:
-        ctx = resolve(config_block, argv, started_at or time.time())
+        ctx = resolve(config_block, argv, clock_at(started_at) if started_at else clock_now())
     except ConfigError as e:
         return refuse(str(e))
     with handle_signals() as stop:
@@ -428,12 +429,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import torch
 
 from ..build.assemble import build_training_data
 from ..build.components import build_parts, fit_options
+from ..core.clock import now as clock_now
 from ..core.config import budget_seconds
 from ..core.context import RunContext
 from ..engine.budget import BudgetClock, InferenceReserve
@@ -452,7 +453,7 @@ log = logging.getLogger("kernelkit")
 
 def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     cfg = ctx.cfg
-    setup_s = time.time() - ctx.t_start
+    setup_s = clock_now() - ctx.t_start
     data = build_training_data(cfg, comp, device)
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
     budget_s, margin_s = budget_seconds(cfg)
@@ -576,12 +577,12 @@ import json
 import logging
 import os
 import signal
-import time
 
 import torch
 
 from ..build import autopick
 from ..core import distributed, env
+from ..core.clock import now as clock_now
 from ..core.config import ConfigError, budget_seconds
 from ..core.context import (
     EXIT_NO_SUBMISSION,
@@ -742,7 +743,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         summary = (run_blend(ctx, comp) if ctx.cfg.mode == "blend" else
                    run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(ctx.cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
-        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
+        log.info("done in %s: %s", fmt_seconds(clock_now() - ctx.t_start), summary)
         return EXIT_OK
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     cfg = ctx.cfg
@@ -762,7 +763,7 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
-    s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
+    s.update(wall_s=round(clock_now() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
@@ -848,7 +849,6 @@ time left, predict, write submission.csv and the probabilities."""
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -858,6 +858,7 @@ import torch
 from ..build.assemble import test_loader
 from ..build.components import model_from_config
 from ..core.accel import amp_dtype
+from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.fileio import write_npy
 from ..core.stopping import StopFlag
@@ -906,11 +907,11 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
     run's; batch size and workers are this run's (the hardware may differ)."""
     cfg = Config.from_stored({**pred.config.to_dict(), "batch_size": run_cfg.batch_size,
                               "num_workers": run_cfg.num_workers, "mp_context": run_cfg.mp_context})
-    t0 = time.time()
+    t0 = clock_now()
     out = predict(pred.model, test_loader(cfg, comp, device), device, pred.task, tta_views(tta), run_cfg.amp,
                   run_cfg.channels_last, desc=f"test {pred.name}", stop=stop, pre=pred.preprocess,
                   amp_dtype=amp_dtype(run_cfg.amp_dtype, device))
-    out["seconds_per_view"] = (time.time() - t0) / tta
+    out["seconds_per_view"] = (clock_now() - t0) / tta
     return out
 
 
@@ -927,7 +928,7 @@ def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_lef
              stop: StopFlag | None = None, grace_s: float = 20.0) -> int:
     """TTA views that fit `seconds_left` at the measured speed; after a stop request, what fits the grace."""
     if stop is not None and stop.requested:
-        seconds_left = min(seconds_left, grace_s - (time.time() - stop.at))
+        seconds_left = min(seconds_left, grace_s - (clock_now() - stop.at))
     tta = affordable_tta(wanted, n_images, images_per_s, seconds_left)
     if tta < wanted:
         log.warning("predicting with %d TTA view(s) instead of %d to stay inside the %s", tta, wanted,
@@ -946,7 +947,7 @@ def write_predictions(comp: Competition, probs: np.ndarray, ok: np.ndarray, task
     write_submission(comp, cells, path)
     log.info("submission written: %s (%d rows)", path.resolve(), len(cells))
     try:
-        write_npy(out_dir / "test_probs.npy", probs.astype(np.float32))
+        write_npy(out_dir / "test_probs.npy", np.asarray(probs, np.float32))  # no copy when float32
     except Exception as e:  # noqa: BLE001  (the submission is what counts; the probabilities are extra)
         log.error("could not save test_probs.npy (%s)", e)
     return path
@@ -962,7 +963,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -970,6 +970,7 @@ import torch
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
+from ..core.clock import now as clock_now
 from ..core.config import Config, ConfigError, budget_seconds, parse_duration
 from ..core.context import PREDICTING, TRAINING, Outcome, RunContext
 from ..core.distributed import DistInfo
@@ -1043,8 +1044,10 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
     data = build_training_data(data_cfg, comp, device, info, ctx.stop,
-                               cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
+                               cache_deadline=clock_now() + CACHE_SHARE * max(clock.remaining(), 0.0))
+    t_build = clock_now()
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    build_s = clock_now() - t_build
     state = restore(ckpt, parts, resume_path, cfg, explicit)
     if cfg.compile and info.enabled:
         log.warning("!!! compile=true is not supported with data-parallel training yet: training eagerly "
@@ -1052,7 +1055,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     elif cfg.compile:
         compile_step_model(cfg, parts, comp.task, comp.num_classes, device, preprocess_of(parts.model))
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
-    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    # model/ is written after the submission, and loading best.pt for the prediction builds the model again
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0) + build_s
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
@@ -1116,8 +1120,9 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
     if len(data.val_targets):
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
                                                     data.val_targets, cfg.beta)
-    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
+    # After the submission: the reserve does not count them, and they must never delay it.
+    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     finish_outputs(ctx, saver, outcome, clock)
 
 
@@ -1153,7 +1158,8 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
                          pred.rule, ctx.out_dir) is not None:
             outcome.submitted = True
             outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
-                                   infer_images_per_s=round(out["images_per_s"], 1))
+                                   infer_images_per_s=round(out["images_per_s"], 1),
+                                   submitted_at_s=round(clock.elapsed(), 1))
             return
 ''',
 'kernelkit.app.train_reports': r'''"""What a train run leaves beside its submission: history.csv and its plot, the best epoch's
@@ -1372,7 +1378,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -1381,6 +1386,7 @@ import torch
 
 from ..core import distributed
 from ..core.accel import amp_dtype
+from ..core.clock import now as clock_now
 from ..core.config import Config, budget_seconds
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
@@ -1500,7 +1506,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(_now(device) - t0)
-        if len(times) >= 2 and time.time() > deadline:
+        if len(times) >= 2 and clock_now() > deadline:
             break
     # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
     # which would rank the candidates by the noise rather than by their cost.
@@ -1513,7 +1519,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             t0 = _now(device)
             model(xi)
             times.append(_now(device) - t0)
-            if len(times) >= 2 and time.time() > deadline:
+            if len(times) >= 2 and clock_now() > deadline:
                 break
     infer_ips = len(xi) / max(min(times[1:]), 1e-9)
     del model, opt
@@ -1542,7 +1548,7 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter()
+    return clock_now()
 
 
 def native_size(paths: list[str], seed: int = 0) -> int | None:
@@ -1589,12 +1595,12 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
-    deadline = time.time() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
+    deadline = clock_now() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
     trials: dict[Candidate, Trial] = {}
 
     def epochs_of(c: Candidate) -> float:
         t = trials.setdefault(c, Trial(c))
-        if time.time() > deadline or (stop is not None and stop.requested):
+        if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
             return -1.0
         try:
@@ -1603,7 +1609,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
             return -1.0
-        setup_s = time.time() - started_at + SETUP_AFTER_S
+        setup_s = clock_now() - started_at + SETUP_AFTER_S
         sched = schedule_from(c.img_size, cfg.resize_start, cfg.resize_full_at)
         train_ips = t.train_ips if t.stage_ips is None else effective_ips(t.stage_ips, sched, not cfg.epochs)
         t.epochs = shape.epochs(train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
@@ -1674,12 +1680,12 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", *stored)
         return stored
-    t0 = time.time()
+    t0 = clock_now()
     shape = RunShape.of(cfg, comp, info.world_size)
     choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
-    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(time.time() - t0),
+    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(clock_now() - t0),
              ladder_table(trials, choice, need))
     if got.note:
         verdict = f"the cheapest, {got.note}"
@@ -1854,11 +1860,12 @@ Each decision is a small function of the device and the user's setting, so the a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .clock import now as clock_now
 
 AMP_DTYPES = ("auto", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -1914,13 +1921,13 @@ def compile_for_training(model: torch.nn.Module, warmup: Callable[[torch.nn.Modu
     Any exception means: train eagerly, with the reason logged and returned."""
     compiler = compiler or torch.compile
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    t0 = time.time()
+    t0 = clock_now()
     try:
         compiled = compiler(model)
         warmup(compiled)
-        return Compiled(compiled, time.time() - t0)
+        return Compiled(compiled, clock_now() - t0)
     except Exception as e:  # noqa: BLE001  (compilers fail in many ways: missing gcc/triton, graph breaks)
-        return Compiled(model, time.time() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return Compiled(model, clock_now() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
@@ -1932,6 +1939,54 @@ def compile_for_training(model: torch.nn.Module, warmup: Callable[[torch.nn.Modu
 def original_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a torch.compile wrapper (whose state_dict keys carry an '_orig_mod.' prefix)."""
     return getattr(model, "_orig_mod", model)
+''',
+'kernelkit.core.clock': r'''"""The one clock every budget decision reads: elapsed time, deadlines, throughput, checkpoint cadence.
+
+`now()` is the wall clock, time.time(). Tests and benchmarks only (not an option, not in --help)
+can set the environment variable KERNELKIT_TEST_CLOCK to `FACTOR` or `FACTOR@START`, read here and
+nowhere else: the clock then reads START (default: the import of this module) plus FACTOR times the
+CPU time this process has used. Every piece of work is FACTOR times longer on this clock, so a step
+that takes 30 ms of CPU counts as 30 ms x FACTOR against the budget, and a 9-hour schedule runs in
+9 h / FACTOR with its inference reserve, cadence and deadlines exercised, not bypassed. CPU time,
+not wall time: on a shared machine the wall clock also holds other processes' load, which FACTOR
+would turn into hours; the CPU time is this run's own work. (Nothing in the package waits for the
+clock itself, and the simulated runs use no loader worker processes, whose CPU would not count.)
+A restart after a kill is given START = the time of the kill, so one run keeps one time line.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+ENV = "KERNELKIT_TEST_CLOCK"
+
+
+def _parse(value: str) -> tuple[float, float]:
+    """-> (factor, start) from 'FACTOR' or 'FACTOR@START'; an empty value is the real clock."""
+    if not value.strip():
+        return 1.0, 0.0
+    factor, _, start = value.partition("@")
+    f = float(factor)
+    if not f > 0:
+        raise ValueError(f"{ENV}={value!r}: the factor must be positive")
+    return f, float(start) if start else time.time()
+
+
+FACTOR, START = _parse(os.environ.get(ENV, ""))
+
+
+def scaled() -> bool:
+    return FACTOR != 1.0
+
+
+def now() -> float:
+    return START + FACTOR * time.process_time() if scaled() else time.time()
+
+
+def at(wall_time: float) -> float:
+    """The clock's reading for a time.time() taken at process start (kernel.py records it before the
+    imports); on the test clock that is START, so the imports count against the budget either way."""
+    return START if scaled() else wall_time
 ''',
 'kernelkit.core.config': r'''"""The one typed config. Defaults < preset < CONFIG block in kernel.py < command line."""
 from __future__ import annotations
@@ -2930,8 +2985,9 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from typing import Iterator
+
+from .clock import now as clock_now
 
 log = logging.getLogger("kernelkit")
 
@@ -2946,7 +3002,7 @@ class StopFlag:
 
     def request(self, name: str) -> None:
         if not self.requested:
-            self.requested, self.signal_name, self.at = True, name, time.time()
+            self.requested, self.signal_name, self.at = True, name, clock_now()
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001  (signal handler signature)
         if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
@@ -3221,7 +3277,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -3230,6 +3285,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
 from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
@@ -3490,10 +3546,10 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
     for batch in progress(loader, desc=desc, total=len(loader)):
         if stop is not None and stop.requested:
             raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
-        if deadline and time.time() > deadline:
+        if deadline and clock_now() > deadline:
             raise BuildStopped("image cache build abandoned: it would take more than its share of the budget")
         if t_first is None:
-            t_first = time.time()
+            t_first = clock_now()
         else:
             n_after += len(batch)
         for i, good, msg in batch:
@@ -3503,7 +3559,7 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
                 if len(bad) <= MAX_LOGGED_BAD:
                     log.warning("unreadable image (kept with ok=0): %s", msg)
     # decode rate after the first batch (worker start-up excluded), for benchmarks and planning
-    steady = round(n_after / max(time.time() - t_first, 1e-9), 1) if t_first else 0.0
+    steady = round(n_after / max(clock_now() - t_first, 1e-9), 1) if t_first else 0.0
     return ok, bad, steady
 
 
@@ -3524,9 +3580,9 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
     bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
     (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept;
-    likewise when the wall clock passes `deadline` (time.time() value; 0 = none).
+    likewise when the wall clock passes `deadline` (clock_now() value; 0 = none).
     """
-    t0 = time.time()
+    t0 = clock_now()
     geometry = _geometry(geometry)
     size = geometry[0]
     key = cache_key(paths, geometry, stat_files)
@@ -3551,8 +3607,8 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         _fsync(data_path)
         _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
                                     "layout": "NHWC", "pad_aspect": geometry[1], "fill": geometry[2],
-                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(time.time() - t0, 3),
-                                    "steady_images_per_s": steady, "created": time.time()})
+                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(clock_now() - t0, 3),
+                                    "steady_images_per_s": steady, "created": clock_now()})
         if final.exists() and ImageCache.open(final, key) is None:
             shutil.rmtree(final)  # an incomplete or foreign directory in the way
         try:
@@ -3568,7 +3624,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     cache = ImageCache.open(final, key)
     if cache is None:
         raise RuntimeError(f"image cache at {final} unreadable right after building it")
-    dt = time.time() - t0
+    dt = clock_now() - t0
     if len(bad) > MAX_LOGGED_BAD:
         log.warning("... and %d more unreadable images, all listed in %s", len(bad) - MAX_LOGGED_BAD, final / BAD)
     log.info("image cache: %d images at %d px in %.1fs (%.0f/s), %d unreadable, %.2f GB in %s",
@@ -5970,7 +6026,8 @@ So progress is measured in time (or in steps when epochs are fixed) and the LR i
 from __future__ import annotations
 
 import math
-import time
+
+from ..core.clock import now as clock_now
 
 
 class BudgetClock:
@@ -5978,10 +6035,10 @@ class BudgetClock:
 
     def __init__(self, total_s: float, margin_s: float = 0.0, start_time: float | None = None):
         self.total_s, self.margin_s = float(total_s), float(margin_s)
-        self.start_time = time.time() if start_time is None else float(start_time)
+        self.start_time = clock_now() if start_time is None else float(start_time)
 
     def elapsed(self) -> float:
-        return time.time() - self.start_time
+        return clock_now() - self.start_time
 
     def remaining(self) -> float:
         return self.total_s - self.margin_s - self.elapsed()
@@ -6387,12 +6444,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import Preprocess, normalize, tta_identity
@@ -6435,7 +6492,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     model.eval()
     act = activation(task)
     probs, oks = [], []
-    t0 = time.time()
+    t0 = clock_now()
     t_first = None
     pieces = 1
     # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
@@ -6458,10 +6515,10 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first = time.time()
+            t_first = clock_now()
     probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
     oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
-    t_end = time.time()
+    t_end = clock_now()
     n = sum(len(p) for p in probs)
     steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
     steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)
@@ -7103,7 +7160,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -7111,6 +7167,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
@@ -7223,7 +7280,7 @@ class Trainer:
         self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
         self.frozen = False
-        self.last_save = time.time()
+        self.last_save = clock_now()
         self.stop_reason = "budget"
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
@@ -7337,7 +7394,7 @@ class Trainer:
         # end, leaving the GPU idle while the next step is prepared.
         loss_sum, unreadable = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         recent: deque = deque(maxlen=50)
-        t0 = t_prev = time.time()
+        t0 = t_prev = clock_now()
         t_first, first_n = None, 0
         bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
         for x, y, ok in bar:
@@ -7360,7 +7417,7 @@ class Trainer:
             loss_sum += loss.detach()
             recent.append(loss.detach())
             n_losses += 1
-            now = time.time()
+            now = clock_now()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
@@ -7374,7 +7431,7 @@ class Trainer:
         bar.close()
         skipped = int(unreadable.item())
         state.bad_images += skipped
-        t_end = time.time()
+        t_end = clock_now()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
         return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
@@ -7490,9 +7547,11 @@ class Trainer:
     def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
         """A failed save (full disk, I/O error) is logged and counted by the checkpointer; training goes on.
         `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
-        self.last_save = time.time()
+        self.last_save = clock_now()
         if self.saver is None:
             return
+        # One line per save, on the budget clock: the cadence can be read back from the log.
+        log.info("saving %s at %s (p=%.4f)", name, fmt_seconds(self.clock.elapsed()), self.state.progress)
         parts, state = self.parts, self.state
         ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
         swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}

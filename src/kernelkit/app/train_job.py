@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
+from ..core.clock import now as clock_now
 from ..core.config import Config, ConfigError, budget_seconds, parse_duration
 from ..core.context import PREDICTING, TRAINING, Outcome, RunContext
 from ..core.distributed import DistInfo
@@ -90,8 +90,10 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
     data = build_training_data(data_cfg, comp, device, info, ctx.stop,
-                               cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
+                               cache_deadline=clock_now() + CACHE_SHARE * max(clock.remaining(), 0.0))
+    t_build = clock_now()
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    build_s = clock_now() - t_build
     state = restore(ckpt, parts, resume_path, cfg, explicit)
     if cfg.compile and info.enabled:
         log.warning("!!! compile=true is not supported with data-parallel training yet: training eagerly "
@@ -99,7 +101,8 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> tuple:
     elif cfg.compile:
         compile_step_model(cfg, parts, comp.task, comp.num_classes, device, preprocess_of(parts.model))
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
-    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    # model/ is written after the submission, and loading best.pt for the prediction builds the model again
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0) + build_s
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
@@ -163,8 +166,9 @@ def finish(ctx: RunContext, comp: Competition, data: TrainingData, result: FitRe
     if len(data.val_targets):
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
                                                     data.val_targets, cfg.beta)
-    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, saver, model, rule, clock, reserve, outcome, device)
+    # After the submission: the reserve does not count them, and they must never delay it.
+    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     finish_outputs(ctx, saver, outcome, clock)
 
 
@@ -200,5 +204,6 @@ def submit(ctx: RunContext, comp: Competition, saver: Checkpointer, model: torch
                          pred.rule, ctx.out_dir) is not None:
             outcome.submitted = True
             outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
-                                   infer_images_per_s=round(out["images_per_s"], 1))
+                                   infer_images_per_s=round(out["images_per_s"], 1),
+                                   submitted_at_s=round(clock.elapsed(), 1))
             return

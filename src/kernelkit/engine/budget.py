@@ -7,7 +7,8 @@ So progress is measured in time (or in steps when epochs are fixed) and the LR i
 from __future__ import annotations
 
 import math
-import time
+
+from ..core.clock import now as clock_now
 
 
 class BudgetClock:
@@ -15,10 +16,10 @@ class BudgetClock:
 
     def __init__(self, total_s: float, margin_s: float = 0.0, start_time: float | None = None):
         self.total_s, self.margin_s = float(total_s), float(margin_s)
-        self.start_time = time.time() if start_time is None else float(start_time)
+        self.start_time = clock_now() if start_time is None else float(start_time)
 
     def elapsed(self) -> float:
-        return time.time() - self.start_time
+        return clock_now() - self.start_time
 
     def remaining(self) -> float:
         return self.total_s - self.margin_s - self.elapsed()

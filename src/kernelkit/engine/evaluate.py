@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import Preprocess, normalize, tta_identity
@@ -50,7 +50,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     model.eval()
     act = activation(task)
     probs, oks = [], []
-    t0 = time.time()
+    t0 = clock_now()
     t_first = None
     pieces = 1
     # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
@@ -73,10 +73,10 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first = time.time()
+            t_first = clock_now()
     probs_all = torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32)
     oks_all = torch.cat(oks).cpu().numpy() if oks else np.zeros(0, bool)
-    t_end = time.time()
+    t_end = clock_now()
     n = sum(len(p) for p in probs)
     steady_n = n - (len(probs[0]) if len(probs) > 1 else 0)
     steady_s = (t_end - t_first) if len(probs) > 1 else (t_end - t0)

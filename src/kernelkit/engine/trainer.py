@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
@@ -130,7 +130,7 @@ class Trainer:
         self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
         self.frozen = False
-        self.last_save = time.time()
+        self.last_save = clock_now()
         self.stop_reason = "budget"
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
@@ -244,7 +244,7 @@ class Trainer:
         # end, leaving the GPU idle while the next step is prepared.
         loss_sum, unreadable = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         recent: deque = deque(maxlen=50)
-        t0 = t_prev = time.time()
+        t0 = t_prev = clock_now()
         t_first, first_n = None, 0
         bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
         for x, y, ok in bar:
@@ -267,7 +267,7 @@ class Trainer:
             loss_sum += loss.detach()
             recent.append(loss.detach())
             n_losses += 1
-            now = time.time()
+            now = clock_now()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
@@ -281,7 +281,7 @@ class Trainer:
         bar.close()
         skipped = int(unreadable.item())
         state.bad_images += skipped
-        t_end = time.time()
+        t_end = clock_now()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
         return {"loss": (loss_sum / n_losses).item() if n_losses else float("nan"), "images": images,
@@ -397,9 +397,11 @@ class Trainer:
     def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
         """A failed save (full disk, I/O error) is logged and counted by the checkpointer; training goes on.
         `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
-        self.last_save = time.time()
+        self.last_save = clock_now()
         if self.saver is None:
             return
+        # One line per save, on the budget clock: the cadence can be read back from the log.
+        log.info("saving %s at %s (p=%.4f)", name, fmt_seconds(self.clock.elapsed()), self.state.progress)
         parts, state = self.parts, self.state
         ema = {"ema": parts.ema.module.state_dict()} if parts.ema is not None and weights is None else {}
         swa = {"swa": parts.swa.state_dict()} if parts.swa is not None and name == "last.pt" else {}
