@@ -555,14 +555,18 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
             log.warning("%s: %d TTA views instead of %d to stay inside the budget", path.name, tta, cfg.tta)
         out = predict_test(pred, comp, cfg, device, tta, ctx.stop)
         seconds_per_view = out["seconds_per_view"]
-        write_npy(ctx.out_dir / f"test_probs_{path.stem}.npy", out["probs"].astype(np.float32))
-        probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
+        write_npy(ctx.out_dir / f"test_probs_{path.stem}.npy", np.asarray(out["probs"], np.float32))
+        if probs_sum is None:
+            probs_sum = out["probs"]
+        else:
+            probs_sum += out["probs"]  # in place: one (N, C) sum whatever the number of checkpoints
         ok = out["ok"]
         rules.append(pred.rule)
         used.append({"checkpoint": str(path), "model": pred.config.model, "tta": tta, "val_score": pred.val_score})
         log.info("%s: %s, val score %s, %d TTA views", path, pred.config.model, pred.val_score, tta)
     rule = ensemble_rule(rules, settings)
-    write_predictions(comp, probs_sum / len(used), ok, comp.task, rule, ctx.out_dir)
+    probs_sum /= len(used)
+    write_predictions(comp, probs_sum, ok, comp.task, rule, ctx.out_dir)
     return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
 ''',
 'kernelkit.app.launch': r'''"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
@@ -1838,10 +1842,11 @@ def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> Fi
                       resolution=schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at))
 ''',
 'kernelkit.core': r'''"""The ground floor: the typed run config (schema, checks, command line), the run context and its
-stop flag, the Kaggle-or-local environment switches, atomic file writes, the output-size plan,
-progress lines, process groups and the accelerator settings. Everything above may use it; it imports
-nothing from the other kernelkit packages, and nothing here imports torch at module level except
-`distributed` and `accel`, so options are checked before the slow imports."""
+stop flag, the one clock the budget reads (`clock`, which only tests scale), the Kaggle-or-local
+environment switches, atomic file writes, the output-size plan, progress lines, process groups and
+the accelerator settings. Everything above may use it; it imports nothing from the other kernelkit
+packages, and nothing here imports torch at module level except `distributed` and `accel`, so
+options are checked before the slow imports."""
 ''',
 'kernelkit.core.accel': r'''"""Using the accelerator that was found: mixed-precision dtype, cuDNN tuning, optional torch.compile.
 
@@ -2876,7 +2881,6 @@ file, if any, is untouched.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -2928,10 +2932,13 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def write_npy(path: str | Path, array: Any) -> Path:
+    """Streamed into the temp file: no in-memory copy of the bytes (100k x 15,000 probabilities are 6 GB)."""
     import numpy as np
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    return atomic_write(path, buf.getvalue())
+    arr = np.asarray(array)
+
+    def save(f: Any) -> None:
+        np.save(f, arr)
+    return atomic_write(path, save)
 
 
 def _plain(x: Any) -> Any:
@@ -4921,6 +4928,7 @@ RUNTIME_KEYS = frozenset({
     "grace", "num_workers", "mp_context", "ddp_procs", "ddp_backend", "cache_images", "cache_dir", "cache_max_gb",
     "checkpoint_every", "deterministic", "tta", "threshold", "threshold_rule", "min_labels", "max_labels",
 })
+MIX_CELLS = 2 ** 22  # probabilities blended at a time (16 MB of float32 temporaries)
 SEARCH_ROWS = 20000  # weight search on at most this many OOF rows (seeded sample): iMet's 109k x 1103 is slow
 
 
@@ -4973,7 +4981,8 @@ def group_members(dirs: list[Path]) -> list[list[Path]]:
 def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Member:
     """One member's OOF rows and mean test probabilities, every shape checked against the data."""
     oof, covered = np.zeros((n, num_classes), np.float32), np.zeros(n, bool)
-    folds, tests = {}, []
+    folds: dict[str, np.ndarray] = {}
+    test_sum = None  # summed fold by fold from memory-mapped files: one (N, C) array, not one per folder
     for d in dirs:
         test_path = d / "test_probs.npy"
         try:
@@ -4987,16 +4996,28 @@ def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Memb
         if not files or not test_path.is_file():
             raise BlendInputError(f"{d}: a blend needs oof/oof_fold<k>_idx.npy and test_probs.npy from a run with "
                                   "fold= set (found " + ", ".join(p.name for p in d.glob("*")) + ")")
-        test = np.load(test_path)
+        test = np.load(test_path, mmap_mode="r")
         if test.shape != (n_test, num_classes):
             raise BlendInputError(f"{test_path}: shape {test.shape}, expected ({n_test}, {num_classes})")
-        tests.append(test.astype(np.float32))
+        if test_sum is None:
+            test_sum = np.array(test, dtype=np.float32)
+        else:
+            test_sum += test
+    test_sum /= len(dirs)
     name = dirs[0].name if len(dirs) == 1 else f"{dirs[0].name}+{len(dirs) - 1}"
-    return Member(name, dirs, oof, covered, folds, np.mean(tests, axis=0))
+    return Member(name, dirs, oof, covered, folds, test_sum)
 
 
 def mix(parts: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    return sum(float(w) * p for w, p in zip(weights, parts))
+    """The weighted sum as float32, a chunk of rows at a time: the temporaries stay chunk-sized, not (N, C)."""
+    out = np.empty(parts[0].shape, np.float32)
+    step = max(1, MIX_CELLS // max(out[0].size, 1)) if len(out) else 1
+    for s in range(0, len(out), step):
+        rows = slice(s, s + step)
+        out[rows] = np.float32(weights[0]) * parts[0][rows]
+        for w, p in zip(weights[1:], parts[1:]):
+            out[rows] += np.float32(w) * p[rows]
+    return out
 
 
 def _with_weight(w: np.ndarray, i: int, value: float) -> np.ndarray:
@@ -5043,6 +5064,7 @@ from typing import Protocol
 
 import numpy as np
 
+DECODE_CELLS = 2 ** 22  # probabilities decoded at a time: masks and label sorts (8 bytes a cell) stay ~32 MB
 
 class Rule(Protocol):
     """What decode needs of a thresholds.ThresholdRule (named here so decode stays a leaf)."""
@@ -5101,8 +5123,13 @@ def decode(task: str, probs: np.ndarray, threshold: float = 0.5, min_labels: int
     A `rule` (kernelkit.decide.thresholds.ThresholdRule) replaces `threshold` and `min_labels`.
     """
     if task == "multilabel":
-        pred = rule.apply(probs) if rule is not None else decode_multilabel(probs, threshold, min_labels)
-        return [np.flatnonzero(row).tolist() for row in pred]
+        out: list = []
+        rows = max(1, DECODE_CELLS // max(probs.shape[1], 1))
+        for s in range(0, len(probs), rows):  # the (rows, C) masks and sorts stay chunk-sized
+            chunk = probs[s:s + rows]
+            pred = rule.apply(chunk) if rule is not None else decode_multilabel(chunk, threshold, min_labels)
+            out.extend(np.flatnonzero(row).tolist() for row in pred)
+        return out
     return probs.argmax(1).tolist()
 ''',
 'kernelkit.decide.metrics': r'''"""Competition metrics on numpy arrays.
@@ -5436,7 +5463,10 @@ def _multilabel_errors(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray | 
     fn, fp = truth & ~pred, ~truth & pred
     wrong = fn.sum(1) + fp.sum(1)
     # Among equally wrong images, the more confidently wrong first.
-    confidence = (np.abs(probs - truth) * (fn | fp)).sum(1) if probs is not None else np.zeros(len(truth))
+    # Summed over the wrong cells only (no (N, C) float temporaries).
+    err_rows, err_cols = np.nonzero(fn | fp)
+    confidence = np.zeros(len(truth)) if probs is None else np.bincount(
+        err_rows, weights=np.abs(probs[err_rows, err_cols] - truth[err_rows, err_cols]), minlength=len(truth))
     worst = np.lexsort((np.arange(len(truth)), -confidence, -wrong))[:top]
     worst = worst[wrong[worst] > 0]
     table = pd.DataFrame({"id": [ids[i] for i in worst], "n_wrong": wrong[worst],
@@ -5512,7 +5542,7 @@ def error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray | None
     if truth.shape != pred.shape or len(ids) != len(truth):
         raise ValueError(f"truth {truth.shape}, pred {pred.shape} and {len(ids)} ids must match")
     if probs is not None:
-        probs = np.asarray(probs, dtype=np.float64)
+        probs = np.asarray(probs, dtype=np.float32)  # no float64 copy: (N, C) is large at 15,000 classes
         if probs.shape != (len(truth), len(class_names)):
             raise ValueError(f"probs {probs.shape} must be ({len(truth)}, {len(class_names)})")
     if truth.ndim == 2:
@@ -5680,6 +5710,7 @@ from .labels import apply_thresholds, limit_labels, order_and_ranks
 from .metrics import fbeta_per_image
 
 KINDS = ("global", "group", "class")
+CHUNK_CELLS = 2 ** 22  # probabilities scored at a time: int64 grid indices of ~32 MB
 
 
 def default_grid() -> np.ndarray:
@@ -5817,12 +5848,14 @@ def _pick(scores: np.ndarray, grid: np.ndarray, current_score: float, current_t:
 
 
 def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: float = 2.0, min_labels: int = 0,
-                  max_labels: int = 0, show_progress: bool = False, chunk: int = 4096) -> np.ndarray:
+                  max_labels: int = 0, show_progress: bool = False, chunk: int = 0) -> np.ndarray:
     """(G,) F-beta per image for each threshold of the sorted `grid`, min/max labels included exactly.
 
-    Rows are done `chunk` images at a time to bound memory (N x G floats per chunk).
+    Rows are done `chunk` images at a time to bound memory (chunk x C grid indices, chunk x G
+    scores); 0 = as many rows as make CHUNK_CELLS cells, so 15,000 classes get smaller chunks.
     """
     b2 = beta * beta
+    chunk = chunk or max(1, min(4096, CHUNK_CELLS // max(probs.shape[1], 1)))
     total = np.zeros(len(grid))
     starts = range(0, len(probs), chunk)
     if show_progress:
