@@ -217,11 +217,12 @@ so a typo is refused in well under a second, before torch is even imported.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from ..core import env
+from ..core.clock import at as clock_at
+from ..core.clock import now as clock_now
 from ..core.config import ConfigError
 from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
 from ..core.options import make_config
@@ -255,7 +256,7 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
     counts the imports too."""
     setup_logging()
     try:
-        ctx = resolve(config_block, argv, started_at or time.time())
+        ctx = resolve(config_block, argv, clock_at(started_at) if started_at else clock_now())
     except ConfigError as e:
         return refuse(str(e))
     with handle_signals() as stop:
@@ -400,12 +401,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import torch
 
 from ..build.assemble import build_training_data
 from ..build.components import build_parts, fit_options
+from ..core.clock import now as clock_now
 from ..core.context import RunContext
 from ..engine.budget import BudgetClock, InferenceReserve, budget_seconds
 from ..engine.plan import Plan, make_plan
@@ -424,7 +425,7 @@ log = logging.getLogger("kernelkit")
 
 def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     cfg = ctx.cfg
-    setup_s = time.time() - ctx.t_start
+    setup_s = clock_now() - ctx.t_start
     data = build_training_data(cfg, comp, device)
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
     budget_s, margin_s = budget_seconds(cfg)
@@ -661,14 +662,18 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
             log.warning("%s: %d TTA views instead of %d to stay inside the budget", path.name, tta, cfg.tta)
         out = predict_test(pred, comp, cfg, device, tta, ctx.stop)
         seconds_per_view = out["seconds_per_view"]
-        write_npy(ctx.out_dir / f"test_probs_{path.stem}.npy", out["probs"].astype(np.float32))
-        probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
+        write_npy(ctx.out_dir / f"test_probs_{path.stem}.npy", np.asarray(out["probs"], np.float32))
+        if probs_sum is None:
+            probs_sum = out["probs"]
+        else:
+            probs_sum += out["probs"]  # in place: one (N, C) sum whatever the number of checkpoints
         ok = out["ok"]
         rules.append(pred.rule)
         used.append({"checkpoint": str(path), "model": pred.config.model, "tta": tta, "val_score": pred.val_score})
         log.info("%s: %s, val score %s, %d TTA views", path, pred.config.model, pred.val_score, tta)
     rule = ensemble_rule(rules, settings)
-    write_predictions(comp, probs_sum / len(used), ok, comp.task, rule, ctx.out_dir)
+    probs_sum /= len(used)
+    write_predictions(comp, probs_sum, ok, comp.task, rule, ctx.out_dir)
     return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}
 ''',
 'kernelkit.app.launch': r'''"""One launch path for one process, spawned ranks (Kaggle's T4 x2: no torchrun in a script
@@ -683,13 +688,13 @@ import dataclasses
 import json
 import logging
 import signal
-import time
 
 import torch
 
 from ..build import autopick
 from ..build.assemble import open_competition
 from ..core import distributed, env
+from ..core.clock import now as clock_now
 from ..core.config import ConfigError
 from ..core.context import (
     EXIT_NO_SUBMISSION,
@@ -836,7 +841,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         summary = (run_blend(ctx, comp) if ctx.cfg.mode == "blend" else
                    run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(ctx.cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
-        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
+        log.info("done in %s: %s", fmt_seconds(clock_now() - ctx.t_start), summary)
         return EXIT_OK
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     cfg = ctx.cfg
@@ -856,7 +861,7 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
     status = outcome.exit_status()
     outcome.guard("finishing the run state", finish_run, out_dir)
-    s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
+    s.update(wall_s=round(clock_now() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
@@ -943,7 +948,6 @@ time left, predict, write submission.csv and the probabilities."""
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -953,6 +957,7 @@ import torch
 from ..build.assemble import test_loader
 from ..build.components import model_from_config
 from ..core.accel import amp_dtype
+from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.fileio import write_npy
 from ..core.stopping import StopFlag
@@ -1002,11 +1007,11 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
     run's; batch size and workers are this run's (the hardware may differ)."""
     cfg = Config.from_stored({**pred.config.to_dict(), "batch_size": run_cfg.batch_size,
                               "num_workers": run_cfg.num_workers, "mp_context": run_cfg.mp_context})
-    t0 = time.time()
+    t0 = clock_now()
     out = predict(pred.model, test_loader(cfg, comp, device), device, pred.task, tta_views(tta), run_cfg.amp,
                   run_cfg.channels_last, desc=f"test {pred.name}", stop=stop, pre=pred.preprocess,
                   amp_dtype=amp_dtype(run_cfg.amp_dtype, device))
-    out["seconds_per_view"] = (time.time() - t0) / tta
+    out["seconds_per_view"] = (clock_now() - t0) / tta
     return out
 
 
@@ -1023,7 +1028,7 @@ def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_lef
              stop: StopFlag | None = None, grace_s: float = 20.0) -> int:
     """TTA views that fit `seconds_left` at the measured speed; after a stop request, what fits the grace."""
     if stop is not None and stop.requested:
-        seconds_left = min(seconds_left, grace_s - (time.time() - stop.at))
+        seconds_left = min(seconds_left, grace_s - (clock_now() - stop.at))
     tta = affordable_tta(wanted, n_images, images_per_s, seconds_left)
     if tta < wanted:
         log.warning("predicting with %d TTA view(s) instead of %d to stay inside the %s", tta, wanted,
@@ -1042,7 +1047,7 @@ def write_predictions(comp: Competition, probs: np.ndarray, ok: np.ndarray, task
     write_submission(comp, cells, path)
     log.info("submission written: %s (%d rows)", path.resolve(), len(cells))
     try:
-        write_npy(out_dir / "test_probs.npy", probs.astype(np.float32))
+        write_npy(out_dir / "test_probs.npy", np.asarray(probs, np.float32))  # no copy when float32
     except Exception as e:  # noqa: BLE001  (the submission is what counts; the probabilities are extra)
         log.error("could not save test_probs.npy (%s)", e)
     return path
@@ -1156,7 +1161,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1165,6 +1169,7 @@ import torch
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
+from ..core.clock import now as clock_now
 from ..core.config import Config, ConfigError, parse_duration
 from ..core.context import PREDICTING, TRAINING, RunContext
 from ..core.distributed import DistInfo
@@ -1204,11 +1209,13 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
 
 
-def new_reserve(cfg: Config, comp: Competition, data: TrainingData, parts: TrainParts) -> InferenceReserve:
+def new_reserve(cfg: Config, comp: Competition, data: TrainingData, parts: TrainParts,
+                build_s: float) -> InferenceReserve:
     """The time to keep for everything after training, before it is measured: the final validation and
-    test prediction, the inference weights written after the submission, the weight average's work."""
+    test prediction, the inference weights written after the submission, the model built again to
+    load best.pt for the prediction (`build_s`), the weight average's work."""
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
-    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0) + build_s
     if parts.swa is not None:
         reserve.extra_images, reserve.extra_loaders = parts.swa.extra_images(data.train_loader, reserve.n_val)
     return reserve
@@ -1261,15 +1268,17 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
     data = build_training_data(data_cfg, comp, device, info, ctx.stop,
-                               cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
+                               cache_deadline=clock_now() + CACHE_SHARE * max(clock.remaining(), 0.0))
+    t_build = clock_now()
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    build_s = clock_now() - t_build
     state = restore(ckpt, parts, resume_path, cfg, explicit)
     if cfg.compile and info.enabled:
         log.warning("!!! compile=true is not supported with data-parallel training yet: training eagerly "
                     "(set ddp_procs=1 to compile on one GPU)")
     elif cfg.compile:
         compile_step_model(cfg, parts, comp.task, comp.num_classes, device, preprocess_of(parts.model))
-    reserve = new_reserve(cfg, comp, data, parts)
+    reserve = new_reserve(cfg, comp, data, parts, build_s)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
@@ -1333,8 +1342,9 @@ def finish(ctx: RunContext, comp: Competition, run: TrainRun, outcome: Outcome) 
     if len(data.val_targets):
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
                                                     data.val_targets, cfg.beta)
-    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, run, rule, outcome)
+    # After the submission: the reserve does not count them, and they must never delay it.
+    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     finish_outputs(ctx, saver, outcome, run.clock)
 
 
@@ -1369,7 +1379,8 @@ def submit(ctx: RunContext, comp: Competition, run: TrainRun, rule: ThresholdRul
                          pred.rule, ctx.out_dir) is not None:
             outcome.submitted = True
             outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
-                                   infer_images_per_s=round(out["images_per_s"], 1))
+                                   infer_images_per_s=round(out["images_per_s"], 1),
+                                   submitted_at_s=round(clock.elapsed(), 1))
             return
 ''',
 'kernelkit.app.train_reports': r'''"""What a train run leaves beside its submission: history.csv and its plot, the best epoch's
@@ -1419,7 +1430,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1428,6 +1438,7 @@ import numpy as np
 import torch
 
 from ..core import distributed, env
+from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
@@ -1507,7 +1518,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
             log.error("!!! the image cache could not be built (%s); images will be decoded as they are used", e)
     if info.enabled:
         # a store key, not a barrier: the build may outlast any collective timeout
-        distributed.main_done(info, deadline + CACHE_WAIT_SLACK_S if deadline else time.time() + 86400.0)
+        distributed.main_done(info, deadline + CACHE_WAIT_SLACK_S if deadline else clock_now() + 86400.0)
         if cache is None:
             cache = open_cache(paths, geometry, root)
     return cache
@@ -1606,7 +1617,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -1615,6 +1625,7 @@ import torch
 
 from ..core import distributed
 from ..core.accel import amp_dtype
+from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
@@ -1735,7 +1746,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(_now(device) - t0)
-        if len(times) >= 2 and time.time() > deadline:
+        if len(times) >= 2 and clock_now() > deadline:
             break
     # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
     # which would rank the candidates by the noise rather than by their cost.
@@ -1748,7 +1759,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             t0 = _now(device)
             model(xi)
             times.append(_now(device) - t0)
-            if len(times) >= 2 and time.time() > deadline:
+            if len(times) >= 2 and clock_now() > deadline:
                 break
     infer_ips = len(xi) / max(min(times[1:]), 1e-9)
     del model, opt
@@ -1777,7 +1788,7 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter()
+    return clock_now()
 
 
 def native_size(paths: list[str], seed: int = 0) -> int | None:
@@ -1827,12 +1838,12 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
-    deadline = time.time() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
+    deadline = clock_now() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
     trials: dict[Candidate, Trial] = {}
 
     def epochs_of(c: Candidate) -> float:
         t = trials.setdefault(c, Trial(c))
-        if time.time() > deadline or (stop is not None and stop.requested):
+        if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
             return -1.0
         try:
@@ -1841,7 +1852,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
             return -1.0
-        setup_s = time.time() - started_at + SETUP_AFTER_S
+        setup_s = clock_now() - started_at + SETUP_AFTER_S
         sched = schedule_from(c.img_size, cfg.resize_start, cfg.resize_full_at)
         train_ips = t.train_ips if t.stage_ips is None else effective_ips(t.stage_ips, sched, not cfg.epochs)
         t.epochs = shape.epochs(train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
@@ -1914,12 +1925,12 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", *stored)
         return stored
-    t0 = time.time()
+    t0 = clock_now()
     shape = RunShape.of(cfg, comp, info.world_size)
     choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
-    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(time.time() - t0),
+    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(clock_now() - t0),
              ladder_table(trials, choice, need))
     if got.note:
         verdict = f"the cheapest, {got.note}"
@@ -2110,10 +2121,11 @@ def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> Fi
                       resolution=schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at))
 ''',
 'kernelkit.core': r'''"""The ground floor: the typed run config (schema, checks, command line), the run context and its
-stop flag, the Kaggle-or-local environment switches, atomic file writes, the output-size plan,
-progress lines, process groups and the accelerator settings. Everything above may use it; it imports
-nothing from the other kernelkit packages, and nothing here imports torch at module level except
-`distributed` and `accel`, so options are checked before the slow imports."""
+stop flag, the one clock the budget reads (`clock`, which only tests scale), the Kaggle-or-local
+environment switches, atomic file writes, the output-size plan, progress lines, process groups and
+the accelerator settings. Everything above may use it; it imports nothing from the other kernelkit
+packages, and nothing here imports torch at module level except `distributed` and `accel`, so
+options are checked before the slow imports."""
 ''',
 'kernelkit.core.accel': r'''"""Using the accelerator that was found: mixed-precision dtype, cuDNN tuning, optional torch.compile.
 
@@ -2132,11 +2144,12 @@ Each decision is a small function of the device and the user's setting, so the a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .clock import now as clock_now
 
 AMP_DTYPES = ("auto", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -2263,13 +2276,13 @@ def compile_for_training(model: torch.nn.Module, warmup: Callable[[torch.nn.Modu
     Any exception means: train eagerly, with the reason logged and returned."""
     compiler = compiler or torch.compile
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    t0 = time.time()
+    t0 = clock_now()
     try:
         compiled = compiler(model)
         warmup(compiled)
-        return Compiled(compiled, time.time() - t0)
+        return Compiled(compiled, clock_now() - t0)
     except Exception as e:  # noqa: BLE001  (compilers fail in many ways: missing gcc/triton, graph breaks)
-        return Compiled(model, time.time() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return Compiled(model, clock_now() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
@@ -2508,6 +2521,54 @@ def budget_and_margin(budget: str, margin: str, mode: str) -> tuple[float, float
         raise ValueError(f"budget {budget!r} (margin {fmt(margin_s)}) leaves under {MIN_TRAIN_BUDGET_S:.0f} s: "
                          "start-up alone (imports, data index, model) takes seconds; give at least 1m")
     return total, margin_s
+''',
+'kernelkit.core.clock': r'''"""The one clock every budget decision reads: elapsed time, deadlines, throughput, checkpoint cadence.
+
+`now()` is the wall clock, time.time(). Tests and benchmarks only (not an option, not in --help)
+can set the environment variable KERNELKIT_TEST_CLOCK to `FACTOR` or `FACTOR@START`, read here and
+nowhere else: the clock then reads START (default: the import of this module) plus FACTOR times the
+CPU time this process has used. Every piece of work is FACTOR times longer on this clock, so a step
+that takes 30 ms of CPU counts as 30 ms x FACTOR against the budget, and a 9-hour schedule runs in
+9 h / FACTOR with its inference reserve, cadence and deadlines exercised, not bypassed. CPU time,
+not wall time: on a shared machine the wall clock also holds other processes' load, which FACTOR
+would turn into hours; the CPU time is this run's own work. (Nothing in the package waits for the
+clock itself, and the simulated runs use no loader worker processes, whose CPU would not count.)
+A restart after a kill is given START = the time of the kill, so one run keeps one time line.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+ENV = "KERNELKIT_TEST_CLOCK"
+
+
+def _parse(value: str) -> tuple[float, float]:
+    """-> (factor, start) from 'FACTOR' or 'FACTOR@START'; an empty value is the real clock."""
+    if not value.strip():
+        return 1.0, 0.0
+    factor, _, start = value.partition("@")
+    f = float(factor)
+    if not f > 0:
+        raise ValueError(f"{ENV}={value!r}: the factor must be positive")
+    return f, float(start) if start else time.time()
+
+
+FACTOR, START = _parse(os.environ.get(ENV, ""))
+
+
+def scaled() -> bool:
+    return FACTOR != 1.0
+
+
+def now() -> float:
+    return START + FACTOR * time.process_time() if scaled() else time.time()
+
+
+def at(wall_time: float) -> float:
+    """The clock's reading for a time.time() taken at process start (kernel.py records it before the
+    imports); on the test clock that is START, so the imports count against the budget either way."""
+    return START if scaled() else wall_time
 ''',
 'kernelkit.core.config': r'''"""The one typed config: its schema. Every option with its default, help text and allowed values
 (`Config`, CHOICES), the presets, and the value syntax (durations, key=value lists). Checking a
@@ -2858,6 +2919,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .clock import now as clock_now
+
 log = logging.getLogger("kernelkit")
 
 RENDEZVOUS_S = 15.0  # the ranks start together: a peer that has not arrived by then is not coming
@@ -3049,7 +3112,7 @@ def main_done(info: DistInfo, deadline: float) -> None:
         _store.set(key, "1")
         return
     while not _store.check([key]):  # raises once rank 0 (the store's host) is gone
-        if time.time() > deadline:
+        if clock_now() > deadline:  # a budget deadline: on the budget's clock
             raise RuntimeError(f"rank 0 did not finish its solo phase {_waits} by the run's deadline")
         time.sleep(POLL_S)
 
@@ -3222,7 +3285,6 @@ file, if any, is untouched.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -3274,10 +3336,13 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def write_npy(path: str | Path, array: Any) -> Path:
+    """Streamed into the temp file: no in-memory copy of the bytes (100k x 15,000 probabilities are 6 GB)."""
     import numpy as np
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    return atomic_write(path, buf.getvalue())
+    arr = np.asarray(array)
+
+    def save(f: Any) -> None:
+        np.save(f, arr)
+    return atomic_write(path, save)
 
 
 def _plain(x: Any) -> Any:
@@ -3485,8 +3550,9 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from typing import Iterator
+
+from .clock import now as clock_now
 
 log = logging.getLogger("kernelkit")
 
@@ -3501,7 +3567,7 @@ class StopFlag:
 
     def request(self, name: str) -> None:
         if not self.requested:
-            self.requested, self.signal_name, self.at = True, name, time.time()
+            self.requested, self.signal_name, self.at = True, name, clock_now()
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001  (signal handler signature)
         if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
@@ -3776,7 +3842,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -3785,6 +3850,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
 from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
@@ -4045,10 +4111,10 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
     for batch in progress(loader, desc=desc, total=len(loader)):
         if stop is not None and stop.requested:
             raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
-        if deadline and time.time() > deadline:
+        if deadline and clock_now() > deadline:
             raise BuildStopped("image cache build abandoned: it would take more than its share of the budget")
         if t_first is None:
-            t_first = time.time()
+            t_first = clock_now()
         else:
             n_after += len(batch)
         for i, good, msg in batch:
@@ -4058,7 +4124,7 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
                 if len(bad) <= MAX_LOGGED_BAD:
                     log.warning("unreadable image (kept with ok=0): %s", msg)
     # decode rate after the first batch (worker start-up excluded), for benchmarks and planning
-    steady = round(n_after / max(time.time() - t_first, 1e-9), 1) if t_first else 0.0
+    steady = round(n_after / max(clock_now() - t_first, 1e-9), 1) if t_first else 0.0
     return ok, bad, steady
 
 
@@ -4079,9 +4145,9 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
     bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
     (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept;
-    likewise when the wall clock passes `deadline` (time.time() value; 0 = none).
+    likewise when the wall clock passes `deadline` (clock_now() value; 0 = none).
     """
-    t0 = time.time()
+    t0 = clock_now()
     geometry = _geometry(geometry)
     size = geometry[0]
     key = cache_key(paths, geometry, stat_files)
@@ -4106,8 +4172,8 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         _fsync(data_path)
         _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
                                     "layout": "NHWC", "pad_aspect": geometry[1], "fill": geometry[2],
-                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(time.time() - t0, 3),
-                                    "steady_images_per_s": steady, "created": time.time()})
+                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(clock_now() - t0, 3),
+                                    "steady_images_per_s": steady, "created": clock_now()})
         if final.exists() and ImageCache.open(final, key) is None:
             shutil.rmtree(final)  # an incomplete or foreign directory in the way
         try:
@@ -4123,7 +4189,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     cache = ImageCache.open(final, key)
     if cache is None:
         raise RuntimeError(f"image cache at {final} unreadable right after building it")
-    dt = time.time() - t0
+    dt = clock_now() - t0
     if len(bad) > MAX_LOGGED_BAD:
         log.warning("... and %d more unreadable images, all listed in %s", len(bad) - MAX_LOGGED_BAD, final / BAD)
     log.info("image cache: %d images at %d px in %.1fs (%.0f/s), %d unreadable, %.2f GB in %s",
@@ -5455,6 +5521,7 @@ RUNTIME_KEYS = frozenset({
     "grace", "num_workers", "mp_context", "ddp_procs", "ddp_backend", "cache_images", "cache_dir", "cache_max_gb",
     "checkpoint_every", "deterministic", "tta", "threshold", "threshold_rule", "min_labels", "max_labels",
 })
+MIX_CELLS = 2 ** 22  # probabilities blended at a time (16 MB of float32 temporaries)
 SEARCH_ROWS = 20000  # weight search on at most this many OOF rows (seeded sample): iMet's 109k x 1103 is slow
 
 
@@ -5507,7 +5574,8 @@ def group_members(dirs: list[Path]) -> list[list[Path]]:
 def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Member:
     """One member's OOF rows and mean test probabilities, every shape checked against the data."""
     oof, covered = np.zeros((n, num_classes), np.float32), np.zeros(n, bool)
-    folds, tests = {}, []
+    folds: dict[str, np.ndarray] = {}
+    test_sum = None  # summed fold by fold from memory-mapped files: one (N, C) array, not one per folder
     for d in dirs:
         test_path = d / "test_probs.npy"
         try:
@@ -5521,16 +5589,28 @@ def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Memb
         if not files or not test_path.is_file():
             raise BlendInputError(f"{d}: a blend needs oof/oof_fold<k>_idx.npy and test_probs.npy from a run with "
                                   "fold= set (found " + ", ".join(p.name for p in d.glob("*")) + ")")
-        test = np.load(test_path)
+        test = np.load(test_path, mmap_mode="r")
         if test.shape != (n_test, num_classes):
             raise BlendInputError(f"{test_path}: shape {test.shape}, expected ({n_test}, {num_classes})")
-        tests.append(test.astype(np.float32))
+        if test_sum is None:
+            test_sum = np.array(test, dtype=np.float32)
+        else:
+            test_sum += test
+    test_sum /= len(dirs)
     name = dirs[0].name if len(dirs) == 1 else f"{dirs[0].name}+{len(dirs) - 1}"
-    return Member(name, dirs, oof, covered, folds, np.mean(tests, axis=0))
+    return Member(name, dirs, oof, covered, folds, test_sum)
 
 
 def mix(parts: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    return sum(float(w) * p for w, p in zip(weights, parts))
+    """The weighted sum as float32, a chunk of rows at a time: the temporaries stay chunk-sized, not (N, C)."""
+    out = np.empty(parts[0].shape, np.float32)
+    step = max(1, MIX_CELLS // max(out[0].size, 1)) if len(out) else 1
+    for s in range(0, len(out), step):
+        rows = slice(s, s + step)
+        out[rows] = np.float32(weights[0]) * parts[0][rows]
+        for w, p in zip(weights[1:], parts[1:]):
+            out[rows] += np.float32(w) * p[rows]
+    return out
 
 
 def _with_weight(w: np.ndarray, i: int, value: float) -> np.ndarray:
@@ -5577,6 +5657,7 @@ from typing import Protocol
 
 import numpy as np
 
+DECODE_CELLS = 2 ** 22  # probabilities decoded at a time: masks and label sorts (8 bytes a cell) stay ~32 MB
 
 class Rule(Protocol):
     """What decode needs of a thresholds.ThresholdRule (named here so decode stays a leaf)."""
@@ -5635,8 +5716,13 @@ def decode(task: str, probs: np.ndarray, threshold: float = 0.5, min_labels: int
     A `rule` (kernelkit.decide.thresholds.ThresholdRule) replaces `threshold` and `min_labels`.
     """
     if task == "multilabel":
-        pred = rule.apply(probs) if rule is not None else decode_multilabel(probs, threshold, min_labels)
-        return [np.flatnonzero(row).tolist() for row in pred]
+        out: list = []
+        rows = max(1, DECODE_CELLS // max(probs.shape[1], 1))
+        for s in range(0, len(probs), rows):  # the (rows, C) masks and sorts stay chunk-sized
+            chunk = probs[s:s + rows]
+            pred = rule.apply(chunk) if rule is not None else decode_multilabel(chunk, threshold, min_labels)
+            out.extend(np.flatnonzero(row).tolist() for row in pred)
+        return out
     return probs.argmax(1).tolist()
 ''',
 'kernelkit.decide.metrics': r'''"""Competition metrics on numpy arrays.
@@ -5970,7 +6056,10 @@ def _multilabel_errors(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray | 
     fn, fp = truth & ~pred, ~truth & pred
     wrong = fn.sum(1) + fp.sum(1)
     # Among equally wrong images, the more confidently wrong first.
-    confidence = (np.abs(probs - truth) * (fn | fp)).sum(1) if probs is not None else np.zeros(len(truth))
+    # Summed over the wrong cells only (no (N, C) float temporaries).
+    err_rows, err_cols = np.nonzero(fn | fp)
+    confidence = np.zeros(len(truth)) if probs is None else np.bincount(
+        err_rows, weights=np.abs(probs[err_rows, err_cols] - truth[err_rows, err_cols]), minlength=len(truth))
     worst = np.lexsort((np.arange(len(truth)), -confidence, -wrong))[:top]
     worst = worst[wrong[worst] > 0]
     table = pd.DataFrame({"id": [ids[i] for i in worst], "n_wrong": wrong[worst],
@@ -6046,7 +6135,7 @@ def error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray | None
     if truth.shape != pred.shape or len(ids) != len(truth):
         raise ValueError(f"truth {truth.shape}, pred {pred.shape} and {len(ids)} ids must match")
     if probs is not None:
-        probs = np.asarray(probs, dtype=np.float64)
+        probs = np.asarray(probs, dtype=np.float32)  # no float64 copy: (N, C) is large at 15,000 classes
         if probs.shape != (len(truth), len(class_names)):
             raise ValueError(f"probs {probs.shape} must be ({len(truth)}, {len(class_names)})")
     if truth.ndim == 2:
@@ -6214,6 +6303,7 @@ from .labels import apply_thresholds, limit_labels, order_and_ranks
 from .metrics import fbeta_per_image
 
 KINDS = ("global", "group", "class")
+CHUNK_CELLS = 2 ** 22  # probabilities scored at a time: int64 grid indices of ~32 MB
 
 
 def default_grid() -> np.ndarray:
@@ -6351,12 +6441,14 @@ def _pick(scores: np.ndarray, grid: np.ndarray, current_score: float, current_t:
 
 
 def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: float = 2.0, min_labels: int = 0,
-                  max_labels: int = 0, show_progress: bool = False, chunk: int = 4096) -> np.ndarray:
+                  max_labels: int = 0, show_progress: bool = False, chunk: int = 0) -> np.ndarray:
     """(G,) F-beta per image for each threshold of the sorted `grid`, min/max labels included exactly.
 
-    Rows are done `chunk` images at a time to bound memory (N x G floats per chunk).
+    Rows are done `chunk` images at a time to bound memory (chunk x C grid indices, chunk x G
+    scores); 0 = as many rows as make CHUNK_CELLS cells, so 15,000 classes get smaller chunks.
     """
     b2 = beta * beta
+    chunk = chunk or max(1, min(4096, CHUNK_CELLS // max(probs.shape[1], 1)))
     total = np.zeros(len(grid))
     starts = range(0, len(probs), chunk)
     if show_progress:
@@ -6561,9 +6653,9 @@ So progress is measured in time (or in steps when epochs are fixed) and the LR i
 from __future__ import annotations
 
 import math
-import time
 
 from ..core.checks import budget_and_margin
+from ..core.clock import now as clock_now
 from ..core.config import Config
 
 
@@ -6577,10 +6669,10 @@ class BudgetClock:
 
     def __init__(self, total_s: float, margin_s: float = 0.0, start_time: float | None = None):
         self.total_s, self.margin_s = float(total_s), float(margin_s)
-        self.start_time = time.time() if start_time is None else float(start_time)
+        self.start_time = clock_now() if start_time is None else float(start_time)
 
     def elapsed(self) -> float:
-        return time.time() - self.start_time
+        return clock_now() - self.start_time
 
     def remaining(self) -> float:
         return self.total_s - self.margin_s - self.elapsed()
@@ -7056,13 +7148,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import Preprocess, normalize, tta_identity
@@ -7153,7 +7245,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     model.eval()
     act = activation(task)
     probs, oks = HostChunks(device), HostChunks(device)
-    t0 = time.time()
+    t0 = clock_now()
     t_first, first_rows = None, 0
     pieces = 1
     # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
@@ -7176,12 +7268,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first, first_rows = time.time(), len(p)
+            t_first, first_rows = clock_now(), len(p)
     probs_all = probs.gather()
     probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
     oks_all = oks.gather()
     oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
-    t_end = time.time()
+    t_end = clock_now()
     n, batches = len(probs_all), len(probs)
     steady_n = n - (first_rows if batches > 1 else 0)
     steady_s = (t_end - t_first) if batches > 1 else (t_end - t0)
@@ -7837,7 +7929,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -7846,6 +7937,7 @@ import numpy as np
 import torch
 
 from ..core.accel import StepGuard
+from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
@@ -8008,7 +8100,7 @@ class Trainer:
         self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
         self.frozen = False
-        self.last_save = time.time()
+        self.last_save = clock_now()
         self.stop_reason = "budget"
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
@@ -8127,7 +8219,7 @@ class Trainer:
         # the GPU at every step end, leaving the GPU idle while the next step is prepared.
         loss_sum, unreadable, skipped, good = (torch.zeros((), device=self.device) for _ in range(4))
         recent: deque = deque(maxlen=50)
-        t0 = t_prev = time.time()
+        t0 = t_prev = clock_now()
         t_first, first_n = None, 0
         bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
         for x, y, ok in bar:
@@ -8150,7 +8242,7 @@ class Trainer:
             loss_sum += loss.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             recent.append(loss)
             n_losses += 1
-            now = time.time()
+            now = clock_now()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
@@ -8166,7 +8258,7 @@ class Trainer:
         loss_total, n_good, n_unreadable, n_skipped = torch.stack((loss_sum, good, unreadable, skipped)).tolist()
         self.note_skipped(int(n_skipped))
         state.bad_images += int(n_unreadable)
-        t_end = time.time()
+        t_end = clock_now()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
         return {"loss": loss_total / n_good if n_good else float("nan"), "images": images,
@@ -8284,9 +8376,11 @@ class Trainer:
     def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
         """A failed save (full disk, I/O error) is logged and counted by the checkpointer; training goes on.
         `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
-        self.last_save = time.time()
+        self.last_save = clock_now()
         if self.saver is None:
             return
+        # One line per save, on the budget clock: the cadence can be read back from the log.
+        log.info("saving %s at %s (p=%.4f)", name, fmt_seconds(self.clock.elapsed()), self.state.progress)
         payload = TrainState(self.parts, self.state, self.clock).state_dict(epoch_done, weights, average=name == LAST)
         self.saver.save(name, payload)  # returns once snapshotted; failures are counted by the checkpointer
 ''',

@@ -38,8 +38,8 @@ def kernel(work: Path, out: Path, *args: str) -> dict:
 
 
 def demo_test_f2(data_dir: Path, out: Path) -> float:
-    from kernelkit.inputs.competition import load_competition
     from kernelkit.app.demo import score_demo_submission
+    from kernelkit.inputs.competition import load_competition
     return round(float(score_demo_submission(data_dir, out, load_competition(data_dir))), 4)
 
 

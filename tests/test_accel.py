@@ -5,21 +5,20 @@ import threading
 
 import pytest
 import torch
-
-from kernelkit.core import accel
-from kernelkit.build.assemble import augmentation_split
-from kernelkit.data.cache import build_cache
-from kernelkit.engine.checkpoint import load_checkpoint
-from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition
-from kernelkit.inputs.submission import validate_submission
-from kernelkit.build.components import batch_augment
-from kernelkit.core.config import Config
-from kernelkit.data.loaders import DeviceFeeder, ImageDataset, ThreadLoader, collate_images, make_loader
-from kernelkit.model.factory import create_model
-from kernelkit.data.transforms import EvalTransform, TrainTransform, affine_batch
 from conftest import TINY
 
+from kernelkit.app.cli import main
+from kernelkit.build.assemble import augmentation_split
+from kernelkit.build.components import batch_augment
+from kernelkit.core import accel
+from kernelkit.core.config import Config
+from kernelkit.data.cache import build_cache
+from kernelkit.data.loaders import DeviceFeeder, ImageDataset, ThreadLoader, collate_images, make_loader
+from kernelkit.data.transforms import EvalTransform, TrainTransform, affine_batch
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
+from kernelkit.model.factory import create_model
 
 
 # ----------------------------------------------------------------------------- where augmentation runs
@@ -243,9 +242,9 @@ def test_a_bf16_checkpoint_resumes_under_fp16_loss_scaling(tmp_path):
 def test_a_gpu_optimizer_state_resumes_with_this_machines_kernel(tmp_path):
     """Fused AdamW on a GPU; its saved state (param groups say fused=True) resumes on a CPU unfused."""
     from kernelkit.engine.checkpoint import rng_state
-    from kernelkit.model.factory import create_optimizer
     from kernelkit.engine.resume import restore
     from kernelkit.engine.trainer import TrainParts
+    from kernelkit.model.factory import create_optimizer
 
     model = create_model("test_resnet", 3)
     opt = create_optimizer(model, 1e-3, 0.05)
@@ -307,10 +306,10 @@ def test_compile_warms_up_every_progressive_resizing_size_inside_the_measured_ti
                                                                                    resize_start, expected):
     """Warmed up at img_size only, the first real step (at half size) recompiled on the training clock."""
     from kernelkit.build.components import compile_step_model
+    from kernelkit.data.transforms import IMAGENET
     from kernelkit.engine.resolution import schedule_from
     from kernelkit.engine.trainer import TrainParts
     from kernelkit.model.losses import get_loss
-    from kernelkit.data.transforms import IMAGENET
     seen = []
     monkeypatch.setattr(torch, "compile", _recording_compiler(seen))
     cfg = Config(model="test_resnet", img_size=64, batch_size=2, compile=True, resize_start=resize_start)
@@ -330,8 +329,8 @@ def test_compile_warms_up_every_progressive_resizing_size_inside_the_measured_ti
 def test_compile_is_skipped_with_a_log_line_below_compute_capability_7(monkeypatch, caplog):
     """P100 (6.0): Triton refuses only after the trace time is spent, so it is never tried there."""
     from kernelkit.build.components import compile_step_model
-    from kernelkit.engine.trainer import TrainParts
     from kernelkit.data.transforms import IMAGENET
+    from kernelkit.engine.trainer import TrainParts
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")

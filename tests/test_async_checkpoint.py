@@ -8,14 +8,14 @@ import threading
 import pandas as pd
 import pytest
 import torch
-
-import kernelkit.engine.checkpoint as checkpoint_module
-from kernelkit.engine.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
-from kernelkit.app.cli import main
-from kernelkit.inputs.competition import load_competition
-from kernelkit.inputs.submission import validate_submission
 from conftest import TINY
 from test_reliability import DISK_FULL
+
+import kernelkit.engine.checkpoint as checkpoint_module
+from kernelkit.app.cli import main
+from kernelkit.engine.checkpoint import BEST, LAST, Checkpointer, load_checkpoint
+from kernelkit.inputs.competition import load_competition
+from kernelkit.inputs.submission import validate_submission
 
 WRITER = "kernelkit-checkpoints"
 

@@ -5,15 +5,15 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_AUTO
 
 from kernelkit.build import autopick
 from kernelkit.build.autopick import Candidate, ladder, pick
-from kernelkit.engine.budget import InferenceReserve
-from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.core.config import Config, ConfigError
 from kernelkit.core.options import make_config
+from kernelkit.engine.budget import InferenceReserve
+from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.engine.learning_check import at_prior, likely_causes
-from conftest import TINY_AUTO
 
 SMALL = [*TINY_AUTO, "--tta", "1"]
 

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_gpu  # noqa: E402
+
 from kernelkit.inputs.competition import load_competition  # noqa: E402
 
 

@@ -4,13 +4,13 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import TINY
 
-from kernelkit.decide.ensemble import _with_weight, fit_weights, group_members, mix
 from kernelkit.app.cli import main
+from kernelkit.decide.ensemble import _with_weight, fit_weights, group_members, mix
+from kernelkit.decide.metrics import accuracy
 from kernelkit.inputs.competition import load_competition
 from kernelkit.inputs.submission import validate_submission
-from kernelkit.decide.metrics import accuracy
-from conftest import TINY
 
 SMALL = [*TINY, "--epochs", "1", "--budget", "5m", "--tta", "1"]
 

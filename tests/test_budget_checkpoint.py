@@ -73,10 +73,10 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path):
 def test_a_format_1_checkpoint_still_loads_and_predicts(tmp_path):
     """Checkpoints written before the format was versioned (no format_version, no seed) migrate on load,
     and the shared predictor path rebuilds the model, its rule (with the training run's min_labels)."""
-    from kernelkit.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+    from kernelkit.app.predictor import load_predictor
     from kernelkit.build.components import model_from_config
     from kernelkit.core.config import Config
-    from kernelkit.app.predictor import load_predictor
+    from kernelkit.engine.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
     cfg = Config(model="test_resnet", img_size=32, min_labels=1)
     model = model_from_config(cfg, 3, with_weights=False)
     old = {"model": model.state_dict(), "epoch": 2, "step": 10, "progress": 0.5, "best_score": 0.7,

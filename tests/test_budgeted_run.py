@@ -8,12 +8,12 @@ import time
 
 import pandas as pd
 import pytest
+from conftest import TINY_MODEL as TINY
+from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 
 from kernelkit.engine.budget import InferenceReserve, affordable_tta
 from kernelkit.engine.plan import make_plan
 from kernelkit.engine.run_state import begin_run, finish_run
-from conftest import TINY_MODEL as TINY
-from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 
 
 def test_affordable_tta():

@@ -53,11 +53,11 @@ def test_config_round_trips_through_json(tmp_path):
 
 def test_every_choice_lives_in_one_place_and_matches_the_code():
     from kernelkit.core import accel
-    from kernelkit.inputs import competition
-    from kernelkit.model import losses
-    from kernelkit.model import factory as models
-    from kernelkit.decide import thresholds
     from kernelkit.data import transforms
+    from kernelkit.decide import thresholds
+    from kernelkit.inputs import competition
+    from kernelkit.model import factory as models
+    from kernelkit.model import losses
     assert set(CHOICES["loss"]) == {"auto", *losses.LOSSES}
     assert CHOICES["aug"] == transforms.AUG_LEVELS and CHOICES["gpu_aug"] == ("auto", *transforms.BATCH_AUG_LEVELS)
     assert CHOICES["amp_dtype"] == accel.AMP_DTYPES

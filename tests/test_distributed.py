@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TINY_MODEL as TINY
 from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from conftest import ROOT, colour_image, make_single_label_csv
 
-from kernelkit.inputs.competition import load_competition
 from kernelkit.core.config import ConfigError
+from kernelkit.inputs.competition import load_competition
 from kernelkit.inputs.discovery import find_competition
 
 

@@ -13,8 +13,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import build_kernel  # noqa: E402
 from conftest import TINY_MODEL
+
+import build_kernel  # noqa: E402
 
 TINY = TINY_MODEL  # workers on: the bundled kernel spawns them
 

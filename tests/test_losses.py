@@ -5,8 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernelkit.model.losses import (LOSSES, asl_loss, bce_loss, bce_sum_loss, ce_loss, class_balanced_weights,
-                              complement_entropy, complement_loss, focal_loss, get_loss)
+from kernelkit.model.losses import (
+    LOSSES,
+    asl_loss,
+    bce_loss,
+    bce_sum_loss,
+    ce_loss,
+    class_balanced_weights,
+    complement_entropy,
+    complement_loss,
+    focal_loss,
+    get_loss,
+)
 
 MULTILABEL_LOSSES = ["bce", "bce_sum", "focal", "asl"]
 MULTICLASS_LOSSES = ["ce", "complement"]

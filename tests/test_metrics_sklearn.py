@@ -8,11 +8,31 @@ import torch
 from sklearn import metrics as skm
 
 from kernelkit.decide.labels import apply_thresholds, decode, decode_multilabel
-from kernelkit.decide.metrics import (accuracy, f1_score, fbeta_per_image, fbeta_score, label_accuracy, one_hot,
-                               per_class_report, precision_recall_fbeta, precision_score, recall_score,
-                               subset_accuracy, top_k_error)
-from kernelkit.decide.thresholds import (ThresholdRule, default_grid, global_scores, groups_from_names, search_classes,
-                                  search_global, search_groups, search_label_limits, search_threshold)
+from kernelkit.decide.metrics import (
+    accuracy,
+    f1_score,
+    fbeta_per_image,
+    fbeta_score,
+    label_accuracy,
+    one_hot,
+    per_class_report,
+    precision_recall_fbeta,
+    precision_score,
+    recall_score,
+    subset_accuracy,
+    top_k_error,
+)
+from kernelkit.decide.thresholds import (
+    ThresholdRule,
+    default_grid,
+    global_scores,
+    groups_from_names,
+    search_classes,
+    search_global,
+    search_groups,
+    search_label_limits,
+    search_threshold,
+)
 
 
 def random_case(seed):

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 
 from kernelkit.core import env
 from kernelkit.model.factory import create_model
-from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMM09 = ROOT / ".cache" / "timm09"

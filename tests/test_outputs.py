@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from conftest import TINY
 
 from kernelkit.core.config import ConfigError
 from kernelkit.core.storage import GB, checkpoint_bytes, folder_bytes, plan_storage
 from kernelkit.core.weights import resolve_weights
-from conftest import TINY
 
 TINY = [*TINY, "--epochs", "1", "--budget", "2m"]
 

@@ -13,12 +13,31 @@ from PIL import Image
 import kernelkit.data.cache as cache_mod
 import kernelkit.data.images as images_mod
 from kernelkit.data.cache import build_cache, open_cache
+from kernelkit.data.images import (
+    BadImage,
+    decode_tensor,
+    draft_scale,
+    fit_size,
+    load_resized,
+    load_rgb,
+    resize_or_pad_tensor,
+    tv_jpeg_decoder,
+)
 from kernelkit.data.loaders import ImageDataset, ThreadLoader, collate_images, make_loader
-from kernelkit.data.images import (BadImage, decode_tensor, draft_scale, fit_size, load_resized, load_rgb,
-                              resize_or_pad_tensor, tv_jpeg_decoder)
-from kernelkit.data.transforms import (AUG_LEVELS, EvalTransform, TrainTransform, affine_batch, color_jitter_batch,
-                                  cutmix, hflip_batch, mix_batch, mixup, noise_batch, resize_or_pad,
-                                  resized_crop_batch)
+from kernelkit.data.transforms import (
+    AUG_LEVELS,
+    EvalTransform,
+    TrainTransform,
+    affine_batch,
+    color_jitter_batch,
+    cutmix,
+    hflip_batch,
+    mix_batch,
+    mixup,
+    noise_batch,
+    resize_or_pad,
+    resized_crop_batch,
+)
 
 S = 32
 
@@ -345,6 +364,7 @@ def test_mixup_and_cutmix_shapes_and_label_mixing():
 
 def test_batch_augment_levels_and_mixing():
     import torch
+
     from kernelkit.data.transforms import BatchAugment
     x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -361,6 +381,7 @@ def test_batch_augment_levels_and_mixing():
 
 def test_soft_targets_reach_cross_entropy():
     import torch
+
     from kernelkit.model.losses import ce_loss
     logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
     one_hot = torch.nn.functional.one_hot(y, 3).float()

@@ -1,15 +1,15 @@
 """Each seed project as a preset, end to end on a generated dataset of its format (issue 4)."""
 import json
 
+import conftest
 import numpy as np
 import pandas as pd
 import pytest
 
-import conftest
-from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.app.cli import main
 from kernelkit.core.config import PRESETS
 from kernelkit.core.options import make_config
-from kernelkit.app.cli import main
+from kernelkit.engine.checkpoint import load_checkpoint
 
 # Tiny backbones and sizes so CPU runs take seconds; everything else comes from the preset.
 FROM_SCRATCH = ["--img-size", "32", "--batch-size", "16", "--num-workers", "0", "--epochs", "8", "--budget", "5m"]

@@ -8,12 +8,12 @@ import time
 
 import pytest
 import torch
+from test_redteam import CASES, ROOT, redteam
 
 from kernelkit.build import assemble
 from kernelkit.core import config, distributed, env
 from kernelkit.core.distributed import DistInfo, RendezvousFailed
 from kernelkit.core.stopping import StopFlag
-from test_redteam import CASES, ROOT, redteam
 
 
 def _free_port() -> int:

@@ -6,16 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
+from test_train import _setup, run_fit
 
 import kernelkit.engine.checkpoint as checkpoint_module
+from kernelkit.app.cli import main
 from kernelkit.engine.budget import BudgetClock, InferenceReserve
 from kernelkit.engine.checkpoint import load_checkpoint
-from kernelkit.model.losses import get_loss
-from kernelkit.app.cli import main
 from kernelkit.engine.trainer import FitOptions, OutOfMemory
-from test_train import _setup, run_fit
-from conftest import TINY
+from kernelkit.model.losses import get_loss
+
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_gradient(single_label_dir, tmp_path):
     comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)

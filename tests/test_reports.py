@@ -7,8 +7,13 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from kernelkit.decide.reports import (error_analysis, label_statistics, plot_history, write_error_analysis,
-                               write_label_statistics)
+from kernelkit.decide.reports import (
+    error_analysis,
+    label_statistics,
+    plot_history,
+    write_error_analysis,
+    write_label_statistics,
+)
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 HELSINKI = ["clouds", "male", "bird", "dog", "river", "portrait", "baby", "night", "people", "female"]

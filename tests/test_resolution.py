@@ -6,14 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
 
 import kernelkit.build.components as components
 from kernelkit.app.cli import main
+from kernelkit.engine.resolution import (
+    ResolutionSchedule,
+    effective_ips,
+    epochs_with_schedule,
+    ips_by_pixels,
+    resize_batch,
+    schedule_from,
+)
 from kernelkit.inputs.competition import load_competition
 from kernelkit.inputs.submission import validate_submission
-from kernelkit.engine.resolution import (ResolutionSchedule, effective_ips, epochs_with_schedule, ips_by_pixels,
-                                  resize_batch, schedule_from)
-from conftest import TINY
 
 PROGRESS = np.linspace(0, 1, 1001)
 
@@ -191,11 +197,11 @@ def test_dry_run_times_every_stage_and_plans_with_their_mix(single_label_dir, tm
 
 def test_a_fixed_size_vision_transformer_trains_at_full_size_with_a_warning(single_label_dir, caplog):
     import timm
+    from test_train import _setup
 
     from kernelkit.engine.budget import BudgetClock, InferenceReserve
-    from kernelkit.model.losses import get_loss
     from kernelkit.engine.trainer import FitOptions, Trainer, TrainParts
-    from test_train import _setup
+    from kernelkit.model.losses import get_loss
     comp, tl, _, _, _, _, scaler = _setup(single_label_dir, size=64)
     model = timm.create_model("test_vit", num_classes=comp.num_classes, dynamic_img_size=False, img_size=64)
     parts = TrainParts(model, torch.optim.AdamW(model.parameters(), lr=1e-3), scaler, get_loss("auto", comp.task))

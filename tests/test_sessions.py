@@ -6,17 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
+from test_train import _setup
 
+from kernelkit.app.cli import main
 from kernelkit.engine.budget import BudgetClock, InferenceReserve, Progress, lr_factor
 from kernelkit.engine.checkpoint import load_checkpoint
-from kernelkit.app.cli import main
+from kernelkit.engine.resume import first_slice, next_slice
+from kernelkit.engine.trainer import FitOptions, FitState, Trainer, TrainParts, Validation
 from kernelkit.inputs.competition import load_competition
 from kernelkit.inputs.submission import validate_submission
 from kernelkit.model.losses import get_loss
-from kernelkit.engine.resume import first_slice, next_slice
-from kernelkit.engine.trainer import FitOptions, FitState, Trainer, TrainParts, Validation
-from test_train import _setup
-from conftest import TINY
 
 TINY = [*TINY, "--budget", "5m"]
 

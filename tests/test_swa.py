@@ -2,16 +2,17 @@
 import json
 
 import torch
+from conftest import TINY
+from test_train import _setup
 from torch.optim.swa_utils import update_bn
 
-from kernelkit.engine.checkpoint import load_checkpoint
 from kernelkit.app.cli import main
+from kernelkit.data.transforms import IMAGENET, normalize
+from kernelkit.engine.checkpoint import load_checkpoint
+from kernelkit.engine.swa import WeightAverage, recompute_batchnorm
 from kernelkit.inputs.competition import load_competition
 from kernelkit.inputs.submission import validate_submission
-from kernelkit.engine.swa import WeightAverage, recompute_batchnorm
-from kernelkit.data.transforms import IMAGENET, normalize
-from test_train import _setup
-from conftest import TINY
+
 
 def test_average_starts_at_its_share_of_the_schedule_and_batchnorm_matches_torch(single_label_dir):
     comp, tl, vl, vt, model, opt, scaler = _setup(single_label_dir)

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import TINY as FAST
 from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
+
 
 def _valid_submission(out, data) -> bool:
     sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
@@ -151,8 +151,8 @@ def test_a_stop_signal_finishes_with_a_submission_and_exit_0(kernel_dir, moment,
 def test_an_image_cache_build_past_its_share_of_the_budget_is_abandoned(tmp_path, single_label_dir):
     """The cache is a speed-up: a build that would eat the budget is dropped, images decode on the fly."""
     from kernelkit.build.assemble import image_cache
-    from kernelkit.inputs.competition import load_competition
     from kernelkit.core.options import make_config
+    from kernelkit.inputs.competition import load_competition
     comp = load_competition(single_label_dir)
     cfg, _ = make_config({"img_size": 32, "num_workers": 0, "cache_dir": str(tmp_path / "cache")}, [])
     assert image_cache(cfg, comp.train_paths, deadline=time.time() - 1) is None

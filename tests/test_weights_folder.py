@@ -9,15 +9,14 @@ import pytest
 import timm
 import torch
 from conftest import ROOT
-
-from kernelkit.engine import evaluate as infer
-
-from kernelkit.engine import trainer as train
 from test_kernel import _env, kernel_dir  # noqa: F401  (fixture)
+
 from kernelkit.core.config import ConfigError
 from kernelkit.core.options import make_config
-from kernelkit.model.factory import create_model, preprocess_of
 from kernelkit.core.weights import resolve_weights
+from kernelkit.engine import evaluate as infer
+from kernelkit.engine import trainer as train
+from kernelkit.model.factory import create_model, preprocess_of
 
 TIMM09 = ROOT / ".cache" / "timm09"
 HALF = (0.5, 0.5, 0.5)
@@ -147,8 +146,8 @@ def test_training_and_infer_normalise_with_the_weights_statistics(tmp_path, sing
     """pretrained_path = a timm folder with mean/std 0.5 and no model: the run builds the folder's
     architecture, normalises every training, validation, weight-average (BatchNorm pass and its
     validation) and test batch with 0.5, stores it in the checkpoint, and --mode infer uses it too."""
-    from kernelkit.engine import swa
     from kernelkit.app.cli import main
+    from kernelkit.engine import swa
     seen = []
 
     def spy(batch, channels_last, pre):

@@ -10,11 +10,12 @@ so a typo is refused in well under a second, before torch is even imported.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from ..core import env
+from ..core.clock import at as clock_at
+from ..core.clock import now as clock_now
 from ..core.config import ConfigError
 from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
 from ..core.options import make_config
@@ -48,7 +49,7 @@ def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = No
     counts the imports too."""
     setup_logging()
     try:
-        ctx = resolve(config_block, argv, started_at or time.time())
+        ctx = resolve(config_block, argv, clock_at(started_at) if started_at else clock_now())
     except ConfigError as e:
         return refuse(str(e))
     with handle_signals() as stop:

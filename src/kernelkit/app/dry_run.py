@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import torch
 
 from ..build.assemble import build_training_data
 from ..build.components import build_parts, fit_options
+from ..core.clock import now as clock_now
 from ..core.context import RunContext
 from ..engine.budget import BudgetClock, InferenceReserve, budget_seconds
 from ..engine.plan import Plan, make_plan
@@ -27,7 +27,7 @@ log = logging.getLogger("kernelkit")
 
 def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     cfg = ctx.cfg
-    setup_s = time.time() - ctx.t_start
+    setup_s = clock_now() - ctx.t_start
     data = build_training_data(cfg, comp, device)
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
     budget_s, margin_s = budget_seconds(cfg)

@@ -77,12 +77,16 @@ def run_infer(ctx: RunContext, comp: Competition, device: torch.device, clock: B
             log.warning("%s: %d TTA views instead of %d to stay inside the budget", path.name, tta, cfg.tta)
         out = predict_test(pred, comp, cfg, device, tta, ctx.stop)
         seconds_per_view = out["seconds_per_view"]
-        write_npy(ctx.out_dir / f"test_probs_{path.stem}.npy", out["probs"].astype(np.float32))
-        probs_sum = out["probs"] if probs_sum is None else probs_sum + out["probs"]
+        write_npy(ctx.out_dir / f"test_probs_{path.stem}.npy", np.asarray(out["probs"], np.float32))
+        if probs_sum is None:
+            probs_sum = out["probs"]
+        else:
+            probs_sum += out["probs"]  # in place: one (N, C) sum whatever the number of checkpoints
         ok = out["ok"]
         rules.append(pred.rule)
         used.append({"checkpoint": str(path), "model": pred.config.model, "tta": tta, "val_score": pred.val_score})
         log.info("%s: %s, val score %s, %d TTA views", path, pred.config.model, pred.val_score, tta)
     rule = ensemble_rule(rules, settings)
-    write_predictions(comp, probs_sum / len(used), ok, comp.task, rule, ctx.out_dir)
+    probs_sum /= len(used)
+    write_predictions(comp, probs_sum, ok, comp.task, rule, ctx.out_dir)
     return {"checkpoints": used, "threshold_rule": rule.to_dict(), "wall_s": round(clock.elapsed(), 1)}

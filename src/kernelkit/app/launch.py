@@ -10,13 +10,13 @@ import dataclasses
 import json
 import logging
 import signal
-import time
 
 import torch
 
 from ..build import autopick
 from ..build.assemble import open_competition
 from ..core import distributed, env
+from ..core.clock import now as clock_now
 from ..core.config import ConfigError
 from ..core.context import (
     EXIT_NO_SUBMISSION,
@@ -163,7 +163,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         summary = (run_blend(ctx, comp) if ctx.cfg.mode == "blend" else
                    run_infer(ctx, comp, info.device(), BudgetClock(*budget_seconds(ctx.cfg), start_time=ctx.t_start)))
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
-        log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
+        log.info("done in %s: %s", fmt_seconds(clock_now() - ctx.t_start), summary)
         return EXIT_OK
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     cfg = ctx.cfg
@@ -183,7 +183,7 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     cfg, out_dir, s = ctx.cfg, ctx.out_dir, outcome.summary
     status = outcome.exit_status()
     outcome.guard("finishing the run state", finish_run, out_dir)
-    s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
+    s.update(wall_s=round(clock_now() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
              problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)

@@ -4,7 +4,6 @@ time left, predict, write submission.csv and the probabilities."""
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from ..build.assemble import test_loader
 from ..build.components import model_from_config
 from ..core.accel import amp_dtype
+from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.fileio import write_npy
 from ..core.stopping import StopFlag
@@ -63,11 +63,11 @@ def predict_test(pred: Predictor, comp: Competition, run_cfg: Config, device: to
     run's; batch size and workers are this run's (the hardware may differ)."""
     cfg = Config.from_stored({**pred.config.to_dict(), "batch_size": run_cfg.batch_size,
                               "num_workers": run_cfg.num_workers, "mp_context": run_cfg.mp_context})
-    t0 = time.time()
+    t0 = clock_now()
     out = predict(pred.model, test_loader(cfg, comp, device), device, pred.task, tta_views(tta), run_cfg.amp,
                   run_cfg.channels_last, desc=f"test {pred.name}", stop=stop, pre=pred.preprocess,
                   amp_dtype=amp_dtype(run_cfg.amp_dtype, device))
-    out["seconds_per_view"] = (time.time() - t0) / tta
+    out["seconds_per_view"] = (clock_now() - t0) / tta
     return out
 
 
@@ -84,7 +84,7 @@ def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_lef
              stop: StopFlag | None = None, grace_s: float = 20.0) -> int:
     """TTA views that fit `seconds_left` at the measured speed; after a stop request, what fits the grace."""
     if stop is not None and stop.requested:
-        seconds_left = min(seconds_left, grace_s - (time.time() - stop.at))
+        seconds_left = min(seconds_left, grace_s - (clock_now() - stop.at))
     tta = affordable_tta(wanted, n_images, images_per_s, seconds_left)
     if tta < wanted:
         log.warning("predicting with %d TTA view(s) instead of %d to stay inside the %s", tta, wanted,
@@ -103,7 +103,7 @@ def write_predictions(comp: Competition, probs: np.ndarray, ok: np.ndarray, task
     write_submission(comp, cells, path)
     log.info("submission written: %s (%d rows)", path.resolve(), len(cells))
     try:
-        write_npy(out_dir / "test_probs.npy", probs.astype(np.float32))
+        write_npy(out_dir / "test_probs.npy", np.asarray(probs, np.float32))  # no copy when float32
     except Exception as e:  # noqa: BLE001  (the submission is what counts; the probabilities are extra)
         log.error("could not save test_probs.npy (%s)", e)
     return path

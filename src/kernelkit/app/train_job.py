@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from ..build.assemble import TrainingData, build_training_data, fit_outputs
 from ..build.components import build_parts, compile_step_model, count_parameters, fit_options, seed_everything
 from ..core import distributed
+from ..core.clock import now as clock_now
 from ..core.config import Config, ConfigError, parse_duration
 from ..core.context import PREDICTING, TRAINING, RunContext
 from ..core.distributed import DistInfo
@@ -57,11 +57,13 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
 
 
-def new_reserve(cfg: Config, comp: Competition, data: TrainingData, parts: TrainParts) -> InferenceReserve:
+def new_reserve(cfg: Config, comp: Competition, data: TrainingData, parts: TrainParts,
+                build_s: float) -> InferenceReserve:
     """The time to keep for everything after training, before it is measured: the final validation and
-    test prediction, the inference weights written after the submission, the weight average's work."""
+    test prediction, the inference weights written after the submission, the model built again to
+    load best.pt for the prediction (`build_s`), the weight average's work."""
     reserve = InferenceReserve(len(comp.test_ids), len(data.val_targets), cfg.tta)
-    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0)  # model/ is written after the submission
+    reserve.overhead_s += export_seconds(parts.model, cfg.ema > 0) + build_s
     if parts.swa is not None:
         reserve.extra_images, reserve.extra_loaders = parts.swa.extra_images(data.train_loader, reserve.n_val)
     return reserve
@@ -114,15 +116,17 @@ def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     clock = BudgetClock(*budget_seconds(cfg), start_time=run_start)
     data_cfg = fit_outputs(cfg, comp, out_dir, count_parameters(cfg, comp.num_classes)) if info.is_main else cfg
     data = build_training_data(data_cfg, comp, device, info, ctx.stop,
-                               cache_deadline=time.time() + CACHE_SHARE * max(clock.remaining(), 0.0))
+                               cache_deadline=clock_now() + CACHE_SHARE * max(clock.remaining(), 0.0))
+    t_build = clock_now()
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    build_s = clock_now() - t_build
     state = restore(ckpt, parts, resume_path, cfg, explicit)
     if cfg.compile and info.enabled:
         log.warning("!!! compile=true is not supported with data-parallel training yet: training eagerly "
                     "(set ddp_procs=1 to compile on one GPU)")
     elif cfg.compile:
         compile_step_model(cfg, parts, comp.task, comp.num_classes, device, preprocess_of(parts.model))
-    reserve = new_reserve(cfg, comp, data, parts)
+    reserve = new_reserve(cfg, comp, data, parts, build_s)
     if info.is_main:
         measure_reserve(cfg, comp, parts.model, device, reserve)
         if (resume_path is None or explicit) and not ctx.stop.requested:  # a restart may have little time left
@@ -186,8 +190,9 @@ def finish(ctx: RunContext, comp: Competition, run: TrainRun, outcome: Outcome) 
     if len(data.val_targets):
         outcome.summary["baseline"] = outcome.guard("baseline", prior_baseline, comp.task, data.train_targets,
                                                     data.val_targets, cfg.beta)
-    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     submit(ctx, comp, run, rule, outcome)
+    # After the submission: the reserve does not count them, and they must never delay it.
+    outcome.guard("validation reports", validation_reports, cfg, comp, data, result, rule, ctx.out_dir, outcome)
     finish_outputs(ctx, saver, outcome, run.clock)
 
 
@@ -222,5 +227,6 @@ def submit(ctx: RunContext, comp: Competition, run: TrainRun, rule: ThresholdRul
                          pred.rule, ctx.out_dir) is not None:
             outcome.submitted = True
             outcome.summary.update(checkpoint=path.name if path else pred.name, val_score=pred.val_score, tta=tta,
-                                   infer_images_per_s=round(out["images_per_s"], 1))
+                                   infer_images_per_s=round(out["images_per_s"], 1),
+                                   submitted_at_s=round(clock.elapsed(), 1))
             return

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from ..core import distributed, env
+from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
@@ -91,7 +91,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
             log.error("!!! the image cache could not be built (%s); images will be decoded as they are used", e)
     if info.enabled:
         # a store key, not a barrier: the build may outlast any collective timeout
-        distributed.main_done(info, deadline + CACHE_WAIT_SLACK_S if deadline else time.time() + 86400.0)
+        distributed.main_done(info, deadline + CACHE_WAIT_SLACK_S if deadline else clock_now() + 86400.0)
         if cache is None:
             cache = open_cache(paths, geometry, root)
     return cache

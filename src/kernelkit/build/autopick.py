@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import torch
 
 from ..core import distributed
 from ..core.accel import amp_dtype
+from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
@@ -141,7 +141,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(_now(device) - t0)
-        if len(times) >= 2 and time.time() > deadline:
+        if len(times) >= 2 and clock_now() > deadline:
             break
     # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
     # which would rank the candidates by the noise rather than by their cost.
@@ -154,7 +154,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             t0 = _now(device)
             model(xi)
             times.append(_now(device) - t0)
-            if len(times) >= 2 and time.time() > deadline:
+            if len(times) >= 2 and clock_now() > deadline:
                 break
     infer_ips = len(xi) / max(min(times[1:]), 1e-9)
     del model, opt
@@ -183,7 +183,7 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter()
+    return clock_now()
 
 
 def native_size(paths: list[str], seed: int = 0) -> int | None:
@@ -233,12 +233,12 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
-    deadline = time.time() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
+    deadline = clock_now() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
     trials: dict[Candidate, Trial] = {}
 
     def epochs_of(c: Candidate) -> float:
         t = trials.setdefault(c, Trial(c))
-        if time.time() > deadline or (stop is not None and stop.requested):
+        if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
             return -1.0
         try:
@@ -247,7 +247,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
             return -1.0
-        setup_s = time.time() - started_at + SETUP_AFTER_S
+        setup_s = clock_now() - started_at + SETUP_AFTER_S
         sched = schedule_from(c.img_size, cfg.resize_start, cfg.resize_full_at)
         train_ips = t.train_ips if t.stage_ips is None else effective_ips(t.stage_ips, sched, not cfg.epochs)
         t.epochs = shape.epochs(train_ips, t.infer_ips, setup_s, PIPELINE_FACTOR.get(device.type, 0.8))
@@ -320,12 +320,12 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", *stored)
         return stored
-    t0 = time.time()
+    t0 = clock_now()
     shape = RunShape.of(cfg, comp, info.world_size)
     choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
-    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(time.time() - t0),
+    log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(clock_now() - t0),
              ladder_table(trials, choice, need))
     if got.note:
         verdict = f"the cheapest, {got.note}"

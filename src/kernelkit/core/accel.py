@@ -15,11 +15,12 @@ Each decision is a small function of the device and the user's setting, so the a
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .clock import now as clock_now
 
 AMP_DTYPES = ("auto", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -146,13 +147,13 @@ def compile_for_training(model: torch.nn.Module, warmup: Callable[[torch.nn.Modu
     Any exception means: train eagerly, with the reason logged and returned."""
     compiler = compiler or torch.compile
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    t0 = time.time()
+    t0 = clock_now()
     try:
         compiled = compiler(model)
         warmup(compiled)
-        return Compiled(compiled, time.time() - t0)
+        return Compiled(compiled, clock_now() - t0)
     except Exception as e:  # noqa: BLE001  (compilers fail in many ways: missing gcc/triton, graph breaks)
-        return Compiled(model, time.time() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return Compiled(model, clock_now() - t0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():

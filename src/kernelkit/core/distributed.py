@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .clock import now as clock_now
+
 log = logging.getLogger("kernelkit")
 
 RENDEZVOUS_S = 15.0  # the ranks start together: a peer that has not arrived by then is not coming
@@ -217,7 +219,7 @@ def main_done(info: DistInfo, deadline: float) -> None:
         _store.set(key, "1")
         return
     while not _store.check([key]):  # raises once rank 0 (the store's host) is gone
-        if time.time() > deadline:
+        if clock_now() > deadline:  # a budget deadline: on the budget's clock
             raise RuntimeError(f"rank 0 did not finish its solo phase {_waits} by the run's deadline")
         time.sleep(POLL_S)
 

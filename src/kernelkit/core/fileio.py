@@ -7,7 +7,6 @@ file, if any, is untouched.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -59,10 +58,13 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def write_npy(path: str | Path, array: Any) -> Path:
+    """Streamed into the temp file: no in-memory copy of the bytes (100k x 15,000 probabilities are 6 GB)."""
     import numpy as np
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    return atomic_write(path, buf.getvalue())
+    arr = np.asarray(array)
+
+    def save(f: Any) -> None:
+        np.save(f, arr)
+    return atomic_write(path, save)
 
 
 def _plain(x: Any) -> Any:

@@ -11,8 +11,9 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from typing import Iterator
+
+from .clock import now as clock_now
 
 log = logging.getLogger("kernelkit")
 
@@ -27,7 +28,7 @@ class StopFlag:
 
     def request(self, name: str) -> None:
         if not self.requested:
-            self.requested, self.signal_name, self.at = True, name, time.time()
+            self.requested, self.signal_name, self.at = True, name, clock_now()
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001  (signal handler signature)
         if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
 from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
@@ -299,10 +299,10 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
     for batch in progress(loader, desc=desc, total=len(loader)):
         if stop is not None and stop.requested:
             raise BuildStopped(f"image cache build stopped by {stop.signal_name}")
-        if deadline and time.time() > deadline:
+        if deadline and clock_now() > deadline:
             raise BuildStopped("image cache build abandoned: it would take more than its share of the budget")
         if t_first is None:
-            t_first = time.time()
+            t_first = clock_now()
         else:
             n_after += len(batch)
         for i, good, msg in batch:
@@ -312,7 +312,7 @@ def _decode_into(writer: CacheWriter, num_workers: int, mp_context: str, batch_s
                 if len(bad) <= MAX_LOGGED_BAD:
                     log.warning("unreadable image (kept with ok=0): %s", msg)
     # decode rate after the first batch (worker start-up excluded), for benchmarks and planning
-    steady = round(n_after / max(time.time() - t_first, 1e-9), 1) if t_first else 0.0
+    steady = round(n_after / max(clock_now() - t_first, 1e-9), 1) if t_first else 0.0
     return ok, bad, steady
 
 
@@ -333,9 +333,9 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
     bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
     (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept;
-    likewise when the wall clock passes `deadline` (time.time() value; 0 = none).
+    likewise when the wall clock passes `deadline` (clock_now() value; 0 = none).
     """
-    t0 = time.time()
+    t0 = clock_now()
     geometry = _geometry(geometry)
     size = geometry[0]
     key = cache_key(paths, geometry, stat_files)
@@ -360,8 +360,8 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         _fsync(data_path)
         _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
                                     "layout": "NHWC", "pad_aspect": geometry[1], "fill": geometry[2],
-                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(time.time() - t0, 3),
-                                    "steady_images_per_s": steady, "created": time.time()})
+                                    "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(clock_now() - t0, 3),
+                                    "steady_images_per_s": steady, "created": clock_now()})
         if final.exists() and ImageCache.open(final, key) is None:
             shutil.rmtree(final)  # an incomplete or foreign directory in the way
         try:
@@ -377,7 +377,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     cache = ImageCache.open(final, key)
     if cache is None:
         raise RuntimeError(f"image cache at {final} unreadable right after building it")
-    dt = time.time() - t0
+    dt = clock_now() - t0
     if len(bad) > MAX_LOGGED_BAD:
         log.warning("... and %d more unreadable images, all listed in %s", len(bad) - MAX_LOGGED_BAD, final / BAD)
     log.info("image cache: %d images at %d px in %.1fs (%.0f/s), %d unreadable, %.2f GB in %s",

@@ -28,6 +28,7 @@ RUNTIME_KEYS = frozenset({
     "grace", "num_workers", "mp_context", "ddp_procs", "ddp_backend", "cache_images", "cache_dir", "cache_max_gb",
     "checkpoint_every", "deterministic", "tta", "threshold", "threshold_rule", "min_labels", "max_labels",
 })
+MIX_CELLS = 2 ** 22  # probabilities blended at a time (16 MB of float32 temporaries)
 SEARCH_ROWS = 20000  # weight search on at most this many OOF rows (seeded sample): iMet's 109k x 1103 is slow
 
 
@@ -80,7 +81,8 @@ def group_members(dirs: list[Path]) -> list[list[Path]]:
 def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Member:
     """One member's OOF rows and mean test probabilities, every shape checked against the data."""
     oof, covered = np.zeros((n, num_classes), np.float32), np.zeros(n, bool)
-    folds, tests = {}, []
+    folds: dict[str, np.ndarray] = {}
+    test_sum = None  # summed fold by fold from memory-mapped files: one (N, C) array, not one per folder
     for d in dirs:
         test_path = d / "test_probs.npy"
         try:
@@ -94,16 +96,28 @@ def load_member(dirs: list[Path], n: int, num_classes: int, n_test: int) -> Memb
         if not files or not test_path.is_file():
             raise BlendInputError(f"{d}: a blend needs oof/oof_fold<k>_idx.npy and test_probs.npy from a run with "
                                   "fold= set (found " + ", ".join(p.name for p in d.glob("*")) + ")")
-        test = np.load(test_path)
+        test = np.load(test_path, mmap_mode="r")
         if test.shape != (n_test, num_classes):
             raise BlendInputError(f"{test_path}: shape {test.shape}, expected ({n_test}, {num_classes})")
-        tests.append(test.astype(np.float32))
+        if test_sum is None:
+            test_sum = np.array(test, dtype=np.float32)
+        else:
+            test_sum += test
+    test_sum /= len(dirs)
     name = dirs[0].name if len(dirs) == 1 else f"{dirs[0].name}+{len(dirs) - 1}"
-    return Member(name, dirs, oof, covered, folds, np.mean(tests, axis=0))
+    return Member(name, dirs, oof, covered, folds, test_sum)
 
 
 def mix(parts: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    return sum(float(w) * p for w, p in zip(weights, parts))
+    """The weighted sum as float32, a chunk of rows at a time: the temporaries stay chunk-sized, not (N, C)."""
+    out = np.empty(parts[0].shape, np.float32)
+    step = max(1, MIX_CELLS // max(out[0].size, 1)) if len(out) else 1
+    for s in range(0, len(out), step):
+        rows = slice(s, s + step)
+        out[rows] = np.float32(weights[0]) * parts[0][rows]
+        for w, p in zip(weights[1:], parts[1:]):
+            out[rows] += np.float32(w) * p[rows]
+    return out
 
 
 def _with_weight(w: np.ndarray, i: int, value: float) -> np.ndarray:

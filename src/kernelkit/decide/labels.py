@@ -5,6 +5,7 @@ from typing import Protocol
 
 import numpy as np
 
+DECODE_CELLS = 2 ** 22  # probabilities decoded at a time: masks and label sorts (8 bytes a cell) stay ~32 MB
 
 class Rule(Protocol):
     """What decode needs of a thresholds.ThresholdRule (named here so decode stays a leaf)."""
@@ -63,6 +64,11 @@ def decode(task: str, probs: np.ndarray, threshold: float = 0.5, min_labels: int
     A `rule` (kernelkit.decide.thresholds.ThresholdRule) replaces `threshold` and `min_labels`.
     """
     if task == "multilabel":
-        pred = rule.apply(probs) if rule is not None else decode_multilabel(probs, threshold, min_labels)
-        return [np.flatnonzero(row).tolist() for row in pred]
+        out: list = []
+        rows = max(1, DECODE_CELLS // max(probs.shape[1], 1))
+        for s in range(0, len(probs), rows):  # the (rows, C) masks and sorts stay chunk-sized
+            chunk = probs[s:s + rows]
+            pred = rule.apply(chunk) if rule is not None else decode_multilabel(chunk, threshold, min_labels)
+            out.extend(np.flatnonzero(row).tolist() for row in pred)
+        return out
     return probs.argmax(1).tolist()

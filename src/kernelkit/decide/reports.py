@@ -205,7 +205,10 @@ def _multilabel_errors(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray | 
     fn, fp = truth & ~pred, ~truth & pred
     wrong = fn.sum(1) + fp.sum(1)
     # Among equally wrong images, the more confidently wrong first.
-    confidence = (np.abs(probs - truth) * (fn | fp)).sum(1) if probs is not None else np.zeros(len(truth))
+    # Summed over the wrong cells only (no (N, C) float temporaries).
+    err_rows, err_cols = np.nonzero(fn | fp)
+    confidence = np.zeros(len(truth)) if probs is None else np.bincount(
+        err_rows, weights=np.abs(probs[err_rows, err_cols] - truth[err_rows, err_cols]), minlength=len(truth))
     worst = np.lexsort((np.arange(len(truth)), -confidence, -wrong))[:top]
     worst = worst[wrong[worst] > 0]
     table = pd.DataFrame({"id": [ids[i] for i in worst], "n_wrong": wrong[worst],
@@ -281,7 +284,7 @@ def error_analysis(truth: np.ndarray, pred: np.ndarray, probs: np.ndarray | None
     if truth.shape != pred.shape or len(ids) != len(truth):
         raise ValueError(f"truth {truth.shape}, pred {pred.shape} and {len(ids)} ids must match")
     if probs is not None:
-        probs = np.asarray(probs, dtype=np.float64)
+        probs = np.asarray(probs, dtype=np.float32)  # no float64 copy: (N, C) is large at 15,000 classes
         if probs.shape != (len(truth), len(class_names)):
             raise ValueError(f"probs {probs.shape} must be ({len(truth)}, {len(class_names)})")
     if truth.ndim == 2:

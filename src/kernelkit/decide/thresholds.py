@@ -23,6 +23,7 @@ from .labels import apply_thresholds, limit_labels, order_and_ranks
 from .metrics import fbeta_per_image
 
 KINDS = ("global", "group", "class")
+CHUNK_CELLS = 2 ** 22  # probabilities scored at a time: int64 grid indices of ~32 MB
 
 
 def default_grid() -> np.ndarray:
@@ -160,12 +161,14 @@ def _pick(scores: np.ndarray, grid: np.ndarray, current_score: float, current_t:
 
 
 def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: float = 2.0, min_labels: int = 0,
-                  max_labels: int = 0, show_progress: bool = False, chunk: int = 4096) -> np.ndarray:
+                  max_labels: int = 0, show_progress: bool = False, chunk: int = 0) -> np.ndarray:
     """(G,) F-beta per image for each threshold of the sorted `grid`, min/max labels included exactly.
 
-    Rows are done `chunk` images at a time to bound memory (N x G floats per chunk).
+    Rows are done `chunk` images at a time to bound memory (chunk x C grid indices, chunk x G
+    scores); 0 = as many rows as make CHUNK_CELLS cells, so 15,000 classes get smaller chunks.
     """
     b2 = beta * beta
+    chunk = chunk or max(1, min(4096, CHUNK_CELLS // max(probs.shape[1], 1)))
     total = np.zeros(len(grid))
     starts = range(0, len(probs), chunk)
     if show_progress:

@@ -7,9 +7,9 @@ So progress is measured in time (or in steps when epochs are fixed) and the LR i
 from __future__ import annotations
 
 import math
-import time
 
 from ..core.checks import budget_and_margin
+from ..core.clock import now as clock_now
 from ..core.config import Config
 
 
@@ -23,10 +23,10 @@ class BudgetClock:
 
     def __init__(self, total_s: float, margin_s: float = 0.0, start_time: float | None = None):
         self.total_s, self.margin_s = float(total_s), float(margin_s)
-        self.start_time = time.time() if start_time is None else float(start_time)
+        self.start_time = clock_now() if start_time is None else float(start_time)
 
     def elapsed(self) -> float:
-        return time.time() - self.start_time
+        return clock_now() - self.start_time
 
     def remaining(self) -> float:
         return self.total_s - self.margin_s - self.elapsed()

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import Preprocess, normalize, tta_identity
@@ -99,7 +99,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     model.eval()
     act = activation(task)
     probs, oks = HostChunks(device), HostChunks(device)
-    t0 = time.time()
+    t0 = clock_now()
     t_first, first_rows = None, 0
     pieces = 1
     # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
@@ -122,12 +122,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         if t_first is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the first batch's true cost: loader start-up, lazy init
-            t_first, first_rows = time.time(), len(p)
+            t_first, first_rows = clock_now(), len(p)
     probs_all = probs.gather()
     probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
     oks_all = oks.gather()
     oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
-    t_end = time.time()
+    t_end = clock_now()
     n, batches = len(probs_all), len(probs)
     steady_n = n - (first_rows if batches > 1 else 0)
     steady_s = (t_end - t_first) if batches > 1 else (t_end - t0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from ..core.accel import StepGuard
+from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
@@ -181,7 +181,7 @@ class Trainer:
         self.schedule = Progress(clock, self.state.progress, end=self.state.session_end)
         self.step_s = 0.0  # smoothed wall time of one step, so the last one does not overrun
         self.frozen = False
-        self.last_save = time.time()
+        self.last_save = clock_now()
         self.stop_reason = "budget"
         self.learning_checked = False
         self.train_px = 0  # the input size of the last training step (progressive resizing)
@@ -300,7 +300,7 @@ class Trainer:
         # the GPU at every step end, leaving the GPU idle while the next step is prepared.
         loss_sum, unreadable, skipped, good = (torch.zeros((), device=self.device) for _ in range(4))
         recent: deque = deque(maxlen=50)
-        t0 = t_prev = time.time()
+        t0 = t_prev = clock_now()
         t_first, first_n = None, 0
         bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
         for x, y, ok in bar:
@@ -323,7 +323,7 @@ class Trainer:
             loss_sum += loss.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
             recent.append(loss)
             n_losses += 1
-            now = time.time()
+            now = clock_now()
             self.step_s = now - t_prev if t_first is None else 0.8 * self.step_s + 0.2 * (now - t_prev)
             t_prev = now
             if t_first is None:
@@ -339,7 +339,7 @@ class Trainer:
         loss_total, n_good, n_unreadable, n_skipped = torch.stack((loss_sum, good, unreadable, skipped)).tolist()
         self.note_skipped(int(n_skipped))
         state.bad_images += int(n_unreadable)
-        t_end = time.time()
+        t_end = clock_now()
         # Throughput after the first step, which carries worker start-up and lazy initialisation.
         steady = (images - first_n, t_end - t_first) if t_first and images > first_n else (images, t_end - t0)
         return {"loss": loss_total / n_good if n_good else float("nan"), "images": images,
@@ -457,8 +457,10 @@ class Trainer:
     def save(self, name: str, epoch_done: bool, weights: dict | None = None) -> None:
         """A failed save (full disk, I/O error) is logged and counted by the checkpointer; training goes on.
         `weights`: saved instead of the model's (and of the EMA, which would otherwise predict)."""
-        self.last_save = time.time()
+        self.last_save = clock_now()
         if self.saver is None:
             return
+        # One line per save, on the budget clock: the cadence can be read back from the log.
+        log.info("saving %s at %s (p=%.4f)", name, fmt_seconds(self.clock.elapsed()), self.state.progress)
         payload = TrainState(self.parts, self.state, self.clock).state_dict(epoch_done, weights, average=name == LAST)
         self.saver.save(name, payload)  # returns once snapshotted; failures are counted by the checkpointer

@@ -1,0 +1,172 @@
+"""Issue 22 item 1: a 9-hour Kaggle session on a scaled clock.
+
+The package reads every time the budget logic uses through kernelkit.core.clock; the test-only
+environment variable KERNELKIT_TEST_CLOCK makes that clock run FACTOR times faster (FACTOR x the
+process's CPU time, so a step costs its measured cost x FACTOR and the inference reserve is measured,
+not bypassed). With the real defaults (budget 9h, margin 10 min, checkpoint_every 20m, warm-up,
+progressive resizing, swa=0.25, sessions=3) one schedule runs here in about two minutes:
+
+  session 1: budget 9h, SIGKILLed at simulated hour 5, restarted in the same out_dir, finishes;
+  sessions 2 and 3: resume_from the previous last.pt (2h each, to keep the test short; the budget
+  is not part of the schedule, the progress slices are).
+
+What the logs, history.csv and summary.json say is checked against the schedule.
+"""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, make_single_label_csv
+
+from kernelkit.core.clock import _parse
+from kernelkit.engine.budget import lr_factor
+
+FACTOR = 600  # 9 h of schedule in 54 s of CPU
+LR = 1e-3
+CAP_GB = 0.1
+ARGS = ["--model", "test_resnet", "--img-size", "64", "--batch-size", "8", "--lr", str(LR), "--num-workers", "0",
+        "--sessions", "3", "--swa", "0.25", "--tta", "2", "--output-cap-gb", str(CAP_GB)]
+NINE_H, MARGIN, EVERY = 9 * 3600, 600, 1200  # budget 9h: margin auto = min(10 min, 2% + 2 s)
+SAVE = re.compile(r"saving (last|best)\.pt at (?:(\d+)h)?(\d+)m(\d+)s")
+EPOCH = re.compile(r"INFO epoch \d+ ")
+
+
+def _seconds(m: re.Match) -> int:
+    return int(m.group(2) or 0) * 3600 + int(m.group(3)) * 60 + int(m.group(4))
+
+
+def _env(start: float) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # One thread: CPU time then measures the work itself (two threads on two busy cores spin and
+    # contend, which multiplies the CPU a step takes several times over).
+    env.update(PYTHONPATH=str(ROOT / "src"), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
+               KERNELKIT_TEST_CLOCK=f"{FACTOR}@{start!r}")
+    return env
+
+
+def _start(data: Path, out: Path, log: Path, start: float, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "kernelkit", "--data-dir", str(data), "--out-dir", str(out), *ARGS, *extra]
+    return subprocess.Popen(cmd, env=_env(start), stdout=log.open("a"), stderr=subprocess.STDOUT)
+
+
+def _finish(proc: subprocess.Popen, log: Path) -> None:
+    try:
+        rc = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert rc == 0, log.read_text()[-4000:]
+
+
+def _kill_at(proc: subprocess.Popen, log: Path, at_s: int) -> int:
+    """SIGKILL once the log shows a save at or past `at_s` on the run's clock; -> that save's time."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        times = [_seconds(m) for m in SAVE.finditer(log.read_text())]
+        if times and times[-1] >= at_s:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return times[-1]
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no save past {at_s}s before the process ended:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def schedule(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("scaled")
+    data = make_single_label_csv(root / "data", n_train=2000, n_test=60, n_classes=3)
+    out = [root / f"s{k}" for k in (1, 2, 3)]
+    logs = [root / f"s{k}.log" for k in (1, 2, 3)]
+    first = _start(data, out[0], logs[0], time.time(), "--budget", "9h")
+    killed_at = _kill_at(first, logs[0], 5 * 3600)
+    run_start = json.loads((out[0] / "run_state.json").read_text())["run_start"]
+    # The restart begins where the killed process stopped, on the same time line.
+    _finish(_start(data, out[0], logs[0], run_start + killed_at, "--budget", "9h"), logs[0])
+    for k in (1, 2):
+        _finish(_start(data, out[k], logs[k], time.time(), "--budget", "2h",
+                       "--resume-from", str(out[k - 1] / "last.pt")), logs[k])
+    return {"root": root, "out": out, "log": [p.read_text() for p in logs], "killed_at": killed_at,
+            "summary": [json.loads((o / "summary.json").read_text()) for o in out],
+            "history": [pd.read_csv(o / "history.csv") for o in out]}
+
+
+def test_clock_factor_is_read_from_the_harness_variable_only():
+    assert _parse("") == (1.0, 0.0)
+    assert _parse("600@100.5") == (600.0, 100.5)
+    with pytest.raises(ValueError):
+        _parse("0")
+
+
+def test_the_killed_session_resumes_on_one_time_line(schedule):
+    log = schedule["log"][0]
+    assert log.count("resumed from") == 1, "the restart continues from last.pt"
+    state = json.loads((schedule["out"][0] / "run_state.json").read_text())
+    assert state["restarts"] == 1 and state["finished"]
+    saves = [_seconds(m) for m in SAVE.finditer(log)]
+    k = len(saves) - 1 - saves[::-1].index(schedule["killed_at"])  # the last save before the kill
+    assert saves[k + 1] > saves[k], "the restarted process's clock goes on from the kill, not from zero"
+
+
+def test_checkpoints_every_20_simulated_minutes(schedule):
+    """Between consecutive saves of a session never 2 x 20 min (one would have been missed); a save
+    not at an epoch end (the cadence's own) comes at least 20 min after the one before."""
+    cadences = []
+    for log in schedule["log"]:
+        lines = [ln for ln in log.splitlines() if SAVE.search(ln) or EPOCH.search(ln) or "resumed from" in ln]
+        prev, cadence = None, 0
+        for i, ln in enumerate(lines):
+            m = SAVE.search(ln)
+            if not m:
+                prev = None if "resumed from" in ln else prev  # the restart's first save follows the kill
+                continue
+            t = _seconds(m)
+            if prev is not None:
+                assert t - prev < 2 * EVERY, f"{t - prev}s without a checkpoint before {ln}"
+                if m.group(1) == "last" and not EPOCH.search(lines[i - 1]):
+                    assert t - prev >= EVERY, ln
+                    cadence += 1
+            prev = t
+        cadences.append(cadence)
+    assert cadences[0] >= 2 and sum(cadences) >= 3, f"epochs here outlast 20 min: the cadence fires in them {cadences}"
+
+
+def test_stages_warmup_lr_and_slices_follow_the_schedule(schedule):
+    logs = "\n".join(schedule["log"])
+    # 4 stages over [0, 0.75): each change at the first step at or past 1/4, 1/2, 3/4 (the last save
+    # before it is still below; progress may jump when a slow validation moves the deadline earlier)
+    changes = list(re.finditer(r"resolution -> (\d+) px at p=([\d.]+)", logs))
+    assert [int(m.group(1)) for m in changes] == [40, 48, 64]
+    for m, boundary in zip(changes, (0.25, 0.5, 0.75)):
+        before = re.findall(r"saving \w+\.pt at \S+ \(p=([\d.]+)\)", logs[:m.start()])
+        assert float(before[-1]) < boundary <= float(m.group(2)), m.group(0)
+    ends = [s["progress"] for s in schedule["summary"]]
+    assert ends == pytest.approx([1 / 3, 2 / 3, 1.0], abs=0.002), "each session ends at its slice"
+    for hist in schedule["history"]:  # warm-up then linear decay, read off the clock-based progress
+        for row in hist.itertuples():
+            assert row.lr_end == pytest.approx(LR * lr_factor(row.progress), rel=0.02, abs=LR * 0.005)
+    last = schedule["history"][2].iloc[-1]
+    assert last.progress >= 0.99 and last.lr_end <= 0.01 * LR, "LR reaches zero at the training deadline"
+    assert schedule["history"][0].lr_end.iloc[0] < LR, "the first epoch is still warming up"
+    swa = [s["swa"] for s in schedule["summary"]]
+    assert swa[0] is None and swa[2]["snapshots"] > 0, "averaging only in the last 25% of the schedule"
+    assert "weight average: 0 snapshot(s)" in schedule["log"][0]
+
+
+def test_submission_inside_the_budget_and_outputs_under_the_cap(schedule):
+    first = schedule["summary"][0]
+    assert first["submitted_at_s"] <= NINE_H - MARGIN, "the reserve leaves the submission before 9h less the margin"
+    assert first["train_end_s"] < first["submitted_at_s"]
+    for s, out in zip(schedule["summary"], schedule["out"]):
+        assert s["exit_status"] == 0 and (out / "submission.csv").is_file()
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        assert size <= CAP_GB * 1e9, f"{out.name}: {size} bytes"
+    assert not math.isnan(first["val_score"])
