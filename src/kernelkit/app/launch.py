@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..build import autopick
+from ..build.input_mode import resolve_input_mode
 from ..core import distributed, env
 from ..core.config import ConfigError, budget_seconds
 from ..core.context import (
@@ -178,6 +179,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK
+    ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     cfg = ctx.cfg
     if ctx.args.dry_run:
