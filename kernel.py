@@ -52,7 +52,7 @@ CONFIG = dict(
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
     # mixup=0.0,                            # mixup alpha (0 = off)
     # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
-    # resize_start=0.5,                     # progressive resizing: train at this fraction of img_size first, in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation and TTA always at img_size (0 = off)
+    # resize_start=0.5,                     # progressive resizing: train at this fraction of img_size first, in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation at the stage's size until the last stage, the best checkpoint from the largest size reached, TTA at img_size (0 = off)
     # resize_full_at=0.75,                  # progressive resizing: share of the schedule after which training is at the full img_size, in (0, 1]
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
     # cache_dir='',                         # image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), else <out_dir>/cache
@@ -767,7 +767,8 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
-             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
+             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size,
+             input_mode=cfg.input_mode, tiles=cfg.input_tiles())
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
     outcome.guard("writing summary.json", write_json, out_dir / "summary.json", s)
@@ -1199,7 +1200,8 @@ def validation_reports(cfg: Config, comp: Competition, data, result: FitResult, 
         save_oof(out_dir / "oof", cfg.fold, data.val_rows, probs)
 ''',
 'kernelkit.build': r'''"""Config to objects: the one place that turns a `Config` into data, loaders, model, optimizer and
-loss (`assemble`, `components`), and the timed choice of model and image size (`autopick`).
+loss (`assemble`, `components`), the timed choice of model and image size (`autopick`), and the
+choice of input mode (pad or tiles) from the images' aspect ratios (`input_mode`).
 Imports from every package below it, never from `app`."""
 ''',
 'kernelkit.build.assemble': r'''"""Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
@@ -2113,7 +2115,8 @@ class Config:
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
                                   "stages, at the full img_size from resize_full_at of the schedule on; stages "
-                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+                                  "are shares of the wall clock; validation at the stage's size until the last stage, "
+                                  "the best checkpoint from the largest size reached, TTA at img_size (0 = off)")
     resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
                                      "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
@@ -6804,8 +6807,10 @@ share of steps, the same way.
 
 The cache holds every image at the full `img_size`; a lower stage is made by downscaling the batch
 on the training device (`resize_batch`, antialiased bilinear: cheap on a GPU), so the cache already
-holds what each stage needs and nothing is decoded twice. Validation and TTA always run at the full
-size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
+holds what each stage needs and nothing is decoded twice. Validation during a smaller stage runs at
+that stage's size (a network trained at half size validated at full size scores near chance while it
+learns: issue #20); the best checkpoint is chosen among validations at the largest size reached; the
+final prediction (TTA) runs at the full size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
 re-tunes per input shape.
 """
 from __future__ import annotations

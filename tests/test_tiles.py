@@ -131,3 +131,45 @@ def test_tile_options_are_checked():
         Config.from_dict({"input_mode": "square"})
     assert Config.from_dict({"input_mode": "tiles", "tiles": 4}).input_tiles() == 4
     assert Config.from_dict({}).input_tiles() == 1, "auto before it is resolved (and old checkpoints): one square"
+
+
+def strip_competition(root, n_train=24, n_test=6):
+    """single_label_csv of 1:3 strips (either orientation): auto must pick tiles."""
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    for sub in ("train", "test"):
+        (root / sub).mkdir(parents=True)
+    rows = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            c = i % 2
+            arr = np.full((32, 96, 3), 128, np.uint8)
+            x = int(rng.integers(0, 72))
+            arr[4:28, x:x + 24] = (220, 30, 30) if c else (30, 30, 220)
+            img = Image.fromarray(arr if rng.random() < 0.5 else arr.transpose(1, 0, 2))
+            img.save(root / split / f"{split}{i:03d}.png")
+            if split == "train":
+                rows.append((f"{split}{i:03d}", f"c{c}"))
+    pd.DataFrame(rows, columns=["id", "label"]).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": [f"test{i:03d}" for i in range(n_test)], "label": "c0"}).to_csv(
+        root / "sample_submission.csv", index=False)
+    return root
+
+
+def test_auto_picks_tiles_on_strips_end_to_end(tmp_path, caplog):
+    import json
+    import logging
+    from kernelkit.app.cli import main
+    from kernelkit.inputs.competition import load_competition, validate_submission
+    data = strip_competition(tmp_path / "strips")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert main({}, ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--num-workers", "0",
+                         "--epochs", "1", "--budget", "10m", "--data-dir", str(data), "--out-dir", str(out)]) == 0
+    assert any("input mode: tiles x3" in r.getMessage() and "100% of 24 sampled" in r.getMessage()
+               for r in caplog.records)
+    validate_submission(out / "submission.csv", load_competition(data))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input_mode"] == "tiles" and summary["tiles"] == 3
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"]["input_mode"] == "tiles", "the checkpoint stores the resolved mode for --mode infer"

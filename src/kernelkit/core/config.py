@@ -97,7 +97,8 @@ class Config:
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
                                   "stages, at the full img_size from resize_full_at of the schedule on; stages "
-                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+                                  "are shares of the wall clock; validation at the stage's size until the last stage, "
+                                  "the best checkpoint from the largest size reached, TTA at img_size (0 = off)")
     resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
                                      "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
