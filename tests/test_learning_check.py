@@ -78,7 +78,7 @@ def test_no_warning_on_a_learning_run_with_progressive_resizing():
 
 
 def test_warning_fires_when_labels_are_shuffled():
-    result, prior = fit(True, SCHEDULE, epochs=4)  # checked at the end of epoch 0 (16 px)
+    result, _ = fit(True, SCHEDULE, epochs=4)  # checked at the end of epoch 0 (16 px)
     assert len(result.warnings) == 1 and "not learning" in result.warnings[0], result.history
 
 
@@ -104,6 +104,6 @@ def test_full_size_validation_would_have_misread_the_run():
 
 @pytest.mark.parametrize("resolution", [None])
 def test_runs_without_resizing_keep_one_best(resolution):
-    result, prior = fit(False, resolution, epochs=3)
+    result, _ = fit(False, resolution, epochs=3)
     assert result.warnings == [] and result.state.best_px == 0
     assert result.state.best_score == max(r["val_score"] for r in result.history)

@@ -159,6 +159,7 @@ def strip_competition(root, n_train=24, n_test=6):
 def test_auto_picks_tiles_on_strips_end_to_end(tmp_path, caplog):
     import json
     import logging
+
     from kernelkit.app.cli import main
     from kernelkit.inputs.competition import load_competition, validate_submission
     data = strip_competition(tmp_path / "strips")

@@ -28,8 +28,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .images import (blank_image, channels_last, fit_size, load_resized, load_tiles, resize_or_pad_tensor,
-                     resize_tensor, to_tiles)
+from .images import (
+    blank_image,
+    channels_last,
+    fit_size,
+    load_resized,
+    load_tiles,
+    resize_or_pad_tensor,
+    resize_tensor,
+    to_tiles,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
