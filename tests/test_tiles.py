@@ -111,9 +111,14 @@ def sizes(aspects: list[float]) -> dict:
             "aspect_quantiles": {f"p{q}": float(np.percentile(a, q)) for q in (50, 75, 90)}}
 
 
-def test_auto_keeps_pad_and_names_tiles_when_long_strips_are_common():
-    """Pad won at equal compute on the hard task (README): auto keeps it, and says what tiles would do."""
-    mode, tiles, why = choose_input_mode(sizes([1.0] * 5 + [2.5, 3.0, 4.0, 5.0, 5.0]))
+def test_auto_takes_tiles_for_long_images_when_fine_tuning_and_pad_from_scratch():
+    """As measured on the hard task (README): tiles won fine-tuning lite0, pad won from scratch."""
+    long = sizes([1.0] * 5 + [2.5, 3.0, 4.0, 5.0, 5.0])
+    mode, tiles, why = choose_input_mode(long, pretrained=True)
+    assert (mode, tiles) == ("tiles", 3) and "50%" in why and "pretrained" in why
+    assert choose_input_mode(sizes([1.0] * 9 + [5.0]), pretrained=True)[:2] == ("pad", 0)
+    assert choose_input_mode(sizes([1.0] * 5 + [2.2] * 5), pretrained=True)[:2] == ("tiles", 2)
+    mode, tiles, why = choose_input_mode(long)
     assert (mode, tiles) == ("pad", 0) and "50%" in why and "input_mode=tiles" in why
     mode, tiles, why = choose_input_mode(sizes([1.0] * 9 + [5.0]))
     assert (mode, tiles) == ("pad", 0) and "input_mode=tiles" not in why

@@ -3,9 +3,10 @@
 Squeezing or padding a 1:k strip into one square shrinks everything in it k times along the long
 side; small objects vanish. Tiles keep the short side at img_size and look at `tiles` squares along
 the long side (the model's max over them), at `tiles` times the compute per image. Measured on
-bench/hard_task.py (README, input modes) at equal compute from scratch, pad won (0.510 against 0.479
-and 0.459 test F2 at 16 pad-epochs; 0.444 against 0.426 and 0.413 at 8): so auto keeps pad, and when
-at least TILES_SHARE of the sampled images are LONG or longer it says that tiles are an option.
+bench/hard_task.py (README, input modes) at equal compute: fine-tuning ImageNet weights (lite0), tiles
+won by far (test F2 0.731 tiles x3, 0.705 x2, 0.554 pad); from scratch pad won (0.510 against 0.479
+and 0.459 at 16 pad-epochs). So auto takes tiles with pretrained weights when at least TILES_SHARE of
+the sampled images are LONG or longer, else pad (naming tiles as the option when images are long).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, withi
 SAMPLE = 500
 
 
-def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0) -> tuple[str, int, str]:
+def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0,
+                      pretrained: bool = False) -> tuple[str, int, str]:
     """image_sizes(...) of the training images -> (mode, tiles, why). An explicit mode (and an explicit
     tile count) is kept; the reason says what was measured either way."""
     q = sizes.get("aspect_quantiles")
@@ -34,11 +36,13 @@ def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0) -> tuple[
             "no readable training image headers"
     share = sizes.get("long_share", 0.0)
     stats = f"{share:.0%} of {sizes.get('sampled', 0)} sampled images 1:{LONG:g} or longer, aspect p75 {q['p75']:.2f}"
-    if mode == "auto":
+    if mode == "auto" and share >= TILES_SHARE and pretrained:
+        mode, why = "tiles", f"{stats}, fine-tuning pretrained weights (>= {TILES_SHARE:.0%})"
+    elif mode == "auto":
         mode, why = "pad", stats
         if share >= TILES_SHARE:
-            why += ("; input_mode=tiles keeps small objects at scale along the long side, at its tile count "
-                    "in compute (it lost to pad at equal compute from scratch: README, input modes)")
+            why += ("; from scratch (no pretrained weights) pad won at equal compute, input_mode=tiles "
+                    "forces tiles (README, input modes)")
     else:
         why = f"{stats}; set by input_mode={mode}"
     if mode == "tiles" and not tiles:
@@ -59,7 +63,8 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     if cfg.input_mode == "pad" or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else "pad")
         return ctx
-    mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles)
+    mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
+                                         pretrained=bool(cfg.pretrained_path))
     if mode == "tiles":
         log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s",
                  tiles, tiles, why)

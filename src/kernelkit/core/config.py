@@ -83,8 +83,9 @@ class Config:
     input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: "
                                  "short side resized to img_size, `tiles` squares along the long side, the network "
                                  "sees each and takes the max over them (long strips keep small objects at scale) | "
-                                 "auto: pad, which won at equal compute on the hard task so far (the log gives "
-                                 "the aspect statistics and names tiles when long images are common)",
+                                 "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
+                                 "sampled training images are 1:2 or longer, else pad (measured: README, input "
+                                 "modes; the log says which and why)",
                       choices=CHOICES['input_mode'])
     tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
                        "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
