@@ -179,12 +179,13 @@ def test_stale_cache_is_never_reused(tmp_path):
         ((S, 2.0, 0), paths),                # another fill
         ((S, 2.0, 255), paths[:-1]),         # another file list
         ((S, 2.0, 255), paths[::-1]),        # another order
+        ((S, 2.0, 255, 3), paths),           # tiles: columns of 3 squares
     ]
     dirs = {base.dir}
     for geometry, ps in variants:
         assert open_cache(ps, geometry, root) is None
         c = build_cache(ps, geometry, root)
-        assert c.dir not in dirs and c.geometry == tuple(geometry) and len(c) == len(ps)
+        assert c.dir not in dirs and c.geometry == (*geometry, 1)[:4] and len(c) == len(ps)
         dirs.add(c.dir)
     # A file rewritten in place (new size and mtime) invalidates too.
     photo(60, 45, seed=9).save(paths[0], quality=50)
@@ -271,7 +272,7 @@ def test_cache_and_datasets_pickle_small_for_spawned_workers(tmp_path):
     assert len(blob) < 20_000, "the memmap is reopened in each worker, never pickled"
     assert torch.equal(pickle.loads(blob).cache.get(3)[0], c.get(3)[0])
     writer = cache_mod.CacheWriter(paths, (S, 2.0, 255), str(c.dir / "images.u8"))
-    assert pickle.loads(pickle.dumps(writer)).geometry == (S, 2.0, 255)
+    assert pickle.loads(pickle.dumps(writer)).geometry == (S, 2.0, 255, 1)  # tiles 1: one square
 
 
 # ----------------------------------------------------------------------------- loading

@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple] = {
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
     "image_ext": ("", *IMAGE_EXTS),
+    "input_mode": ("auto", "pad", "tiles"),
 }
 
 
@@ -78,6 +79,15 @@ class Config:
     auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
+    input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: "
+                                 "short side resized to img_size, `tiles` squares along the long side, the network "
+                                 "sees each and takes the max over them (long strips keep small objects at scale) | "
+                                 "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
+                                 "sampled training images are 1:2 or longer, else pad (measured: README, input "
+                                 "modes; the log says which and why)",
+                      choices=CHOICES['input_mode'])
+    tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
+                       "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
                            "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
     gpu_aug: str = _f("auto", "batch augmentation on the training device: auto = on a GPU with the training images "
@@ -88,7 +98,8 @@ class Config:
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
                                   "stages, at the full img_size from resize_full_at of the schedule on; stages "
-                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+                                  "are shares of the wall clock; validation at the stage's size until the last stage, "
+                                  "the best checkpoint from the largest size reached, TTA at img_size (0 = off)")
     resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
                                      "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
@@ -148,6 +159,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def input_tiles(self) -> int:
+        """Squares per image the data pipeline makes: 1 (pad mode, or a stored config from before the
+        option, whose 'auto' was never resolved) or the resolved tile count."""
+        return max(2, self.tiles or 3) if self.input_mode == "tiles" else 1
 
     @classmethod
     def from_stored(cls, d: dict[str, Any]) -> "Config":

@@ -11,7 +11,8 @@ import torch
 from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..data.loaders import DeviceFeeder
-from ..data.transforms import Preprocess, normalize, tta_identity
+from ..data.transforms import Preprocess, fold_tiles, normalize, pool_tiles, tta_identity
+from .resolution import resize_batch
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.float16):
@@ -24,9 +25,10 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.flo
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def _average_views(model, x, views, act, device, amp, amp_dtype) -> torch.Tensor:
+def _average_views(model, x, views, act, device, amp, amp_dtype, tiles: int = 1) -> torch.Tensor:
+    """Probabilities averaged over the views; with tiles, each view's logits pooled over an image's tiles."""
     with autocast(device, amp, amp_dtype):
-        return sum(act(model(view(x)).float()) for view in views) / len(views)
+        return sum(act(pool_tiles(model(view(x)).float(), tiles)) for view in views) / len(views)
 
 
 def activation(task: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -88,35 +90,29 @@ class HostChunks:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None, *, pre: Preprocess, amp_dtype: torch.dtype = torch.float16) -> dict:
+            desc: str = "predict", stop=None, *, pre: Preprocess, amp_dtype: torch.dtype = torch.float16,
+            size: int = 0) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
     spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
     `stop` (stopping.StopFlag): once raised, the remaining batches get the first view only, so a
-    SIGTERM still ends with a prediction for every row, soon.
+    SIGTERM still ends with a prediction for every row, soon. `size` > 0: every image (tile) is
+    downscaled to size x size first (validation during progressive resizing's smaller stages).
     """
     model.eval()
     act = activation(task)
     probs, oks = HostChunks(device), HostChunks(device)
     t0 = clock_now()
     t_first, first_rows = None, 0
-    pieces = 1
     # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
     # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
-        x = normalize(images, channels_last, pre)
-        while True:
-            try:
-                use = views[:1] if stop is not None and stop.requested else views
-                p = torch.cat([_average_views(model, part, use, act, device, amp, amp_dtype) for part in x.chunk(pieces)])
-                break
-            except OutOfMemory:
-                if pieces >= len(x):
-                    raise
-                pieces *= 2  # never lose the predictions to a batch that does not fit: split it
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        x, tiles = fold_tiles(images)  # tiles mode: (N, 3, T*s, s) columns -> N*T squares
+        x = resize_batch(x, size) if size else x
+        x = normalize(x, channels_last, pre)
+        use = views[:1] if stop is not None and stop.requested else views
+        p = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, tiles)
         probs.add(p)
         oks.add(ok > 0)
         if t_first is None:
@@ -142,3 +138,21 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         "startup_s": max(0.0, first_batch_s - first_rows * len(views) / ips) if batches > 1 else first_batch_s,
         "images_per_s": ips,
     }
+
+
+def _predict_batch(model: torch.nn.Module, x: torch.Tensor, n_images: int, views: Sequence[Callable], act: Callable,
+                   device: torch.device, amp: bool, amp_dtype: torch.dtype, tiles: int) -> torch.Tensor:
+    """One batch's probabilities; a batch that does not fit in memory is split in halves until it does,
+    so the predictions are never lost to one large batch (an image's tiles stay in one piece)."""
+    pieces = 1
+    while True:
+        try:
+            per = tiles * -(-n_images // pieces)
+            return torch.cat([_average_views(model, part, views, act, device, amp, amp_dtype, tiles)
+                              for part in x.split(per)])
+        except OutOfMemory:
+            if pieces >= n_images:
+                raise
+            pieces *= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
