@@ -89,3 +89,10 @@ def folder_dir(tmp_path):
 @pytest.fixture
 def multilabel_dir(tmp_path):
     return make_multilabel_csv(tmp_path / "imet")
+
+
+@pytest.fixture(scope="session")
+def lite0_dir(tmp_path_factory) -> Path:
+    """Real ImageNet EfficientNet-Lite0 as a timm weights folder (tests/pretrained.py), written once."""
+    from pretrained import lite0_folder
+    return lite0_folder(tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0")
