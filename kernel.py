@@ -30,7 +30,7 @@ CONFIG = dict(
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
     # checkpoints='',                       # infer mode: checkpoint file, folder or glob; blend mode: run output folders (comma-separated, globs allowed), each with test_probs.npy and oof/
     # model='auto',                         # timm model name; auto = the largest of a small ladder (resnet10t..resnet34 on CPU, resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; auto or empty with a timm weights folder = the architecture in its config.json
-    # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = random init
+    # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with model=auto, a timm weights folder among the attached inputs (several: autopick ranks them), else random init; none = random init, no search. With weights, the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)
     # drop_rate=0.0,                        # dropout before the classifier
     # head='linear',                        # linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)
     # head_hidden=256,                      # mlp head width
@@ -70,6 +70,7 @@ CONFIG = dict(
     # n_folds=5,                            # K-fold: number of folds (iterative stratification for multi-label)
     # loss='auto',                          # auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement
     # loss_args='',                         # loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'
+    # label_smoothing=-1.0,                 # single-label cross-entropy label smoothing (loss auto/ce/complement, unless loss_args sets it); -1 = auto: 0.1 when fine-tuning from weights, else 0
     # class_balanced=False,                 # weight classes by effective number of samples (Cui et al. 2019)
     # balanced_sampling=0.0,                # draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)
     # amp=True,                             # mixed precision on GPU
@@ -1384,6 +1385,7 @@ from ..core.accel import amp_dtype
 from ..core.config import Config, budget_seconds
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
+from ..core.weights import resolve_weights, weights_given
 from ..engine.budget import fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
@@ -1435,9 +1437,13 @@ def model_cost(name: str) -> float:
     return known.get(name, 4.0)
 
 
-def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0) -> list[Candidate]:
+def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0,
+           weights_size: int = 0) -> list[Candidate]:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
-    first ladder size that reaches the images' native size (no upscaling beyond it)."""
+    first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
+    weights (`weights_size`: the input size they were trained at) move the range to [half that size,
+    the larger of it and the images' size]: their features are tuned to objects of that scale, and
+    upscaling small images to it is what transfers (EfficientNet-Lite0 on 32 px digits)."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
     if model:
@@ -1448,6 +1454,10 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         reach = [s for s in sizes if s >= (native_size or DEFAULT_NATIVE)]
         cap = reach[0] if reach else sizes[-1]
         floor = min(cap, SIZE_FLOOR.get(device_type, sizes[0]))  # 32 px of a 500 px photo keeps nothing
+        if weights_size:
+            up = [s for s in sizes if s >= weights_size]
+            cap = max(cap, up[0] if up else sizes[-1])
+            floor = next((s for s in sizes if s >= weights_size / 2), cap)
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
     return sorted(cands, key=lambda c: (c.cost, c.img_size))
@@ -1586,7 +1596,8 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
            every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
     """Measure and pick; `every`: time the whole ladder (the dry run prints it)."""
     native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
-    cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
+    cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size,
+                   weights_input_size(cfg.pretrained_path))
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
     deadline = time.time() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
@@ -1616,6 +1627,18 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
             epochs_of(c)
     choice, _ = pick(cands, epochs_of, need_epochs(cfg))
     return choice, [trials[c] for c in cands if c in trials]
+
+
+def weights_input_size(path: str) -> int:
+    """The input size pretrained weights were trained at (their config.json's pretrained_cfg), 0 without
+    weights; DEFAULT_NATIVE for a bare file, which does not say."""
+    if not weights_given(path):
+        return 0
+    try:
+        size = resolve_weights(path).pretrained_cfg.get("input_size")
+        return int(size[-1]) if size else DEFAULT_NATIVE
+    except (ValueError, TypeError, IndexError):
+        return DEFAULT_NATIVE
 
 
 def need_epochs(cfg: Config) -> int:
@@ -1704,6 +1727,7 @@ import torch
 
 from ..core import accel
 from ..core.config import Config, parse_duration, parse_kwargs
+from ..core.weights import weights_given
 from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
 from ..engine.evaluate import autocast
 from ..engine.learning_check import likely_causes
@@ -1757,12 +1781,30 @@ def make_scaler(enabled: bool):
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
+SMOOTHED_LOSSES = ("auto", "ce", "complement")  # single-label losses that take label_smoothing
+FINETUNE_SMOOTHING = 0.1
+
+
+def label_smoothing(cfg: Config, task: str) -> float:
+    """label_smoothing=-1 (auto): 0.1 for a single-label fine-tune from weights (a pretrained net fits a
+    small training set in a few epochs and grows overconfident), else 0."""
+    if task != "multiclass" or cfg.loss not in SMOOTHED_LOSSES:
+        return 0.0
+    if cfg.label_smoothing >= 0:
+        return cfg.label_smoothing
+    return FINETUNE_SMOOTHING if weights_given(cfg.pretrained_path) else 0.0
+
+
 def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
     counts = None
     if cfg.class_balanced:
         counts = (train_targets.sum(0) if task == "multilabel"
                   else np.bincount(train_targets, minlength=num_classes)).astype(float).tolist()
-    return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
+    params = parse_kwargs(cfg.loss_args)
+    smoothing = label_smoothing(cfg, task)
+    if smoothing and "label_smoothing" not in params:  # loss_args is the more specific setting
+        params["label_smoothing"] = smoothing
+    return get_loss(cfg.loss, task, class_counts=counts, **params)
 
 
 def batch_augment(cfg: Config, task: str, num_classes: int, level: str) -> BatchAugment | None:
@@ -1944,7 +1986,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .weights import resolve_weights, same_architecture
+from .weights import resolve_weights, same_architecture, weights_given
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -1994,7 +2036,10 @@ class Config:
                             "resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; "
                             "auto or empty with a timm weights folder = the architecture in its config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
-                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
+                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with "
+                                  "model=auto, a timm weights folder among the attached inputs (several: autopick "
+                                  "ranks them), else random init; none = random init, no search. With weights, "
+                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
@@ -2049,6 +2094,8 @@ class Config:
     n_folds: int = _f(5, "K-fold: number of folds (iterative stratification for multi-label)")
     loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement", choices=CHOICES['loss'])
     loss_args: str = _f("", "loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'")
+    label_smoothing: float = _f(-1.0, "single-label cross-entropy label smoothing (loss auto/ce/complement, unless "
+                                      "loss_args sets it); -1 = auto: 0.1 when fine-tuning from weights, else 0")
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
@@ -2162,7 +2209,7 @@ def _range_problems(c: Config) -> list[str]:
         (c.img_size == 0 or 8 <= c.img_size <= 4096,
          f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
         (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
-        (not (c.model == "auto" and c.pretrained_path),
+        (not (c.model == "auto" and weights_given(c.pretrained_path)),
          "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
          "a timm folder with config.json names its architecture itself)"),
         (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
@@ -2172,6 +2219,8 @@ def _range_problems(c: Config) -> list[str]:
         (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
         (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
         (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
+        (c.label_smoothing == -1 or 0 <= c.label_smoothing < 1,
+         f"label_smoothing={c.label_smoothing}: -1 (auto) or in [0, 1)"),
         (c.lr > 0, f"lr={c.lr}: must be > 0"),
         (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
         (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
@@ -2256,7 +2305,7 @@ def _weights_problems(c: Config) -> list[str]:
     out = []
     for model_key, path_key in WEIGHTS_OF:
         model, path = getattr(c, model_key), getattr(c, path_key)
-        if not path:
+        if not weights_given(path):
             continue
         try:
             src = resolve_weights(path)
@@ -2279,7 +2328,7 @@ def fill_architecture(cfg: Config) -> None:
     """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
     config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
     for model_key, path_key in WEIGHTS_OF:
-        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
+        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not weights_given(getattr(cfg, path_key)):
             continue
         try:
             arch = resolve_weights(getattr(cfg, path_key)).architecture
@@ -2496,7 +2545,34 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
         merged.update(PRESETS[preset])
     merged.update(block)
     merged.update(cli)
-    return Config.from_dict(merged), args
+    return Config.from_dict(with_weights_defaults(merged, {**block, **cli})), args
+
+
+# Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
+# preset set. Measured on CPU with ImageNet EfficientNet-Lite0 (bench/bench_finetune.py): a pretrained
+# net needs few epochs but loses its features at small inputs, so autopick wants fewer epochs and
+# climbs sizes from half the weights' native size (autopick.ladder); progressive resizing from half
+# size cost accuracy there (a pretrained net at 32-64 px wastes its first stages).
+FINETUNE: dict[str, Any] = dict(auto_min_epochs=4, resize_start=0.0, schedule="cosine")
+
+
+def with_weights_defaults(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """`merged` plus the fine-tuning recipe where weights are given. `user`: what the CONFIG block and
+    the command line set (those always win). A weights folder the user gave while a preset names
+    another model: the folder's architecture wins unless the user named a model too."""
+    path = str(merged.get("pretrained_path", ""))
+    if not weights_given(path):
+        return merged
+    out = dict(merged)
+    if "pretrained_path" in user and "model" not in user and merged.get("model", "auto") not in MODEL_FROM_WEIGHTS:
+        try:
+            if resolve_weights(path).architecture:
+                out["model"] = "auto"
+        except ValueError:
+            pass  # validate() names the problem
+    for key, value in FINETUNE.items():
+        out.setdefault(key, value)
+    return out
 
 
 def parse_kwargs(text: str) -> dict[str, Any]:
@@ -3179,6 +3255,14 @@ def resolve_weights(path: str | Path) -> WeightsSource:
     pretrained_cfg = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
     num_classes = cfg.get("num_classes", pretrained_cfg.get("num_classes", 0))
     return WeightsSource(file, cfg["architecture"], int(num_classes or 0), pretrained_cfg)
+
+
+NO_WEIGHTS = "none"  # pretrained_path=none: random init, and no search of the attached inputs
+
+
+def weights_given(path: str) -> bool:
+    """pretrained_path names weights (not empty, not 'none')."""
+    return bool(path) and path.strip().lower() != NO_WEIGHTS
 
 
 def same_architecture(a: str, b: str) -> bool:
@@ -6484,6 +6568,7 @@ Training goes on: a late start happens, and the submission is still written."""
 from __future__ import annotations
 
 from ..core.config import PRESETS, Config
+from ..core.weights import weights_given
 
 CHECK_AT = 0.25  # share of training (time, or steps with fixed epochs) after which the check runs
 GAP_SHARE = 0.1  # "at the prior": closed less than this share of the gap between the prior and a perfect score
@@ -6501,7 +6586,7 @@ def stuck_message(score: float, prior: float, progress: float, metric: str, caus
 def likely_causes(cfg: Config) -> str:
     """The usual suspects for this config, most likely first."""
     causes = []
-    if not cfg.pretrained_path:
+    if not weights_given(cfg.pretrained_path):
         if cfg.preset and cfg.preset != "demo" and cfg.preset in PRESETS:
             causes.append(f"preset {cfg.preset!r} was made for ImageNet weights but pretrained_path is empty "
                           "(random init): attach the weights and set pretrained_path")
@@ -8400,7 +8485,7 @@ import torch
 from torch import nn
 
 from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
-from ..core.weights import resolve_weights
+from ..core.weights import resolve_weights, weights_given
 from ..data.transforms import Preprocess
 
 log = logging.getLogger("kernelkit")
@@ -8417,7 +8502,7 @@ def create_model(name: str, num_classes: int, pretrained_path: str = "", drop_ra
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"timm has no model {name!r} (timm {timm.__version__})")
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
-    if pretrained_path:
+    if weights_given(pretrained_path):
         if not Path(pretrained_path).exists():
             raise FileNotFoundError(
                 f"pretrained_path {pretrained_path} not found; attach the weights as a Kaggle dataset and point to the file")

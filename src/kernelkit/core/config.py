@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .weights import resolve_weights, same_architecture
+from .weights import resolve_weights, same_architecture, weights_given
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -59,7 +59,10 @@ class Config:
                             "resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; "
                             "auto or empty with a timm weights folder = the architecture in its config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
-                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
+                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with "
+                                  "model=auto, a timm weights folder among the attached inputs (several: autopick "
+                                  "ranks them), else random init; none = random init, no search. With weights, "
+                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
@@ -114,6 +117,8 @@ class Config:
     n_folds: int = _f(5, "K-fold: number of folds (iterative stratification for multi-label)")
     loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement", choices=CHOICES['loss'])
     loss_args: str = _f("", "loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'")
+    label_smoothing: float = _f(-1.0, "single-label cross-entropy label smoothing (loss auto/ce/complement, unless "
+                                      "loss_args sets it); -1 = auto: 0.1 when fine-tuning from weights, else 0")
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
@@ -227,7 +232,7 @@ def _range_problems(c: Config) -> list[str]:
         (c.img_size == 0 or 8 <= c.img_size <= 4096,
          f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
         (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
-        (not (c.model == "auto" and c.pretrained_path),
+        (not (c.model == "auto" and weights_given(c.pretrained_path)),
          "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
          "a timm folder with config.json names its architecture itself)"),
         (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
@@ -237,6 +242,8 @@ def _range_problems(c: Config) -> list[str]:
         (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
         (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
         (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
+        (c.label_smoothing == -1 or 0 <= c.label_smoothing < 1,
+         f"label_smoothing={c.label_smoothing}: -1 (auto) or in [0, 1)"),
         (c.lr > 0, f"lr={c.lr}: must be > 0"),
         (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
         (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
@@ -321,7 +328,7 @@ def _weights_problems(c: Config) -> list[str]:
     out = []
     for model_key, path_key in WEIGHTS_OF:
         model, path = getattr(c, model_key), getattr(c, path_key)
-        if not path:
+        if not weights_given(path):
             continue
         try:
             src = resolve_weights(path)
@@ -344,7 +351,7 @@ def fill_architecture(cfg: Config) -> None:
     """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
     config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
     for model_key, path_key in WEIGHTS_OF:
-        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
+        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not weights_given(getattr(cfg, path_key)):
             continue
         try:
             arch = resolve_weights(getattr(cfg, path_key)).architecture
@@ -561,7 +568,34 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
         merged.update(PRESETS[preset])
     merged.update(block)
     merged.update(cli)
-    return Config.from_dict(merged), args
+    return Config.from_dict(with_weights_defaults(merged, {**block, **cli})), args
+
+
+# Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
+# preset set. Measured on CPU with ImageNet EfficientNet-Lite0 (bench/bench_finetune.py): a pretrained
+# net needs few epochs but loses its features at small inputs, so autopick wants fewer epochs and
+# climbs sizes from half the weights' native size (autopick.ladder); progressive resizing from half
+# size cost accuracy there (a pretrained net at 32-64 px wastes its first stages).
+FINETUNE: dict[str, Any] = dict(auto_min_epochs=4, resize_start=0.0, schedule="cosine")
+
+
+def with_weights_defaults(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """`merged` plus the fine-tuning recipe where weights are given. `user`: what the CONFIG block and
+    the command line set (those always win). A weights folder the user gave while a preset names
+    another model: the folder's architecture wins unless the user named a model too."""
+    path = str(merged.get("pretrained_path", ""))
+    if not weights_given(path):
+        return merged
+    out = dict(merged)
+    if "pretrained_path" in user and "model" not in user and merged.get("model", "auto") not in MODEL_FROM_WEIGHTS:
+        try:
+            if resolve_weights(path).architecture:
+                out["model"] = "auto"
+        except ValueError:
+            pass  # validate() names the problem
+    for key, value in FINETUNE.items():
+        out.setdefault(key, value)
+    return out
 
 
 def parse_kwargs(text: str) -> dict[str, Any]:

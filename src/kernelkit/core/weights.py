@@ -90,6 +90,14 @@ def resolve_weights(path: str | Path) -> WeightsSource:
     return WeightsSource(file, cfg["architecture"], int(num_classes or 0), pretrained_cfg)
 
 
+NO_WEIGHTS = "none"  # pretrained_path=none: random init, and no search of the attached inputs
+
+
+def weights_given(path: str) -> bool:
+    """pretrained_path names weights (not empty, not 'none')."""
+    return bool(path) and path.strip().lower() != NO_WEIGHTS
+
+
 def same_architecture(a: str, b: str) -> bool:
     """'convnext_tiny' and 'convnext_tiny.fb_in22k' are one architecture (the tag names weights)."""
     return a.split(".")[0] == b.split(".")[0]
