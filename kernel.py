@@ -225,9 +225,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core import env
-from ..core.config import ConfigError, make_config
+from ..core.config import Config, ConfigError, make_config
 from ..core.context import EXIT_NO_SUBMISSION, EXIT_REFUSED, SETUP, RunContext, setup_logging
 from ..core.stopping import handle_signals
+from ..core.weights import find_weights_folders
 from ..inputs.discovery import find_competition
 
 log = logging.getLogger("kernelkit")
@@ -250,11 +251,22 @@ def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start
     is_demo = data_dir is None
     if is_demo and not cfg.preset:
         cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
+    found = None
+    if searches_weights(cfg):
+        found = tuple(find_weights_folders(env.input_root(), skip=data_dir))
+        if found:  # as if the user had set it, so the fine-tuning recipe applies (several: autopick ranks)
+            cfg, args = make_config({**(config_block or {}), "pretrained_path": str(found[0])}, argv)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out_dir={str(out_dir)!r} cannot be created: {e}") from e
-    return RunContext(cfg, args, data_dir or out_dir / "demo_data", out_dir, is_demo, t_start)
+    return RunContext(cfg, args, data_dir or out_dir / "demo_data", out_dir, is_demo, t_start, weights_found=found)
+
+
+def searches_weights(cfg: Config) -> bool:
+    """On Kaggle, a training run with model=auto and no pretrained_path looks for attached weights
+    (pretrained_path=none turns that off)."""
+    return cfg.mode == "train" and env.on_kaggle() and cfg.model == "auto" and not cfg.pretrained_path
 
 
 def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
@@ -599,6 +611,7 @@ from ..core.context import (
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
+from ..core.weights import NO_WEIGHTS, weights_given
 from ..engine.budget import BudgetClock, fmt_seconds
 from ..engine.checkpoint import best_available
 from ..engine.run_state import finish_run, run_start
@@ -616,7 +629,28 @@ def timm_version() -> str:
     return timm.__version__
 
 
+def weights_lines(ctx: RunContext) -> list[str]:
+    """What the run fine-tunes from, said before anything else: the first thing to check in a log."""
+    cfg, found = ctx.cfg, ctx.weights_found
+    if found and len(found) == 1:
+        return [f"weights: found attached timm weights {found[0]} ({cfg.model}): fine-tuning from them "
+                "(pretrained_path=none trains from scratch)"]
+    if found:
+        return [f"weights: found {len(found)} attached timm weights folders; autopick ranks them by speed: "
+                + ", ".join(str(f) for f in found)]
+    if weights_given(cfg.pretrained_path):
+        return [f"weights: fine-tuning {cfg.model} from {cfg.pretrained_path}"]
+    if cfg.mode == "train" and cfg.pretrained_path != NO_WEIGHTS:
+        searched = "none found among the attached inputs; " if found is not None else ""
+        return [f"weights: {searched}training {cfg.model} from random init. Pretrained weights would help a lot: "
+                "attach a timm ImageNet model (a Kaggle Model, or a dataset with its save_for_hf folder); "
+                "on Kaggle it is found and fine-tuned without settings"]
+    return []
+
+
 def announce(ctx: RunContext) -> None:
+    for line in weights_lines(ctx):
+        log.info(line)
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
              "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
@@ -1385,7 +1419,7 @@ from ..core.accel import amp_dtype
 from ..core.config import Config, budget_seconds
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..core.weights import resolve_weights, weights_given
+from ..core.weights import resolve_weights, same_architecture, weights_given
 from ..engine.budget import fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
@@ -1405,6 +1439,9 @@ DEFAULT_NATIVE = 224  # when no image header could be read
 MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
 MEASURE_MIN_S = 15.0
 TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
+# A CPU's images/s hardly depend on the batch past a few images, and a full batch of a pretrained net
+# at 128-224 px takes seconds a step there: time smaller batches (GPUs need the real batch size).
+CPU_TIMED_BATCH = 8
 # Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
 # with the model on a CPU-only machine, so real epochs run slower than the bare steps.
 PIPELINE_FACTOR = {"cpu": 0.6, "cuda": 0.8}
@@ -1417,9 +1454,10 @@ class Candidate:
     model: str
     img_size: int
     cost: float  # GFLOPs per image, forward
+    weights: str = ""  # the attached weights folder this candidate fine-tunes ('' = the config's)
 
     def __str__(self) -> str:
-        return f"{self.model} @ {self.img_size} px"
+        return f"{self.model} @ {self.img_size} px" + (f" ({Path(self.weights).name})" if self.weights else "")
 
 
 @dataclass
@@ -1489,7 +1527,8 @@ def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: 
 
 def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device,
             steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
-    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size.
+    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size (on a CPU
+    at most CPU_TIMED_BATCH).
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
     from .components import model_from_config
     model = model_from_config(dataclasses.replace(cfg, model=cand.model, img_size=cand.img_size), num_classes,
@@ -1497,8 +1536,9 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
+    n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
+    x = torch.randn(n, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (n,), device=device)
     model.train()
     dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
@@ -1514,7 +1554,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             break
     # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
     # which would rank the candidates by the noise rather than by their cost.
-    train_ips = cfg.batch_size / max(min(times[1:]), 1e-9)
+    train_ips = n / max(min(times[1:]), 1e-9)
     model.eval()
     xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
     times = []
@@ -1592,12 +1632,25 @@ class RunShape:
         return plan.epochs_that_fit
 
 
+def candidates(cfg: Config, device_type: str, native: int | None, weights: tuple[Path, ...] = ()) -> list[Candidate]:
+    """The ladder of the configured model (or of each of several attached weights folders), cheapest first."""
+    if len(weights) < 2:
+        return ladder(device_type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size,
+                      weights_input_size(cfg.pretrained_path))
+    cands = []
+    for folder in weights:
+        src = resolve_weights(folder)
+        cands += [dataclasses.replace(c, weights=str(folder)) for c in
+                  ladder(device_type, native, src.architecture, cfg.img_size, weights_input_size(str(folder)))]
+    return sorted(cands, key=lambda c: (c.cost, c.img_size))
+
+
 def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape, started_at: float,
-           every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
-    """Measure and pick; `every`: time the whole ladder (the dry run prints it)."""
+           every: bool = False, stop=None, weights: tuple[Path, ...] = ()) -> tuple[Candidate, list[Trial]]:
+    """Measure and pick; `every`: time the whole ladder (the dry run prints it); `weights`: several
+    attached weights folders, ranked on one ladder."""
     native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
-    cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size,
-                   weights_input_size(cfg.pretrained_path))
+    cands = candidates(cfg, device.type, native, weights)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
     deadline = time.time() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
@@ -1625,6 +1678,11 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     if every:
         for c in cands:
             epochs_of(c)
+    one_net = weights_given(cfg.pretrained_path) and len(weights) < 2
+    if one_net and not every and 0 <= epochs_of(cands[0]) < need_epochs(cfg):
+        # One architecture, sizes only: when the smallest size the weights allow does not fit, no larger
+        # one does, and timing a larger one (a slow step on a CPU) would only spend the budget.
+        return cands[0], [trials[cands[0]]]
     choice, _ = pick(cands, epochs_of, need_epochs(cfg))
     return choice, [trials[c] for c in cands if c in trials]
 
@@ -1675,14 +1733,19 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     """`ctx` with a concrete model and img_size (what checkpoints store); unchanged when both are set.
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
-    if cfg.model != "auto" and cfg.img_size:
+    several = len(ctx.weights_found or ()) > 1
+    if cfg.model != "auto" and cfg.img_size and not several:
         return ctx
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
-    model, size = distributed.broadcast_object(info, choice)
-    model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
-    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))
+    model, size, weights = distributed.broadcast_object(info, choice)
+    if several:  # the model came from the first folder found, not from the user
+        model, path = model, weights or cfg.pretrained_path
+    else:
+        model, path = model if cfg.model == "auto" else cfg.model, cfg.pretrained_path  # explicit settings win
+    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or size,
+                                                                pretrained_path=path))
     if info.is_main:
         try:
             resolved.cfg.save(ctx.out_dir / "config.json")
@@ -1691,15 +1754,20 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     return resolved
 
 
-def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int]:
+def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int, str]:
+    """-> (model, img_size, weights folder or '' for the configured one)."""
     cfg = ctx.cfg
+    weights = ctx.weights_found or ()
     stored = None if every else stored_choice(ctx)
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", *stored)
-        return stored
+        same = [str(w) for w in weights if len(weights) > 1 and
+                same_architecture(resolve_weights(w).architecture, stored[0])]
+        return (*stored, same[0] if same else "")
     t0 = time.time()
     shape = RunShape.of(cfg, comp, info.world_size)
-    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
+    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop,
+                            weights if len(weights) > 1 else ())
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
     log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(time.time() - t0),
@@ -1711,7 +1779,7 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     else:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
     log.info("autopick: chose %s (%s)", choice, verdict)
-    return choice.model, choice.img_size
+    return choice.model, choice.img_size, choice.weights
 
 ''',
 'kernelkit.build.components': r'''"""Config -> the training parts: model, optimizer, scaler, loss, EMA, batch augmentation, and the
@@ -2645,6 +2713,9 @@ class RunContext:
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
     phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+    # The attached inputs were searched for timm weights folders (on Kaggle, model=auto, no pretrained_path):
+    # what was found (several: autopick ranks them), or None when there was no search.
+    weights_found: tuple[Path, ...] | None = None
 
 
 @dataclass
@@ -3268,6 +3339,52 @@ def weights_given(path: str) -> bool:
 def same_architecture(a: str, b: str) -> bool:
     """'convnext_tiny' and 'convnext_tiny.fb_in22k' are one architecture (the tag names weights)."""
     return a.split(".")[0] == b.split(".")[0]
+
+
+SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/pytorch/<variation>/<version>/
+SEARCH_MAX_ENTRIES = 200  # a folder with more entries is data (images), not a folder of attachments
+
+
+def _listing(folder: Path) -> tuple[list[Path], set[str]]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return [], set()
+    files = {e.name for e in entries if e.is_file()}
+    if len(entries) > SEARCH_MAX_ENTRIES:
+        return [], files
+    return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")), files
+
+
+def _is_timm_folder(folder: Path, files: set[str]) -> bool:
+    if "config.json" not in files or not any(n in files for n in WEIGHT_NAMES):
+        return False
+    try:
+        _read_config(folder)
+        return True
+    except ValueError:  # a transformers config or other JSON: not weights we can build
+        return False
+
+
+def find_weights_folders(root: Path, skip: Path | None = None) -> list[Path]:
+    """Every timm weights folder (config.json naming an architecture + a weights file) at most
+    SEARCH_DEPTH levels below `root` (Kaggle Models under models/<owner>/<model>/pytorch/..., datasets
+    holding a save_for_hf folder), sorted; `skip` (the competition) is not searched. Image folders
+    (many entries) are not descended into, so the search stays fast on big inputs."""
+    found: list[Path] = []
+    level = [Path(root)]
+    for _ in range(SEARCH_DEPTH + 1):
+        nxt = []
+        for folder in level:
+            if skip is not None and folder == skip:
+                continue
+            dirs, files = _listing(folder)
+            if _is_timm_folder(folder, files):
+                found.append(folder)
+                continue
+            nxt.extend(dirs)
+        level = nxt
+    return sorted(found)
 ''',
 'kernelkit.data': r'''"""Pixels to batches: robust decoding (`images`), the uint8 image cache (`cache`), per-image and
 per-batch transforms and TTA views (`transforms`), datasets, loaders and the device feeder

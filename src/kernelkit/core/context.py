@@ -34,6 +34,9 @@ class RunContext:
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
     phase: str = SETUP  # failures in SETUP are refusals (exit 2); later ones must still leave a submission
+    # The attached inputs were searched for timm weights folders (on Kaggle, model=auto, no pretrained_path):
+    # what was found (several: autopick ranks them), or None when there was no search.
+    weights_found: tuple[Path, ...] | None = None
 
 
 @dataclass

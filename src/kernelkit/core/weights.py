@@ -101,3 +101,49 @@ def weights_given(path: str) -> bool:
 def same_architecture(a: str, b: str) -> bool:
     """'convnext_tiny' and 'convnext_tiny.fb_in22k' are one architecture (the tag names weights)."""
     return a.split(".")[0] == b.split(".")[0]
+
+
+SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/pytorch/<variation>/<version>/
+SEARCH_MAX_ENTRIES = 200  # a folder with more entries is data (images), not a folder of attachments
+
+
+def _listing(folder: Path) -> tuple[list[Path], set[str]]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return [], set()
+    files = {e.name for e in entries if e.is_file()}
+    if len(entries) > SEARCH_MAX_ENTRIES:
+        return [], files
+    return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")), files
+
+
+def _is_timm_folder(folder: Path, files: set[str]) -> bool:
+    if "config.json" not in files or not any(n in files for n in WEIGHT_NAMES):
+        return False
+    try:
+        _read_config(folder)
+        return True
+    except ValueError:  # a transformers config or other JSON: not weights we can build
+        return False
+
+
+def find_weights_folders(root: Path, skip: Path | None = None) -> list[Path]:
+    """Every timm weights folder (config.json naming an architecture + a weights file) at most
+    SEARCH_DEPTH levels below `root` (Kaggle Models under models/<owner>/<model>/pytorch/..., datasets
+    holding a save_for_hf folder), sorted; `skip` (the competition) is not searched. Image folders
+    (many entries) are not descended into, so the search stays fast on big inputs."""
+    found: list[Path] = []
+    level = [Path(root)]
+    for _ in range(SEARCH_DEPTH + 1):
+        nxt = []
+        for folder in level:
+            if skip is not None and folder == skip:
+                continue
+            dirs, files = _listing(folder)
+            if _is_timm_folder(folder, files):
+                found.append(folder)
+                continue
+            nxt.extend(dirs)
+        level = nxt
+    return sorted(found)
