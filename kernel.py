@@ -611,7 +611,7 @@ from ..core.context import (
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
-from ..core.weights import NO_WEIGHTS, weights_given
+from ..core.weights import weights_lines
 from ..engine.budget import BudgetClock, fmt_seconds
 from ..engine.checkpoint import best_available
 from ..engine.run_state import finish_run, run_start
@@ -629,27 +629,8 @@ def timm_version() -> str:
     return timm.__version__
 
 
-def weights_lines(ctx: RunContext) -> list[str]:
-    """What the run fine-tunes from, said before anything else: the first thing to check in a log."""
-    cfg, found = ctx.cfg, ctx.weights_found
-    if found and len(found) == 1:
-        return [f"weights: found attached timm weights {found[0]} ({cfg.model}): fine-tuning from them "
-                "(pretrained_path=none trains from scratch)"]
-    if found:
-        return [f"weights: found {len(found)} attached timm weights folders; autopick ranks them by speed: "
-                + ", ".join(str(f) for f in found)]
-    if weights_given(cfg.pretrained_path):
-        return [f"weights: fine-tuning {cfg.model} from {cfg.pretrained_path}"]
-    if cfg.mode == "train" and cfg.pretrained_path != NO_WEIGHTS:
-        searched = "none found among the attached inputs; " if found is not None else ""
-        return [f"weights: {searched}training {cfg.model} from random init. Pretrained weights would help a lot: "
-                "attach a timm ImageNet model (a Kaggle Model, or a dataset with its save_for_hf folder); "
-                "on Kaggle it is found and fine-tuned without settings"]
-    return []
-
-
 def announce(ctx: RunContext) -> None:
-    for line in weights_lines(ctx):
+    for line in weights_lines(ctx.cfg.model, ctx.cfg.pretrained_path, ctx.weights_found, ctx.cfg.mode == "train"):
         log.info(line)
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
@@ -1037,6 +1018,8 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     batch size, every TTA view), so the reserve is measured, not guessed, from the first epoch on."""
     if not comp.test_paths:
         return
+    if device.type != "cuda":  # a CPU's image-views/s do not depend on the view: one view, half the probe's time
+        cfg = dataclasses.replace(cfg, tta=1)
     out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
     reserve.test_ips = out["images_per_s"]
     reserve.observe_startup(out["startup_s"])
@@ -3385,6 +3368,25 @@ def find_weights_folders(root: Path, skip: Path | None = None) -> list[Path]:
             nxt.extend(dirs)
         level = nxt
     return sorted(found)
+
+
+def weights_lines(model: str, pretrained_path: str, found: tuple[Path, ...] | None, training: bool) -> list[str]:
+    """What a run fine-tunes from, said first in the log. `found`: the attached weights folders the
+    search found (None: no search ran)."""
+    if found and len(found) == 1:
+        return [f"weights: found attached timm weights {found[0]} ({model}): fine-tuning from them "
+                "(pretrained_path=none trains from scratch)"]
+    if found:
+        return [f"weights: found {len(found)} attached timm weights folders; autopick ranks them by speed: "
+                + ", ".join(str(f) for f in found)]
+    if weights_given(pretrained_path):
+        return [f"weights: fine-tuning {model} from {pretrained_path}"]
+    if training and pretrained_path != NO_WEIGHTS:
+        searched = "none found among the attached inputs; " if found is not None else ""
+        return [f"weights: {searched}training {model} from random init. Pretrained weights would help a lot: "
+                "attach a timm ImageNet model (a Kaggle Model, or a dataset with its save_for_hf folder); "
+                "on Kaggle it is found and fine-tuned without settings"]
+    return []
 ''',
 'kernelkit.data': r'''"""Pixels to batches: robust decoding (`images`), the uint8 image cache (`cache`), per-image and
 per-batch transforms and TTA views (`transforms`), datasets, loaders and the device feeder

@@ -32,7 +32,7 @@ from ..core.context import (
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
-from ..core.weights import NO_WEIGHTS, weights_given
+from ..core.weights import weights_lines
 from ..engine.budget import BudgetClock, fmt_seconds
 from ..engine.checkpoint import best_available
 from ..engine.run_state import finish_run, run_start
@@ -50,27 +50,8 @@ def timm_version() -> str:
     return timm.__version__
 
 
-def weights_lines(ctx: RunContext) -> list[str]:
-    """What the run fine-tunes from, said before anything else: the first thing to check in a log."""
-    cfg, found = ctx.cfg, ctx.weights_found
-    if found and len(found) == 1:
-        return [f"weights: found attached timm weights {found[0]} ({cfg.model}): fine-tuning from them "
-                "(pretrained_path=none trains from scratch)"]
-    if found:
-        return [f"weights: found {len(found)} attached timm weights folders; autopick ranks them by speed: "
-                + ", ".join(str(f) for f in found)]
-    if weights_given(cfg.pretrained_path):
-        return [f"weights: fine-tuning {cfg.model} from {cfg.pretrained_path}"]
-    if cfg.mode == "train" and cfg.pretrained_path != NO_WEIGHTS:
-        searched = "none found among the attached inputs; " if found is not None else ""
-        return [f"weights: {searched}training {cfg.model} from random init. Pretrained weights would help a lot: "
-                "attach a timm ImageNet model (a Kaggle Model, or a dataset with its save_for_hf folder); "
-                "on Kaggle it is found and fine-tuned without settings"]
-    return []
-
-
 def announce(ctx: RunContext) -> None:
-    for line in weights_lines(ctx):
+    for line in weights_lines(ctx.cfg.model, ctx.cfg.pretrained_path, ctx.weights_found, ctx.cfg.mode == "train"):
         log.info(line)
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),

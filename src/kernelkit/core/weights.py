@@ -147,3 +147,22 @@ def find_weights_folders(root: Path, skip: Path | None = None) -> list[Path]:
             nxt.extend(dirs)
         level = nxt
     return sorted(found)
+
+
+def weights_lines(model: str, pretrained_path: str, found: tuple[Path, ...] | None, training: bool) -> list[str]:
+    """What a run fine-tunes from, said first in the log. `found`: the attached weights folders the
+    search found (None: no search ran)."""
+    if found and len(found) == 1:
+        return [f"weights: found attached timm weights {found[0]} ({model}): fine-tuning from them "
+                "(pretrained_path=none trains from scratch)"]
+    if found:
+        return [f"weights: found {len(found)} attached timm weights folders; autopick ranks them by speed: "
+                + ", ".join(str(f) for f in found)]
+    if weights_given(pretrained_path):
+        return [f"weights: fine-tuning {model} from {pretrained_path}"]
+    if training and pretrained_path != NO_WEIGHTS:
+        searched = "none found among the attached inputs; " if found is not None else ""
+        return [f"weights: {searched}training {model} from random init. Pretrained weights would help a lot: "
+                "attach a timm ImageNet model (a Kaggle Model, or a dataset with its save_for_hf folder); "
+                "on Kaggle it is found and fine-tuned without settings"]
+    return []
