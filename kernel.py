@@ -1462,9 +1462,10 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
            weights_size: int = 0) -> list[Candidate]:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
     first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
-    weights (`weights_size`: the input size they were trained at) move the range to [half that size,
-    the larger of it and the images' size]: their features are tuned to objects of that scale, and
-    upscaling small images to it is what transfers (EfficientNet-Lite0 on 32 px digits)."""
+    weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
+    that size, at least the device's floor; the larger of it and the images' size]: their features
+    are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
+    allow (at 32 px a pretrained net wastes them)."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
     if model:
@@ -1478,7 +1479,8 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         if weights_size:
             up = [s for s in sizes if s >= weights_size]
             cap = max(cap, up[0] if up else sizes[-1])
-            floor = next((s for s in sizes if s >= weights_size / 2), cap)
+            lowest = max(weights_size / 4, SIZE_FLOOR.get(device_type, sizes[0]))
+            floor = next((s for s in sizes if s >= lowest), cap)
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
     return sorted(cands, key=lambda c: (c.cost, c.img_size))
@@ -2600,10 +2602,12 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 
 # Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
-# preset set. Measured on CPU with ImageNet EfficientNet-Lite0 (bench/bench_finetune.py): a pretrained
-# net needs few epochs but loses its features at small inputs, so autopick wants fewer epochs and
-# climbs sizes from half the weights' native size (autopick.ladder); progressive resizing from half
-# size cost accuracy there (a pretrained net at 32-64 px wastes its first stages).
+# preset set. A pretrained net converges in a few epochs, so autopick wants 4, not 10, and its sizes
+# run from a quarter of the weights' input size up to it (autopick.ladder); progressive resizing is
+# off (issue #20: its half-size stages put a pretrained net at 32 px; --img-size 128 --resize-start 0
+# by hand took F2 from 0.627 to 0.728); cosine as fine-tuning recipes use; single-label adds label
+# smoothing 0.1 (components.label_smoothing). Compared on CPU with EfficientNet-Lite0 in
+# bench/bench_finetune.py.
 FINETUNE: dict[str, Any] = dict(auto_min_epochs=4, resize_start=0.0, schedule="cosine")
 
 

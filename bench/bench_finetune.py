@@ -114,12 +114,16 @@ def main() -> None:
                              "exit": summary.get("exit_code"), "warnings": summary.get("warnings", []),
                              "log_tail": summary.get("log_tail"), "load_avg": os.getloadavg()[0]})
                 print(json.dumps(rows[-1]), flush=True)
+                save(a, rows, load_before)  # after every row: a run cut short keeps what it measured
+    print(table(rows))
+
+
+def save(a: argparse.Namespace, rows: list[dict], load_before: tuple) -> None:
     result = {"budget_s": a.budget, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-              "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "rows": rows,
-              "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+              "command": " ".join(sys.argv), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+              "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    print(table(rows))
 
 
 def table(rows: list[dict]) -> str:

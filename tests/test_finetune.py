@@ -66,7 +66,7 @@ def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
     scratch = autopick.ladder("cpu", 32, "test_resnet")
     assert [c.img_size for c in scratch] == [32]  # 32 px digits train at 32 from scratch
     tuned = autopick.ladder("cpu", 32, "test_resnet", weights_size=224)
-    assert [c.img_size for c in tuned] == [128, 160, 192, 224]  # half the weights' size up to it
+    assert [c.img_size for c in tuned] == [64, 96, 128, 160, 192, 224]  # from a quarter of the weights' size
     big = autopick.ladder("cuda", 500, "test_resnet", weights_size=224)
     assert min(c.img_size for c in big) == 128 and max(c.img_size for c in big) == 320
     assert autopick.ladder("cpu", 32, "test_resnet", img_size=48, weights_size=224)[0].img_size == 48  # explicit

@@ -84,9 +84,10 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
            weights_size: int = 0) -> list[Candidate]:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
     first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
-    weights (`weights_size`: the input size they were trained at) move the range to [half that size,
-    the larger of it and the images' size]: their features are tuned to objects of that scale, and
-    upscaling small images to it is what transfers (EfficientNet-Lite0 on 32 px digits)."""
+    weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
+    that size, at least the device's floor; the larger of it and the images' size]: their features
+    are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
+    allow (at 32 px a pretrained net wastes them)."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
     if model:
@@ -100,7 +101,8 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         if weights_size:
             up = [s for s in sizes if s >= weights_size]
             cap = max(cap, up[0] if up else sizes[-1])
-            floor = next((s for s in sizes if s >= weights_size / 2), cap)
+            lowest = max(weights_size / 4, SIZE_FLOOR.get(device_type, sizes[0]))
+            floor = next((s for s in sizes if s >= lowest), cap)
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
     return sorted(cands, key=lambda c: (c.cost, c.img_size))

@@ -572,10 +572,12 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 
 # Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
-# preset set. Measured on CPU with ImageNet EfficientNet-Lite0 (bench/bench_finetune.py): a pretrained
-# net needs few epochs but loses its features at small inputs, so autopick wants fewer epochs and
-# climbs sizes from half the weights' native size (autopick.ladder); progressive resizing from half
-# size cost accuracy there (a pretrained net at 32-64 px wastes its first stages).
+# preset set. A pretrained net converges in a few epochs, so autopick wants 4, not 10, and its sizes
+# run from a quarter of the weights' input size up to it (autopick.ladder); progressive resizing is
+# off (issue #20: its half-size stages put a pretrained net at 32 px; --img-size 128 --resize-start 0
+# by hand took F2 from 0.627 to 0.728); cosine as fine-tuning recipes use; single-label adds label
+# smoothing 0.1 (components.label_smoothing). Compared on CPU with EfficientNet-Lite0 in
+# bench/bench_finetune.py.
 FINETUNE: dict[str, Any] = dict(auto_min_epochs=4, resize_start=0.0, schedule="cosine")
 
 
