@@ -125,3 +125,16 @@ def test_on_kaggle_no_weights_says_they_would_help(tmp_path):
     proc = run_on_kaggle(tmp_path, root, "--model", "auto", "--dry-run")
     head = first_lines(proc)
     assert "none found among the attached inputs" in head and "would help" in head, head
+
+
+def test_several_attached_folders_share_one_ladder_and_the_choice_names_its_folder(tmp_path):
+    a = timm_folder(tmp_path / "a", "test_resnet", input_size=160)
+    b = timm_folder(tmp_path / "b", "test_convnext", input_size=224)
+    cfg, _ = make_config({}, ["--pretrained-path", str(a)])
+    cands = autopick.candidates(cfg, "cpu", 64, (a, b))
+    assert {(c.model, c.weights) for c in cands} == {("test_resnet", str(a)), ("test_convnext", str(b))}
+    assert max(c.img_size for c in cands if c.weights == str(a)) == 160
+    assert max(c.img_size for c in cands if c.weights == str(b)) == 224
+    assert [c.cost for c in cands] == sorted(c.cost for c in cands)
+    assert "(b)" in str(next(c for c in cands if c.weights == str(b)))
+    assert all(not c.weights for c in autopick.candidates(cfg, "cpu", 64, (a,)))  # one: the config's own
