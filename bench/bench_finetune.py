@@ -11,11 +11,12 @@ single-label accuracy). Rows, each with the same --budget (start to submission):
             would write it (square 128 px, flip, AdamW 1e-3, cosine, ~7 epochs, flip TTA).
 
 Rows run one at a time (two would share the CPU), task by task, the row order rotated per task so
-machine load falls on every row alike. Scores are on held-out test answers. Writes
+machine load falls on every row alike; --together starts a task's rows at once instead (on a machine
+other people load, every row then sees the same load). Scores are on held-out test answers. Writes
 bench/results/finetune.json and prints a markdown table.
 
     .venv/bin/python bench/bench_finetune.py --budget 120 [--only single,multi,hard_multi,hard_single]
-        [--rows scratch,lite0,pad,peer] [--keep DIR]
+        [--rows scratch,lite0,pad,peer] [--threads N] [--together] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -38,11 +39,14 @@ import bench_quality as bq  # noqa: E402
 from hard_task import make_hard_task, prior_score, score_submission  # noqa: E402
 from pretrained import lite0_folder  # noqa: E402
 
+from kernelkit.core.config import Config  # noqa: E402
 from kernelkit.decide.thresholds import prior_baseline  # noqa: E402
 
 TASKS = ("single", "multi", "hard_multi", "hard_single")
 ROWS = ("scratch", "lite0", "pad", "peer")
-PAD_FLAGS = ["--input-mode", "pad"]  # the aspect-aware option forced off (pad_aspect as before)
+PAD_OPTION = "input_mode"  # the aspect-aware option; the pad row runs only where the kernel has it
+PAD_FLAGS = ["--input-mode", "pad"]  # forced to pad-to-square (pad_aspect as before)
+FIELDS = set(Config.__dataclass_fields__)
 
 
 def make_task(name: str, work: Path) -> tuple[Path, callable, float, str]:
@@ -60,29 +64,55 @@ def make_task(name: str, work: Path) -> tuple[Path, callable, float, str]:
     return root, lambda sub: bq.score_single(sub, yte), prior_baseline("multiclass", ytr, yte), "accuracy"
 
 
-def run_row(row: str, data: Path, out: Path, weights: Path, budget: int) -> tuple[dict, float]:
-    log = out.with_suffix(".log")
+def row_command(row: str, data: Path, out: Path, weights: Path, budget: int) -> list[str]:
     if row == "peer":
-        cmd = [sys.executable, str(ROOT / "bench" / "peer_notebook.py"), "--data-dir", str(data),
-               "--weights", str(weights), "--out-dir", str(out), "--budget", str(budget)]
-    else:
-        cmd = [sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data), "--out-dir", str(out),
-               "--budget", f"{budget}s"]
-        if row != "scratch":
-            cmd += ["--pretrained-path", str(weights)]
-        if row == "pad":
-            cmd += PAD_FLAGS
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=budget * 4 + 300, cwd=ROOT)
+        return [sys.executable, str(ROOT / "bench" / "peer_notebook.py"), "--data-dir", str(data),
+                "--weights", str(weights), "--out-dir", str(out), "--budget", str(budget)]
+    cmd = [sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data), "--out-dir", str(out),
+           "--budget", f"{budget}s"]
+    if row != "scratch":
+        cmd += ["--pretrained-path", str(weights)]
+    if row == "pad":
+        cmd += PAD_FLAGS
+    return cmd
+
+
+def run_rows(rows: list[str], data: Path, work: Path, name: str, weights: Path, budget: int,
+             together: bool, threads: int) -> dict[str, tuple[dict, float]]:
+    """-> {row: (summary, wall seconds)}; `together`: the rows run at the same time (one machine load for all)."""
+    def start(row: str):
+        out = work / f"{name}_{row}"
+        log = open(out.with_suffix(".log"), "w")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        return out, log, time.time(), subprocess.Popen(row_command(row, data, out, weights, budget), stdout=log,
+                                                       stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    results, running = {}, {}
+    for row in rows:
+        running[row] = start(row)
+        if not together:
+            results[row] = finish(*running.pop(row), budget)
+    for row, job in running.items():
+        results[row] = finish(*job, budget)
+    return results
+
+
+def finish(out: Path, log, t0: float, proc: subprocess.Popen, budget: int) -> tuple[dict, float]:
+    try:
+        proc.wait(timeout=budget * 4 + 300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    wall = time.time() - t0
+    log.close()
+    text = out.with_suffix(".log").read_text().splitlines()
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     summary["exit_code"] = proc.returncode
-    summary["log_tail"] = log.read_text().splitlines()[-3:] if proc.returncode else []
-    choice = [ln.split("autopick: ", 1)[1] for ln in log.read_text().splitlines() if "autopick: chose" in ln]
+    summary["log_tail"] = text[-3:] if proc.returncode else []
+    choice = [ln.split("autopick: ", 1)[1] for ln in text if "autopick: chose" in ln]
     summary["choice"] = choice[-1] if choice else ""
-    summary["input_mode"] = next((ln.split("input mode", 1)[1].strip()[:80] for ln in log.read_text().splitlines()
-                                  if "input mode" in ln), "")
-    return summary, time.time() - t0
+    summary["input_mode"] = next((ln.split("input mode", 1)[1].strip()[:80] for ln in text if "input mode" in ln), "")
+    return summary, wall
 
 
 def main() -> None:
@@ -90,6 +120,11 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=120, help="seconds per row, start to submission")
     ap.add_argument("--only", default=",".join(TASKS))
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for every row (0 = unset). On a machine other processes oversubscribe, "
+                         "torch's spinning OpenMP threads make 2 threads ~3x slower than 1 (resnet18, load 16 on 2 cores)")
+    ap.add_argument("--together", action="store_true",
+                    help="run a task's rows at the same time (on a machine others load, one load for all rows)")
     ap.add_argument("--keep", default="", help="work folder to keep (data, outputs, logs); default: a temp dir")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     a = ap.parse_args()
@@ -100,11 +135,12 @@ def main() -> None:
         weights = lite0_folder(work / "weights" / "tf_efficientnet_lite0")
         for t, name in enumerate(a.only.split(",")):
             data, score, prior, metric = make_task(name, work)
-            wanted = [r for r in a.rows.split(",") if r != "pad" or name.startswith("hard")]
+            wanted = [r for r in a.rows.split(",") if r != "pad" or (name.startswith("hard") and PAD_OPTION in FIELDS)]
             order = wanted[t % len(wanted):] + wanted[:t % len(wanted)]  # rotated: load falls on all alike
+            results = run_rows(order, data, work, name, weights, a.budget, a.together, a.threads)
             for row in order:
                 out = work / f"{name}_{row}"
-                summary, wall = run_row(row, data, out, weights, a.budget)
+                summary, wall = results[row]
                 sub = out / "submission.csv"
                 rows.append({"task": name, "row": row, "metric": metric, "label_prior": prior,
                              "score": score(sub) if sub.is_file() else None, "val_score": summary.get("val_score"),
@@ -120,7 +156,8 @@ def main() -> None:
 
 def save(a: argparse.Namespace, rows: list[dict], load_before: tuple) -> None:
     result = {"budget_s": a.budget, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-              "command": " ".join(sys.argv), "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+              "command": " ".join(sys.argv), "omp_num_threads": a.threads or None,
+              "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
