@@ -46,11 +46,13 @@ CONFIG = dict(
     # auto_min_epochs=10,                   # model/img_size auto: the epochs the chosen pair must fit in the training time
     # pad_aspect=2.0,                       # pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
+    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | auto: tiles when at least a quarter of the sampled training images are 1:2 or longer, else pad (the log says which and why)
+    # tiles=0,                              # input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)
     # aug='light',                          # none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
     # mixup=0.0,                            # mixup alpha (0 = off)
     # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
-    # resize_start=0.5,                     # progressive resizing: train at this fraction of img_size first, in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation and TTA always at img_size (0 = off)
+    # resize_start=0.5,                     # progressive resizing: train at this fraction of img_size first, in up to 4 stages, at the full img_size from resize_full_at of the schedule on; stages are shares of the wall clock; validation at the stage's size until the last stage, the best checkpoint from the largest size reached, TTA at img_size (0 = off)
     # resize_full_at=0.75,                  # progressive resizing: share of the schedule after which training is at the full img_size, in (0, 1]
     # cache_images=True,                    # decode each training image once to img_size into a uint8 cache reused every epoch
     # cache_dir='',                         # image cache folder; empty = /kaggle/temp on Kaggle (not saved as output), else <out_dir>/cache
@@ -594,6 +596,7 @@ import time
 import torch
 
 from ..build import autopick
+from ..build.input_mode import resolve_input_mode
 from ..core import distributed, env
 from ..core.config import ConfigError, budget_seconds
 from ..core.context import (
@@ -760,6 +763,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK
+    ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     cfg = ctx.cfg
     if ctx.args.dry_run:
@@ -779,7 +783,8 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
-             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
+             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size,
+             input_mode=cfg.input_mode, tiles=cfg.input_tiles())
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
     outcome.guard("writing summary.json", write_json, out_dir / "summary.json", s)
@@ -1213,7 +1218,8 @@ def validation_reports(cfg: Config, comp: Competition, data, result: FitResult, 
         save_oof(out_dir / "oof", cfg.fold, data.val_rows, probs)
 ''',
 'kernelkit.build': r'''"""Config to objects: the one place that turns a `Config` into data, loaders, model, optimizer and
-loss (`assemble`, `components`), and the timed choice of model and image size (`autopick`).
+loss (`assemble`, `components`), the timed choice of model and image size (`autopick`), and the
+choice of input mode (pad or tiles) from the images' aspect ratios (`input_mode`).
 Imports from every package below it, never from `app`."""
 ''',
 'kernelkit.build.assemble': r'''"""Config + Competition -> the loaders a run needs (the image cache, the split, samplers)."""
@@ -1280,7 +1286,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     if not cfg.cache_images or not paths:
         return None
     root = cache_root(cfg)
-    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles())
     cache = None
     if info.is_main:
         try:
@@ -1305,7 +1311,9 @@ def fit_outputs(cfg: Config, comp: Competition, out_dir: Path, n_params: int) ->
     """The config the data is built with: the cache cut to what the output cap and the disk leave
     once the checkpoints are counted. Raises ConfigError when the checkpoints alone do not fit."""
     n_images = min(len(comp.train_paths), cfg.max_train_images or len(comp.train_paths))
-    plan = plan_storage(out_dir, cache_root(cfg), n_params=n_params, ema=cfg.ema > 0, n_images=n_images,
+    # a cached image is input_tiles() squares of img_size
+    plan = plan_storage(out_dir, cache_root(cfg), n_params=n_params, ema=cfg.ema > 0,
+                        n_images=n_images * cfg.input_tiles(),
                         n_outputs=3 * (len(comp.test_ids) + n_images) * comp.num_classes, img_size=cfg.img_size,
                         cache_max_gb=cfg.cache_max_gb, cap_gb=env.output_cap_gb(cfg.output_cap_gb))
     log.info(plan.describe())
@@ -1339,15 +1347,16 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         raise ValueError("no training images found")
     cache = image_cache(cfg, paths, info, stop, cache_deadline)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    tiles = cfg.input_tiles()
     train_cache = cache.subset(tr_idx) if cache else None
     cached = train_cache is not None and train_cache.all_cached()
     cpu_aug, gpu_aug = augmentation_split(cfg.aug, cfg.gpu_aug, device.type, cached)
     if cfg.gpu_aug == "auto" and gpu_aug:
         log.info("augmentation %r runs on the %s over whole batches (the training images are cached: the "
                  "loader only gathers rows)", gpu_aug, device.type)
-    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cpu_aug),
+    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cpu_aug, tiles),
                             cfg.img_size, cfg.pad_fill, cache=train_cache)
-    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry), cfg.img_size,
+    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry, tiles), cfg.img_size,
                           cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
     return TrainingData(
@@ -1372,7 +1381,7 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
     """The test images through the eval transform of `cfg` (a checkpoint's own config at inference);
     `limit` > 0: only the first `limit` images (the reserve probe)."""
     paths = comp.test_paths[:limit] if limit else comp.test_paths
-    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size,
+    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles()), cfg.img_size,
                       cfg.pad_fill)
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
 ''',
@@ -1571,6 +1580,7 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
     except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
         log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
         return None
+    small_ips /= cfg.input_tiles()  # full_ips is per image already
     return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
 
 
@@ -1580,12 +1590,15 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def native_size(paths: list[str], seed: int = 0) -> int | None:
-    """Median long side of a sample of the training images (headers only); None if none are readable."""
+def native_size(paths: list[str], seed: int = 0, short: bool = False) -> int | None:
+    """Median long side of a sample of the training images (headers only); None if none are readable.
+    short: the median short side (tiles mode: img_size is the short side's)."""
     from ..decide.reports import image_sizes
     sizes = image_sizes(paths, SIZE_SAMPLE, seed, 2.0)
     if "width" not in sizes:
         return None
+    if short:
+        return int(round(sizes["short_side_median"]))
     return int(round(max(sizes["width"]["median"], sizes["height"]["median"])))
 
 
@@ -1634,7 +1647,8 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
            every: bool = False, stop=None, weights: tuple[Path, ...] = ()) -> tuple[Candidate, list[Trial]]:
     """Measure and pick; `every`: time the whole ladder (the dry run prints it); `weights`: several
     attached weights folders, ranked on one ladder."""
-    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
+    tiles = cfg.input_tiles()  # each image is this many img_size squares: that much slower per image
+    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed, short=tiles > 1)
     cands = candidates(cfg, device.type, native, weights)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
@@ -1647,7 +1661,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
             t.note = "not measured (time for measuring is up)"
             return -1.0
         try:
-            t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)
+            t.train_ips, t.infer_ips = (v / tiles for v in measure(c, cfg, comp.num_classes, device, deadline=deadline))
             t.stage_ips = stage_throughput(c, cfg, comp.num_classes, device, deadline, t.train_ips)
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
@@ -1926,6 +1940,75 @@ def fit_options(cfg: Config, preprocess: Preprocess, device: torch.device) -> Fi
                       unfreeze_blocks=cfg.unfreeze_blocks, preprocess=preprocess, learn_hint=likely_causes(cfg),
                       resolution=schedule_from(cfg.img_size, cfg.resize_start, cfg.resize_full_at))
 ''',
+'kernelkit.build.input_mode': r'''"""input_mode auto -> pad or tiles, from the training images' aspect ratios (file headers only).
+
+Squeezing or padding a 1:k strip into one square shrinks everything in it k times along the long
+side; small objects vanish. Tiles keep the short side at img_size and look at `tiles` squares along
+the long side (the model's max over them), at `tiles` times the compute per image. Measured on
+bench/hard_task.py (README, input modes): worth it when long images are common, so auto takes tiles
+when at least TILES_SHARE of the sampled images are LONG or longer, else pad.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+from ..core.context import RunContext
+from ..decide.reports import image_sizes
+from ..inputs.competition import Competition
+
+log = logging.getLogger("kernelkit")
+
+LONG = 2.0  # long/short ratio from which a square input shrinks the content at least 2x
+TILES_SHARE = 0.25  # share of long images from which tiles win (below: pad)
+AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
+SAMPLE = 500
+
+
+def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0) -> tuple[str, int, str]:
+    """image_sizes(...) of the training images -> (mode, tiles, why). An explicit mode (and an explicit
+    tile count) is kept; the reason says what was measured either way."""
+    q = sizes.get("aspect_quantiles")
+    if not q:
+        return ("pad" if mode == "auto" else mode), tiles or (3 if mode == "tiles" else 0), \
+            "no readable training image headers"
+    share = sizes.get("long_share", 0.0)
+    stats = f"{share:.0%} of {sizes.get('sampled', 0)} sampled images 1:{LONG:g} or longer, aspect p75 {q['p75']:.2f}"
+    if mode == "auto":
+        mode = "tiles" if share >= TILES_SHARE else "pad"
+        why = f"{stats} ({'>=' if mode == 'tiles' else '<'} {TILES_SHARE:.0%})"
+    else:
+        why = f"{stats}; set by input_mode={mode}"
+    if mode == "tiles" and not tiles:
+        tiles = min(AUTO_TILES[1], max(AUTO_TILES[0], math.ceil(q["p75"] - 0.25)))
+    return mode, (tiles if mode == "tiles" else 0), why
+
+
+def long_share(paths: list[str], seed: int) -> dict:
+    sizes = image_sizes(paths, SAMPLE, seed, LONG)
+    if "extreme_aspect_share" in sizes:
+        sizes["long_share"] = sizes["extreme_aspect_share"]
+    return sizes
+
+
+def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
+    """`ctx` with input_mode pad or tiles (and tiles set), logged with the reason; what checkpoints store."""
+    cfg = ctx.cfg
+    if cfg.input_mode == "pad" or (cfg.input_mode == "tiles" and cfg.tiles):
+        log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else "pad")
+        return ctx
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):
+        log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
+    mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles)
+    if mode == "tiles":
+        log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s",
+                 tiles, tiles, why)
+    else:
+        log.info("input mode: pad (one square per image): %s", why)
+    return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
+''',
 'kernelkit.core': r'''"""The ground floor: the typed run config (schema, checks, command line), the run context and its
 stop flag, the Kaggle-or-local environment switches, atomic file writes, the output-size plan,
 progress lines, process groups and the accelerator settings. Everything above may use it; it imports
@@ -2064,6 +2147,7 @@ CHOICES: dict[str, tuple] = {
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
     "image_ext": ("", *IMAGE_EXTS),
+    "input_mode": ("auto", "pad", "tiles"),
 }
 
 
@@ -2112,6 +2196,13 @@ class Config:
     auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
+    input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: "
+                                 "short side resized to img_size, `tiles` squares along the long side, the network "
+                                 "sees each and takes the max over them (long strips keep small objects at scale) | "
+                                 "auto: tiles when at least a quarter of the sampled training images are 1:2 or "
+                                 "longer, else pad (the log says which and why)", choices=CHOICES['input_mode'])
+    tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
+                       "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
                            "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
     gpu_aug: str = _f("auto", "batch augmentation on the training device: auto = on a GPU with the training images "
@@ -2122,7 +2213,8 @@ class Config:
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
                                   "stages, at the full img_size from resize_full_at of the schedule on; stages "
-                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+                                  "are shares of the wall clock; validation at the stage's size until the last stage, "
+                                  "the best checkpoint from the largest size reached, TTA at img_size (0 = off)")
     resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
                                      "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
@@ -2184,6 +2276,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def input_tiles(self) -> int:
+        """Squares per image the data pipeline makes: 1 (pad mode, or a stored config from before the
+        option, whose 'auto' was never resolved) or the resolved tile count."""
+        return max(2, self.tiles or 3) if self.input_mode == "tiles" else 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config", check_paths: bool = True) -> "Config":
@@ -2286,6 +2383,9 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.tiles == 0 or 2 <= c.tiles <= 6, f"tiles={c.tiles}: 0 (auto) or 2..6 squares along the long side"),
+        (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
+         "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
          f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
         (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
@@ -3439,7 +3539,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
-from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
+from .images import DECODER_VERSION, BadImage, blank_image, load_resized, load_tiles, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 
@@ -3448,20 +3548,22 @@ DATA, OK, BAD, META = "images.u8", "ok.npy", "bad.txt", "meta.json"
 FREE_DISK_MARGIN = 1 << 30  # leave 1 GiB free for checkpoints and the submission
 MAX_LOGGED_BAD = 50
 
-Geometry = Sequence  # (size, pad_aspect, fill), e.g. EvalTransform(...).geometry
+Geometry = Sequence  # (size, pad_aspect, fill[, tiles]), e.g. EvalTransform(...).geometry
 
 
-def _geometry(geometry: Geometry) -> tuple[int, float, int]:
-    size, pad_aspect, fill = geometry
-    return int(size), float(pad_aspect), int(fill)
+def _geometry(geometry: Geometry) -> tuple[int, float, int, int]:
+    size, pad_aspect, fill, *rest = geometry
+    return int(size), float(pad_aspect), int(fill), int(rest[0]) if rest else 1
 
 
 def cache_key(paths: Sequence[str], geometry: Geometry, stat_files: bool = True) -> str:
     """Hex digest of everything the cached pixels depend on."""
-    size, pad_aspect, fill = _geometry(geometry)
-    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "decoder": DECODER_VERSION, "size": size,
-                                   "pad_aspect": pad_aspect, "fill": fill, "n": len(paths)},
-                                  sort_keys=True).encode())
+    size, pad_aspect, fill, tiles = _geometry(geometry)
+    what = {"format": CACHE_FORMAT, "decoder": DECODER_VERSION, "size": size, "pad_aspect": pad_aspect,
+            "fill": fill, "n": len(paths)}
+    if tiles > 1:  # only then: square caches keep the keys they had before tiles existed
+        what["tiles"] = tiles
+    h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for p in paths:
         h.update(str(p).encode("utf-8", "surrogateescape") + b"\0")
         if stat_files:
@@ -3486,7 +3588,9 @@ class ImageCache:
         self.dir = Path(directory)
         self.meta = meta
         self.size = int(meta["size"])
-        self.geometry = (self.size, float(meta["pad_aspect"]), int(meta["fill"]))
+        self.tiles = int(meta.get("tiles", 1))
+        self.geometry = (self.size, float(meta["pad_aspect"]), int(meta["fill"]), self.tiles)
+        self.row_shape = (self.tiles * self.size, self.size, 3)  # a square, or a column of tiles
         self.n_cached = int(meta["n_cached"])
         self.ok_rows = ok
         self.index = np.arange(int(meta["n"]), dtype=np.int64) if index is None else np.asarray(index, np.int64)
@@ -3501,9 +3605,9 @@ class ImageCache:
             meta = json.loads((d / META).read_text())
             if meta.get("format") != CACHE_FORMAT or (key is not None and meta.get("key") != key):
                 return None
-            n_cached, size = int(meta["n_cached"]), int(meta["size"])
+            n_cached, size, tiles = int(meta["n_cached"]), int(meta["size"]), int(meta.get("tiles", 1))
             ok = np.load(d / OK)
-            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * size:
+            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * size * tiles:
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -3534,11 +3638,11 @@ class ImageCache:
     def _images(self) -> np.ndarray:
         if self._mm is None:
             self._mm = np.memmap(self.dir / DATA, dtype=np.uint8, mode="r",
-                                 shape=(self.n_cached, self.size, self.size, 3))
+                                 shape=(self.n_cached, *self.row_shape))
         return self._mm
 
     def get(self, i: int) -> tuple[torch.Tensor, bool]:
-        """(uint8 (3, size, size) tensor (channels-last strides), readable?) of item i; requires has(i)."""
+        """(uint8 (3, H, W) tensor at row_shape (channels-last strides), readable?) of item i; requires has(i)."""
         row = int(self.index[i])
         return torch.from_numpy(np.array(self._images()[row])).permute(2, 0, 1), bool(self.ok_rows[row])
 
@@ -3548,7 +3652,7 @@ class ImageCache:
         return len(rows) > 0 and bool((rows < self.n_cached).all())
 
     def gather(self, items: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Copy the rows of `items` (all cached) into `out` (len(items), size, size, 3) uint8 with one
+        """Copy the rows of `items` (all cached) into `out` (len(items), *row_shape) uint8 with one
         numpy take (no per-image Python work; numpy drops the GIL for the copy); -> readable flags."""
         rows = self.index[items]
         np.take(self._images(), rows, axis=0, out=out)
@@ -3577,13 +3681,15 @@ class CacheWriter(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, bool, str]:
-        size, pad_aspect, fill = self.geometry
+        size, pad_aspect, fill, tiles = self.geometry
         if self._fd is None:
             self._fd = os.open(self.data_path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
         try:
-            x, ok, msg = load_resized(self.paths[i], size, pad_aspect, fill), True, ""
+            x = load_tiles(self.paths[i], size, tiles, fill) if tiles > 1 else load_resized(self.paths[i], size,
+                                                                                            pad_aspect, fill)
+            ok, msg = True, ""
         except BadImage as e:
-            x, ok, msg = blank_image(size), False, str(e)
+            x, ok, msg = blank_image(size, tiles), False, str(e)
         row = np.ascontiguousarray(x.permute(1, 2, 0).numpy())  # HWC; no copy for channels-last x
         _write_at(self._fd, memoryview(row).cast("B"), i * row.nbytes)
         return i, ok, msg
@@ -3745,7 +3851,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
-    per = 3 * size * size
+    per = 3 * size * size * geometry[3]
     n, n_fit = len(paths), _rows_that_fit(root, len(paths), per, max_bytes)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -3758,6 +3864,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         _fsync(data_path)
         _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
                                     "layout": "NHWC", "pad_aspect": geometry[1], "fill": geometry[2],
+                                    "tiles": geometry[3],
                                     "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(time.time() - t0, 3),
                                     "steady_images_per_s": steady, "created": time.time()})
         if final.exists() and ImageCache.open(final, key) is None:
@@ -4125,6 +4232,42 @@ def fit_size(w: int, h: int, size: int, pad_aspect: float = 2.0) -> tuple[int, i
     return size, size
 
 
+def fit_strip(w: int, h: int, size: int, tiles: int) -> tuple[int, int]:
+    """Size (w, h) of the content in tiles mode: the short side at `size`, so objects keep their
+    scale; an image longer than `tiles` squares is shrunk until its long side is `tiles * size`."""
+    short, long = min(w, h), max(w, h)
+    scale = min(size / max(1, short), tiles * size / max(1, long))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def tile_offsets(length: int, size: int, tiles: int) -> list[int]:
+    """Starts of `tiles` windows of `size` spread evenly over `length` (first at 0, last at the end);
+    they overlap when the image is shorter than `tiles` squares (a square image repeats)."""
+    span = max(0, length - size)
+    return [round(span * k / (tiles - 1)) for k in range(tiles)] if tiles > 1 else [span // 2]
+
+
+def to_tiles(x: torch.Tensor, size: int, tiles: int, fill: int = 255) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, tiles * size, size), channels-last: the image at `fit_strip`'s
+    scale (the short side padded with `fill` when it was shrunk below `size`), cut into `tiles`
+    squares along its long side, stacked top to bottom. A column, not a 4-D tensor, so the cache,
+    the loaders and collate handle it like any image; `transforms.fold_tiles` splits batches of them."""
+    h, w = x.shape[-2:]
+    nw, nh = fit_strip(w, h, size, tiles)
+    y = resize_tensor(channels_last(x), nh, nw)
+    if min(nw, nh) < size:  # longer than `tiles` squares: shrunk, so the short side needs padding
+        ph, pw = max(nh, size), max(nw, size)
+        canvas = torch.full((ph, pw, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
+        top, left = (ph - nh) // 2, (pw - nw) // 2
+        canvas[:, top:top + nh, left:left + nw] = y
+        y, nh, nw = canvas, ph, pw
+    out = torch.empty((tiles * size, size, 3), dtype=torch.uint8).permute(2, 0, 1)
+    along_w = nw >= nh
+    for k, o in enumerate(tile_offsets(max(nw, nh), size, tiles)):
+        out[:, k * size:(k + 1) * size] = y[:, :, o:o + size] if along_w else y[:, o:o + size, :]
+    return out
+
+
 def is_padded(w: int, h: int, pad_aspect: float) -> bool:
     return bool(pad_aspect) and max(w, h) / max(1, min(w, h)) > pad_aspect
 
@@ -4202,7 +4345,7 @@ def _probe_tv_jpeg():
         return None
 
 
-def decode_tensor(path: str, size: int = 0, pad_aspect: float = 2.0, fill: int = 255) -> torch.Tensor:
+def decode_tensor(path: str, size: int = 0, pad_aspect: float = 2.0, fill: int = 255, tiles: int = 1) -> torch.Tensor:
     """Decode to an RGB uint8 (3, H, W) tensor (channels-last memory), EXIF orientation applied.
 
     With `size`, a JPEG much larger than its target (see `fit_size`) is decoded at reduced scale
@@ -4213,7 +4356,7 @@ def decode_tensor(path: str, size: int = 0, pad_aspect: float = 2.0, fill: int =
     scale = 1
     if img.format == "JPEG" and size:
         w, h = img.size
-        scale = draft_scale(w, h, *fit_size(w, h, size, pad_aspect))
+        scale = draft_scale(w, h, *(fit_strip(w, h, size, tiles) if tiles > 1 else fit_size(w, h, size, pad_aspect)))
     if img.format == "JPEG" and scale == 1 and tv_jpeg_decoder() is not None:
         try:
             return tv_jpeg_decoder()(torch.frombuffer(data, dtype=torch.uint8))  # channels-last strides
@@ -4232,9 +4375,14 @@ def load_resized(path: str, size: int, pad_aspect: float = 2.0, fill: int = 255)
     return resize_or_pad_tensor(decode_tensor(path, size, pad_aspect, fill), size, pad_aspect, fill)
 
 
-def blank_image(size: int) -> torch.Tensor:
+def load_tiles(path: str, size: int, tiles: int, fill: int = 255) -> torch.Tensor:
+    """File -> uint8 (3, tiles * size, size) (see `to_tiles`): tiles mode's deterministic part."""
+    return to_tiles(decode_tensor(path, size, 0.0, fill, tiles), size, tiles, fill)
+
+
+def blank_image(size: int, tiles: int = 1) -> torch.Tensor:
     """Placeholder for an unreadable file, so batch shapes stay fixed (channels-last like the rest)."""
-    return torch.full((size, size, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1)
+    return torch.full((tiles * size, size, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1)
 ''',
 'kernelkit.data.loaders': r'''"""Datasets and loaders. Bad files never stop a run: they become a blank image with ok=0."""
 from __future__ import annotations
@@ -4275,7 +4423,7 @@ class ImageDataset(Dataset):
             if len(cache) != len(self.paths):
                 raise ValueError(f"cache holds {len(cache)} images, dataset {len(self.paths)}")
             geometry = getattr(transform, "geometry", None)
-            if geometry is None or tuple(geometry) != tuple(cache.geometry):
+            if geometry is None or (*geometry, 1)[:4] != tuple(cache.geometry):  # (3-tuples: square)
                 raise ValueError(f"cache geometry {cache.geometry} does not match the transform's {geometry}")
 
     def __len__(self) -> int:
@@ -4285,14 +4433,19 @@ class ImageDataset(Dataset):
         """(transformed uint8 image, readable?) for item i."""
         if self.cache is not None and self.cache.has(i):
             x, ok = self.cache.get(i)  # unreadable files were named in the log when the cache was built
-            return (self.transform(x), True) if ok else (blank_image(self.size), False)
+            return (self.transform(x), True) if ok else (self.blank(), False)
         try:
             if hasattr(self.transform, "load"):
                 return self.transform(self.transform.load(self.paths[i])), True
             return self.transform(load_rgb(self.paths[i], self.size, self.fill)), True
         except BadImage as e:
             log.warning("bad image skipped: %s", e)
-            return blank_image(self.size), False
+            return self.blank(), False
+
+    def blank(self) -> torch.Tensor:
+        """The placeholder of an unreadable file, shaped like the transform's output (tiles: a column)."""
+        blank = getattr(self.transform, "blank", None)
+        return blank() if blank is not None else blank_image(self.size)
 
     def batch(self, indices: list[int], pin_memory: bool = False) -> list | None:
         """The whole batch in one gather from the cache, as collate_images would stack it, when every
@@ -4303,9 +4456,8 @@ class ImageDataset(Dataset):
         items = np.asarray(indices, dtype=np.int64)
         if not self.cache.all_cached(items):
             return None
-        s = self.cache.size
         # Gathered straight into page-locked memory, so the copy to the GPU needs no staging copy.
-        out = torch.empty((len(items), s, s, 3), dtype=torch.uint8, pin_memory=pin_memory)
+        out = torch.empty((len(items), *self.cache.row_shape), dtype=torch.uint8, pin_memory=pin_memory)
         ok = torch.from_numpy(self.cache.gather(items, out.numpy()).astype(np.float32))
         if self.targets is None:
             targets = torch.zeros(len(items))
@@ -4572,7 +4724,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .images import channels_last, fit_size, load_resized, resize_or_pad_tensor, resize_tensor
+from .images import (blank_image, channels_last, fit_size, load_resized, load_tiles, resize_or_pad_tensor,
+                     resize_tensor, to_tiles)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -4603,31 +4756,45 @@ def to_tensor_uint8(img: Image.Image) -> torch.Tensor:
 
 
 class EvalTransform:
-    """Deterministic: resize or pad to the working size."""
+    """Deterministic: resize or pad to the working size; with `tiles` > 1, `tiles` squares along the
+    long side stacked as a (3, tiles * size, size) column (`images.to_tiles`)."""
 
-    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255):
-        self.size, self.pad_aspect, self.fill = int(size), float(pad_aspect), int(fill)
+    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, tiles: int = 1):
+        self.size, self.pad_aspect, self.fill, self.tiles = int(size), float(pad_aspect), int(fill), int(tiles)
 
     @property
-    def geometry(self) -> tuple[int, float, int]:
-        """(size, pad_aspect, fill): what `load` depends on, and what a cache is keyed by."""
-        return self.size, self.pad_aspect, self.fill
+    def geometry(self) -> tuple[int, float, int, int]:
+        """(size, pad_aspect, fill, tiles): what `load` depends on, and what a cache is keyed by."""
+        return self.size, self.pad_aspect, self.fill, self.tiles
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of what `base` makes."""
+        return self.tiles * self.size, self.size
 
     def load(self, path: str) -> torch.Tensor:
-        """File -> uint8 (3, size, size); raises images.BadImage."""
+        """File -> uint8 (3, H, W) at `shape`; raises images.BadImage."""
+        if self.tiles > 1:
+            return load_tiles(path, self.size, self.tiles, self.fill)
         return load_resized(path, self.size, self.pad_aspect, self.fill)
 
     def base(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
-        """PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size); a tensor already at the
-        working size (e.g. from the cache) passes through unchanged."""
+        """PIL image or uint8 (3, H, W) tensor -> uint8 (3, H, W) at `shape`; a tensor already at
+        that shape (e.g. from the cache) passes through unchanged."""
         if isinstance(img, Image.Image):  # HWC memory, like the decoders' output
             img = torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8))
             x = img.permute(2, 0, 1)
         else:
             x = img
-        if x.shape[-2:] == (self.size, self.size):
-            return x
+        if tuple(x.shape[-2:]) == self.shape:
+            return x  # (a raw image of exactly this shape gives the same tiles: nothing to do either way)
+        if self.tiles > 1:
+            return to_tiles(x, self.size, self.tiles, self.fill)
         return resize_or_pad_tensor(x, self.size, self.pad_aspect, self.fill)
+
+    def blank(self) -> torch.Tensor:
+        """The placeholder of an unreadable file, at `shape`."""
+        return blank_image(self.size, self.tiles)
 
     @property
     def per_image_work(self) -> bool:
@@ -4652,12 +4819,12 @@ class TrainTransform(EvalTransform):
     the GPU.
     """
 
-    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, aug: str = "light", *,
+    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, aug: str = "light", tiles: int = 1, *,
                  crop_scale: tuple[float, float] = (0.6, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, vflip: float = 0.0, jitter: float = 0.2, degrees: float = 15.0,
                  translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1), affine_p: float = 0.5,
                  noise_std: float = 8.0, noise_p: float = 0.5):
-        super().__init__(size, pad_aspect, fill)
+        super().__init__(size, pad_aspect, fill, tiles)
         if aug not in AUG_LEVELS:
             raise ValueError(f"unknown aug {aug!r}; choose {' | '.join(AUG_LEVELS)}")
         self.aug = aug
@@ -4671,6 +4838,12 @@ class TrainTransform(EvalTransform):
         return self.aug != "none"
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiles > 1 and self.aug != "none":  # each tile on its own: a crop must not straddle two
+            s = self.size
+            return channels_last(torch.cat([self.augment_square(x[:, k * s:(k + 1) * s]) for k in range(self.tiles)], 1))
+        return self.augment_square(x)
+
+    def augment_square(self, x: torch.Tensor) -> torch.Tensor:
         level, rng = AUG_LEVELS.index(self.aug), aug_random()
         if level >= 2:
             x = random_resized_crop(x, self.size, self.crop_scale, self.crop_ratio)
@@ -5011,6 +5184,25 @@ def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torc
     std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
     x = (batch.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- tiles
+def fold_tiles(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A batch of tile columns (N, 3, T * s, s) -> (N * T, 3, s, s) and T; a batch of squares as is
+    (T = 1). Image k's tiles are rows k*T .. k*T + T - 1 (what `pool_tiles` expects)."""
+    n, c, h, w = x.shape
+    if h <= w or h % w:
+        return x, 1
+    t = h // w
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = x.reshape(n, c, t, w, w).transpose(1, 2).reshape(n * t, c, w, w)
+    return (y.contiguous(memory_format=torch.channels_last) if cl else y), t
+
+
+def pool_tiles(logits: torch.Tensor, tiles: int) -> torch.Tensor:
+    """(N * T, C) -> (N, C): each class's largest logit over an image's tiles (an object in any tile
+    is in the image; iMet solutions took the max over crops). T = 1: unchanged."""
+    return logits if tiles == 1 else logits.view(-1, tiles, logits.shape[-1]).amax(1)
 
 
 # Test-time views: each maps a normalised batch to a view of it. Chosen by level, in this order.
@@ -5490,6 +5682,8 @@ def image_sizes(paths: list[str], sample: int, seed: int, extreme_aspect: float)
     out["extreme_aspect"] = extreme_aspect
     out["extreme_aspect_share"] = round(float((aspect > extreme_aspect).mean()), 4)
     out["max_aspect"] = round(float(aspect.max()), 2)
+    out["aspect_quantiles"] = {f"p{q}": round(float(np.percentile(aspect, q)), 2) for q in (50, 75, 90)}
+    out["short_side_median"] = float(np.median(wh.min(1)))
     return out
 
 
@@ -6602,7 +6796,8 @@ import torch
 
 from ..core.progress import progress
 from ..data.loaders import DeviceFeeder
-from ..data.transforms import Preprocess, normalize, tta_identity
+from ..data.transforms import Preprocess, fold_tiles, normalize, pool_tiles, tta_identity
+from .resolution import resize_batch
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.float16):
@@ -6615,9 +6810,10 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.flo
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def _average_views(model, x, views, act, device, amp, amp_dtype) -> torch.Tensor:
+def _average_views(model, x, views, act, device, amp, amp_dtype, tiles: int = 1) -> torch.Tensor:
+    """Probabilities averaged over the views; with tiles, each view's logits pooled over an image's tiles."""
     with autocast(device, amp, amp_dtype):
-        return sum(act(model(view(x)).float()) for view in views) / len(views)
+        return sum(act(pool_tiles(model(view(x)).float(), tiles)) for view in views) / len(views)
 
 
 def activation(task: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -6631,13 +6827,15 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None, *, pre: Preprocess, amp_dtype: torch.dtype = torch.float16) -> dict:
+            desc: str = "predict", stop=None, *, pre: Preprocess, amp_dtype: torch.dtype = torch.float16,
+            size: int = 0) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
     spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
     `stop` (stopping.StopFlag): once raised, the remaining batches get the first view only, so a
-    SIGTERM still ends with a prediction for every row, soon.
+    SIGTERM still ends with a prediction for every row, soon. `size` > 0: every image (tile) is
+    downscaled to size x size first (validation during progressive resizing's smaller stages).
     """
     model.eval()
     act = activation(task)
@@ -6648,14 +6846,18 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
     # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
-        x = normalize(images, channels_last, pre)
+        x, tiles = fold_tiles(images)  # tiles mode: (N, 3, T*s, s) columns -> N*T squares
+        x = resize_batch(x, size) if size else x
+        x = normalize(x, channels_last, pre)
         while True:
             try:
                 use = views[:1] if stop is not None and stop.requested else views
-                p = torch.cat([_average_views(model, part, use, act, device, amp, amp_dtype) for part in x.chunk(pieces)])
+                per = tiles * -(-len(ok) // pieces)  # whole images per piece: their tiles stay together
+                p = torch.cat([_average_views(model, part, use, act, device, amp, amp_dtype, tiles)
+                               for part in x.split(per)])
                 break
             except OutOfMemory:
-                if pieces >= len(x):
+                if pieces >= len(ok):
                     raise
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":
@@ -6813,8 +7015,10 @@ share of steps, the same way.
 
 The cache holds every image at the full `img_size`; a lower stage is made by downscaling the batch
 on the training device (`resize_batch`, antialiased bilinear: cheap on a GPU), so the cache already
-holds what each stage needs and nothing is decoded twice. Validation and TTA always run at the full
-size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
+holds what each stage needs and nothing is decoded twice. Validation during a smaller stage runs at
+that stage's size (a network trained at half size validated at full size scores near chance while it
+learns: issue #20); the best checkpoint is chosen among validations at the largest size reached; the
+final prediction (TTA) runs at the full size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
 re-tunes per input shape.
 """
 from __future__ import annotations
@@ -7092,7 +7296,7 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
                         else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
         state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
                          best_score=-math.inf if new_session else ckpt["best_score"], threshold=ckpt["threshold"],
-                         session=session, session_end=end)
+                         session=session, session_end=end, best_px=int(ckpt.get("best_px", 0)))
         log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
     if cfg.sessions > 1:
         log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,
@@ -7196,7 +7400,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from ..data.transforms import Preprocess, normalize
+from ..data.transforms import Preprocess, fold_tiles, normalize
 from ..decide.rules import score_validation
 from .evaluate import autocast, predict
 
@@ -7264,7 +7468,7 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
             if used >= max_batches:
                 break
             with autocast(device, amp, amp_dtype):
-                model(normalize(x.to(device, non_blocking=True), channels_last, pre))
+                model(normalize(fold_tiles(x.to(device, non_blocking=True))[0], channels_last, pre))
             used += 1
     for m, momentum in momenta.items():
         m.momentum = momentum
@@ -7323,7 +7527,7 @@ from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
-from ..data.transforms import IMAGENET, Preprocess, normalize
+from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import score_validation
 from ..model.factory import set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
@@ -7383,6 +7587,7 @@ class FitState:
     progress: float = 0.0
     best_score: float = -math.inf
     threshold: float = 0.5
+    best_px: int = 0  # input size best_score was validated at (progressive resizing: only equals compare)
     nonfinite_steps: int = 0
     bad_images: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
@@ -7434,7 +7639,9 @@ class Trainer:
         self.last_save = time.time()
         self.stop_reason = "budget"
         self.learning_checked = False
+        self.peak_score = -math.inf  # the highest validation score at any size: what the learning check reads
         self.train_px = 0  # the input size of the last training step (progressive resizing)
+        self.tiles = 1  # squares per image in the current batch (input_mode tiles: the model's max over them)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
         if opts.resolution is not None and fixed_input_size(self.core):
             # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
@@ -7554,6 +7761,7 @@ class Trainer:
                 stopped = True
                 break
             set_lr(parts.optimizer, lr)
+            x, self.tiles = fold_tiles(x)  # before the batch augmentation: a crop must not straddle two tiles
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
             if opts.resolution is not None:
@@ -7625,22 +7833,23 @@ class Trainer:
             try:
                 return self._accumulate(x, y, ok, state.micro_batches)
             except OutOfMemory:
-                if self.dist.enabled or state.micro_batches >= len(x):
+                if self.dist.enabled or state.micro_batches >= len(ok):
                     raise  # ranks would disagree on the number of backward passes
                 self.parts.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 state.micro_batches *= 2
                 log.warning("out of memory at batch size %d: continuing with %d micro-batches of ~%d "
-                            "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
-                            -(-len(x) // state.micro_batches))
+                            "(gradient accumulation keeps the effective batch)", len(ok), state.micro_batches,
+                            -(-len(ok) // state.micro_batches))
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor | None:
         total_weight = ok.sum().clamp_min(1.0)
         batch_loss = torch.zeros((), device=self.device)
-        for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
+        per = -(-len(ok) // pieces)  # images per piece; an image's tiles stay in its piece
+        for xs, ys, oks in zip(x.split(per * self.tiles), y.split(per), ok.split(per)):
             with autocast(self.device, self.opts.amp, self.opts.amp_dtype):
-                logits = self.step_model(xs)
+                logits = pool_tiles(self.step_model(xs), self.tiles)
             loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
             if not all_finite(self.dist, loss):
                 return None
@@ -7662,30 +7871,51 @@ class Trainer:
             log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
             return row
         model = self.core if self.parts.ema is None else self.parts.ema.module
+        small, px = self.validation_size()
         out = predict(model, val.loader, self.device, val.task, amp=opts.amp, channels_last=opts.channels_last,
-                      desc="validate", pre=opts.preprocess, amp_dtype=opts.amp_dtype)
+                      desc="validate", pre=opts.preprocess, amp_dtype=opts.amp_dtype, size=small)
         va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                               opts.max_labels)
-        self.reserve.val_ips = out["images_per_s"]
+        if not small:  # the reserve plans the final, full-size validation
+            self.reserve.val_ips = out["images_per_s"]
         self.reserve.observe_startup(out["startup_s"])
         row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(out["seconds"], 2))
+        if small:
+            row["val_px"] = small
+        self.peak_score = max(self.peak_score, va["score"])
+        if px > state.best_px:
+            if math.isfinite(state.best_score):
+                log.info("validation now at %d px: scores at %d px are not comparable, the best checkpoint "
+                         "restarts here", px, state.best_px)
+            state.best_score, state.best_px = -math.inf, px
         if va["score"] > state.best_score:
             state.best_score, state.threshold = va["score"], va["threshold"]
             result.best_val_probs = out["probs"].astype(np.float32)
             self.save("best.pt", epoch_done=not tr["stopped"])
-        log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
-                 va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
+        log.info("epoch %d  loss %.4f  val %s %.4f%s (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+                 va["metric"], va["score"], f" at {small} px" if small else "", state.best_score, va["threshold"],
+                 self.timing(tr))
         self.check_learning(val.prior, va["metric"], result)
         return row
 
+    def validation_size(self) -> tuple[int, int]:
+        """-> (size to downscale validation images to, 0 = none; the size validated at, 0 = img_size
+        without progressive resizing). During a smaller stage validation runs at the training size:
+        at img_size a network trained at half of it scores near chance for a run that learns."""
+        sched = self.opts.resolution
+        if sched is None:
+            return 0, 0
+        small = self.train_px if 0 < self.train_px < sched.full else 0
+        return small, small or sched.full
+
     def check_learning(self, prior: float | None, metric: str, result: FitResult) -> None:
-        """Once, at the first validation past `learn_check_at` of training: is the best score still at
-        the label prior? Then warn loudly (and keep training: the submission still comes)."""
+        """Once, at the first validation past `learn_check_at` of training: is the highest score (at any
+        size) still at the label prior? Then warn loudly (and keep training: the submission still comes)."""
         if self.learning_checked or prior is None or self.state.progress < self.opts.learn_check_at:
             return
         self.learning_checked = True
-        if at_prior(self.state.best_score, prior):
-            msg = stuck_message(self.state.best_score, prior, self.state.progress, metric, self.opts.learn_hint)
+        if at_prior(self.peak_score, prior):
+            msg = stuck_message(self.peak_score, prior, self.state.progress, metric, self.opts.learn_hint)
             log.warning("!!! %s", msg)
             result.warnings.append(msg)
 
@@ -7708,7 +7938,7 @@ class Trainer:
             "model": weights or self.core.state_dict(), **ema, **swa,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
-            "best_score": state.best_score, "threshold": state.threshold,
+            "best_score": state.best_score, "threshold": state.threshold, "best_px": state.best_px,
             "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }

@@ -98,8 +98,8 @@ def _spy_inputs(monkeypatch) -> list[tuple[bool, tuple]]:
     return seen
 
 
-def test_a_run_trains_small_first_full_at_the_end_and_validates_at_full_size(single_label_dir, tmp_path,
-                                                                             monkeypatch):
+def test_a_run_trains_small_first_full_at_the_end_and_validates_at_its_training_size(single_label_dir, tmp_path,
+                                                                                      monkeypatch):
     seen = _spy_inputs(monkeypatch)
     out = tmp_path / "out"
     assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--epochs", "4", "--resize-start", "0.5",
@@ -111,8 +111,10 @@ def test_a_run_trains_small_first_full_at_the_end_and_validates_at_full_size(sin
     assert train_sizes[0] == 32 and train_sizes[-1] == 64
     assert set(train_sizes) == {32, 40, 48, 64} and train_sizes == sorted(train_sizes)
     assert all(shape[-2] == shape[-1] for _, shape in seen)
-    eval_sizes = {shape[-1] for training, shape in seen if not training}
-    assert eval_sizes == {64}, "validation, the reserve's probe and the TTA prediction at img_size"
+    eval_sizes = [shape[-1] for training, shape in seen if not training]
+    assert set(eval_sizes) == {32, 40, 48, 64}, "each stage's validation at its training size (issue #20)"
+    assert history.val_px.fillna(64).tolist() == [32, 40, 48, 64], "the last validation at img_size"
+    assert eval_sizes[-1] == 64, "the TTA prediction at img_size"
     assert json.loads((out / "config.json").read_text())["resize_start"] == 0.5
 
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from ..build import autopick
+from ..build.input_mode import resolve_input_mode
 from ..core import distributed, env
 from ..core.config import ConfigError, budget_seconds
 from ..core.context import (
@@ -181,6 +182,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(time.time() - ctx.t_start), summary)
         return EXIT_OK
+    ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     cfg = ctx.cfg
     if ctx.args.dry_run:
@@ -200,7 +202,8 @@ def report(ctx: RunContext, comp: Competition, outcome: Outcome, info: DistInfo)
     status = EXIT_OK if outcome.submitted else EXIT_NO_SUBMISSION
     outcome.guard("finishing the run state", finish_run, out_dir)
     s.update(wall_s=round(time.time() - run_start(ctx.out_dir, ctx.t_start), 1), exit_status=status, world_size=info.world_size,
-             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size)
+             problems=outcome.problems, stopped_by=ctx.stop.signal_name or None, model=cfg.model, img_size=cfg.img_size,
+             input_mode=cfg.input_mode, tiles=cfg.input_tiles())
     if ctx.is_demo and outcome.submitted:
         s["demo_test_score"] = outcome.guard("demo score", score_demo_submission, ctx.data_dir, out_dir, comp)
     outcome.guard("writing summary.json", write_json, out_dir / "summary.json", s)

@@ -1,3 +1,4 @@
 """Config to objects: the one place that turns a `Config` into data, loaders, model, optimizer and
-loss (`assemble`, `components`), and the timed choice of model and image size (`autopick`).
+loss (`assemble`, `components`), the timed choice of model and image size (`autopick`), and the
+choice of input mode (pad or tiles) from the images' aspect ratios (`input_mode`).
 Imports from every package below it, never from `app`."""

@@ -62,7 +62,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     if not cfg.cache_images or not paths:
         return None
     root = cache_root(cfg)
-    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles())
     cache = None
     if info.is_main:
         try:
@@ -87,7 +87,9 @@ def fit_outputs(cfg: Config, comp: Competition, out_dir: Path, n_params: int) ->
     """The config the data is built with: the cache cut to what the output cap and the disk leave
     once the checkpoints are counted. Raises ConfigError when the checkpoints alone do not fit."""
     n_images = min(len(comp.train_paths), cfg.max_train_images or len(comp.train_paths))
-    plan = plan_storage(out_dir, cache_root(cfg), n_params=n_params, ema=cfg.ema > 0, n_images=n_images,
+    # a cached image is input_tiles() squares of img_size
+    plan = plan_storage(out_dir, cache_root(cfg), n_params=n_params, ema=cfg.ema > 0,
+                        n_images=n_images * cfg.input_tiles(),
                         n_outputs=3 * (len(comp.test_ids) + n_images) * comp.num_classes, img_size=cfg.img_size,
                         cache_max_gb=cfg.cache_max_gb, cap_gb=env.output_cap_gb(cfg.output_cap_gb))
     log.info(plan.describe())
@@ -121,15 +123,16 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         raise ValueError("no training images found")
     cache = image_cache(cfg, paths, info, stop, cache_deadline)
     geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
+    tiles = cfg.input_tiles()
     train_cache = cache.subset(tr_idx) if cache else None
     cached = train_cache is not None and train_cache.all_cached()
     cpu_aug, gpu_aug = augmentation_split(cfg.aug, cfg.gpu_aug, device.type, cached)
     if cfg.gpu_aug == "auto" and gpu_aug:
         log.info("augmentation %r runs on the %s over whole batches (the training images are cached: the "
                  "loader only gathers rows)", gpu_aug, device.type)
-    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cpu_aug),
+    train_ds = ImageDataset([paths[i] for i in tr_idx], targets[tr_idx], TrainTransform(*geometry, cpu_aug, tiles),
                             cfg.img_size, cfg.pad_fill, cache=train_cache)
-    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry), cfg.img_size,
+    val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry, tiles), cfg.img_size,
                           cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
     return TrainingData(
@@ -154,6 +157,6 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
     """The test images through the eval transform of `cfg` (a checkpoint's own config at inference);
     `limit` > 0: only the first `limit` images (the reserve probe)."""
     paths = comp.test_paths[:limit] if limit else comp.test_paths
-    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill), cfg.img_size,
+    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles()), cfg.img_size,
                       cfg.pad_fill)
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")

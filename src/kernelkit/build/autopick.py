@@ -193,6 +193,7 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
     except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
         log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
         return None
+    small_ips /= cfg.input_tiles()  # full_ips is per image already
     return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
 
 
@@ -202,12 +203,15 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def native_size(paths: list[str], seed: int = 0) -> int | None:
-    """Median long side of a sample of the training images (headers only); None if none are readable."""
+def native_size(paths: list[str], seed: int = 0, short: bool = False) -> int | None:
+    """Median long side of a sample of the training images (headers only); None if none are readable.
+    short: the median short side (tiles mode: img_size is the short side's)."""
     from ..decide.reports import image_sizes
     sizes = image_sizes(paths, SIZE_SAMPLE, seed, 2.0)
     if "width" not in sizes:
         return None
+    if short:
+        return int(round(sizes["short_side_median"]))
     return int(round(max(sizes["width"]["median"], sizes["height"]["median"])))
 
 
@@ -256,7 +260,8 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
            every: bool = False, stop=None, weights: tuple[Path, ...] = ()) -> tuple[Candidate, list[Trial]]:
     """Measure and pick; `every`: time the whole ladder (the dry run prints it); `weights`: several
     attached weights folders, ranked on one ladder."""
-    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed)
+    tiles = cfg.input_tiles()  # each image is this many img_size squares: that much slower per image
+    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed, short=tiles > 1)
     cands = candidates(cfg, device.type, native, weights)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
@@ -269,7 +274,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
             t.note = "not measured (time for measuring is up)"
             return -1.0
         try:
-            t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)
+            t.train_ips, t.infer_ips = (v / tiles for v in measure(c, cfg, comp.num_classes, device, deadline=deadline))
             t.stage_ips = stage_throughput(c, cfg, comp.num_classes, device, deadline, t.train_ips)
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"

@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple] = {
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
     "image_ext": ("", *IMAGE_EXTS),
+    "input_mode": ("auto", "pad", "tiles"),
 }
 
 
@@ -82,6 +83,13 @@ class Config:
     auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
     pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
+    input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: "
+                                 "short side resized to img_size, `tiles` squares along the long side, the network "
+                                 "sees each and takes the max over them (long strips keep small objects at scale) | "
+                                 "auto: tiles when at least a quarter of the sampled training images are 1:2 or "
+                                 "longer, else pad (the log says which and why)", choices=CHOICES['input_mode'])
+    tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
+                       "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
     aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
                            "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
     gpu_aug: str = _f("auto", "batch augmentation on the training device: auto = on a GPU with the training images "
@@ -92,7 +100,8 @@ class Config:
     cutmix: float = _f(0.0, "cutmix alpha (0 = off); with both, each batch picks one")
     resize_start: float = _f(0.5, "progressive resizing: train at this fraction of img_size first, in up to 4 "
                                   "stages, at the full img_size from resize_full_at of the schedule on; stages "
-                                  "are shares of the wall clock; validation and TTA always at img_size (0 = off)")
+                                  "are shares of the wall clock; validation at the stage's size until the last stage, "
+                                  "the best checkpoint from the largest size reached, TTA at img_size (0 = off)")
     resize_full_at: float = _f(0.75, "progressive resizing: share of the schedule after which training is at the "
                                      "full img_size, in (0, 1]")
     cache_images: bool = _f(True, "decode each training image once to img_size into a uint8 cache reused every epoch")
@@ -154,6 +163,11 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def input_tiles(self) -> int:
+        """Squares per image the data pipeline makes: 1 (pad mode, or a stored config from before the
+        option, whose 'auto' was never resolved) or the resolved tile count."""
+        return max(2, self.tiles or 3) if self.input_mode == "tiles" else 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config", check_paths: bool = True) -> "Config":
@@ -256,6 +270,9 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
+        (c.tiles == 0 or 2 <= c.tiles <= 6, f"tiles={c.tiles}: 0 (auto) or 2..6 squares along the long side"),
+        (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
+         "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
          f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
         (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),

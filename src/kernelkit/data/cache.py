@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
-from .images import DECODER_VERSION, BadImage, blank_image, load_resized, tv_jpeg_decoder
+from .images import DECODER_VERSION, BadImage, blank_image, load_resized, load_tiles, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 
@@ -50,20 +50,22 @@ DATA, OK, BAD, META = "images.u8", "ok.npy", "bad.txt", "meta.json"
 FREE_DISK_MARGIN = 1 << 30  # leave 1 GiB free for checkpoints and the submission
 MAX_LOGGED_BAD = 50
 
-Geometry = Sequence  # (size, pad_aspect, fill), e.g. EvalTransform(...).geometry
+Geometry = Sequence  # (size, pad_aspect, fill[, tiles]), e.g. EvalTransform(...).geometry
 
 
-def _geometry(geometry: Geometry) -> tuple[int, float, int]:
-    size, pad_aspect, fill = geometry
-    return int(size), float(pad_aspect), int(fill)
+def _geometry(geometry: Geometry) -> tuple[int, float, int, int]:
+    size, pad_aspect, fill, *rest = geometry
+    return int(size), float(pad_aspect), int(fill), int(rest[0]) if rest else 1
 
 
 def cache_key(paths: Sequence[str], geometry: Geometry, stat_files: bool = True) -> str:
     """Hex digest of everything the cached pixels depend on."""
-    size, pad_aspect, fill = _geometry(geometry)
-    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "decoder": DECODER_VERSION, "size": size,
-                                   "pad_aspect": pad_aspect, "fill": fill, "n": len(paths)},
-                                  sort_keys=True).encode())
+    size, pad_aspect, fill, tiles = _geometry(geometry)
+    what = {"format": CACHE_FORMAT, "decoder": DECODER_VERSION, "size": size, "pad_aspect": pad_aspect,
+            "fill": fill, "n": len(paths)}
+    if tiles > 1:  # only then: square caches keep the keys they had before tiles existed
+        what["tiles"] = tiles
+    h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for p in paths:
         h.update(str(p).encode("utf-8", "surrogateescape") + b"\0")
         if stat_files:
@@ -88,7 +90,9 @@ class ImageCache:
         self.dir = Path(directory)
         self.meta = meta
         self.size = int(meta["size"])
-        self.geometry = (self.size, float(meta["pad_aspect"]), int(meta["fill"]))
+        self.tiles = int(meta.get("tiles", 1))
+        self.geometry = (self.size, float(meta["pad_aspect"]), int(meta["fill"]), self.tiles)
+        self.row_shape = (self.tiles * self.size, self.size, 3)  # a square, or a column of tiles
         self.n_cached = int(meta["n_cached"])
         self.ok_rows = ok
         self.index = np.arange(int(meta["n"]), dtype=np.int64) if index is None else np.asarray(index, np.int64)
@@ -103,9 +107,9 @@ class ImageCache:
             meta = json.loads((d / META).read_text())
             if meta.get("format") != CACHE_FORMAT or (key is not None and meta.get("key") != key):
                 return None
-            n_cached, size = int(meta["n_cached"]), int(meta["size"])
+            n_cached, size, tiles = int(meta["n_cached"]), int(meta["size"]), int(meta.get("tiles", 1))
             ok = np.load(d / OK)
-            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * size:
+            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * size * tiles:
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -136,11 +140,11 @@ class ImageCache:
     def _images(self) -> np.ndarray:
         if self._mm is None:
             self._mm = np.memmap(self.dir / DATA, dtype=np.uint8, mode="r",
-                                 shape=(self.n_cached, self.size, self.size, 3))
+                                 shape=(self.n_cached, *self.row_shape))
         return self._mm
 
     def get(self, i: int) -> tuple[torch.Tensor, bool]:
-        """(uint8 (3, size, size) tensor (channels-last strides), readable?) of item i; requires has(i)."""
+        """(uint8 (3, H, W) tensor at row_shape (channels-last strides), readable?) of item i; requires has(i)."""
         row = int(self.index[i])
         return torch.from_numpy(np.array(self._images()[row])).permute(2, 0, 1), bool(self.ok_rows[row])
 
@@ -150,7 +154,7 @@ class ImageCache:
         return len(rows) > 0 and bool((rows < self.n_cached).all())
 
     def gather(self, items: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Copy the rows of `items` (all cached) into `out` (len(items), size, size, 3) uint8 with one
+        """Copy the rows of `items` (all cached) into `out` (len(items), *row_shape) uint8 with one
         numpy take (no per-image Python work; numpy drops the GIL for the copy); -> readable flags."""
         rows = self.index[items]
         np.take(self._images(), rows, axis=0, out=out)
@@ -179,13 +183,15 @@ class CacheWriter(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, bool, str]:
-        size, pad_aspect, fill = self.geometry
+        size, pad_aspect, fill, tiles = self.geometry
         if self._fd is None:
             self._fd = os.open(self.data_path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
         try:
-            x, ok, msg = load_resized(self.paths[i], size, pad_aspect, fill), True, ""
+            x = load_tiles(self.paths[i], size, tiles, fill) if tiles > 1 else load_resized(self.paths[i], size,
+                                                                                            pad_aspect, fill)
+            ok, msg = True, ""
         except BadImage as e:
-            x, ok, msg = blank_image(size), False, str(e)
+            x, ok, msg = blank_image(size, tiles), False, str(e)
         row = np.ascontiguousarray(x.permute(1, 2, 0).numpy())  # HWC; no copy for channels-last x
         _write_at(self._fd, memoryview(row).cast("B"), i * row.nbytes)
         return i, ok, msg
@@ -347,7 +353,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
-    per = 3 * size * size
+    per = 3 * size * size * geometry[3]
     n, n_fit = len(paths), _rows_that_fit(root, len(paths), per, max_bytes)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -360,6 +366,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
         _fsync(data_path)
         _write_index(tmp, ok, bad, {"format": CACHE_FORMAT, "key": key, "n": n, "n_cached": n_fit, "size": size,
                                     "layout": "NHWC", "pad_aspect": geometry[1], "fill": geometry[2],
+                                    "tiles": geometry[3],
                                     "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(time.time() - t0, 3),
                                     "steady_images_per_s": steady, "created": time.time()})
         if final.exists() and ImageCache.open(final, key) is None:

@@ -144,6 +144,42 @@ def fit_size(w: int, h: int, size: int, pad_aspect: float = 2.0) -> tuple[int, i
     return size, size
 
 
+def fit_strip(w: int, h: int, size: int, tiles: int) -> tuple[int, int]:
+    """Size (w, h) of the content in tiles mode: the short side at `size`, so objects keep their
+    scale; an image longer than `tiles` squares is shrunk until its long side is `tiles * size`."""
+    short, long = min(w, h), max(w, h)
+    scale = min(size / max(1, short), tiles * size / max(1, long))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def tile_offsets(length: int, size: int, tiles: int) -> list[int]:
+    """Starts of `tiles` windows of `size` spread evenly over `length` (first at 0, last at the end);
+    they overlap when the image is shorter than `tiles` squares (a square image repeats)."""
+    span = max(0, length - size)
+    return [round(span * k / (tiles - 1)) for k in range(tiles)] if tiles > 1 else [span // 2]
+
+
+def to_tiles(x: torch.Tensor, size: int, tiles: int, fill: int = 255) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, tiles * size, size), channels-last: the image at `fit_strip`'s
+    scale (the short side padded with `fill` when it was shrunk below `size`), cut into `tiles`
+    squares along its long side, stacked top to bottom. A column, not a 4-D tensor, so the cache,
+    the loaders and collate handle it like any image; `transforms.fold_tiles` splits batches of them."""
+    h, w = x.shape[-2:]
+    nw, nh = fit_strip(w, h, size, tiles)
+    y = resize_tensor(channels_last(x), nh, nw)
+    if min(nw, nh) < size:  # longer than `tiles` squares: shrunk, so the short side needs padding
+        ph, pw = max(nh, size), max(nw, size)
+        canvas = torch.full((ph, pw, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
+        top, left = (ph - nh) // 2, (pw - nw) // 2
+        canvas[:, top:top + nh, left:left + nw] = y
+        y, nh, nw = canvas, ph, pw
+    out = torch.empty((tiles * size, size, 3), dtype=torch.uint8).permute(2, 0, 1)
+    along_w = nw >= nh
+    for k, o in enumerate(tile_offsets(max(nw, nh), size, tiles)):
+        out[:, k * size:(k + 1) * size] = y[:, :, o:o + size] if along_w else y[:, o:o + size, :]
+    return out
+
+
 def is_padded(w: int, h: int, pad_aspect: float) -> bool:
     return bool(pad_aspect) and max(w, h) / max(1, min(w, h)) > pad_aspect
 
@@ -221,7 +257,7 @@ def _probe_tv_jpeg():
         return None
 
 
-def decode_tensor(path: str, size: int = 0, pad_aspect: float = 2.0, fill: int = 255) -> torch.Tensor:
+def decode_tensor(path: str, size: int = 0, pad_aspect: float = 2.0, fill: int = 255, tiles: int = 1) -> torch.Tensor:
     """Decode to an RGB uint8 (3, H, W) tensor (channels-last memory), EXIF orientation applied.
 
     With `size`, a JPEG much larger than its target (see `fit_size`) is decoded at reduced scale
@@ -232,7 +268,7 @@ def decode_tensor(path: str, size: int = 0, pad_aspect: float = 2.0, fill: int =
     scale = 1
     if img.format == "JPEG" and size:
         w, h = img.size
-        scale = draft_scale(w, h, *fit_size(w, h, size, pad_aspect))
+        scale = draft_scale(w, h, *(fit_strip(w, h, size, tiles) if tiles > 1 else fit_size(w, h, size, pad_aspect)))
     if img.format == "JPEG" and scale == 1 and tv_jpeg_decoder() is not None:
         try:
             return tv_jpeg_decoder()(torch.frombuffer(data, dtype=torch.uint8))  # channels-last strides
@@ -251,6 +287,11 @@ def load_resized(path: str, size: int, pad_aspect: float = 2.0, fill: int = 255)
     return resize_or_pad_tensor(decode_tensor(path, size, pad_aspect, fill), size, pad_aspect, fill)
 
 
-def blank_image(size: int) -> torch.Tensor:
+def load_tiles(path: str, size: int, tiles: int, fill: int = 255) -> torch.Tensor:
+    """File -> uint8 (3, tiles * size, size) (see `to_tiles`): tiles mode's deterministic part."""
+    return to_tiles(decode_tensor(path, size, 0.0, fill, tiles), size, tiles, fill)
+
+
+def blank_image(size: int, tiles: int = 1) -> torch.Tensor:
     """Placeholder for an unreadable file, so batch shapes stay fixed (channels-last like the rest)."""
-    return torch.full((size, size, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1)
+    return torch.full((tiles * size, size, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1)

@@ -37,7 +37,7 @@ class ImageDataset(Dataset):
             if len(cache) != len(self.paths):
                 raise ValueError(f"cache holds {len(cache)} images, dataset {len(self.paths)}")
             geometry = getattr(transform, "geometry", None)
-            if geometry is None or tuple(geometry) != tuple(cache.geometry):
+            if geometry is None or (*geometry, 1)[:4] != tuple(cache.geometry):  # (3-tuples: square)
                 raise ValueError(f"cache geometry {cache.geometry} does not match the transform's {geometry}")
 
     def __len__(self) -> int:
@@ -47,14 +47,19 @@ class ImageDataset(Dataset):
         """(transformed uint8 image, readable?) for item i."""
         if self.cache is not None and self.cache.has(i):
             x, ok = self.cache.get(i)  # unreadable files were named in the log when the cache was built
-            return (self.transform(x), True) if ok else (blank_image(self.size), False)
+            return (self.transform(x), True) if ok else (self.blank(), False)
         try:
             if hasattr(self.transform, "load"):
                 return self.transform(self.transform.load(self.paths[i])), True
             return self.transform(load_rgb(self.paths[i], self.size, self.fill)), True
         except BadImage as e:
             log.warning("bad image skipped: %s", e)
-            return blank_image(self.size), False
+            return self.blank(), False
+
+    def blank(self) -> torch.Tensor:
+        """The placeholder of an unreadable file, shaped like the transform's output (tiles: a column)."""
+        blank = getattr(self.transform, "blank", None)
+        return blank() if blank is not None else blank_image(self.size)
 
     def batch(self, indices: list[int], pin_memory: bool = False) -> list | None:
         """The whole batch in one gather from the cache, as collate_images would stack it, when every
@@ -65,9 +70,8 @@ class ImageDataset(Dataset):
         items = np.asarray(indices, dtype=np.int64)
         if not self.cache.all_cached(items):
             return None
-        s = self.cache.size
         # Gathered straight into page-locked memory, so the copy to the GPU needs no staging copy.
-        out = torch.empty((len(items), s, s, 3), dtype=torch.uint8, pin_memory=pin_memory)
+        out = torch.empty((len(items), *self.cache.row_shape), dtype=torch.uint8, pin_memory=pin_memory)
         ok = torch.from_numpy(self.cache.gather(items, out.numpy()).astype(np.float32))
         if self.targets is None:
             targets = torch.zeros(len(items))

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from .images import channels_last, fit_size, load_resized, resize_or_pad_tensor, resize_tensor
+from .images import (blank_image, channels_last, fit_size, load_resized, load_tiles, resize_or_pad_tensor,
+                     resize_tensor, to_tiles)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,31 +60,45 @@ def to_tensor_uint8(img: Image.Image) -> torch.Tensor:
 
 
 class EvalTransform:
-    """Deterministic: resize or pad to the working size."""
+    """Deterministic: resize or pad to the working size; with `tiles` > 1, `tiles` squares along the
+    long side stacked as a (3, tiles * size, size) column (`images.to_tiles`)."""
 
-    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255):
-        self.size, self.pad_aspect, self.fill = int(size), float(pad_aspect), int(fill)
+    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, tiles: int = 1):
+        self.size, self.pad_aspect, self.fill, self.tiles = int(size), float(pad_aspect), int(fill), int(tiles)
 
     @property
-    def geometry(self) -> tuple[int, float, int]:
-        """(size, pad_aspect, fill): what `load` depends on, and what a cache is keyed by."""
-        return self.size, self.pad_aspect, self.fill
+    def geometry(self) -> tuple[int, float, int, int]:
+        """(size, pad_aspect, fill, tiles): what `load` depends on, and what a cache is keyed by."""
+        return self.size, self.pad_aspect, self.fill, self.tiles
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of what `base` makes."""
+        return self.tiles * self.size, self.size
 
     def load(self, path: str) -> torch.Tensor:
-        """File -> uint8 (3, size, size); raises images.BadImage."""
+        """File -> uint8 (3, H, W) at `shape`; raises images.BadImage."""
+        if self.tiles > 1:
+            return load_tiles(path, self.size, self.tiles, self.fill)
         return load_resized(path, self.size, self.pad_aspect, self.fill)
 
     def base(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
-        """PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size); a tensor already at the
-        working size (e.g. from the cache) passes through unchanged."""
+        """PIL image or uint8 (3, H, W) tensor -> uint8 (3, H, W) at `shape`; a tensor already at
+        that shape (e.g. from the cache) passes through unchanged."""
         if isinstance(img, Image.Image):  # HWC memory, like the decoders' output
             img = torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8))
             x = img.permute(2, 0, 1)
         else:
             x = img
-        if x.shape[-2:] == (self.size, self.size):
-            return x
+        if tuple(x.shape[-2:]) == self.shape:
+            return x  # (a raw image of exactly this shape gives the same tiles: nothing to do either way)
+        if self.tiles > 1:
+            return to_tiles(x, self.size, self.tiles, self.fill)
         return resize_or_pad_tensor(x, self.size, self.pad_aspect, self.fill)
+
+    def blank(self) -> torch.Tensor:
+        """The placeholder of an unreadable file, at `shape`."""
+        return blank_image(self.size, self.tiles)
 
     @property
     def per_image_work(self) -> bool:
@@ -108,12 +123,12 @@ class TrainTransform(EvalTransform):
     the GPU.
     """
 
-    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, aug: str = "light", *,
+    def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, aug: str = "light", tiles: int = 1, *,
                  crop_scale: tuple[float, float] = (0.6, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  hflip: float = 0.5, vflip: float = 0.0, jitter: float = 0.2, degrees: float = 15.0,
                  translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1), affine_p: float = 0.5,
                  noise_std: float = 8.0, noise_p: float = 0.5):
-        super().__init__(size, pad_aspect, fill)
+        super().__init__(size, pad_aspect, fill, tiles)
         if aug not in AUG_LEVELS:
             raise ValueError(f"unknown aug {aug!r}; choose {' | '.join(AUG_LEVELS)}")
         self.aug = aug
@@ -127,6 +142,12 @@ class TrainTransform(EvalTransform):
         return self.aug != "none"
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiles > 1 and self.aug != "none":  # each tile on its own: a crop must not straddle two
+            s = self.size
+            return channels_last(torch.cat([self.augment_square(x[:, k * s:(k + 1) * s]) for k in range(self.tiles)], 1))
+        return self.augment_square(x)
+
+    def augment_square(self, x: torch.Tensor) -> torch.Tensor:
         level, rng = AUG_LEVELS.index(self.aug), aug_random()
         if level >= 2:
             x = random_resized_crop(x, self.size, self.crop_scale, self.crop_ratio)
@@ -467,6 +488,25 @@ def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torc
     std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1) * 255
     x = (batch.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- tiles
+def fold_tiles(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A batch of tile columns (N, 3, T * s, s) -> (N * T, 3, s, s) and T; a batch of squares as is
+    (T = 1). Image k's tiles are rows k*T .. k*T + T - 1 (what `pool_tiles` expects)."""
+    n, c, h, w = x.shape
+    if h <= w or h % w:
+        return x, 1
+    t = h // w
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    y = x.reshape(n, c, t, w, w).transpose(1, 2).reshape(n * t, c, w, w)
+    return (y.contiguous(memory_format=torch.channels_last) if cl else y), t
+
+
+def pool_tiles(logits: torch.Tensor, tiles: int) -> torch.Tensor:
+    """(N * T, C) -> (N, C): each class's largest logit over an image's tiles (an object in any tile
+    is in the image; iMet solutions took the max over crops). T = 1: unchanged."""
+    return logits if tiles == 1 else logits.view(-1, tiles, logits.shape[-1]).amax(1)
 
 
 # Test-time views: each maps a normalised batch to a view of it. Chosen by level, in this order.

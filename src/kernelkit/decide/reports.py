@@ -108,6 +108,8 @@ def image_sizes(paths: list[str], sample: int, seed: int, extreme_aspect: float)
     out["extreme_aspect"] = extreme_aspect
     out["extreme_aspect_share"] = round(float((aspect > extreme_aspect).mean()), 4)
     out["max_aspect"] = round(float(aspect.max()), 2)
+    out["aspect_quantiles"] = {f"p{q}": round(float(np.percentile(aspect, q)), 2) for q in (50, 75, 90)}
+    out["short_side_median"] = float(np.median(wh.min(1)))
     return out
 
 

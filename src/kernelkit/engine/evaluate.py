@@ -10,7 +10,8 @@ import torch
 
 from ..core.progress import progress
 from ..data.loaders import DeviceFeeder
-from ..data.transforms import Preprocess, normalize, tta_identity
+from ..data.transforms import Preprocess, fold_tiles, normalize, pool_tiles, tta_identity
+from .resolution import resize_batch
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.float16):
@@ -23,9 +24,10 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.flo
 OutOfMemory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
-def _average_views(model, x, views, act, device, amp, amp_dtype) -> torch.Tensor:
+def _average_views(model, x, views, act, device, amp, amp_dtype, tiles: int = 1) -> torch.Tensor:
+    """Probabilities averaged over the views; with tiles, each view's logits pooled over an image's tiles."""
     with autocast(device, amp, amp_dtype):
-        return sum(act(model(view(x)).float()) for view in views) / len(views)
+        return sum(act(pool_tiles(model(view(x)).float(), tiles)) for view in views) / len(views)
 
 
 def activation(task: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -39,13 +41,15 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
             views: Sequence[Callable] = (tta_identity,), amp: bool = True, channels_last: bool = False,
-            desc: str = "predict", stop=None, *, pre: Preprocess, amp_dtype: torch.dtype = torch.float16) -> dict:
+            desc: str = "predict", stop=None, *, pre: Preprocess, amp_dtype: torch.dtype = torch.float16,
+            size: int = 0) -> dict:
     """-> {probs (N, C) float32, ok (N,) bool, seconds, first_batch_s, startup_s, images_per_s}.
 
     images_per_s counts image-views after the first batch, so worker start-up (seconds under
     spawn) does not distort the estimate the budget planner uses; first_batch_s holds that cost.
     `stop` (stopping.StopFlag): once raised, the remaining batches get the first view only, so a
-    SIGTERM still ends with a prediction for every row, soon.
+    SIGTERM still ends with a prediction for every row, soon. `size` > 0: every image (tile) is
+    downscaled to size x size first (validation during progressive resizing's smaller stages).
     """
     model.eval()
     act = activation(task)
@@ -56,14 +60,18 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     # Batches arrive on the device a step ahead (DeviceFeeder) and the probabilities stay there until
     # the end: a copy back per batch would make the CPU wait for the GPU at every batch.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
-        x = normalize(images, channels_last, pre)
+        x, tiles = fold_tiles(images)  # tiles mode: (N, 3, T*s, s) columns -> N*T squares
+        x = resize_batch(x, size) if size else x
+        x = normalize(x, channels_last, pre)
         while True:
             try:
                 use = views[:1] if stop is not None and stop.requested else views
-                p = torch.cat([_average_views(model, part, use, act, device, amp, amp_dtype) for part in x.chunk(pieces)])
+                per = tiles * -(-len(ok) // pieces)  # whole images per piece: their tiles stay together
+                p = torch.cat([_average_views(model, part, use, act, device, amp, amp_dtype, tiles)
+                               for part in x.split(per)])
                 break
             except OutOfMemory:
-                if pieces >= len(x):
+                if pieces >= len(ok):
                     raise
                 pieces *= 2  # never lose the predictions to a batch that does not fit: split it
                 if device.type == "cuda":

@@ -9,8 +9,10 @@ share of steps, the same way.
 
 The cache holds every image at the full `img_size`; a lower stage is made by downscaling the batch
 on the training device (`resize_batch`, antialiased bilinear: cheap on a GPU), so the cache already
-holds what each stage needs and nothing is decoded twice. Validation and TTA always run at the full
-size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
+holds what each stage needs and nothing is decoded twice. Validation during a smaller stage runs at
+that stage's size (a network trained at half size validated at full size scores near chance while it
+learns: issue #20); the best checkpoint is chosen among validations at the largest size reached; the
+final prediction (TTA) runs at the full size. Few distinct sizes (at most `MAX_STAGES`): torch.compile recompiles and cudnn.benchmark
 re-tunes per input shape.
 """
 from __future__ import annotations

@@ -126,7 +126,7 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
                         else (int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))))
         state = FitState(epoch=ckpt["epoch"], step=ckpt["step"], progress=ckpt["progress"],
                          best_score=-math.inf if new_session else ckpt["best_score"], threshold=ckpt["threshold"],
-                         session=session, session_end=end)
+                         session=session, session_end=end, best_px=int(ckpt.get("best_px", 0)))
         log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
     if cfg.sessions > 1:
         log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from ..data.transforms import Preprocess, normalize
+from ..data.transforms import Preprocess, fold_tiles, normalize
 from ..decide.rules import score_validation
 from .evaluate import autocast, predict
 
@@ -85,7 +85,7 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
             if used >= max_batches:
                 break
             with autocast(device, amp, amp_dtype):
-                model(normalize(x.to(device, non_blocking=True), channels_last, pre))
+                model(normalize(fold_tiles(x.to(device, non_blocking=True))[0], channels_last, pre))
             used += 1
     for m, momentum in momenta.items():
         m.momentum = momentum

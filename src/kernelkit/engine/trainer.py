@@ -22,7 +22,7 @@ from ..core.distributed import SINGLE, DistInfo, agree, all_finite, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
-from ..data.transforms import IMAGENET, Preprocess, normalize
+from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import score_validation
 from ..model.factory import set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
@@ -82,6 +82,7 @@ class FitState:
     progress: float = 0.0
     best_score: float = -math.inf
     threshold: float = 0.5
+    best_px: int = 0  # input size best_score was validated at (progressive resizing: only equals compare)
     nonfinite_steps: int = 0
     bad_images: int = 0
     micro_batches: int = 1  # doubled after each out-of-memory error; gradients accumulate over them
@@ -133,7 +134,9 @@ class Trainer:
         self.last_save = time.time()
         self.stop_reason = "budget"
         self.learning_checked = False
+        self.peak_score = -math.inf  # the highest validation score at any size: what the learning check reads
         self.train_px = 0  # the input size of the last training step (progressive resizing)
+        self.tiles = 1  # squares per image in the current batch (input_mode tiles: the model's max over them)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
         if opts.resolution is not None and fixed_input_size(self.core):
             # On by default, so a ViT's run is not flagged for what its user did not ask for: a log line.
@@ -253,6 +256,7 @@ class Trainer:
                 stopped = True
                 break
             set_lr(parts.optimizer, lr)
+            x, self.tiles = fold_tiles(x)  # before the batch augmentation: a crop must not straddle two tiles
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
             if opts.resolution is not None:
@@ -324,22 +328,23 @@ class Trainer:
             try:
                 return self._accumulate(x, y, ok, state.micro_batches)
             except OutOfMemory:
-                if self.dist.enabled or state.micro_batches >= len(x):
+                if self.dist.enabled or state.micro_batches >= len(ok):
                     raise  # ranks would disagree on the number of backward passes
                 self.parts.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 state.micro_batches *= 2
                 log.warning("out of memory at batch size %d: continuing with %d micro-batches of ~%d "
-                            "(gradient accumulation keeps the effective batch)", len(x), state.micro_batches,
-                            -(-len(x) // state.micro_batches))
+                            "(gradient accumulation keeps the effective batch)", len(ok), state.micro_batches,
+                            -(-len(ok) // state.micro_batches))
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor, ok: torch.Tensor, pieces: int) -> torch.Tensor | None:
         total_weight = ok.sum().clamp_min(1.0)
         batch_loss = torch.zeros((), device=self.device)
-        for xs, ys, oks in zip(x.chunk(pieces), y.chunk(pieces), ok.chunk(pieces)):
+        per = -(-len(ok) // pieces)  # images per piece; an image's tiles stay in its piece
+        for xs, ys, oks in zip(x.split(per * self.tiles), y.split(per), ok.split(per)):
             with autocast(self.device, self.opts.amp, self.opts.amp_dtype):
-                logits = self.step_model(xs)
+                logits = pool_tiles(self.step_model(xs), self.tiles)
             loss = self.parts.loss_fn(logits, ys, oks) * (oks.sum().clamp_min(1.0) / total_weight if pieces > 1 else 1.0)
             if not all_finite(self.dist, loss):
                 return None
@@ -361,30 +366,51 @@ class Trainer:
             log.info("epoch %d  loss %.4f  %s", state.epoch, tr["loss"], self.timing(tr))
             return row
         model = self.core if self.parts.ema is None else self.parts.ema.module
+        small, px = self.validation_size()
         out = predict(model, val.loader, self.device, val.task, amp=opts.amp, channels_last=opts.channels_last,
-                      desc="validate", pre=opts.preprocess, amp_dtype=opts.amp_dtype)
+                      desc="validate", pre=opts.preprocess, amp_dtype=opts.amp_dtype, size=small)
         va = score_validation(val.task, val.targets, out["probs"], opts.threshold, opts.beta, opts.min_labels,
                               opts.max_labels)
-        self.reserve.val_ips = out["images_per_s"]
+        if not small:  # the reserve plans the final, full-size validation
+            self.reserve.val_ips = out["images_per_s"]
         self.reserve.observe_startup(out["startup_s"])
         row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(out["seconds"], 2))
+        if small:
+            row["val_px"] = small
+        self.peak_score = max(self.peak_score, va["score"])
+        if px > state.best_px:
+            if math.isfinite(state.best_score):
+                log.info("validation now at %d px: scores at %d px are not comparable, the best checkpoint "
+                         "restarts here", px, state.best_px)
+            state.best_score, state.best_px = -math.inf, px
         if va["score"] > state.best_score:
             state.best_score, state.threshold = va["score"], va["threshold"]
             result.best_val_probs = out["probs"].astype(np.float32)
             self.save("best.pt", epoch_done=not tr["stopped"])
-        log.info("epoch %d  loss %.4f  val %s %.4f (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
-                 va["metric"], va["score"], state.best_score, va["threshold"], self.timing(tr))
+        log.info("epoch %d  loss %.4f  val %s %.4f%s (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
+                 va["metric"], va["score"], f" at {small} px" if small else "", state.best_score, va["threshold"],
+                 self.timing(tr))
         self.check_learning(val.prior, va["metric"], result)
         return row
 
+    def validation_size(self) -> tuple[int, int]:
+        """-> (size to downscale validation images to, 0 = none; the size validated at, 0 = img_size
+        without progressive resizing). During a smaller stage validation runs at the training size:
+        at img_size a network trained at half of it scores near chance for a run that learns."""
+        sched = self.opts.resolution
+        if sched is None:
+            return 0, 0
+        small = self.train_px if 0 < self.train_px < sched.full else 0
+        return small, small or sched.full
+
     def check_learning(self, prior: float | None, metric: str, result: FitResult) -> None:
-        """Once, at the first validation past `learn_check_at` of training: is the best score still at
-        the label prior? Then warn loudly (and keep training: the submission still comes)."""
+        """Once, at the first validation past `learn_check_at` of training: is the highest score (at any
+        size) still at the label prior? Then warn loudly (and keep training: the submission still comes)."""
         if self.learning_checked or prior is None or self.state.progress < self.opts.learn_check_at:
             return
         self.learning_checked = True
-        if at_prior(self.state.best_score, prior):
-            msg = stuck_message(self.state.best_score, prior, self.state.progress, metric, self.opts.learn_hint)
+        if at_prior(self.peak_score, prior):
+            msg = stuck_message(self.peak_score, prior, self.state.progress, metric, self.opts.learn_hint)
             log.warning("!!! %s", msg)
             result.warnings.append(msg)
 
@@ -407,7 +433,7 @@ class Trainer:
             "model": weights or self.core.state_dict(), **ema, **swa,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
-            "best_score": state.best_score, "threshold": state.threshold,
+            "best_score": state.best_score, "threshold": state.threshold, "best_px": state.best_px,
             "session": state.session, "session_end": state.session_end,
             "elapsed": self.clock.elapsed(), "run_start": self.clock.start_time, "rng": rng_state(),
         }

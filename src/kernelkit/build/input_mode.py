@@ -1,0 +1,68 @@
+"""input_mode auto -> pad or tiles, from the training images' aspect ratios (file headers only).
+
+Squeezing or padding a 1:k strip into one square shrinks everything in it k times along the long
+side; small objects vanish. Tiles keep the short side at img_size and look at `tiles` squares along
+the long side (the model's max over them), at `tiles` times the compute per image. Measured on
+bench/hard_task.py (README, input modes): worth it when long images are common, so auto takes tiles
+when at least TILES_SHARE of the sampled images are LONG or longer, else pad.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+from ..core.context import RunContext
+from ..decide.reports import image_sizes
+from ..inputs.competition import Competition
+
+log = logging.getLogger("kernelkit")
+
+LONG = 2.0  # long/short ratio from which a square input shrinks the content at least 2x
+TILES_SHARE = 0.25  # share of long images from which tiles win (below: pad)
+AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
+SAMPLE = 500
+
+
+def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0) -> tuple[str, int, str]:
+    """image_sizes(...) of the training images -> (mode, tiles, why). An explicit mode (and an explicit
+    tile count) is kept; the reason says what was measured either way."""
+    q = sizes.get("aspect_quantiles")
+    if not q:
+        return ("pad" if mode == "auto" else mode), tiles or (3 if mode == "tiles" else 0), \
+            "no readable training image headers"
+    share = sizes.get("long_share", 0.0)
+    stats = f"{share:.0%} of {sizes.get('sampled', 0)} sampled images 1:{LONG:g} or longer, aspect p75 {q['p75']:.2f}"
+    if mode == "auto":
+        mode = "tiles" if share >= TILES_SHARE else "pad"
+        why = f"{stats} ({'>=' if mode == 'tiles' else '<'} {TILES_SHARE:.0%})"
+    else:
+        why = f"{stats}; set by input_mode={mode}"
+    if mode == "tiles" and not tiles:
+        tiles = min(AUTO_TILES[1], max(AUTO_TILES[0], math.ceil(q["p75"] - 0.25)))
+    return mode, (tiles if mode == "tiles" else 0), why
+
+
+def long_share(paths: list[str], seed: int) -> dict:
+    sizes = image_sizes(paths, SAMPLE, seed, LONG)
+    if "extreme_aspect_share" in sizes:
+        sizes["long_share"] = sizes["extreme_aspect_share"]
+    return sizes
+
+
+def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
+    """`ctx` with input_mode pad or tiles (and tiles set), logged with the reason; what checkpoints store."""
+    cfg = ctx.cfg
+    if cfg.input_mode == "pad" or (cfg.input_mode == "tiles" and cfg.tiles):
+        log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else "pad")
+        return ctx
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):
+        log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
+    mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles)
+    if mode == "tiles":
+        log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s",
+                 tiles, tiles, why)
+    else:
+        log.info("input mode: pad (one square per image): %s", why)
+    return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
