@@ -56,8 +56,8 @@ def test_the_folder_is_a_timm_weights_folder(lite0_dir):
 def test_kernel_fine_tunes_from_the_folder_with_model_auto(tmp_path, kernel_dir, lite0_dir, single_label_dir):  # noqa: F811
     out = tmp_path / "out"
     proc = run_kernel(kernel_dir, "--data-dir", str(single_label_dir), "--pretrained-path", str(lite0_dir),
-                      "--model", "auto", "--epochs", "1", "--num-workers", "0", "--budget", "2m",
-                      "--out-dir", str(out))
+                      "--model", "auto", "--img-size", "64", "--epochs", "1", "--num-workers", "0", "--budget", "4m",
+                      "--out-dir", str(out), timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "loaded pretrained weights from" in proc.stdout
     ckpt = torch.load(out / "best.pt", weights_only=True)
