@@ -30,7 +30,7 @@ CONFIG = dict(
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
     # checkpoints='',                       # infer mode: checkpoint file, folder or glob; blend mode: run output folders (comma-separated, globs allowed), each with test_probs.npy and oof/
     # model='auto',                         # timm model name; auto = the largest of a small ladder (resnet10t..resnet34 on CPU, resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; auto or empty with a timm weights folder = the architecture in its config.json
-    # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = random init
+    # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with model=auto, a timm weights folder among the attached inputs (several: autopick ranks them), else random init; none = random init, no search. With weights, the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)
     # drop_rate=0.0,                        # dropout before the classifier
     # head='linear',                        # linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)
     # head_hidden=256,                      # mlp head width
@@ -72,6 +72,7 @@ CONFIG = dict(
     # n_folds=5,                            # K-fold: number of folds (iterative stratification for multi-label)
     # loss='auto',                          # auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement
     # loss_args='',                         # loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'
+    # label_smoothing=-1.0,                 # single-label cross-entropy label smoothing (loss auto/ce/complement, unless loss_args sets it); -1 = auto: 0.1 when fine-tuning from weights, else 0
     # class_balanced=False,                 # weight classes by effective number of samples (Cui et al. 2019)
     # balanced_sampling=0.0,                # draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)
     # amp=True,                             # mixed precision on GPU
@@ -225,10 +226,11 @@ from typing import Any
 from ..core import env
 from ..core.clock import at as clock_at
 from ..core.clock import now as clock_now
-from ..core.config import ConfigError
+from ..core.config import Config, ConfigError
 from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
 from ..core.options import make_config
 from ..core.stopping import handle_signals
+from ..core.weights import find_weights_folders
 from ..inputs.discovery import find_competition
 from .failure import after_crash, refuse
 
@@ -245,11 +247,22 @@ def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start
     is_demo = data_dir is None
     if is_demo and not cfg.preset:
         cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
+    found = None
+    if searches_weights(cfg):
+        found = tuple(find_weights_folders(env.input_root(), skip=data_dir))
+        if found:  # as if the user had set it, so the fine-tuning recipe applies (several: autopick ranks)
+            cfg, args = make_config({**(config_block or {}), "pretrained_path": str(found[0])}, argv)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out_dir={str(out_dir)!r} cannot be created: {e}") from e
-    return RunContext(cfg, args, data_dir or out_dir / "demo_data", out_dir, is_demo, t_start)
+    return RunContext(cfg, args, data_dir or out_dir / "demo_data", out_dir, is_demo, t_start, weights_found=found)
+
+
+def searches_weights(cfg: Config) -> bool:
+    """On Kaggle, a training run with model=auto and no pretrained_path looks for attached weights
+    (pretrained_path=none turns that off)."""
+    return cfg.mode == "train" and env.on_kaggle() and cfg.model == "auto" and not cfg.pretrained_path
 
 
 def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,
@@ -713,6 +726,7 @@ from ..core.context import (
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
+from ..core.weights import weights_lines
 from ..engine.budget import BudgetClock, budget_seconds, fmt_seconds
 from ..engine.run_state import finish_run, run_start
 from ..inputs.competition import Competition
@@ -732,6 +746,8 @@ def timm_version() -> str:
 
 
 def announce(ctx: RunContext) -> None:
+    for line in weights_lines(ctx.cfg.model, ctx.cfg.pretrained_path, ctx.weights_found, ctx.cfg.mode == "train"):
+        log.info(line)
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
              "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
@@ -1206,6 +1222,8 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     batch size, every TTA view), so the reserve is measured, not guessed, from the first epoch on."""
     if not comp.test_paths:
         return
+    if device.type != "cuda":  # a CPU's image-views/s do not depend on the view: one view, half the probe's time
+        cfg = dataclasses.replace(cfg, tta=1)
     out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
     reserve.test_ips = out["images_per_s"]
     reserve.observe_startup(out["startup_s"])
@@ -1638,6 +1656,7 @@ from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
+from ..core.weights import resolve_weights, same_architecture, weights_given
 from ..engine.budget import InferenceReserve, budget_seconds, fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
@@ -1657,6 +1676,9 @@ DEFAULT_NATIVE = 224  # when no image header could be read
 MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
 MEASURE_MIN_S = 15.0
 TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
+# A CPU's images/s hardly depend on the batch past a few images, and a full batch of a pretrained net
+# at 128-224 px takes seconds a step there: time smaller batches (GPUs need the real batch size).
+CPU_TIMED_BATCH = 8
 # Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
 # with the model on a CPU-only machine, so real epochs run slower than the bare steps.
 PIPELINE_FACTOR = {"cpu": 0.6, "cuda": 0.8}
@@ -1669,9 +1691,10 @@ class Candidate:
     model: str
     img_size: int
     cost: float  # GFLOPs per image, forward
+    weights: str = ""  # the attached weights folder this candidate fine-tunes ('' = the config's)
 
     def __str__(self) -> str:
-        return f"{self.model} @ {self.img_size} px"
+        return f"{self.model} @ {self.img_size} px" + (f" ({Path(self.weights).name})" if self.weights else "")
 
 
 @dataclass
@@ -1689,9 +1712,14 @@ def model_cost(name: str) -> float:
     return known.get(name, 4.0)
 
 
-def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0) -> list[Candidate]:
+def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0,
+           weights_size: int = 0) -> list[Candidate]:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
-    first ladder size that reaches the images' native size (no upscaling beyond it)."""
+    first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
+    weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
+    that size, at least the device's floor; the larger of it and the images' size]: their features
+    are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
+    allow (at 32 px a pretrained net wastes them)."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
     if model:
@@ -1702,6 +1730,11 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         reach = [s for s in sizes if s >= (native_size or DEFAULT_NATIVE)]
         cap = reach[0] if reach else sizes[-1]
         floor = min(cap, SIZE_FLOOR.get(device_type, sizes[0]))  # 32 px of a 500 px photo keeps nothing
+        if weights_size:
+            up = [s for s in sizes if s >= weights_size]
+            cap = max(cap, up[0] if up else sizes[-1])
+            lowest = max(weights_size / 4, SIZE_FLOOR.get(device_type, sizes[0]))
+            floor = next((s for s in sizes if s >= lowest), cap)
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
     return sorted(cands, key=lambda c: (c.cost, c.img_size))
@@ -1733,7 +1766,8 @@ def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: 
 
 def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device,
             steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
-    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size.
+    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size (on a CPU
+    at most CPU_TIMED_BATCH).
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
     from ..model.factory import create_optimizer
     from .components import model_from_config
@@ -1742,8 +1776,9 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
-    x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
+    n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
+    x = torch.randn(n, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (n,), device=device)
     model.train()
     dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
@@ -1759,7 +1794,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             break
     # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
     # which would rank the candidates by the noise rather than by their cost.
-    train_ips = cfg.batch_size / max(min(times[1:]), 1e-9)
+    train_ips = n / max(min(times[1:]), 1e-9)
     model.eval()
     xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
     times = []
@@ -1840,16 +1875,30 @@ class RunShape:
         return plan.epochs_that_fit
 
 
+def candidates(cfg: Config, device_type: str, native: int | None, weights: tuple[Path, ...] = ()) -> list[Candidate]:
+    """The ladder of the configured model (or of each of several attached weights folders), cheapest first."""
+    if len(weights) < 2:
+        return ladder(device_type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size,
+                      weights_input_size(cfg.pretrained_path))
+    cands = []
+    for folder in weights:
+        src = resolve_weights(folder)
+        cands += [dataclasses.replace(c, weights=str(folder)) for c in
+                  ladder(device_type, native, src.architecture, cfg.img_size, weights_input_size(str(folder)))]
+    return sorted(cands, key=lambda c: (c.cost, c.img_size))
+
+
 def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape, started_at: float,
-           every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
-    """Measure and pick; `every`: time the whole ladder (the dry run prints it). The device is tuned
-    and seeded first (cudnn.benchmark, TF32; under `deterministic` CUBLAS_WORKSPACE_CONFIG, which
-    cuBLAS reads once, when the first measurement starts it), so it is measured as it will train."""
+           every: bool = False, stop=None, weights: tuple[Path, ...] = ()) -> tuple[Candidate, list[Trial]]:
+    """Measure and pick; `every`: time the whole ladder (the dry run prints it); `weights`: several
+    attached weights folders, ranked on one ladder. The device is tuned and seeded first
+    (cudnn.benchmark, TF32; under `deterministic` CUBLAS_WORKSPACE_CONFIG, which cuBLAS reads once,
+    when the first measurement starts it), so it is measured as it will train."""
     from .components import ready_device
     ready_device(cfg, device)
     tiles = cfg.input_tiles()  # each image is this many img_size squares: that much slower per image
     native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed, short=tiles > 1)
-    cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
+    cands = candidates(cfg, device.type, native, weights)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
     deadline = clock_now() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
@@ -1877,8 +1926,25 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     if every:
         for c in cands:
             epochs_of(c)
+    one_net = weights_given(cfg.pretrained_path) and len(weights) < 2
+    if one_net and not every and 0 <= epochs_of(cands[0]) < need_epochs(cfg):
+        # One architecture, sizes only: when the smallest size the weights allow does not fit, no larger
+        # one does, and timing a larger one (a slow step on a CPU) would only spend the budget.
+        return cands[0], [trials[cands[0]]]
     choice, _ = pick(cands, epochs_of, need_epochs(cfg))
     return choice, [trials[c] for c in cands if c in trials]
+
+
+def weights_input_size(path: str) -> int:
+    """The input size pretrained weights were trained at (their config.json's pretrained_cfg), 0 without
+    weights; DEFAULT_NATIVE for a bare file, which does not say."""
+    if not weights_given(path):
+        return 0
+    try:
+        size = resolve_weights(path).pretrained_cfg.get("input_size")
+        return int(size[-1]) if size else DEFAULT_NATIVE
+    except (ValueError, TypeError, IndexError):
+        return DEFAULT_NATIVE
 
 
 def need_epochs(cfg: Config) -> int:
@@ -1915,16 +1981,21 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     """`ctx` with a concrete model and img_size (what checkpoints store); unchanged when both are set.
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
-    if cfg.model != "auto" and cfg.img_size:
+    several = len(ctx.weights_found or ()) > 1
+    if cfg.model != "auto" and cfg.img_size and not several:
         return ctx
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
     # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
     distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
-    model, size = distributed.broadcast_object(info, choice)
-    model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
-    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))
+    model, size, weights = distributed.broadcast_object(info, choice)
+    if several:  # the model came from the first folder found, not from the user
+        model, path = model, weights or cfg.pretrained_path
+    else:
+        model, path = model if cfg.model == "auto" else cfg.model, cfg.pretrained_path  # explicit settings win
+    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or size,
+                                                                pretrained_path=path))
     if info.is_main:
         try:
             resolved.cfg.save(ctx.out_dir / "config.json")
@@ -1933,15 +2004,20 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     return resolved
 
 
-def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int]:
+def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int, str]:
+    """-> (model, img_size, weights folder or '' for the configured one)."""
     cfg = ctx.cfg
+    weights = ctx.weights_found or ()
     stored = None if every else stored_choice(ctx)
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", *stored)
-        return stored
+        same = [str(w) for w in weights if len(weights) > 1 and
+                same_architecture(resolve_weights(w).architecture, stored[0])]
+        return (*stored, same[0] if same else "")
     t0 = clock_now()
     shape = RunShape.of(cfg, comp, info.world_size)
-    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
+    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop,
+                            weights if len(weights) > 1 else ())
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
     log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(clock_now() - t0),
@@ -1953,7 +2029,7 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     else:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
     log.info("autopick: chose %s (%s)", choice, verdict)
-    return choice.model, choice.img_size
+    return choice.model, choice.img_size, choice.weights
 
 ''',
 'kernelkit.build.components': r'''"""Config -> the training parts: model, optimizer, scaler, loss, EMA, batch augmentation, and the
@@ -1970,6 +2046,7 @@ import torch
 
 from ..core import accel
 from ..core.config import Config, parse_duration, parse_kwargs
+from ..core.weights import weights_given
 from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
 from ..engine.evaluate import autocast
 from ..engine.learning_check import likely_causes
@@ -2031,12 +2108,30 @@ def make_scaler(enabled: bool):
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
+SMOOTHED_LOSSES = ("auto", "ce", "complement")  # single-label losses that take label_smoothing
+FINETUNE_SMOOTHING = 0.1
+
+
+def label_smoothing(cfg: Config, task: str) -> float:
+    """label_smoothing=-1 (auto): 0.1 for a single-label fine-tune from weights (a pretrained net fits a
+    small training set in a few epochs and grows overconfident), else 0."""
+    if task != "multiclass" or cfg.loss not in SMOOTHED_LOSSES:
+        return 0.0
+    if cfg.label_smoothing >= 0:
+        return cfg.label_smoothing
+    return FINETUNE_SMOOTHING if weights_given(cfg.pretrained_path) else 0.0
+
+
 def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
     counts = None
     if cfg.class_balanced:
         counts = (train_targets.sum(0) if task == "multilabel"
                   else np.bincount(train_targets, minlength=num_classes)).astype(float).tolist()
-    return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
+    params = parse_kwargs(cfg.loss_args)
+    smoothing = label_smoothing(cfg, task)
+    if smoothing and "label_smoothing" not in params:  # loss_args is the more specific setting
+        params["label_smoothing"] = smoothing
+    return get_loss(cfg.loss, task, class_counts=counts, **params)
 
 
 def batch_augment(cfg: Config, task: str, num_classes: int, level: str) -> BatchAugment | None:
@@ -2406,7 +2501,7 @@ from .config import (
     parse_duration,
     parse_kwargs,
 )
-from .weights import resolve_weights, same_architecture
+from .weights import resolve_weights, same_architecture, weights_given
 
 
 def checked_config(d: dict[str, Any], where: str = "config", check_paths: bool = True) -> Config:
@@ -2455,7 +2550,7 @@ def _range_problems(c: Config) -> list[str]:
         (c.img_size == 0 or 8 <= c.img_size <= 4096,
          f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
         (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
-        (not (c.model == "auto" and c.pretrained_path),
+        (not (c.model == "auto" and weights_given(c.pretrained_path)),
          "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
          "a timm folder with config.json names its architecture itself)"),
         (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
@@ -2465,6 +2560,8 @@ def _range_problems(c: Config) -> list[str]:
         (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
         (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
         (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
+        (c.label_smoothing == -1 or 0 <= c.label_smoothing < 1,
+         f"label_smoothing={c.label_smoothing}: -1 (auto) or in [0, 1)"),
         (c.lr > 0, f"lr={c.lr}: must be > 0"),
         (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
         (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
@@ -2552,7 +2649,7 @@ def _weights_problems(c: Config) -> list[str]:
     out = []
     for model_key, path_key in WEIGHTS_OF:
         model, path = getattr(c, model_key), getattr(c, path_key)
-        if not path:
+        if not weights_given(path):
             continue
         try:
             src = resolve_weights(path)
@@ -2575,7 +2672,7 @@ def fill_architecture(cfg: Config) -> None:
     """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
     config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
     for model_key, path_key in WEIGHTS_OF:
-        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
+        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not weights_given(getattr(cfg, path_key)):
             continue
         try:
             arch = resolve_weights(getattr(cfg, path_key)).architecture
@@ -2722,7 +2819,10 @@ class Config:
                             "resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; "
                             "auto or empty with a timm weights folder = the architecture in its config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
-                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
+                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with "
+                                  "model=auto, a timm weights folder among the attached inputs (several: autopick "
+                                  "ranks them), else random init; none = random init, no search. With weights, "
+                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
@@ -2787,6 +2887,8 @@ class Config:
     n_folds: int = _f(5, "K-fold: number of folds (iterative stratification for multi-label)")
     loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement", choices=CHOICES['loss'])
     loss_args: str = _f("", "loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'")
+    label_smoothing: float = _f(-1.0, "single-label cross-entropy label smoothing (loss auto/ce/complement, unless "
+                                      "loss_args sets it); -1 = auto: 0.1 when fine-tuning from weights, else 0")
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")
@@ -2977,6 +3079,9 @@ class RunContext:
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
     stage: Phase = field(default_factory=Phase)
+    # The attached inputs were searched for timm weights folders (on Kaggle, model=auto, no pretrained_path):
+    # what was found (several: autopick ranks them), or None when there was no search.
+    weights_found: tuple[Path, ...] | None = None
 
     @property
     def phase(self) -> str:
@@ -3468,8 +3573,9 @@ import dataclasses
 from dataclasses import fields
 from typing import Any
 
-from .checks import checked_config, refuse_unknown_keys
+from .checks import MODEL_FROM_WEIGHTS, checked_config, refuse_unknown_keys
 from .config import AUTO_ZERO, DURATIONS, PRESETS, TYPE_WORDS, Config, ConfigError, field_types
+from .weights import resolve_weights, weights_given
 
 
 def _coerce(value: str, typ: str) -> Any:
@@ -3610,7 +3716,36 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
         merged.update(PRESETS[preset])
     merged.update(block)
     merged.update(cli)
-    return checked_config(merged), args
+    return checked_config(with_weights_defaults(merged, {**block, **cli})), args
+
+
+# Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
+# preset set. A pretrained net converges in a few epochs, so autopick wants 4, not 10, and its sizes
+# run from a quarter of the weights' input size up to it (autopick.ladder); progressive resizing is
+# off (issue #20: its half-size stages put a pretrained net at 32 px; --img-size 128 --resize-start 0
+# by hand took F2 from 0.627 to 0.728); cosine as fine-tuning recipes use; single-label adds label
+# smoothing 0.1 (components.label_smoothing). Compared on CPU with EfficientNet-Lite0 in
+# bench/bench_finetune.py.
+FINETUNE: dict[str, Any] = dict(auto_min_epochs=4, resize_start=0.0, schedule="cosine")
+
+
+def with_weights_defaults(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """`merged` plus the fine-tuning recipe where weights are given. `user`: what the CONFIG block and
+    the command line set (those always win). A weights folder the user gave while a preset names
+    another model: the folder's architecture wins unless the user named a model too."""
+    path = str(merged.get("pretrained_path", ""))
+    if not weights_given(path):
+        return merged
+    out = dict(merged)
+    if "pretrained_path" in user and "model" not in user and merged.get("model", "auto") not in MODEL_FROM_WEIGHTS:
+        try:
+            if resolve_weights(path).architecture:
+                out["model"] = "auto"
+        except ValueError:
+            pass  # the checks name the problem
+    for key, value in FINETUNE.items():
+        out.setdefault(key, value)
+    return out
 ''',
 'kernelkit.core.progress': r'''"""tqdm that stays readable in Kaggle's log, where every carriage-return refresh becomes a line."""
 from __future__ import annotations
@@ -3909,9 +4044,82 @@ def resolve_weights(path: str | Path) -> WeightsSource:
     return WeightsSource(file, cfg["architecture"], int(num_classes or 0), pretrained_cfg)
 
 
+NO_WEIGHTS = "none"  # pretrained_path=none: random init, and no search of the attached inputs
+
+
+def weights_given(path: str) -> bool:
+    """pretrained_path names weights (not empty, not 'none')."""
+    return bool(path) and path.strip().lower() != NO_WEIGHTS
+
+
 def same_architecture(a: str, b: str) -> bool:
     """'convnext_tiny' and 'convnext_tiny.fb_in22k' are one architecture (the tag names weights)."""
     return a.split(".")[0] == b.split(".")[0]
+
+
+SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/pytorch/<variation>/<version>/
+SEARCH_MAX_ENTRIES = 200  # a folder with more entries is data (images), not a folder of attachments
+
+
+def _listing(folder: Path) -> tuple[list[Path], set[str]]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return [], set()
+    files = {e.name for e in entries if e.is_file()}
+    if len(entries) > SEARCH_MAX_ENTRIES:
+        return [], files
+    return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")), files
+
+
+def _is_timm_folder(folder: Path, files: set[str]) -> bool:
+    if "config.json" not in files or not any(n in files for n in WEIGHT_NAMES):
+        return False
+    try:
+        _read_config(folder)
+        return True
+    except ValueError:  # a transformers config or other JSON: not weights we can build
+        return False
+
+
+def find_weights_folders(root: Path, skip: Path | None = None) -> list[Path]:
+    """Every timm weights folder (config.json naming an architecture + a weights file) at most
+    SEARCH_DEPTH levels below `root` (Kaggle Models under models/<owner>/<model>/pytorch/..., datasets
+    holding a save_for_hf folder), sorted; `skip` (the competition) is not searched. Image folders
+    (many entries) are not descended into, so the search stays fast on big inputs."""
+    found: list[Path] = []
+    level = [Path(root)]
+    for _ in range(SEARCH_DEPTH + 1):
+        nxt = []
+        for folder in level:
+            if skip is not None and folder == skip:
+                continue
+            dirs, files = _listing(folder)
+            if _is_timm_folder(folder, files):
+                found.append(folder)
+                continue
+            nxt.extend(dirs)
+        level = nxt
+    return sorted(found)
+
+
+def weights_lines(model: str, pretrained_path: str, found: tuple[Path, ...] | None, training: bool) -> list[str]:
+    """What a run fine-tunes from, said first in the log. `found`: the attached weights folders the
+    search found (None: no search ran)."""
+    if found and len(found) == 1:
+        return [f"weights: found attached timm weights {found[0]} ({model}): fine-tuning from them "
+                "(pretrained_path=none trains from scratch)"]
+    if found:
+        return [f"weights: found {len(found)} attached timm weights folders; autopick ranks them by speed: "
+                + ", ".join(str(f) for f in found)]
+    if weights_given(pretrained_path):
+        return [f"weights: fine-tuning {model} from {pretrained_path}"]
+    if training and pretrained_path != NO_WEIGHTS:
+        searched = "none found among the attached inputs; " if found is not None else ""
+        return [f"weights: {searched}training {model} from random init. Pretrained weights would help a lot: "
+                "attach a timm ImageNet model (a Kaggle Model, or a dataset with its save_for_hf folder); "
+                "on Kaggle it is found and fine-tuned without settings"]
+    return []
 ''',
 'kernelkit.data': r'''"""Pixels to batches: robust decoding (`images`), the uint8 image cache (`cache`), per-image and
 per-batch transforms and TTA views (`transforms`), datasets, loaders and the device feeder
@@ -7519,6 +7727,7 @@ Training goes on: a late start happens, and the submission is still written."""
 from __future__ import annotations
 
 from ..core.config import PRESETS, Config
+from ..core.weights import weights_given
 
 CHECK_AT = 0.25  # share of training (time, or steps with fixed epochs) after which the check runs
 GAP_SHARE = 0.1  # "at the prior": closed less than this share of the gap between the prior and a perfect score
@@ -7536,7 +7745,7 @@ def stuck_message(score: float, prior: float, progress: float, metric: str, caus
 def likely_causes(cfg: Config) -> str:
     """The usual suspects for this config, most likely first."""
     causes = []
-    if not cfg.pretrained_path:
+    if not weights_given(cfg.pretrained_path):
         if cfg.preset and cfg.preset != "demo" and cfg.preset in PRESETS:
             causes.append(f"preset {cfg.preset!r} was made for ImageNet weights but pretrained_path is empty "
                           "(random init): attach the weights and set pretrained_path")
@@ -9545,7 +9754,7 @@ import torch
 from torch import nn
 
 from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
-from ..core.weights import resolve_weights
+from ..core.weights import resolve_weights, weights_given
 from ..data.transforms import Preprocess
 
 log = logging.getLogger("kernelkit")
@@ -9562,7 +9771,7 @@ def create_model(name: str, num_classes: int, pretrained_path: str = "", drop_ra
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"timm has no model {name!r} (timm {timm.__version__})")
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
-    if pretrained_path:
+    if weights_given(pretrained_path):
         if not Path(pretrained_path).exists():
             raise FileNotFoundError(
                 f"pretrained_path {pretrained_path} not found; attach the weights as a Kaggle dataset and point to the file")

@@ -110,3 +110,10 @@ def tiny_ladder(monkeypatch):
 @pytest.fixture
 def tiny_auto(tiny_ladder):
     return list(TINY_AUTO)
+
+
+@pytest.fixture(scope="session")
+def lite0_dir(tmp_path_factory) -> Path:
+    """Real ImageNet EfficientNet-Lite0 as a timm weights folder (tests/pretrained.py), written once."""
+    from pretrained import lite0_folder
+    return lite0_folder(tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0")

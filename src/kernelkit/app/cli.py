@@ -16,10 +16,11 @@ from typing import Any
 from ..core import env
 from ..core.clock import at as clock_at
 from ..core.clock import now as clock_now
-from ..core.config import ConfigError
+from ..core.config import Config, ConfigError
 from ..core.context import EXIT_NO_SUBMISSION, RunContext, setup_logging
 from ..core.options import make_config
 from ..core.stopping import handle_signals
+from ..core.weights import find_weights_folders
 from ..inputs.discovery import find_competition
 from .failure import after_crash, refuse
 
@@ -36,11 +37,22 @@ def resolve(config_block: dict[str, Any] | None, argv: list[str] | None, t_start
     is_demo = data_dir is None
     if is_demo and not cfg.preset:
         cfg, args = make_config({**(config_block or {}), "preset": "demo"}, argv)
+    found = None
+    if searches_weights(cfg):
+        found = tuple(find_weights_folders(env.input_root(), skip=data_dir))
+        if found:  # as if the user had set it, so the fine-tuning recipe applies (several: autopick ranks)
+            cfg, args = make_config({**(config_block or {}), "pretrained_path": str(found[0])}, argv)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out_dir={str(out_dir)!r} cannot be created: {e}") from e
-    return RunContext(cfg, args, data_dir or out_dir / "demo_data", out_dir, is_demo, t_start)
+    return RunContext(cfg, args, data_dir or out_dir / "demo_data", out_dir, is_demo, t_start, weights_found=found)
+
+
+def searches_weights(cfg: Config) -> bool:
+    """On Kaggle, a training run with model=auto and no pretrained_path looks for attached weights
+    (pretrained_path=none turns that off)."""
+    return cfg.mode == "train" and env.on_kaggle() and cfg.model == "auto" and not cfg.pretrained_path
 
 
 def main(config_block: dict[str, Any] | None = None, argv: list[str] | None = None,

@@ -33,6 +33,7 @@ from ..core.context import (
 from ..core.distributed import DistInfo
 from ..core.fileio import write_json
 from ..core.stopping import handle_signals
+from ..core.weights import weights_lines
 from ..engine.budget import BudgetClock, budget_seconds, fmt_seconds
 from ..engine.run_state import finish_run, run_start
 from ..inputs.competition import Competition
@@ -52,6 +53,8 @@ def timm_version() -> str:
 
 
 def announce(ctx: RunContext) -> None:
+    for line in weights_lines(ctx.cfg.model, ctx.cfg.pretrained_path, ctx.weights_found, ctx.cfg.mode == "train"):
+        log.info(line)
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
              "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())

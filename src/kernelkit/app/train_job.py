@@ -49,6 +49,8 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     batch size, every TTA view), so the reserve is measured, not guessed, from the first epoch on."""
     if not comp.test_paths:
         return
+    if device.type != "cuda":  # a CPU's image-views/s do not depend on the view: one view, half the probe's time
+        cfg = dataclasses.replace(cfg, tta=1)
     out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
     reserve.test_ips = out["images_per_s"]
     reserve.observe_startup(out["startup_s"])

@@ -24,6 +24,7 @@ from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
+from ..core.weights import resolve_weights, same_architecture, weights_given
 from ..engine.budget import InferenceReserve, budget_seconds, fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
@@ -43,6 +44,9 @@ DEFAULT_NATIVE = 224  # when no image header could be read
 MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
 MEASURE_MIN_S = 15.0
 TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
+# A CPU's images/s hardly depend on the batch past a few images, and a full batch of a pretrained net
+# at 128-224 px takes seconds a step there: time smaller batches (GPUs need the real batch size).
+CPU_TIMED_BATCH = 8
 # Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
 # with the model on a CPU-only machine, so real epochs run slower than the bare steps.
 PIPELINE_FACTOR = {"cpu": 0.6, "cuda": 0.8}
@@ -55,9 +59,10 @@ class Candidate:
     model: str
     img_size: int
     cost: float  # GFLOPs per image, forward
+    weights: str = ""  # the attached weights folder this candidate fine-tunes ('' = the config's)
 
     def __str__(self) -> str:
-        return f"{self.model} @ {self.img_size} px"
+        return f"{self.model} @ {self.img_size} px" + (f" ({Path(self.weights).name})" if self.weights else "")
 
 
 @dataclass
@@ -75,9 +80,14 @@ def model_cost(name: str) -> float:
     return known.get(name, 4.0)
 
 
-def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0) -> list[Candidate]:
+def ladder(device_type: str, native_size: int | None, model: str = "", img_size: int = 0,
+           weights_size: int = 0) -> list[Candidate]:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
-    first ladder size that reaches the images' native size (no upscaling beyond it)."""
+    first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
+    weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
+    that size, at least the device's floor; the larger of it and the images' size]: their features
+    are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
+    allow (at 32 px a pretrained net wastes them)."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
     if model:
@@ -88,6 +98,11 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         reach = [s for s in sizes if s >= (native_size or DEFAULT_NATIVE)]
         cap = reach[0] if reach else sizes[-1]
         floor = min(cap, SIZE_FLOOR.get(device_type, sizes[0]))  # 32 px of a 500 px photo keeps nothing
+        if weights_size:
+            up = [s for s in sizes if s >= weights_size]
+            cap = max(cap, up[0] if up else sizes[-1])
+            lowest = max(weights_size / 4, SIZE_FLOOR.get(device_type, sizes[0]))
+            floor = next((s for s in sizes if s >= lowest), cap)
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
     return sorted(cands, key=lambda c: (c.cost, c.img_size))
@@ -119,7 +134,8 @@ def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: 
 
 def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device,
             steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
-    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size.
+    """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size (on a CPU
+    at most CPU_TIMED_BATCH).
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
     from ..model.factory import create_optimizer
     from .components import model_from_config
@@ -128,8 +144,9 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
-    x = torch.randn(cfg.batch_size, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, num_classes, (cfg.batch_size,), device=device)
+    n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
+    x = torch.randn(n, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (n,), device=device)
     model.train()
     dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
@@ -145,7 +162,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             break
     # The fastest step, as timeit does: on a shared machine the others carry other processes' load,
     # which would rank the candidates by the noise rather than by their cost.
-    train_ips = cfg.batch_size / max(min(times[1:]), 1e-9)
+    train_ips = n / max(min(times[1:]), 1e-9)
     model.eval()
     xi = torch.cat([x, x]).contiguous(memory_format=fmt)  # inference batches are twice the training batch
     times = []
@@ -226,16 +243,30 @@ class RunShape:
         return plan.epochs_that_fit
 
 
+def candidates(cfg: Config, device_type: str, native: int | None, weights: tuple[Path, ...] = ()) -> list[Candidate]:
+    """The ladder of the configured model (or of each of several attached weights folders), cheapest first."""
+    if len(weights) < 2:
+        return ladder(device_type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size,
+                      weights_input_size(cfg.pretrained_path))
+    cands = []
+    for folder in weights:
+        src = resolve_weights(folder)
+        cands += [dataclasses.replace(c, weights=str(folder)) for c in
+                  ladder(device_type, native, src.architecture, cfg.img_size, weights_input_size(str(folder)))]
+    return sorted(cands, key=lambda c: (c.cost, c.img_size))
+
+
 def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape, started_at: float,
-           every: bool = False, stop=None) -> tuple[Candidate, list[Trial]]:
-    """Measure and pick; `every`: time the whole ladder (the dry run prints it). The device is tuned
-    and seeded first (cudnn.benchmark, TF32; under `deterministic` CUBLAS_WORKSPACE_CONFIG, which
-    cuBLAS reads once, when the first measurement starts it), so it is measured as it will train."""
+           every: bool = False, stop=None, weights: tuple[Path, ...] = ()) -> tuple[Candidate, list[Trial]]:
+    """Measure and pick; `every`: time the whole ladder (the dry run prints it); `weights`: several
+    attached weights folders, ranked on one ladder. The device is tuned and seeded first
+    (cudnn.benchmark, TF32; under `deterministic` CUBLAS_WORKSPACE_CONFIG, which cuBLAS reads once,
+    when the first measurement starts it), so it is measured as it will train."""
     from .components import ready_device
     ready_device(cfg, device)
     tiles = cfg.input_tiles()  # each image is this many img_size squares: that much slower per image
     native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed, short=tiles > 1)
-    cands = ladder(device.type, native, "" if cfg.model == "auto" else cfg.model, cfg.img_size)
+    cands = candidates(cfg, device.type, native, weights)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
     deadline = clock_now() + max(MEASURE_MIN_S, MEASURE_SHARE * shape.budget_s)
@@ -263,8 +294,25 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     if every:
         for c in cands:
             epochs_of(c)
+    one_net = weights_given(cfg.pretrained_path) and len(weights) < 2
+    if one_net and not every and 0 <= epochs_of(cands[0]) < need_epochs(cfg):
+        # One architecture, sizes only: when the smallest size the weights allow does not fit, no larger
+        # one does, and timing a larger one (a slow step on a CPU) would only spend the budget.
+        return cands[0], [trials[cands[0]]]
     choice, _ = pick(cands, epochs_of, need_epochs(cfg))
     return choice, [trials[c] for c in cands if c in trials]
+
+
+def weights_input_size(path: str) -> int:
+    """The input size pretrained weights were trained at (their config.json's pretrained_cfg), 0 without
+    weights; DEFAULT_NATIVE for a bare file, which does not say."""
+    if not weights_given(path):
+        return 0
+    try:
+        size = resolve_weights(path).pretrained_cfg.get("input_size")
+        return int(size[-1]) if size else DEFAULT_NATIVE
+    except (ValueError, TypeError, IndexError):
+        return DEFAULT_NATIVE
 
 
 def need_epochs(cfg: Config) -> int:
@@ -301,16 +349,21 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     """`ctx` with a concrete model and img_size (what checkpoints store); unchanged when both are set.
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
-    if cfg.model != "auto" and cfg.img_size:
+    several = len(ctx.weights_found or ()) > 1
+    if cfg.model != "auto" and cfg.img_size and not several:
         return ctx
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
     # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
     distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
-    model, size = distributed.broadcast_object(info, choice)
-    model, size = model if cfg.model == "auto" else cfg.model, cfg.img_size or size  # explicit settings win
-    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=size))
+    model, size, weights = distributed.broadcast_object(info, choice)
+    if several:  # the model came from the first folder found, not from the user
+        model, path = model, weights or cfg.pretrained_path
+    else:
+        model, path = model if cfg.model == "auto" else cfg.model, cfg.pretrained_path  # explicit settings win
+    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or size,
+                                                                pretrained_path=path))
     if info.is_main:
         try:
             resolved.cfg.save(ctx.out_dir / "config.json")
@@ -319,15 +372,20 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     return resolved
 
 
-def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int]:
+def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int, str]:
+    """-> (model, img_size, weights folder or '' for the configured one)."""
     cfg = ctx.cfg
+    weights = ctx.weights_found or ()
     stored = None if every else stored_choice(ctx)
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", *stored)
-        return stored
+        same = [str(w) for w in weights if len(weights) > 1 and
+                same_architecture(resolve_weights(w).architecture, stored[0])]
+        return (*stored, same[0] if same else "")
     t0 = clock_now()
     shape = RunShape.of(cfg, comp, info.world_size)
-    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop)
+    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop,
+                            weights if len(weights) > 1 else ())
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
     log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(clock_now() - t0),
@@ -339,5 +397,5 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     else:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
     log.info("autopick: chose %s (%s)", choice, verdict)
-    return choice.model, choice.img_size
+    return choice.model, choice.img_size, choice.weights
 

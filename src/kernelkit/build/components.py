@@ -12,6 +12,7 @@ import torch
 
 from ..core import accel
 from ..core.config import Config, parse_duration, parse_kwargs
+from ..core.weights import weights_given
 from ..data.transforms import BatchAugment, Preprocess, normalize, seed_augmentations
 from ..engine.evaluate import autocast
 from ..engine.learning_check import likely_causes
@@ -73,12 +74,30 @@ def make_scaler(enabled: bool):
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
+SMOOTHED_LOSSES = ("auto", "ce", "complement")  # single-label losses that take label_smoothing
+FINETUNE_SMOOTHING = 0.1
+
+
+def label_smoothing(cfg: Config, task: str) -> float:
+    """label_smoothing=-1 (auto): 0.1 for a single-label fine-tune from weights (a pretrained net fits a
+    small training set in a few epochs and grows overconfident), else 0."""
+    if task != "multiclass" or cfg.loss not in SMOOTHED_LOSSES:
+        return 0.0
+    if cfg.label_smoothing >= 0:
+        return cfg.label_smoothing
+    return FINETUNE_SMOOTHING if weights_given(cfg.pretrained_path) else 0.0
+
+
 def build_loss(cfg: Config, task: str, train_targets: np.ndarray, num_classes: int):
     counts = None
     if cfg.class_balanced:
         counts = (train_targets.sum(0) if task == "multilabel"
                   else np.bincount(train_targets, minlength=num_classes)).astype(float).tolist()
-    return get_loss(cfg.loss, task, class_counts=counts, **parse_kwargs(cfg.loss_args))
+    params = parse_kwargs(cfg.loss_args)
+    smoothing = label_smoothing(cfg, task)
+    if smoothing and "label_smoothing" not in params:  # loss_args is the more specific setting
+        params["label_smoothing"] = smoothing
+    return get_loss(cfg.loss, task, class_counts=counts, **params)
 
 
 def batch_augment(cfg: Config, task: str, num_classes: int, level: str) -> BatchAugment | None:

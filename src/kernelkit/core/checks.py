@@ -21,7 +21,7 @@ from .config import (
     parse_duration,
     parse_kwargs,
 )
-from .weights import resolve_weights, same_architecture
+from .weights import resolve_weights, same_architecture, weights_given
 
 
 def checked_config(d: dict[str, Any], where: str = "config", check_paths: bool = True) -> Config:
@@ -70,7 +70,7 @@ def _range_problems(c: Config) -> list[str]:
         (c.img_size == 0 or 8 <= c.img_size <= 4096,
          f"img_size={c.img_size}: must be 0 (auto) or between 8 and 4096 pixels"),
         (c.auto_min_epochs >= 1, f"auto_min_epochs={c.auto_min_epochs}: must be >= 1"),
-        (not (c.model == "auto" and c.pretrained_path),
+        (not (c.model == "auto" and weights_given(c.pretrained_path)),
          "pretrained_path is a weights file of one architecture: set model= to it (model='auto' picks by speed; "
          "a timm folder with config.json names its architecture itself)"),
         (1 <= c.tta <= 4, f"tta={c.tta}: must be 1 (no TTA), 2 (+ flip), 3 or 4 views"),
@@ -80,6 +80,8 @@ def _range_problems(c: Config) -> list[str]:
         (0 <= c.val_fraction < 1, f"val_fraction={c.val_fraction}: must be in [0, 1) (0 = train on everything)"),
         (c.threshold == -1 or 0 <= c.threshold <= 1, f"threshold={c.threshold}: must be -1 (search) or in [0, 1]"),
         (0 <= c.warmup < 1, f"warmup={c.warmup}: a share of training, in [0, 1)"),
+        (c.label_smoothing == -1 or 0 <= c.label_smoothing < 1,
+         f"label_smoothing={c.label_smoothing}: -1 (auto) or in [0, 1)"),
         (c.lr > 0, f"lr={c.lr}: must be > 0"),
         (c.weight_decay >= 0, f"weight_decay={c.weight_decay}: must be >= 0"),
         (0 <= c.drop_rate < 1 and 0 <= c.head_dropout < 1, "drop_rate and head_dropout must be in [0, 1)"),
@@ -167,7 +169,7 @@ def _weights_problems(c: Config) -> list[str]:
     out = []
     for model_key, path_key in WEIGHTS_OF:
         model, path = getattr(c, model_key), getattr(c, path_key)
-        if not path:
+        if not weights_given(path):
             continue
         try:
             src = resolve_weights(path)
@@ -190,7 +192,7 @@ def fill_architecture(cfg: Config) -> None:
     """An empty or 'auto' model (model2: empty) takes the architecture of its weights folder's
     config.json, so the config printed, saved and stored in checkpoints names the model that was built."""
     for model_key, path_key in WEIGHTS_OF:
-        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not getattr(cfg, path_key):
+        if getattr(cfg, model_key) not in MODEL_FROM_WEIGHTS or not weights_given(getattr(cfg, path_key)):
             continue
         try:
             arch = resolve_weights(getattr(cfg, path_key)).architecture

@@ -59,7 +59,10 @@ class Config:
                             "resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; "
                             "auto or empty with a timm weights folder = the architecture in its config.json")
     pretrained_path: str = _f("", "local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder "
-                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = random init")
+                                  "(config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with "
+                                  "model=auto, a timm weights folder among the attached inputs (several: autopick "
+                                  "ranks them), else random init; none = random init, no search. With weights, "
+                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
@@ -124,6 +127,8 @@ class Config:
     n_folds: int = _f(5, "K-fold: number of folds (iterative stratification for multi-label)")
     loss: str = _f("auto", "auto (bce / ce) | bce | bce_sum | focal | asl | ce | complement", choices=CHOICES['loss'])
     loss_args: str = _f("", "loss parameters, e.g. 'gamma=2,reduce=sum' (focal) or 'label_smoothing=0.1'")
+    label_smoothing: float = _f(-1.0, "single-label cross-entropy label smoothing (loss auto/ce/complement, unless "
+                                      "loss_args sets it); -1 = auto: 0.1 when fine-tuning from weights, else 0")
     class_balanced: bool = _f(False, "weight classes by effective number of samples (Cui et al. 2019)")
     balanced_sampling: float = _f(0.0, "draw images ~ 1/count(class)^this (0 = plain shuffle, 0.5 = sqrt, 1 = equal)")
     amp: bool = _f(True, "mixed precision on GPU")

@@ -41,6 +41,9 @@ class RunContext:
     t_start: float
     stop: StopFlag = field(default_factory=StopFlag)
     stage: Phase = field(default_factory=Phase)
+    # The attached inputs were searched for timm weights folders (on Kaggle, model=auto, no pretrained_path):
+    # what was found (several: autopick ranks them), or None when there was no search.
+    weights_found: tuple[Path, ...] | None = None
 
     @property
     def phase(self) -> str:

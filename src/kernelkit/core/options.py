@@ -8,8 +8,9 @@ import dataclasses
 from dataclasses import fields
 from typing import Any
 
-from .checks import checked_config, refuse_unknown_keys
+from .checks import MODEL_FROM_WEIGHTS, checked_config, refuse_unknown_keys
 from .config import AUTO_ZERO, DURATIONS, PRESETS, TYPE_WORDS, Config, ConfigError, field_types
+from .weights import resolve_weights, weights_given
 
 
 def _coerce(value: str, typ: str) -> Any:
@@ -150,4 +151,33 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
         merged.update(PRESETS[preset])
     merged.update(block)
     merged.update(cli)
-    return checked_config(merged), args
+    return checked_config(with_weights_defaults(merged, {**block, **cli})), args
+
+
+# Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
+# preset set. A pretrained net converges in a few epochs, so autopick wants 4, not 10, and its sizes
+# run from a quarter of the weights' input size up to it (autopick.ladder); progressive resizing is
+# off (issue #20: its half-size stages put a pretrained net at 32 px; --img-size 128 --resize-start 0
+# by hand took F2 from 0.627 to 0.728); cosine as fine-tuning recipes use; single-label adds label
+# smoothing 0.1 (components.label_smoothing). Compared on CPU with EfficientNet-Lite0 in
+# bench/bench_finetune.py.
+FINETUNE: dict[str, Any] = dict(auto_min_epochs=4, resize_start=0.0, schedule="cosine")
+
+
+def with_weights_defaults(merged: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """`merged` plus the fine-tuning recipe where weights are given. `user`: what the CONFIG block and
+    the command line set (those always win). A weights folder the user gave while a preset names
+    another model: the folder's architecture wins unless the user named a model too."""
+    path = str(merged.get("pretrained_path", ""))
+    if not weights_given(path):
+        return merged
+    out = dict(merged)
+    if "pretrained_path" in user and "model" not in user and merged.get("model", "auto") not in MODEL_FROM_WEIGHTS:
+        try:
+            if resolve_weights(path).architecture:
+                out["model"] = "auto"
+        except ValueError:
+            pass  # the checks name the problem
+    for key, value in FINETUNE.items():
+        out.setdefault(key, value)
+    return out

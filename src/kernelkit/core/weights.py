@@ -90,6 +90,79 @@ def resolve_weights(path: str | Path) -> WeightsSource:
     return WeightsSource(file, cfg["architecture"], int(num_classes or 0), pretrained_cfg)
 
 
+NO_WEIGHTS = "none"  # pretrained_path=none: random init, and no search of the attached inputs
+
+
+def weights_given(path: str) -> bool:
+    """pretrained_path names weights (not empty, not 'none')."""
+    return bool(path) and path.strip().lower() != NO_WEIGHTS
+
+
 def same_architecture(a: str, b: str) -> bool:
     """'convnext_tiny' and 'convnext_tiny.fb_in22k' are one architecture (the tag names weights)."""
     return a.split(".")[0] == b.split(".")[0]
+
+
+SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/pytorch/<variation>/<version>/
+SEARCH_MAX_ENTRIES = 200  # a folder with more entries is data (images), not a folder of attachments
+
+
+def _listing(folder: Path) -> tuple[list[Path], set[str]]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return [], set()
+    files = {e.name for e in entries if e.is_file()}
+    if len(entries) > SEARCH_MAX_ENTRIES:
+        return [], files
+    return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")), files
+
+
+def _is_timm_folder(folder: Path, files: set[str]) -> bool:
+    if "config.json" not in files or not any(n in files for n in WEIGHT_NAMES):
+        return False
+    try:
+        _read_config(folder)
+        return True
+    except ValueError:  # a transformers config or other JSON: not weights we can build
+        return False
+
+
+def find_weights_folders(root: Path, skip: Path | None = None) -> list[Path]:
+    """Every timm weights folder (config.json naming an architecture + a weights file) at most
+    SEARCH_DEPTH levels below `root` (Kaggle Models under models/<owner>/<model>/pytorch/..., datasets
+    holding a save_for_hf folder), sorted; `skip` (the competition) is not searched. Image folders
+    (many entries) are not descended into, so the search stays fast on big inputs."""
+    found: list[Path] = []
+    level = [Path(root)]
+    for _ in range(SEARCH_DEPTH + 1):
+        nxt = []
+        for folder in level:
+            if skip is not None and folder == skip:
+                continue
+            dirs, files = _listing(folder)
+            if _is_timm_folder(folder, files):
+                found.append(folder)
+                continue
+            nxt.extend(dirs)
+        level = nxt
+    return sorted(found)
+
+
+def weights_lines(model: str, pretrained_path: str, found: tuple[Path, ...] | None, training: bool) -> list[str]:
+    """What a run fine-tunes from, said first in the log. `found`: the attached weights folders the
+    search found (None: no search ran)."""
+    if found and len(found) == 1:
+        return [f"weights: found attached timm weights {found[0]} ({model}): fine-tuning from them "
+                "(pretrained_path=none trains from scratch)"]
+    if found:
+        return [f"weights: found {len(found)} attached timm weights folders; autopick ranks them by speed: "
+                + ", ".join(str(f) for f in found)]
+    if weights_given(pretrained_path):
+        return [f"weights: fine-tuning {model} from {pretrained_path}"]
+    if training and pretrained_path != NO_WEIGHTS:
+        searched = "none found among the attached inputs; " if found is not None else ""
+        return [f"weights: {searched}training {model} from random init. Pretrained weights would help a lot: "
+                "attach a timm ImageNet model (a Kaggle Model, or a dataset with its save_for_hf folder); "
+                "on Kaggle it is found and fine-tuned without settings"]
+    return []

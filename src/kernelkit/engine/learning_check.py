@@ -5,6 +5,7 @@ Training goes on: a late start happens, and the submission is still written."""
 from __future__ import annotations
 
 from ..core.config import PRESETS, Config
+from ..core.weights import weights_given
 
 CHECK_AT = 0.25  # share of training (time, or steps with fixed epochs) after which the check runs
 GAP_SHARE = 0.1  # "at the prior": closed less than this share of the gap between the prior and a perfect score
@@ -22,7 +23,7 @@ def stuck_message(score: float, prior: float, progress: float, metric: str, caus
 def likely_causes(cfg: Config) -> str:
     """The usual suspects for this config, most likely first."""
     causes = []
-    if not cfg.pretrained_path:
+    if not weights_given(cfg.pretrained_path):
         if cfg.preset and cfg.preset != "demo" and cfg.preset in PRESETS:
             causes.append(f"preset {cfg.preset!r} was made for ImageNet weights but pretrained_path is empty "
                           "(random init): attach the weights and set pretrained_path")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..core import env  # noqa: F401  (sets HF_HUB_OFFLINE before timm is imported)
-from ..core.weights import resolve_weights
+from ..core.weights import resolve_weights, weights_given
 from ..data.transforms import Preprocess
 
 log = logging.getLogger("kernelkit")
@@ -29,7 +29,7 @@ def create_model(name: str, num_classes: int, pretrained_path: str = "", drop_ra
     if name not in timm.list_models() and not timm.is_model(name):
         raise ValueError(f"timm has no model {name!r} (timm {timm.__version__})")
     kwargs = dict(num_classes=num_classes, drop_rate=drop_rate)
-    if pretrained_path:
+    if weights_given(pretrained_path):
         if not Path(pretrained_path).exists():
             raise FileNotFoundError(
                 f"pretrained_path {pretrained_path} not found; attach the weights as a Kaggle dataset and point to the file")

@@ -1,0 +1,180 @@
+"""Fine-tuning from attached weights, side by side at one CPU budget (issue #20 item 5).
+
+Tasks: the two digit tasks of bench_quality.py (single-label accuracy, 6-tag multi-label F2) and the
+hard task of bench/hard_task.py (frames 1:1 to 1:5, 24-40 px objects, 24 classes; multi-label F2 and
+single-label accuracy). Rows, each with the same --budget (start to submission):
+
+* scratch   kernel.py defaults (only --data-dir, --out-dir, --budget), random init;
+* lite0     kernel.py defaults + --pretrained-path <ImageNet EfficientNet-Lite0 timm folder>;
+* pad       (hard tasks) lite0 forced to pad-to-square (--input-mode pad; shows the automatic mode wins);
+* peer      bench/peer_notebook.py: a plain timm fine-tune of the same folder, as a Kaggle notebook
+            would write it (square 128 px, flip, AdamW 1e-3, cosine, ~7 epochs, flip TTA).
+
+Rows run one at a time (two would share the CPU), task by task, the row order rotated per task so
+machine load falls on every row alike; --together starts a task's rows at once instead (on a machine
+other people load, every row then sees the same load). Scores are on held-out test answers. Writes
+bench/results/finetune.json and prints a markdown table.
+
+    .venv/bin/python bench/bench_finetune.py --budget 120 [--only single,multi,hard_multi,hard_single]
+        [--rows scratch,lite0,pad,peer] [--threads N] [--together] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import bench_quality as bq  # noqa: E402
+from hard_task import make_hard_task, prior_score, score_submission  # noqa: E402
+from pretrained import lite0_folder  # noqa: E402
+
+from kernelkit.core.config import Config  # noqa: E402
+from kernelkit.decide.thresholds import prior_baseline  # noqa: E402
+
+TASKS = ("single", "multi", "hard_multi", "hard_single")
+ROWS = ("scratch", "lite0", "pad", "peer")
+PAD_OPTION = "input_mode"  # the aspect-aware option; the pad row runs only where the kernel has it
+PAD_FLAGS = ["--input-mode", "pad"]  # forced to pad-to-square (pad_aspect as before)
+FIELDS = set(Config.__dataclass_fields__)
+
+
+def make_task(name: str, work: Path) -> tuple[Path, callable, float, str]:
+    """-> (competition folder, score(submission) -> float, label prior, metric)."""
+    root = work / f"{name}_data"
+    if name.startswith("hard"):
+        task = make_hard_task(root, multilabel=name == "hard_multi")
+        return root, lambda sub: score_submission(task, sub), prior_score(task), task.metric
+    xtr, xte, ytr, yte = bq.digits()
+    multi = name == "multi"
+    bq.write_competition(root, xtr, ytr, xte, multi)
+    if multi:
+        prior = prior_baseline("multilabel", bq.tag_matrix(ytr), bq.tag_matrix(yte), 2.0)
+        return root, lambda sub: bq.score_multi(sub, yte), prior, "F2 per image"
+    return root, lambda sub: bq.score_single(sub, yte), prior_baseline("multiclass", ytr, yte), "accuracy"
+
+
+def row_command(row: str, data: Path, out: Path, weights: Path, budget: int) -> list[str]:
+    if row == "peer":
+        return [sys.executable, str(ROOT / "bench" / "peer_notebook.py"), "--data-dir", str(data),
+                "--weights", str(weights), "--out-dir", str(out), "--budget", str(budget)]
+    cmd = [sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data), "--out-dir", str(out),
+           "--budget", f"{budget}s"]
+    if row != "scratch":
+        cmd += ["--pretrained-path", str(weights)]
+    if row == "pad":
+        cmd += PAD_FLAGS
+    return cmd
+
+
+def run_rows(rows: list[str], data: Path, work: Path, name: str, weights: Path, budget: int,
+             together: bool, threads: int) -> dict[str, tuple[dict, float]]:
+    """-> {row: (summary, wall seconds)}; `together`: the rows run at the same time (one machine load for all)."""
+    def start(row: str):
+        out = work / f"{name}_{row}"
+        log = open(out.with_suffix(".log"), "w")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        return out, log, time.time(), subprocess.Popen(row_command(row, data, out, weights, budget), stdout=log,
+                                                       stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    results, running = {}, {}
+    for row in rows:
+        running[row] = start(row)
+        if not together:
+            results[row] = finish(*running.pop(row), budget)
+    for row, job in running.items():
+        results[row] = finish(*job, budget)
+    return results
+
+
+def finish(out: Path, log, t0: float, proc: subprocess.Popen, budget: int) -> tuple[dict, float]:
+    try:
+        proc.wait(timeout=budget * 4 + 300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    wall = time.time() - t0
+    log.close()
+    text = out.with_suffix(".log").read_text().splitlines()
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+    summary["exit_code"] = proc.returncode
+    summary["log_tail"] = text[-3:] if proc.returncode else []
+    choice = [ln.split("autopick: ", 1)[1] for ln in text if "autopick: chose" in ln]
+    summary["choice"] = choice[-1] if choice else ""
+    summary["input_mode"] = next((ln.split("input mode", 1)[1].strip()[:80] for ln in text if "input mode" in ln), "")
+    return summary, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=int, default=120, help="seconds per row, start to submission")
+    ap.add_argument("--only", default=",".join(TASKS))
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for every row (0 = unset). On a machine other processes oversubscribe, "
+                         "torch's spinning OpenMP threads make 2 threads ~3x slower than 1 (resnet18, load 16 on 2 cores)")
+    ap.add_argument("--together", action="store_true",
+                    help="run a task's rows at the same time (on a machine others load, one load for all rows)")
+    ap.add_argument("--keep", default="", help="work folder to keep (data, outputs, logs); default: a temp dir")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
+    a = ap.parse_args()
+    rows, load_before = [], os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="kk_finetune_") as tmp:
+        work = Path(a.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        weights = lite0_folder(work / "weights" / "tf_efficientnet_lite0")
+        for t, name in enumerate(a.only.split(",")):
+            data, score, prior, metric = make_task(name, work)
+            wanted = [r for r in a.rows.split(",") if r != "pad" or (name.startswith("hard") and PAD_OPTION in FIELDS)]
+            order = wanted[t % len(wanted):] + wanted[:t % len(wanted)]  # rotated: load falls on all alike
+            results = run_rows(order, data, work, name, weights, a.budget, a.together, a.threads)
+            for row in order:
+                out = work / f"{name}_{row}"
+                summary, wall = results[row]
+                sub = out / "submission.csv"
+                rows.append({"task": name, "row": row, "metric": metric, "label_prior": prior,
+                             "score": score(sub) if sub.is_file() else None, "val_score": summary.get("val_score"),
+                             "model": bq.model_of(summary) if row != "peer" else "tf_efficientnet_lite0 @ 128 px",
+                             "choice": summary.get("choice"), "input_mode": summary.get("input_mode"),
+                             "epochs": summary.get("epochs"), "wall_s": round(wall, 1),
+                             "exit": summary.get("exit_code"), "warnings": summary.get("warnings", []),
+                             "log_tail": summary.get("log_tail"), "load_avg": os.getloadavg()[0]})
+                print(json.dumps(rows[-1]), flush=True)
+                save(a, rows, load_before)  # after every row: a run cut short keeps what it measured
+    print(table(rows))
+
+
+def save(a: argparse.Namespace, rows: list[dict], load_before: tuple) -> None:
+    result = {"budget_s": a.budget, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+              "command": " ".join(sys.argv), "omp_num_threads": a.threads or None,
+              "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+              "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+def table(rows: list[dict]) -> str:
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    present = [r for r in ROWS if any(x["row"] == r for x in rows)]
+    lines = ["| task | metric | label prior | " + " | ".join(present) + " |",
+             "|---|---|---|" + "---|" * len(present)]
+    for t in tasks:
+        by = {r["row"]: r for r in rows if r["task"] == t}
+        first = next(iter(by.values()))
+        cells = [f"{bq.fmt(by[r]['score'])} ({by[r]['epochs']} ep)" if r in by else "-" for r in present]
+        lines.append(f"| {t} | {first['metric']} | {bq.fmt(first['label_prior'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

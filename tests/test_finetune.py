@@ -1,0 +1,141 @@
+"""Fine-tuning from weights: the recipe the options left unset take, the input size autopick allows a
+pretrained net, and attached weights found on Kaggle without being told (issue #20 items 1 and 4)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import ROOT, make_single_label_csv
+
+from kernelkit.build import autopick
+from kernelkit.build.components import build_loss, label_smoothing
+from kernelkit.core.config import Config, ConfigError
+from kernelkit.core.options import FINETUNE, make_config
+from kernelkit.core.weights import find_weights_folders
+
+
+def timm_folder(path: Path, arch: str = "test_resnet", input_size: int = 160) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=5)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, input_size, input_size)}
+    timm.models.save_for_hf(model, str(path), safe_serialization=True)
+    return path
+
+
+def test_weights_bring_the_recipe_for_what_is_unset_and_the_user_wins(tmp_path):
+    folder = timm_folder(tmp_path / "w")
+    scratch, _ = make_config({}, [])
+    tuned, _ = make_config({}, ["--pretrained-path", str(folder)])
+    assert tuned.model == "test_resnet"
+    for key, value in FINETUNE.items():
+        assert getattr(tuned, key) == value != getattr(scratch, key), key
+    mine, _ = make_config({"resize_start": 0.5}, ["--pretrained-path", str(folder), "--schedule", "linear"])
+    assert mine.resize_start == 0.5 and mine.schedule == "linear" and mine.auto_min_epochs == FINETUNE["auto_min_epochs"]
+    off, _ = make_config({}, ["--pretrained-path", "none"])
+    assert off.pretrained_path == "none" and off.model == "auto" and off.resize_start == scratch.resize_start
+
+
+def test_a_preset_keeps_its_values_but_the_users_folder_names_the_model(tmp_path):
+    folder = timm_folder(tmp_path / "w")
+    cfg, _ = make_config({}, ["--preset", "helsinki14", "--pretrained-path", str(folder), "--model2", ""])
+    assert cfg.model == "test_resnet" and cfg.lr == 1e-3 and cfg.img_size == 128  # the preset's own
+    with pytest.raises(ConfigError, match="holds 'test_resnet' weights"):  # a model the user named is kept
+        make_config({}, ["--preset", "helsinki14", "--pretrained-path", str(folder), "--model", "resnet50",
+                         "--model2", ""])
+
+
+def test_label_smoothing_is_on_for_single_label_fine_tunes_only(tmp_path):
+    folder = str(timm_folder(tmp_path / "w"))
+    assert label_smoothing(Config(pretrained_path=folder), "multiclass") == 0.1
+    assert label_smoothing(Config(pretrained_path=folder), "multilabel") == 0.0
+    assert label_smoothing(Config(), "multiclass") == 0.0
+    assert label_smoothing(Config(pretrained_path=folder, label_smoothing=0.0), "multiclass") == 0.0
+    logits, y, ok = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([0]), torch.ones(1)
+    plain = build_loss(Config(), "multiclass", np.array([0, 1, 2]), 3)(logits, y, ok)
+    smooth = build_loss(Config(pretrained_path=folder), "multiclass", np.array([0, 1, 2]), 3)(logits, y, ok)
+    assert smooth > plain  # a confident right answer costs more with smoothing
+    explicit = build_loss(Config(pretrained_path=folder, loss_args="label_smoothing=0.0"), "multiclass",
+                          np.array([0, 1, 2]), 3)(logits, y, ok)
+    assert torch.isclose(explicit, plain)
+
+
+def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
+    scratch = autopick.ladder("cpu", 32, "test_resnet")
+    assert [c.img_size for c in scratch] == [32]  # 32 px digits train at 32 from scratch
+    tuned = autopick.ladder("cpu", 32, "test_resnet", weights_size=224)
+    assert [c.img_size for c in tuned] == [64, 96, 128, 160, 192, 224]  # from a quarter of the weights' size
+    big = autopick.ladder("cuda", 500, "test_resnet", weights_size=224)
+    assert min(c.img_size for c in big) == 128 and max(c.img_size for c in big) == 320
+    assert autopick.ladder("cpu", 32, "test_resnet", img_size=48, weights_size=224)[0].img_size == 48  # explicit
+
+
+def test_the_weights_input_size_comes_from_their_config(tmp_path):
+    assert autopick.weights_input_size(str(timm_folder(tmp_path / "w", input_size=160))) == 160
+    assert autopick.weights_input_size("") == 0 and autopick.weights_input_size("none") == 0
+
+
+def kaggle_tree(root: Path) -> Path:
+    make_single_label_csv(root / "competitions" / "shapes", n_train=24, n_test=6)
+    return root
+
+
+def test_weights_folders_are_found_where_kaggle_mounts_them(tmp_path):
+    root = kaggle_tree(tmp_path / "input")
+    model = timm_folder(root / "models" / "alice" / "lite" / "pytorch" / "default" / "1")
+    dataset = timm_folder(root / "datasets" / "bob" / "timm-weights" / "resnet")
+    hf = root / "datasets" / "carol" / "bert"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text('{"hidden_size": 8}')  # a transformers model: not timm weights
+    (hf / "model.safetensors").write_bytes(b"")
+    assert find_weights_folders(root) == sorted([model, dataset])
+    assert find_weights_folders(root, skip=root / "models") == [dataset]
+
+
+def run_on_kaggle(tmp_path: Path, root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KERNELKIT_INPUT_ROOT": str(root), "KAGGLE_KERNEL_RUN_TYPE": "Batch",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, str(ROOT / "kernel.py"), "--out-dir", str(tmp_path / "out"),
+                           "--epochs", "1", "--img-size", "32", "--num-workers", "0", "--budget", "2m", *args],
+                          env=env, capture_output=True, text=True, timeout=240)
+
+
+def first_lines(proc: subprocess.CompletedProcess, n: int = 3) -> str:
+    return "\n".join((proc.stdout + proc.stderr).splitlines()[:n])
+
+
+def test_on_kaggle_one_attached_weights_folder_is_fine_tuned_and_named_first(tmp_path):
+    root = kaggle_tree(tmp_path / "input")
+    folder = timm_folder(root / "models" / "alice" / "test-resnet" / "pytorch" / "default" / "1")
+    proc = run_on_kaggle(tmp_path, root)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    head = first_lines(proc)
+    assert f"found attached timm weights {folder}" in head and "test_resnet" in head, head
+    assert "loaded pretrained weights from" in proc.stdout + proc.stderr
+    off = run_on_kaggle(tmp_path, root, "--pretrained-path", "none", "--model", "test_resnet")
+    assert off.returncode == 0 and "loaded pretrained weights" not in off.stdout + off.stderr
+    assert "found attached" not in first_lines(off)
+
+
+def test_on_kaggle_no_weights_says_they_would_help(tmp_path):
+    root = kaggle_tree(tmp_path / "input")
+    proc = run_on_kaggle(tmp_path, root, "--model", "auto", "--dry-run")
+    head = first_lines(proc)
+    assert "none found among the attached inputs" in head and "would help" in head, head
+
+
+def test_several_attached_folders_share_one_ladder_and_the_choice_names_its_folder(tmp_path):
+    a = timm_folder(tmp_path / "a", "test_resnet", input_size=160)
+    b = timm_folder(tmp_path / "b", "test_convnext", input_size=224)
+    cfg, _ = make_config({}, ["--pretrained-path", str(a)])
+    cands = autopick.candidates(cfg, "cpu", 64, (a, b))
+    assert {(c.model, c.weights) for c in cands} == {("test_resnet", str(a)), ("test_convnext", str(b))}
+    assert max(c.img_size for c in cands if c.weights == str(a)) == 160
+    assert max(c.img_size for c in cands if c.weights == str(b)) == 224
+    assert [c.cost for c in cands] == sorted(c.cost for c in cands)
+    assert "(b)" in str(next(c for c in cands if c.weights == str(b)))
+    assert all(not c.weights for c in autopick.candidates(cfg, "cpu", 64, (a,)))  # one: the config's own
