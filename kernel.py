@@ -30,7 +30,7 @@ CONFIG = dict(
     # out_dir='',                           # outputs (checkpoints, submission.csv); empty = /kaggle/working or ./outputs
     # checkpoints='',                       # infer mode: checkpoint file, folder or glob; blend mode: run output folders (comma-separated, globs allowed), each with test_probs.npy and oof/
     # model='auto',                         # timm model name; auto = the largest of a small ladder (resnet10t..resnet34 on CPU, resnet18..convnext_tiny on GPU) that fits auto_min_epochs epochs, timed at start; auto or empty with a timm weights folder = the architecture in its config.json
-    # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with model=auto, a timm weights folder among the attached inputs (several: autopick ranks them), else random init; none = random init, no search. With weights, the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)
+    # pretrained_path='',                   # local weights: a file (.safetensors/.pth/.bin) or a timm/Hugging Face folder (config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with model=auto, a timm weights folder among the attached inputs (several: autopick ranks them), else random init; none = random init, no search. With weights, the options you leave unset take the fine-tuning recipe (FINETUNE in core/options.py)
     # drop_rate=0.0,                        # dropout before the classifier
     # head='linear',                        # linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)
     # head_hidden=256,                      # mlp head width
@@ -442,7 +442,9 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     cfg = ctx.cfg
     setup_s = clock_now() - ctx.t_start
     data = build_training_data(cfg, comp, device)
+    t_build = clock_now()
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    build_s = clock_now() - t_build
     budget_s, margin_s = budget_seconds(cfg)
     opts = fit_options(cfg, preprocess_of(parts.model), device)
     sched = opts.resolution
@@ -459,7 +461,7 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
         log.info("progressive resizing: %s; training throughput %s -> %.1f img/s over the schedule",
                  sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
-    reserve = new_reserve(cfg, comp, data, parts)  # the very reserve training will keep back
+    reserve = new_reserve(cfg, comp, data, parts, build_s)  # the very reserve training will keep back
     reserve.test_ips = inf["images_per_s"]
     reserve.observe_startup(inf["startup_s"])
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips, reserve=reserve,
@@ -2246,6 +2248,7 @@ import logging
 import math
 
 from ..core.context import RunContext
+from ..core.weights import weights_given
 from ..decide.reports import image_sizes
 from ..inputs.competition import Competition
 
@@ -2294,8 +2297,11 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     if cfg.input_mode == "pad" or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else "pad")
         return ctx
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
+        log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
-                                         pretrained=bool(cfg.pretrained_path))
+                                         pretrained=weights_given(cfg.pretrained_path))
     if mode == "tiles":
         log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s",
                  tiles, tiles, why)
@@ -2719,8 +2725,9 @@ CPU time this process has used. Every piece of work is FACTOR times longer on th
 that takes 30 ms of CPU counts as 30 ms x FACTOR against the budget, and a 9-hour schedule runs in
 9 h / FACTOR with its inference reserve, cadence and deadlines exercised, not bypassed. CPU time,
 not wall time: on a shared machine the wall clock also holds other processes' load, which FACTOR
-would turn into hours; the CPU time is this run's own work. (Nothing in the package waits for the
-clock itself, and the simulated runs use no loader worker processes, whose CPU would not count.)
+would turn into hours; the CPU time is this run's own work. (The simulated runs are one process
+with no loader workers, whose CPU would not count; the only wait on this clock, a rank polling for
+rank 0 in distributed.main_done, needs several ranks and so never runs on it.)
 A restart after a kill is given START = the time of the kill, so one run keeps one time line.
 """
 from __future__ import annotations
@@ -2822,7 +2829,7 @@ class Config:
                                   "(config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with "
                                   "model=auto, a timm weights folder among the attached inputs (several: autopick "
                                   "ranks them), else random init; none = random init, no search. With weights, "
-                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)")
+                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in core/options.py)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")
@@ -3313,7 +3320,7 @@ def _first_line(e: BaseException) -> str:
 
 def main_done(info: DistInfo, deadline: float) -> None:
     """Call on every rank after a phase rank 0 does alone: rank 0 marks it done, the others poll for
-    the mark (no collective, so no collective timeout) until `deadline` (wall time). A peer that
+    the mark (no collective, so no collective timeout) until `deadline` (a clock.now() time: the run's deadline). A peer that
     died, or the deadline passing, raises RuntimeError: this rank cannot go on without rank 0."""
     global _waits
     if not info.enabled or _store is None:
@@ -7668,6 +7675,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     probs, oks = HostChunks(device), HostChunks(device)
     t0 = clock_now()
     t_first, first_rows = None, 0
+    pieces = 1  # after an out-of-memory, the batches that follow are split as far as that one needed
     # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
     # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
@@ -7675,7 +7683,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         x = resize_batch(x, size) if size else x
         x = normalize(x, channels_last, pre)
         use = views[:1] if stop is not None and stop.requested else views
-        p = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, tiles)
+        p, pieces = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, tiles, pieces)
         probs.add(p)
         oks.add(ok > 0)
         if t_first is None:
@@ -7704,15 +7712,16 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
 
 
 def _predict_batch(model: torch.nn.Module, x: torch.Tensor, n_images: int, views: Sequence[Callable], act: Callable,
-                   device: torch.device, amp: bool, amp_dtype: torch.dtype, tiles: int) -> torch.Tensor:
-    """One batch's probabilities; a batch that does not fit in memory is split in halves until it does,
-    so the predictions are never lost to one large batch (an image's tiles stay in one piece)."""
-    pieces = 1
+                   device: torch.device, amp: bool, amp_dtype: torch.dtype, tiles: int,
+                   pieces: int) -> tuple[torch.Tensor, int]:
+    """One batch's probabilities, in `pieces` parts; a batch that does not fit in memory is split in
+    halves until it does, so the predictions are never lost to one large batch (an image's tiles stay
+    in one piece). -> (probabilities, the pieces that fitted)."""
     while True:
         try:
             per = tiles * -(-n_images // pieces)
             return torch.cat([_average_views(model, part, views, act, device, amp, amp_dtype, tiles)
-                              for part in x.split(per)])
+                              for part in x.split(per)]), pieces
         except OutOfMemory:
             if pieces >= n_images:
                 raise

@@ -187,3 +187,25 @@ def test_a_crash_after_training_started_with_model_auto_is_rescued_from_best_pt(
     assert summary["rescued"] is True and summary["checkpoints"][0]["checkpoint"] == str(out / "best.pt")
     sub = pd.read_csv(out / "submission.csv")
     assert len(sub) == len(pd.read_csv(single_label_dir / "sample_submission.csv"))
+
+
+def test_prediction_out_of_memory_splits_the_batch_once_for_every_batch_after(monkeypatch):
+    """A test batch that does not fit is split in halves until it does, and the batches after it start
+    at that split: one out-of-memory for the run, not one (and an empty_cache) per batch."""
+    from kernelkit.data.transforms import IMAGENET
+    from kernelkit.engine.evaluate import predict
+    sizes = []
+
+    class FitsFour(torch.nn.Module):
+        def forward(self, x):
+            sizes.append(len(x))
+            if len(x) > 4:
+                raise OutOfMemory("CUDA out of memory (simulated)")
+            return x.mean((2, 3))[:, :2]
+
+    images = torch.randint(0, 255, (30, 3, 8, 8), dtype=torch.uint8)
+    loader = [(images[i:i + 10], torch.zeros(10), torch.ones(10)) for i in range(0, 30, 10)]
+    out = predict(FitsFour(), loader, torch.device("cpu"), "multilabel", amp=False, pre=IMAGENET)
+    assert out["probs"].shape == (30, 2) and out["ok"].all()
+    # the first batch: 10 and 5 do not fit, 4 pieces of 3, 3, 3, 1 do; the next two start at 4 pieces
+    assert sizes == [10, 5] + [3, 3, 3, 1] * 3, sizes

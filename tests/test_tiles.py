@@ -185,3 +185,22 @@ def test_tiles_end_to_end_with_the_count_from_the_aspect_ratios(tmp_path, caplog
     assert summary["input_mode"] == "tiles" and summary["tiles"] == 3
     ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     assert ckpt["config"]["input_mode"] == "tiles", "the checkpoint stores the resolved mode for --mode infer"
+
+
+@pytest.mark.parametrize("settings,want", [
+    ({"pretrained_path": "LITE0"}, "tiles"),  # fine-tuning on long images: tiles
+    ({"pretrained_path": "none"}, "pad"),  # 'none' is random init (no weights), so pad as from scratch
+    ({"pretrained_path": "LITE0", "mixup": 0.4}, "pad"),  # an image's tiles cannot be mixed with another's
+])
+def test_auto_input_mode_takes_tiles_only_for_a_real_fine_tune_without_mixing(settings, want, strips, tmp_path,
+                                                                             lite0_dir):
+    from types import SimpleNamespace
+
+    from kernelkit.build.input_mode import resolve_input_mode
+    from kernelkit.core.context import RunContext
+    settings = {k: (str(lite0_dir) if v == "LITE0" else v) for k, v in settings.items()}
+    cfg = checked_config({"model": "tf_efficientnet_lite0", **settings})
+    ctx = RunContext(cfg, None, tmp_path, tmp_path, False, 0.0)
+    long_strips = [p for p in strips[1:] if not p.endswith(".jpg")]  # all 1:4 or 1:5
+    got = resolve_input_mode(ctx, SimpleNamespace(train_paths=long_strips)).cfg
+    assert got.input_mode == want and (got.tiles >= 2) == (want == "tiles")

@@ -129,8 +129,10 @@ def _wait_for(proc, out, marker: str, limit_s: float = 60.0) -> list[str]:
 @pytest.mark.parametrize("moment,marker,extra,sig", [
     ("start-up", "no competition data found", ["--budget", "90s"], signal.SIGTERM),  # before/during the cache build
     ("training", "epoch 1 ", ["--budget", "90s"], signal.SIGTERM),
-    # training over (2 epochs), the test prediction starting
-    ("prediction", "error analysis", ["--budget", "90s", "--epochs", "2"], signal.SIGINT),
+    # training over (2 epochs), the test prediction starting: the checkpoint writer's last line comes
+    # just before it, and 600 test images x 4 views at 96 px keep it running for seconds
+    ("prediction", "checkpoints: ", ["--budget", "90s", "--epochs", "2", "--demo-images", "3000", "--img-size", "96",
+                                     "--tta", "4"], signal.SIGINT),
 ])
 def test_a_stop_signal_finishes_with_a_submission_and_exit_0(kernel_dir, moment, marker, extra, sig):  # noqa: F811
     out = kernel_dir / f"signal_{moment}"

@@ -29,7 +29,9 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
     cfg = ctx.cfg
     setup_s = clock_now() - ctx.t_start
     data = build_training_data(cfg, comp, device)
+    t_build = clock_now()
     parts = build_parts(cfg, comp.task, comp.num_classes, data.train_targets, device, data.gpu_aug)
+    build_s = clock_now() - t_build
     budget_s, margin_s = budget_seconds(cfg)
     opts = fit_options(cfg, preprocess_of(parts.model), device)
     sched = opts.resolution
@@ -46,7 +48,7 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
         log.info("progressive resizing: %s; training throughput %s -> %.1f img/s over the schedule",
                  sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
-    reserve = new_reserve(cfg, comp, data, parts)  # the very reserve training will keep back
+    reserve = new_reserve(cfg, comp, data, parts, build_s)  # the very reserve training will keep back
     reserve.test_ips = inf["images_per_s"]
     reserve.observe_startup(inf["startup_s"])
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips, reserve=reserve,

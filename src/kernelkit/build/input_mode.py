@@ -15,6 +15,7 @@ import logging
 import math
 
 from ..core.context import RunContext
+from ..core.weights import weights_given
 from ..decide.reports import image_sizes
 from ..inputs.competition import Competition
 
@@ -63,8 +64,11 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     if cfg.input_mode == "pad" or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else "pad")
         return ctx
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
+        log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
-                                         pretrained=bool(cfg.pretrained_path))
+                                         pretrained=weights_given(cfg.pretrained_path))
     if mode == "tiles":
         log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s",
                  tiles, tiles, why)

@@ -7,8 +7,9 @@ CPU time this process has used. Every piece of work is FACTOR times longer on th
 that takes 30 ms of CPU counts as 30 ms x FACTOR against the budget, and a 9-hour schedule runs in
 9 h / FACTOR with its inference reserve, cadence and deadlines exercised, not bypassed. CPU time,
 not wall time: on a shared machine the wall clock also holds other processes' load, which FACTOR
-would turn into hours; the CPU time is this run's own work. (Nothing in the package waits for the
-clock itself, and the simulated runs use no loader worker processes, whose CPU would not count.)
+would turn into hours; the CPU time is this run's own work. (The simulated runs are one process
+with no loader workers, whose CPU would not count; the only wait on this clock, a rank polling for
+rank 0 in distributed.main_done, needs several ranks and so never runs on it.)
 A restart after a kill is given START = the time of the kill, so one run keeps one time line.
 """
 from __future__ import annotations

@@ -62,7 +62,7 @@ class Config:
                                   "(config.json + model.safetensors, e.g. a Kaggle Model); empty = on Kaggle with "
                                   "model=auto, a timm weights folder among the attached inputs (several: autopick "
                                   "ranks them), else random init; none = random init, no search. With weights, "
-                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in config.py)")
+                                  "the options you leave unset take the fine-tuning recipe (FINETUNE in core/options.py)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     head: str = _f("linear", "linear | mlp (BatchNorm, Dense head_hidden, ReLU, Dropout: the Scene-15 head)", choices=CHOICES['head'])
     head_hidden: int = _f(256, "mlp head width")

@@ -208,7 +208,7 @@ def _first_line(e: BaseException) -> str:
 
 def main_done(info: DistInfo, deadline: float) -> None:
     """Call on every rank after a phase rank 0 does alone: rank 0 marks it done, the others poll for
-    the mark (no collective, so no collective timeout) until `deadline` (wall time). A peer that
+    the mark (no collective, so no collective timeout) until `deadline` (a clock.now() time: the run's deadline). A peer that
     died, or the deadline passing, raises RuntimeError: this rank cannot go on without rank 0."""
     global _waits
     if not info.enabled or _store is None:

@@ -105,6 +105,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     probs, oks = HostChunks(device), HostChunks(device)
     t0 = clock_now()
     t_first, first_rows = None, 0
+    pieces = 1  # after an out-of-memory, the batches that follow are split as far as that one needed
     # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
     # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
@@ -112,7 +113,7 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
         x = resize_batch(x, size) if size else x
         x = normalize(x, channels_last, pre)
         use = views[:1] if stop is not None and stop.requested else views
-        p = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, tiles)
+        p, pieces = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, tiles, pieces)
         probs.add(p)
         oks.add(ok > 0)
         if t_first is None:
@@ -141,15 +142,16 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
 
 
 def _predict_batch(model: torch.nn.Module, x: torch.Tensor, n_images: int, views: Sequence[Callable], act: Callable,
-                   device: torch.device, amp: bool, amp_dtype: torch.dtype, tiles: int) -> torch.Tensor:
-    """One batch's probabilities; a batch that does not fit in memory is split in halves until it does,
-    so the predictions are never lost to one large batch (an image's tiles stay in one piece)."""
-    pieces = 1
+                   device: torch.device, amp: bool, amp_dtype: torch.dtype, tiles: int,
+                   pieces: int) -> tuple[torch.Tensor, int]:
+    """One batch's probabilities, in `pieces` parts; a batch that does not fit in memory is split in
+    halves until it does, so the predictions are never lost to one large batch (an image's tiles stay
+    in one piece). -> (probabilities, the pieces that fitted)."""
     while True:
         try:
             per = tiles * -(-n_images // pieces)
             return torch.cat([_average_views(model, part, views, act, device, amp, amp_dtype, tiles)
-                              for part in x.split(per)])
+                              for part in x.split(per)]), pieces
         except OutOfMemory:
             if pieces >= n_images:
                 raise
