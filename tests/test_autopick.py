@@ -215,3 +215,28 @@ def test_measure_steps_the_optimizer_training_uses(monkeypatch):
     cfg = Config(model="test_resnet", img_size=32, batch_size=4)
     autopick.measure(Candidate("test_resnet", 32, 0.01), cfg, 3, torch.device("cpu"), steps=1)
     assert len(made) == 1
+
+
+@pytest.mark.parametrize("mode,tiles", [("pad", 1), ("tiles", 3)])
+def test_measure_times_each_image_as_its_tiles_and_reports_images_per_second(monkeypatch, mode, tiles):
+    """Tiles mode: the timed batch holds every tile of its images, as training's does, and the rates
+    are per image. A fake clock that advances 1 ms per square makes the rates exact."""
+    from kernelkit.build import components
+    clock, seen = [0.0], []
+
+    class Squares(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            seen.append(len(x))
+            clock[0] += 0.001 * len(x)
+            return x.mean((1, 2, 3))[:, None].repeat(1, 3) * self.w
+
+    monkeypatch.setattr(components, "model_from_config", lambda *a, **k: Squares())
+    monkeypatch.setattr(autopick, "_now", lambda device: clock[0])
+    cfg = Config(model="test_resnet", img_size=16, batch_size=4, channels_last=False, input_mode=mode, tiles=tiles)
+    train_ips, infer_ips = autopick.measure(Candidate("test_resnet", 16, 0.01), cfg, 3, torch.device("cpu"), steps=1)
+    assert set(seen) == {4 * tiles, 8 * tiles}, "training batches of 4 images, inference of 8, each as its tiles"
+    assert train_ips == pytest.approx(1000 / tiles) and infer_ips == pytest.approx(1000 / tiles)

@@ -135,7 +135,10 @@ def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: 
 def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device,
             steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
     """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size (on a CPU
-    at most CPU_TIMED_BATCH).
+    at most CPU_TIMED_BATCH images). In tiles mode each image is `tiles` squares, so the timed batch is
+    that many squares, as training's is: a batch of 8 small squares runs a CPU far below the rate of
+    the 3 x 32 that training feeds it (measured 66 against 105 images/s at tiles x3, 64 px), and
+    dividing a square rate by the tile count afterwards kept the pretrained net at its smallest size.
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
     from ..model.factory import create_optimizer
     from .components import model_from_config
@@ -145,8 +148,9 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     model = model.to(memory_format=fmt)
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
     n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
-    x = torch.randn(n, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, num_classes, (n,), device=device)
+    tiles = cfg.input_tiles()
+    x = torch.randn(n * tiles, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (n * tiles,), device=device)
     model.train()
     dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
@@ -173,7 +177,7 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
             times.append(_now(device) - t0)
             if len(times) >= 2 and clock_now() > deadline:
                 break
-    infer_ips = len(xi) / max(min(times[1:]), 1e-9)
+    infer_ips = len(xi) / tiles / max(min(times[1:]), 1e-9)
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -194,7 +198,6 @@ def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: tor
     except Exception as e:  # noqa: BLE001  (a fixed-size ViT: training will run at img_size throughout)
         log.info("autopick: %s not timed at %d px (%s): planned at full size", cand, small, type(e).__name__)
         return None
-    small_ips /= cfg.input_tiles()  # full_ips is per image already
     return ips_by_pixels(sorted(set(sched.sizes())), {small: small_ips, cand.img_size: full_ips})
 
 
@@ -264,8 +267,8 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     when the first measurement starts it), so it is measured as it will train."""
     from .components import ready_device
     ready_device(cfg, device)
-    tiles = cfg.input_tiles()  # each image is this many img_size squares: that much slower per image
-    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed, short=tiles > 1)
+    # tiles mode: img_size is the short side's (measure times each image as its tiles)
+    native = None if cfg.img_size else native_size(comp.train_paths, cfg.seed, short=cfg.input_tiles() > 1)
     cands = candidates(cfg, device.type, native, weights)
     log.info("autopick: %d candidate(s) on %s (median image size %s px, %d training images), want >= %d epochs",
              len(cands), device.type, native or "unknown", shape.n_train, need_epochs(cfg))
@@ -278,7 +281,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
             t.note = "not measured (time for measuring is up)"
             return -1.0
         try:
-            t.train_ips, t.infer_ips = (v / tiles for v in measure(c, cfg, comp.num_classes, device, deadline=deadline))
+            t.train_ips, t.infer_ips = measure(c, cfg, comp.num_classes, device, deadline=deadline)  # per image
             t.stage_ips = stage_throughput(c, cfg, comp.num_classes, device, deadline, t.train_ips)
         except Exception as e:  # noqa: BLE001  (out of memory, a model timm cannot build at this size)
             t.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
