@@ -16,7 +16,7 @@ other people load, every row then sees the same load). Scores are on held-out te
 bench/results/finetune.json and prints a markdown table.
 
     .venv/bin/python bench/bench_finetune.py --budget 120 [--only single,multi,hard_multi,hard_single]
-        [--rows scratch,lite0,pad,peer] [--threads N] [--together] [--keep DIR]
+        [--rows scratch,lite0,pad,peer] [--threads N] [--together] [--keep DIR] [--extra '--aug flip']
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def make_task(name: str, work: Path) -> tuple[Path, callable, float, str]:
     return root, lambda sub: bq.score_single(sub, yte), prior_baseline("multiclass", ytr, yte), "accuracy"
 
 
-def row_command(row: str, data: Path, out: Path, weights: Path, budget: int) -> list[str]:
+def row_command(row: str, data: Path, out: Path, weights: Path, budget: int, extra: list[str]) -> list[str]:
     if row == "peer":
         return [sys.executable, str(ROOT / "bench" / "peer_notebook.py"), "--data-dir", str(data),
                 "--weights", str(weights), "--out-dir", str(out), "--budget", str(budget)]
@@ -74,17 +74,17 @@ def row_command(row: str, data: Path, out: Path, weights: Path, budget: int) -> 
         cmd += ["--pretrained-path", str(weights)]
     if row == "pad":
         cmd += PAD_FLAGS
-    return cmd
+    return cmd + (extra if row != "scratch" else [])
 
 
 def run_rows(rows: list[str], data: Path, work: Path, name: str, weights: Path, budget: int,
-             together: bool, threads: int) -> dict[str, tuple[dict, float]]:
+             together: bool, threads: int, extra: list[str]) -> dict[str, tuple[dict, float]]:
     """-> {row: (summary, wall seconds)}; `together`: the rows run at the same time (one machine load for all)."""
     def start(row: str):
         out = work / f"{name}_{row}"
         log = open(out.with_suffix(".log"), "w")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-        return out, log, time.time(), subprocess.Popen(row_command(row, data, out, weights, budget), stdout=log,
+        return out, log, time.time(), subprocess.Popen(row_command(row, data, out, weights, budget, extra), stdout=log,
                                                        stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     results, running = {}, {}
@@ -125,6 +125,7 @@ def main() -> None:
                          "torch's spinning OpenMP threads make 2 threads ~3x slower than 1 (resnet18, load 16 on 2 cores)")
     ap.add_argument("--together", action="store_true",
                     help="run a task's rows at the same time (on a machine others load, one load for all rows)")
+    ap.add_argument("--extra", default="", help="kernel.py flags added to the lite0 and pad rows, e.g. '--aug flip'")
     ap.add_argument("--keep", default="", help="work folder to keep (data, outputs, logs); default: a temp dir")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     a = ap.parse_args()
@@ -137,7 +138,7 @@ def main() -> None:
             data, score, prior, metric = make_task(name, work)
             wanted = [r for r in a.rows.split(",") if r != "pad" or (name.startswith("hard") and PAD_OPTION in FIELDS)]
             order = wanted[t % len(wanted):] + wanted[:t % len(wanted)]  # rotated: load falls on all alike
-            results = run_rows(order, data, work, name, weights, a.budget, a.together, a.threads)
+            results = run_rows(order, data, work, name, weights, a.budget, a.together, a.threads, a.extra.split())
             for row in order:
                 out = work / f"{name}_{row}"
                 summary, wall = results[row]
