@@ -180,7 +180,10 @@ def test_disk_full_during_a_background_write_still_submits(multilabel_dir, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_status"] == 0 and summary["failed_saves"] >= 1
     assert summary["checkpoints_written"] == 2 and summary["checkpoint"] in (BEST, LAST, "in-memory model")
-    assert load_checkpoint(out / LAST)["epoch"] == 1 and not list(out.glob(".*.tmp*"))
+    # Which two writes got through depends on the queue: a last.pt still queued when the next epoch's
+    # arrives is replaced by it (so on a fast machine both may be best.pt). Whatever is on disk is whole.
+    kept = [p for p in (out / BEST, out / LAST) if p.is_file()]
+    assert kept and all(load_checkpoint(p)["epoch"] >= 1 for p in kept) and not list(out.glob(".*.tmp*"))
     validate_submission(out / "submission.csv", load_competition(multilabel_dir))
 
 
