@@ -39,6 +39,7 @@ CONFIG = dict(
     # pretrained_path2='',                  # local weights of model2
     # freeze=0.0,                           # share of training with the backbone frozen (head only): 1 = linear probe, 0.3 = two-stage fine-tune
     # unfreeze_blocks=0,                    # after the frozen stage train the last N backbone blocks/stages (0 = all)
+    # frozen_stages=0,                      # stem and the first N backbone stages frozen for the whole run, their BatchNorm statistics kept: steps skip the gradients of the largest activations (0 = none)
     # layer_decay=0.0,                      # layer-wise LR decay, e.g. 0.75 (0 = off)
     # ema=0.0,                              # EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)
     # swa=0.0,                              # average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm recomputed after): it predicts when it validates at least as well (0 = off)
@@ -1774,18 +1775,20 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     the 3 x 32 that training feeds it (measured 66 against 105 images/s at tiles x3, 64 px), and
     dividing a square rate by the tile count afterwards kept the pretrained net at its smallest size.
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
-    from ..model.factory import create_optimizer
-    from .components import model_from_config
+    from ..model.factory import create_optimizer, freeze_early, hold_frozen_norms
+    from .components import frozen_stages, model_from_config
     model = model_from_config(dataclasses.replace(cfg, model=cand.model, img_size=cand.img_size), num_classes,
                               with_weights=False).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    freeze_early(model, frozen_stages(cfg))  # as training will (with_weights=False: the weights do not matter here)
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
     n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
     tiles = cfg.input_tiles()
     x = torch.randn(n * tiles, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (n * tiles,), device=device)
     model.train()
+    hold_frozen_norms(model)
     dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
     for _ in range(steps + 1):
@@ -2058,7 +2061,7 @@ from ..engine.learning_check import likely_causes
 from ..engine.resolution import fixed_input_size, schedule_from
 from ..engine.swa import create_averager
 from ..engine.trainer import FitOptions, TrainParts
-from ..model.factory import build_model, create_ema, create_optimizer
+from ..model.factory import HIGH_RESOLUTION, build_model, create_ema, create_optimizer, freeze_early, hold_frozen_norms
 from ..model.losses import get_loss
 
 log = logging.getLogger("kernelkit")
@@ -2092,6 +2095,14 @@ def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) 
     return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
                        cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
                        cfg.pretrained_path2 if with_weights else "")
+
+
+def frozen_stages(cfg: Config) -> int:
+    """frozen_stages resolved: as set, or auto = the high-resolution stages when fine-tuning from
+    weights (random early layers must learn; pretrained ones already hold edges and colours)."""
+    if cfg.frozen_stages >= 0:
+        return cfg.frozen_stages
+    return HIGH_RESOLUTION if weights_given(cfg.pretrained_path) else 0
 
 
 def count_parameters(cfg: Config, num_classes: int) -> int:
@@ -2156,6 +2167,13 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
         if not accel.has_tensor_cores(device):
             log.info("channels_last on %s, which has no tensor cores: NHWC may be slower than NCHW there "
                      "(channels_last=false to compare)", torch.cuda.get_device_name(device))
+    stages = frozen_stages(cfg)
+    frozen = freeze_early(model, stages)
+    if frozen:
+        log.info("frozen for the whole run: the stem and %s, %d of %d parameters (frozen_stages=%s)",
+                 "the stages at stride <= 4" if stages == HIGH_RESOLUTION else f"the first {stages} stage(s)",
+                 frozen, sum(p.numel() for p in model.parameters()),
+                 "auto, fine-tuning" if cfg.frozen_stages < 0 else stages)
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
     if cfg.amp and device.type == "cuda":  # said once here; the other callers of amp_dtype stay quiet
         log.info("mixed precision: %s%s", accel.dtype_name(dtype),
@@ -2188,6 +2206,7 @@ def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: i
 
     def warmup(model: torch.nn.Module) -> None:
         model.train()
+        hold_frozen_norms(model)
         for size in sizes:
             x, y, ok = dummy_batch(cfg.batch_size, size, task, num_classes, device, cfg.channels_last, preprocess)
             with autocast(device, cfg.amp, dtype):
@@ -2601,6 +2620,7 @@ def _range_problems(c: Config) -> list[str]:
          f"min_labels={c.min_labels} > max_labels={c.max_labels}"),
         (c.beta > 0, f"beta={c.beta}: must be > 0"),
         (c.head_hidden >= 1 and c.unfreeze_blocks >= 0, "head_hidden must be >= 1 and unfreeze_blocks >= 0"),
+        (c.frozen_stages >= -1, f"frozen_stages={c.frozen_stages}: a number of stages (0 = none, -1 = auto)"),
         (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
         (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
         (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),
@@ -2842,6 +2862,9 @@ class Config:
     freeze: float = _f(0.0, "share of training with the backbone frozen (head only): 1 = linear probe, "
                             "0.3 = two-stage fine-tune")
     unfreeze_blocks: int = _f(0, "after the frozen stage train the last N backbone blocks/stages (0 = all)")
+    frozen_stages: int = _f(-1, "stem and the first N backbone stages frozen for the whole run, their BatchNorm "
+                                 "statistics kept: steps skip the gradients of the largest activations (0 = none; "
+                                 "-1 auto = with weights, the stem and the stages at stride <= 4, else none)")
     layer_decay: float = _f(0.0, "layer-wise LR decay, e.g. 0.75 (0 = off)")
     ema: float = _f(0.0, "EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)")
     swa: float = _f(0.0, "average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm "
@@ -8240,6 +8263,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..data.transforms import Preprocess, fold_tiles, normalize
 from ..decide.rules import score_validation
+from ..model.factory import FROZEN_MARK, hold_frozen_norms
 from .evaluate import autocast, predict
 
 log = logging.getLogger("kernelkit")
@@ -8314,7 +8338,8 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
     """Running statistics of every BatchNorm layer from `max_batches` training batches (a cumulative
     average, as torch.optim.swa_utils.update_bn does, but on this package's uint8 batches).
     -> the number of batches used (0: the model has no BatchNorm)."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              and not getattr(m, FROZEN_MARK, False)]  # frozen stages keep the statistics they trained with
     if not layers:
         return 0
     momenta = {m: m.momentum for m in layers}
@@ -8323,6 +8348,7 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
         m.momentum = None  # cumulative average over the batches seen
     was_training, used = model.training, 0
     model.train()
+    hold_frozen_norms(model)
     with torch.no_grad():
         for x, _, _ in loader:
             if used >= max_batches:
@@ -8390,7 +8416,7 @@ from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import score_validation
-from ..model.factory import set_trainable
+from ..model.factory import hold_frozen_norms, set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
 from .evaluate import OutOfMemory, autocast, predict
@@ -8662,6 +8688,7 @@ class Trainer:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
         parts, opts, state = self.parts, self.opts, self.state
         parts.model.train()
+        hold_frozen_norms(parts.model)
         images, stopped, n_losses = 0, False, 0
         self.epoch_skipped = 0
         # Loss, unreadable images and skipped (non-finite) steps are summed on the device and read at the
@@ -9871,17 +9898,74 @@ def backbone_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     return [blk for blk in merged if blk]
 
 
+FROZEN_MARK = "kernelkit_frozen"  # an attribute, so copies of the model (EMA, SWA) keep it
+
+
+HIGH_RESOLUTION = -1  # freeze_early: the stem and every stage at stride <= 4 (frozen_stages=auto with weights)
+
+
+def high_resolution_parameters(model: nn.Module, max_stride: int = 4) -> list[nn.Parameter]:
+    """Parameters from the input up to the last stage whose output stride is <= `max_stride` (timm's
+    feature_info): lite0's stem + 2 stages, a ResNet's stem + layer1 (mmdetection's frozen_stages=1),
+    a ConvNeXt's stem + stage 0, nothing for a ViT (stride 16 from its first layer)."""
+    info = getattr(model, "feature_info", None)
+    try:
+        last = [f["module"] for f in info if f["reduction"] <= max_stride][-1] if info else None
+    except (TypeError, KeyError, IndexError):
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    inside = [i for i, n in enumerate(names) if n.startswith(f"{last}.")] if last else []
+    if not inside or inside[-1] >= len(names) - 1:
+        return []
+    return [p for _, p in list(model.named_parameters())[:inside[-1] + 1]]
+
+
+def freeze_early(model: nn.Module, stages: int) -> int:
+    """Freeze the stem and the first `stages` backbone stages (HIGH_RESOLUTION: those at stride <= 4)
+    for the whole run (the last stage always trains); their BatchNorm layers are marked to keep the
+    pretrained statistics (`hold_frozen_norms`). Why: the early stages run at the highest resolution,
+    so their backward pass is much of a step's cost (lite0 at 160 px on a CPU: 2x the images/s with
+    stem + 2 stages frozen, 16k of its 3.4M parameters), while their features (edges, colours)
+    transfer as they are. -> parameters frozen."""
+    if stages == HIGH_RESOLUTION:
+        frozen = {id(p) for p in high_resolution_parameters(model)}
+    elif stages > 0:
+        groups = backbone_blocks(model)
+        frozen = {id(p) for blk in groups[:min(stages + 1, len(groups) - 1)] for p in blk}
+    else:
+        return 0
+    for p in model.parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+            setattr(p, FROZEN_MARK, True)
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and own and all(id(p) in frozen for p in own):
+            setattr(m, FROZEN_MARK, True)
+    return sum(p.numel() for p in model.parameters() if id(p) in frozen)
+
+
+def hold_frozen_norms(model: nn.Module) -> None:
+    """After `model.train()`: frozen BatchNorm layers normalise with their stored statistics and do not
+    update them (a frozen stage whose statistics drift would feed the later stages inputs they were
+    not trained on, and small batches make the drift large)."""
+    for m in model.modules():
+        if getattr(m, FROZEN_MARK, False):
+            m.eval()
+
+
 def set_trainable(model: nn.Module, blocks: int | None) -> int:
     """Train the head plus the last `blocks` backbone blocks (None: everything, 0: head only,
-    i.e. a linear probe). -> number of trainable parameters."""
+    i.e. a linear probe); what `freeze_early` froze stays frozen. -> number of trainable parameters."""
+    early = {id(p) for p in model.parameters() if getattr(p, FROZEN_MARK, False)}
     for p in model.parameters():
-        p.requires_grad_(blocks is None)
+        p.requires_grad_(blocks is None and id(p) not in early)
     if blocks is not None:
         for p in head_parameters(model):
             p.requires_grad_(True)
         for blk in backbone_blocks(model)[len(backbone_blocks(model)) - blocks:] if blocks else []:
             for p in blk:
-                p.requires_grad_(True)
+                p.requires_grad_(id(p) not in early)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

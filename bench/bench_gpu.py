@@ -26,8 +26,8 @@ Results merge into --out (JSON); the README table between the bench_gpu markers 
 
 --check: one pass sized to fit 8 minutes of device time by its own estimate (the sum of its rows'
 timeouts, printed first): generated data (2500 + 500 JPEGs), the bound in kernel.py's dtype and
-kernel.py defaults for resnet50 @224 b128 and convnext_tiny @320 b64 at 4 cores, swa=0.25 and
-compile=true on resnet50 (BatchNorm: the CUDA path of the weight average), a 120 s budget run, and
+kernel.py defaults for resnet50 @224 b128 and convnext_tiny @320 b64 at 4 cores, swa=0.25 on resnet50
+(BatchNorm: the CUDA path of the weight average), a 120 s budget run, and
 2 GPUs (ddp_procs=2) when there are two. JSON + table under $OUT (gpu_check.json, gpu_check.md),
 else bench/results/. Without CUDA it prints the plan and a skip line and exits 0.
 """
@@ -520,8 +520,11 @@ def parse_seconds(text: str) -> float:
 CHECK_LIMIT_S = 480.0  # the whole check must fit 8 minutes of device time, by the sum of its timeouts
 CHECK_DATA = {"n_images": 2500, "n_test": 500, "epochs": 3, "steps": 30, "warmup": 5, "budgets": "120s",
               "cores": "4"}
-CHECK_TIMEOUTS = {"data": 35.0, "bound": 20.0, "kernel": 60.0, "swa": 40.0, "compile": 70.0, "budget_grace": 20.0,
-                  "ddp": 35.0}
+# From the first run on an H200 (2026-12-04, 4 cores): data 7 s; a bound child ~28 s from a cold start
+# (CUDA init, cuDNN autotuning), so 20 s failed both; compile=true on resnet50 had not finished one
+# epoch after 70 s (Inductor compiles on the 4 pinned cores): it is measured by the full benchmark's
+# `compile on` variant (540 s a row), not here.
+CHECK_TIMEOUTS = {"data": 15.0, "bound": 40.0, "kernel": 60.0, "swa": 40.0, "budget_grace": 20.0, "ddp": 35.0}
 
 
 def check_plan(models: list[tuple[str, int, int]], gpus: int, budget: str = CHECK_DATA["budgets"]) -> list[tuple[str, float]]:
@@ -530,8 +533,7 @@ def check_plan(models: list[tuple[str, int, int]], gpus: int, budget: str = CHEC
     plan = [("generate data", t["data"])]
     for model, size, batch in models:
         plan += [(f"bound {model}@{size}:{batch}", t["bound"]), (f"kernel defaults {model}@{size}:{batch}", t["kernel"])]
-    plan += [(f"swa=0.25 {models[0][0]}", t["swa"]), (f"compile=true {models[0][0]}", t["compile"]),
-             (f"budget {budget}", parse_seconds(budget) + t["budget_grace"])]
+    plan += [(f"swa=0.25 {models[0][0]}", t["swa"]), (f"budget {budget}", parse_seconds(budget) + t["budget_grace"])]
     if gpus >= 2:
         plan.append((f"2 GPUs (ddp_procs=2) {models[0][0]}", t["ddp"]))
     return plan
@@ -549,8 +551,6 @@ def run_check(a, res: dict, options, cc: int, gpus: int) -> None:
                    CHECK_TIMEOUTS["kernel"])
     first = models[0]
     kernel_row(a, res, first, cores, cpus, "kernel: swa 0.25", ["swa=0.25"], options, cc, CHECK_TIMEOUTS["swa"])
-    kernel_row(a, res, first, cores, cpus, "kernel: compile on", ["compile=true"], options, cc,
-               CHECK_TIMEOUTS["compile"])
     part_budget(a, res, cpus, grace_s=CHECK_TIMEOUTS["budget_grace"])
     if gpus >= 2:
         kernel_row(a, res, first, cores, cpus, "kernel: 2 GPUs (ddp_procs 2)", ["ddp_procs=2"], options, cc,
@@ -686,7 +686,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=540, help="seconds per row before it is failed")
     ap.add_argument("--keep-outputs", action="store_true", help="keep each kernel run's output folder")
     ap.add_argument("--check", action="store_true",
-                    help="the short GPU check (< 8 minutes): bound + defaults for both models, swa, compile, "
+                    help="the short GPU check (< 8 minutes): bound + defaults for both models, swa, "
                          "a 120 s budget, 2 GPUs when present; results under $OUT")
     ap.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # smoke runs without a GPU
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)

@@ -221,7 +221,7 @@ def test_the_gpu_check_plan_covers_the_issue_and_fits_8_minutes(gpus):
     plan = bench_gpu.check_plan(bench_gpu.parse_models(bench_gpu.DEFAULT_MODELS), gpus)
     names = " | ".join(n for n, _ in plan)
     for want in ("bound resnet50@224:128", "kernel defaults resnet50@224:128", "bound convnext_tiny@320:64",
-                 "kernel defaults convnext_tiny@320:64", "swa=0.25", "compile=true", "budget 120s"):
+                 "kernel defaults convnext_tiny@320:64", "swa=0.25", "budget 120s"):
         assert want in names
     assert ("2 GPUs" in names) == (gpus >= 2)
     assert sum(s for _, s in plan) <= bench_gpu.CHECK_LIMIT_S
@@ -248,5 +248,5 @@ def test_the_gpu_check_runs_its_planned_rows_under_their_timeouts(monkeypatch, t
     t = bench_gpu.CHECK_TIMEOUTS
     assert calls == [("bound", "resnet50", ("bf16",), t["bound"]), ("kernel", "resnet50", (), t["kernel"]),
                      ("bound", "convnext_tiny", ("bf16",), t["bound"]), ("kernel", "convnext_tiny", (), t["kernel"]),
-                     ("kernel", "resnet50", ("swa=0.25",), t["swa"]), ("kernel", "resnet50", ("compile=true",), t["compile"]),
+                     ("kernel", "resnet50", ("swa=0.25",), t["swa"]),
                      ("budget", "120s", (), t["budget_grace"]), ("kernel", "resnet50", ("ddp_procs=2",), t["ddp"])]

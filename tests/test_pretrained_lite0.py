@@ -63,3 +63,11 @@ def test_kernel_fine_tunes_from_the_folder_with_model_auto(tmp_path, kernel_dir,
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["config"]["model"] == ARCH and ckpt["preprocess"]["mean"] == [0.5, 0.5, 0.5]
     assert (out / "submission.csv").is_file()
+    # frozen_stages auto: the stride-2 and stride-4 stages come back exactly as ImageNet left them,
+    # BatchNorm statistics included; the rest fine-tuned
+    assert "frozen for the whole run: the stem and the stages at stride <= 4" in proc.stdout
+    imagenet, tuned = lite0_model().state_dict(), ckpt["model"]
+    early = [k for k in imagenet if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert any(k.endswith("running_var") for k in early)
+    assert all(torch.equal(imagenet[k], tuned[k]) for k in early)
+    assert not torch.equal(imagenet["blocks.6.0.conv_pw.weight"], tuned["blocks.6.0.conv_pw.weight"])

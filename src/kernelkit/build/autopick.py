@@ -140,18 +140,20 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     the 3 x 32 that training feeds it (measured 66 against 105 images/s at tiles x3, 64 px), and
     dividing a square rate by the tile count afterwards kept the pretrained net at its smallest size.
     Past `deadline` only one timed step and one timed batch are taken (a slow rung must not eat the budget)."""
-    from ..model.factory import create_optimizer
-    from .components import model_from_config
+    from ..model.factory import create_optimizer, freeze_early, hold_frozen_norms
+    from .components import frozen_stages, model_from_config
     model = model_from_config(dataclasses.replace(cfg, model=cand.model, img_size=cand.img_size), num_classes,
                               with_weights=False).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    freeze_early(model, frozen_stages(cfg))  # as training will (with_weights=False: the weights do not matter here)
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
     n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
     tiles = cfg.input_tiles()
     x = torch.randn(n * tiles, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (n * tiles,), device=device)
     model.train()
+    hold_frozen_norms(model)
     dtype = amp_dtype(cfg.amp_dtype, device)
     times = []
     for _ in range(steps + 1):

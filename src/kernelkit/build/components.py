@@ -19,7 +19,7 @@ from ..engine.learning_check import likely_causes
 from ..engine.resolution import fixed_input_size, schedule_from
 from ..engine.swa import create_averager
 from ..engine.trainer import FitOptions, TrainParts
-from ..model.factory import build_model, create_ema, create_optimizer
+from ..model.factory import HIGH_RESOLUTION, build_model, create_ema, create_optimizer, freeze_early, hold_frozen_norms
 from ..model.losses import get_loss
 
 log = logging.getLogger("kernelkit")
@@ -53,6 +53,14 @@ def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) 
     return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
                        cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
                        cfg.pretrained_path2 if with_weights else "")
+
+
+def frozen_stages(cfg: Config) -> int:
+    """frozen_stages resolved: as set, or auto = the high-resolution stages when fine-tuning from
+    weights (random early layers must learn; pretrained ones already hold edges and colours)."""
+    if cfg.frozen_stages >= 0:
+        return cfg.frozen_stages
+    return HIGH_RESOLUTION if weights_given(cfg.pretrained_path) else 0
 
 
 def count_parameters(cfg: Config, num_classes: int) -> int:
@@ -117,6 +125,13 @@ def build_parts(cfg: Config, task: str, num_classes: int, train_targets: np.ndar
         if not accel.has_tensor_cores(device):
             log.info("channels_last on %s, which has no tensor cores: NHWC may be slower than NCHW there "
                      "(channels_last=false to compare)", torch.cuda.get_device_name(device))
+    stages = frozen_stages(cfg)
+    frozen = freeze_early(model, stages)
+    if frozen:
+        log.info("frozen for the whole run: the stem and %s, %d of %d parameters (frozen_stages=%s)",
+                 "the stages at stride <= 4" if stages == HIGH_RESOLUTION else f"the first {stages} stage(s)",
+                 frozen, sum(p.numel() for p in model.parameters()),
+                 "auto, fine-tuning" if cfg.frozen_stages < 0 else stages)
     dtype = accel.amp_dtype(cfg.amp_dtype, device)
     if cfg.amp and device.type == "cuda":  # said once here; the other callers of amp_dtype stay quiet
         log.info("mixed precision: %s%s", accel.dtype_name(dtype),
@@ -149,6 +164,7 @@ def compile_step_model(cfg: Config, parts: TrainParts, task: str, num_classes: i
 
     def warmup(model: torch.nn.Module) -> None:
         model.train()
+        hold_frozen_norms(model)
         for size in sizes:
             x, y, ok = dummy_batch(cfg.batch_size, size, task, num_classes, device, cfg.channels_last, preprocess)
             with autocast(device, cfg.amp, dtype):

@@ -112,6 +112,7 @@ def _range_problems(c: Config) -> list[str]:
          f"min_labels={c.min_labels} > max_labels={c.max_labels}"),
         (c.beta > 0, f"beta={c.beta}: must be > 0"),
         (c.head_hidden >= 1 and c.unfreeze_blocks >= 0, "head_hidden must be >= 1 and unfreeze_blocks >= 0"),
+        (c.frozen_stages >= -1, f"frozen_stages={c.frozen_stages}: a number of stages (0 = none, -1 = auto)"),
         (c.demo_images >= 20, f"demo_images={c.demo_images}: must be >= 20"),
         (c.max_train_images >= 0, f"max_train_images={c.max_train_images}: must be >= 0"),
         (c.mode != "infer" or bool(c.checkpoints), "mode='infer' needs checkpoints= (a file, folder or glob)"),

@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from ..data.transforms import Preprocess, fold_tiles, normalize
 from ..decide.rules import score_validation
+from ..model.factory import FROZEN_MARK, hold_frozen_norms
 from .evaluate import autocast, predict
 
 log = logging.getLogger("kernelkit")
@@ -97,7 +98,8 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
     """Running statistics of every BatchNorm layer from `max_batches` training batches (a cumulative
     average, as torch.optim.swa_utils.update_bn does, but on this package's uint8 batches).
     -> the number of batches used (0: the model has no BatchNorm)."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              and not getattr(m, FROZEN_MARK, False)]  # frozen stages keep the statistics they trained with
     if not layers:
         return 0
     momenta = {m: m.momentum for m in layers}
@@ -106,6 +108,7 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
         m.momentum = None  # cumulative average over the batches seen
     was_training, used = model.training, 0
     model.train()
+    hold_frozen_norms(model)
     with torch.no_grad():
         for x, _, _ in loader:
             if used >= max_batches:

@@ -25,7 +25,7 @@ from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import score_validation
-from ..model.factory import set_trainable
+from ..model.factory import hold_frozen_norms, set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
 from .evaluate import OutOfMemory, autocast, predict
@@ -297,6 +297,7 @@ class Trainer:
         """One pass over `loader` (or `max_steps` steps): LR, step, clip, log, checkpoint."""
         parts, opts, state = self.parts, self.opts, self.state
         parts.model.train()
+        hold_frozen_norms(parts.model)
         images, stopped, n_losses = 0, False, 0
         self.epoch_skipped = 0
         # Loss, unreadable images and skipped (non-finite) steps are summed on the device and read at the

@@ -1,0 +1,113 @@
+"""Fine-tuning keeps the pretrained high-resolution stages frozen (frozen_stages): which parameters, that a
+step leaves them and their BatchNorm statistics alone, that the options and the freeze schedule respect
+them, and that the auto rule only applies to weights (issue #20: steps at 1.6-2x the images/s on a CPU)."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from kernelkit.build.components import frozen_stages
+from kernelkit.core.config import ConfigError
+from kernelkit.core.options import make_config
+from kernelkit.engine.swa import recompute_batchnorm
+from kernelkit.model.factory import (HIGH_RESOLUTION, freeze_early, high_resolution_parameters, hold_frozen_norms,
+                                     set_trainable)
+
+
+def frozen_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if not p.requires_grad]
+
+
+@pytest.mark.parametrize("arch, first, last", [
+    ("tf_efficientnet_lite0", "conv_stem.weight", "blocks.1."),  # stride 2 stem, stages at stride 2 and 4
+    ("resnet18", "conv1.weight", "layer1."),                     # mmdetection's frozen_stages=1
+    ("test_convnext", "stem.0.weight", "stages.0."),              # stride-4 stem and its stage
+])
+def test_auto_freezes_the_stem_and_the_stages_at_stride_4(arch, first, last):
+    model = timm.create_model(arch, num_classes=3)
+    n = freeze_early(model, HIGH_RESOLUTION)
+    names = frozen_names(model)
+    assert names and names[0] == first and names[-1].startswith(last), names[-3:]
+    assert n == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any(t.startswith(last) for t in trainable), "a stage is frozen whole"
+    assert len(names) == len(high_resolution_parameters(model))
+
+
+def test_a_vit_has_no_high_resolution_stage_and_stays_whole():
+    model = timm.create_model("test_vit", num_classes=3)
+    assert freeze_early(model, HIGH_RESOLUTION) == 0 and not frozen_names(model)
+
+
+def test_a_count_freezes_that_many_stages_and_never_the_last():
+    model = timm.create_model("test_resnet", num_classes=3)
+    freeze_early(model, 2)
+    names = frozen_names(model)
+    assert names[-1].startswith("layer2.") and not any(n.startswith("layer3.") for n in names)
+    everything = timm.create_model("test_resnet", num_classes=3)
+    freeze_early(everything, 99)
+    assert any(p.requires_grad for n, p in everything.named_parameters() if n.startswith("layer4."))
+    assert all(p.requires_grad for p in everything.get_classifier().parameters())
+
+
+def test_a_step_leaves_frozen_weights_and_their_statistics_alone():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    freeze_early(model, HIGH_RESOLUTION)
+    before = copy.deepcopy(model.state_dict())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    hold_frozen_norms(model)
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    early = [k for k in before if k.startswith(("conv1.", "bn1.", "layer1."))]
+    assert any("running_mean" in k for k in early)
+    assert all(torch.equal(before[k], after[k]) for k in early), "frozen: weights and BatchNorm statistics"
+    assert not torch.equal(before["layer4.0.bn1.running_mean"], after["layer4.0.bn1.running_mean"])
+    assert not torch.equal(before["fc.weight"], after["fc.weight"])
+
+
+def test_the_freeze_schedule_and_copies_keep_the_early_stages_frozen():
+    model = timm.create_model("test_resnet", num_classes=3)
+    freeze_early(model, HIGH_RESOLUTION)
+    early = frozen_names(model)
+    set_trainable(model, 0)   # the head-only stage of freeze=...
+    set_trainable(model, None)  # then everything: except what is frozen for the run
+    assert frozen_names(model) == early
+    set_trainable(model, 3)
+    assert set(early) <= set(frozen_names(model))
+    twin = copy.deepcopy(model)  # EMA and SWA hold copies; a copy knows its frozen norms
+    twin.train()
+    hold_frozen_norms(twin)
+    bn = dict(twin.named_modules())
+    assert not bn["layer1.0.bn1"].training and not bn["bn1"].training and bn["layer2.0.bn1"].training
+
+
+def test_swa_recomputes_only_the_statistics_that_trained():
+    from kernelkit.data.transforms import IMAGENET
+    model = timm.create_model("test_resnet", num_classes=3)
+    freeze_early(model, HIGH_RESOLUTION)
+    with torch.no_grad():
+        for bn in (model.layer1[0].bn1, model.layer4[0].bn1):
+            bn.running_mean.fill_(7.0)  # stands for the pretrained statistics
+    batches = [(torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), None, None) for _ in range(2)]
+    assert recompute_batchnorm(model, batches, torch.device("cpu"), False, IMAGENET, max_batches=2) == 2
+    assert torch.all(model.layer1[0].bn1.running_mean == 7.0), "frozen: kept"
+    assert not torch.any(model.layer4[0].bn1.running_mean == 7.0), "trained: recomputed from the batches"
+
+
+def test_auto_means_frozen_only_with_weights_and_an_explicit_value_wins(tmp_path):
+    from test_finetune import timm_folder
+    folder = timm_folder(tmp_path / "w")
+    scratch, _ = make_config({}, ["--model", "test_resnet"])
+    tuned, _ = make_config({}, ["--pretrained-path", str(folder)])
+    told, _ = make_config({}, ["--pretrained-path", str(folder), "--frozen-stages", "0"])
+    forced, _ = make_config({}, ["--model", "test_resnet", "--frozen-stages", "1"])
+    assert (frozen_stages(scratch), frozen_stages(tuned), frozen_stages(told), frozen_stages(forced)) == \
+        (0, HIGH_RESOLUTION, 0, 1)
+    with pytest.raises(ConfigError, match="frozen_stages"):
+        make_config({}, ["--frozen-stages", "-2"])
