@@ -1781,7 +1781,8 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
                               with_weights=False).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    freeze_early(model, frozen_stages(cfg))  # as training will (with_weights=False: the weights do not matter here)
+    # frozen as training will freeze it (the candidate's own folder counts as weights given)
+    freeze_early(model, frozen_stages(dataclasses.replace(cfg, pretrained_path=cand.weights or cfg.pretrained_path)))
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
     n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
     tiles = cfg.input_tiles()

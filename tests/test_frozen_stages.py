@@ -111,3 +111,18 @@ def test_auto_means_frozen_only_with_weights_and_an_explicit_value_wins(tmp_path
         (0, HIGH_RESOLUTION, 0, 1)
     with pytest.raises(ConfigError, match="frozen_stages"):
         make_config({}, ["--frozen-stages", "-2"])
+
+
+def test_autopick_times_a_candidate_frozen_as_it_will_train(tmp_path, monkeypatch):
+    from test_finetune import timm_folder
+
+    from kernelkit.build import autopick
+    from kernelkit.model import factory
+    folder = timm_folder(tmp_path / "w")
+    seen = []
+    real = factory.freeze_early
+    monkeypatch.setattr(factory, "freeze_early", lambda model, stages: seen.append(stages) or real(model, stages))
+    cfg, _ = make_config({}, ["--model", "test_resnet", "--frozen-stages", "-1"])  # auto, and no weights in cfg
+    for weights in ("", str(folder)):  # a candidate from an attached folder brings its own
+        autopick.measure(autopick.Candidate("test_resnet", 32, 0.1, weights), cfg, 3, torch.device("cpu"), steps=1)
+    assert seen == [0, HIGH_RESOLUTION]
