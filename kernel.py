@@ -8076,8 +8076,8 @@ log = logging.getLogger("kernelkit")
 
 # What must not change between the sessions of one schedule: the schedule itself, the model, and
 # the validation split (another split would validate on images the model trained on).
-SCHEDULE_KEYS = ("sessions", "epochs", "schedule", "warmup", "lr", "swa", "freeze", "model", "model2", "head",
-                 "fold", "n_folds", "val_fraction", "seed", "max_train_images")
+SCHEDULE_KEYS = ("sessions", "epochs", "schedule", "warmup", "lr", "swa", "freeze", "frozen_stages", "model", "model2",
+                 "head", "fold", "n_folds", "val_fraction", "seed", "max_train_images")
 
 
 def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
@@ -8520,7 +8520,11 @@ class TrainState:
         # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
         # CPU, and a CPU one's on a GPU, each with the kernel it can run.
         flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
-        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            parts.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # other parameter groups, e.g. a checkpoint from before frozen_stages
+            log.warning("optimizer state not restored (%s): the weights and the schedule resume, AdamW's "
+                        "moments start afresh", e)
         for group, own in zip(parts.optimizer.param_groups, flags):
             group.update(own)
         if ckpt.get("scaler") and parts.scaler.is_enabled():

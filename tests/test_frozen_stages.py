@@ -126,3 +126,28 @@ def test_autopick_times_a_candidate_frozen_as_it_will_train(tmp_path, monkeypatc
     for weights in ("", str(folder)):  # a candidate from an attached folder brings its own
         autopick.measure(autopick.Candidate("test_resnet", 32, 0.1, weights), cfg, 3, torch.device("cpu"), steps=1)
     assert seen == [0, HIGH_RESOLUTION]
+
+
+def test_a_checkpoint_from_before_frozen_stages_resumes_its_weights_and_schedule(tmp_path, caplog):
+    """Its optimizer holds every parameter; this run's leaves the frozen ones out: the load must not crash."""
+    from kernelkit.core.config import Config
+    from kernelkit.engine.checkpoint import rng_state
+    from kernelkit.engine.resume import restore
+    from kernelkit.engine.trainer import TrainParts
+    from kernelkit.model.factory import create_optimizer
+    old = timm.create_model("test_resnet", num_classes=3)
+    opt = create_optimizer(old, 1e-3, 0.05)
+    old(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    ckpt = {"model": old.state_dict(), "optimizer": opt.state_dict(), "scaler": {}, "rng": rng_state(), "epoch": 2,
+            "step": 7, "progress": 0.4, "best_score": 0.5, "threshold": 0.5}
+    new = timm.create_model("test_resnet", num_classes=3)
+    freeze_early(new, HIGH_RESOLUTION)
+    parts = TrainParts(new, create_optimizer(new, 1e-3, 0.05), torch.amp.GradScaler("cuda", enabled=False), None)
+    with caplog.at_level("WARNING", logger="kernelkit"):
+        state = restore(ckpt, parts, tmp_path / "last.pt", Config(), False)
+    assert (state.step, state.epoch) == (7, 2)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+    assert "optimizer state not restored" in caplog.text
+    new(torch.randn(2, 3, 32, 32)).sum().backward()
+    parts.optimizer.step()  # and it trains on

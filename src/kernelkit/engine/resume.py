@@ -32,8 +32,8 @@ log = logging.getLogger("kernelkit")
 
 # What must not change between the sessions of one schedule: the schedule itself, the model, and
 # the validation split (another split would validate on images the model trained on).
-SCHEDULE_KEYS = ("sessions", "epochs", "schedule", "warmup", "lr", "swa", "freeze", "model", "model2", "head",
-                 "fold", "n_folds", "val_fraction", "seed", "max_train_images")
+SCHEDULE_KEYS = ("sessions", "epochs", "schedule", "warmup", "lr", "swa", "freeze", "frozen_stages", "model", "model2",
+                 "head", "fold", "n_folds", "val_fraction", "seed", "max_train_images")
 
 
 def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:

@@ -128,7 +128,11 @@ class TrainState:
         # The implementation flags stay this machine's: a fused (GPU) optimizer's state resumes on a
         # CPU, and a CPU one's on a GPU, each with the kernel it can run.
         flags = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in parts.optimizer.param_groups]
-        parts.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            parts.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:  # other parameter groups, e.g. a checkpoint from before frozen_stages
+            log.warning("optimizer state not restored (%s): the weights and the schedule resume, AdamW's "
+                        "moments start afresh", e)
         for group, own in zip(parts.optimizer.param_groups, flags):
             group.update(own)
         if ckpt.get("scaler") and parts.scaler.is_enabled():
