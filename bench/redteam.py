@@ -508,6 +508,7 @@ for cid, flags, names, setup in [
     ("opt-mixup-neg", ["--mixup", "-1"], ("mixup",), S()),
     ("opt-beta-0", ["--beta", "0"], ("beta",), M()),
     ("opt-freeze-2", ["--freeze", "2"], ("freeze",), S()),
+    ("opt-frozen-stages-neg", ["--frozen-stages", "-2"], opt_names("frozen-stages"), S()),
     ("opt-ema-1.5", ["--ema", "1.5"], ("ema",), S()),
 ]:
     case(cid, "options", " ".join(flags) + " (out of range)", setup, "refuse", flags, names=names)

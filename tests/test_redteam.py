@@ -58,6 +58,7 @@ PASSING = [
     "opt-min-gt-max-labels",
     "opt-pad-fill-300",
     "opt-head-dropout-1.5",
+    "opt-frozen-stages-neg",
     "opt-mixup-neg",
     "opt-beta-0",
     "opt-freeze-2",
