@@ -9918,11 +9918,11 @@ def high_resolution_parameters(model: nn.Module, max_stride: int = 4) -> list[nn
         last = [f["module"] for f in info if f["reduction"] <= max_stride][-1] if info else None
     except (TypeError, KeyError, IndexError):
         return []
-    names = [n for n, _ in model.named_parameters()]
-    inside = [i for i, n in enumerate(names) if n.startswith(f"{last}.")] if last else []
-    if not inside or inside[-1] >= len(names) - 1:
+    named = list(model.named_parameters())
+    inside = [i for i, (n, _) in enumerate(named) if n.startswith(f"{last}.")] if last else []
+    if not inside or inside[-1] >= len(named) - 1:
         return []
-    return [p for _, p in list(model.named_parameters())[:inside[-1] + 1]]
+    return [p for _, p in named[:inside[-1] + 1]]
 
 
 def freeze_early(model: nn.Module, stages: int) -> int:
