@@ -16,7 +16,7 @@ other people load, every row then sees the same load). Scores are on held-out te
 bench/results/finetune.json and prints a markdown table.
 
     .venv/bin/python bench/bench_finetune.py --budget 120 [--only single,multi,hard_multi,hard_single]
-        [--rows scratch,lite0,pad,peer] [--threads N] [--together] [--keep DIR] [--extra '--aug flip']
+        [--rows scratch,lite0,pad,peer] [--seeds 0,1,2] [--threads N] [--together] [--keep DIR] [--extra '--aug flip']
 """
 from __future__ import annotations
 
@@ -64,12 +64,15 @@ def make_task(name: str, work: Path) -> tuple[Path, callable, float, str]:
     return root, lambda sub: bq.score_single(sub, yte), prior_baseline("multiclass", ytr, yte), "accuracy"
 
 
-def row_command(row: str, data: Path, out: Path, weights: Path, budget: int, extra: list[str]) -> list[str]:
+def row_command(row: str, data: Path, out: Path, weights: Path, budget: int, extra: list[str],
+                seed: int = 0) -> list[str]:
+    """seed 0: each program's own default seed (the kernel's 42, the peer's 0); others passed as --seed."""
+    seeded = ["--seed", str(seed)] if seed else []
     if row == "peer":
         return [sys.executable, str(ROOT / "bench" / "peer_notebook.py"), "--data-dir", str(data),
-                "--weights", str(weights), "--out-dir", str(out), "--budget", str(budget)]
+                "--weights", str(weights), "--out-dir", str(out), "--budget", str(budget), *seeded]
     cmd = [sys.executable, str(ROOT / "kernel.py"), "--data-dir", str(data), "--out-dir", str(out),
-           "--budget", f"{budget}s"]
+           "--budget", f"{budget}s", *seeded]
     if row != "scratch":
         cmd += ["--pretrained-path", str(weights)]
     if row == "pad":
@@ -77,14 +80,18 @@ def row_command(row: str, data: Path, out: Path, weights: Path, budget: int, ext
     return cmd + (extra if row != "scratch" else [])
 
 
+def out_dir(work: Path, name: str, row: str, seed: int) -> Path:
+    return work / (f"{name}_{row}" + (f"_s{seed}" if seed else ""))
+
+
 def run_rows(rows: list[str], data: Path, work: Path, name: str, weights: Path, budget: int,
-             together: bool, threads: int, extra: list[str]) -> dict[str, tuple[dict, float]]:
+             together: bool, threads: int, extra: list[str], seed: int = 0) -> dict[str, tuple[dict, float]]:
     """-> {row: (summary, wall seconds)}; `together`: the rows run at the same time (one machine load for all)."""
     def start(row: str):
-        out = work / f"{name}_{row}"
+        out = out_dir(work, name, row, seed)
         log = open(out.with_suffix(".log"), "w")
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-        return out, log, time.time(), subprocess.Popen(row_command(row, data, out, weights, budget, extra), stdout=log,
+        return out, log, time.time(), subprocess.Popen(row_command(row, data, out, weights, budget, extra, seed), stdout=log,
                                                        stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     results, running = {}, {}
@@ -126,6 +133,8 @@ def main() -> None:
     ap.add_argument("--together", action="store_true",
                     help="run a task's rows at the same time (on a machine others load, one load for all rows)")
     ap.add_argument("--extra", default="", help="kernel.py flags added to the lite0 and pad rows, e.g. '--aug flip'")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, each a full set of rows (0: the programs' "
+                    "default seeds); the table shows the mean over seeds")
     ap.add_argument("--keep", default="", help="work folder to keep (data, outputs, logs); default: a temp dir")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune.json"))
     a = ap.parse_args()
@@ -137,22 +146,29 @@ def main() -> None:
         for t, name in enumerate(a.only.split(",")):
             data, score, prior, metric = make_task(name, work)
             wanted = [r for r in a.rows.split(",") if r != "pad" or (name.startswith("hard") and PAD_OPTION in FIELDS)]
-            order = wanted[t % len(wanted):] + wanted[:t % len(wanted)]  # rotated: load falls on all alike
-            results = run_rows(order, data, work, name, weights, a.budget, a.together, a.threads, a.extra.split())
-            for row in order:
-                out = work / f"{name}_{row}"
-                summary, wall = results[row]
-                sub = out / "submission.csv"
-                rows.append({"task": name, "row": row, "metric": metric, "label_prior": prior,
-                             "score": score(sub) if sub.is_file() else None, "val_score": summary.get("val_score"),
-                             "model": bq.model_of(summary) if row != "peer" else "tf_efficientnet_lite0 @ 128 px",
-                             "choice": summary.get("choice"), "input_mode": summary.get("input_mode"),
-                             "epochs": summary.get("epochs"), "wall_s": round(wall, 1),
-                             "exit": summary.get("exit_code"), "warnings": summary.get("warnings", []),
-                             "log_tail": summary.get("log_tail"), "load_avg": os.getloadavg()[0]})
-                print(json.dumps(rows[-1]), flush=True)
-                save(a, rows, load_before)  # after every row: a run cut short keeps what it measured
+            for k, seed in enumerate(int(x) for x in a.seeds.split(",")):
+                turn = t + k
+                order = wanted[turn % len(wanted):] + wanted[:turn % len(wanted)]  # rotated: load falls on all alike
+                results = run_rows(order, data, work, name, weights, a.budget, a.together, a.threads, a.extra.split(),
+                                   seed)
+                for row in order:
+                    rows.append(row_result(name, row, seed, metric, prior, score, work, results[row]))
+                    print(json.dumps(rows[-1]), flush=True)
+                    save(a, rows, load_before)  # after every row: a run cut short keeps what it measured
     print(table(rows))
+
+
+def row_result(name: str, row: str, seed: int, metric: str, prior: float, score, work: Path,
+               result: tuple[dict, float]) -> dict:
+    summary, wall = result
+    sub = out_dir(work, name, row, seed) / "submission.csv"
+    return {"task": name, "row": row, "seed": seed, "metric": metric, "label_prior": prior,
+            "score": score(sub) if sub.is_file() else None, "val_score": summary.get("val_score"),
+            "model": bq.model_of(summary) if row != "peer" else "tf_efficientnet_lite0 @ 128 px",
+            "choice": summary.get("choice"), "input_mode": summary.get("input_mode"),
+            "epochs": summary.get("epochs"), "wall_s": round(wall, 1),
+            "exit": summary.get("exit_code"), "warnings": summary.get("warnings", []),
+            "log_tail": summary.get("log_tail"), "load_avg": os.getloadavg()[0]}
 
 
 def save(a: argparse.Namespace, rows: list[dict], load_before: tuple) -> None:
@@ -165,16 +181,26 @@ def save(a: argparse.Namespace, rows: list[dict], load_before: tuple) -> None:
 
 
 def table(rows: list[dict]) -> str:
+    """Mean score per task and row over the seeds run; with several seeds, (min-max, n) after it."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     present = [r for r in ROWS if any(x["row"] == r for x in rows)]
     lines = ["| task | metric | label prior | " + " | ".join(present) + " |",
              "|---|---|---|" + "---|" * len(present)]
     for t in tasks:
-        by = {r["row"]: r for r in rows if r["task"] == t}
-        first = next(iter(by.values()))
-        cells = [f"{bq.fmt(by[r]['score'])} ({by[r]['epochs']} ep)" if r in by else "-" for r in present]
+        first = next(r for r in rows if r["task"] == t)
+        cells = [cell([r for r in rows if r["task"] == t and r["row"] == row]) for row in present]
         lines.append(f"| {t} | {first['metric']} | {bq.fmt(first['label_prior'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cell(runs: list[dict]) -> str:
+    scores = [r["score"] if r["score"] is not None else 0.0 for r in runs]  # no submission scores 0
+    if not scores:
+        return "-"
+    epochs = "/".join(str(r["epochs"]) for r in runs)
+    if len(scores) == 1:
+        return f"{bq.fmt(scores[0])} ({epochs} ep)"
+    return f"{bq.fmt(sum(scores) / len(scores))} ({bq.fmt(min(scores))}-{bq.fmt(max(scores))}, n={len(scores)}; {epochs} ep)"
 
 
 if __name__ == "__main__":

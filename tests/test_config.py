@@ -59,7 +59,7 @@ def test_every_choice_lives_in_one_place_and_matches_the_code():
     from kernelkit.model import factory as models
     from kernelkit.model import losses
     assert set(CHOICES["loss"]) == {"auto", *losses.LOSSES}
-    assert CHOICES["aug"] == transforms.AUG_LEVELS and CHOICES["gpu_aug"] == ("auto", *transforms.BATCH_AUG_LEVELS)
+    assert CHOICES["aug"] == ("auto", *transforms.AUG_LEVELS) and CHOICES["gpu_aug"] == ("auto", *transforms.BATCH_AUG_LEVELS)
     assert CHOICES["amp_dtype"] == accel.AMP_DTYPES
     assert CHOICES["head"] == models.HEADS and CHOICES["threshold_rule"] == thresholds.KINDS
     assert CHOICES["format"] == ("auto", *competition.FORMATS)
@@ -180,7 +180,7 @@ def test_help_lists_every_option_with_a_help_line_under_its_group(capsys):
 def test_help_shows_presets_choices_booleans_and_examples(capsys):
     out = _help(capsys)
     assert "presets: " + " | ".join(PRESETS) in out
-    assert "--aug {none,flip,light,medium,strong}" in out
+    assert "--aug {auto,none,flip,light,medium,strong}" in out
     assert "--amp, --no-amp" in out and "(default on)" in out and "(default True)" not in out
     assert "examples:\n  python kernel.py" in out
 

@@ -15,6 +15,7 @@ import torch
 
 from ..build import autopick
 from ..build.assemble import open_competition
+from ..build.augmentation import resolve_augmentation
 from ..build.input_mode import resolve_input_mode
 from ..core import distributed, env
 from ..core.clock import now as clock_now
@@ -58,13 +59,17 @@ def announce(ctx: RunContext) -> None:
     env.check_versions({"torch": torch.__version__, "timm": timm_version()})
     log.info("kernelkit: torch %s, timm %s, %s, config:\n%s", torch.__version__, timm_version(),
              "on Kaggle" if env.on_kaggle() else "local", ctx.cfg.pretty())
+    save_config(ctx)
+    if ctx.is_demo:
+        log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
+        make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
+
+
+def save_config(ctx: RunContext) -> None:
     try:
         ctx.cfg.save(ctx.out_dir / "config.json")
     except Exception as e:  # noqa: BLE001  (a full disk here must not cost the run; the log has the config)
         log.error("!!! could not write config.json (%s)", e)
-    if ctx.is_demo:
-        log.info("no competition data found: running the built-in demo (set data_dir= for a real competition)")
-        make_demo_competition(ctx.data_dir, ctx.cfg.demo_images, max(50, ctx.cfg.demo_images // 5), ctx.cfg.seed)
 
 
 def data_parallel_processes(ctx: RunContext) -> int:
@@ -171,6 +176,9 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         return EXIT_OK
     ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
+    picked, ctx = ctx, resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
+    if ctx.cfg != picked.cfg and info.is_main:
+        save_config(ctx)
     cfg = ctx.cfg
     if ctx.args.dry_run:
         from .dry_run import dry_run

@@ -24,6 +24,7 @@ from ..data.sampling import balanced_sampler
 from ..data.transforms import EvalTransform, TrainTransform
 from ..inputs.competition import Competition, load_competition
 from ..inputs.submission import check_submission_writable
+from .augmentation import auto_augmentation
 
 log = logging.getLogger("kernelkit")
 
@@ -144,7 +145,8 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     tiles = cfg.input_tiles()
     train_cache = cache.subset(tr_idx) if cache else None
     cached = train_cache is not None and train_cache.all_cached()
-    cpu_aug, gpu_aug = augmentation_split(cfg.aug, cfg.gpu_aug, device.type, cached)
+    # 'auto' is resolved (and logged) by the launcher; a caller building data directly gets the same choice.
+    cpu_aug, gpu_aug = augmentation_split(auto_augmentation(cfg, paths)[0], cfg.gpu_aug, device.type, cached)
     if cfg.gpu_aug == "auto" and gpu_aug:
         log.info("augmentation %r runs on the %s over whole batches (the training images are cached: the "
                  "loader only gathers rows)", gpu_aug, device.type)

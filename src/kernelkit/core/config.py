@@ -24,7 +24,7 @@ CHOICES: dict[str, tuple] = {
     "mode": ("train", "infer", "blend"),
     "format": ("auto", "multilabel_csv", "single_label_csv", "folder"),
     "head": ("linear", "mlp"),
-    "aug": AUG_LEVELS,
+    "aug": ("auto", *AUG_LEVELS),
     "gpu_aug": ("auto", "", *AUG_LEVELS[1:]),
     "amp_dtype": ("auto", "bf16", "fp16"),
     "schedule": ("linear", "cosine"),
@@ -94,8 +94,9 @@ class Config:
                       choices=CHOICES['input_mode'])
     tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
                        "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
-    aug: str = _f("light", "none | flip | light (flip + random resized crop) | medium (+ colour jitter) | "
-                           "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
+    aug: str = _f("auto", "auto (light, or flip for thumbnails: images enlarged 2x or more to img_size) | none | "
+                          "flip | light (flip + random resized crop) | medium (+ colour jitter) | "
+                          "strong (+ shift/scale/rotate, noise)", choices=CHOICES['aug'])
     gpu_aug: str = _f("auto", "batch augmentation on the training device: auto = on a GPU with the training images "
                               "cached, `aug` runs there on whole batches and the CPU only gathers cached rows; "
                               "'' = off (aug runs per image on the CPU) | flip | light | medium | strong",

@@ -110,6 +110,7 @@ def image_sizes(paths: list[str], sample: int, seed: int, extreme_aspect: float)
     out["max_aspect"] = round(float(aspect.max()), 2)
     out["aspect_quantiles"] = {f"p{q}": round(float(np.percentile(aspect, q)), 2) for q in (50, 75, 90)}
     out["short_side_median"] = float(np.median(wh.min(1)))
+    out["long_side_median"] = float(np.median(wh.max(1)))
     return out
 
 

@@ -1,0 +1,61 @@
+"""aug auto -> light, or flip for thumbnails, from the training images' sizes (file headers only).
+
+The random resized crop of `light` keeps up to 40% of a frame out of view and stretches the rest up
+to 4:3: objects at any place and scale (photos, iMet's strips) stay in view and the net learns
+their scale changes, but where the object *is* the frame it cuts off what tells the classes apart
+(the lower stroke of a 9, a 7's foot). Images enlarged THUMBNAIL_UPSCALE times or more to reach
+img_size are that kind: a digit, a glyph, an icon saved at its own small size. Measured fine-tuning
+lite0 at 160 px on the 32 px digits (bench/bench_finetune.py, 150 s, test accuracy / F2): light
+0.981 / 0.982 and 0.978 / 0.985 (two runs), flip 0.993 / 0.993; on the hard task (64 px frames
+as tiles at 96 px, 1.5x) light won instead: 0.923 / 0.990 against flip's 0.898 / 0.970. From
+scratch the digits train at their own 32 px (1x), where light is the default that measured well.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..core.config import Config
+from ..core.context import RunContext
+from ..decide.reports import image_sizes
+from ..inputs.competition import Competition
+
+log = logging.getLogger("kernelkit")
+
+THUMBNAIL_UPSCALE = 2.0  # img_size / the side of the frame that maps onto it, from which a crop cuts the object
+SAMPLE = 500
+
+
+def frame_side(sizes: dict, tiles: int) -> float:
+    """The median source side that becomes img_size: the short side in tiles, the long one in a
+    padded square (the smaller enlargement of a squeezed image: a crop cuts along both)."""
+    return float(sizes.get("short_side_median" if tiles > 1 else "long_side_median") or 0.0)
+
+
+def choose_augmentation(aug: str, sizes: dict, img_size: int, tiles: int = 0) -> tuple[str, str]:
+    """image_sizes(...) of the training images -> (aug level, why). An explicit level is kept."""
+    if aug != "auto":
+        return aug, "set"
+    side = frame_side(sizes, tiles)
+    if not side or not img_size:
+        return "light", "no readable training image headers"
+    upscale = img_size / side
+    if upscale >= THUMBNAIL_UPSCALE:
+        return "flip", (f"thumbnails: median frame {side:g} px enlarged {upscale:.1f}x to {img_size} px, so the object "
+                        f"fills the frame and a random crop would cut it off (aug=light forces the crop)")
+    return "light", f"median frame {side:g} px at {img_size} px ({upscale:.1f}x): flip + random resized crop"
+
+
+def auto_augmentation(cfg: Config, paths: list[str]) -> tuple[str, str]:
+    """cfg.aug, with 'auto' chosen from the headers of (a sample of) `paths`."""
+    return choose_augmentation(cfg.aug, image_sizes(paths, SAMPLE, cfg.seed, 2.0) if cfg.aug == "auto" else {},
+                               cfg.img_size, cfg.input_tiles())
+
+
+def resolve_augmentation(ctx: RunContext, comp: Competition) -> RunContext:
+    """`ctx` with a concrete aug level, logged with the reason; after autopick (it needs img_size)."""
+    if ctx.cfg.aug != "auto":
+        return ctx
+    aug, why = auto_augmentation(ctx.cfg, comp.train_paths)
+    log.info("augmentation: %s (aug=auto): %s", aug, why)
+    return dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, aug=aug))
