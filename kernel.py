@@ -49,7 +49,7 @@ CONFIG = dict(
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
     # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | auto: tiles when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer, else pad (measured: README, input modes; the log says which and why)
     # tiles=0,                              # input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)
-    # aug='light',                          # none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
+    # aug='auto',                           # auto (light, or flip for thumbnails: images enlarged 2x or more to img_size) | none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
     # mixup=0.0,                            # mixup alpha (0 = off)
     # cutmix=0.0,                           # cutmix alpha (0 = off); with both, each batch picks one
