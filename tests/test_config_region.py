@@ -71,7 +71,7 @@ def test_settings_accumulate_and_reset_returns_to_the_default_build(kernel, defa
     (["--set", "imgsize=288"], "unknown --set key 'imgsize' (did you mean 'img_size'?)"),
     (["--set", "img_size=2.5"], "img_size='2.5': expected an integer"),
     (["--set", "amp=maybe"], "amp='maybe': expected True or False"),
-    (["--set", "aug=strnog"], "aug='strnog' is not one of 'none' | 'flip' | 'light' | 'medium' | 'strong'"),
+    (["--set", "aug=strnog"], "aug='strnog' is not one of 'auto' | 'none' | 'flip' | 'light' | 'medium' | 'strong'"),
     (["--set", "tta=0"], "tta=0: must be 1"),
     (["--set", "budget=soon"], "budget='soon'"),
     (["--set", "img_size"], "expected key=value"),
