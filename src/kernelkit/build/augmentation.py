@@ -5,10 +5,11 @@ to 4:3: objects at any place and scale (photos, iMet's strips) stay in view and 
 their scale changes, but where the object *is* the frame it cuts off what tells the classes apart
 (the lower stroke of a 9, a 7's foot). Images enlarged THUMBNAIL_UPSCALE times or more to reach
 img_size are that kind: a digit, a glyph, an icon saved at its own small size. Measured fine-tuning
-lite0 at 160 px on the 32 px digits (bench/bench_finetune.py, 150 s, test accuracy / F2): light
-0.981 / 0.982 and 0.978 / 0.985 (two runs), flip 0.993 / 0.993; on the hard task (64 px frames
-as tiles at 96 px, 1.5x) light won instead: 0.923 / 0.990 against flip's 0.898 / 0.970. From
-scratch the digits train at their own 32 px (1x), where light is the default that measured well.
+lite0 at 160 px on the 32 px digits (bench/bench_finetune.py, 150 s, test accuracy / F2, one run
+each): light 0.981 / 0.982 (0.978 / 0.985 with the crop dropped for the last 30% of the clock),
+flip 0.993 / 0.993; on the hard task (64 px frames as tiles at 96 px, 1.5x) light won instead:
+0.923 / 0.990 against flip's 0.898 / 0.970. From scratch the digits train at their own 32 px (1x),
+where light is the default that measured well.
 """
 from __future__ import annotations
 
