@@ -18,13 +18,12 @@ import logging
 
 from ..core.config import Config
 from ..core.context import RunContext
-from ..decide.reports import image_sizes
 from ..inputs.competition import Competition
+from .input_mode import long_share
 
 log = logging.getLogger("kernelkit")
 
 THUMBNAIL_UPSCALE = 2.0  # img_size / the side of the frame that maps onto it, from which a crop cuts the object
-SAMPLE = 500
 
 
 def frame_side(sizes: dict, tiles: int) -> float:
@@ -48,8 +47,8 @@ def choose_augmentation(aug: str, sizes: dict, img_size: int, tiles: int = 0) ->
 
 
 def auto_augmentation(cfg: Config, paths: list[str]) -> tuple[str, str]:
-    """cfg.aug, with 'auto' chosen from the headers of (a sample of) `paths`."""
-    return choose_augmentation(cfg.aug, image_sizes(paths, SAMPLE, cfg.seed, 2.0) if cfg.aug == "auto" else {},
+    """cfg.aug, with 'auto' chosen from the headers of (a sample of) `paths`, the sample input_mode reads."""
+    return choose_augmentation(cfg.aug, long_share(paths, cfg.seed) if cfg.aug == "auto" else {},
                                cfg.img_size, cfg.input_tiles())
 
 
