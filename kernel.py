@@ -45,9 +45,9 @@ CONFIG = dict(
     # swa=0.0,                              # average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm recomputed after): it predicts when it validates at least as well (0 = off)
     # img_size=0,                           # square input size; 0 or 'auto' = the images' median size (never upscaled past it), lowered until auto_min_epochs fit
     # auto_min_epochs=10,                   # model/img_size auto: the epochs the chosen pair must fit in the training time
-    # pad_aspect=2.0,                       # pad to square when long/short side exceeds this (0 = always resize)
+    # pad_aspect=2.0,                       # input_mode pad: pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
-    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | auto: tiles when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer, else pad (measured: README, input modes; the log says which and why)
+    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | squeeze: each image stretched to one square, whatever its aspect | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | auto: tiles when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer (squeeze when the autopick finds the tiles too slow for auto_min_epochs), else pad (measured: README, input modes; the log says which and why)
     # tiles=0,                              # input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)
     # aug='auto',                           # auto (light, or flip for thumbnails: images enlarged 2x or more to img_size) | none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
@@ -1540,7 +1540,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     if not cfg.cache_images or not paths:
         return None
     root = cache_root(cfg)
-    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles())
+    geometry = cfg.geometry()
     cache = None
     if info.is_main:
         log.info("image cache: %d images at %d px%s", len(paths), cfg.img_size,
@@ -1604,8 +1604,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     if len(tr_idx) == 0:
         raise ValueError("no training images found")
     cache = image_cache(cfg, paths, info, stop, cache_deadline)
-    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
-    tiles = cfg.input_tiles()
+    *geometry, tiles = cfg.geometry()
     train_cache = cache.subset(tr_idx) if cache else None
     cached = train_cache is not None and train_cache.all_cached()
     # 'auto' is resolved (and logged) by the launcher; a caller building data directly gets the same choice.
@@ -1640,7 +1639,7 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
     """The test images through the eval transform of `cfg` (a checkpoint's own config at inference);
     `limit` > 0: only the first `limit` images (the reserve probe)."""
     paths = comp.test_paths[:limit] if limit else comp.test_paths
-    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles()), cfg.img_size,
+    ds = ImageDataset(paths, None, EvalTransform(*cfg.geometry()), cfg.img_size,
                       cfg.pad_fill)
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
 ''',
@@ -2044,8 +2043,18 @@ def ladder_table(trials: list[Trial], choice: Candidate, need: int) -> str:
     return "\n".join(rows)
 
 
-def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
-    """The model and size of the run this one will resume (its checkpoint says what was picked)."""
+@dataclass(frozen=True)
+class Choice:
+    """What autopick decides: the checkpoints store it (in the config), and a resumed run takes it back."""
+    model: str
+    img_size: int
+    weights: str = ""  # the attached weights folder ('' = the config's pretrained_path)
+    input_mode: str = ""  # '' = as resolved before the pick (the fallback from tiles sets 'squeeze')
+    tiles: int = 0
+
+
+def stored_choice(ctx: RunContext) -> Choice | None:
+    """The model, size and input mode of the run this one will resume (its checkpoint says what was picked)."""
     from ..engine.checkpoint import load_checkpoint
     from ..engine.run_state import resumable
     path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
@@ -2053,10 +2062,17 @@ def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
         return None
     try:
         stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
-        return str(stored["model"]), int(stored["img_size"])
+        mode = str(stored.get("input_mode", "")) if ctx.input_mode_fallback else ""  # an auto mode: as it was
+        return Choice(str(stored["model"]), int(stored["img_size"]), input_mode=mode,
+                      tiles=int(stored.get("tiles", 0)) if mode else 0)
     except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
         log.warning("autopick: could not read the model of %s (%s)", path, e)
         return None
+
+
+def measures(ctx: RunContext) -> bool:
+    """Whether `resolve` will pick anything: model or img_size auto, or several attached weights folders."""
+    return ctx.cfg.model == "auto" or not ctx.cfg.img_size or len(ctx.weights_found or ()) > 1
 
 
 def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
@@ -2064,20 +2080,22 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
     several = len(ctx.weights_found or ()) > 1
-    if cfg.model != "auto" and cfg.img_size and not several:
+    if not measures(ctx):
         return ctx
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
     # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
     distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
-    model, size, weights = distributed.broadcast_object(info, choice)
+    choice = Choice(*distributed.broadcast_object(info, dataclasses.astuple(choice) if choice else None))
     if several:  # the model came from the first folder found, not from the user
-        model, path = model, weights or cfg.pretrained_path
-    else:
-        model, path = model if cfg.model == "auto" else cfg.model, cfg.pretrained_path  # explicit settings win
-    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or size,
-                                                                pretrained_path=path))
+        model, path = choice.model, choice.weights or cfg.pretrained_path
+    else:  # explicit settings win
+        model, path = choice.model if cfg.model == "auto" else cfg.model, cfg.pretrained_path
+    mode = {"input_mode": choice.input_mode, "tiles": choice.tiles} if choice.input_mode else {}
+    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or choice.img_size,
+                                                                pretrained_path=path, **mode),
+                                   input_mode_fallback="")
     if info.is_main:
         try:
             resolved.cfg.save(ctx.out_dir / "config.json")
@@ -2086,32 +2104,52 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     return resolved
 
 
-def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int, str]:
-    """-> (model, img_size, weights folder or '' for the configured one)."""
+def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> Choice:
     cfg = ctx.cfg
     weights = ctx.weights_found or ()
     stored = None if every else stored_choice(ctx)
     if stored is not None:
-        log.info("autopick: resuming a run that picked %s @ %d px", *stored)
+        log.info("autopick: resuming a run that picked %s @ %d px%s", stored.model, stored.img_size,
+                 f", input mode {stored.input_mode}" if stored.input_mode else "")
         same = [str(w) for w in weights if len(weights) > 1 and
-                same_architecture(resolve_weights(w).architecture, stored[0])]
-        return (*stored, same[0] if same else "")
-    t0 = clock_now()
+                same_architecture(resolve_weights(w).architecture, stored.model)]
+        return dataclasses.replace(stored, weights=same[0] if same else "")
     shape = RunShape.of(cfg, comp, info.world_size)
-    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop,
-                            weights if len(weights) > 1 else ())
+    several = weights if len(weights) > 1 else ()
+    choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
+    if not fits(got, need_epochs(cfg)) and ctx.input_mode_fallback:
+        log.info("autopick: input mode %s instead of tiles x%d: the tiles fit too few epochs (each image costs %d "
+                 "squares); measuring one square per image", ctx.input_mode_fallback, cfg.input_tiles(),
+                 cfg.input_tiles())
+        cfg = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
+        choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
+        return Choice(choice.model, choice.img_size, choice.weights, cfg.input_mode, 0)
+    return Choice(choice.model, choice.img_size, choice.weights)
+
+
+def fits(trial: Trial, need: int) -> bool:
+    return not trial.note and trial.epochs >= need
+
+
+def _measured_choice(cfg: Config, comp: Competition, info: DistInfo, shape: RunShape, ctx: RunContext, every: bool,
+                     several: tuple[Path, ...]) -> tuple[Candidate, Trial]:
+    """choose(), logged: the ladder's table and the verdict. -> (choice, its trial)."""
+    t0 = clock_now()
+    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop, several)
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
     log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(clock_now() - t0),
              ladder_table(trials, choice, need))
     if got.note:
         verdict = f"the cheapest, {got.note}"
+    elif got.epochs < need and ctx.input_mode_fallback and cfg.input_mode == "tiles":
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need}: none measured fits them"
     elif got.epochs < need:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: none measured fits them; the most epochs"
     else:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
     log.info("autopick: chose %s (%s)", choice, verdict)
-    return choice.model, choice.img_size, choice.weights
+    return choice, got
 
 ''',
 'kernelkit.build.components': r'''"""Config -> the training parts: model, optimizer, scaler, loss, EMA, batch augmentation, and the
@@ -2347,6 +2385,7 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..decide.reports import image_sizes
 from ..inputs.competition import Competition
+from . import autopick
 
 log = logging.getLogger("kernelkit")
 
@@ -2354,6 +2393,11 @@ LONG = 2.0  # long/short ratio from which a square input shrinks the content at 
 TILES_SHARE = 0.25  # share of long images from which the log points at input_mode=tiles
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
+# Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
+# at which the tiles fit auto_min_epochs), one stretched square per image is what holds up: measured
+# fine-tuning lite0 on the hard task with half this machine's compute (README, fine-tuning), tiles x3 fell
+# to 64 px and test F2 0.732 / accuracy 0.872, squeeze 0.815 / 0.887 at 96 px, pad 0.652 / 0.793.
+FALLBACK = "squeeze"
 
 
 def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0,
@@ -2390,20 +2434,23 @@ def long_share(paths: list[str], seed: int) -> dict:
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with input_mode pad or tiles (and tiles set), logged with the reason; what checkpoints store."""
     cfg = ctx.cfg
-    if cfg.input_mode == "pad" or (cfg.input_mode == "tiles" and cfg.tiles):
-        log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else "pad")
+    if cfg.input_mode in ("pad", "squeeze") or (cfg.input_mode == "tiles" and cfg.tiles):
+        log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
         return ctx
     if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
                                          pretrained=weights_given(cfg.pretrained_path))
+    fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""
     if mode == "tiles":
-        log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s",
-                 tiles, tiles, why)
+        log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s%s",
+                 tiles, tiles, why, f"; {fallback} if the autopick finds them too slow" if fallback else "")
     else:
         log.info("input mode: pad (one square per image): %s", why)
-    return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
+    return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles),
+                               input_mode_fallback=fallback)
+
 ''',
 'kernelkit.core': r'''"""The ground floor: the typed run config (schema, checks, command line), the run context and its
 stop flag, the one clock the budget reads (`clock`, which only tests scale), the Kaggle-or-local
@@ -2897,7 +2944,7 @@ CHOICES: dict[str, tuple] = {
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
     "image_ext": ("", *IMAGE_EXTS),
-    "input_mode": ("auto", "pad", "tiles"),
+    "input_mode": ("auto", "pad", "squeeze", "tiles"),
 }
 
 
@@ -2947,14 +2994,16 @@ class Config:
     img_size: int = _f(0, "square input size; 0 or 'auto' = the images' median size (never upscaled past it), "
                           "lowered until auto_min_epochs fit")
     auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
-    pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
+    pad_aspect: float = _f(2.0, "input_mode pad: pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
-    input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: "
+    input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | "
+                                 "squeeze: each image stretched to one square, whatever its aspect | tiles: "
                                  "short side resized to img_size, `tiles` squares along the long side, the network "
                                  "sees each and takes the max over them (long strips keep small objects at scale) | "
                                  "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
-                                 "sampled training images are 1:2 or longer, else pad (measured: README, input "
-                                 "modes; the log says which and why)",
+                                 "sampled training images are 1:2 or longer (squeeze when the autopick finds the "
+                                 "tiles too slow for auto_min_epochs), else pad (measured: README, input modes; the "
+                                 "log says which and why)",
                       choices=CHOICES['input_mode'])
     tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
                        "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
@@ -3032,6 +3081,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def geometry(self) -> tuple[int, float, int, int]:
+        """(img_size, pad_aspect, pad_fill, tiles): what decoding an image to the network's input depends on
+        (transforms and the image cache take it as is); squeeze is pad with every image stretched."""
+        pad_aspect = 0.0 if self.input_mode == "squeeze" else self.pad_aspect
+        return self.img_size, pad_aspect, self.pad_fill, self.input_tiles()
 
     def input_tiles(self) -> int:
         """Squares per image the data pipeline makes: 1 (pad mode, or a stored config from before the
@@ -3190,6 +3245,9 @@ class RunContext:
     # The attached inputs were searched for timm weights folders (on Kaggle, model=auto, no pretrained_path):
     # what was found (several: autopick ranks them), or None when there was no search.
     weights_found: tuple[Path, ...] | None = None
+    # input_mode auto chose tiles: the mode autopick takes instead when the tiles do not fit their epochs
+    # ('' = none: the mode was set, or is not tiles).
+    input_mode_fallback: str = ""
 
     @property
     def phase(self) -> str:

@@ -77,7 +77,7 @@ def image_cache(cfg: Config, paths: list[str], info: DistInfo = distributed.SING
     if not cfg.cache_images or not paths:
         return None
     root = cache_root(cfg)
-    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles())
+    geometry = cfg.geometry()
     cache = None
     if info.is_main:
         log.info("image cache: %d images at %d px%s", len(paths), cfg.img_size,
@@ -141,8 +141,7 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     if len(tr_idx) == 0:
         raise ValueError("no training images found")
     cache = image_cache(cfg, paths, info, stop, cache_deadline)
-    geometry = (cfg.img_size, cfg.pad_aspect, cfg.pad_fill)
-    tiles = cfg.input_tiles()
+    *geometry, tiles = cfg.geometry()
     train_cache = cache.subset(tr_idx) if cache else None
     cached = train_cache is not None and train_cache.all_cached()
     # 'auto' is resolved (and logged) by the launcher; a caller building data directly gets the same choice.
@@ -177,6 +176,6 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
     """The test images through the eval transform of `cfg` (a checkpoint's own config at inference);
     `limit` > 0: only the first `limit` images (the reserve probe)."""
     paths = comp.test_paths[:limit] if limit else comp.test_paths
-    ds = ImageDataset(paths, None, EvalTransform(cfg.img_size, cfg.pad_aspect, cfg.pad_fill, cfg.input_tiles()), cfg.img_size,
+    ds = ImageDataset(paths, None, EvalTransform(*cfg.geometry()), cfg.img_size,
                       cfg.pad_fill)
     return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")

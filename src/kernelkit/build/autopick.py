@@ -336,8 +336,18 @@ def ladder_table(trials: list[Trial], choice: Candidate, need: int) -> str:
     return "\n".join(rows)
 
 
-def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
-    """The model and size of the run this one will resume (its checkpoint says what was picked)."""
+@dataclass(frozen=True)
+class Choice:
+    """What autopick decides: the checkpoints store it (in the config), and a resumed run takes it back."""
+    model: str
+    img_size: int
+    weights: str = ""  # the attached weights folder ('' = the config's pretrained_path)
+    input_mode: str = ""  # '' = as resolved before the pick (the fallback from tiles sets 'squeeze')
+    tiles: int = 0
+
+
+def stored_choice(ctx: RunContext) -> Choice | None:
+    """The model, size and input mode of the run this one will resume (its checkpoint says what was picked)."""
     from ..engine.checkpoint import load_checkpoint
     from ..engine.run_state import resumable
     path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
@@ -345,10 +355,17 @@ def stored_choice(ctx: RunContext) -> tuple[str, int] | None:
         return None
     try:
         stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
-        return str(stored["model"]), int(stored["img_size"])
+        mode = str(stored.get("input_mode", "")) if ctx.input_mode_fallback else ""  # an auto mode: as it was
+        return Choice(str(stored["model"]), int(stored["img_size"]), input_mode=mode,
+                      tiles=int(stored.get("tiles", 0)) if mode else 0)
     except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
         log.warning("autopick: could not read the model of %s (%s)", path, e)
         return None
+
+
+def measures(ctx: RunContext) -> bool:
+    """Whether `resolve` will pick anything: model or img_size auto, or several attached weights folders."""
+    return ctx.cfg.model == "auto" or not ctx.cfg.img_size or len(ctx.weights_found or ()) > 1
 
 
 def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
@@ -356,20 +373,22 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
     several = len(ctx.weights_found or ()) > 1
-    if cfg.model != "auto" and cfg.img_size and not several:
+    if not measures(ctx):
         return ctx
     choice = None
     if info.is_main:
         choice = _choose_main(ctx, comp, info, every)
     # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
     distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
-    model, size, weights = distributed.broadcast_object(info, choice)
+    choice = Choice(*distributed.broadcast_object(info, dataclasses.astuple(choice) if choice else None))
     if several:  # the model came from the first folder found, not from the user
-        model, path = model, weights or cfg.pretrained_path
-    else:
-        model, path = model if cfg.model == "auto" else cfg.model, cfg.pretrained_path  # explicit settings win
-    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or size,
-                                                                pretrained_path=path))
+        model, path = choice.model, choice.weights or cfg.pretrained_path
+    else:  # explicit settings win
+        model, path = choice.model if cfg.model == "auto" else cfg.model, cfg.pretrained_path
+    mode = {"input_mode": choice.input_mode, "tiles": choice.tiles} if choice.input_mode else {}
+    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or choice.img_size,
+                                                                pretrained_path=path, **mode),
+                                   input_mode_fallback="")
     if info.is_main:
         try:
             resolved.cfg.save(ctx.out_dir / "config.json")
@@ -378,30 +397,50 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     return resolved
 
 
-def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> tuple[str, int, str]:
-    """-> (model, img_size, weights folder or '' for the configured one)."""
+def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> Choice:
     cfg = ctx.cfg
     weights = ctx.weights_found or ()
     stored = None if every else stored_choice(ctx)
     if stored is not None:
-        log.info("autopick: resuming a run that picked %s @ %d px", *stored)
+        log.info("autopick: resuming a run that picked %s @ %d px%s", stored.model, stored.img_size,
+                 f", input mode {stored.input_mode}" if stored.input_mode else "")
         same = [str(w) for w in weights if len(weights) > 1 and
-                same_architecture(resolve_weights(w).architecture, stored[0])]
-        return (*stored, same[0] if same else "")
-    t0 = clock_now()
+                same_architecture(resolve_weights(w).architecture, stored.model)]
+        return dataclasses.replace(stored, weights=same[0] if same else "")
     shape = RunShape.of(cfg, comp, info.world_size)
-    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop,
-                            weights if len(weights) > 1 else ())
+    several = weights if len(weights) > 1 else ()
+    choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
+    if not fits(got, need_epochs(cfg)) and ctx.input_mode_fallback:
+        log.info("autopick: input mode %s instead of tiles x%d: the tiles fit too few epochs (each image costs %d "
+                 "squares); measuring one square per image", ctx.input_mode_fallback, cfg.input_tiles(),
+                 cfg.input_tiles())
+        cfg = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
+        choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
+        return Choice(choice.model, choice.img_size, choice.weights, cfg.input_mode, 0)
+    return Choice(choice.model, choice.img_size, choice.weights)
+
+
+def fits(trial: Trial, need: int) -> bool:
+    return not trial.note and trial.epochs >= need
+
+
+def _measured_choice(cfg: Config, comp: Competition, info: DistInfo, shape: RunShape, ctx: RunContext, every: bool,
+                     several: tuple[Path, ...]) -> tuple[Candidate, Trial]:
+    """choose(), logged: the ladder's table and the verdict. -> (choice, its trial)."""
+    t0 = clock_now()
+    choice, trials = choose(cfg, comp, info.device(), shape, ctx.t_start, every, ctx.stop, several)
     need = need_epochs(cfg)
     got = next(t for t in trials if t.candidate == choice)
     log.info("autopick: ladder (%s of measuring):\n%s", fmt_seconds(clock_now() - t0),
              ladder_table(trials, choice, need))
     if got.note:
         verdict = f"the cheapest, {got.note}"
+    elif got.epochs < need and ctx.input_mode_fallback and cfg.input_mode == "tiles":
+        verdict = f"~{got.epochs:.1f} epochs, want >= {need}: none measured fits them"
     elif got.epochs < need:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: none measured fits them; the most epochs"
     else:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}"
     log.info("autopick: chose %s (%s)", choice, verdict)
-    return choice.model, choice.img_size, choice.weights
+    return choice, got
 

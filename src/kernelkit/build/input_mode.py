@@ -18,6 +18,7 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..decide.reports import image_sizes
 from ..inputs.competition import Competition
+from . import autopick
 
 log = logging.getLogger("kernelkit")
 
@@ -25,6 +26,11 @@ LONG = 2.0  # long/short ratio from which a square input shrinks the content at 
 TILES_SHARE = 0.25  # share of long images from which the log points at input_mode=tiles
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
+# Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
+# at which the tiles fit auto_min_epochs), one stretched square per image is what holds up: measured
+# fine-tuning lite0 on the hard task with half this machine's compute (README, fine-tuning), tiles x3 fell
+# to 64 px and test F2 0.732 / accuracy 0.872, squeeze 0.815 / 0.887 at 96 px, pad 0.652 / 0.793.
+FALLBACK = "squeeze"
 
 
 def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0,
@@ -61,17 +67,20 @@ def long_share(paths: list[str], seed: int) -> dict:
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with input_mode pad or tiles (and tiles set), logged with the reason; what checkpoints store."""
     cfg = ctx.cfg
-    if cfg.input_mode == "pad" or (cfg.input_mode == "tiles" and cfg.tiles):
-        log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else "pad")
+    if cfg.input_mode in ("pad", "squeeze") or (cfg.input_mode == "tiles" and cfg.tiles):
+        log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
         return ctx
     if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
                                          pretrained=weights_given(cfg.pretrained_path))
+    fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""
     if mode == "tiles":
-        log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s",
-                 tiles, tiles, why)
+        log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s%s",
+                 tiles, tiles, why, f"; {fallback} if the autopick finds them too slow" if fallback else "")
     else:
         log.info("input mode: pad (one square per image): %s", why)
-    return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
+    return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles),
+                               input_mode_fallback=fallback)
+

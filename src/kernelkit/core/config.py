@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple] = {
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
     "image_ext": ("", *IMAGE_EXTS),
-    "input_mode": ("auto", "pad", "tiles"),
+    "input_mode": ("auto", "pad", "squeeze", "tiles"),
 }
 
 
@@ -83,14 +83,16 @@ class Config:
     img_size: int = _f(0, "square input size; 0 or 'auto' = the images' median size (never upscaled past it), "
                           "lowered until auto_min_epochs fit")
     auto_min_epochs: int = _f(10, "model/img_size auto: the epochs the chosen pair must fit in the training time")
-    pad_aspect: float = _f(2.0, "pad to square when long/short side exceeds this (0 = always resize)")
+    pad_aspect: float = _f(2.0, "input_mode pad: pad to square when long/short side exceeds this (0 = always resize)")
     pad_fill: int = _f(255, "grey level of the padding (iMet seed pads with white)")
-    input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | tiles: "
+    input_mode: str = _f("auto", "pad: each image resized (or padded, see pad_aspect) to one img_size square | "
+                                 "squeeze: each image stretched to one square, whatever its aspect | tiles: "
                                  "short side resized to img_size, `tiles` squares along the long side, the network "
                                  "sees each and takes the max over them (long strips keep small objects at scale) | "
                                  "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
-                                 "sampled training images are 1:2 or longer, else pad (measured: README, input "
-                                 "modes; the log says which and why)",
+                                 "sampled training images are 1:2 or longer (squeeze when the autopick finds the "
+                                 "tiles too slow for auto_min_epochs), else pad (measured: README, input modes; the "
+                                 "log says which and why)",
                       choices=CHOICES['input_mode'])
     tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
                        "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
@@ -168,6 +170,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def geometry(self) -> tuple[int, float, int, int]:
+        """(img_size, pad_aspect, pad_fill, tiles): what decoding an image to the network's input depends on
+        (transforms and the image cache take it as is); squeeze is pad with every image stretched."""
+        pad_aspect = 0.0 if self.input_mode == "squeeze" else self.pad_aspect
+        return self.img_size, pad_aspect, self.pad_fill, self.input_tiles()
 
     def input_tiles(self) -> int:
         """Squares per image the data pipeline makes: 1 (pad mode, or a stored config from before the

@@ -44,6 +44,9 @@ class RunContext:
     # The attached inputs were searched for timm weights folders (on Kaggle, model=auto, no pretrained_path):
     # what was found (several: autopick ranks them), or None when there was no search.
     weights_found: tuple[Path, ...] | None = None
+    # input_mode auto chose tiles: the mode autopick takes instead when the tiles do not fit their epochs
+    # ('' = none: the mode was set, or is not tiles).
+    input_mode_fallback: str = ""
 
     @property
     def phase(self) -> str:

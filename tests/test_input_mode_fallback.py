@@ -1,0 +1,97 @@
+"""input_mode auto is compute-aware: tiles cost `tiles` squares an image, and where the autopick finds
+no size at which they fit their epochs the run takes one stretched square per image (squeeze) instead,
+keeps it across a resume, and predicts with it; an explicit mode is never swapped (issue #20)."""
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_finetune import timm_folder
+from test_tiles import strip_competition
+
+from kernelkit.build import autopick
+from kernelkit.core.checks import checked_config
+from kernelkit.data.transforms import EvalTransform
+from kernelkit.engine.checkpoint import load_checkpoint
+
+SQUARE_IPS = 200.0
+
+
+def speeds(tiles_ips: float):
+    """autopick.measure on a machine where one square per image trains at SQUARE_IPS images/s and an
+    image as tiles at `tiles_ips` (real timings would make the choice depend on the machine's load)."""
+    def fake_measure(cand, cfg, num_classes, device, steps=autopick.TIMED_STEPS, deadline=float("inf")):
+        ips = tiles_ips if cfg.input_tiles() > 1 else SQUARE_IPS
+        return ips, 2 * ips
+    return fake_measure
+
+
+def run(data, out, *flags):
+    from kernelkit.app.cli import main
+    return main({}, ["--batch-size", "8", "--num-workers", "0", "--epochs", "1", "--budget", "2m",
+                     "--data-dir", str(data), "--out-dir", str(out), *flags])
+
+
+@pytest.fixture
+def strips_and_weights(tmp_path):
+    # 1:3 strips (all 'long'), and a tiny timm weights folder: a fine-tune, so auto takes tiles first
+    return strip_competition(tmp_path / "strips"), timm_folder(tmp_path / "weights", input_size=64)
+
+
+def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_path, monkeypatch, caplog):
+    data, weights = strips_and_weights
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, out, "--pretrained-path", str(weights)) == 0
+    assert "input mode: tiles x3" in caplog.text and "squeeze if the autopick finds them too slow" in caplog.text
+    assert "input mode squeeze instead of tiles x3" in caplog.text
+    assert "WARNING: none measured fits" not in caplog.text, "a fallback is not a warning"
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["input_mode"], summary["tiles"]) == ("squeeze", 1)
+    assert json.loads((out / "config.json").read_text())["input_mode"] == "squeeze"
+    stored = load_checkpoint(out / "best.pt")["config"]
+    assert (stored["input_mode"], stored["tiles"]) == ("squeeze", 0), "--mode infer predicts as training saw"
+    assert (out / "submission.csv").is_file()
+
+
+def test_tiles_that_fit_stay_and_an_explicit_mode_is_never_swapped(strips_and_weights, tmp_path, monkeypatch,
+                                                                   caplog):
+    data, weights = strips_and_weights
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS / 3))
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, tmp_path / "fast", "--pretrained-path", str(weights)) == 0
+    assert json.loads((tmp_path / "fast" / "summary.json").read_text())["input_mode"] == "tiles"
+    assert "instead of tiles" not in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, tmp_path / "set", "--pretrained-path", str(weights), "--input-mode", "tiles") == 0
+    assert json.loads((tmp_path / "set" / "summary.json").read_text())["input_mode"] == "tiles"
+    assert "instead of tiles" not in caplog.text and "WARNING: none measured fits" in caplog.text
+
+
+def test_a_resumed_run_keeps_the_input_mode_its_checkpoint_trained_with(strips_and_weights, tmp_path,
+                                                                         monkeypatch):
+    data, weights = strips_and_weights
+    two_sessions = ["--pretrained-path", str(weights), "--sessions", "2", "--epochs", "2"]
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))
+    assert run(data, tmp_path / "first", *two_sessions) == 0
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS))  # a fresh pick would keep tiles now
+    second = tmp_path / "second"
+    assert run(data, second, *two_sessions, "--resume-from", str(tmp_path / "first" / "last.pt")) == 0
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["input_mode"] == "squeeze" and summary["epochs"] == 1, "one more epoch, images as before"
+
+
+def test_squeeze_stretches_every_image_where_pad_pads_long_ones(tmp_path):
+    path = str(tmp_path / "strip.png")
+    Image.fromarray(np.zeros((20, 100, 3), np.uint8)).save(path)  # 1:5, black: padding shows as the white fill
+    pad = EvalTransform(*checked_config({"input_mode": "pad", "img_size": 40}).geometry())
+    squeeze = EvalTransform(*checked_config({"input_mode": "squeeze", "img_size": 40, "pad_aspect": 2.0}).geometry())
+    for view in (lambda t: t.load(path), lambda t: t(Image.open(path))):  # decoding for the cache, and per image
+        padded, squeezed = view(pad), view(squeeze)
+        assert padded.shape == squeezed.shape == (3, 40, 40)
+        assert int(padded.max()) == 255 and int(squeezed.max()) == 0, "squeeze ignores pad_aspect: no padding"
+    assert checked_config({"input_mode": "squeeze"}).input_tiles() == 1
