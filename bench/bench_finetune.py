@@ -6,7 +6,8 @@ single-label accuracy). Rows, each with the same --budget (start to submission):
 
 * scratch   kernel.py defaults (only --data-dir, --out-dir, --budget), random init;
 * lite0     kernel.py defaults + --pretrained-path <ImageNet EfficientNet-Lite0 timm folder>;
-* pad       (hard tasks) lite0 forced to pad-to-square (--input-mode pad; shows the automatic mode wins);
+* pad, squeeze, tiles   (hard tasks, not in the default --rows but pad) lite0 with the input mode forced
+            (--input-mode pad | squeeze | tiles), to set the automatic choice against each;
 * peer      bench/peer_notebook.py: a plain timm fine-tune of the same folder, as a Kaggle notebook
             would write it (square 128 px, flip, AdamW 1e-3, cosine, ~7 epochs, flip TTA).
 
@@ -39,14 +40,13 @@ import bench_quality as bq  # noqa: E402
 from hard_task import make_hard_task, prior_score, score_submission  # noqa: E402
 from pretrained import lite0_folder  # noqa: E402
 
-from kernelkit.core.config import Config  # noqa: E402
 from kernelkit.decide.thresholds import prior_baseline  # noqa: E402
 
 TASKS = ("single", "multi", "hard_multi", "hard_single")
-ROWS = ("scratch", "lite0", "pad", "peer")
-PAD_OPTION = "input_mode"  # the aspect-aware option; the pad row runs only where the kernel has it
-PAD_FLAGS = ["--input-mode", "pad"]  # forced to pad-to-square (pad_aspect as before)
-FIELDS = set(Config.__dataclass_fields__)
+ROWS = ("scratch", "lite0", "pad", "squeeze", "tiles", "peer")  # the default --rows: scratch,lite0,pad,peer
+DEFAULT_ROWS = ("scratch", "lite0", "pad", "peer")
+# lite0 rows with the input mode forced (hard tasks only: on the square digits every mode is one square)
+MODE_ROWS = {"pad": "pad", "squeeze": "squeeze", "tiles": "tiles"}
 
 
 def make_task(name: str, work: Path) -> tuple[Path, callable, float, str]:
@@ -75,8 +75,8 @@ def row_command(row: str, data: Path, out: Path, weights: Path, budget: int, ext
            "--budget", f"{budget}s", *seeded]
     if row != "scratch":
         cmd += ["--pretrained-path", str(weights)]
-    if row == "pad":
-        cmd += PAD_FLAGS
+    if row in MODE_ROWS:
+        cmd += ["--input-mode", MODE_ROWS[row]]
     return cmd + (extra if row != "scratch" else [])
 
 
@@ -118,7 +118,8 @@ def finish(out: Path, log, t0: float, proc: subprocess.Popen, budget: int) -> tu
     summary["log_tail"] = text[-3:] if proc.returncode else []
     choice = [ln.split("autopick: ", 1)[1] for ln in text if "autopick: chose" in ln]
     summary["choice"] = choice[-1] if choice else ""
-    summary["input_mode"] = next((ln.split("input mode", 1)[1].strip()[:80] for ln in text if "input mode" in ln), "")
+    said = [ln.split("input mode", 1)[1].strip()[:100] for ln in text if "input mode" in ln]
+    summary["input_mode_log"] = " / ".join(said)  # the first choice, and the autopick's fallback if any
     return summary, wall
 
 
@@ -126,13 +127,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=int, default=120, help="seconds per row, start to submission")
     ap.add_argument("--only", default=",".join(TASKS))
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"of {','.join(ROWS)}")
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP_NUM_THREADS for every row (0 = unset). On a machine other processes oversubscribe, "
                          "torch's spinning OpenMP threads make 2 threads ~3x slower than 1 (resnet18, load 16 on 2 cores)")
     ap.add_argument("--together", action="store_true",
                     help="run a task's rows at the same time (on a machine others load, one load for all rows)")
-    ap.add_argument("--extra", default="", help="kernel.py flags added to the lite0 and pad rows, e.g. '--aug flip'")
+    ap.add_argument("--extra", default="", help="kernel.py flags added to the rows with weights but the peer's, "
+                    "e.g. '--aug flip'")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, each a full set of rows (0: the programs' "
                     "default seeds); the table shows the mean over seeds")
     ap.add_argument("--keep", default="", help="work folder to keep (data, outputs, logs); default: a temp dir")
@@ -145,7 +147,7 @@ def main() -> None:
         weights = lite0_folder(work / "weights" / "tf_efficientnet_lite0")
         for t, name in enumerate(a.only.split(",")):
             data, score, prior, metric = make_task(name, work)
-            wanted = [r for r in a.rows.split(",") if r != "pad" or (name.startswith("hard") and PAD_OPTION in FIELDS)]
+            wanted = [r for r in a.rows.split(",") if r not in MODE_ROWS or name.startswith("hard")]
             for k, seed in enumerate(int(x) for x in a.seeds.split(",")):
                 turn = t + k
                 order = wanted[turn % len(wanted):] + wanted[:turn % len(wanted)]  # rotated: load falls on all alike
@@ -165,7 +167,8 @@ def row_result(name: str, row: str, seed: int, metric: str, prior: float, score,
     return {"task": name, "row": row, "seed": seed, "metric": metric, "label_prior": prior,
             "score": score(sub) if sub.is_file() else None, "val_score": summary.get("val_score"),
             "model": bq.model_of(summary) if row != "peer" else "tf_efficientnet_lite0 @ 128 px",
-            "choice": summary.get("choice"), "input_mode": summary.get("input_mode"),
+            "choice": summary.get("choice"), "input_mode": summary.get("input_mode"), "tiles": summary.get("tiles"),
+            "input_mode_log": summary.get("input_mode_log"),
             "epochs": summary.get("epochs"), "wall_s": round(wall, 1),
             "exit": summary.get("exit_code"), "warnings": summary.get("warnings", []),
             "log_tail": summary.get("log_tail"), "load_avg": os.getloadavg()[0]}
