@@ -6773,6 +6773,7 @@ checkpoint carries (`rule_from_checkpoint`) and the rule for an average of sever
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -6816,6 +6817,30 @@ def score_validation(task: str, targets: np.ndarray, probs: np.ndarray, threshol
         return {"score": s, "threshold": t, "metric": f"F{beta:g} per image"}
     acc = accuracy(targets, probs)
     return {"score": acc, "threshold": 0.5, "metric": "accuracy", "top1_error": 1 - acc}
+
+
+# A later epoch takes best.pt unless it validates worse than the best score so far by more than this many
+# standard errors of that score. The highest of a run's noisy validation scores is biased upwards (it is
+# the maximum), and under a schedule that decays to zero the last epochs are the better weights: keeping
+# a mid-run epoch that won by one image of 126 lost 0.005 test F2 / accuracy to a notebook that simply
+# predicts with its last epoch (bench_finetune.py, digits, README fine-tuning). Two standard errors let
+# a one-image difference pass at any score on a hundred images, and hold off a real drop.
+NOISE_Z = 2.0
+
+
+def score_noise(score: float, n_images: int) -> float:
+    """Upper bound on the standard error of a score that is a mean of per-image values in [0, 1]
+    (accuracy, F-beta per image) over `n_images`: a Bernoulli variable has the largest variance of any
+    [0, 1] variable with that mean."""
+    if n_images <= 0 or not math.isfinite(score):
+        return 0.0
+    s = min(max(score, 0.0), 1.0)
+    return math.sqrt(s * (1.0 - s) / n_images)
+
+
+def keeps_up(score: float, peak: float, n_images: int, z: float = NOISE_Z) -> bool:
+    """Whether a later epoch scoring `score` replaces the best checkpoint, the run's peak being `peak`."""
+    return not math.isfinite(peak) or score >= peak - z * max(score_noise(peak, n_images), 0.0)
 
 
 def refine_rule(settings: RuleSettings, threshold: float, class_names: list[str],
@@ -7376,7 +7401,8 @@ Format history (`format_version`):
   1  (no key) model, ema, optimizer, scaler, epoch, step, progress, best_score, threshold,
      elapsed, run_start, rng, config, classes, task; optionally threshold_rule.
   2  + format_version and seed; older files load through `migrate`. Optionally preprocess (the
-     input mean/std; absent: ImageNet's).
+     input mean/std; absent: ImageNet's), peak_score (the run's highest validation score, which
+     best.pt may trail within noise; absent: best_score).
 
 The inference folder (`export_inference`, INFERENCE_DIR) is what a submission needs and nothing
 more: the predicting weights as model.safetensors, a timm config.json (other timm code loads it
@@ -8286,7 +8312,7 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
         TrainState(parts, state).load_state_dict(ckpt)
         if new_session:
             state.session, state.session_end = next_slice(ckpt, cfg.sessions, cfg.epochs)
-            state.best_score = -math.inf
+            state.best_score = state.peak_score = -math.inf
         log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
     if cfg.sessions > 1:
         log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,
@@ -8549,7 +8575,7 @@ from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
-from ..decide.rules import score_validation
+from ..decide.rules import keeps_up, score_validation
 from ..model.factory import hold_frozen_norms, set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
@@ -8606,7 +8632,8 @@ class FitState:
     epoch: int = 0
     step: int = 0
     progress: float = 0.0
-    best_score: float = -math.inf
+    best_score: float = -math.inf  # validation score of best.pt
+    peak_score: float = -math.inf  # the highest validation score at best_px; best.pt is a later epoch within noise of it
     threshold: float = 0.5
     best_px: int = 0  # input size best_score was validated at (progressive resizing: only equals compare)
     nonfinite_steps: int = 0
@@ -8636,7 +8663,8 @@ class TrainState:
             "model": weights or unwrap(parts.model).state_dict(), **ema, **swa,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
-            "best_score": state.best_score, "threshold": state.threshold, "best_px": state.best_px,
+            "best_score": state.best_score, "peak_score": state.peak_score, "threshold": state.threshold,
+            "best_px": state.best_px,
             "session": state.session, "session_end": state.session_end,
             "elapsed": clock.elapsed() if clock else 0.0, "run_start": clock.start_time if clock else 0.0,
             "rng": rng_state(),
@@ -8667,6 +8695,7 @@ class TrainState:
         set_rng_state(ckpt["rng"])
         state.epoch, state.step, state.progress = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["progress"])
         state.best_score, state.threshold = ckpt["best_score"], ckpt["threshold"]
+        state.peak_score = float(ckpt.get("peak_score", state.best_score))  # absent before the noise rule
         state.best_px = int(ckpt.get("best_px", 0))  # absent in checkpoints from before progressive validation
         state.session, state.session_end = int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))
 
@@ -8973,14 +9002,17 @@ class Trainer:
             if math.isfinite(state.best_score):
                 log.info("validation now at %d px: scores at %d px are not comparable, the best checkpoint "
                          "restarts here", px, state.best_px)
-            state.best_score, state.best_px = -math.inf, px
-        if va["score"] > state.best_score:
+            state.best_score, state.peak_score, state.best_px = -math.inf, -math.inf, px
+        kept = keeps_up(va["score"], state.peak_score, len(val.targets))
+        state.peak_score = max(state.peak_score, va["score"])
+        if kept:
             state.best_score, state.threshold = va["score"], va["threshold"]
             result.best_val_probs = out["probs"].astype(np.float32)
             self.save(BEST, epoch_done=not tr["stopped"])
-        log.info("epoch %d  loss %.4f  val %s %.4f%s (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
-                 va["metric"], va["score"], f" at {small} px" if small else "", state.best_score, va["threshold"],
-                 self.timing(tr))
+        peak = f", peak {state.peak_score:.4f}" if state.peak_score > state.best_score else ""
+        log.info("epoch %d  loss %.4f  val %s %.4f%s (best %.4f%s)  thr %.2f  %s", state.epoch, tr["loss"],
+                 va["metric"], va["score"], f" at {small} px" if small else "", state.best_score, peak,
+                 va["threshold"], self.timing(tr))
         self.check_learning(val.prior, va["metric"], result)
         return row
 

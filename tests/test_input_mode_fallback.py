@@ -20,10 +20,13 @@ SQUARE_IPS = 200.0
 
 def speeds(tiles_ips: float):
     """autopick.measure on a machine where one square per image trains at SQUARE_IPS images/s and an
-    image as tiles at `tiles_ips` (real timings would make the choice depend on the machine's load)."""
+    image as tiles at `tiles_ips` (real timings would make the choice depend on the machine's load);
+    `.calls` lists what was timed, (size, tiles) each."""
     def fake_measure(cand, cfg, num_classes, device, steps=autopick.TIMED_STEPS, deadline=float("inf")):
+        fake_measure.calls.append((cand.img_size, cfg.input_tiles()))
         ips = tiles_ips if cfg.input_tiles() > 1 else SQUARE_IPS
         return ips, 2 * ips
+    fake_measure.calls = []
     return fake_measure
 
 
@@ -41,13 +44,17 @@ def strips_and_weights(tmp_path):
 
 def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_path, monkeypatch, caplog):
     data, weights = strips_and_weights
-    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))
+    timed = speeds(tiles_ips=0.02)
+    monkeypatch.setattr(autopick, "measure", timed)
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, out, "--pretrained-path", str(weights)) == 0
     assert "input mode: tiles x3" in caplog.text and "squeeze if the autopick finds them too slow" in caplog.text
     assert "input mode squeeze instead of tiles x3" in caplog.text
     assert "WARNING: none measured fits" not in caplog.text, "a fallback is not a warning"
+    assert timed.calls[0] == (64, 3) and [c for c in timed.calls if c[1] == 3] == [(64, 3)], \
+        "tiles: only the smallest size is timed (no larger one fits when it does not), and only once"
+    assert len(set(timed.calls)) == len(timed.calls) > 2, "then the squeeze ladder, each size timed once"
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["input_mode"], summary["tiles"]) == ("squeeze", 1)
     assert json.loads((out / "config.json").read_text())["input_mode"] == "squeeze"

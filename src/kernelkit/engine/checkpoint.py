@@ -10,7 +10,8 @@ Format history (`format_version`):
   1  (no key) model, ema, optimizer, scaler, epoch, step, progress, best_score, threshold,
      elapsed, run_start, rng, config, classes, task; optionally threshold_rule.
   2  + format_version and seed; older files load through `migrate`. Optionally preprocess (the
-     input mean/std; absent: ImageNet's).
+     input mean/std; absent: ImageNet's), peak_score (the run's highest validation score, which
+     best.pt may trail within noise; absent: best_score).
 
 The inference folder (`export_inference`, INFERENCE_DIR) is what a submission needs and nothing
 more: the predicting weights as model.safetensors, a timm config.json (other timm code loads it

@@ -109,7 +109,7 @@ def restore(ckpt: dict[str, Any] | None, parts: TrainParts, path: Path | None, c
         TrainState(parts, state).load_state_dict(ckpt)
         if new_session:
             state.session, state.session_end = next_slice(ckpt, cfg.sessions, cfg.epochs)
-            state.best_score = -math.inf
+            state.best_score = state.peak_score = -math.inf
         log.info("resumed from %s: epoch %d, step %d, progress %.3f", path, state.epoch, state.step, state.progress)
     if cfg.sessions > 1:
         log.info("session %d of %d: this session trains the schedule from progress %.3f to %.3f", state.session,

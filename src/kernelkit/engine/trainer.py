@@ -24,7 +24,7 @@ from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
-from ..decide.rules import score_validation
+from ..decide.rules import keeps_up, score_validation
 from ..model.factory import hold_frozen_norms, set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
@@ -81,7 +81,8 @@ class FitState:
     epoch: int = 0
     step: int = 0
     progress: float = 0.0
-    best_score: float = -math.inf
+    best_score: float = -math.inf  # validation score of best.pt
+    peak_score: float = -math.inf  # the highest validation score at best_px; best.pt is a later epoch within noise of it
     threshold: float = 0.5
     best_px: int = 0  # input size best_score was validated at (progressive resizing: only equals compare)
     nonfinite_steps: int = 0
@@ -111,7 +112,8 @@ class TrainState:
             "model": weights or unwrap(parts.model).state_dict(), **ema, **swa,
             "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": state.epoch + int(epoch_done), "step": state.step, "progress": state.progress,
-            "best_score": state.best_score, "threshold": state.threshold, "best_px": state.best_px,
+            "best_score": state.best_score, "peak_score": state.peak_score, "threshold": state.threshold,
+            "best_px": state.best_px,
             "session": state.session, "session_end": state.session_end,
             "elapsed": clock.elapsed() if clock else 0.0, "run_start": clock.start_time if clock else 0.0,
             "rng": rng_state(),
@@ -142,6 +144,7 @@ class TrainState:
         set_rng_state(ckpt["rng"])
         state.epoch, state.step, state.progress = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["progress"])
         state.best_score, state.threshold = ckpt["best_score"], ckpt["threshold"]
+        state.peak_score = float(ckpt.get("peak_score", state.best_score))  # absent before the noise rule
         state.best_px = int(ckpt.get("best_px", 0))  # absent in checkpoints from before progressive validation
         state.session, state.session_end = int(ckpt.get("session", 1)), float(ckpt.get("session_end", 1.0))
 
@@ -448,14 +451,17 @@ class Trainer:
             if math.isfinite(state.best_score):
                 log.info("validation now at %d px: scores at %d px are not comparable, the best checkpoint "
                          "restarts here", px, state.best_px)
-            state.best_score, state.best_px = -math.inf, px
-        if va["score"] > state.best_score:
+            state.best_score, state.peak_score, state.best_px = -math.inf, -math.inf, px
+        kept = keeps_up(va["score"], state.peak_score, len(val.targets))
+        state.peak_score = max(state.peak_score, va["score"])
+        if kept:
             state.best_score, state.threshold = va["score"], va["threshold"]
             result.best_val_probs = out["probs"].astype(np.float32)
             self.save(BEST, epoch_done=not tr["stopped"])
-        log.info("epoch %d  loss %.4f  val %s %.4f%s (best %.4f)  thr %.2f  %s", state.epoch, tr["loss"],
-                 va["metric"], va["score"], f" at {small} px" if small else "", state.best_score, va["threshold"],
-                 self.timing(tr))
+        peak = f", peak {state.peak_score:.4f}" if state.peak_score > state.best_score else ""
+        log.info("epoch %d  loss %.4f  val %s %.4f%s (best %.4f%s)  thr %.2f  %s", state.epoch, tr["loss"],
+                 va["metric"], va["score"], f" at {small} px" if small else "", state.best_score, peak,
+                 va["threshold"], self.timing(tr))
         self.check_learning(val.prior, va["metric"], result)
         return row
 
