@@ -1986,6 +1986,8 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     trials: dict[Candidate, Trial] = {}
 
     def epochs_of(c: Candidate) -> float:
+        if c in trials:  # measured once already (the smallest size, before the search)
+            return trials[c].epochs
         t = trials.setdefault(c, Trial(c))
         if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
