@@ -1755,8 +1755,12 @@ TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
 # at 128-224 px takes seconds a step there: time smaller batches (GPUs need the real batch size).
 CPU_TIMED_BATCH = 8
 # Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
-# with the model on a CPU-only machine, so real epochs run slower than the bare steps.
-PIPELINE_FACTOR = {"cpu": 0.6, "cuda": 0.8}
+# with the model on a CPU-only machine, so real epochs run slower than the bare steps. With the image
+# cache the workers only gather uint8 rows: fine-tuning lite0 on 1-2 cores, epochs ran at 0.64-1.0 of
+# the bare rate (0.85 typical), and 0.6 (from before the cache) estimated 4-6 epochs where 8-10 ran,
+# which kept the pretrained net a size smaller than the budget allowed (128 px at 8 epochs scored
+# 0.890 test F2 where 96 px at 16 scored 0.859, bench_finetune.py on one core).
+PIPELINE_FACTOR = {"cpu": 0.85, "cuda": 0.8}
 SETUP_AFTER_S = 10.0  # still to come after the pick: data loaders, cache build, model, inference probe
 SIZE_SAMPLE = 200  # image headers read for the median size
 
@@ -1780,6 +1784,7 @@ class Trial:
     epochs: float = -1.0
     note: str = ""
     stage_ips: dict | None = None  # progressive resizing: training images/s at each stage size
+    floor: bool = False  # the cheapest of several candidates: the pick could not climb the ladder at all
 
 
 def model_cost(name: str) -> float:
@@ -1986,9 +1991,9 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     trials: dict[Candidate, Trial] = {}
 
     def epochs_of(c: Candidate) -> float:
-        if c in trials:  # measured once already (the smallest size, before the search)
-            return trials[c].epochs
         t = trials.setdefault(c, Trial(c))
+        if t.train_ips or t.note:  # measured once already (the smallest size, before the search)
+            return t.epochs
         if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
             return -1.0
@@ -2006,6 +2011,8 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
                  t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
         return t.epochs
 
+    if len(cands) > 1:
+        trials[cands[0]] = Trial(cands[0], floor=True)
     if every:
         for c in cands:
             epochs_of(c)
@@ -2015,7 +2022,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
         # one does, and timing a larger one (a slow step on a CPU) would only spend the budget.
         return cands[0], [trials[cands[0]]]
     choice, _ = pick(cands, epochs_of, need_epochs(cfg))
-    return choice, [trials[c] for c in cands if c in trials]
+    return choice, [trials[c] for c in cands if c in trials and (trials[c].train_ips or trials[c].note)]
 
 
 def weights_input_size(path: str) -> int:
@@ -2119,10 +2126,11 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     shape = RunShape.of(cfg, comp, info.world_size)
     several = weights if len(weights) > 1 else ()
     choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
-    if not fits(got, need_epochs(cfg)) and ctx.input_mode_fallback:
-        log.info("autopick: input mode %s instead of tiles x%d: the tiles fit too few epochs (each image costs %d "
-                 "squares); measuring one square per image", ctx.input_mode_fallback, cfg.input_tiles(),
-                 cfg.input_tiles())
+    if ctx.input_mode_fallback and (got.floor or not fits(got, need_epochs(cfg))):
+        why = (f"the tiles fit {need_epochs(cfg)} epochs only at the smallest size ({choice.img_size} px), where a "
+               "pretrained net wastes its features" if fits(got, need_epochs(cfg)) else "the tiles fit too few epochs")
+        log.info("autopick: input mode %s instead of tiles x%d: %s (each image costs %d squares); measuring one "
+                 "square per image", ctx.input_mode_fallback, cfg.input_tiles(), why, cfg.input_tiles())
         cfg = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
         choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
         return Choice(choice.model, choice.img_size, choice.weights, cfg.input_mode, 0)
@@ -2376,6 +2384,7 @@ bench/hard_task.py (README, input modes) at equal compute: fine-tuning ImageNet 
 won by far (test F2 0.731 tiles x3, 0.705 x2, 0.554 pad); from scratch pad won (0.510 against 0.479
 and 0.459 at 16 pad-epochs). So auto takes tiles with pretrained weights when at least TILES_SHARE of
 the sampled images are LONG or longer, else pad (naming tiles as the option when images are long).
+Tiles cost their count in compute, so the autopick may still swap them for FALLBACK (autopick._choose_main).
 """
 from __future__ import annotations
 
@@ -2396,9 +2405,11 @@ TILES_SHARE = 0.25  # share of long images from which the log points at input_mo
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
-# at which the tiles fit auto_min_epochs), one stretched square per image is what holds up: measured
-# fine-tuning lite0 on the hard task with half this machine's compute (README, fine-tuning), tiles x3 fell
-# to 64 px and test F2 0.732 / accuracy 0.872, squeeze 0.815 / 0.887 at 96 px, pad 0.652 / 0.793.
+# at which the tiles fit auto_min_epochs, or fits them only at the smallest size of its ladder), one
+# stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
+# (README, fine-tuning), multi-label test F2: on half a 2-core machine's compute tiles x3 at 64 px 0.732,
+# squeeze at 96 px 0.815, pad 0.652; on one core of it tiles x3 at 64 px 0.832 (10 epochs: they fit),
+# squeeze 0.874, pad 0.685; on the whole machine the tiles reached 96 px and tied squeeze (0.930, 0.937).
 FALLBACK = "squeeze"
 
 

@@ -7,6 +7,7 @@ bench/hard_task.py (README, input modes) at equal compute: fine-tuning ImageNet 
 won by far (test F2 0.731 tiles x3, 0.705 x2, 0.554 pad); from scratch pad won (0.510 against 0.479
 and 0.459 at 16 pad-epochs). So auto takes tiles with pretrained weights when at least TILES_SHARE of
 the sampled images are LONG or longer, else pad (naming tiles as the option when images are long).
+Tiles cost their count in compute, so the autopick may still swap them for FALLBACK (autopick._choose_main).
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ TILES_SHARE = 0.25  # share of long images from which the log points at input_mo
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
-# at which the tiles fit auto_min_epochs), one stretched square per image is what holds up: measured
-# fine-tuning lite0 on the hard task with half this machine's compute (README, fine-tuning), tiles x3 fell
-# to 64 px and test F2 0.732 / accuracy 0.872, squeeze 0.815 / 0.887 at 96 px, pad 0.652 / 0.793.
+# at which the tiles fit auto_min_epochs, or fits them only at the smallest size of its ladder), one
+# stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
+# (README, fine-tuning), multi-label test F2: on half a 2-core machine's compute tiles x3 at 64 px 0.732,
+# squeeze at 96 px 0.815, pad 0.652; on one core of it tiles x3 at 64 px 0.832 (10 epochs: they fit),
+# squeeze 0.874, pad 0.685; on the whole machine the tiles reached 96 px and tied squeeze (0.930, 0.937).
 FALLBACK = "squeeze"
 
 
