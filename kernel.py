@@ -8757,7 +8757,7 @@ class Trainer:
         self.last_save = clock_now()
         self.stop_reason = "budget"
         self.learning_checked = False
-        self.peak_score = -math.inf  # the highest validation score at any size: what the learning check reads
+        self.learning_peak = -math.inf  # the highest validation score at any size: what the learning check reads
         self.train_px = 0  # the input size of the last training step (progressive resizing)
         self.tiles = 1  # squares per image in the current batch (input_mode tiles: the model's max over them)
         self.result = FitResult(self.state)  # filled as training goes: survives a failure mid-way
@@ -9010,7 +9010,7 @@ class Trainer:
         row.update(val_score=va["score"], threshold=va["threshold"], val_s=round(out["seconds"], 2))
         if small:
             row["val_px"] = small
-        self.peak_score = max(self.peak_score, va["score"])
+        self.learning_peak = max(self.learning_peak, va["score"])
         if px > state.best_px:
             if math.isfinite(state.best_score):
                 log.info("validation now at %d px: scores at %d px are not comparable, the best checkpoint "
@@ -9045,8 +9045,8 @@ class Trainer:
         if self.learning_checked or prior is None or self.state.progress < self.opts.learn_check_at:
             return
         self.learning_checked = True
-        if at_prior(self.peak_score, prior):
-            msg = stuck_message(self.peak_score, prior, self.state.progress, metric, self.opts.learn_hint)
+        if at_prior(self.learning_peak, prior):
+            msg = stuck_message(self.learning_peak, prior, self.state.progress, metric, self.opts.learn_hint)
             log.warning("!!! %s", msg)
             result.warnings.append(msg)
 

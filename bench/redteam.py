@@ -482,6 +482,8 @@ for cid, opt, val, setup in [
     ("opt-ddp-backend-typo", "ddp-backend", "glooo", S()),
     ("opt-gpu-aug-typo", "gpu-aug", "x", S()),
     ("opt-preset-typo", "preset", "imet", S()),
+    ("opt-input-mode-typo", "input-mode", "squash", S()),
+    ("opt-input-mode-tile", "input-mode", "tile", M()),
 ]:
     case(cid, "options", f"--{opt} {val} (not one of the choices)", setup, "refuse", [f"--{opt}", val],
          names=opt_names(opt))

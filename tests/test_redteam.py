@@ -32,6 +32,8 @@ PASSING = [
     "opt-threshold-rule-typo",
     "opt-threshold-rule-typo-single",
     "opt-aug-typo",
+    "opt-input-mode-typo",
+    "opt-input-mode-tile",
     "opt-schedule-typo",
     "opt-format-typo",
     "opt-loss-typo",
