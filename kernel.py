@@ -2102,9 +2102,9 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     else:  # explicit settings win
         model, path = choice.model if cfg.model == "auto" else cfg.model, cfg.pretrained_path
     mode = {"input_mode": choice.input_mode, "tiles": choice.tiles} if choice.input_mode else {}
-    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or choice.img_size,
-                                                                pretrained_path=path, **mode),
-                                   input_mode_fallback="")
+    picked = dataclasses.replace(cfg, model=model, img_size=cfg.img_size or choice.img_size, pretrained_path=path,
+                                 **mode)
+    resolved = dataclasses.replace(ctx, cfg=picked, input_mode_fallback="")
     if info.is_main:
         try:
             resolved.cfg.save(ctx.out_dir / "config.json")
@@ -2445,7 +2445,8 @@ def long_share(paths: list[str], seed: int) -> dict:
 
 
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
-    """`ctx` with input_mode pad or tiles (and tiles set), logged with the reason; what checkpoints store."""
+    """`ctx` with input_mode pad, squeeze or tiles (and tiles set), logged with the reason; what checkpoints
+    store. Tiles chosen by auto carry the fallback the autopick may still take (ctx.input_mode_fallback)."""
     cfg = ctx.cfg
     if cfg.input_mode in ("pad", "squeeze") or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
@@ -6844,16 +6845,17 @@ NOISE_Z = 2.0
 def score_noise(score: float, n_images: int) -> float:
     """Upper bound on the standard error of a score that is a mean of per-image values in [0, 1]
     (accuracy, F-beta per image) over `n_images`: a Bernoulli variable has the largest variance of any
-    [0, 1] variable with that mean."""
+    [0, 1] variable with that mean. The mean is smoothed as (k + 1) / (n + 2) (Laplace), so a perfect
+    score on a hundred images still carries the noise of one image rather than none."""
     if n_images <= 0 or not math.isfinite(score):
         return 0.0
-    s = min(max(score, 0.0), 1.0)
-    return math.sqrt(s * (1.0 - s) / n_images)
+    p = (min(max(score, 0.0), 1.0) * n_images + 1.0) / (n_images + 2.0)
+    return math.sqrt(p * (1.0 - p) / n_images)
 
 
 def keeps_up(score: float, peak: float, n_images: int, z: float = NOISE_Z) -> bool:
     """Whether a later epoch scoring `score` replaces the best checkpoint, the run's peak being `peak`."""
-    return not math.isfinite(peak) or score >= peak - z * max(score_noise(peak, n_images), 0.0)
+    return not math.isfinite(peak) or score >= peak - z * score_noise(peak, n_images)
 
 
 def refine_rule(settings: RuleSettings, threshold: float, class_names: list[str],
@@ -8646,7 +8648,7 @@ class FitState:
     step: int = 0
     progress: float = 0.0
     best_score: float = -math.inf  # validation score of best.pt
-    peak_score: float = -math.inf  # the highest validation score at best_px; best.pt is a later epoch within noise of it
+    peak_score: float = -math.inf  # highest validation score at best_px; best.pt: the latest epoch within noise of it
     threshold: float = 0.5
     best_px: int = 0  # input size best_score was validated at (progressive resizing: only equals compare)
     nonfinite_steps: int = 0

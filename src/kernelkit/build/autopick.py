@@ -395,9 +395,9 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     else:  # explicit settings win
         model, path = choice.model if cfg.model == "auto" else cfg.model, cfg.pretrained_path
     mode = {"input_mode": choice.input_mode, "tiles": choice.tiles} if choice.input_mode else {}
-    resolved = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, model=model, img_size=cfg.img_size or choice.img_size,
-                                                                pretrained_path=path, **mode),
-                                   input_mode_fallback="")
+    picked = dataclasses.replace(cfg, model=model, img_size=cfg.img_size or choice.img_size, pretrained_path=path,
+                                 **mode)
+    resolved = dataclasses.replace(ctx, cfg=picked, input_mode_fallback="")
     if info.is_main:
         try:
             resolved.cfg.save(ctx.out_dir / "config.json")

@@ -68,7 +68,8 @@ def long_share(paths: list[str], seed: int) -> dict:
 
 
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
-    """`ctx` with input_mode pad or tiles (and tiles set), logged with the reason; what checkpoints store."""
+    """`ctx` with input_mode pad, squeeze or tiles (and tiles set), logged with the reason; what checkpoints
+    store. Tiles chosen by auto carry the fallback the autopick may still take (ctx.input_mode_fallback)."""
     cfg = ctx.cfg
     if cfg.input_mode in ("pad", "squeeze") or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)

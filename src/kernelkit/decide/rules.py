@@ -67,16 +67,17 @@ NOISE_Z = 2.0
 def score_noise(score: float, n_images: int) -> float:
     """Upper bound on the standard error of a score that is a mean of per-image values in [0, 1]
     (accuracy, F-beta per image) over `n_images`: a Bernoulli variable has the largest variance of any
-    [0, 1] variable with that mean."""
+    [0, 1] variable with that mean. The mean is smoothed as (k + 1) / (n + 2) (Laplace), so a perfect
+    score on a hundred images still carries the noise of one image rather than none."""
     if n_images <= 0 or not math.isfinite(score):
         return 0.0
-    s = min(max(score, 0.0), 1.0)
-    return math.sqrt(s * (1.0 - s) / n_images)
+    p = (min(max(score, 0.0), 1.0) * n_images + 1.0) / (n_images + 2.0)
+    return math.sqrt(p * (1.0 - p) / n_images)
 
 
 def keeps_up(score: float, peak: float, n_images: int, z: float = NOISE_Z) -> bool:
     """Whether a later epoch scoring `score` replaces the best checkpoint, the run's peak being `peak`."""
-    return not math.isfinite(peak) or score >= peak - z * max(score_noise(peak, n_images), 0.0)
+    return not math.isfinite(peak) or score >= peak - z * score_noise(peak, n_images)
 
 
 def refine_rule(settings: RuleSettings, threshold: float, class_names: list[str],

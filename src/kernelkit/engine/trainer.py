@@ -82,7 +82,7 @@ class FitState:
     step: int = 0
     progress: float = 0.0
     best_score: float = -math.inf  # validation score of best.pt
-    peak_score: float = -math.inf  # the highest validation score at best_px; best.pt is a later epoch within noise of it
+    peak_score: float = -math.inf  # highest validation score at best_px; best.pt: the latest epoch within noise of it
     threshold: float = 0.5
     best_px: int = 0  # input size best_score was validated at (progressive resizing: only equals compare)
     nonfinite_steps: int = 0
