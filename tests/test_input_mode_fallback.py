@@ -63,7 +63,11 @@ def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_
     assert json.loads((out / "config.json").read_text())["input_mode"] == "squeeze"
     stored = load_checkpoint(out / "best.pt")["config"]
     assert (stored["input_mode"], stored["tiles"]) == ("squeeze", 0), "--mode infer predicts as training saw"
-    assert (out / "submission.csv").is_file()
+    from kernelkit.app.cli import main
+    infer = tmp_path / "infer"
+    assert main({}, ["--mode", "infer", "--checkpoints", str(out / "best.pt"), "--data-dir", str(data),
+                     "--out-dir", str(infer), "--num-workers", "0"]) == 0
+    np.testing.assert_allclose(np.load(infer / "test_probs.npy"), np.load(out / "test_probs.npy"), atol=1e-5)
 
 
 def test_tiles_that_fit_only_at_the_smallest_size_fall_back_too(strips_and_weights, tmp_path, monkeypatch, caplog):
