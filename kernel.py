@@ -47,7 +47,7 @@ CONFIG = dict(
     # auto_min_epochs=10,                   # model/img_size auto: the epochs the chosen pair must fit in the training time
     # pad_aspect=2.0,                       # input_mode pad: pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
-    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | squeeze: each image stretched to one square, whatever its aspect | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | auto: tiles when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer (squeeze when the autopick finds the tiles too slow for auto_min_epochs), else pad (measured: README, input modes; the log says which and why)
+    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | squeeze: each image stretched to one square, whatever its aspect | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | auto: tiles when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer (squeeze when the autopick fits the tiles' auto_min_epochs at no size or only at its smallest), else pad (measured: README, input modes; the log says which and why)
     # tiles=0,                              # input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)
     # aug='auto',                           # auto (light, or flip for thumbnails: images enlarged 2x or more to img_size) | none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
@@ -3015,9 +3015,9 @@ class Config:
                                  "short side resized to img_size, `tiles` squares along the long side, the network "
                                  "sees each and takes the max over them (long strips keep small objects at scale) | "
                                  "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
-                                 "sampled training images are 1:2 or longer (squeeze when the autopick finds the "
-                                 "tiles too slow for auto_min_epochs), else pad (measured: README, input modes; the "
-                                 "log says which and why)",
+                                 "sampled training images are 1:2 or longer (squeeze when the autopick fits the tiles' "
+                                 "auto_min_epochs at no size or only at its smallest), else pad (measured: README, "
+                                 "input modes; the log says which and why)",
                       choices=CHOICES['input_mode'])
     tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
                        "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")

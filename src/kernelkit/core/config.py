@@ -90,9 +90,9 @@ class Config:
                                  "short side resized to img_size, `tiles` squares along the long side, the network "
                                  "sees each and takes the max over them (long strips keep small objects at scale) | "
                                  "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
-                                 "sampled training images are 1:2 or longer (squeeze when the autopick finds the "
-                                 "tiles too slow for auto_min_epochs), else pad (measured: README, input modes; the "
-                                 "log says which and why)",
+                                 "sampled training images are 1:2 or longer (squeeze when the autopick fits the tiles' "
+                                 "auto_min_epochs at no size or only at its smallest), else pad (measured: README, "
+                                 "input modes; the log says which and why)",
                       choices=CHOICES['input_mode'])
     tiles: int = _f(0, "input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to "
                        "fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)")
