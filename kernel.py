@@ -1457,8 +1457,9 @@ def validation_reports(cfg: Config, comp: Competition, data, result: FitResult, 
 ''',
 'kernelkit.build': r'''"""Config to objects: the one place that turns a `Config` into data, loaders, model, optimizer and
 loss (`assemble`, `components`), the timed choice of model and image size (`autopick`), and the
-choice of input mode (pad or tiles) from the images' aspect ratios (`input_mode`), and of the
-augmentation level from how much the images are enlarged (`augmentation`).
+choice of input mode (pad, or tiles with squeeze as the autopick's fallback) from the images' aspect
+ratios (`input_mode`), and of the augmentation level from how much the images are enlarged
+(`augmentation`).
 Imports from every package below it, never from `app`."""
 ''',
 'kernelkit.build.assemble': r'''"""Config -> the competition (`open_competition`), and config + competition -> the loaders a run needs (the image cache, the split, samplers)."""
@@ -1992,7 +1993,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
 
     def epochs_of(c: Candidate) -> float:
         t = trials.setdefault(c, Trial(c))
-        if t.train_ips or t.note:  # measured once already (the smallest size, before the search)
+        if t.train_ips or t.note:  # measured already (before the search, or by the dry run's full pass)
             return t.epochs
         if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
@@ -2011,8 +2012,11 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
                  t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
         return t.epochs
 
-    if len(cands) > 1:
-        trials[cands[0]] = Trial(cands[0], floor=True)
+    smallest = min(c.img_size for c in cands)
+    if len({c.img_size for c in cands}) > 1:  # a pick at the smallest size could not enlarge the objects at all
+        for c in cands:
+            if c.img_size == smallest:
+                trials[c] = Trial(c, floor=True)
     if every:
         for c in cands:
             epochs_of(c)
@@ -2071,7 +2075,8 @@ def stored_choice(ctx: RunContext) -> Choice | None:
         return None
     try:
         stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
-        mode = str(stored.get("input_mode", "")) if ctx.input_mode_fallback else ""  # an auto mode: as it was
+        # an auto mode as it was (a checkpoint from before the option trained on one square: pad)
+        mode = str(stored.get("input_mode", "pad")) if ctx.input_mode_fallback else ""
         return Choice(str(stored["model"]), int(stored["img_size"]), input_mode=mode,
                       tiles=int(stored.get("tiles", 0)) if mode else 0)
     except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
@@ -2085,7 +2090,9 @@ def measures(ctx: RunContext) -> bool:
 
 
 def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
-    """`ctx` with a concrete model and img_size (what checkpoints store); unchanged when both are set.
+    """`ctx` with a concrete model and img_size (what checkpoints store), and the input mode when the
+    autopick took the tiles' fallback (or a resumed run's checkpoint says which); unchanged when
+    `measures(ctx)` is False.
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
     several = len(ctx.weights_found or ()) > 1
@@ -2126,14 +2133,28 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     shape = RunShape.of(cfg, comp, info.world_size)
     several = weights if len(weights) > 1 else ()
     choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
-    if ctx.input_mode_fallback and (got.floor or not fits(got, need_epochs(cfg))):
-        why = (f"the tiles fit {need_epochs(cfg)} epochs only at the smallest size ({choice.img_size} px), where a "
-               "pretrained net wastes its features" if fits(got, need_epochs(cfg)) else "the tiles fit too few epochs")
+    need = need_epochs(cfg)
+    # The floor counts where it was measured to lose: far below the weights' input size (64 px for 224 px
+    # weights on a CPU; a GPU's floor of 128 px was not measured).
+    low = got.floor and choice.img_size < weights_input_size(choice.weights or cfg.pretrained_path) / 2
+    if ctx.input_mode_fallback and (low or not fits(got, need)):
+        if got.note:
+            why = f"the tiles were not measured ({got.note})"
+        elif fits(got, need):
+            why = (f"the tiles fit {need} epochs only at the smallest size ({choice.img_size} px), where a pretrained "
+                   "net wastes its features")
+        else:
+            why = "the tiles fit too few epochs"
         log.info("autopick: input mode %s instead of tiles x%d: %s (each image costs %d squares); measuring one "
                  "square per image", ctx.input_mode_fallback, cfg.input_tiles(), why, cfg.input_tiles())
-        cfg = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
-        choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
-        return Choice(choice.model, choice.img_size, choice.weights, cfg.input_mode, 0)
+        tiles_choice = choice
+        squeeze = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
+        choice, _ = _measured_choice(squeeze, comp, info, shape, ctx, every, several)
+        if fits(got, need) and choice.img_size <= tiles_choice.img_size:
+            log.info("autopick: keeping tiles x%d at %d px: one square per image fits no larger size",
+                     cfg.input_tiles(), tiles_choice.img_size)
+            return Choice(tiles_choice.model, tiles_choice.img_size, tiles_choice.weights)
+        return Choice(choice.model, choice.img_size, choice.weights, squeeze.input_mode, 0)
     return Choice(choice.model, choice.img_size, choice.weights)
 
 
@@ -2405,7 +2426,7 @@ TILES_SHARE = 0.25  # share of long images from which the log points at input_mo
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
-# at which the tiles fit auto_min_epochs, or fits them only at the smallest size of its ladder), one
+# at which the tiles fit their epochs, or only at its smallest size, under half the weights' size), one
 # stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
 # (README, fine-tuning), multi-label test F2: on half a 2-core machine's compute tiles x3 at 64 px 0.732,
 # squeeze at 96 px 0.815, pad 0.652; on one core of it tiles x3 at 64 px 0.832 (10 epochs: they fit),
@@ -3103,7 +3124,7 @@ class Config:
         return self.img_size, pad_aspect, self.pad_fill, self.input_tiles()
 
     def input_tiles(self) -> int:
-        """Squares per image the data pipeline makes: 1 (pad mode, or a stored config from before the
+        """Squares per image the data pipeline makes: 1 (pad or squeeze, or a stored config from before the
         option, whose 'auto' was never resolved) or the resolved tile count."""
         return max(2, self.tiles or 3) if self.input_mode == "tiles" else 1
 
@@ -6855,7 +6876,7 @@ def score_noise(score: float, n_images: int) -> float:
 
 def keeps_up(score: float, peak: float, n_images: int, z: float = NOISE_Z) -> bool:
     """Whether a later epoch scoring `score` replaces the best checkpoint, the run's peak being `peak`."""
-    return not math.isfinite(peak) or score >= peak - z * score_noise(peak, n_images)
+    return math.isfinite(score) and (not math.isfinite(peak) or score >= peak - z * score_noise(peak, n_images))
 
 
 def refine_rule(settings: RuleSettings, threshold: float, class_names: list[str],

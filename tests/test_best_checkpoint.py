@@ -27,6 +27,7 @@ def test_one_image_of_a_hundred_is_noise_and_a_real_drop_is_not():
     assert not keeps_up(0.90, 0.99, 126) and not keeps_up(0.60, 0.70, 126)
     assert not keeps_up(0.98, 0.99, 10_000), "on a large validation set one point is a real drop"
     assert keeps_up(0.1, -math.inf, 10) and keeps_up(0.99, 0.95, 126), "the first epoch, and any gain"
+    assert not keeps_up(math.nan, -math.inf, 10) and not keeps_up(math.nan, 0.5, 10), "a NaN score never takes best.pt"
     assert keeps_up(1 - one, 1.0, 126), "a perfect peak on 126 images is as noisy as one image"
     assert not keeps_up(0.99, 1.0, 10_000) and score_noise(1.0, 10_000) < 1e-3
     assert score_noise(0.5, 100) == pytest.approx(0.05, rel=1e-3) and NOISE_Z == 2.0

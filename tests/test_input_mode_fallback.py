@@ -18,13 +18,14 @@ from kernelkit.engine.checkpoint import load_checkpoint
 SQUARE_IPS = 200.0
 
 
-def speeds(tiles_ips: float, tiles_ips_above_64: float | None = None):
-    """autopick.measure on a machine where one square per image trains at SQUARE_IPS images/s and an
-    image as tiles at `tiles_ips` (`tiles_ips_above_64` past 64 px; real timings would make the choice
-    depend on the machine's load); `.calls` lists what was timed, (size, tiles) each."""
+def speeds(tiles_ips: float, tiles_ips_above_64: float | None = None, square_ips_above_64: float = SQUARE_IPS):
+    """autopick.measure on a machine where one square per image trains at SQUARE_IPS images/s
+    (`square_ips_above_64` past 64 px) and an image as tiles at `tiles_ips` (`tiles_ips_above_64` past
+    64 px; real timings would make the choice depend on the machine's load); `.calls` lists what was
+    timed, (size, tiles) each."""
     def fake_measure(cand, cfg, num_classes, device, steps=autopick.TIMED_STEPS, deadline=float("inf")):
         fake_measure.calls.append((cand.img_size, cfg.input_tiles()))
-        ips = SQUARE_IPS
+        ips = SQUARE_IPS if cand.img_size <= 64 else square_ips_above_64
         if cfg.input_tiles() > 1:
             ips = tiles_ips if cand.img_size <= 64 or tiles_ips_above_64 is None else tiles_ips_above_64
         return ips, 2 * ips
@@ -41,8 +42,8 @@ def run(data, out, *flags):
 @pytest.fixture
 def strips_and_weights(tmp_path):
     # 1:3 strips (all 'long'), and a tiny timm weights folder: a fine-tune, so auto takes tiles first.
-    # Weights trained at 128 px: the ladder runs 64, 96, 128 px.
-    return strip_competition(tmp_path / "strips"), timm_folder(tmp_path / "weights", input_size=128)
+    # Weights trained at 160 px: the ladder runs 64, 96, 128, 160 px.
+    return strip_competition(tmp_path / "strips"), timm_folder(tmp_path / "weights", input_size=160)
 
 
 def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_path, monkeypatch, caplog):
@@ -72,12 +73,25 @@ def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_
 
 def test_tiles_that_fit_only_at_the_smallest_size_fall_back_too(strips_and_weights, tmp_path, monkeypatch, caplog):
     data, weights = strips_and_weights
-    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02))
+    timed = speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02)
+    monkeypatch.setattr(autopick, "measure", timed)
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
     assert "the tiles fit 1 epochs only at the smallest size (64 px)" in caplog.text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["input_mode"], summary["img_size"]) == ("squeeze", 128), "one square, at the top of the ladder"
+    assert (summary["input_mode"], summary["img_size"]) == ("squeeze", 160), "one square, at the top of the ladder"
+    assert [c for c in timed.calls if c[1] == 3] == [(64, 3), (96, 3)], "64 px timed once, before and in the search"
+
+
+def test_tiles_stay_when_one_square_fits_no_larger_size(strips_and_weights, tmp_path, monkeypatch, caplog):
+    data, weights = strips_and_weights
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02,
+                                                    square_ips_above_64=0.02))
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
+    assert "keeping tiles x3 at 64 px" in caplog.text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["input_mode"], summary["img_size"]) == ("tiles", 64)
 
 
 def test_tiles_that_fit_stay_and_an_explicit_mode_is_never_swapped(strips_and_weights, tmp_path, monkeypatch,
@@ -87,7 +101,7 @@ def test_tiles_that_fit_stay_and_an_explicit_mode_is_never_swapped(strips_and_we
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "fast", "--pretrained-path", str(weights)) == 0
     fast = json.loads((tmp_path / "fast" / "summary.json").read_text())
-    assert (fast["input_mode"], fast["img_size"]) == ("tiles", 128)
+    assert (fast["input_mode"], fast["img_size"]) == ("tiles", 160)
     assert "instead of tiles" not in caplog.text
     caplog.clear()
     monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))

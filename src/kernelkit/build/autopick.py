@@ -285,7 +285,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
 
     def epochs_of(c: Candidate) -> float:
         t = trials.setdefault(c, Trial(c))
-        if t.train_ips or t.note:  # measured once already (the smallest size, before the search)
+        if t.train_ips or t.note:  # measured already (before the search, or by the dry run's full pass)
             return t.epochs
         if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
@@ -304,8 +304,11 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
                  t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
         return t.epochs
 
-    if len(cands) > 1:
-        trials[cands[0]] = Trial(cands[0], floor=True)
+    smallest = min(c.img_size for c in cands)
+    if len({c.img_size for c in cands}) > 1:  # a pick at the smallest size could not enlarge the objects at all
+        for c in cands:
+            if c.img_size == smallest:
+                trials[c] = Trial(c, floor=True)
     if every:
         for c in cands:
             epochs_of(c)
@@ -364,7 +367,8 @@ def stored_choice(ctx: RunContext) -> Choice | None:
         return None
     try:
         stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
-        mode = str(stored.get("input_mode", "")) if ctx.input_mode_fallback else ""  # an auto mode: as it was
+        # an auto mode as it was (a checkpoint from before the option trained on one square: pad)
+        mode = str(stored.get("input_mode", "pad")) if ctx.input_mode_fallback else ""
         return Choice(str(stored["model"]), int(stored["img_size"]), input_mode=mode,
                       tiles=int(stored.get("tiles", 0)) if mode else 0)
     except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
@@ -378,7 +382,9 @@ def measures(ctx: RunContext) -> bool:
 
 
 def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
-    """`ctx` with a concrete model and img_size (what checkpoints store); unchanged when both are set.
+    """`ctx` with a concrete model and img_size (what checkpoints store), and the input mode when the
+    autopick took the tiles' fallback (or a resumed run's checkpoint says which); unchanged when
+    `measures(ctx)` is False.
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
     several = len(ctx.weights_found or ()) > 1
@@ -419,14 +425,28 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     shape = RunShape.of(cfg, comp, info.world_size)
     several = weights if len(weights) > 1 else ()
     choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
-    if ctx.input_mode_fallback and (got.floor or not fits(got, need_epochs(cfg))):
-        why = (f"the tiles fit {need_epochs(cfg)} epochs only at the smallest size ({choice.img_size} px), where a "
-               "pretrained net wastes its features" if fits(got, need_epochs(cfg)) else "the tiles fit too few epochs")
+    need = need_epochs(cfg)
+    # The floor counts where it was measured to lose: far below the weights' input size (64 px for 224 px
+    # weights on a CPU; a GPU's floor of 128 px was not measured).
+    low = got.floor and choice.img_size < weights_input_size(choice.weights or cfg.pretrained_path) / 2
+    if ctx.input_mode_fallback and (low or not fits(got, need)):
+        if got.note:
+            why = f"the tiles were not measured ({got.note})"
+        elif fits(got, need):
+            why = (f"the tiles fit {need} epochs only at the smallest size ({choice.img_size} px), where a pretrained "
+                   "net wastes its features")
+        else:
+            why = "the tiles fit too few epochs"
         log.info("autopick: input mode %s instead of tiles x%d: %s (each image costs %d squares); measuring one "
                  "square per image", ctx.input_mode_fallback, cfg.input_tiles(), why, cfg.input_tiles())
-        cfg = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
-        choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
-        return Choice(choice.model, choice.img_size, choice.weights, cfg.input_mode, 0)
+        tiles_choice = choice
+        squeeze = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
+        choice, _ = _measured_choice(squeeze, comp, info, shape, ctx, every, several)
+        if fits(got, need) and choice.img_size <= tiles_choice.img_size:
+            log.info("autopick: keeping tiles x%d at %d px: one square per image fits no larger size",
+                     cfg.input_tiles(), tiles_choice.img_size)
+            return Choice(tiles_choice.model, tiles_choice.img_size, tiles_choice.weights)
+        return Choice(choice.model, choice.img_size, choice.weights, squeeze.input_mode, 0)
     return Choice(choice.model, choice.img_size, choice.weights)
 
 

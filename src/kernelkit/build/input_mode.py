@@ -28,7 +28,7 @@ TILES_SHARE = 0.25  # share of long images from which the log points at input_mo
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
-# at which the tiles fit auto_min_epochs, or fits them only at the smallest size of its ladder), one
+# at which the tiles fit their epochs, or only at its smallest size, under half the weights' size), one
 # stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
 # (README, fine-tuning), multi-label test F2: on half a 2-core machine's compute tiles x3 at 64 px 0.732,
 # squeeze at 96 px 0.815, pad 0.652; on one core of it tiles x3 at 64 px 0.832 (10 epochs: they fit),

@@ -178,7 +178,7 @@ class Config:
         return self.img_size, pad_aspect, self.pad_fill, self.input_tiles()
 
     def input_tiles(self) -> int:
-        """Squares per image the data pipeline makes: 1 (pad mode, or a stored config from before the
+        """Squares per image the data pipeline makes: 1 (pad or squeeze, or a stored config from before the
         option, whose 'auto' was never resolved) or the resolved tile count."""
         return max(2, self.tiles or 3) if self.input_mode == "tiles" else 1
 

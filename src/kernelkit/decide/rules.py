@@ -77,7 +77,7 @@ def score_noise(score: float, n_images: int) -> float:
 
 def keeps_up(score: float, peak: float, n_images: int, z: float = NOISE_Z) -> bool:
     """Whether a later epoch scoring `score` replaces the best checkpoint, the run's peak being `peak`."""
-    return not math.isfinite(peak) or score >= peak - z * score_noise(peak, n_images)
+    return math.isfinite(score) and (not math.isfinite(peak) or score >= peak - z * score_noise(peak, n_images))
 
 
 def refine_rule(settings: RuleSettings, threshold: float, class_names: list[str],
