@@ -1785,7 +1785,7 @@ class Trial:
     epochs: float = -1.0
     note: str = ""
     stage_ips: dict | None = None  # progressive resizing: training images/s at each stage size
-    floor: bool = False  # the cheapest of several candidates: the pick could not climb the ladder at all
+    floor: bool = False  # at the smallest of the ladder's several sizes: the pick could not climb it at all
 
 
 def model_cost(name: str) -> float:
@@ -1993,7 +1993,7 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
 
     def epochs_of(c: Candidate) -> float:
         t = trials.setdefault(c, Trial(c))
-        if t.train_ips or t.note:  # measured already (before the search, or by the dry run's full pass)
+        if t.train_ips or t.note:  # measured (or given up on) already: before the search, or in the dry run's pass
             return t.epochs
         if clock_now() > deadline or (stop is not None and stop.requested):
             t.note = "not measured (time for measuring is up)"
@@ -2012,11 +2012,6 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
                  t.infer_ips, t.epochs, f" (progressive resizing: {fmt_ips(t.stage_ips)})" if t.stage_ips else "")
         return t.epochs
 
-    smallest = min(c.img_size for c in cands)
-    if len({c.img_size for c in cands}) > 1:  # a pick at the smallest size could not enlarge the objects at all
-        for c in cands:
-            if c.img_size == smallest:
-                trials[c] = Trial(c, floor=True)
     if every:
         for c in cands:
             epochs_of(c)
@@ -2024,9 +2019,13 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     if one_net and not every and 0 <= epochs_of(cands[0]) < need_epochs(cfg):
         # One architecture, sizes only: when the smallest size the weights allow does not fit, no larger
         # one does, and timing a larger one (a slow step on a CPU) would only spend the budget.
-        return cands[0], [trials[cands[0]]]
-    choice, _ = pick(cands, epochs_of, need_epochs(cfg))
-    return choice, [trials[c] for c in cands if c in trials and (trials[c].train_ips or trials[c].note)]
+        choice = cands[0]
+    else:
+        choice, _ = pick(cands, epochs_of, need_epochs(cfg))
+    sizes = {c.img_size for c in cands}
+    for t in trials.values():  # a pick at the smallest of several sizes could not enlarge the objects at all
+        t.floor = len(sizes) > 1 and t.candidate.img_size == min(sizes)
+    return choice, [trials[c] for c in cands if c in trials]
 
 
 def weights_input_size(path: str) -> int:
@@ -2103,7 +2102,7 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
         choice = _choose_main(ctx, comp, info, every)
     # The others wait on a store key, not in the broadcast: measuring may outlast a collective timeout.
     distributed.main_done(info, ctx.t_start + budget_seconds(cfg)[0])
-    choice = Choice(*distributed.broadcast_object(info, dataclasses.astuple(choice) if choice else None))
+    choice = distributed.broadcast_object(info, choice)
     if several:  # the model came from the first folder found, not from the user
         model, path = choice.model, choice.weights or cfg.pretrained_path
     else:  # explicit settings win
