@@ -105,3 +105,22 @@ def test_inference_weights_load_in_infer_mode_and_in_plain_timm(tmp_path, multil
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ours(x))
+
+
+def test_the_inference_weights_are_written_before_the_unreserved_reports(tmp_path, single_label_dir, monkeypatch):
+    """The export has its seconds in the inference reserve, the reports (plot, error analysis) none:
+    on 120 s GPU runs the reports ran first and left the export no time on every run."""
+    from kernelkit.app import train_job
+    from kernelkit.app.cli import main
+    out = tmp_path / "out"
+    seen = []
+    real = train_job.validation_reports
+
+    def reports(*args, **kwargs):
+        seen.append((out / "model" / "model.safetensors").is_file())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_job, "validation_reports", reports)
+    assert main({}, [*TINY, "--data-dir", str(single_label_dir), "--out-dir", str(out)]) == 0
+    assert seen == [True]
+    assert (out / "val_probs.npy").is_file() and (out / "error_summary.json").is_file()  # the reports still ran
