@@ -53,10 +53,20 @@ TAGS = {  # digit -> does it have the tag
 
 
 def digits():
+    """-> (x_train, x_test, y_train, y_test). KK_DIGITS_NPZ: the same split saved by `save_digits`, for a
+    machine without scikit-learn (the device machine)."""
+    if os.environ.get("KK_DIGITS_NPZ"):
+        d = np.load(os.environ["KK_DIGITS_NPZ"])
+        return d["xtr"], d["xte"], d["ytr"], d["yte"]
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     x, y = load_digits(return_X_y=True)
     return train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+
+
+def save_digits(path: str) -> None:
+    xtr, xte, ytr, yte = digits()
+    np.savez_compressed(path, xtr=xtr, xte=xte, ytr=ytr, yte=yte)
 
 
 def tag_matrix(y: np.ndarray) -> np.ndarray:
