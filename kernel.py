@@ -2067,21 +2067,28 @@ class Choice:
     tiles: int = 0
 
 
-def stored_choice(ctx: RunContext) -> Choice | None:
-    """The model, size and input mode of the run this one will resume (its checkpoint says what was picked)."""
+def resumed_config(ctx: RunContext) -> dict | None:
+    """The config saved in the checkpoint this run will resume (what auto resolved to there), None when it
+    resumes none. An unreadable file is None here: prepare reports it properly."""
     from ..engine.checkpoint import load_checkpoint
     from ..engine.run_state import resumable
     path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
     if path is None:
         return None
     try:
-        stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
-        # an auto mode as it was (a checkpoint from before the option trained on one square: pad)
-        mode = str(stored.get("input_mode", "pad")) if ctx.input_mode_fallback else ""
-        return Choice(str(stored["model"]), int(stored["img_size"]), input_mode=mode,
-                      tiles=int(stored.get("tiles", 0)) if mode else 0)
-    except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
-        log.warning("autopick: could not read the model of %s (%s)", path, e)
+        return load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not read the config of %s (%s)", path, e)
+        return None
+
+
+def stored_choice(ctx: RunContext) -> Choice | None:
+    """The model and size of the run this one will resume (its input mode: input_mode.resolve_input_mode)."""
+    stored = resumed_config(ctx)
+    try:
+        return Choice(str(stored["model"]), int(stored["img_size"])) if stored else None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("autopick: the resumed checkpoint names no model and size (%s); measuring", e)
         return None
 
 
@@ -2092,7 +2099,7 @@ def measures(ctx: RunContext) -> bool:
 
 def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
     """`ctx` with a concrete model and img_size (what checkpoints store), and the input mode when the
-    autopick took the tiles' fallback (or a resumed run's checkpoint says which); unchanged when
+    autopick took the tiles' fallback; unchanged when
     `measures(ctx)` is False.
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
@@ -2126,8 +2133,7 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     weights = ctx.weights_found or ()
     stored = None if every else stored_choice(ctx)
     if stored is not None:
-        log.info("autopick: resuming a run that picked %s @ %d px%s", stored.model, stored.img_size,
-                 f", input mode {stored.input_mode}" if stored.input_mode else "")
+        log.info("autopick: resuming a run that picked %s @ %d px", stored.model, stored.img_size)
         same = [str(w) for w in weights if len(weights) > 1 and
                 same_architecture(resolve_weights(w).architecture, stored.model)]
         return dataclasses.replace(stored, weights=same[0] if same else "")
@@ -2466,6 +2472,21 @@ def long_share(paths: list[str], seed: int) -> dict:
     return sizes
 
 
+def resumed_mode(ctx: RunContext) -> tuple[str, int] | None:
+    """(mode, tiles) that auto resolved to in the run this one resumes; a checkpoint from before the
+    option trained on one square (pad). None when nothing is resumed."""
+    stored = autopick.resumed_config(ctx)
+    if not isinstance(stored, dict) or not stored:
+        return None
+    try:
+        mode, tiles = str(stored.get("input_mode", "pad")), int(stored.get("tiles", 0) or 0)
+    except (TypeError, ValueError):  # a damaged config: the rule decides, and prepare judges the checkpoint
+        return None
+    if mode == "tiles" and tiles >= 2:
+        return mode, tiles
+    return (mode, 0) if mode in ("pad", "squeeze") else None
+
+
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with input_mode pad, squeeze or tiles (and tiles set), logged with the reason; what checkpoints
     store. Tiles chosen by auto carry the fallback the autopick may still take (ctx.input_mode_fallback)."""
@@ -2476,6 +2497,11 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
+    resumed = resumed_mode(ctx) if cfg.input_mode == "auto" else None
+    if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say
+        mode, tiles = resumed
+        log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
     mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
                                          pretrained=weights_given(cfg.pretrained_path))
     fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""

@@ -124,6 +124,31 @@ def test_a_resumed_run_keeps_the_input_mode_its_checkpoint_trained_with(strips_a
     assert summary["input_mode"] == "squeeze" and summary["epochs"] == 1, "one more epoch, images as before"
 
 
+def test_a_resumed_run_that_does_not_measure_keeps_the_input_mode_too(strips_and_weights, tmp_path, monkeypatch,
+                                                                       caplog):
+    """With img_size given on resume nothing is measured, so no fallback can happen: auto's fresh answer
+    for these strips is tiles, and the squeeze-trained model would have gone on training on tiles."""
+    data, weights = strips_and_weights
+    two_sessions = ["--pretrained-path", str(weights), "--sessions", "2", "--epochs", "2"]
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))
+    assert run(data, tmp_path / "first", *two_sessions) == 0
+    first = json.loads((tmp_path / "first" / "config.json").read_text())
+    assert first["input_mode"] == "squeeze"
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS))
+    second = tmp_path / "second"
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, second, *two_sessions, "--img-size", str(first["img_size"]),
+                   "--resume-from", str(tmp_path / "first" / "last.pt")) == 0
+    assert "input mode: squeeze (as the run this one resumes trained)" in caplog.text
+    assert "autopick:" not in caplog.text.split("input mode: squeeze (as the run")[1], "nothing measured"
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["input_mode"] == "squeeze" and summary["epochs"] == 1
+    # a fresh run with the same settings takes the tiles: the checkpoint, not the rule, decided above
+    fresh = tmp_path / "fresh"
+    assert run(data, fresh, *two_sessions, "--img-size", str(first["img_size"])) == 0
+    assert json.loads((fresh / "config.json").read_text())["input_mode"] == "tiles"
+
+
 def test_squeeze_stretches_every_image_where_pad_pads_long_ones(tmp_path):
     path = str(tmp_path / "strip.png")
     Image.fromarray(np.zeros((20, 100, 3), np.uint8)).save(path)  # 1:5, black: padding shows as the white fill

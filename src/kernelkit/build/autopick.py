@@ -357,21 +357,28 @@ class Choice:
     tiles: int = 0
 
 
-def stored_choice(ctx: RunContext) -> Choice | None:
-    """The model, size and input mode of the run this one will resume (its checkpoint says what was picked)."""
+def resumed_config(ctx: RunContext) -> dict | None:
+    """The config saved in the checkpoint this run will resume (what auto resolved to there), None when it
+    resumes none. An unreadable file is None here: prepare reports it properly."""
     from ..engine.checkpoint import load_checkpoint
     from ..engine.run_state import resumable
     path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
     if path is None:
         return None
     try:
-        stored = load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
-        # an auto mode as it was (a checkpoint from before the option trained on one square: pad)
-        mode = str(stored.get("input_mode", "pad")) if ctx.input_mode_fallback else ""
-        return Choice(str(stored["model"]), int(stored["img_size"]), input_mode=mode,
-                      tiles=int(stored.get("tiles", 0)) if mode else 0)
-    except Exception as e:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
-        log.warning("autopick: could not read the model of %s (%s)", path, e)
+        return load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not read the config of %s (%s)", path, e)
+        return None
+
+
+def stored_choice(ctx: RunContext) -> Choice | None:
+    """The model and size of the run this one will resume (its input mode: input_mode.resolve_input_mode)."""
+    stored = resumed_config(ctx)
+    try:
+        return Choice(str(stored["model"]), int(stored["img_size"])) if stored else None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("autopick: the resumed checkpoint names no model and size (%s); measuring", e)
         return None
 
 
@@ -382,7 +389,7 @@ def measures(ctx: RunContext) -> bool:
 
 def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = False) -> RunContext:
     """`ctx` with a concrete model and img_size (what checkpoints store), and the input mode when the
-    autopick took the tiles' fallback (or a resumed run's checkpoint says which); unchanged when
+    autopick took the tiles' fallback; unchanged when
     `measures(ctx)` is False.
     Rank 0 measures, the other ranks take its choice."""
     cfg = ctx.cfg
@@ -416,8 +423,7 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     weights = ctx.weights_found or ()
     stored = None if every else stored_choice(ctx)
     if stored is not None:
-        log.info("autopick: resuming a run that picked %s @ %d px%s", stored.model, stored.img_size,
-                 f", input mode {stored.input_mode}" if stored.input_mode else "")
+        log.info("autopick: resuming a run that picked %s @ %d px", stored.model, stored.img_size)
         same = [str(w) for w in weights if len(weights) > 1 and
                 same_architecture(resolve_weights(w).architecture, stored.model)]
         return dataclasses.replace(stored, weights=same[0] if same else "")

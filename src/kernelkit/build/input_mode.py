@@ -67,6 +67,21 @@ def long_share(paths: list[str], seed: int) -> dict:
     return sizes
 
 
+def resumed_mode(ctx: RunContext) -> tuple[str, int] | None:
+    """(mode, tiles) that auto resolved to in the run this one resumes; a checkpoint from before the
+    option trained on one square (pad). None when nothing is resumed."""
+    stored = autopick.resumed_config(ctx)
+    if not isinstance(stored, dict) or not stored:
+        return None
+    try:
+        mode, tiles = str(stored.get("input_mode", "pad")), int(stored.get("tiles", 0) or 0)
+    except (TypeError, ValueError):  # a damaged config: the rule decides, and prepare judges the checkpoint
+        return None
+    if mode == "tiles" and tiles >= 2:
+        return mode, tiles
+    return (mode, 0) if mode in ("pad", "squeeze") else None
+
+
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with input_mode pad, squeeze or tiles (and tiles set), logged with the reason; what checkpoints
     store. Tiles chosen by auto carry the fallback the autopick may still take (ctx.input_mode_fallback)."""
@@ -77,6 +92,11 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
+    resumed = resumed_mode(ctx) if cfg.input_mode == "auto" else None
+    if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say
+        mode, tiles = resumed
+        log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
     mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
                                          pretrained=weights_given(cfg.pretrained_path))
     fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""
