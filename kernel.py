@@ -1694,17 +1694,19 @@ def choose_augmentation(aug: str, sizes: dict, img_size: int, tiles: int = 0) ->
     return "light", f"median frame {side:g} px at {img_size} px ({upscale:.1f}x): flip + random resized crop"
 
 
-def auto_augmentation(cfg: Config, paths: list[str]) -> tuple[str, str]:
-    """cfg.aug, with 'auto' chosen from the headers of (a sample of) `paths`, the sample input_mode reads."""
-    return choose_augmentation(cfg.aug, long_share(paths, cfg.seed) if cfg.aug == "auto" else {},
-                               cfg.img_size, cfg.input_tiles())
+def auto_augmentation(cfg: Config, paths: list[str], sizes: dict | None = None) -> tuple[str, str]:
+    """cfg.aug, with 'auto' chosen from the headers of (a sample of) `paths`, the sample input_mode reads
+    (`sizes`: that sample's statistics, when input_mode read them already)."""
+    if cfg.aug != "auto":
+        return choose_augmentation(cfg.aug, {}, cfg.img_size, cfg.input_tiles())
+    return choose_augmentation(cfg.aug, sizes or long_share(paths, cfg.seed), cfg.img_size, cfg.input_tiles())
 
 
 def resolve_augmentation(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with a concrete aug level, logged with the reason; after autopick (it needs img_size)."""
     if ctx.cfg.aug != "auto":
         return ctx
-    aug, why = auto_augmentation(ctx.cfg, comp.train_paths)
+    aug, why = auto_augmentation(ctx.cfg, comp.train_paths, ctx.train_image_sizes)
     log.info("augmentation: %s (aug=auto): %s", aug, why)
     return dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, aug=aug))
 ''',
@@ -2502,8 +2504,8 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
         mode, tiles = resumed
         log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
-    mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
-                                         pretrained=weights_given(cfg.pretrained_path))
+    sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
+    mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path))
     fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""
     if mode == "tiles":
         log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s%s",
@@ -2511,7 +2513,7 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     else:
         log.info("input mode: pad (one square per image): %s", why)
     return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles),
-                               input_mode_fallback=fallback)
+                               input_mode_fallback=fallback, train_image_sizes=sizes)
 
 ''',
 'kernelkit.core': r'''"""The ground floor: the typed run config (schema, checks, command line), the run context and its
@@ -3310,6 +3312,9 @@ class RunContext:
     # input_mode auto chose tiles: the mode autopick takes instead when the tiles do not fit their epochs
     # ('' = none: the mode was set, or is not tiles).
     input_mode_fallback: str = ""
+    # Header statistics of a sample of the training images (decide.reports.image_sizes), read once by
+    # input_mode auto and reused by aug auto; None when nothing has read them.
+    train_image_sizes: dict | None = None
 
     @property
     def phase(self) -> str:

@@ -73,3 +73,25 @@ def test_building_the_data_directly_resolves_auto_the_same_way(single_label_dir)
                               "cache_images": False, "model": "test_resnet"})
         data = build_training_data(cfg, comp, torch.device("cpu"))
         assert data.train_loader.dataset.transform.aug == want
+
+
+def test_input_mode_and_aug_auto_read_the_image_headers_once(single_label_dir, tmp_path, monkeypatch):
+    """Both choices come from the same sample of headers; on Kaggle's mounted inputs each read of
+    500 headers costs seconds, so aug auto takes the statistics input_mode auto read."""
+    from kernelkit.app.cli import main
+    from kernelkit.build import input_mode
+    calls = []
+    real = input_mode.image_sizes
+
+    def counting(paths, *args, **kwargs):
+        calls.append(len(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(input_mode, "image_sizes", counting)
+    out = tmp_path / "out"
+    assert main({}, ["--model", "test_resnet", "--img-size", "96", "--batch-size", "8", "--num-workers", "0",
+                     "--epochs", "1", "--budget", "10m", "--data-dir", str(single_label_dir),
+                     "--out-dir", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["aug"] == "flip" and config["input_mode"] == "pad", "both resolved from the headers"
+    assert len(calls) == 1, calls

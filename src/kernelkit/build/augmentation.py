@@ -46,16 +46,18 @@ def choose_augmentation(aug: str, sizes: dict, img_size: int, tiles: int = 0) ->
     return "light", f"median frame {side:g} px at {img_size} px ({upscale:.1f}x): flip + random resized crop"
 
 
-def auto_augmentation(cfg: Config, paths: list[str]) -> tuple[str, str]:
-    """cfg.aug, with 'auto' chosen from the headers of (a sample of) `paths`, the sample input_mode reads."""
-    return choose_augmentation(cfg.aug, long_share(paths, cfg.seed) if cfg.aug == "auto" else {},
-                               cfg.img_size, cfg.input_tiles())
+def auto_augmentation(cfg: Config, paths: list[str], sizes: dict | None = None) -> tuple[str, str]:
+    """cfg.aug, with 'auto' chosen from the headers of (a sample of) `paths`, the sample input_mode reads
+    (`sizes`: that sample's statistics, when input_mode read them already)."""
+    if cfg.aug != "auto":
+        return choose_augmentation(cfg.aug, {}, cfg.img_size, cfg.input_tiles())
+    return choose_augmentation(cfg.aug, sizes or long_share(paths, cfg.seed), cfg.img_size, cfg.input_tiles())
 
 
 def resolve_augmentation(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with a concrete aug level, logged with the reason; after autopick (it needs img_size)."""
     if ctx.cfg.aug != "auto":
         return ctx
-    aug, why = auto_augmentation(ctx.cfg, comp.train_paths)
+    aug, why = auto_augmentation(ctx.cfg, comp.train_paths, ctx.train_image_sizes)
     log.info("augmentation: %s (aug=auto): %s", aug, why)
     return dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, aug=aug))

@@ -97,8 +97,8 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
         mode, tiles = resumed
         log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
-    mode, tiles, why = choose_input_mode(long_share(comp.train_paths, cfg.seed), cfg.input_mode, cfg.tiles,
-                                         pretrained=weights_given(cfg.pretrained_path))
+    sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
+    mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path))
     fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""
     if mode == "tiles":
         log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s%s",
@@ -106,5 +106,5 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     else:
         log.info("input mode: pad (one square per image): %s", why)
     return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles),
-                               input_mode_fallback=fallback)
+                               input_mode_fallback=fallback, train_image_sizes=sizes)
 

@@ -47,6 +47,9 @@ class RunContext:
     # input_mode auto chose tiles: the mode autopick takes instead when the tiles do not fit their epochs
     # ('' = none: the mode was set, or is not tiles).
     input_mode_fallback: str = ""
+    # Header statistics of a sample of the training images (decide.reports.image_sizes), read once by
+    # input_mode auto and reused by aug auto; None when nothing has read them.
+    train_image_sizes: dict | None = None
 
     @property
     def phase(self) -> str:
