@@ -1363,7 +1363,8 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
 
 
 def finish(ctx: RunContext, comp: Competition, run: TrainRun, outcome: Outcome) -> None:
-    """Rule, reports, prediction and submission; each step guarded, so a failing one costs only itself."""
+    """Rule, prediction and submission, the inference weights, then the reports; each step guarded, so a
+    failing one costs only itself."""
     cfg, settings, data, result, saver = ctx.cfg, RuleSettings.of(ctx.cfg), run.data, run.result, run.saver
     outcome.guard("writing history.csv", write_history, result.history, ctx.out_dir)
     rule = settings.global_rule(result.state.threshold)
@@ -2069,24 +2070,30 @@ class Choice:
     tiles: int = 0
 
 
-def resumed_config(ctx: RunContext) -> dict | None:
-    """The config saved in the checkpoint this run will resume (what auto resolved to there), None when it
-    resumes none. An unreadable file is None here: prepare reports it properly."""
+def resumed_config(ctx: RunContext, classes: list) -> dict | None:
+    """The config saved in the checkpoint this run will resume (what auto resolved to there); None when it
+    resumes none, or when resume.check_resume will refuse it or start fresh (another model, label set or
+    schedule), or when the file is unreadable (prepare reports that properly)."""
     from ..engine.checkpoint import load_checkpoint
+    from ..engine.resume import continues
     from ..engine.run_state import resumable
-    path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
-    if path is None:
-        return None
     try:
-        return load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
+        path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+        if path is None:
+            return None
+        ckpt = load_checkpoint(path, "cpu", mmap=True)  # resume.check_resume loads it all
+        stored = ckpt.get("config", {})
+        # model auto is resolved after this: the run resumes whichever model the checkpoint trained
+        model = stored.get("model") if ctx.cfg.model == "auto" else ctx.cfg.model
+        return stored if continues(ckpt, dataclasses.replace(ctx.cfg, model=model), classes) else None
     except Exception as e:  # noqa: BLE001
-        log.warning("could not read the config of %s (%s)", path, e)
+        log.warning("could not read the config of the run to resume in %s (%s)", ctx.out_dir, e)
         return None
 
 
-def stored_choice(ctx: RunContext) -> Choice | None:
+def stored_choice(ctx: RunContext, classes: list) -> Choice | None:
     """The model and size of the run this one will resume (its input mode: input_mode.resolve_input_mode)."""
-    stored = resumed_config(ctx)
+    stored = resumed_config(ctx, classes)
     try:
         return Choice(str(stored["model"]), int(stored["img_size"])) if stored else None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -2133,7 +2140,7 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
 def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> Choice:
     cfg = ctx.cfg
     weights = ctx.weights_found or ()
-    stored = None if every else stored_choice(ctx)
+    stored = None if every else stored_choice(ctx, comp.classes)
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", stored.model, stored.img_size)
         same = [str(w) for w in weights if len(weights) > 1 and
@@ -2434,6 +2441,7 @@ LONG = 2.0  # long/short ratio from which a square input shrinks the content at 
 TILES_SHARE = 0.25  # share of long images from which the log points at input_mode=tiles
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
+MAX_TILES = 6  # checks.py's bound on `tiles`
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
 # at which the tiles fit their epochs, or only at its smallest size, under half the weights' size), one
 # stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
@@ -2474,17 +2482,21 @@ def long_share(paths: list[str], seed: int) -> dict:
     return sizes
 
 
-def resumed_mode(ctx: RunContext) -> tuple[str, int] | None:
+def dry_run(ctx: RunContext) -> bool:
+    return bool(getattr(ctx.args, "dry_run", False))
+
+
+def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
     """(mode, tiles) that auto resolved to in the run this one resumes; a checkpoint from before the
     option trained on one square (pad). None when nothing is resumed."""
-    stored = autopick.resumed_config(ctx)
+    stored = autopick.resumed_config(ctx, classes)
     if not isinstance(stored, dict) or not stored:
         return None
     try:
         mode, tiles = str(stored.get("input_mode", "pad")), int(stored.get("tiles", 0) or 0)
     except (TypeError, ValueError):  # a damaged config: the rule decides, and prepare judges the checkpoint
         return None
-    if mode == "tiles" and tiles >= 2:
+    if mode == "tiles" and 2 <= tiles <= MAX_TILES:
         return mode, tiles
     return (mode, 0) if mode in ("pad", "squeeze") else None
 
@@ -2499,7 +2511,8 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
-    resumed = resumed_mode(ctx) if cfg.input_mode == "auto" else None
+    # a dry run plans a fresh run (its autopick ignores the checkpoint too)
+    resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
     if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say
         mode, tiles = resumed
         log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)
@@ -8316,6 +8329,15 @@ def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
             if trained.get(k, defaults[k]) != getattr(cfg, k)]
 
 
+def same_model(ckpt: dict[str, Any], cfg: Config, classes: list) -> bool:
+    return ckpt.get("classes") == classes and ckpt.get("config", {}).get("model") == cfg.model
+
+
+def continues(ckpt: dict[str, Any], cfg: Config, classes: list) -> bool:
+    """Whether check_resume takes `ckpt` for this run rather than refusing it or starting fresh."""
+    return same_model(ckpt, cfg, classes) and not config_differences(ckpt.get("config", {}), cfg)
+
+
 def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
     """The checkpoint to continue from, checked before anything slow: one of another model, label set
     or schedule, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0).
@@ -8324,7 +8346,7 @@ def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bo
         return None
     ckpt = load_checkpoint(path)
     trained = ckpt.get("config", {})
-    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
+    if not same_model(ckpt, cfg, comp.classes):
         if explicit:
             raise ConfigError(f"resume_from {path}: trained a different model or label set "
                               f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")

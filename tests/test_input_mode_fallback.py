@@ -149,6 +149,26 @@ def test_a_resumed_run_that_does_not_measure_keeps_the_input_mode_too(strips_and
     assert json.loads((fresh / "config.json").read_text())["input_mode"] == "tiles"
 
 
+def test_a_checkpoint_the_run_will_not_continue_does_not_set_the_input_mode(strips_and_weights, tmp_path,
+                                                                            monkeypatch, caplog):
+    """A killed run restarted in its out_dir with another schedule starts fresh (resume.check_resume):
+    its input mode then comes from the rule and the autopick, not from the checkpoint it discards."""
+    from kernelkit.engine.run_state import STATE_FILE
+    data, weights = strips_and_weights
+    out = tmp_path / "out"
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))
+    assert run(data, out, "--pretrained-path", str(weights), "--sessions", "2", "--epochs", "2") == 0
+    assert json.loads((out / "config.json").read_text())["input_mode"] == "squeeze"
+    state = json.loads((out / STATE_FILE).read_text())
+    (out / STATE_FILE).write_text(json.dumps({**state, "finished": False}))  # as if it had been killed
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS))  # the tiles fit now
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, out, "--pretrained-path", str(weights), "--sessions", "2", "--epochs", "3") == 0
+    assert "as the run this one resumes trained" not in caplog.text
+    assert "starting fresh" in caplog.text
+    assert json.loads((out / "config.json").read_text())["input_mode"] == "tiles"
+
+
 def test_squeeze_stretches_every_image_where_pad_pads_long_ones(tmp_path):
     path = str(tmp_path / "strip.png")
     Image.fromarray(np.zeros((20, 100, 3), np.uint8)).save(path)  # 1:5, black: padding shows as the white fill

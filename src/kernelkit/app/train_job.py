@@ -179,7 +179,8 @@ def run_train(ctx: RunContext, comp: Competition, info: DistInfo) -> Outcome:
 
 
 def finish(ctx: RunContext, comp: Competition, run: TrainRun, outcome: Outcome) -> None:
-    """Rule, reports, prediction and submission; each step guarded, so a failing one costs only itself."""
+    """Rule, prediction and submission, the inference weights, then the reports; each step guarded, so a
+    failing one costs only itself."""
     cfg, settings, data, result, saver = ctx.cfg, RuleSettings.of(ctx.cfg), run.data, run.result, run.saver
     outcome.guard("writing history.csv", write_history, result.history, ctx.out_dir)
     rule = settings.global_rule(result.state.threshold)

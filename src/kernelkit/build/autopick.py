@@ -357,24 +357,30 @@ class Choice:
     tiles: int = 0
 
 
-def resumed_config(ctx: RunContext) -> dict | None:
-    """The config saved in the checkpoint this run will resume (what auto resolved to there), None when it
-    resumes none. An unreadable file is None here: prepare reports it properly."""
+def resumed_config(ctx: RunContext, classes: list) -> dict | None:
+    """The config saved in the checkpoint this run will resume (what auto resolved to there); None when it
+    resumes none, or when resume.check_resume will refuse it or start fresh (another model, label set or
+    schedule), or when the file is unreadable (prepare reports that properly)."""
     from ..engine.checkpoint import load_checkpoint
+    from ..engine.resume import continues
     from ..engine.run_state import resumable
-    path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
-    if path is None:
-        return None
     try:
-        return load_checkpoint(path, "cpu", mmap=True).get("config", {})  # resume.check_resume loads it all
+        path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+        if path is None:
+            return None
+        ckpt = load_checkpoint(path, "cpu", mmap=True)  # resume.check_resume loads it all
+        stored = ckpt.get("config", {})
+        # model auto is resolved after this: the run resumes whichever model the checkpoint trained
+        model = stored.get("model") if ctx.cfg.model == "auto" else ctx.cfg.model
+        return stored if continues(ckpt, dataclasses.replace(ctx.cfg, model=model), classes) else None
     except Exception as e:  # noqa: BLE001
-        log.warning("could not read the config of %s (%s)", path, e)
+        log.warning("could not read the config of the run to resume in %s (%s)", ctx.out_dir, e)
         return None
 
 
-def stored_choice(ctx: RunContext) -> Choice | None:
+def stored_choice(ctx: RunContext, classes: list) -> Choice | None:
     """The model and size of the run this one will resume (its input mode: input_mode.resolve_input_mode)."""
-    stored = resumed_config(ctx)
+    stored = resumed_config(ctx, classes)
     try:
         return Choice(str(stored["model"]), int(stored["img_size"])) if stored else None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -421,7 +427,7 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
 def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool) -> Choice:
     cfg = ctx.cfg
     weights = ctx.weights_found or ()
-    stored = None if every else stored_choice(ctx)
+    stored = None if every else stored_choice(ctx, comp.classes)
     if stored is not None:
         log.info("autopick: resuming a run that picked %s @ %d px", stored.model, stored.img_size)
         same = [str(w) for w in weights if len(weights) > 1 and

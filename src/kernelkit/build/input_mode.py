@@ -27,6 +27,7 @@ LONG = 2.0  # long/short ratio from which a square input shrinks the content at 
 TILES_SHARE = 0.25  # share of long images from which the log points at input_mode=tiles
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
+MAX_TILES = 6  # checks.py's bound on `tiles`
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
 # at which the tiles fit their epochs, or only at its smallest size, under half the weights' size), one
 # stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
@@ -67,17 +68,21 @@ def long_share(paths: list[str], seed: int) -> dict:
     return sizes
 
 
-def resumed_mode(ctx: RunContext) -> tuple[str, int] | None:
+def dry_run(ctx: RunContext) -> bool:
+    return bool(getattr(ctx.args, "dry_run", False))
+
+
+def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
     """(mode, tiles) that auto resolved to in the run this one resumes; a checkpoint from before the
     option trained on one square (pad). None when nothing is resumed."""
-    stored = autopick.resumed_config(ctx)
+    stored = autopick.resumed_config(ctx, classes)
     if not isinstance(stored, dict) or not stored:
         return None
     try:
         mode, tiles = str(stored.get("input_mode", "pad")), int(stored.get("tiles", 0) or 0)
     except (TypeError, ValueError):  # a damaged config: the rule decides, and prepare judges the checkpoint
         return None
-    if mode == "tiles" and tiles >= 2:
+    if mode == "tiles" and 2 <= tiles <= MAX_TILES:
         return mode, tiles
     return (mode, 0) if mode in ("pad", "squeeze") else None
 
@@ -92,7 +97,8 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
-    resumed = resumed_mode(ctx) if cfg.input_mode == "auto" else None
+    # a dry run plans a fresh run (its autopick ignores the checkpoint too)
+    resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
     if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say
         mode, tiles = resumed
         log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)

@@ -45,6 +45,15 @@ def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
             if trained.get(k, defaults[k]) != getattr(cfg, k)]
 
 
+def same_model(ckpt: dict[str, Any], cfg: Config, classes: list) -> bool:
+    return ckpt.get("classes") == classes and ckpt.get("config", {}).get("model") == cfg.model
+
+
+def continues(ckpt: dict[str, Any], cfg: Config, classes: list) -> bool:
+    """Whether check_resume takes `ckpt` for this run rather than refusing it or starting fresh."""
+    return same_model(ckpt, cfg, classes) and not config_differences(ckpt.get("config", {}), cfg)
+
+
 def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bool) -> dict[str, Any] | None:
     """The checkpoint to continue from, checked before anything slow: one of another model, label set
     or schedule, or a finished schedule given as resume_from, is refused now (not re-trained at LR 0).
@@ -53,7 +62,7 @@ def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bo
         return None
     ckpt = load_checkpoint(path)
     trained = ckpt.get("config", {})
-    if ckpt.get("classes") != comp.classes or trained.get("model") != cfg.model:
+    if not same_model(ckpt, cfg, comp.classes):
         if explicit:
             raise ConfigError(f"resume_from {path}: trained a different model or label set "
                               f"({trained.get('model')!r}, {len(ckpt.get('classes', []))} classes)")
