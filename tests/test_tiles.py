@@ -202,5 +202,5 @@ def test_auto_input_mode_takes_tiles_only_for_a_real_fine_tune_without_mixing(se
     cfg = checked_config({"model": "tf_efficientnet_lite0", **settings})
     ctx = RunContext(cfg, None, tmp_path, tmp_path, False, 0.0)
     long_strips = [p for p in strips[1:] if not p.endswith(".jpg")]  # all 1:4 or 1:5
-    got = resolve_input_mode(ctx, SimpleNamespace(train_paths=long_strips)).cfg
+    got = resolve_input_mode(ctx, SimpleNamespace(train_paths=long_strips, classes=["0", "1"])).cfg
     assert got.input_mode == want and (got.tiles >= 2) == (want == "tiles")
