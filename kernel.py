@@ -8329,6 +8329,12 @@ def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
             if trained.get(k, defaults[k]) != getattr(cfg, k)]
 
 
+def input_geometry(config: dict[str, Any]) -> str:
+    """'pad', 'squeeze' or 'tiles xN' of a saved config (one from before the option trained on pad)."""
+    mode = str(config.get("input_mode", "pad"))
+    return f"tiles x{config.get('tiles')}" if mode == "tiles" else mode
+
+
 def same_model(ckpt: dict[str, Any], cfg: Config, classes: list) -> bool:
     return ckpt.get("classes") == classes and ckpt.get("config", {}).get("model") == cfg.model
 
@@ -8360,6 +8366,10 @@ def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bo
     if differ:
         log.warning("%s was trained with other settings (%s); starting fresh", path, "; ".join(differ))
         return None
+    was, now = input_geometry(trained), input_geometry(cfg.to_dict())
+    if was != now:  # allowed (the weights take any size), but the model has not seen images this way
+        log.warning("!!! %s trained on input_mode %s; this run feeds it %s (input_mode set). Leave input_mode "
+                    "auto to keep the checkpoint's", path, was, now)
     finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
     if finished and explicit:
         raise ConfigError(

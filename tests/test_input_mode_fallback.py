@@ -169,6 +169,23 @@ def test_a_checkpoint_the_run_will_not_continue_does_not_set_the_input_mode(stri
     assert json.loads((out / "config.json").read_text())["input_mode"] == "tiles"
 
 
+def test_an_explicit_other_mode_on_resume_wins_and_is_warned_about(strips_and_weights, tmp_path, caplog):
+    data, weights = strips_and_weights
+    two_sessions = ["--pretrained-path", str(weights), "--img-size", "64", "--sessions", "2", "--epochs", "2"]
+    assert run(data, tmp_path / "first", *two_sessions, "--input-mode", "squeeze") == 0
+    second = tmp_path / "second"
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, second, *two_sessions, "--input-mode", "pad",
+                   "--resume-from", str(tmp_path / "first" / "last.pt")) == 0
+    assert "trained on input_mode squeeze; this run feeds it pad" in caplog.text
+    assert json.loads((second / "summary.json").read_text())["input_mode"] == "pad", "the user's choice wins"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kernelkit"):  # the same mode: no warning
+        assert run(data, tmp_path / "third", *two_sessions, "--input-mode", "squeeze",
+                   "--resume-from", str(tmp_path / "first" / "last.pt")) == 0
+    assert "this run feeds it" not in caplog.text
+
+
 def test_squeeze_stretches_every_image_where_pad_pads_long_ones(tmp_path):
     path = str(tmp_path / "strip.png")
     Image.fromarray(np.zeros((20, 100, 3), np.uint8)).save(path)  # 1:5, black: padding shows as the white fill
