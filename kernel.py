@@ -2096,7 +2096,7 @@ def stored_choice(ctx: RunContext, classes: list) -> Choice | None:
     stored = resumed_config(ctx, classes)
     try:
         return Choice(str(stored["model"]), int(stored["img_size"])) if stored else None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         log.warning("autopick: the resumed checkpoint names no model and size (%s); measuring", e)
         return None
 
@@ -2432,6 +2432,7 @@ import math
 from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..decide.reports import image_sizes
+from ..engine.resume import describe_input_mode, stored_input_mode
 from ..inputs.competition import Competition
 from . import autopick
 
@@ -2441,7 +2442,6 @@ LONG = 2.0  # long/short ratio from which a square input shrinks the content at 
 TILES_SHARE = 0.25  # share of long images from which the log points at input_mode=tiles
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
-MAX_TILES = 6  # checks.py's bound on `tiles`
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
 # at which the tiles fit their epochs, or only at its smallest size, under half the weights' size), one
 # stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
@@ -2487,18 +2487,10 @@ def dry_run(ctx: RunContext) -> bool:
 
 
 def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
-    """(mode, tiles) that auto resolved to in the run this one resumes; a checkpoint from before the
-    option trained on one square (pad). None when nothing is resumed."""
+    """(mode, tiles) that auto resolved to in the run this one resumes; None when nothing is resumed, or
+    its config is damaged (the rule decides then, and prepare judges the checkpoint)."""
     stored = autopick.resumed_config(ctx, classes)
-    if not isinstance(stored, dict) or not stored:
-        return None
-    try:
-        mode, tiles = str(stored.get("input_mode", "pad")), int(stored.get("tiles", 0) or 0)
-    except (TypeError, ValueError):  # a damaged config: the rule decides, and prepare judges the checkpoint
-        return None
-    if mode == "tiles" and 2 <= tiles <= MAX_TILES:
-        return mode, tiles
-    return (mode, 0) if mode in ("pad", "squeeze") else None
+    return stored_input_mode(stored) if stored else None
 
 
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
@@ -2515,7 +2507,7 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
     if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say
         mode, tiles = resumed
-        log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)
+        log.info("input mode: %s (as the run this one resumes trained)", describe_input_mode(resumed))
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
     sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
     mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path))
@@ -2800,7 +2792,8 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
-        (c.tiles == 0 or 2 <= c.tiles <= 6, f"tiles={c.tiles}: 0 (auto) or 2..6 squares along the long side"),
+        (c.tiles == 0 or 2 <= c.tiles <= MAX_TILES,
+         f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
         (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
          "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
@@ -2869,6 +2862,7 @@ def _path_problems(c: Config) -> list[str]:
             if value and not getattr(Path(value), test)()] + _weights_problems(c)
 
 
+MAX_TILES = 6  # squares along an image's long side: each costs a forward pass
 WEIGHTS_OF = (("model", "pretrained_path"), ("model2", "pretrained_path2"))  # each backbone and its weights
 
 
@@ -8307,6 +8301,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ..core.checks import MAX_TILES
 from ..core.config import Config, ConfigError
 from ..inputs.competition import Competition
 from .checkpoint import load_checkpoint
@@ -8329,10 +8324,23 @@ def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
             if trained.get(k, defaults[k]) != getattr(cfg, k)]
 
 
-def input_geometry(config: dict[str, Any]) -> str:
-    """'pad', 'squeeze' or 'tiles xN' of a saved config (one from before the option trained on pad)."""
-    mode = str(config.get("input_mode", "pad"))
-    return f"tiles x{config.get('tiles')}" if mode == "tiles" else mode
+def stored_input_mode(config: dict[str, Any]) -> tuple[str, int] | None:
+    """(mode, tiles) a saved config trained with: pad, squeeze (tiles 0) or tiles with its count; a config
+    from before the option trained on pad. None for a damaged one."""
+    try:
+        mode, tiles = str(config.get("input_mode", "pad")), int(config.get("tiles", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if mode == "tiles":
+        return (mode, tiles) if 2 <= tiles <= MAX_TILES else None
+    return (mode, 0) if mode in ("pad", "squeeze") else None
+
+
+def describe_input_mode(mode_tiles: tuple[str, int] | None) -> str:
+    if mode_tiles is None:
+        return "an unreadable mode"
+    mode, tiles = mode_tiles
+    return f"tiles x{tiles}" if mode == "tiles" else mode
 
 
 def same_model(ckpt: dict[str, Any], cfg: Config, classes: list) -> bool:
@@ -8366,10 +8374,10 @@ def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bo
     if differ:
         log.warning("%s was trained with other settings (%s); starting fresh", path, "; ".join(differ))
         return None
-    was, now = input_geometry(trained), input_geometry(cfg.to_dict())
+    was, now = stored_input_mode(trained), stored_input_mode(cfg.to_dict())
     if was != now:  # allowed (the weights take any size), but the model has not seen images this way
         log.warning("!!! %s trained on input_mode %s; this run feeds it %s (input_mode set). Leave input_mode "
-                    "auto to keep the checkpoint's", path, was, now)
+                    "auto to keep the checkpoint's", path, describe_input_mode(was), describe_input_mode(now))
     finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
     if finished and explicit:
         raise ConfigError(

@@ -186,6 +186,30 @@ def test_an_explicit_other_mode_on_resume_wins_and_is_warned_about(strips_and_we
     assert "this run feeds it" not in caplog.text
 
 
+@pytest.mark.parametrize("damage", [{"input_mode": "banana"}, {"input_mode": "tiles", "tiles": "x3"},
+                                    {"input_mode": "tiles", "tiles": 50}])
+def test_a_damaged_input_mode_in_the_resumed_checkpoint_is_decided_by_the_rule(strips_and_weights, tmp_path,
+                                                                              monkeypatch, caplog, damage):
+    """Hostile input: the checkpoint to resume names no mode this version knows. The rule decides (tiles,
+    with its fallback measured), the resume goes on, and the log says the modes differ."""
+    import torch
+    data, weights = strips_and_weights
+    two_sessions = ["--pretrained-path", str(weights), "--sessions", "2", "--epochs", "2"]
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS))
+    assert run(data, tmp_path / "first", *two_sessions) == 0
+    last = tmp_path / "first" / "last.pt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt["config"].update(damage)
+    torch.save(ckpt, last)
+    second = tmp_path / "second"
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, second, *two_sessions, "--resume-from", str(last)) == 0
+    assert "as the run this one resumes trained" not in caplog.text
+    assert "trained on input_mode an unreadable mode; this run feeds it tiles" in caplog.text
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["input_mode"] == "tiles" and summary["epochs"] == 1
+
+
 def test_squeeze_stretches_every_image_where_pad_pads_long_ones(tmp_path):
     path = str(tmp_path / "strip.png")
     Image.fromarray(np.zeros((20, 100, 3), np.uint8)).save(path)  # 1:5, black: padding shows as the white fill

@@ -383,7 +383,7 @@ def stored_choice(ctx: RunContext, classes: list) -> Choice | None:
     stored = resumed_config(ctx, classes)
     try:
         return Choice(str(stored["model"]), int(stored["img_size"])) if stored else None
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         log.warning("autopick: the resumed checkpoint names no model and size (%s); measuring", e)
         return None
 

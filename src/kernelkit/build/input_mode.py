@@ -18,6 +18,7 @@ import math
 from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..decide.reports import image_sizes
+from ..engine.resume import describe_input_mode, stored_input_mode
 from ..inputs.competition import Competition
 from . import autopick
 
@@ -27,7 +28,6 @@ LONG = 2.0  # long/short ratio from which a square input shrinks the content at 
 TILES_SHARE = 0.25  # share of long images from which the log points at input_mode=tiles
 AUTO_TILES = (2, 3)  # tiles=0: the 75th percentile aspect ratio, rounded, within these (each costs a square)
 SAMPLE = 500
-MAX_TILES = 6  # checks.py's bound on `tiles`
 # Tiles cost `tiles` squares an image. Where the budget cannot pay for them (the autopick finds no size
 # at which the tiles fit their epochs, or only at its smallest size, under half the weights' size), one
 # stretched square per image at a larger size is what holds up. Fine-tuning lite0 on the hard task
@@ -73,18 +73,10 @@ def dry_run(ctx: RunContext) -> bool:
 
 
 def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
-    """(mode, tiles) that auto resolved to in the run this one resumes; a checkpoint from before the
-    option trained on one square (pad). None when nothing is resumed."""
+    """(mode, tiles) that auto resolved to in the run this one resumes; None when nothing is resumed, or
+    its config is damaged (the rule decides then, and prepare judges the checkpoint)."""
     stored = autopick.resumed_config(ctx, classes)
-    if not isinstance(stored, dict) or not stored:
-        return None
-    try:
-        mode, tiles = str(stored.get("input_mode", "pad")), int(stored.get("tiles", 0) or 0)
-    except (TypeError, ValueError):  # a damaged config: the rule decides, and prepare judges the checkpoint
-        return None
-    if mode == "tiles" and 2 <= tiles <= MAX_TILES:
-        return mode, tiles
-    return (mode, 0) if mode in ("pad", "squeeze") else None
+    return stored_input_mode(stored) if stored else None
 
 
 def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
@@ -101,7 +93,7 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
     if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say
         mode, tiles = resumed
-        log.info("input mode: %s (as the run this one resumes trained)", f"tiles x{tiles}" if tiles else mode)
+        log.info("input mode: %s (as the run this one resumes trained)", describe_input_mode(resumed))
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
     sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
     mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path))

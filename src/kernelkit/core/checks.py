@@ -94,7 +94,8 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
-        (c.tiles == 0 or 2 <= c.tiles <= 6, f"tiles={c.tiles}: 0 (auto) or 2..6 squares along the long side"),
+        (c.tiles == 0 or 2 <= c.tiles <= MAX_TILES,
+         f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
         (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
          "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
@@ -163,6 +164,7 @@ def _path_problems(c: Config) -> list[str]:
             if value and not getattr(Path(value), test)()] + _weights_problems(c)
 
 
+MAX_TILES = 6  # squares along an image's long side: each costs a forward pass
 WEIGHTS_OF = (("model", "pretrained_path"), ("model2", "pretrained_path2"))  # each backbone and its weights
 
 

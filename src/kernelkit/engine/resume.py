@@ -23,6 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ..core.checks import MAX_TILES
 from ..core.config import Config, ConfigError
 from ..inputs.competition import Competition
 from .checkpoint import load_checkpoint
@@ -45,10 +46,23 @@ def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
             if trained.get(k, defaults[k]) != getattr(cfg, k)]
 
 
-def input_geometry(config: dict[str, Any]) -> str:
-    """'pad', 'squeeze' or 'tiles xN' of a saved config (one from before the option trained on pad)."""
-    mode = str(config.get("input_mode", "pad"))
-    return f"tiles x{config.get('tiles')}" if mode == "tiles" else mode
+def stored_input_mode(config: dict[str, Any]) -> tuple[str, int] | None:
+    """(mode, tiles) a saved config trained with: pad, squeeze (tiles 0) or tiles with its count; a config
+    from before the option trained on pad. None for a damaged one."""
+    try:
+        mode, tiles = str(config.get("input_mode", "pad")), int(config.get("tiles", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if mode == "tiles":
+        return (mode, tiles) if 2 <= tiles <= MAX_TILES else None
+    return (mode, 0) if mode in ("pad", "squeeze") else None
+
+
+def describe_input_mode(mode_tiles: tuple[str, int] | None) -> str:
+    if mode_tiles is None:
+        return "an unreadable mode"
+    mode, tiles = mode_tiles
+    return f"tiles x{tiles}" if mode == "tiles" else mode
 
 
 def same_model(ckpt: dict[str, Any], cfg: Config, classes: list) -> bool:
@@ -82,10 +96,10 @@ def check_resume(cfg: Config, path: Path | None, comp: Competition, explicit: bo
     if differ:
         log.warning("%s was trained with other settings (%s); starting fresh", path, "; ".join(differ))
         return None
-    was, now = input_geometry(trained), input_geometry(cfg.to_dict())
+    was, now = stored_input_mode(trained), stored_input_mode(cfg.to_dict())
     if was != now:  # allowed (the weights take any size), but the model has not seen images this way
         log.warning("!!! %s trained on input_mode %s; this run feeds it %s (input_mode set). Leave input_mode "
-                    "auto to keep the checkpoint's", path, was, now)
+                    "auto to keep the checkpoint's", path, describe_input_mode(was), describe_input_mode(now))
     finished = (ckpt["epoch"] >= cfg.epochs) if cfg.epochs else ckpt["progress"] >= 0.999
     if finished and explicit:
         raise ConfigError(
