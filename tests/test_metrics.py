@@ -41,3 +41,79 @@ def test_accuracy_top_k_and_baseline():
     both, first = fbeta_per_image(truth, np.ones_like(truth)), fbeta_per_image(truth, np.array([[1, 0]] * 3))
     assert both > first
     assert prior_baseline("multilabel", truth, truth) == pytest.approx(both)
+
+
+def plateau() -> tuple[np.ndarray, np.ndarray]:
+    """One tag, 100 images: 50 positives at 0.9, 45 negatives at 0.05, 4 positives at 0.01 that every
+    threshold misses, and one negative at 0.55 that puts the F2 peak (0.96) at 0.55 and up; every
+    threshold in [0.05, 0.55) is one image behind (0.95)."""
+    probs = np.array([0.9] * 50 + [0.01] * 4 + [0.05] * 45 + [0.55])[:, None]
+    truth = np.array([True] * 54 + [False] * 46)[:, None]
+    return truth, probs
+
+
+def test_the_threshold_settles_on_the_plateau_near_f_over_one_plus_beta_squared():
+    """On a hundred images one image puts the F2 peak at 0.5; the settled threshold stays where
+    calibrated probabilities put F2's optimum (F*/5 ~ 0.2), one image below the peak."""
+    from kernelkit.decide.rules import settled_threshold
+    truth, probs = plateau()
+    t_peak, s_peak = search_threshold(truth, probs)
+    t, s = settled_threshold(truth, probs)
+    assert t_peak == 0.55 and s_peak == pytest.approx(0.96), "the exact search follows the one image"
+    assert t == pytest.approx(s_peak / 5, abs=0.006), "nearest F*/(1 + beta^2) on the grid"
+    assert s == pytest.approx(s_peak - 0.01), "one image behind the peak: a tie"
+
+
+def test_a_large_validation_set_keeps_the_threshold_where_its_data_put_it():
+    """Many images: the tolerance is a fraction of an image's worth, so a sharp optimum far from
+    F*/5 (scores separated at 0.6) is kept: the theory breaks ties only, it never overrides the data."""
+    from kernelkit.decide.rules import settled_threshold
+    rng = np.random.default_rng(0)
+    truth = rng.random((5000, 6)) < 0.3
+    probs = np.where(truth, rng.uniform(0.62, 1, truth.shape), rng.uniform(0, 0.58, truth.shape))
+    t, s = settled_threshold(truth, probs)
+    assert 0.58 <= t < 0.62 and s == pytest.approx(1.0)
+
+
+def test_validation_scores_multilabel_at_the_settled_threshold_and_the_users_wins():
+    from kernelkit.decide.rules import score_validation, settled_threshold
+    truth, probs = plateau()
+    va = score_validation("multilabel", truth, probs)
+    assert (va["threshold"], va["score"]) == settled_threshold(truth, probs)
+    mine = score_validation("multilabel", truth, probs, threshold=0.6)
+    assert mine["threshold"] == 0.6 and mine["score"] == pytest.approx(0.96)
+
+
+def test_probabilities_far_from_calibrated_keep_the_threshold_their_data_put_them_at():
+    """A focal loss squeezes probabilities low: here every positive sits at 0.12-0.15, every negative
+    under 0.1. Forty images only, so the scores' own noise is wide, but F*/5 = 0.2 decodes every image
+    differently (nothing predicted): the paired gap rules it out and the threshold stays at 0.10-0.12."""
+    from kernelkit.decide.rules import settled_threshold
+    rng = np.random.default_rng(1)
+    truth = rng.random((40, 3)) < 0.4
+    truth[:, 0] |= ~truth.any(1)  # every image has a label
+    probs = np.where(truth, rng.uniform(0.121, 0.15, truth.shape), rng.uniform(0.0, 0.099, truth.shape))
+    t, s = settled_threshold(truth, probs)
+    assert 0.1 <= t < 0.121 and s == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("case", ["one image", "no positives", "nan probabilities", "constant probabilities",
+                                  "no images"])
+def test_the_settled_threshold_survives_degenerate_validation(case):
+    """Hostile validation sets: a grid threshold and a score in [0, 1] come back, never an exception."""
+    from kernelkit.decide.rules import settled_threshold
+    from kernelkit.decide.thresholds import default_grid
+    rng = np.random.default_rng(0)
+    truth, probs = rng.random((40, 5)) < 0.3, rng.random((40, 5))
+    if case == "one image":
+        truth, probs = truth[:1], probs[:1]
+    elif case == "no positives":
+        truth = np.zeros_like(truth)
+    elif case == "nan probabilities":
+        probs[::3] = np.nan
+    elif case == "constant probabilities":
+        probs = np.full(probs.shape, 0.5)
+    elif case == "no images":
+        truth, probs = truth[:0], probs[:0]
+    t, s = settled_threshold(truth, probs)
+    assert t in set(default_grid().tolist()) and 0.0 <= s <= 1.0

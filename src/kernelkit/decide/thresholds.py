@@ -14,7 +14,7 @@ threshold keeps, so a sweep costs O(N C + N G) rather than G decodings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Sequence
+from typing import Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -160,16 +160,13 @@ def _pick(scores: np.ndarray, grid: np.ndarray, current_score: float, current_t:
     return float(grid[near_best[np.argmin(np.abs(grid[near_best] - current_t))]])
 
 
-def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: float = 2.0, min_labels: int = 0,
-                  max_labels: int = 0, show_progress: bool = False, chunk: int = 0) -> np.ndarray:
-    """(G,) F-beta per image for each threshold of the sorted `grid`, min/max labels included exactly.
-
-    Rows are done `chunk` images at a time to bound memory (chunk x C grid indices, chunk x G
-    scores); 0 = as many rows as make CHUNK_CELLS cells, so 15,000 classes get smaller chunks.
-    """
+def _image_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: float, min_labels: int,
+                  max_labels: int, show_progress: bool, chunk: int) -> Iterator[np.ndarray]:
+    """(rows, G) F-beta of each image at each threshold of the sorted `grid`, `chunk` images at a time
+    (chunk x C grid indices, chunk x G scores); 0 = as many rows as make CHUNK_CELLS cells, so 15,000
+    classes get smaller chunks."""
     b2 = beta * beta
     chunk = chunk or max(1, min(4096, CHUNK_CELLS // max(probs.shape[1], 1)))
-    total = np.zeros(len(grid))
     starts = range(0, len(probs), chunk)
     if show_progress:
         starts = progress(starts, desc="threshold", total=len(starts))
@@ -186,19 +183,49 @@ def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: 
         else:
             idx = np.searchsorted(grid, _force_top(p, min_labels), side="left")
             k, tp = _above(idx, len(grid)), _above(idx, len(grid), y)
-        total += _fbeta(tp, k, n_true, b2).sum(0)
+        yield _fbeta(tp, k, n_true, b2)
+
+
+def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: float = 2.0, min_labels: int = 0,
+                  max_labels: int = 0, show_progress: bool = False, chunk: int = 0) -> np.ndarray:
+    """(G,) F-beta per image for each threshold of the sorted `grid`, min/max labels included exactly."""
+    total = np.zeros(len(grid))
+    for f in _image_scores(truth, probs, grid, beta, min_labels, max_labels, show_progress, chunk):
+        total += f.sum(0)
     return total / max(len(probs), 1)
 
 
+def paired_gaps(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, ref: int, beta: float = 2.0,
+                min_labels: int = 0, max_labels: int = 0, chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """How far each threshold of the sorted `grid` falls behind grid[ref], image by image -> (G,) mean
+    gap and (G,) its standard error. Paired: two thresholds that decode all but one image alike differ
+    by that image only, which the spread of the two scores over all images would drown."""
+    total, squares = np.zeros(len(grid)), np.zeros(len(grid))
+    for f in _image_scores(truth, probs, grid, beta, min_labels, max_labels, False, chunk):
+        d = f[:, ref:ref + 1] - f
+        total += d.sum(0)
+        squares += (d * d).sum(0)
+    n = max(len(probs), 1)
+    mean = total / n
+    return mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0) / n)
+
+
 # ------------------------------------------------------------------------------- searches
+
+
+def threshold_curve(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, grid: np.ndarray | None = None,
+                    min_labels: int = 0, max_labels: int = 0,
+                    show_progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """-> (sorted grid, F-beta per image at each of its thresholds), min/max labels included."""
+    truth, probs, grid = _prepare(truth, probs, grid)
+    return grid, global_scores(truth, probs, grid, beta, min_labels, max_labels, show_progress)
 
 
 def search_global(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, grid: np.ndarray | None = None,
                   min_labels: int = 0, max_labels: int = 0,
                   show_progress: bool = False) -> tuple[ThresholdRule, float]:
     """Best single threshold on the grid -> (rule, F-beta per image). Ties go to the lowest threshold."""
-    truth, probs, grid = _prepare(truth, probs, grid)
-    scores = global_scores(truth, probs, grid, beta, min_labels, max_labels, show_progress)
+    grid, scores = threshold_curve(truth, probs, beta, grid, min_labels, max_labels, show_progress)
     j = int(np.argmax(scores))
     return ThresholdRule("global", [float(grid[j])], min_labels, max_labels), float(scores[j])
 
