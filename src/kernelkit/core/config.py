@@ -161,7 +161,7 @@ class Config:
     # inference
     tta: int = _f(2, "test-time augmentation views: 1 = none, 2 = + horizontal flip")
     beta: float = _f(2.0, "multi-label metric: F-beta averaged per image (iMet: 2)")
-    threshold: float = _f(-1.0, "multi-label threshold; <0 = search on validation")
+    threshold: float = _f(-1.0, "multi-label threshold; <0 = chosen on validation (rules.settled_threshold)")
     threshold_rule: str = _f("global", "multi-label search: global | group (by 'prefix::' of label names) | class", choices=CHOICES['threshold_rule'])
     min_labels: int = _f(0, "multi-label: always emit at least this many labels per image")
     max_labels: int = _f(0, "multi-label: at most this many labels per image (0 = no cap)")
