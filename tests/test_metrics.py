@@ -14,11 +14,15 @@ def test_fbeta_per_image_by_hand():
     assert fbeta_per_image(truth, pred, 1.0) == pytest.approx((0.5 + 1 + 1) / 5)
 
 
-def test_threshold_search_finds_the_separating_threshold():
+def separated(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n images, 6 tags, every positive above 0.62 and every negative under 0.58."""
     rng = np.random.default_rng(0)
-    truth = rng.random((200, 6)) < 0.3
-    probs = np.where(truth, rng.uniform(0.62, 1, truth.shape), rng.uniform(0, 0.58, truth.shape))
-    t, s = search_threshold(truth, probs)
+    truth = rng.random((n, 6)) < 0.3
+    return truth, np.where(truth, rng.uniform(0.62, 1, truth.shape), rng.uniform(0, 0.58, truth.shape))
+
+
+def test_threshold_search_finds_the_separating_threshold():
+    t, s = search_threshold(*separated(200))
     assert 0.58 <= t < 0.62 and s == pytest.approx(1.0)
 
 
@@ -65,13 +69,10 @@ def test_the_threshold_settles_on_the_plateau_near_f_over_one_plus_beta_squared(
 
 
 def test_a_large_validation_set_keeps_the_threshold_where_its_data_put_it():
-    """Many images: the tolerance is a fraction of an image's worth, so a sharp optimum far from
-    F*/5 (scores separated at 0.6) is kept: the theory breaks ties only, it never overrides the data."""
+    """Many images: every threshold off the separating band decodes dozens of them differently, so a
+    sharp optimum far from F*/5 is kept: the theory breaks ties only, it never overrides the data."""
     from kernelkit.decide.rules import settled_threshold
-    rng = np.random.default_rng(0)
-    truth = rng.random((5000, 6)) < 0.3
-    probs = np.where(truth, rng.uniform(0.62, 1, truth.shape), rng.uniform(0, 0.58, truth.shape))
-    t, s = settled_threshold(truth, probs)
+    t, s = settled_threshold(*separated(5000))
     assert 0.58 <= t < 0.62 and s == pytest.approx(1.0)
 
 
