@@ -6,9 +6,9 @@ row's validation split (the kernel's own `split_indices`, the run's seed) and th
 (bench_quality.py's digit split, bench/hard_task.py's task), then scores on the test answers the global
 threshold each rule takes from the same validation probabilities:
 
-* best      the exact best on validation, ties to the lowest (`thresholds.search_threshold`);
-* settled   the kernel's rule (`rules.settled_threshold`): within one standard error of the best, the
-            one nearest F*/(1 + beta^2);
+* best      the exact best on validation, ties to the lowest (`thresholds.search_global`);
+* settled   the kernel's rule (`rules.settled_threshold`): of the thresholds within two paired standard
+            errors of the best, the one nearest F*/(1 + beta^2);
 * theory    F*/(1 + beta^2) alone, whatever validation says of it;
 
 plus the test optimum (the best any global threshold could do). Multi-label rows only.
@@ -35,7 +35,7 @@ from hard_task import make_hard_task  # noqa: E402
 
 from kernelkit.data.loaders import split_indices  # noqa: E402
 from kernelkit.decide.rules import settled_threshold  # noqa: E402
-from kernelkit.decide.thresholds import global_scores, search_threshold, threshold_curve  # noqa: E402
+from kernelkit.decide.thresholds import search_global, threshold_curve  # noqa: E402
 
 _HARD: dict[str, object] = {}
 
@@ -60,8 +60,10 @@ def answers(run: Path, classes: list[str]) -> np.ndarray:
     return tags[:, [int(c) for c in classes]]
 
 
-def replay(run: Path, beta: float = 2.0) -> dict:
+def replay(run: Path) -> dict:
     meta = json.loads((run / "model" / "kernelkit.json").read_text())
+    cfg = meta["config"]
+    beta, limits = float(cfg.get("beta", 2.0)), (int(cfg.get("min_labels", 0)), int(cfg.get("max_labels", 0)))
     classes, seed = [str(c) for c in meta["classes"]], json.loads((run / "summary.json").read_text())["seed"]
     data = run.parent / f"{'hard_multi' if run.name.startswith('hard') else 'multi'}_data"
     train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
@@ -71,13 +73,14 @@ def replay(run: Path, beta: float = 2.0) -> dict:
     if len(vp) != len(val):
         raise SystemExit(f"{run}: {len(vp)} validation rows, the split has {len(val)}")
     truth = answers(run, classes)
-    best_t, best_v = search_threshold(train_y[val], vp, beta)
-    settled_t, _ = settled_threshold(train_y[val], vp, beta)
-    rules = {"best": best_t, "settled": settled_t, "theory": best_v / (1 + beta * beta)}
-    grid, test_curve = threshold_curve(truth, tp, beta)
+    rule, best_v = search_global(train_y[val], vp, beta, min_labels=limits[0], max_labels=limits[1])
+    settled_t, _ = settled_threshold(train_y[val], vp, beta, *limits)
+    rules = {"best": rule.values[0], "settled": settled_t, "theory": best_v / (1 + beta * beta)}
+    grid, test_curve = threshold_curve(truth, tp, beta, min_labels=limits[0], max_labels=limits[1])
     row = {"run": f"{run.parent.name}/{run.name}", "seed": seed, "val_images": len(val), "val_best": round(best_v, 4)}
     for name, t in rules.items():
-        row[name] = {"threshold": round(float(t), 3), "test": round(float(global_scores(truth, tp, np.array([t]), beta)[0]), 4)}
+        test = threshold_curve(truth, tp, beta, np.array([t]), *limits)[1][0]
+        row[name] = {"threshold": round(float(t), 3), "test": round(float(test), 4)}
     row["test_optimum"] = {"threshold": float(grid[int(np.argmax(test_curve))]), "test": round(float(test_curve.max()), 4)}
     return row
 

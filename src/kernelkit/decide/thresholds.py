@@ -142,6 +142,9 @@ def _force_top(probs: np.ndarray, min_labels: int) -> np.ndarray:
 
 def _prepare(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     truth, probs = np.asarray(truth).astype(bool), np.asarray(probs, dtype=np.float64)
+    # NaN is below every threshold, as `labels.apply_thresholds` decodes it (NaN > t is False): the
+    # searched score is then the score of what the submission will say
+    probs = np.where(np.isnan(probs), -np.inf, probs)
     if truth.shape != probs.shape or truth.ndim != 2:
         raise ValueError(f"truth {truth.shape} and probs {probs.shape} must be the same (N, C) shape")
     grid = np.unique(np.asarray(default_grid() if grid is None else grid, dtype=np.float64))  # sorted
@@ -195,11 +198,13 @@ def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: 
     return total / max(len(probs), 1)
 
 
-def paired_gaps(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, ref: int, beta: float = 2.0,
+def paired_gaps(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, ref: int, *, beta: float = 2.0,
                 min_labels: int = 0, max_labels: int = 0, chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """How far each threshold of the sorted `grid` falls behind grid[ref], image by image -> (G,) mean
-    gap and (G,) its standard error. Paired: two thresholds that decode all but one image alike differ
-    by that image only, which the spread of the two scores over all images would drown."""
+    """How far each threshold of the sorted, distinct `grid` (as `threshold_curve` returns it) falls
+    behind grid[ref], image by image -> (G,) mean gap and (G,) its standard error. Paired: two thresholds
+    that decode all but one image alike differ by that image only, which the spread of the two scores
+    over all images would drown."""
+    truth, probs, grid = _prepare(truth, probs, grid)
     total, squares = np.zeros(len(grid)), np.zeros(len(grid))
     for f in _image_scores(truth, probs, grid, beta, min_labels, max_labels, False, chunk):
         d = f[:, ref:ref + 1] - f
