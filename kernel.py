@@ -121,7 +121,6 @@ test probabilities are blended, so this takes seconds.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
@@ -166,10 +165,6 @@ def scorer(cfg: Config, task: str, targets: np.ndarray) -> Callable[..., dict]:
     return score
 
 
-def weight_score(score: Callable[..., dict], rows: np.ndarray, probs: np.ndarray) -> float:
-    return score(probs, rows, settle=False)["score"]
-
-
 def cv_report(members: list[Member], score: Callable) -> dict:
     """Score of every fold file on its own rows, and of every member over all its rows."""
     folds = {f"{m.name}:{name}": round(score(m.oof[idx], idx)["score"], 5)
@@ -194,7 +189,7 @@ def run_blend(ctx: RunContext, comp: Competition) -> dict:
     score = scorer(cfg, comp.task, comp.train_targets)
     report = cv_report(members, score)
     sample = search_rows(rows, cfg.seed)
-    weights, _ = fit_weights([m.oof[sample] for m in members], functools.partial(weight_score, score, sample))
+    weights, _ = fit_weights([m.oof[sample] for m in members], lambda p: score(p, sample, settle=False)["score"])
     blended = mix([m.oof[rows] for m in members], weights)
     found = score(blended, rows)
     rule = blend_rule(cfg, comp, comp.train_targets[rows], blended, found)
@@ -6862,8 +6857,7 @@ import numpy as np
 
 from .labels import decode_multilabel
 from .metrics import accuracy, fbeta_per_image
-from .thresholds import (ThresholdRule, groups_from_names, paired_gaps, search_classes, search_global, search_groups,
-                         threshold_curve)
+from .thresholds import ThresholdRule, gaps_to_best, groups_from_names, search_classes, search_global, search_groups
 
 log = logging.getLogger("kernelkit")
 
@@ -6934,7 +6928,7 @@ def settled_threshold(targets: np.ndarray, probs: np.ndarray, beta: float = 2.0,
                       max_labels: int = 0) -> tuple[float, float]:
     """The global threshold for the submission -> (threshold, its validation score): of the thresholds
     that fall behind the best by no more than THRESHOLD_Z standard errors of the image-by-image gap
-    (`thresholds.paired_gaps`), the one nearest F*/(1 + beta^2), F* being the best score. `settle=False` in
+    (`thresholds.gaps_to_best`), the one nearest F*/(1 + beta^2), F* being the best score. `settle=False` in
     `score_validation` takes the exact best instead (a blend's weight search calls it hundreds of times;
     the blend's own threshold is settled).
 
@@ -6947,11 +6941,9 @@ def settled_threshold(targets: np.ndarray, probs: np.ndarray, beta: float = 2.0,
     threshold that decodes many images differently is no tie, whatever the two scores: probabilities far
     from calibrated (a focal loss) keep the threshold their data put them at. A tie may lose up to ~3
     images against the best, so an epoch's score (history.csv) is up to that much below the exact best."""
-    grid, scores = threshold_curve(targets, probs, beta, min_labels=min_labels, max_labels=max_labels)
-    best = int(np.argmax(scores))
-    gap, se = paired_gaps(targets, probs, grid, best, beta=beta, min_labels=min_labels, max_labels=max_labels)
-    near = np.flatnonzero(gap <= THRESHOLD_Z * se + 1e-12)
-    j = int(near[np.argmin(np.abs(grid[near] - scores[best] / (1 + beta * beta)))])
+    grid, scores, gap, se = gaps_to_best(targets, probs, beta, min_labels, max_labels)
+    near = np.flatnonzero(gap <= THRESHOLD_Z * se + 1e-12)  # the best itself: gap 0
+    j = int(near[np.argmin(np.abs(grid[near] - scores.max() / (1 + beta * beta)))])
     return float(grid[j]), float(scores[j])
 
 
@@ -7145,9 +7137,10 @@ def _force_top(probs: np.ndarray, min_labels: int) -> np.ndarray:
 
 def _prepare(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     truth, probs = np.asarray(truth).astype(bool), np.asarray(probs, dtype=np.float64)
-    # NaN is below every threshold, as `labels.apply_thresholds` decodes it (NaN > t is False): the
-    # searched score is then the score of what the submission will say
-    probs = np.where(np.isnan(probs), -np.inf, probs)
+    nan = np.isnan(probs)
+    if nan.any():  # NaN is below every threshold, as `labels.apply_thresholds` decodes it (NaN > t is
+        # False): the searched score is then the score of what the submission will say
+        probs = np.where(nan, -np.inf, probs)
     if truth.shape != probs.shape or truth.ndim != 2:
         raise ValueError(f"truth {truth.shape} and probs {probs.shape} must be the same (N, C) shape")
     grid = np.unique(np.asarray(default_grid() if grid is None else grid, dtype=np.float64))  # sorted
@@ -7201,23 +7194,6 @@ def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: 
     return total / max(len(probs), 1)
 
 
-def paired_gaps(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, ref: int, *, beta: float = 2.0,
-                min_labels: int = 0, max_labels: int = 0, chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """How far each threshold of the sorted, distinct `grid` (as `threshold_curve` returns it) falls
-    behind grid[ref], image by image -> (G,) mean gap and (G,) its standard error. Paired: two thresholds
-    that decode all but one image alike differ by that image only, which the spread of the two scores
-    over all images would drown."""
-    truth, probs, grid = _prepare(truth, probs, grid)
-    total, squares = np.zeros(len(grid)), np.zeros(len(grid))
-    for f in _image_scores(truth, probs, grid, beta, min_labels, max_labels, False, chunk):
-        d = f[:, ref:ref + 1] - f
-        total += d.sum(0)
-        squares += (d * d).sum(0)
-    n = max(len(probs), 1)
-    mean = total / n
-    return mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0) / n)
-
-
 # ------------------------------------------------------------------------------- searches
 
 
@@ -7227,6 +7203,25 @@ def threshold_curve(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, gri
     """-> (sorted grid, F-beta per image at each of its thresholds), min/max labels included."""
     truth, probs, grid = _prepare(truth, probs, grid)
     return grid, global_scores(truth, probs, grid, beta, min_labels, max_labels, show_progress)
+
+
+def gaps_to_best(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, min_labels: int = 0, max_labels: int = 0,
+                 chunk: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`threshold_curve`, and how far each of its thresholds falls behind the best one, image by image
+    -> (sorted grid, (G,) scores, (G,) mean gap, (G,) its standard error); the inputs prepared once.
+    Paired: two thresholds that decode all but one image alike differ by that image only, which the
+    spread of the two scores over all images would drown."""
+    truth, probs, grid = _prepare(truth, probs, None)
+    scores = global_scores(truth, probs, grid, beta, min_labels, max_labels, chunk=chunk)
+    best = int(np.argmax(scores))
+    total, squares = np.zeros(len(grid)), np.zeros(len(grid))
+    for f in _image_scores(truth, probs, grid, beta, min_labels, max_labels, False, chunk):
+        d = f[:, best:best + 1] - f
+        total += d.sum(0)
+        squares += (d * d).sum(0)
+    n = max(len(probs), 1)
+    mean = total / n
+    return grid, scores, mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0) / n)
 
 
 def search_global(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, grid: np.ndarray | None = None,

@@ -133,7 +133,7 @@ def test_ten_images_lost_are_no_tie_however_noisy_the_scores():
 
 @pytest.mark.parametrize("min_labels,max_labels", [(0, 0), (1, 0), (0, 2), (1, 2)])
 def test_paired_gaps_are_the_image_by_image_differences_in_any_chunking(min_labels, max_labels):
-    from kernelkit.decide.thresholds import paired_gaps, threshold_curve
+    from kernelkit.decide.thresholds import gaps_to_best, threshold_curve
     rng = np.random.default_rng(3)
     truth, probs = rng.random((57, 5)) < 0.3, rng.random((57, 5))
     grid, scores = threshold_curve(truth, probs, min_labels=min_labels, max_labels=max_labels)
@@ -142,7 +142,9 @@ def test_paired_gaps_are_the_image_by_image_differences_in_any_chunking(min_labe
     ref = int(np.argmax(scores))
     d = per_image[:, ref:ref + 1] - per_image
     for chunk in (0, 1, 7, 100):
-        gap, se = paired_gaps(truth, probs, grid, ref, min_labels=min_labels, max_labels=max_labels, chunk=chunk)
+        g, sc, gap, se = gaps_to_best(truth, probs, 2.0, min_labels, max_labels, chunk=chunk)
+        np.testing.assert_array_equal(g, grid)
+        np.testing.assert_allclose(sc, scores, atol=1e-12)
         np.testing.assert_allclose(gap, d.mean(0), atol=1e-12)
         np.testing.assert_allclose(se, d.std(0) / np.sqrt(len(truth)), atol=1e-12)
 
@@ -150,7 +152,7 @@ def test_paired_gaps_are_the_image_by_image_differences_in_any_chunking(min_labe
 @pytest.mark.parametrize("seed", range(20))
 def test_the_settled_threshold_scores_what_it_decodes_and_the_best_is_always_a_tie(seed):
     from kernelkit.decide.rules import THRESHOLD_Z, settled_threshold
-    from kernelkit.decide.thresholds import paired_gaps, threshold_curve
+    from kernelkit.decide.thresholds import gaps_to_best
     rng = np.random.default_rng(seed)
     n, c = int(rng.integers(1, 60)), int(rng.integers(1, 8))
     truth, probs = rng.random((n, c)) < 0.3, np.round(rng.random((n, c)), 1)  # rounded: many exact ties
@@ -158,7 +160,6 @@ def test_the_settled_threshold_scores_what_it_decodes_and_the_best_is_always_a_t
     mx = int(rng.integers(0, 3)) * (mn + 1)
     t, s = settled_threshold(truth, probs, 2.0, mn, mx)
     assert s == pytest.approx(fbeta_per_image(truth, decode_multilabel(probs, t, mn, mx), 2.0))
-    grid, scores = threshold_curve(truth, probs, min_labels=mn, max_labels=mx)
-    gap, se = paired_gaps(truth, probs, grid, int(np.argmax(scores)), min_labels=mn, max_labels=mx)
+    grid, scores, gap, se = gaps_to_best(truth, probs, 2.0, mn, mx)
     j = int(np.flatnonzero(grid == t)[0])
     assert gap[int(np.argmax(scores))] == 0 and gap[j] <= THRESHOLD_Z * se[j] + 1e-12

@@ -17,8 +17,7 @@ import numpy as np
 
 from .labels import decode_multilabel
 from .metrics import accuracy, fbeta_per_image
-from .thresholds import (ThresholdRule, groups_from_names, paired_gaps, search_classes, search_global, search_groups,
-                         threshold_curve)
+from .thresholds import ThresholdRule, gaps_to_best, groups_from_names, search_classes, search_global, search_groups
 
 log = logging.getLogger("kernelkit")
 
@@ -89,7 +88,7 @@ def settled_threshold(targets: np.ndarray, probs: np.ndarray, beta: float = 2.0,
                       max_labels: int = 0) -> tuple[float, float]:
     """The global threshold for the submission -> (threshold, its validation score): of the thresholds
     that fall behind the best by no more than THRESHOLD_Z standard errors of the image-by-image gap
-    (`thresholds.paired_gaps`), the one nearest F*/(1 + beta^2), F* being the best score. `settle=False` in
+    (`thresholds.gaps_to_best`), the one nearest F*/(1 + beta^2), F* being the best score. `settle=False` in
     `score_validation` takes the exact best instead (a blend's weight search calls it hundreds of times;
     the blend's own threshold is settled).
 
@@ -102,11 +101,9 @@ def settled_threshold(targets: np.ndarray, probs: np.ndarray, beta: float = 2.0,
     threshold that decodes many images differently is no tie, whatever the two scores: probabilities far
     from calibrated (a focal loss) keep the threshold their data put them at. A tie may lose up to ~3
     images against the best, so an epoch's score (history.csv) is up to that much below the exact best."""
-    grid, scores = threshold_curve(targets, probs, beta, min_labels=min_labels, max_labels=max_labels)
-    best = int(np.argmax(scores))
-    gap, se = paired_gaps(targets, probs, grid, best, beta=beta, min_labels=min_labels, max_labels=max_labels)
-    near = np.flatnonzero(gap <= THRESHOLD_Z * se + 1e-12)
-    j = int(near[np.argmin(np.abs(grid[near] - scores[best] / (1 + beta * beta)))])
+    grid, scores, gap, se = gaps_to_best(targets, probs, beta, min_labels, max_labels)
+    near = np.flatnonzero(gap <= THRESHOLD_Z * se + 1e-12)  # the best itself: gap 0
+    j = int(near[np.argmin(np.abs(grid[near] - scores.max() / (1 + beta * beta)))])
     return float(grid[j]), float(scores[j])
 
 

@@ -142,9 +142,10 @@ def _force_top(probs: np.ndarray, min_labels: int) -> np.ndarray:
 
 def _prepare(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     truth, probs = np.asarray(truth).astype(bool), np.asarray(probs, dtype=np.float64)
-    # NaN is below every threshold, as `labels.apply_thresholds` decodes it (NaN > t is False): the
-    # searched score is then the score of what the submission will say
-    probs = np.where(np.isnan(probs), -np.inf, probs)
+    nan = np.isnan(probs)
+    if nan.any():  # NaN is below every threshold, as `labels.apply_thresholds` decodes it (NaN > t is
+        # False): the searched score is then the score of what the submission will say
+        probs = np.where(nan, -np.inf, probs)
     if truth.shape != probs.shape or truth.ndim != 2:
         raise ValueError(f"truth {truth.shape} and probs {probs.shape} must be the same (N, C) shape")
     grid = np.unique(np.asarray(default_grid() if grid is None else grid, dtype=np.float64))  # sorted
@@ -198,23 +199,6 @@ def global_scores(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, beta: 
     return total / max(len(probs), 1)
 
 
-def paired_gaps(truth: np.ndarray, probs: np.ndarray, grid: np.ndarray, ref: int, *, beta: float = 2.0,
-                min_labels: int = 0, max_labels: int = 0, chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """How far each threshold of the sorted, distinct `grid` (as `threshold_curve` returns it) falls
-    behind grid[ref], image by image -> (G,) mean gap and (G,) its standard error. Paired: two thresholds
-    that decode all but one image alike differ by that image only, which the spread of the two scores
-    over all images would drown."""
-    truth, probs, grid = _prepare(truth, probs, grid)
-    total, squares = np.zeros(len(grid)), np.zeros(len(grid))
-    for f in _image_scores(truth, probs, grid, beta, min_labels, max_labels, False, chunk):
-        d = f[:, ref:ref + 1] - f
-        total += d.sum(0)
-        squares += (d * d).sum(0)
-    n = max(len(probs), 1)
-    mean = total / n
-    return mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0) / n)
-
-
 # ------------------------------------------------------------------------------- searches
 
 
@@ -224,6 +208,25 @@ def threshold_curve(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, gri
     """-> (sorted grid, F-beta per image at each of its thresholds), min/max labels included."""
     truth, probs, grid = _prepare(truth, probs, grid)
     return grid, global_scores(truth, probs, grid, beta, min_labels, max_labels, show_progress)
+
+
+def gaps_to_best(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, min_labels: int = 0, max_labels: int = 0,
+                 chunk: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`threshold_curve`, and how far each of its thresholds falls behind the best one, image by image
+    -> (sorted grid, (G,) scores, (G,) mean gap, (G,) its standard error); the inputs prepared once.
+    Paired: two thresholds that decode all but one image alike differ by that image only, which the
+    spread of the two scores over all images would drown."""
+    truth, probs, grid = _prepare(truth, probs, None)
+    scores = global_scores(truth, probs, grid, beta, min_labels, max_labels, chunk=chunk)
+    best = int(np.argmax(scores))
+    total, squares = np.zeros(len(grid)), np.zeros(len(grid))
+    for f in _image_scores(truth, probs, grid, beta, min_labels, max_labels, False, chunk):
+        d = f[:, best:best + 1] - f
+        total += d.sum(0)
+        squares += (d * d).sum(0)
+    n = max(len(probs), 1)
+    mean = total / n
+    return grid, scores, mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0) / n)
 
 
 def search_global(truth: np.ndarray, probs: np.ndarray, beta: float = 2.0, grid: np.ndarray | None = None,
