@@ -7,7 +7,6 @@ test probabilities are blended, so this takes seconds.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable
 
@@ -52,10 +51,6 @@ def scorer(cfg: Config, task: str, targets: np.ndarray) -> Callable[..., dict]:
     return score
 
 
-def weight_score(score: Callable[..., dict], rows: np.ndarray, probs: np.ndarray) -> float:
-    return score(probs, rows, settle=False)["score"]
-
-
 def cv_report(members: list[Member], score: Callable) -> dict:
     """Score of every fold file on its own rows, and of every member over all its rows."""
     folds = {f"{m.name}:{name}": round(score(m.oof[idx], idx)["score"], 5)
@@ -80,7 +75,7 @@ def run_blend(ctx: RunContext, comp: Competition) -> dict:
     score = scorer(cfg, comp.task, comp.train_targets)
     report = cv_report(members, score)
     sample = search_rows(rows, cfg.seed)
-    weights, _ = fit_weights([m.oof[sample] for m in members], functools.partial(weight_score, score, sample))
+    weights, _ = fit_weights([m.oof[sample] for m in members], lambda p: score(p, sample, settle=False)["score"])
     blended = mix([m.oof[rows] for m in members], weights)
     found = score(blended, rows)
     rule = blend_rule(cfg, comp, comp.train_targets[rows], blended, found)
