@@ -67,10 +67,44 @@ def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
     scratch = autopick.ladder("cpu", 32, "test_resnet")
     assert [c.img_size for c in scratch] == [32]  # 32 px digits train at 32 from scratch
     tuned = autopick.ladder("cpu", 32, "test_resnet", weights_size=224)
-    assert [c.img_size for c in tuned] == [64, 96, 128, 160, 192, 224]  # from a quarter of the weights' size
+    # from a quarter of the weights' size, in half-steps: one net's sizes are the ladder's only cost steps
+    assert [c.img_size for c in tuned] == [64, 80, 96, 112, 128, 144, 160, 192, 224]
+    costs = [c.cost for c in tuned]
+    assert max(b / a for a, b in zip(costs, costs[1:])) < 1.6
     big = autopick.ladder("cuda", 500, "test_resnet", weights_size=224)
     assert min(c.img_size for c in big) == 128 and max(c.img_size for c in big) == 320
     assert autopick.ladder("cpu", 32, "test_resnet", img_size=48, weights_size=224)[0].img_size == 48  # explicit
+
+
+def test_a_fine_tune_times_the_same_pixels_per_step_at_every_rung():
+    """A step's fixed cost weighs on 8 small images more than on 8 large ones, which made the small rungs
+    of a fine-tune's ladder look slower than they train; from scratch the ladder keeps its 8 images."""
+    n = {px: autopick.cpu_timed_images(px, 1, 32, fine_tune=True) for px in (64, 96, 128, 160, 224)}
+    assert n[64] == 32 and n[160] == n[224] == autopick.CPU_TIMED_BATCH  # capped by the batch; never below 8
+    assert n[64] >= n[96] > n[128] > n[160]
+    assert n[96] * 96 ** 2 >= autopick.CPU_TIMED_PIXELS > (n[96] - 1) * 96 ** 2
+    assert autopick.cpu_timed_images(64, 3, 32, fine_tune=True) * 3 * 64 ** 2 >= autopick.CPU_TIMED_PIXELS  # tiles count
+    assert autopick.cpu_timed_images(96, 3, 32, fine_tune=True) == autopick.CPU_TIMED_BATCH  # 24 squares already
+    assert autopick.cpu_timed_images(64, 1, 32, fine_tune=False) == autopick.CPU_TIMED_BATCH
+    assert autopick.cpu_timed_images(64, 1, 4, fine_tune=True) == 4  # a small batch is timed as it is
+
+
+def test_measure_times_a_fine_tune_at_its_pixel_batch(tmp_path, monkeypatch):
+    """measure() feeds the network the images cpu_timed_images asks for (a hook on the forward pass)."""
+    from kernelkit.build import components
+    folder = str(timm_folder(tmp_path / "w"))
+    seen, build = [], components.model_from_config
+
+    def hooked(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda _m, inputs: seen.append((model.training, len(inputs[0]))))
+        return model
+
+    monkeypatch.setattr(components, "model_from_config", hooked)
+    for cfg in (Config(model="test_resnet", pretrained_path=folder, batch_size=32), Config(model="test_resnet", batch_size=32)):
+        autopick.measure(autopick.Candidate("test_resnet", 64, 1.0), cfg, 3, torch.device("cpu"), steps=1)
+    trained = [n for training, n in seen if training]
+    assert trained == [32, 32, autopick.CPU_TIMED_BATCH, autopick.CPU_TIMED_BATCH]  # warm-up + one timed step each
 
 
 def test_the_weights_input_size_comes_from_their_config(tmp_path):

@@ -38,15 +38,29 @@ CPU_MODELS: tuple[tuple[str, float], ...] = (("resnet10t", 1.1), ("resnet18", 1.
 GPU_MODELS: tuple[tuple[str, float], ...] = (("resnet18", 1.8), ("resnet34", 3.6), ("resnet50", 4.1),
                                              ("convnext_tiny", 4.5))
 CPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224)
+# A fine-tune's ladder is one net over sizes, so each rung is a whole cost step: 96 -> 128 px costs 1.78x,
+# and a pick that missed 128 by a few percent of its estimate fell back to 96 px with twice the epochs
+# it needed (slow-day digits: 13-14 epochs at 96 px, 0.985 F2, where 128 px ran 7 and the peer's 128 px
+# 0.990). The half-steps keep every step under 1.6x. From-scratch ladders interleave three models, which
+# already makes their steps small.
+CPU_FINETUNE_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160, 192, 224)
 GPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320)
 SIZE_FLOOR = {"cpu": 64, "cuda": 128}  # smallest size tried for images at least this large
 DEFAULT_NATIVE = 224  # when no image header could be read
 MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
 MEASURE_MIN_S = 15.0
 TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
-# A CPU's images/s hardly depend on the batch past a few images, and a full batch of a pretrained net
-# at 128-224 px takes seconds a step there: time smaller batches (GPUs need the real batch size).
+# A full batch of a pretrained net at 128-224 px takes seconds a step on a CPU: time smaller batches
+# there (GPUs need the real batch size).
 CPU_TIMED_BATCH = 8
+# ... but a step has a fixed cost too, which 8 small images do not cover: lite0 ran 1.47-1.53x faster per
+# image at 32 images than at 8 at 96 px, 1.16-1.66x at 128 and 1.1-1.27x at 160 (bench/bench_autopick_timing.py,
+# two days), so the smaller rungs of a fine-tune's ladder looked slower than they train, against the larger
+# ones. A fine-tune times at least CPU_TIMED_PIXELS per step (8 images at 160 px; 22 at 96 px, capped by the
+# batch size), so each rung carries the same share of that fixed cost and a step costs the same at every
+# rung. From-scratch ladders keep 8 images: their epoch target (10) and pipeline factor were measured with
+# it, and their picks across models are what those measurements settled (PIPELINE_FACTOR).
+CPU_TIMED_PIXELS = 8 * 160 * 160
 # Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
 # with the model on a CPU-only machine, so real epochs run slower than the bare steps. 0.6 is low for
 # cached fine-tunes (lite0 on 1-2 cores ran 0.64-1.0 of the bare rate, and 8-10 epochs where 4-6 were
@@ -94,7 +108,7 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
     are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
     allow (at 32 px a pretrained net wastes them)."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
-    sizes = GPU_SIZES if device_type == "cuda" else CPU_SIZES
+    sizes = GPU_SIZES if device_type == "cuda" else (CPU_FINETUNE_SIZES if weights_size else CPU_SIZES)
     if model:
         models = ((model, model_cost(model)),)
     if img_size:
@@ -140,7 +154,7 @@ def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: 
 def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device,
             steps: int = TIMED_STEPS, deadline: float = float("inf")) -> tuple[float, float]:
     """-> (training images/s, inference images/s) of `cand` on random tensors at the run's batch size (on a CPU
-    at most CPU_TIMED_BATCH images). In tiles mode each image is `tiles` squares, so the timed batch is
+    fewer: cpu_timed_images). In tiles mode each image is `tiles` squares, so the timed batch is
     that many squares, as training's is: a batch of 8 small squares runs a CPU far below the rate of
     the 3 x 32 that training feeds it (measured 66 against 105 images/s at tiles x3, 64 px), and
     dividing a square rate by the tile count afterwards kept the pretrained net at its smallest size.
@@ -154,8 +168,9 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     # frozen as training will freeze it (the candidate's own folder counts as weights given)
     freeze_early(model, frozen_stages(dataclasses.replace(cfg, pretrained_path=cand.weights or cfg.pretrained_path)))
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
-    n = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_TIMED_BATCH)
     tiles = cfg.input_tiles()
+    n = cfg.batch_size if device.type == "cuda" else cpu_timed_images(
+        cand.img_size, tiles, cfg.batch_size, weights_given(cand.weights or cfg.pretrained_path))
     x = torch.randn(n * tiles, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (n * tiles,), device=device)
     model.train()
@@ -190,6 +205,14 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return train_ips, infer_ips
+
+
+def cpu_timed_images(img_size: int, tiles: int, batch_size: int, fine_tune: bool) -> int:
+    """Images per timed step on a CPU: CPU_TIMED_BATCH, or for a fine-tune enough for CPU_TIMED_PIXELS."""
+    n = CPU_TIMED_BATCH
+    if fine_tune:
+        n = max(n, -(-CPU_TIMED_PIXELS // (img_size * img_size * tiles)))
+    return max(1, min(batch_size, n))
 
 
 def stage_throughput(cand: Candidate, cfg: Config, num_classes: int, device: torch.device, deadline: float,
