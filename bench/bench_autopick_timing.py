@@ -1,8 +1,9 @@
 """How much the autopick's timed batch size moves its CPU speed estimate.
 
 autopick.measure times a few training steps on random tensors. On a CPU a from-scratch ladder times
-batches of CPU_TIMED_BATCH (8) to keep a slow rung short; training runs batches of 32. Timing the
-training batch instead was tried for fine-tunes (README, rejected experiments). This times the
+batches of CPU_TIMED_BATCH (8) to keep a slow rung short, a fine-tune's ladder enough images for
+CPU_TIMED_PIXELS (autopick.cpu_timed_images, chosen from these numbers); training runs batches of 32.
+Timing the training batch instead was tried for fine-tunes (README, rejected experiments). This times the
 same candidates at 8, 16 and 32 images a step, twice each (fastest step of 3, as autopick does),
 side by side in one process, and reports training images/s and the 32 / 8 ratio. The fine-tune rows
 are EfficientNet-Lite0 with its high-resolution stages frozen, as a fine-tune trains it.
@@ -35,6 +36,12 @@ from kernelkit.core.config import Config  # noqa: E402
 BATCHES = (8, 16, 32)
 
 
+def fixed_batch(images: int):
+    def timed_images(*_args, **_kwargs) -> int:
+        return images
+    return timed_images
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -51,7 +58,7 @@ def main() -> None:
         cfg = Config(model=model, pretrained_path=w, batch_size=max(BATCHES))
         row = {"model": model, "img_size": px, "fine_tune": bool(w), "train_ips": {}, "infer_ips": {}}
         for b in BATCHES:
-            autopick.CPU_TIMED_BATCH = b
+            autopick.cpu_timed_images = fixed_batch(b)  # exactly b images, fine-tune or not
             timed = [measure(Candidate(model, px, 1.0), cfg, 10, device) for _ in range(a.reps)]
             row["train_ips"][b] = round(max(t[0] for t in timed), 1)
             row["infer_ips"][b] = round(max(t[1] for t in timed), 1)

@@ -83,7 +83,7 @@ def test_a_fine_tune_times_the_same_pixels_per_step_at_every_rung():
     assert n[64] == 32 and n[160] == n[224] == autopick.CPU_TIMED_BATCH  # capped by the batch; never below 8
     assert n[64] >= n[96] > n[128] > n[160]
     assert n[96] * 96 ** 2 >= autopick.CPU_TIMED_PIXELS > (n[96] - 1) * 96 ** 2
-    assert autopick.cpu_timed_images(64, 3, 32, fine_tune=True) * 3 * 64 ** 2 >= autopick.CPU_TIMED_PIXELS  # tiles count
+    assert autopick.cpu_timed_images(64, 3, 32, fine_tune=True) == 17  # 51 squares: each image is its tiles
     assert autopick.cpu_timed_images(96, 3, 32, fine_tune=True) == autopick.CPU_TIMED_BATCH  # 24 squares already
     assert autopick.cpu_timed_images(64, 1, 32, fine_tune=False) == autopick.CPU_TIMED_BATCH
     assert autopick.cpu_timed_images(64, 1, 4, fine_tune=True) == 4  # a small batch is timed as it is
@@ -101,10 +101,15 @@ def test_measure_times_a_fine_tune_at_its_pixel_batch(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(components, "model_from_config", hooked)
-    for cfg in (Config(model="test_resnet", pretrained_path=folder, batch_size=32), Config(model="test_resnet", batch_size=32)):
-        autopick.measure(autopick.Candidate("test_resnet", 64, 1.0), cfg, 3, torch.device("cpu"), steps=1)
-    trained = [n for training, n in seen if training]
-    assert trained == [32, 32, autopick.CPU_TIMED_BATCH, autopick.CPU_TIMED_BATCH]  # warm-up + one timed step each
+    plain, cpu = Config(model="test_resnet", batch_size=32), torch.device("cpu")
+    runs = [(Config(model="test_resnet", pretrained_path=folder, batch_size=32), ""),
+            (plain, ""),
+            (plain, folder),  # one of several attached folders: the candidate carries the weights
+            (Config(model="test_resnet", pretrained_path=folder, batch_size=32, input_mode="tiles", tiles=3), "")]
+    for cfg, weights in runs:
+        autopick.measure(autopick.Candidate("test_resnet", 64, 1.0, weights), cfg, 3, cpu, steps=1)
+    trained = [n for training, n in seen if training][1::2]  # each run: a warm-up and one timed step
+    assert trained == [32, autopick.CPU_TIMED_BATCH, 32, 17 * 3]
 
 
 def test_the_weights_input_size_comes_from_their_config(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,17 +54,19 @@ TIMED_STEPS = 3  # after one warm-up step (lazy init, cudnn autotune)
 # A full batch of a pretrained net at 128-224 px takes seconds a step on a CPU: time smaller batches
 # there (GPUs need the real batch size).
 CPU_TIMED_BATCH = 8
-# ... but a step has a fixed cost too, which 8 small images do not cover: lite0 ran 1.47-1.53x faster per
-# image at 32 images than at 8 at 96 px, 1.16-1.66x at 128 and 1.1-1.27x at 160 (bench/bench_autopick_timing.py,
-# two days), so the smaller rungs of a fine-tune's ladder looked slower than they train, against the larger
-# ones. A fine-tune times at least CPU_TIMED_PIXELS per step (8 images at 160 px; 22 at 96 px, capped by the
-# batch size), so each rung carries the same share of that fixed cost and a step costs the same at every
-# rung. From-scratch ladders keep 8 images: their epoch target (10) and pipeline factor were measured with
-# it, and their picks across models are what those measurements settled (PIPELINE_FACTOR).
+# ... but a step also has a fixed cost, which 8 small images do not cover: lite0 ran 1.47-1.53x faster
+# per image at 32 images than at 8 at 96 px, 1.16-1.66x at 128 and 1.1-1.27x at 160 (two sessions of
+# bench/bench_autopick_timing.py), so the small rungs of a fine-tune's ladder looked slower than they
+# train, against the large ones. A fine-tune times at least CPU_TIMED_PIXELS a step (8 images at 160 px,
+# 22 at 96 px; 64 px is capped at the batch size, 32): from 80 to 160 px every rung carries the same share
+# of the fixed cost. The fine-tuning target (4 epochs) and the pipeline factor were kept: they were set
+# against the large rungs, where little changes (bench_finetune.py runs in the README). From-scratch
+# ladders keep 8 images: their target (10) and factor were measured with it, and their picks across
+# models are what those measurements settled.
 CPU_TIMED_PIXELS = 8 * 160 * 160
 # Random tensors on the device skip decoding and augmentation; the loader workers share the CPU
 # with the model on a CPU-only machine, so real epochs run slower than the bare steps. 0.6 is low for
-# cached fine-tunes (lite0 on 1-2 cores ran 0.64-1.0 of the bare rate, and 8-10 epochs where 4-6 were
+# cached fine-tunes (lite0 on 1-2 cores ran 0.64-1.0 of the bare rate timed at 8 images, and 8-10 epochs where 4-6 were
 # estimated), but 0.85 moved the from-scratch pick on the hard single-label task from resnet10t to
 # resnet18, which fell from 0.947 to 0.330 test accuracy in the same 150 s (bench_finetune.py): the
 # ladder's cost order does not rank quality there, so the factor stays until the ladder does.
@@ -106,7 +109,7 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
     weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
     that size, at least the device's floor; the larger of it and the images' size]: their features
     are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
-    allow (at 32 px a pretrained net wastes them)."""
+    allow (at 32 px a pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else (CPU_FINETUNE_SIZES if weights_size else CPU_SIZES)
     if model:
@@ -165,12 +168,12 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
                               with_weights=False).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    # frozen as training will freeze it (the candidate's own folder counts as weights given)
-    freeze_early(model, frozen_stages(dataclasses.replace(cfg, pretrained_path=cand.weights or cfg.pretrained_path)))
+    weights = cand.weights or cfg.pretrained_path  # the candidate's own folder counts as weights given
+    freeze_early(model, frozen_stages(dataclasses.replace(cfg, pretrained_path=weights)))  # as training will
     opt = create_optimizer(model, 1e-5, cfg.weight_decay)  # what training steps with (fused AdamW on a GPU)
     tiles = cfg.input_tiles()
-    n = cfg.batch_size if device.type == "cuda" else cpu_timed_images(
-        cand.img_size, tiles, cfg.batch_size, weights_given(cand.weights or cfg.pretrained_path))
+    n = cfg.batch_size if device.type == "cuda" else cpu_timed_images(cand.img_size, tiles, cfg.batch_size,
+                                                                       weights_given(weights))
     x = torch.randn(n * tiles, 3, cand.img_size, cand.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (n * tiles,), device=device)
     model.train()
@@ -208,10 +211,12 @@ def measure(cand: Candidate, cfg: Config, num_classes: int, device: torch.device
 
 
 def cpu_timed_images(img_size: int, tiles: int, batch_size: int, fine_tune: bool) -> int:
-    """Images per timed step on a CPU: CPU_TIMED_BATCH, or for a fine-tune enough for CPU_TIMED_PIXELS."""
+    """Images per timed step on a CPU: CPU_TIMED_BATCH, or for a fine-tune enough for CPU_TIMED_PIXELS
+    (never more than the batch training runs). The inference batch follows (2x): at 22-32 images it is
+    nearer the 64 that prediction runs than 16 were."""
     n = CPU_TIMED_BATCH
     if fine_tune:
-        n = max(n, -(-CPU_TIMED_PIXELS // (img_size * img_size * tiles)))
+        n = max(n, math.ceil(CPU_TIMED_PIXELS / (img_size * img_size * tiles)))
     return max(1, min(batch_size, n))
 
 
