@@ -7,8 +7,8 @@ not bypassed). With the real defaults (budget 9h, margin 10 min, checkpoint_ever
 progressive resizing, swa=0.25, sessions=3) one schedule runs here in about two minutes:
 
   session 1: budget 9h, SIGKILLed at simulated hour 5, restarted in the same out_dir, finishes;
-  sessions 2 and 3: resume_from the previous last.pt (2h each, to keep the test short; the budget
-  is not part of the schedule, the progress slices are).
+  sessions 2 and 3: resume_from the previous last.pt (6h each, shorter than 9h to keep the test
+  short; the budget is not part of the schedule, the progress slices are).
 
 What the logs, history.csv and summary.json say is checked against the schedule.
 """
@@ -32,7 +32,8 @@ from kernelkit.engine.budget import lr_factor
 FACTOR = 600  # 9 h of schedule in 54 s of CPU
 LR = 1e-3
 CAP_GB = 0.1
-ARGS = ["--model", "test_resnet", "--img-size", "64", "--batch-size", "8", "--lr", str(LR), "--num-workers", "0",
+BATCH = 8
+ARGS = ["--model", "test_resnet", "--img-size", "64", "--batch-size", str(BATCH), "--lr", str(LR), "--num-workers", "0",
         "--sessions", "3", "--swa", "0.25", "--tta", "2", "--output-cap-gb", str(CAP_GB)]
 NINE_H, MARGIN, EVERY = 9 * 3600, 600, 1200  # budget 9h: margin auto = min(10 min, 2% + 2 s)
 SAVE = re.compile(r"saving (last|best)\.pt at (?:(\d+)h)?(\d+)m(\d+)s")
@@ -94,8 +95,11 @@ def schedule(tmp_path_factory) -> dict:
     run_start = json.loads((out[0] / "run_state.json").read_text())["run_start"]
     # The restart begins where the killed process stopped, on the same time line.
     _finish(_start(data, out[0], logs[0], run_start + killed_at, "--budget", "9h"), logs[0])
+    # A resumed session's start-up (imports, 5,000 headers, the checkpoint) and its measured inference
+    # reserve are CPU time x FACTOR too: 2h50m together on a slow day of this 2-core machine, where a
+    # 2h budget was refused. 6h leaves twice that, and trains ~20 s of CPU a session.
     for k in (1, 2):
-        _finish(_start(data, out[k], logs[k], time.time(), "--budget", "2h",
+        _finish(_start(data, out[k], logs[k], time.time(), "--budget", "6h",
                        "--resume-from", str(out[k - 1] / "last.pt")), logs[k])
     return {"root": root, "out": out, "log": [p.read_text() for p in logs], "killed_at": killed_at,
             "summary": [json.loads((o / "summary.json").read_text()) for o in out],
@@ -152,7 +156,11 @@ def test_stages_warmup_lr_and_slices_follow_the_schedule(schedule):
         before = re.findall(r"saving \w+\.pt at \S+ \(p=([\d.]+)\)", logs[:m.start()])
         assert float(before[-1]) < boundary <= float(m.group(2)), m.group(0)
     ends = [s["progress"] for s in schedule["summary"]]
-    assert ends == pytest.approx([1 / 3, 2 / 3, 1.0], abs=0.002), "each session ends at its slice"
+    for k, (start, end, hist) in enumerate(zip([0.0, *ends[:2]], ends, schedule["history"])):
+        # A session stops when its next step would cross its deadline, so it ends short of its slice by
+        # less than a step (a step's share of the slice, read off the session itself: ~0.003 on a slow CPU)
+        per_step = (end - start) / (hist.train_images.sum() / BATCH)
+        assert (k + 1) / 3 - 2 * per_step - 0.002 <= end <= (k + 1) / 3 + 0.002, f"session {k + 1} ends at its slice"
     for hist in schedule["history"]:  # warm-up then linear decay, read off the clock-based progress
         for row in hist.itertuples():
             assert row.lr_end == pytest.approx(LR * lr_factor(row.progress), rel=0.02, abs=LR * 0.005)
