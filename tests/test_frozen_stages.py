@@ -151,3 +151,57 @@ def test_a_checkpoint_from_before_frozen_stages_resumes_its_weights_and_schedule
     assert "optimizer state not restored" in caplog.text
     new(torch.randn(2, 3, 32, 32)).sum().backward()
     parts.optimizer.step()  # and it trains on
+
+
+def _frames(folder, size: tuple[int, int], n: int = 12) -> list[str]:
+    from PIL import Image
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(n):
+        Image.new("RGB", size, (40 * (i % 6), 90, 200)).save(folder / f"{i}.png")
+        paths.append(str(folder / f"{i}.png"))
+    return paths
+
+
+@pytest.mark.parametrize("frame,settings,want", [
+    ((32, 32), [], 0),                          # digits-like thumbnails: every CPU rung (64 px and up) is >= 2x
+    ((32, 24), ["--img-size", "48"], HIGH_RESOLUTION),  # 1.5x at the size asked for: not thumbnails there
+    ((96, 96), [], HIGH_RESOLUTION),            # 64 px and up is not 2x a 96 px frame: photos keep the freeze
+    ((32, 32), ["--frozen-stages", "1"], 1),    # an explicit value wins
+    ((32, 32), ["--pretrained-path", "none"], -1),  # no weights: nothing to resolve (auto = none at build)
+])
+def test_auto_trains_every_layer_of_fine_tuned_thumbnails(tmp_path, frame, settings, want, caplog):
+    """frozen_stages auto with weights: thumbnails (enlarged 2x or more at the smallest size the run may
+    train at) train every layer, logged; larger frames keep the high-resolution stages frozen."""
+    from types import SimpleNamespace
+
+    from test_finetune import timm_folder
+
+    from kernelkit.build.augmentation import resolve_frozen_stages
+    from kernelkit.core.context import RunContext
+    folder = timm_folder(tmp_path / "w")
+    cfg, _ = make_config({}, ["--pretrained-path", str(folder), *settings])
+    comp = SimpleNamespace(train_paths=_frames(tmp_path / "img", frame), classes=["0", "1"])
+    with caplog.at_level("INFO", logger="kernelkit"):
+        ctx = resolve_frozen_stages(RunContext(cfg, None, tmp_path, tmp_path, False, 0.0), comp, "cpu")
+    assert ctx.cfg.frozen_stages == want
+    assert ("every layer trains" in caplog.text) == (want == 0 and cfg.frozen_stages == -1)
+    assert frozen_stages(ctx.cfg) == (0 if "none" in settings else want)  # what the model is built with
+
+
+def test_a_resumed_fine_tune_keeps_the_frozen_stages_it_trained_with(tmp_path, monkeypatch):
+    """A checkpoint whose schedule matches this config (frozen_stages auto included) is continued as it
+    was trained: the thumbnail rule does not re-resolve it (another value would refuse the resume)."""
+    from types import SimpleNamespace
+
+    from test_finetune import timm_folder
+
+    from kernelkit.build import autopick
+    from kernelkit.build.augmentation import resolve_frozen_stages
+    from kernelkit.core.context import RunContext
+    cfg, _ = make_config({}, ["--pretrained-path", str(timm_folder(tmp_path / "w"))])
+    comp = SimpleNamespace(train_paths=_frames(tmp_path / "img", (32, 32)), classes=["0", "1"])
+    ctx = RunContext(cfg, None, tmp_path, tmp_path, False, 0.0)
+    assert resolve_frozen_stages(ctx, comp, "cpu").cfg.frozen_stages == 0  # a fresh run: thumbnails
+    monkeypatch.setattr(autopick, "resumed_config", lambda ctx, classes: {"frozen_stages": -1})
+    assert resolve_frozen_stages(ctx, comp, "cpu").cfg.frozen_stages == -1

@@ -38,11 +38,16 @@ def test_two_seeded_cpu_runs_give_identical_test_probabilities(tmp_path, multila
     (["--tta", "0"], "tta=0"), (["--img-size", "4"], "img_size=4"), (["--fold", "5"], "fold=5"),
 ])
 def test_kernel_refuses_bad_options_in_the_first_seconds_with_exit_2(kernel_dir, argv, names):  # noqa: F811
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "kernel.py", *argv, "--out-dir", str(kernel_dir / "refused")],
+    # -X importtime lists every module imported: "in the first seconds" means before torch, timm,
+    # numpy or pandas are loaded (seconds on a cold Kaggle disk), not a wall-clock bound a busy CI
+    # machine could break.
+    proc = subprocess.run([sys.executable, "-X", "importtime", "kernel.py", *argv,
+                           "--out-dir", str(kernel_dir / "refused")],
                           cwd=kernel_dir, env=_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and names in proc.stderr, proc.stderr
-    assert time.time() - t0 < 20, "refused before anything slow ran"
+    assert proc.returncode == 2 and names in proc.stderr, proc.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "json" in imported, "importtime output not seen"  # the check below can fail
+    assert not imported & {"torch", "timm", "numpy", "pandas", "PIL"}, "refused before the heavy imports"
     assert not (kernel_dir / "refused" / "submission.csv").exists()
 
 
@@ -140,16 +145,17 @@ def test_a_stop_signal_finishes_with_a_submission_and_exit_0(kernel_dir, moment,
     out = kernel_dir / f"signal_{moment}"
     proc = _start(kernel_dir, out, *extra)
     lines = _wait_for(proc, out, marker)
-    t_signal = time.time()
     proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=120)
+    rest, _ = proc.communicate(timeout=120)  # a hang guard, not a speed bound
     log = "".join(lines) + rest
     assert proc.returncode == 0, log[-4000:]
     assert f"{sig.name} received" in log and "submission written" in log
     assert log.index(f"{sig.name} received") < log.index("submission written")
-    assert time.time() - t_signal < 20 + 15, "finished inside the grace (default 20 s) plus exit"
     assert _valid_submission(out, out / "demo_data")
-    assert json.loads((out / "summary.json").read_text())["stopped_by"] == sig.name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == sig.name
+    if moment == "training":  # training stopped at the signal, not at the end of its schedule
+        assert summary["stop_reason"] == "signal" and summary["progress"] < 1, summary
 
 
 def test_an_image_cache_build_past_its_share_of_the_budget_is_abandoned(tmp_path, single_label_dir):

@@ -15,7 +15,7 @@ import torch
 
 from ..build import autopick
 from ..build.assemble import open_competition
-from ..build.augmentation import resolve_augmentation
+from ..build.augmentation import resolve_augmentation, resolve_frozen_stages
 from ..build.input_mode import resolve_input_mode
 from ..core import distributed, env
 from ..core.clock import now as clock_now
@@ -174,6 +174,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(clock_now() - ctx.t_start), summary)
         return EXIT_OK
+    ctx = resolve_frozen_stages(ctx, comp, info.device().type)  # before input_mode: resumes compare it
     ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     picked, ctx = ctx, resolve_augmentation(ctx, comp)  # after autopick: it reads img_size

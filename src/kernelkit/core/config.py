@@ -74,7 +74,8 @@ class Config:
     unfreeze_blocks: int = _f(0, "after the frozen stage train the last N backbone blocks/stages (0 = all)")
     frozen_stages: int = _f(-1, "stem and the first N backbone stages frozen for the whole run, their BatchNorm "
                                  "statistics kept: steps skip the gradients of the largest activations (0 = none; "
-                                 "-1 auto = with weights, the stem and the stages at stride <= 4, else none)")
+                                 "-1 auto = with weights, the stem and the stages at stride <= 4, else none; none for "
+                                 "thumbnails, images enlarged 2x or more at every size the run may train at)")
     layer_decay: float = _f(0.0, "layer-wise LR decay, e.g. 0.75 (0 = off)")
     ema: float = _f(0.0, "EMA decay of the weights, e.g. 0.999; the EMA is validated and predicts (0 = off)")
     swa: float = _f(0.0, "average the weights over this last share of the schedule, e.g. 0.25 (SWA; BatchNorm "
