@@ -872,11 +872,12 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(clock_now() - ctx.t_start), summary)
         return EXIT_OK
+    given = ctx.cfg
     ctx = resolve_frozen_stages(ctx, comp, info.device().type)  # before input_mode: resumes compare it
     ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
-    picked, ctx = ctx, resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
-    if ctx.cfg != picked.cfg and info.is_main:
+    ctx = resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
+    if ctx.cfg != given and info.is_main:  # config.json records what the autos resolved to
         save_config(ctx)
     cfg = ctx.cfg
     if ctx.args.dry_run:
@@ -1681,7 +1682,7 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..inputs.competition import Competition
 from . import autopick
-from .input_mode import long_share
+from .input_mode import dry_run, long_share
 
 log = logging.getLogger("kernelkit")
 
@@ -1729,13 +1730,18 @@ def resolve_frozen_stages(ctx: RunContext, comp: Competition, device_type: str) 
     """frozen_stages auto when fine-tuning thumbnails -> 0 (every layer trains), logged with the reason;
     otherwise `ctx` unchanged (auto freezes the high-resolution stages when the model is built).
     Before input_mode and autopick: the value is part of the schedule a checkpoint stores and the
-    autopick times (a run that resumes one keeps what it trained with)."""
+    autopick times. A run that resumes a checkpoint takes the value it trained with (as model auto
+    takes its model), not a fresh answer: another device or weights folder would change the ladder."""
     cfg = ctx.cfg
     weights = ctx.weights_found or ()
     if cfg.frozen_stages != -1 or not (weights_given(cfg.pretrained_path) or weights):
         return ctx
-    if autopick.resumed_config(ctx, comp.classes) is not None:  # its frozen_stages is this config's: keep it
-        return ctx
+    stored = None if dry_run(ctx) else autopick.resumed_config(ctx, comp.classes)  # a dry run plans afresh
+    if stored is not None:
+        value = int(stored.get("frozen_stages", -1))
+        if value != -1:
+            log.info("frozen stages: %d (frozen_stages=auto, as the run this one resumes trained)", value)
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, frozen_stages=value))
     sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
     ctx = dataclasses.replace(ctx, train_image_sizes=sizes)
     frame = float(sizes.get("long_side_median") or 0.0)
@@ -2151,9 +2157,12 @@ def resumed_config(ctx: RunContext, classes: list) -> dict | None:
             return None
         ckpt = load_checkpoint(path, "cpu", mmap=True)  # resume.check_resume loads it all
         stored = ckpt.get("config", {})
-        # model auto is resolved after this: the run resumes whichever model the checkpoint trained
+        # model auto is resolved after this: the run resumes whichever model the checkpoint trained;
+        # so does frozen_stages auto (what the thumbnail rule resolved it to there)
         model = stored.get("model") if ctx.cfg.model == "auto" else ctx.cfg.model
-        return stored if continues(ckpt, dataclasses.replace(ctx.cfg, model=model), classes) else None
+        frozen = int(stored.get("frozen_stages", -1)) if ctx.cfg.frozen_stages == -1 else ctx.cfg.frozen_stages
+        return stored if continues(ckpt, dataclasses.replace(ctx.cfg, model=model, frozen_stages=frozen),
+                                   classes) else None
     except Exception as e:  # noqa: BLE001
         log.warning("could not read the config of the run to resume in %s (%s)", ctx.out_dir, e)
         return None

@@ -189,9 +189,13 @@ def test_auto_trains_every_layer_of_fine_tuned_thumbnails(tmp_path, frame, setti
     assert frozen_stages(ctx.cfg) == (0 if "none" in settings else want)  # what the model is built with
 
 
-def test_a_resumed_fine_tune_keeps_the_frozen_stages_it_trained_with(tmp_path, monkeypatch):
-    """A checkpoint whose schedule matches this config (frozen_stages auto included) is continued as it
-    was trained: the thumbnail rule does not re-resolve it (another value would refuse the resume)."""
+@pytest.mark.parametrize("stored", [0, -1, 1])  # this rule's answer; a checkpoint from before it; set by hand
+def test_a_resumed_fine_tune_keeps_the_frozen_stages_it_trained_with(tmp_path, stored):
+    """A restart with frozen_stages auto continues the checkpoint with the value it trained with, whatever
+    a fresh answer would be (another device or weights folder changes the ladder): the resume checks,
+    the input mode's and the autopick's included, then take the checkpoint. A dry run plans afresh."""
+    import dataclasses
+    import json
     from types import SimpleNamespace
 
     from test_finetune import timm_folder
@@ -199,9 +203,23 @@ def test_a_resumed_fine_tune_keeps_the_frozen_stages_it_trained_with(tmp_path, m
     from kernelkit.build import autopick
     from kernelkit.build.augmentation import resolve_frozen_stages
     from kernelkit.core.context import RunContext
+    from kernelkit.engine.checkpoint import save_checkpoint
+    from kernelkit.engine.resume import check_resume
+    from kernelkit.engine.run_state import STATE_FILE
     cfg, _ = make_config({}, ["--pretrained-path", str(timm_folder(tmp_path / "w"))])
-    comp = SimpleNamespace(train_paths=_frames(tmp_path / "img", (32, 32)), classes=["0", "1"])
-    ctx = RunContext(cfg, None, tmp_path, tmp_path, False, 0.0)
-    assert resolve_frozen_stages(ctx, comp, "cpu").cfg.frozen_stages == 0  # a fresh run: thumbnails
-    monkeypatch.setattr(autopick, "resumed_config", lambda ctx, classes: {"frozen_stages": -1})
-    assert resolve_frozen_stages(ctx, comp, "cpu").cfg.frozen_stages == -1
+    classes = ["0", "1"]
+    comp = SimpleNamespace(train_paths=_frames(tmp_path / "img", (32, 32)), classes=classes)
+    out = tmp_path / "out"
+    out.mkdir()
+    trained = dataclasses.replace(cfg, model="test_resnet", frozen_stages=stored)
+    save_checkpoint({"config": trained.to_dict(), "classes": classes, "model": {}, "progress": 0.5,
+                     "epoch": 1, "format_version": 2},
+                    out / "last.pt")
+    (out / STATE_FILE).write_text(json.dumps({"run_start": 0.0, "finished": False}))
+    ctx = RunContext(dataclasses.replace(cfg, model="auto"), None, tmp_path, out, False, 0.0)
+    got = resolve_frozen_stages(ctx, comp, "cpu")
+    assert got.cfg.frozen_stages == stored
+    assert autopick.resumed_config(got, classes) is not None  # what input_mode and autopick resume from
+    assert check_resume(dataclasses.replace(got.cfg, model="test_resnet"), out / "last.pt", comp, explicit=True)
+    planning = dataclasses.replace(ctx, args=SimpleNamespace(dry_run=True))
+    assert resolve_frozen_stages(planning, comp, "cpu").cfg.frozen_stages == 0  # thumbnails, fresh

@@ -174,11 +174,12 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         write_json(out_dir / "summary.json", {**summary, "exit_status": EXIT_OK})
         log.info("done in %s: %s", fmt_seconds(clock_now() - ctx.t_start), summary)
         return EXIT_OK
+    given = ctx.cfg
     ctx = resolve_frozen_stages(ctx, comp, info.device().type)  # before input_mode: resumes compare it
     ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
-    picked, ctx = ctx, resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
-    if ctx.cfg != picked.cfg and info.is_main:
+    ctx = resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
+    if ctx.cfg != given and info.is_main:  # config.json records what the autos resolved to
         save_config(ctx)
     cfg = ctx.cfg
     if ctx.args.dry_run:

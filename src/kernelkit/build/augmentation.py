@@ -29,7 +29,7 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..inputs.competition import Competition
 from . import autopick
-from .input_mode import long_share
+from .input_mode import dry_run, long_share
 
 log = logging.getLogger("kernelkit")
 
@@ -77,13 +77,18 @@ def resolve_frozen_stages(ctx: RunContext, comp: Competition, device_type: str) 
     """frozen_stages auto when fine-tuning thumbnails -> 0 (every layer trains), logged with the reason;
     otherwise `ctx` unchanged (auto freezes the high-resolution stages when the model is built).
     Before input_mode and autopick: the value is part of the schedule a checkpoint stores and the
-    autopick times (a run that resumes one keeps what it trained with)."""
+    autopick times. A run that resumes a checkpoint takes the value it trained with (as model auto
+    takes its model), not a fresh answer: another device or weights folder would change the ladder."""
     cfg = ctx.cfg
     weights = ctx.weights_found or ()
     if cfg.frozen_stages != -1 or not (weights_given(cfg.pretrained_path) or weights):
         return ctx
-    if autopick.resumed_config(ctx, comp.classes) is not None:  # its frozen_stages is this config's: keep it
-        return ctx
+    stored = None if dry_run(ctx) else autopick.resumed_config(ctx, comp.classes)  # a dry run plans afresh
+    if stored is not None:
+        value = int(stored.get("frozen_stages", -1))
+        if value != -1:
+            log.info("frozen stages: %d (frozen_stages=auto, as the run this one resumes trained)", value)
+        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, frozen_stages=value))
     sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
     ctx = dataclasses.replace(ctx, train_image_sizes=sizes)
     frame = float(sizes.get("long_side_median") or 0.0)

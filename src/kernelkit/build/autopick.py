@@ -398,9 +398,12 @@ def resumed_config(ctx: RunContext, classes: list) -> dict | None:
             return None
         ckpt = load_checkpoint(path, "cpu", mmap=True)  # resume.check_resume loads it all
         stored = ckpt.get("config", {})
-        # model auto is resolved after this: the run resumes whichever model the checkpoint trained
+        # model auto is resolved after this: the run resumes whichever model the checkpoint trained;
+        # so does frozen_stages auto (what the thumbnail rule resolved it to there)
         model = stored.get("model") if ctx.cfg.model == "auto" else ctx.cfg.model
-        return stored if continues(ckpt, dataclasses.replace(ctx.cfg, model=model), classes) else None
+        frozen = int(stored.get("frozen_stages", -1)) if ctx.cfg.frozen_stages == -1 else ctx.cfg.frozen_stages
+        return stored if continues(ckpt, dataclasses.replace(ctx.cfg, model=model, frozen_stages=frozen),
+                                   classes) else None
     except Exception as e:  # noqa: BLE001
         log.warning("could not read the config of the run to resume in %s (%s)", ctx.out_dir, e)
         return None
