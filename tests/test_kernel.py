@@ -63,16 +63,17 @@ def test_build_is_deterministic_small_and_current(tmp_path):
 def test_demo_runs_alone_with_spawned_workers(kernel_dir):
     out = kernel_dir / "demo_out"
     # Fixed epochs inside a roomy budget: spawned workers start slowly on a busy machine, and a
-    # budget that start-up could eat would (rightly) be refused.
-    proc = run_kernel(kernel_dir, *TINY, "--budget", "90s", "--epochs", "3", "--demo-images", "160",
-                      "--num-workers", "2", "--mp-context", "spawn", "--out-dir", str(out))
+    # budget that start-up could eat would (rightly) be refused. 90 s was not roomy on a slow day of
+    # this machine (`import torch, timm` 13 s a process: start-up took 71 s, and the run was refused).
+    proc = run_kernel(kernel_dir, *TINY, "--budget", "240s", "--epochs", "3", "--demo-images", "160",
+                      "--num-workers", "2", "--mp-context", "spawn", "--out-dir", str(out), timeout=480)
     assert proc.returncode == 0
     assert "running the built-in demo" in proc.stdout and "submission written" in proc.stdout
     sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
     sample = pd.read_csv(out / "demo_data" / "sample_submission.csv", dtype=str, keep_default_na=False)
     assert sub.id.tolist() == sample.id.tolist() and list(sub.columns) == list(sample.columns)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["wall_s"] <= 90, "the run must finish inside its budget"
+    assert summary["wall_s"] <= 240, "the run must finish inside its budget"
     assert summary["val_score"] is not None and summary["checkpoint"] == "best.pt"
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == "demo" and config["model"] == "test_resnet"
