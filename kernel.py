@@ -1745,7 +1745,7 @@ def resolve_frozen_stages(ctx: RunContext, comp: Competition, device_type: str) 
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, frozen_stages=value))
     sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
     ctx = dataclasses.replace(ctx, train_image_sizes=sizes)
-    frame = float(sizes.get("long_side_median") or 0.0)
+    frame = frame_side(sizes, tiles=1)  # the whole frame's long side: thumbnails in any mode
     if not frame:
         return ctx
     native = int(round(frame))
