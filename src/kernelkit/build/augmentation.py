@@ -3,7 +3,7 @@
 The random resized crop of `light` keeps up to 40% of a frame out of view and stretches the rest up
 to 4:3: objects at any place and scale (photos, iMet's strips) stay in view and the net learns
 their scale changes, but where the object *is* the frame it cuts off what tells the classes apart
-(the lower stroke of a 9, a 7's foot). Images enlarged THUMBNAIL_UPSCALE times or more to reach
+(the lower stroke of a 9, a 7's foot). Images enlarged autopick.THUMBNAIL_UPSCALE times or more to reach
 img_size are that kind: a digit, a glyph, an icon saved at its own small size. Measured fine-tuning
 lite0 at 160 px on the 32 px digits (bench/bench_finetune.py, 150 s, test accuracy / F2, one run
 each): light 0.981 / 0.982 (0.978 / 0.985 with the crop dropped for the last 30% of the clock),
@@ -30,11 +30,10 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..inputs.competition import Competition
 from . import autopick
+from .autopick import is_thumbnail
 from .input_mode import dry_run, long_share
 
 log = logging.getLogger("kernelkit")
-
-THUMBNAIL_UPSCALE = 2.0  # img_size / the side of the frame that maps onto it, from which a crop cuts the object
 
 
 def frame_side(sizes: dict, tiles: int) -> float:
@@ -51,7 +50,7 @@ def choose_augmentation(aug: str, sizes: dict, img_size: int, tiles: int = 0) ->
     if not side or not img_size:
         return "light", "no readable training image headers"
     upscale = img_size / side
-    if upscale >= THUMBNAIL_UPSCALE:
+    if is_thumbnail(side, img_size):
         return "flip", (f"thumbnails: median frame {side:g} px enlarged {upscale:.1f}x to {img_size} px, so the object "
                         f"fills the frame and a random crop would cut it off (aug=light forces the crop)")
     return "light", f"median frame {side:g} px at {img_size} px ({upscale:.1f}x): flip + random resized crop"
@@ -97,7 +96,7 @@ def resolve_frozen_stages(ctx: RunContext, comp: Competition, device_type: str) 
         return ctx
     native = int(round(frame))
     smallest = min(c.img_size for c in autopick.candidates(cfg, device_type, native, tuple(weights)))
-    if smallest < THUMBNAIL_UPSCALE * frame:
+    if not is_thumbnail(frame, smallest):
         return ctx
     log.info("frozen stages: none (frozen_stages=auto, fine-tuning): thumbnails, median frame %g px enlarged "
              "%.1fx or more (%d px and up), far from the photos the weights' early layers and their BatchNorm "
