@@ -186,6 +186,8 @@ def test_auto_trains_every_layer_of_fine_tuned_thumbnails(tmp_path, frame, setti
         ctx = resolve_frozen_stages(RunContext(cfg, None, tmp_path, tmp_path, False, 0.0), comp, "cpu")
     assert ctx.cfg.frozen_stages == want
     assert ("every layer trains" in caplog.text) == (want == 0 and cfg.frozen_stages == -1)
+    if "every layer trains" in caplog.text:  # judged at the smallest size the run may train at
+        assert "(64 px and up)" in caplog.text
     assert frozen_stages(ctx.cfg) == (0 if "none" in settings else want)  # what the model is built with
 
 

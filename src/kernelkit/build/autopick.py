@@ -47,17 +47,6 @@ CPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224)
 CPU_FINETUNE_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160, 192, 224)
 GPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320)
 SIZE_FLOOR = {"cpu": 64, "cuda": 128}  # smallest size tried for images at least this large
-# img_size / the median frame side that maps onto it from which images count as thumbnails: a digit, a glyph,
-# an icon saved at its own small size, the object filling the frame (augmentation.py: flip instead of a crop,
-# every layer trained when fine-tuning).
-THUMBNAIL_UPSCALE = 2.0
-# A fine-tune of thumbnails starts its ladder at this size (or the weights' own, when smaller), where photos
-# start at a quarter of the weights' size: upscaled anyway, their objects are worth more pixels than epochs to an
-# ImageNet net. Measured on the 32 px digits, lite0 fine-tuned for 300 s on 2 cores, test accuracy, seeds 0 / 1
-# (bench/results/finetune_thumbnail_floor.json): 80 px (the pick without this floor, 7 epochs) 0.976 / 0.965,
-# 112 px 0.978 / 0.969, 128 px 0.978 / 0.982 (3-4 epochs), the peer notebook's 128 px 0.980 / 0.972 the same day.
-# It is a GPU's floor for every fine-tune already.
-THUMBNAIL_FINETUNE_FLOOR = 128
 DEFAULT_NATIVE = 224  # when no image header could be read
 MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
 MEASURE_MIN_S = 15.0
@@ -118,10 +107,9 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
     first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
     weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
-    that size (for thumbnails THUMBNAIL_FINETUNE_FLOOR, or the weights' size when smaller), at least
-    the device's floor; the larger of it and the images' size]: their features are tuned to objects
-    of that scale, so small images are upscaled towards it as far as the epochs allow (at 32 px a
-    pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
+    that size, at least the device's floor; the larger of it and the images' size]: their features
+    are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
+    allow (at 32 px a pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else (CPU_FINETUNE_SIZES if weights_size else CPU_SIZES)
     if model:
@@ -135,19 +123,11 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         if weights_size:
             up = [s for s in sizes if s >= weights_size]
             cap = max(cap, up[0] if up else sizes[-1])
-            device_floor = SIZE_FLOOR.get(device_type, sizes[0])
-            lowest = max(weights_size / 4, device_floor)
-            if is_thumbnail(native_size or 0, device_floor):
-                lowest = max(min(THUMBNAIL_FINETUNE_FLOOR, weights_size), lowest)
+            lowest = max(weights_size / 4, SIZE_FLOOR.get(device_type, sizes[0]))
             floor = next((s for s in sizes if s >= lowest), cap)
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
     return sorted(cands, key=lambda c: (c.cost, c.img_size))
-
-
-def is_thumbnail(frame_side: float, img_size: int) -> bool:
-    """Whether frames of median side `frame_side` are enlarged THUMBNAIL_UPSCALE times or more at `img_size`."""
-    return frame_side > 0 and img_size >= THUMBNAIL_UPSCALE * frame_side
 
 
 def pick(cands: list[Candidate], epochs_of: Callable[[Candidate], float], need: float) -> tuple[Candidate, dict]:
