@@ -1809,10 +1809,16 @@ CPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224)
 # and a pick that missed 128 by a few percent of its estimate fell back to 96 px with twice the epochs
 # it needed (slow-day digits: 13-14 epochs at 96 px, 0.985 F2, where 128 px ran 7 and the peer's 128 px
 # 0.990). The half-steps keep every step under 1.6x. From-scratch ladders interleave three models, which
-# already makes their steps small.
+# already makes their steps small. The rungs under FINETUNE_FLOOR serve weights trained below it.
 CPU_FINETUNE_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160, 192, 224)
 GPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320)
 SIZE_FLOOR = {"cpu": 64, "cuda": 128}  # smallest size tried for images at least this large
+# A fine-tune's smallest size on either device (when its weights were trained at least this large).
+# Below it a CPU's extra epochs do not pay for what a small input throws away: on the hard 1:5 strips
+# (2026-12-05, bench_finetune.py, 300 s, seeds 0 / 1) squeeze at 128 px ran 5 epochs and scored 0.923 /
+# 0.933 accuracy and 0.751 / 0.780 F2, where the 64 px floor let auto take 80 px for 8-9 epochs: 0.877 /
+# 0.807 and 0.747 / 0.698. On the digits 80-128 px all scored within a test image or two of each other.
+FINETUNE_FLOOR = 128
 DEFAULT_NATIVE = 224  # when no image header could be read
 MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
 MEASURE_MIN_S = 15.0
@@ -1873,9 +1879,9 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
     first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
     weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
-    that size, at least the device's floor; the larger of it and the images' size]: their features
-    are tuned to objects of that scale, so small images are upscaled towards it as far as the epochs
-    allow (at 32 px a pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
+    that size, at least FINETUNE_FLOOR but never above it; the larger of it and the images' size]: their features are
+    tuned to objects of that scale, so small images are upscaled towards it as far as the epochs allow
+    (at 32 px a pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else (CPU_FINETUNE_SIZES if weights_size else CPU_SIZES)
     if model:
@@ -1889,7 +1895,7 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         if weights_size:
             up = [s for s in sizes if s >= weights_size]
             cap = max(cap, up[0] if up else sizes[-1])
-            lowest = max(weights_size / 4, SIZE_FLOOR.get(device_type, sizes[0]))
+            lowest = min(weights_size, max(weights_size / 4, FINETUNE_FLOOR))  # never above the weights' own
             floor = next((s for s in sizes if s >= lowest), cap)
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
@@ -2234,8 +2240,9 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     several = weights if len(weights) > 1 else ()
     choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
     need = need_epochs(cfg)
-    # The floor counts where it was measured to lose: far below the weights' input size (64 px for 224 px
-    # weights on a CPU; a GPU's floor of 128 px was not measured).
+    # The floor counts where it was measured to lose: far below the weights' input size (64-80 px for
+    # 224 px weights on a CPU, which FINETUNE_FLOOR now keeps out; it still fires for weights trained at
+    # 257 px and up).
     low = got.floor and choice.img_size < weights_input_size(choice.weights or cfg.pretrained_path) / 2
     if ctx.input_mode_fallback and (low or not fits(got, need)):
         if got.note:
@@ -2275,6 +2282,9 @@ def _measured_choice(cfg: Config, comp: Competition, info: DistInfo, shape: RunS
         verdict = f"the cheapest, {got.note}"
     elif got.epochs < need and ctx.input_mode_fallback and cfg.input_mode == "tiles":
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}: none measured fits them"
+    elif got.epochs < need and got.floor and weights_input_size(choice.weights or cfg.pretrained_path):
+        verdict = (f"~{got.epochs:.1f} epochs, want >= {need}: fewer, at the smallest size a fine-tune takes "
+                   "(a smaller input loses more than the extra epochs give)")
     elif got.epochs < need:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: none measured fits them; the most epochs"
     else:

@@ -67,13 +67,23 @@ def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
     scratch = autopick.ladder("cpu", 32, "test_resnet")
     assert [c.img_size for c in scratch] == [32]  # 32 px digits train at 32 from scratch
     tuned = autopick.ladder("cpu", 32, "test_resnet", weights_size=224)
-    # from a quarter of the weights' size, in half-steps: one net's sizes are the ladder's only cost steps
-    assert [c.img_size for c in tuned] == [64, 80, 96, 112, 128, 144, 160, 192, 224]
+    # from the fine-tune floor up, in half-steps: one net's sizes are the ladder's only cost steps
+    assert [c.img_size for c in tuned] == [128, 144, 160, 192, 224]
     costs = [c.cost for c in tuned]
     assert max(b / a for a, b in zip(costs, costs[1:])) < 1.6
     big = autopick.ladder("cuda", 500, "test_resnet", weights_size=224)
     assert min(c.img_size for c in big) == 128 and max(c.img_size for c in big) == 320
+    large_weights = autopick.ladder("cpu", 32, "test_resnet", weights_size=800)
+    assert [c.img_size for c in large_weights] == [224], "a quarter of 800 px is above the CPU ladder: its top"
     assert autopick.ladder("cpu", 32, "test_resnet", img_size=48, weights_size=224)[0].img_size == 48  # explicit
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_weights_trained_below_the_fine_tune_floor_still_get_a_ladder(device_type):
+    """Hostile input: weights trained at 64 px on 32 px images. The floor (128 px) lay above the ladder's
+    top (the weights' size), which left no candidate at all on a GPU; the weights' own size caps it."""
+    small = autopick.ladder(device_type, 32, "test_resnet", weights_size=64)
+    assert [c.img_size for c in small] == [64]
 
 
 def test_a_fine_tune_times_the_same_pixels_per_step_at_every_rung():
