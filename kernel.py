@@ -1867,6 +1867,7 @@ class Trial:
     note: str = ""
     stage_ips: dict | None = None  # progressive resizing: training images/s at each stage size
     floor: bool = False  # at the smallest of the ladder's several sizes: the pick could not climb it at all
+    lowest: bool = False  # at the smallest size the autopick would try for this net (sizes not pinned)
 
 
 def model_cost(name: str) -> float:
@@ -1879,7 +1880,8 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
     first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
     weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
-    that size, at least FINETUNE_FLOOR but never above it; the larger of it and the images' size]: their features are
+    that size, at least FINETUNE_FLOOR but not above the weights' own size (nor below the device's
+    floor on large images); the larger of it and the images' size]: their features are
     tuned to objects of that scale, so small images are upscaled towards it as far as the epochs allow
     (at 32 px a pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
@@ -1896,7 +1898,7 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
             up = [s for s in sizes if s >= weights_size]
             cap = max(cap, up[0] if up else sizes[-1])
             lowest = min(weights_size, max(weights_size / 4, FINETUNE_FLOOR))  # never above the weights' own
-            floor = next((s for s in sizes if s >= lowest), cap)
+            floor = max(floor, next((s for s in sizes if s >= lowest), cap))  # ... nor below the device's
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
     return sorted(cands, key=lambda c: (c.cost, c.img_size))
@@ -2022,9 +2024,8 @@ def native_size(paths: list[str], seed: int = 0, short: bool = False) -> int | N
     sizes = image_sizes(paths, SIZE_SAMPLE, seed, 2.0)
     if "width" not in sizes:
         return None
-    if short:
-        return int(round(sizes["short_side_median"]))
-    return int(round(max(sizes["width"]["median"], sizes["height"]["median"])))
+    # Per image: the larger of the median width and height is the short side for strips in both orientations.
+    return int(round(sizes["short_side_median" if short else "long_side_median"]))
 
 
 @dataclass
@@ -2117,6 +2118,8 @@ def choose(cfg: Config, comp: Competition, device: torch.device, shape: RunShape
     sizes = {c.img_size for c in cands}
     for t in trials.values():  # a pick at the smallest of several sizes could not enlarge the objects at all
         t.floor = len(sizes) > 1 and t.candidate.img_size == min(sizes)
+        own = [c.img_size for c in cands if (c.model, c.weights) == (t.candidate.model, t.candidate.weights)]
+        t.lowest = not cfg.img_size and t.candidate.img_size == min(own)
     return choice, [trials[c] for c in cands if c in trials]
 
 
@@ -2241,8 +2244,8 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
     need = need_epochs(cfg)
     # The floor counts where it was measured to lose: far below the weights' input size (64-80 px for
-    # 224 px weights on a CPU, which FINETUNE_FLOOR now keeps out; it still fires for weights trained at
-    # 257 px and up).
+    # 224 px weights on a CPU, which FINETUNE_FLOOR now keeps out: there tiles that fit at 128 px stay,
+    # as on a GPU). It still counts for weights trained above 256 px, on a ladder of several sizes.
     low = got.floor and choice.img_size < weights_input_size(choice.weights or cfg.pretrained_path) / 2
     if ctx.input_mode_fallback and (low or not fits(got, need)):
         if got.note:
@@ -2282,9 +2285,9 @@ def _measured_choice(cfg: Config, comp: Competition, info: DistInfo, shape: RunS
         verdict = f"the cheapest, {got.note}"
     elif got.epochs < need and ctx.input_mode_fallback and cfg.input_mode == "tiles":
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}: none measured fits them"
-    elif got.epochs < need and got.floor and weights_input_size(choice.weights or cfg.pretrained_path):
-        verdict = (f"~{got.epochs:.1f} epochs, want >= {need}: fewer, at the smallest size a fine-tune takes "
-                   "(a smaller input loses more than the extra epochs give)")
+    elif got.epochs < need and got.lowest and weights_input_size(choice.weights or cfg.pretrained_path):
+        verdict = (f"~{got.epochs:.1f} epochs, want >= {need}: fewer, at the smallest size this fine-tune takes "
+                   "(below it the pretrained features go to waste)")
     elif got.epochs < need:
         verdict = f"~{got.epochs:.1f} epochs, want >= {need} -- WARNING: none measured fits them; the most epochs"
     else:
@@ -4056,7 +4059,8 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 # Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
 # preset set. A pretrained net converges in a few epochs, so autopick wants 4, not 10, and its sizes
-# run from a quarter of the weights' input size up to it (autopick.ladder); progressive resizing is
+# run from a quarter of the weights' input size (at least autopick.FINETUNE_FLOOR, at most their own
+# size) up to it (autopick.ladder); progressive resizing is
 # off (issue #20: its half-size stages put a pretrained net at 32 px; --img-size 128 --resize-start 0
 # by hand took F2 from 0.627 to 0.728); cosine as fine-tuning recipes use; single-label adds label
 # smoothing 0.1 (components.label_smoothing). Compared on CPU with EfficientNet-Lite0 in

@@ -63,6 +63,20 @@ def test_ladder_never_upscales_past_the_native_size_and_explicit_settings_pin_an
         ("resnet18", 224), ("resnet34", 224), ("resnet50", 224), ("convnext_tiny", 224)]
 
 
+def test_the_native_size_is_the_median_long_side_of_each_image_in_either_orientation(tmp_path):
+    """Hostile input: strips in both orientations (96 x 32 and 32 x 96). The larger of the median width and
+    the median height is 64 there, which capped a from-scratch ladder at 64 px on images 96 px long."""
+    from PIL import Image
+    paths = []
+    for i in range(10):
+        size = (96, 32) if i % 2 else (32, 96)
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    assert autopick.native_size(paths) == 96
+    assert autopick.native_size(paths, short=True) == 32
+    assert max(c.img_size for c in ladder("cpu", autopick.native_size(paths))) == 96
+
+
 def test_epoch_estimate_charges_setup_and_inference():
     shape = autopick.RunShape(n_train=900, n_val=100, n_test=200, tta=2, budget_s=300, margin_s=8)
     fast = shape.epochs(train_ips=300, infer_ips=900, setup_s=20, pipeline=1.0)

@@ -78,12 +78,42 @@ def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
     assert autopick.ladder("cpu", 32, "test_resnet", img_size=48, weights_size=224)[0].img_size == 48  # explicit
 
 
+@pytest.mark.parametrize("settings,weights_px,says", [
+    ([], 160, "fewer, at the smallest size this fine-tune takes"),   # ladder 128 ... 160: at its floor
+    ([], 128, "fewer, at the smallest size this fine-tune takes"),   # one rung (128 px), still its floor
+    (["--img-size", "128"], 160, "WARNING: none measured fits"),    # the size the user set: too slow
+    (["--model", "test_resnet"], 0, "WARNING: none measured fits"),  # from scratch, nothing fits
+])
+def test_a_too_slow_pick_is_a_warning_except_at_a_fine_tunes_smallest_size(tmp_path, single_label_dir, monkeypatch,
+                                                                         caplog, settings, weights_px, says):
+    """Where nothing fits the epochs wanted, a fine-tune at the smallest size it takes has chosen fewer epochs
+    over a smaller input, and says so; an explicit size or a from-scratch ladder that fits nothing warns."""
+    import time
+
+    from kernelkit.core.context import RunContext
+    from kernelkit.core.distributed import DistInfo
+    from kernelkit.inputs.competition import load_competition
+    monkeypatch.setattr(autopick, "measure", lambda *a, **k: (0.01, 0.02))  # nothing fits
+    monkeypatch.setattr(autopick, "stage_throughput", lambda *a, **k: None)
+    weights = ["--pretrained-path", str(timm_folder(tmp_path / "w", input_size=weights_px))] if weights_px else []
+    cfg, _ = make_config({}, [*weights, *settings, "--budget", "2m"])
+    comp = load_competition(single_label_dir)
+    ctx = RunContext(cfg, None, single_label_dir, tmp_path, False, time.time())
+    with caplog.at_level("INFO", logger="kernelkit"):
+        autopick._measured_choice(cfg, comp, DistInfo(), autopick.RunShape.of(cfg, comp), ctx, False, ())
+    verdict = next(line for line in caplog.text.splitlines() if "autopick: chose" in line)
+    assert says in verdict
+    assert ("WARNING" in verdict) == says.startswith("WARNING")
+
+
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_weights_trained_below_the_fine_tune_floor_still_get_a_ladder(device_type):
     """Hostile input: weights trained at 64 px on 32 px images. The floor (128 px) lay above the ladder's
     top (the weights' size), which left no candidate at all on a GPU; the weights' own size caps it."""
     small = autopick.ladder(device_type, 32, "test_resnet", weights_size=64)
     assert [c.img_size for c in small] == [64]
+    photos = autopick.ladder(device_type, 500, "test_resnet", weights_size=64)
+    assert min(c.img_size for c in photos) == autopick.SIZE_FLOOR[device_type], "large images keep the device's floor"
 
 
 def test_a_fine_tune_times_the_same_pixels_per_step_at_every_rung():

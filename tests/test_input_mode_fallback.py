@@ -61,6 +61,7 @@ def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_
     assert "input mode: tiles x3" in caplog.text and "squeeze if the autopick finds them too slow" in caplog.text
     assert "input mode squeeze instead of tiles x3" in caplog.text
     assert "WARNING: none measured fits" not in caplog.text, "a fallback is not a warning"
+    assert "fewer, at the smallest size" not in caplog.text, "one square per image fits: no excuse needed"
     assert timed.calls[0] == (FLOOR, 3) and [c for c in timed.calls if c[1] == 3] == [(FLOOR, 3)], \
         "tiles: only the smallest size is timed (no larger one fits when it does not), and only once"
     assert len(set(timed.calls)) == len(timed.calls) > 2, "then the squeeze ladder, each size timed once"
