@@ -1656,7 +1656,7 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
 The random resized crop of `light` keeps up to 40% of a frame out of view and stretches the rest up
 to 4:3: objects at any place and scale (photos, iMet's strips) stay in view and the net learns
 their scale changes, but where the object *is* the frame it cuts off what tells the classes apart
-(the lower stroke of a 9, a 7's foot). Images enlarged THUMBNAIL_UPSCALE times or more to reach
+(the lower stroke of a 9, a 7's foot). Images enlarged autopick.THUMBNAIL_UPSCALE times or more to reach
 img_size are that kind: a digit, a glyph, an icon saved at its own small size. Measured fine-tuning
 lite0 at 160 px on the 32 px digits (bench/bench_finetune.py, 150 s, test accuracy / F2, one run
 each): light 0.981 / 0.982 (0.978 / 0.985 with the crop dropped for the last 30% of the clock),
@@ -1683,17 +1683,10 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..inputs.competition import Competition
 from . import autopick
+from .autopick import is_thumbnail  # the fine-tune ladder's floor asks it too
 from .input_mode import dry_run, long_share
 
 log = logging.getLogger("kernelkit")
-
-THUMBNAIL_UPSCALE = 2.0  # img_size / the side of the frame that maps onto it, from which a crop cuts the object
-
-
-def is_thumbnail(frame_side: float, img_size: int) -> bool:
-    """Whether frames of median side `frame_side` are enlarged THUMBNAIL_UPSCALE times or more at `img_size`:
-    a digit, a glyph, an icon saved at its own small size, the object filling the frame."""
-    return frame_side > 0 and img_size >= THUMBNAIL_UPSCALE * frame_side
 
 
 def frame_side(sizes: dict, tiles: int) -> float:
@@ -1813,12 +1806,23 @@ CPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224)
 CPU_FINETUNE_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160, 192, 224)
 GPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320)
 SIZE_FLOOR = {"cpu": 64, "cuda": 128}  # smallest size tried for images at least this large
-# A fine-tune's smallest size on either device (when its weights were trained at least this large).
-# Below it a CPU's extra epochs do not pay for what a small input throws away: on the hard 1:5 strips
-# (2026-12-05, bench_finetune.py, 300 s, seeds 0 / 1) squeeze at 128 px ran 5 epochs and scored 0.923 /
-# 0.933 accuracy and 0.751 / 0.780 F2, where the 64 px floor let auto take 80 px for 8-9 epochs: 0.877 /
-# 0.807 and 0.747 / 0.698. On the digits 80-128 px all scored within a test image or two of each other.
+# A fine-tune's smallest size on either device (when its weights were trained at least this large),
+# for images that are not thumbnails at it. Below it a CPU's extra epochs do not pay for what a small
+# input throws away: on the hard 1:5 strips (2026-12-05, bench_finetune.py, 300 s, seeds 0 / 1) squeeze
+# at 128 px ran 5 epochs and scored 0.923 / 0.933 accuracy and 0.751 / 0.780 F2, where the 64 px floor
+# let auto take 80 px for 8-9 epochs: 0.877 / 0.807 and 0.747 / 0.698; with the floor, seeds 0-2 of the
+# same day beat the peer notebook on both (README). Thumbnails keep the device's floor: a 32 px digit
+# has nothing more to show at 128 px than at 80, and the epochs matter more there (at the floor the
+# digits trained 2-4 epochs and scored 0.965 / 0.950 single-label, where 80 px had trained 7: 0.976 / 0.965).
 FINETUNE_FLOOR = 128
+THUMBNAIL_UPSCALE = 2.0  # img_size / the side of the frame that maps onto it, from which a crop cuts the object
+
+
+def is_thumbnail(frame_side: float, img_size: int) -> bool:
+    """Whether frames of median side `frame_side` are enlarged THUMBNAIL_UPSCALE times or more at `img_size`:
+    a digit, a glyph, an icon saved at its own small size, the object filling the frame."""
+    return frame_side > 0 and img_size >= THUMBNAIL_UPSCALE * frame_side
+
 DEFAULT_NATIVE = 224  # when no image header could be read
 MEASURE_SHARE = 0.05  # of the budget that measuring may take (at least MEASURE_MIN_S)
 MEASURE_MIN_S = 15.0
@@ -1880,8 +1884,9 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
     """Candidates cheapest first. An explicit model or size pins that axis; the sizes stop at the
     first ladder size that reaches the images' native size (no upscaling beyond it). Pretrained
     weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
-    that size, at least FINETUNE_FLOOR but not above the weights' own size (nor below the device's
-    floor on large images); the larger of it and the images' size]: their features are
+    that size, at least FINETUNE_FLOOR (the device's floor for thumbnails at it) but not above the
+    weights' own size (nor below the device's floor on large images); the larger of it and the
+    images' size]: their features are
     tuned to objects of that scale, so small images are upscaled towards it as far as the epochs allow
     (at 32 px a pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
@@ -1897,7 +1902,9 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
         if weights_size:
             up = [s for s in sizes if s >= weights_size]
             cap = max(cap, up[0] if up else sizes[-1])
-            lowest = min(weights_size, max(weights_size / 4, FINETUNE_FLOOR))  # never above the weights' own
+            thumbnails = is_thumbnail(native_size or 0, FINETUNE_FLOOR)
+            least = SIZE_FLOOR.get(device_type, sizes[0]) if thumbnails else FINETUNE_FLOOR
+            lowest = min(weights_size, max(weights_size / 4, least))  # never above the weights' own
             floor = max(floor, next((s for s in sizes if s >= lowest), cap))  # ... nor below the device's
         sizes = tuple(s for s in sizes if floor <= s <= cap)
     cands = [Candidate(m, s, gflops * (s / 224) ** 2) for m, gflops in models for s in sizes]
@@ -2243,9 +2250,8 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
     several = weights if len(weights) > 1 else ()
     choice, got = _measured_choice(cfg, comp, info, shape, ctx, every, several)
     need = need_epochs(cfg)
-    # The floor counts where it was measured to lose: far below the weights' input size (64-80 px for
-    # 224 px weights on a CPU, which FINETUNE_FLOOR now keeps out: there tiles that fit at 128 px stay,
-    # as on a GPU). It still counts for weights trained above 256 px, on a ladder of several sizes.
+    # The floor counts where it was measured to lose: far below the weights' input size (64 px for 224 px
+    # weights on a CPU, where short sides that are thumbnails at FINETUNE_FLOOR start the tiles' ladder).
     low = got.floor and choice.img_size < weights_input_size(choice.weights or cfg.pretrained_path) / 2
     if ctx.input_mode_fallback and (low or not fits(got, need)):
         if got.note:

@@ -6,7 +6,8 @@ import logging
 import pytest
 import torch
 
-from kernelkit.build.augmentation import THUMBNAIL_UPSCALE, choose_augmentation
+from kernelkit.build.augmentation import choose_augmentation
+from kernelkit.build.autopick import THUMBNAIL_UPSCALE
 from kernelkit.core.checks import checked_config
 from kernelkit.core.config import ConfigError
 

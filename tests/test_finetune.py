@@ -67,8 +67,12 @@ def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
     scratch = autopick.ladder("cpu", 32, "test_resnet")
     assert [c.img_size for c in scratch] == [32]  # 32 px digits train at 32 from scratch
     tuned = autopick.ladder("cpu", 32, "test_resnet", weights_size=224)
-    # from the fine-tune floor up, in half-steps: one net's sizes are the ladder's only cost steps
-    assert [c.img_size for c in tuned] == [128, 144, 160, 192, 224]
+    # thumbnails: from a quarter of the weights' size, in half-steps: one net's sizes are the only cost steps
+    assert [c.img_size for c in tuned] == [64, 80, 96, 112, 128, 144, 160, 192, 224]
+    strips = autopick.ladder("cpu", 144, "test_resnet", weights_size=224)
+    assert [c.img_size for c in strips] == [128, 144, 160, 192, 224], "larger frames: from the fine-tune floor"
+    assert autopick.ladder("cpu", 64, "test_resnet", weights_size=224)[0].img_size == 64, "64 px: 2x at 128"
+    assert autopick.ladder("cpu", 65, "test_resnet", weights_size=224)[0].img_size == 128
     costs = [c.cost for c in tuned]
     assert max(b / a for a, b in zip(costs, costs[1:])) < 1.6
     big = autopick.ladder("cuda", 500, "test_resnet", weights_size=224)
@@ -79,8 +83,8 @@ def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
 
 
 @pytest.mark.parametrize("settings,weights_px,says", [
-    ([], 160, "fewer, at the smallest size this fine-tune takes"),   # ladder 128 ... 160: at its floor
-    ([], 128, "fewer, at the smallest size this fine-tune takes"),   # one rung (128 px), still its floor
+    ([], 160, "fewer, at the smallest size this fine-tune takes"),   # ladder 64 ... 160: at its floor
+    ([], 64, "fewer, at the smallest size this fine-tune takes"),    # one rung (64 px), still its floor
     (["--img-size", "128"], 160, "WARNING: none measured fits"),    # the size the user set: too slow
     (["--model", "test_resnet"], 0, "WARNING: none measured fits"),  # from scratch, nothing fits
 ])
@@ -108,8 +112,8 @@ def test_a_too_slow_pick_is_a_warning_except_at_a_fine_tunes_smallest_size(tmp_p
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_weights_trained_below_the_fine_tune_floor_still_get_a_ladder(device_type):
-    """Hostile input: weights trained at 64 px on 32 px images. The floor (128 px) lay above the ladder's
-    top (the weights' size), which left no candidate at all on a GPU; the weights' own size caps it."""
+    """Hostile input: weights trained at 64 px on 32 px images. A GPU's floor (128 px) lay above the
+    ladder's top (the weights' size), which left no candidate at all; the weights' own size caps it."""
     small = autopick.ladder(device_type, 32, "test_resnet", weights_size=64)
     assert [c.img_size for c in small] == [64]
     photos = autopick.ladder(device_type, 500, "test_resnet", weights_size=64)

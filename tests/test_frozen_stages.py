@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-from kernelkit.build import autopick
 from kernelkit.build.components import frozen_stages
 from kernelkit.core.config import ConfigError
 from kernelkit.core.options import make_config
@@ -165,10 +164,9 @@ def _frames(folder, size: tuple[int, int], n: int = 12) -> list[str]:
 
 
 @pytest.mark.parametrize("frame,settings,want", [
-    ((32, 32), [], 0),                          # digits-like thumbnails: every fine-tune rung (128 px and up) is >= 2x
-    ((64, 64), [], 0),                          # 2x at the fine-tune floor (128 px) too
+    ((32, 32), [], 0),                          # digits-like thumbnails: every CPU rung (64 px and up) is >= 2x
     ((32, 24), ["--img-size", "48"], HIGH_RESOLUTION),  # 1.5x at the size asked for: not thumbnails there
-    ((96, 96), [], HIGH_RESOLUTION),            # 128 px and up is not 2x a 96 px frame: photos keep the freeze
+    ((96, 96), [], HIGH_RESOLUTION),            # 64 px and up is not 2x a 96 px frame: photos keep the freeze
     ((32, 32), ["--frozen-stages", "1"], 1),    # an explicit value wins
     ((32, 32), ["--pretrained-path", "none"], -1),  # no weights: nothing to resolve (auto = none at build)
 ])
@@ -189,7 +187,7 @@ def test_auto_trains_every_layer_of_fine_tuned_thumbnails(tmp_path, frame, setti
     assert ctx.cfg.frozen_stages == want
     assert ("every layer trains" in caplog.text) == (want == 0 and cfg.frozen_stages == -1)
     if "every layer trains" in caplog.text:  # judged at the smallest size the run may train at
-        assert f"({autopick.FINETUNE_FLOOR} px and up)" in caplog.text
+        assert "(64 px and up)" in caplog.text
     assert frozen_stages(ctx.cfg) == (0 if "none" in settings else want)  # what the model is built with
 
 

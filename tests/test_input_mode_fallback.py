@@ -18,20 +18,17 @@ from kernelkit.engine.checkpoint import load_checkpoint
 SQUARE_IPS = 200.0
 
 
-FLOOR = autopick.FINETUNE_FLOOR  # the smallest size of these fine-tunes' ladder
-
-
-def speeds(tiles_ips: float, tiles_ips_above_floor: float | None = None,
-           square_ips_above_floor: float = SQUARE_IPS):
+def speeds(tiles_ips: float, tiles_ips_above_64: float | None = None, square_ips_above_64: float = SQUARE_IPS,
+           edge: int = 64):
     """autopick.measure on a machine where one square per image trains at SQUARE_IPS images/s
-    (`square_ips_above_floor` past FLOOR) and an image as tiles at `tiles_ips` (`tiles_ips_above_floor`
-    past it; real timings would make the choice depend on the machine's load); `.calls` lists what was
-    timed, (size, tiles) each."""
+    (`square_ips_above_64` past 64 px) and an image as tiles at `tiles_ips` (`tiles_ips_above_64` past
+    64 px, or past `edge`; real timings would make the choice depend on the machine's load); `.calls`
+    lists what was timed, (size, tiles) each."""
     def fake_measure(cand, cfg, num_classes, device, steps=autopick.TIMED_STEPS, deadline=float("inf")):
         fake_measure.calls.append((cand.img_size, cfg.input_tiles()))
-        ips = SQUARE_IPS if cand.img_size <= FLOOR else square_ips_above_floor
+        ips = SQUARE_IPS if cand.img_size <= edge else square_ips_above_64
         if cfg.input_tiles() > 1:
-            ips = tiles_ips if cand.img_size <= FLOOR or tiles_ips_above_floor is None else tiles_ips_above_floor
+            ips = tiles_ips if cand.img_size <= edge or tiles_ips_above_64 is None else tiles_ips_above_64
         return ips, 2 * ips
     fake_measure.calls = []
     return fake_measure
@@ -46,9 +43,9 @@ def run(data, out, *flags):
 @pytest.fixture
 def strips_and_weights(tmp_path):
     # 1:3 strips (all 'long'), and a tiny timm weights folder: a fine-tune, so auto takes tiles first.
-    # Weights trained at 320 px: the ladder runs 128 ... 224 px (autopick.CPU_FINETUNE_SIZES), and its
-    # floor is under half their size, where tiles that fit only there fall back to one square.
-    return strip_competition(tmp_path / "strips"), timm_folder(tmp_path / "weights", input_size=320)
+    # Weights trained at 160 px: the tiles' ladder runs 64 ... 160 px (autopick.CPU_FINETUNE_SIZES: 32 px
+    # short sides are thumbnails at FINETUNE_FLOOR), one square's 128 ... 160 px (96 px long sides are not).
+    return strip_competition(tmp_path / "strips"), timm_folder(tmp_path / "weights", input_size=160)
 
 
 def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_path, monkeypatch, caplog):
@@ -62,7 +59,7 @@ def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_
     assert "input mode squeeze instead of tiles x3" in caplog.text
     assert "WARNING: none measured fits" not in caplog.text, "a fallback is not a warning"
     assert "fewer, at the smallest size" not in caplog.text, "one square per image fits: no excuse needed"
-    assert timed.calls[0] == (FLOOR, 3) and [c for c in timed.calls if c[1] == 3] == [(FLOOR, 3)], \
+    assert timed.calls[0] == (64, 3) and [c for c in timed.calls if c[1] == 3] == [(64, 3)], \
         "tiles: only the smallest size is timed (no larger one fits when it does not), and only once"
     assert len(set(timed.calls)) == len(timed.calls) > 2, "then the squeeze ladder, each size timed once"
     summary = json.loads((out / "summary.json").read_text())
@@ -79,28 +76,51 @@ def test_too_slow_tiles_fall_back_to_squeeze_end_to_end(strips_and_weights, tmp_
 
 def test_tiles_that_fit_only_at_the_smallest_size_fall_back_too(strips_and_weights, tmp_path, monkeypatch, caplog):
     data, weights = strips_and_weights
-    timed = speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_floor=0.02)
+    timed = speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02)
     monkeypatch.setattr(autopick, "measure", timed)
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
-    assert f"the tiles fit 1 epochs only at the smallest size ({FLOOR} px)" in caplog.text
+    assert "the tiles fit 1 epochs only at the smallest size (64 px)" in caplog.text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["input_mode"], summary["img_size"]) == ("squeeze", 224), "one square, at the top of the ladder"
+    assert (summary["input_mode"], summary["img_size"]) == ("squeeze", 160), "one square, at the top of the ladder"
     tiles = [c for c in timed.calls if c[1] == 3]
-    assert tiles[0] == (FLOOR, 3) and tiles.count((FLOOR, 3)) == 1, "the floor timed once, before and in the search"
-    assert len(tiles) > 1 and all(size > FLOOR for size, _ in tiles[1:]), \
-        "the search timed larger tiles, none fitting"
+    assert tiles[0] == (64, 3) and tiles.count((64, 3)) == 1, "64 px timed once, before and in the search"
+    assert len(tiles) > 1 and all(size > 64 for size, _ in tiles[1:]), "the search timed larger tiles, none fitting"
 
 
-def test_tiles_stay_when_one_square_fits_no_larger_size(strips_and_weights, tmp_path, monkeypatch, caplog):
+def test_one_square_at_the_fine_tune_floor_wins_over_tiles_at_their_thumbnail_floor(strips_and_weights, tmp_path,
+                                                                                      monkeypatch, caplog):
+    """The tiles' 32 px short sides start their ladder at 64 px; one square per image (96 px long sides, not
+    thumbnails) starts at FINETUNE_FLOOR. A square there with fewer epochs than wanted beats the tiles at
+    64 px: for strips size beat epochs (squeeze 128 px, 5 epochs, against 80 px, 9: README)."""
     data, weights = strips_and_weights
-    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_floor=0.02,
-                                                    square_ips_above_floor=0.02))
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02,
+                                                    square_ips_above_64=0.02))
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
-    assert f"keeping tiles x3 at {FLOOR} px" in caplog.text
+    assert "input mode squeeze instead of tiles x3" in caplog.text and "keeping tiles" not in caplog.text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["input_mode"], summary["img_size"]) == ("tiles", FLOOR)
+    assert (summary["input_mode"], summary["img_size"]) == ("squeeze", autopick.FINETUNE_FLOOR)
+
+
+def test_tiles_stay_when_one_square_fits_no_larger_size(tmp_path, monkeypatch, caplog):
+    """Strips with 80 px short sides (not thumbnails): both ladders start at FINETUNE_FLOOR. Tiles that fit only
+    there, under half the weights' size, measure one square per image; it fits no larger size, so tiles stay."""
+    data = strip_competition(tmp_path / "strips")
+    for path in data.rglob("*.png"):
+        with Image.open(path) as img:
+            wide = img.resize((img.width * 5 // 2, img.height * 5 // 2))
+        wide.save(path)
+    weights = timm_folder(tmp_path / "weights", input_size=320)
+    floor = autopick.FINETUNE_FLOOR
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02,
+                                                    square_ips_above_64=0.02, edge=floor))
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
+    assert f"the tiles fit 1 epochs only at the smallest size ({floor} px)" in caplog.text
+    assert f"keeping tiles x3 at {floor} px" in caplog.text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["input_mode"], summary["img_size"]) == ("tiles", floor)
 
 
 def test_tiles_that_fit_stay_and_an_explicit_mode_is_never_swapped(strips_and_weights, tmp_path, monkeypatch,
@@ -110,7 +130,7 @@ def test_tiles_that_fit_stay_and_an_explicit_mode_is_never_swapped(strips_and_we
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "fast", "--pretrained-path", str(weights)) == 0
     fast = json.loads((tmp_path / "fast" / "summary.json").read_text())
-    assert (fast["input_mode"], fast["img_size"]) == ("tiles", 224)
+    assert (fast["input_mode"], fast["img_size"]) == ("tiles", 160)
     assert "instead of tiles" not in caplog.text
     caplog.clear()
     monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=0.02))
@@ -118,7 +138,7 @@ def test_tiles_that_fit_stay_and_an_explicit_mode_is_never_swapped(strips_and_we
         assert run(data, tmp_path / "set", "--pretrained-path", str(weights), "--input-mode", "tiles") == 0
     assert json.loads((tmp_path / "set" / "summary.json").read_text())["input_mode"] == "tiles"
     assert "instead of tiles" not in caplog.text
-    assert "fewer, at the smallest size a fine-tune takes" in caplog.text, "the floor, and why so few epochs"
+    assert "fewer, at the smallest size this fine-tune takes" in caplog.text, "the floor, and why so few epochs"
 
 
 def test_a_resumed_run_keeps_the_input_mode_its_checkpoint_trained_with(strips_and_weights, tmp_path,

@@ -3,7 +3,7 @@
 The random resized crop of `light` keeps up to 40% of a frame out of view and stretches the rest up
 to 4:3: objects at any place and scale (photos, iMet's strips) stay in view and the net learns
 their scale changes, but where the object *is* the frame it cuts off what tells the classes apart
-(the lower stroke of a 9, a 7's foot). Images enlarged THUMBNAIL_UPSCALE times or more to reach
+(the lower stroke of a 9, a 7's foot). Images enlarged autopick.THUMBNAIL_UPSCALE times or more to reach
 img_size are that kind: a digit, a glyph, an icon saved at its own small size. Measured fine-tuning
 lite0 at 160 px on the 32 px digits (bench/bench_finetune.py, 150 s, test accuracy / F2, one run
 each): light 0.981 / 0.982 (0.978 / 0.985 with the crop dropped for the last 30% of the clock),
@@ -30,17 +30,10 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..inputs.competition import Competition
 from . import autopick
+from .autopick import is_thumbnail  # the fine-tune ladder's floor asks it too
 from .input_mode import dry_run, long_share
 
 log = logging.getLogger("kernelkit")
-
-THUMBNAIL_UPSCALE = 2.0  # img_size / the side of the frame that maps onto it, from which a crop cuts the object
-
-
-def is_thumbnail(frame_side: float, img_size: int) -> bool:
-    """Whether frames of median side `frame_side` are enlarged THUMBNAIL_UPSCALE times or more at `img_size`:
-    a digit, a glyph, an icon saved at its own small size, the object filling the frame."""
-    return frame_side > 0 and img_size >= THUMBNAIL_UPSCALE * frame_side
 
 
 def frame_side(sizes: dict, tiles: int) -> float:
