@@ -1802,7 +1802,7 @@ CPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224)
 # and a pick that missed 128 by a few percent of its estimate fell back to 96 px with twice the epochs
 # it needed (slow-day digits: 13-14 epochs at 96 px, 0.985 F2, where 128 px ran 7 and the peer's 128 px
 # 0.990). The half-steps keep every step under 1.6x. From-scratch ladders interleave three models, which
-# already makes their steps small. The rungs under FINETUNE_FLOOR serve weights trained below it.
+# already makes their steps small. The rungs under FINETUNE_FLOOR serve thumbnails and weights trained below it.
 CPU_FINETUNE_SIZES: tuple[int, ...] = (64, 80, 96, 112, 128, 144, 160, 192, 224)
 GPU_SIZES: tuple[int, ...] = (32, 48, 64, 96, 128, 160, 192, 224, 256, 288, 320)
 SIZE_FLOOR = {"cpu": 64, "cuda": 128}  # smallest size tried for images at least this large
@@ -1886,9 +1886,9 @@ def ladder(device_type: str, native_size: int | None, model: str = "", img_size:
     weights (`weights_size`: the input size they were trained at) move the range to [a quarter of
     that size, at least FINETUNE_FLOOR (the device's floor for thumbnails at it) but not above the
     weights' own size (nor below the device's floor on large images); the larger of it and the
-    images' size]: their features are
-    tuned to objects of that scale, so small images are upscaled towards it as far as the epochs allow
-    (at 32 px a pretrained net wastes them); on a CPU in the half-steps of CPU_FINETUNE_SIZES."""
+    images' size]: their features are tuned to objects of that scale, so small images are upscaled
+    towards it as far as the epochs allow (at 32 px a pretrained net wastes them); on a CPU in the
+    half-steps of CPU_FINETUNE_SIZES."""
     models = GPU_MODELS if device_type == "cuda" else CPU_MODELS
     sizes = GPU_SIZES if device_type == "cuda" else (CPU_FINETUNE_SIZES if weights_size else CPU_SIZES)
     if model:
@@ -2031,7 +2031,8 @@ def native_size(paths: list[str], seed: int = 0, short: bool = False) -> int | N
     sizes = image_sizes(paths, SIZE_SAMPLE, seed, 2.0)
     if "width" not in sizes:
         return None
-    # Per image: the larger of the median width and height is the short side for strips in both orientations.
+    # Each image's long side, then the median: max(median width, median height) reads 64 for 32 x 96 strips
+    # in both orientations.
     return int(round(sizes["short_side_median" if short else "long_side_median"]))
 
 
@@ -2265,16 +2266,19 @@ def _choose_main(ctx: RunContext, comp: Competition, info: DistInfo, every: bool
                  "square per image", ctx.input_mode_fallback, cfg.input_tiles(), why, cfg.input_tiles())
         tiles_choice = choice
         squeeze = dataclasses.replace(cfg, input_mode=ctx.input_mode_fallback, tiles=0)
-        choice, _ = _measured_choice(squeeze, comp, info, shape, ctx, every, several)
-        if fits(got, need) and choice.img_size <= tiles_choice.img_size:
-            log.info("autopick: keeping tiles x%d at %d px: one square per image fits no larger size",
-                     cfg.input_tiles(), tiles_choice.img_size)
+        choice, square = _measured_choice(squeeze, comp, info, shape, ctx, every, several)
+        # One square starts at FINETUNE_FLOOR where thumbnail-sized short sides start the tiles lower: at
+        # the floor it wins with fewer epochs than wanted (size beat epochs on the strips), not with under half.
+        too_few = not fits(square, need / 2)
+        if fits(got, need) and (too_few or choice.img_size <= tiles_choice.img_size):
+            log.info("autopick: keeping tiles x%d at %d px: one square per image fits %s", cfg.input_tiles(),
+                     tiles_choice.img_size, "under half the epochs" if too_few else "no larger size")
             return Choice(tiles_choice.model, tiles_choice.img_size, tiles_choice.weights)
         return Choice(choice.model, choice.img_size, choice.weights, squeeze.input_mode, 0)
     return Choice(choice.model, choice.img_size, choice.weights)
 
 
-def fits(trial: Trial, need: int) -> bool:
+def fits(trial: Trial, need: float) -> bool:
     return not trial.note and trial.epochs >= need
 
 
@@ -2291,7 +2295,7 @@ def _measured_choice(cfg: Config, comp: Competition, info: DistInfo, shape: RunS
         verdict = f"the cheapest, {got.note}"
     elif got.epochs < need and ctx.input_mode_fallback and cfg.input_mode == "tiles":
         verdict = f"~{got.epochs:.1f} epochs, want >= {need}: none measured fits them"
-    elif got.epochs < need and got.lowest and weights_input_size(choice.weights or cfg.pretrained_path):
+    elif 1 <= got.epochs < need and got.lowest and weights_input_size(choice.weights or cfg.pretrained_path):
         verdict = (f"~{got.epochs:.1f} epochs, want >= {need}: fewer, at the smallest size this fine-tune takes "
                    "(below it the pretrained features go to waste)")
     elif got.epochs < need:
@@ -4065,8 +4069,8 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 # Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
 # preset set. A pretrained net converges in a few epochs, so autopick wants 4, not 10, and its sizes
-# run from a quarter of the weights' input size (at least autopick.FINETUNE_FLOOR, at most their own
-# size) up to it (autopick.ladder); progressive resizing is
+# run from a quarter of the weights' input size (at least autopick.FINETUNE_FLOOR, or the device's floor
+# for thumbnails; at most their own size) up to it (autopick.ladder); progressive resizing is
 # off (issue #20: its half-size stages put a pretrained net at 32 px; --img-size 128 --resize-start 0
 # by hand took F2 from 0.627 to 0.728); cosine as fine-tuning recipes use; single-label adds label
 # smoothing 0.1 (components.label_smoothing). Compared on CPU with EfficientNet-Lite0 in

@@ -82,23 +82,26 @@ def test_a_pretrained_net_is_never_shrunk_to_tiny_inputs():
     assert autopick.ladder("cpu", 32, "test_resnet", img_size=48, weights_size=224)[0].img_size == 48  # explicit
 
 
-@pytest.mark.parametrize("settings,weights_px,says", [
-    ([], 160, "fewer, at the smallest size this fine-tune takes"),   # ladder 64 ... 160: at its floor
-    ([], 64, "fewer, at the smallest size this fine-tune takes"),    # one rung (64 px), still its floor
-    (["--img-size", "128"], 160, "WARNING: none measured fits"),    # the size the user set: too slow
-    (["--model", "test_resnet"], 0, "WARNING: none measured fits"),  # from scratch, nothing fits
+@pytest.mark.parametrize("settings,weights_px,epochs,says", [
+    ([], 160, 2.0, "fewer, at the smallest size this fine-tune takes"),  # ladder 64 ... 160: at its floor
+    ([], 64, 2.0, "fewer, at the smallest size this fine-tune takes"),   # one rung (64 px), still its floor
+    ([], 160, 0.5, "WARNING: none measured fits"),                       # under one epoch, whatever the size
+    (["--img-size", "128"], 160, 2.0, "WARNING: none measured fits"),    # the size the user set: too slow
+    (["--model", "test_resnet"], 0, 2.0, "WARNING: none measured fits"),  # from scratch, nothing fits
 ])
 def test_a_too_slow_pick_is_a_warning_except_at_a_fine_tunes_smallest_size(tmp_path, single_label_dir, monkeypatch,
-                                                                         caplog, settings, weights_px, says):
+                                                                         caplog, settings, weights_px, epochs, says):
     """Where nothing fits the epochs wanted, a fine-tune at the smallest size it takes has chosen fewer epochs
-    over a smaller input, and says so; an explicit size or a from-scratch ladder that fits nothing warns."""
+    over a smaller input, and says so; an explicit size, a from-scratch ladder that fits nothing, or under one
+    epoch warns."""
     import time
 
     from kernelkit.core.context import RunContext
     from kernelkit.core.distributed import DistInfo
     from kernelkit.inputs.competition import load_competition
-    monkeypatch.setattr(autopick, "measure", lambda *a, **k: (0.01, 0.02))  # nothing fits
+    monkeypatch.setattr(autopick, "measure", lambda *a, **k: (1.0, 2.0))
     monkeypatch.setattr(autopick, "stage_throughput", lambda *a, **k: None)
+    monkeypatch.setattr(autopick.RunShape, "epochs", lambda self, *a: epochs)  # every size: fewer than 4 (10)
     weights = ["--pretrained-path", str(timm_folder(tmp_path / "w", input_size=weights_px))] if weights_px else []
     cfg, _ = make_config({}, [*weights, *settings, "--budget", "2m"])
     comp = load_competition(single_label_dir)

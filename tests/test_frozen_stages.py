@@ -166,7 +166,7 @@ def _frames(folder, size: tuple[int, int], n: int = 12) -> list[str]:
 @pytest.mark.parametrize("frame,settings,want", [
     ((32, 32), [], 0),                          # digits-like thumbnails: every CPU rung (64 px and up) is >= 2x
     ((32, 24), ["--img-size", "48"], HIGH_RESOLUTION),  # 1.5x at the size asked for: not thumbnails there
-    ((96, 96), [], HIGH_RESOLUTION),            # 64 px and up is not 2x a 96 px frame: photos keep the freeze
+    ((96, 96), [], HIGH_RESOLUTION),            # 128 px and up is not 2x a 96 px frame: photos keep the freeze
     ((32, 32), ["--frozen-stages", "1"], 1),    # an explicit value wins
     ((32, 32), ["--pretrained-path", "none"], -1),  # no weights: nothing to resolve (auto = none at build)
 ])

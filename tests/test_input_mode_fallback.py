@@ -19,14 +19,14 @@ SQUARE_IPS = 200.0
 
 
 def speeds(tiles_ips: float, tiles_ips_above_64: float | None = None, square_ips_above_64: float = SQUARE_IPS,
-           edge: int = 64):
+           edge: int = 64, square_edge: int | None = None):
     """autopick.measure on a machine where one square per image trains at SQUARE_IPS images/s
     (`square_ips_above_64` past 64 px) and an image as tiles at `tiles_ips` (`tiles_ips_above_64` past
-    64 px, or past `edge`; real timings would make the choice depend on the machine's load); `.calls`
-    lists what was timed, (size, tiles) each."""
+    64 px, or past `edge`, and one square past `square_edge` when given; real timings would make the
+    choice depend on the machine's load); `.calls` lists what was timed, (size, tiles) each."""
     def fake_measure(cand, cfg, num_classes, device, steps=autopick.TIMED_STEPS, deadline=float("inf")):
         fake_measure.calls.append((cand.img_size, cfg.input_tiles()))
-        ips = SQUARE_IPS if cand.img_size <= edge else square_ips_above_64
+        ips = SQUARE_IPS if cand.img_size <= (square_edge or edge) else square_ips_above_64
         if cfg.input_tiles() > 1:
             ips = tiles_ips if cand.img_size <= edge or tiles_ips_above_64 is None else tiles_ips_above_64
         return ips, 2 * ips
@@ -94,13 +94,25 @@ def test_one_square_at_the_fine_tune_floor_wins_over_tiles_at_their_thumbnail_fl
     thumbnails) starts at FINETUNE_FLOOR. A square there with fewer epochs than wanted beats the tiles at
     64 px: for strips size beat epochs (squeeze 128 px, 5 epochs, against 80 px, 9: README)."""
     data, weights = strips_and_weights
+    floor = autopick.FINETUNE_FLOOR
     monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02,
-                                                    square_ips_above_64=0.02))
+                                                    square_ips_above_64=0.02, square_edge=floor))
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
     assert "input mode squeeze instead of tiles x3" in caplog.text and "keeping tiles" not in caplog.text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["input_mode"], summary["img_size"]) == ("squeeze", autopick.FINETUNE_FLOOR)
+    assert (summary["input_mode"], summary["img_size"]) == ("squeeze", floor)
+
+
+def test_tiles_stay_when_one_square_fits_under_half_the_epochs(strips_and_weights, tmp_path, monkeypatch, caplog):
+    data, weights = strips_and_weights
+    monkeypatch.setattr(autopick, "measure", speeds(tiles_ips=SQUARE_IPS, tiles_ips_above_64=0.02,
+                                                    square_ips_above_64=0.02))
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
+    assert "keeping tiles x3 at 64 px: one square per image fits under half the epochs" in caplog.text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["input_mode"], summary["img_size"]) == ("tiles", 64)
 
 
 def test_tiles_stay_when_one_square_fits_no_larger_size(tmp_path, monkeypatch, caplog):
@@ -118,7 +130,7 @@ def test_tiles_stay_when_one_square_fits_no_larger_size(tmp_path, monkeypatch, c
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "out", "--pretrained-path", str(weights)) == 0
     assert f"the tiles fit 1 epochs only at the smallest size ({floor} px)" in caplog.text
-    assert f"keeping tiles x3 at {floor} px" in caplog.text
+    assert f"keeping tiles x3 at {floor} px: one square per image fits no larger size" in caplog.text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["input_mode"], summary["img_size"]) == ("tiles", floor)
 
@@ -137,8 +149,7 @@ def test_tiles_that_fit_stay_and_an_explicit_mode_is_never_swapped(strips_and_we
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert run(data, tmp_path / "set", "--pretrained-path", str(weights), "--input-mode", "tiles") == 0
     assert json.loads((tmp_path / "set" / "summary.json").read_text())["input_mode"] == "tiles"
-    assert "instead of tiles" not in caplog.text
-    assert "fewer, at the smallest size this fine-tune takes" in caplog.text, "the floor, and why so few epochs"
+    assert "instead of tiles" not in caplog.text and "WARNING: none measured fits" in caplog.text
 
 
 def test_a_resumed_run_keeps_the_input_mode_its_checkpoint_trained_with(strips_and_weights, tmp_path,

@@ -156,8 +156,8 @@ def make_config(block: dict[str, Any] | None = None, argv: list[str] | None = No
 
 # Fine-tuning from weights (pretrained_path set or found), for the options neither the user nor the
 # preset set. A pretrained net converges in a few epochs, so autopick wants 4, not 10, and its sizes
-# run from a quarter of the weights' input size (at least autopick.FINETUNE_FLOOR, at most their own
-# size) up to it (autopick.ladder); progressive resizing is
+# run from a quarter of the weights' input size (at least autopick.FINETUNE_FLOOR, or the device's floor
+# for thumbnails; at most their own size) up to it (autopick.ladder); progressive resizing is
 # off (issue #20: its half-size stages put a pretrained net at 32 px; --img-size 128 --resize-start 0
 # by hand took F2 from 0.627 to 0.728); cosine as fine-tuning recipes use; single-label adds label
 # smoothing 0.1 (components.label_smoothing). Compared on CPU with EfficientNet-Lite0 in
