@@ -30,7 +30,6 @@ from ..core.context import RunContext
 from ..core.weights import weights_given
 from ..inputs.competition import Competition
 from . import autopick
-from .autopick import is_thumbnail  # the fine-tune ladder's floor asks it too
 from .input_mode import dry_run, long_share
 
 log = logging.getLogger("kernelkit")
@@ -50,7 +49,7 @@ def choose_augmentation(aug: str, sizes: dict, img_size: int, tiles: int = 0) ->
     if not side or not img_size:
         return "light", "no readable training image headers"
     upscale = img_size / side
-    if is_thumbnail(side, img_size):
+    if autopick.is_thumbnail(side, img_size):
         return "flip", (f"thumbnails: median frame {side:g} px enlarged {upscale:.1f}x to {img_size} px, so the object "
                         f"fills the frame and a random crop would cut it off (aug=light forces the crop)")
     return "light", f"median frame {side:g} px at {img_size} px ({upscale:.1f}x): flip + random resized crop"
@@ -96,7 +95,7 @@ def resolve_frozen_stages(ctx: RunContext, comp: Competition, device_type: str) 
         return ctx
     native = int(round(frame))
     smallest = min(c.img_size for c in autopick.candidates(cfg, device_type, native, tuple(weights)))
-    if not is_thumbnail(frame, smallest):
+    if not autopick.is_thumbnail(frame, smallest):
         return ctx
     log.info("frozen stages: none (frozen_stages=auto, fine-tuning): thumbnails, median frame %g px enlarged "
              "%.1fx or more (%d px and up), far from the photos the weights' early layers and their BatchNorm "
