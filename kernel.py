@@ -47,7 +47,7 @@ CONFIG = dict(
     # auto_min_epochs=10,                   # model/img_size auto: the epochs the chosen pair must fit in the training time
     # pad_aspect=2.0,                       # input_mode pad: pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
-    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | squeeze: each image stretched to one square, whatever its aspect | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | auto: tiles when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer (squeeze when the autopick fits the tiles' auto_min_epochs at no size or only at its smallest), else pad (measured: README, input modes; the log says which and why)
+    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | squeeze: each image stretched to one square, whatever its aspect | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | rect: each image at one img_size square's pixel count in the shape of its aspect ratio (buckets 1:1 to 1:5), batches grouped by shape | auto: tiles when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer (squeeze when the autopick fits the tiles' auto_min_epochs at no size or only at its smallest), else pad (measured: README, input modes; the log says which and why)
     # tiles=0,                              # input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)
     # aug='auto',                           # auto (light, or flip for thumbnails: images enlarged 2x or more to img_size) | none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
@@ -778,6 +778,7 @@ def data_parallel_processes(ctx: RunContext) -> int:
         return 1
     procs = distributed.wanted_processes(cfg.ddp_procs)
     blockers = [k for k in ("freeze", "balanced_sampling") if getattr(cfg, k) > 0]
+    blockers += ["input_mode=rect"] if cfg.input_mode == "rect" else []  # ranks would count different batches
     if procs > 1 and blockers:
         if cfg.ddp_procs > 1:
             raise ConfigError(f"ddp_procs={cfg.ddp_procs} cannot be combined with {' and '.join(blockers)} yet; "
@@ -874,7 +875,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         return EXIT_OK
     given = ctx.cfg
     ctx = resolve_frozen_stages(ctx, comp, info.device().type)  # before input_mode: resumes compare it
-    ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
+    ctx = resolve_input_mode(ctx, comp, info.enabled)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     ctx = resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
     if ctx.cfg != given and info.is_main:  # config.json records what the autos resolved to
@@ -1293,9 +1294,9 @@ class TrainRun:
 def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
-    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
-        raise ConfigError("freeze and balanced_sampling are not supported with data-parallel training yet; "
-                          "set ddp_procs=1")
+    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0 or cfg.input_mode == "rect"):
+        raise ConfigError("freeze, balanced_sampling and input_mode=rect are not supported with data-parallel "
+                          "training yet; set ddp_procs=1")
     device = info.device()
     seed_everything(cfg.seed + info.rank, cfg.deterministic)
     run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
@@ -1491,7 +1492,8 @@ from ..core.storage import GB, plan_storage
 from ..data.cache import BuildStopped, ImageCache, build_cache, open_cache
 from ..data.folds import make_folds
 from ..data.loaders import ImageDataset, make_loader, split_indices
-from ..data.sampling import balanced_sampler
+from ..data.images import RECT_ASPECTS
+from ..data.sampling import balanced_sampler, rect_buckets
 from ..data.transforms import EvalTransform, TrainTransform
 from ..inputs.competition import Competition, load_competition
 from ..inputs.submission import check_submission_writable
@@ -1625,10 +1627,13 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry, tiles), cfg.img_size,
                           cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    buckets = image_buckets(cfg, paths, "training")
     return TrainingData(
         train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
-                                 train_sampler(cfg, targets[tr_idx], train_ds, info)),
-        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
+                                 train_sampler(cfg, targets[tr_idx], train_ds, info),
+                                 buckets=None if buckets is None else buckets[tr_idx]),
+        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin,
+                                buckets=None if buckets is None else buckets[va_idx])
                     if len(val_ds) and info.is_main else None),
         train_targets=targets[tr_idx], val_targets=targets[va_idx], val_paths=[paths[i] for i in va_idx],
         val_rows=keep[va_idx], gpu_aug=gpu_aug)
@@ -1649,7 +1654,22 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
     paths = comp.test_paths[:limit] if limit else comp.test_paths
     ds = ImageDataset(paths, None, EvalTransform(*cfg.geometry()), cfg.img_size,
                       cfg.pad_fill)
-    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
+    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda",
+                       buckets=image_buckets(cfg, paths, "test", quiet=bool(limit)))
+
+
+def image_buckets(cfg: Config, paths: list[str], what: str, quiet: bool = False) -> np.ndarray | None:
+    """input_mode rect: each image's aspect bucket, from its header (batches hold one bucket each); None
+    in the other modes."""
+    if cfg.input_mode != "rect":
+        return None
+    t0 = clock_now()
+    buckets = rect_buckets(paths)
+    if not quiet:
+        share = {b: float(np.mean(np.abs(buckets) == b)) for b in range(len(RECT_ASPECTS))}
+        log.info("rect: %d %s images by aspect bucket %s, headers read in %.1fs", len(paths), what,
+                 "  ".join(f"1:{RECT_ASPECTS[b]:g} {share[b]:.0%}" for b in share if share[b]), clock_now() - t0)
+    return buckets
 ''',
 'kernelkit.build.augmentation': r'''"""aug auto -> light, or flip for thumbnails, from the training images' sizes (file headers only).
 
@@ -2536,7 +2556,7 @@ import logging
 import math
 
 from ..core.context import RunContext
-from ..core.weights import weights_given
+from ..core.weights import fixed_size_architecture, weights_given
 from ..decide.reports import image_sizes
 from ..engine.resume import describe_input_mode, stored_input_mode
 from ..inputs.competition import Competition
@@ -2557,10 +2577,11 @@ SAMPLE = 500
 FALLBACK = "squeeze"
 
 
-def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0,
-                      pretrained: bool = False) -> tuple[str, int, str]:
+def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0, pretrained: bool = False,
+                      rect_ok: bool = True) -> tuple[str, int, str]:
     """image_sizes(...) of the training images -> (mode, tiles, why). An explicit mode (and an explicit
-    tile count) is kept; the reason says what was measured either way."""
+    tile count) is kept; the reason says what was measured either way. `rect_ok`: rect can run here
+    (one process, a model that takes any input size); else tiles take its place."""
     q = sizes.get("aspect_quantiles")
     if not q:
         return ("pad" if mode == "auto" else mode), tiles or (3 if mode == "tiles" else 0), \
@@ -2568,7 +2589,7 @@ def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0,
     share = sizes.get("long_share", 0.0)
     stats = f"{share:.0%} of {sizes.get('sampled', 0)} sampled images 1:{LONG:g} or longer, aspect p75 {q['p75']:.2f}"
     if mode == "auto" and share >= TILES_SHARE and pretrained:
-        mode, why = "tiles", f"{stats}, fine-tuning pretrained weights (>= {TILES_SHARE:.0%})"
+        mode, why = ("rect" if rect_ok else "tiles"), f"{stats}, fine-tuning pretrained weights (>= {TILES_SHARE:.0%})"
     elif mode == "auto":
         mode, why = "pad", stats
         if share >= TILES_SHARE:
@@ -2599,14 +2620,16 @@ def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
     return stored_input_mode(stored) if stored else None
 
 
-def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
-    """`ctx` with input_mode pad, squeeze or tiles (and tiles set), logged with the reason; what checkpoints
-    store. Tiles chosen by auto carry the fallback the autopick may still take (ctx.input_mode_fallback)."""
+def resolve_input_mode(ctx: RunContext, comp: Competition, data_parallel: bool = False) -> RunContext:
+    """`ctx` with input_mode pad, squeeze, rect or tiles (and tiles set), logged with the reason; what
+    checkpoints store. Tiles chosen by auto carry the fallback the autopick may still take
+    (ctx.input_mode_fallback). `data_parallel`: several ranks, which rect's bucketed batches cannot split."""
     cfg = ctx.cfg
-    if cfg.input_mode in ("pad", "squeeze") or (cfg.input_mode == "tiles" and cfg.tiles):
+    if cfg.input_mode in ("pad", "squeeze", "rect") or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
         return ctx
-    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
+    rect_ok = not data_parallel and not fixed_size_architecture(cfg.model) and not fixed_size_architecture(cfg.model2)
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix) and not rect_ok:  # tiles cannot be mixed
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     # a dry run plans a fresh run (its autopick ignores the checkpoint too)
@@ -2616,11 +2639,14 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
         log.info("input mode: %s (as the run this one resumes trained)", describe_input_mode(resumed))
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
     sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
-    mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path))
+    mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path),
+                                         rect_ok=rect_ok)
     fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""
     if mode == "tiles":
         log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s%s",
                  tiles, tiles, why, f"; {fallback} if the autopick finds them too slow" if fallback else "")
+    elif mode == "rect":
+        log.info("input mode: rect (each image at one img_size square's pixels, in its own aspect ratio): %s", why)
     else:
         log.info("input mode: pad (one square per image): %s", why)
     return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles),
@@ -2825,7 +2851,7 @@ from .config import (
     parse_duration,
     parse_kwargs,
 )
-from .weights import resolve_weights, same_architecture, weights_given
+from .weights import fixed_size_architecture, resolve_weights, same_architecture, weights_given
 
 
 def checked_config(d: dict[str, Any], where: str = "config", check_paths: bool = True) -> Config:
@@ -2902,6 +2928,9 @@ def _range_problems(c: Config) -> list[str]:
          f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
         (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
          "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
+        (c.input_mode != "rect" or not any(fixed_size_architecture(m) for m in (c.model, c.model2)),
+         f"input_mode=rect feeds each image in its own shape, but {c.model!r} takes only its own input size; "
+         "set input_mode=pad or tiles, or a convolutional model"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
          f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
         (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
@@ -3121,7 +3150,7 @@ CHOICES: dict[str, tuple] = {
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
     "image_ext": ("", *IMAGE_EXTS),
-    "input_mode": ("auto", "pad", "squeeze", "tiles"),
+    "input_mode": ("auto", "pad", "squeeze", "tiles", "rect"),
 }
 
 
@@ -3178,6 +3207,8 @@ class Config:
                                  "squeeze: each image stretched to one square, whatever its aspect | tiles: "
                                  "short side resized to img_size, `tiles` squares along the long side, the network "
                                  "sees each and takes the max over them (long strips keep small objects at scale) | "
+                                 "rect: each image at one img_size square's pixel count in the shape of its aspect "
+                                 "ratio (buckets 1:1 to 1:5), batches grouped by shape | "
                                  "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
                                  "sampled training images are 1:2 or longer (squeeze when the autopick fits the tiles' "
                                  "auto_min_epochs at no size or only at its smallest), else pad (measured: README, "
@@ -3262,13 +3293,14 @@ class Config:
 
     def geometry(self) -> tuple[int, float, int, int]:
         """(img_size, pad_aspect, pad_fill, tiles): what decoding an image to the network's input depends on
-        (transforms and the image cache take it as is); squeeze is pad with every image stretched."""
+        (transforms and the image cache take it as is); squeeze is pad with every image stretched, rect
+        has tiles 0 (data.images.RECT: one rectangle, no squares)."""
         pad_aspect = 0.0 if self.input_mode == "squeeze" else self.pad_aspect
-        return self.img_size, pad_aspect, self.pad_fill, self.input_tiles()
+        return self.img_size, pad_aspect, self.pad_fill, 0 if self.input_mode == "rect" else self.input_tiles()
 
     def input_tiles(self) -> int:
-        """Squares per image the data pipeline makes: 1 (pad or squeeze, or a stored config from before the
-        option, whose 'auto' was never resolved) or the resolved tile count."""
+        """Squares of img_size an image costs: 1 (pad, squeeze, rect: one square's pixels in its own shape,
+        or a stored config from before the option, whose 'auto' was never resolved) or the resolved tile count."""
         return max(2, self.tiles or 3) if self.input_mode == "tiles" else 1
 
     @classmethod
@@ -4405,6 +4437,19 @@ def same_architecture(a: str, b: str) -> bool:
     return a.split(".")[0] == b.split(".")[0]
 
 
+def fixed_size_architecture(name: str) -> bool:
+    """Whether timm's registry marks architecture `name` as taking only its own input size (ViT, DeiT,
+    Swin: their patch embedding asserts on any other), which input_mode rect's rectangles cannot feed."""
+    if not name or name == "auto":
+        return False
+    try:
+        import timm
+        cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
+    except Exception:  # noqa: BLE001  (an unknown name is reported by the model build, not here)
+        return False
+    return bool(getattr(cfg, "fixed_input_size", False))
+
+
 SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/pytorch/<variation>/<version>/
 SEARCH_MAX_ENTRIES = 200  # a folder with more entries is data (images), not a folder of attachments
 
@@ -4516,7 +4561,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
-from .images import DECODER_VERSION, BadImage, blank_image, load_resized, load_tiles, tv_jpeg_decoder
+from .images import RECT, DECODER_VERSION, BadImage, blank_image, column_rows, load_rect, load_resized, load_tiles, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 
@@ -4538,7 +4583,7 @@ def cache_key(paths: Sequence[str], geometry: Geometry, stat_files: bool = True)
     size, pad_aspect, fill, tiles = _geometry(geometry)
     what = {"format": CACHE_FORMAT, "decoder": DECODER_VERSION, "size": size, "pad_aspect": pad_aspect,
             "fill": fill, "n": len(paths)}
-    if tiles > 1:  # only then: square caches keep the keys they had before tiles existed
+    if tiles != 1:  # only then (tiles, or RECT): square caches keep the keys they had before tiles existed
         what["tiles"] = tiles
     h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for p in paths:
@@ -4567,7 +4612,7 @@ class ImageCache:
         self.size = int(meta["size"])
         self.tiles = int(meta.get("tiles", 1))
         self.geometry = (self.size, float(meta["pad_aspect"]), int(meta["fill"]), self.tiles)
-        self.row_shape = (self.tiles * self.size, self.size, 3)  # a square, or a column of tiles
+        self.row_shape = (column_rows(self.size, self.tiles), self.size, 3)  # a square, a column of tiles, a rect
         self.n_cached = int(meta["n_cached"])
         self.ok_rows = ok
         self.index = np.arange(int(meta["n"]), dtype=np.int64) if index is None else np.asarray(index, np.int64)
@@ -4584,7 +4629,7 @@ class ImageCache:
                 return None
             n_cached, size, tiles = int(meta["n_cached"]), int(meta["size"]), int(meta.get("tiles", 1))
             ok = np.load(d / OK)
-            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * size * tiles:
+            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * column_rows(size, tiles):
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -4662,8 +4707,12 @@ class CacheWriter(Dataset):
         if self._fd is None:
             self._fd = os.open(self.data_path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
         try:
-            x = load_tiles(self.paths[i], size, tiles, fill) if tiles > 1 else load_resized(self.paths[i], size,
-                                                                                            pad_aspect, fill)
+            if tiles == RECT:
+                x = load_rect(self.paths[i], size, fill)
+            elif tiles > 1:
+                x = load_tiles(self.paths[i], size, tiles, fill)
+            else:
+                x = load_resized(self.paths[i], size, pad_aspect, fill)
             ok, msg = True, ""
         except BadImage as e:
             x, ok, msg = blank_image(size, tiles), False, str(e)
@@ -4828,7 +4877,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
-    per = 3 * size * size * geometry[3]
+    per = 3 * size * column_rows(size, geometry[3])
     n, n_fit = len(paths), _rows_that_fit(root, len(paths), per, max_bytes)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -5090,6 +5139,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import struct
 import warnings
@@ -5245,6 +5295,82 @@ def to_tiles(x: torch.Tensor, size: int, tiles: int, fill: int = 255) -> torch.T
     return out
 
 
+# input_mode rect: every image at the pixel count of one `size` square, in the shape of the nearest of
+# these aspect ratios (long / short, either orientation). A 1:5 strip keeps 2.2x the scale a padded
+# square leaves it and a square frame keeps all of its own, at one square's compute; batches are
+# grouped by shape (sampling.BucketBatchSampler), so the network sees whole rectangles.
+RECT_ASPECTS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
+RECT_STEP = 8  # bucket sides are multiples of this
+RECT_TAG = (0x52, 0x43)  # "RC": a packed column ends with this tag and the image's height and width
+RECT = 0  # the `tiles` of a rect geometry (size, pad_aspect, fill, tiles): no squares, one rectangle
+
+
+def rect_bucket(w: int, h: int) -> int:
+    """The bucket of a w x h image: k >= 0 for landscape (aspect RECT_ASPECTS[k]), -k for portrait."""
+    r = max(w, h) / max(1, min(w, h))
+    k = min(range(len(RECT_ASPECTS)), key=lambda i: abs(math.log(RECT_ASPECTS[i] / r)))
+    return k if w >= h else -k
+
+
+def rect_shape(bucket: int, size: int) -> tuple[int, int]:
+    """(h, w) of `bucket` at working size `size`: about size * size pixels."""
+    a = RECT_ASPECTS[abs(bucket)]
+    short = max(RECT_STEP, RECT_STEP * round(size / math.sqrt(a) / RECT_STEP))
+    long = max(short, RECT_STEP * round(size * math.sqrt(a) / RECT_STEP))
+    return (short, long) if bucket >= 0 else (long, short)
+
+
+def rect_rows(size: int) -> int:
+    """Rows of the (3, rows, size) column that stores a rect image (cache rows have one fixed size):
+    room for the largest bucket and the 2-pixel shape tag."""
+    most = max(h * w for h, w in (rect_shape(b, size) for b in range(len(RECT_ASPECTS))))
+    return -(-(most + 2) // size)
+
+
+def column_rows(size: int, tiles: int) -> int:
+    """Rows of the uint8 (3, rows, size) column one image is stored in: `tiles` squares, or rect_rows."""
+    return rect_rows(size) if tiles == RECT else max(1, tiles) * size
+
+
+def to_rect(x: torch.Tensor, size: int, fill: int = 255) -> torch.Tensor:
+    """uint8 (3, H, W) -> the packed column (`pack_rect`) of the image resized to its bucket's shape;
+    an image longer than the last bucket keeps its aspect ratio, fitted and padded with `fill`."""
+    h, w = x.shape[-2:]
+    bh, bw = rect_shape(rect_bucket(w, h), size)
+    if max(w, h) / max(1, min(w, h)) <= RECT_ASPECTS[-1] * 1.1:
+        return pack_rect(resize_tensor(channels_last(x), bh, bw), size)
+    scale = min(bw / w, bh / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = torch.full((bh, bw, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
+    top, left = (bh - nh) // 2, (bw - nw) // 2
+    canvas[:, top:top + nh, left:left + nw] = resize_tensor(channels_last(x), nh, nw)
+    return pack_rect(canvas, size)
+
+
+def pack_rect(y: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, h, w) -> uint8 (3, rect_rows(size), size), channels-last: the image's HWC bytes first,
+    its shape in the last two pixels. A fixed-size column, so the cache, the loaders and collate
+    store and move it like a square; `unpack_rect` gives the image back without a copy."""
+    h, w = y.shape[-2:]
+    out = torch.zeros((rect_rows(size), size, 3), dtype=torch.uint8)
+    flat = out.view(-1)
+    if h * w * 3 + 6 > flat.numel():
+        raise ValueError(f"a {h} x {w} image does not fit the rect column of size {size}")
+    flat[:h * w * 3] = y.permute(1, 2, 0).reshape(-1)
+    flat[-6:] = torch.tensor([*RECT_TAG, h >> 8, h & 255, w >> 8, w & 255], dtype=torch.uint8)
+    return out.permute(2, 0, 1)
+
+
+def unpack_rect(x: torch.Tensor) -> torch.Tensor:
+    """A column of `pack_rect` -> its uint8 (3, h, w) image, channels-last (a view of the column's memory)."""
+    flat = x.permute(1, 2, 0).reshape(-1)
+    tag = flat[-6:].tolist()
+    if tuple(tag[:2]) != RECT_TAG:
+        raise ValueError("not a packed rect column")
+    h, w = tag[2] << 8 | tag[3], tag[4] << 8 | tag[5]
+    return flat[:h * w * 3].view(h, w, 3).permute(2, 0, 1)
+
+
 def is_padded(w: int, h: int, pad_aspect: float) -> bool:
     return bool(pad_aspect) and max(w, h) / max(1, min(w, h)) > pad_aspect
 
@@ -5357,8 +5483,17 @@ def load_tiles(path: str, size: int, tiles: int, fill: int = 255) -> torch.Tenso
     return to_tiles(decode_tensor(path, size, 0.0, fill, tiles), size, tiles, fill)
 
 
+def load_rect(path: str, size: int, fill: int = 255) -> torch.Tensor:
+    """File -> the packed rect column (`to_rect`): rect mode's deterministic part."""
+    return to_rect(decode_tensor(path, size, 0.0, fill), size, fill)
+
+
 def blank_image(size: int, tiles: int = 1) -> torch.Tensor:
-    """Placeholder for an unreadable file, so batch shapes stay fixed (channels-last like the rest)."""
+    """Placeholder for an unreadable file, so batch shapes stay fixed (channels-last like the rest);
+    tiles RECT: a grey square packed as a rect column."""
+    if tiles == RECT:
+        h, w = rect_shape(0, size)
+        return pack_rect(torch.full((h, w, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1), size)
     return torch.full((tiles * size, size, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1)
 ''',
 'kernelkit.data.loaders': r'''"""Datasets and loaders. Bad files never stop a run: they become a blank image with ok=0."""
@@ -5375,7 +5510,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torch.utils.data._utils.collate import default_collate
 
 from ..core.stopping import ignore_in_worker
-from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
+from .images import BadImage, blank_image, load_rgb, resize_tensor, tv_jpeg_decoder
+from .sampling import BucketBatchSampler
 from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")
@@ -5480,8 +5616,11 @@ def fully_cached(ds: Dataset) -> bool:
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
-                pin_memory: bool = False, seed: int = 0, sampler=None, threads: bool | None = None):
-    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling.
+                pin_memory: bool = False, seed: int = 0, sampler=None, threads: bool | None = None,
+                buckets: np.ndarray | None = None):
+    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling. `buckets` (one per
+    item, input_mode rect): every batch holds one bucket (sampling.BucketBatchSampler), in the order
+    of the sampler underneath.
 
     threads: build batches with `num_workers` threads in this process (ThreadLoader) instead of
     worker processes. None = yes when every item comes from the pre-resized cache: then the
@@ -5494,18 +5633,41 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
         tv_jpeg_decoder()  # import torchvision's decoder once here; forked workers inherit it
     g = torch.Generator()
     g.manual_seed(seed)
+    batch_sampler = None
+    if buckets is not None:
+        if sampler is None:
+            sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
+        batch_sampler = BucketBatchSampler(sampler, buckets, batch_size, min_last=2 if train else 1)
     if threads:
         return ThreadLoader(ds, batch_size, shuffle=train and sampler is None, drop_last=train and len(ds) > batch_size,
-                            num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory)
+                            num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory,
+                            batch_sampler=batch_sampler)
     kwargs = {}
     if num_workers > 0:
         # Persistent workers: under spawn each worker re-imports torch (seconds), once per run is enough.
         kwargs.update(persistent_workers=True, prefetch_factor=4)
         if mp_context:
             kwargs["multiprocessing_context"] = mp_context
+    if batch_sampler is not None:
+        return DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                          generator=g, worker_init_fn=seed_worker, collate_fn=collate_images, **kwargs)
     return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(ds) > batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       generator=g, worker_init_fn=seed_worker, collate_fn=collate_images, **kwargs)
+
+
+def loader_tiles(loader) -> int:
+    """Squares per image in the batches of `loader` (what `transforms.fold_tiles` splits): the tile
+    count of its dataset's transform, 1 for anything else (pad, squeeze, rect)."""
+    tiles = getattr(getattr(getattr(loader, "dataset", None), "transform", None), "tiles", 1)
+    return tiles if isinstance(tiles, int) and tiles > 1 else 1
+
+
+def loader_order(loader) -> np.ndarray | None:
+    """The dataset index of each row a pass over `loader` yields, when batches do not follow the
+    dataset's order (rect buckets); None when they do."""
+    order = getattr(getattr(loader, "batch_sampler", None), "order", None)
+    return np.asarray(order(), dtype=np.int64) if callable(order) else None
 
 
 def seed_worker(worker_id: int) -> None:
@@ -5531,6 +5693,8 @@ def collate_images(batch: list):
     first = batch[0][0]
     if not (isinstance(first, torch.Tensor) and is_channels_last(first)):
         return default_collate(batch)
+    batch = same_shape(batch)
+    first = batch[0][0]
     c, h, w = first.shape
     out = None
     if torch.utils.data.get_worker_info() is not None:
@@ -5544,6 +5708,17 @@ def collate_images(batch: list):
     return [images, *default_collate([tuple(b[1:]) for b in batch])]
 
 
+def same_shape(batch: list) -> list:
+    """Items whose image is not in the batch's most common shape resized to it: in rect mode an
+    unreadable file's blank square, or a file whose header and pixels disagree on its shape, joins a
+    batch of another bucket (a slightly stretched image rather than a lost batch)."""
+    shapes = [tuple(b[0].shape) for b in batch]
+    if len(set(shapes)) == 1:
+        return batch
+    _, h, w = max(set(shapes), key=shapes.count)
+    return [b if tuple(b[0].shape[-2:]) == (h, w) else (resize_tensor(b[0], h, w), *b[1:]) for b in batch]
+
+
 class ThreadLoader:
     """A DataLoader for cheap items: batches are built by a pool of threads in this process, a few
     batches ahead, with no pickling and no shared-memory transfer. Row copies, resizing and the
@@ -5555,12 +5730,13 @@ class ThreadLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                  num_threads: int = 2, sampler=None, generator: torch.Generator | None = None,
-                 pin_memory: bool = False, prefetch: int = 4, collate_fn: Callable | None = None):
+                 pin_memory: bool = False, prefetch: int = 4, collate_fn: Callable | None = None,
+                 batch_sampler=None):
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         if sampler is None:
             sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         self.sampler = sampler
-        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+        self.batch_sampler = batch_sampler or BatchSampler(sampler, batch_size, drop_last)
         self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.collate_fn = collate_fn or collate_images
@@ -5639,11 +5815,21 @@ class DeviceFeeder:
         with torch.cuda.stream(stream):
             return [t.to(self.device, non_blocking=True) for t in batch]
 ''',
-'kernelkit.data.sampling': r'''"""Class-balanced sampling for long-tailed data (iNaturalist seed)."""
+'kernelkit.data.sampling': r'''"""Samplers: class-balanced sampling for long-tailed data (iNaturalist seed); batches grouped by shape
+(input_mode rect)."""
 from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image
+
+from .images import rect_bucket
+
+HEADER_THREADS = 8  # header reads wait on the disk, not the CPU
 
 
 def balanced_sample_weights(targets: np.ndarray, power: float = 0.5) -> np.ndarray:
@@ -5670,6 +5856,70 @@ def balanced_sampler(targets: np.ndarray, power: float = 0.5, seed: int = 0) -> 
     g.manual_seed(seed)
     weights = torch.as_tensor(balanced_sample_weights(targets, power), dtype=torch.double)
     return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=g)
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices that share a bucket (input_mode rect: one image shape per bucket), drawn in
+    the order of `sampler`: each index joins its bucket's open batch, which is yielded when full, so
+    buckets interleave as the sampler shuffles (the NLP bucket-by-length batching). What is left in
+    each bucket at the end is yielded too, in training only when it holds at least `min_last` images
+    (BatchNorm cannot train on one); any sampler works underneath (random, class-balanced, sequential).
+    Not for DDP: ranks would get different numbers of batches."""
+
+    def __init__(self, sampler, buckets: Sequence[int], batch_size: int, min_last: int = 1):
+        self.sampler, self.buckets = sampler, np.asarray(buckets)
+        self.batch_size, self.min_last = int(batch_size), max(1, int(min_last))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        open_batches: dict[int, list[int]] = {}
+        for i in self.sampler:
+            batch = open_batches.setdefault(int(self.buckets[i]), [])
+            batch.append(int(i))
+            if len(batch) == self.batch_size:
+                yield batch
+                open_batches[int(self.buckets[i])] = []
+        for batch in open_batches.values():
+            if len(batch) >= self.min_last:
+                yield batch
+
+    def __len__(self) -> int:
+        """Exact for a sampler that draws every index once (random, sequential); for one that draws
+        with replacement (class-balanced), the count its buckets would give at their average share."""
+        _, counts = np.unique(self.buckets, return_counts=True)
+        n = len(self.sampler)
+        if n != len(self.buckets):
+            counts = counts * n / max(1, len(self.buckets))
+        full, rest = np.divmod(np.round(counts).astype(int), self.batch_size)
+        return int(full.sum() + (rest >= self.min_last).sum())
+
+    def order(self) -> list[int]:
+        """Index of each row a pass yields, in the order it yields them (a deterministic sampler's: the
+        predictions of a bucketed loader go back to the dataset's order with it)."""
+        return [i for batch in self for i in batch]
+
+
+def rect_buckets(paths: Sequence[str]) -> np.ndarray:
+    """images.rect_bucket of each file from its header (EXIF orientation applied, as decoding does);
+    0 (square) for a file whose header cannot be read: it fails again when decoded and becomes a blank
+    square. Headers only: reading them all costs a fraction of decoding them."""
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:
+        return np.fromiter(pool.map(_bucket_of, paths, chunksize=64), dtype=np.int64, count=len(paths))
+
+
+_SWAPPED = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def _bucket_of(path: str) -> int:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decompression-bomb warning: no pixels are decoded here
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.format in ("JPEG", "TIFF", "WEBP", "PNG") and im.getexif().get(0x0112) in _SWAPPED:
+                    w, h = h, w
+        return rect_bucket(w, h)
+    except Exception:  # noqa: BLE001  (any unreadable file: the loader logs it when it decodes it)
+        return 0
 ''',
 'kernelkit.data.transforms': r'''"""Image transforms: aspect handling from the iMet seed, train augmentation, the eval transform,
 and batch augmentations (mixup, cutmix, flip, shift/scale/rotate, colour jitter, noise) that run
@@ -5706,14 +5956,20 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .images import (
+    RECT,
+    RECT_TAG,
     blank_image,
     channels_last,
+    column_rows,
     fit_size,
+    load_rect,
     load_resized,
     load_tiles,
     resize_or_pad_tensor,
     resize_tensor,
+    to_rect,
     to_tiles,
+    unpack_rect,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -5746,7 +6002,9 @@ def to_tensor_uint8(img: Image.Image) -> torch.Tensor:
 
 class EvalTransform:
     """Deterministic: resize or pad to the working size; with `tiles` > 1, `tiles` squares along the
-    long side stacked as a (3, tiles * size, size) column (`images.to_tiles`)."""
+    long side stacked as a (3, tiles * size, size) column (`images.to_tiles`); with tiles RECT, the
+    image at its aspect bucket's shape, packed in a fixed-size column (`images.to_rect`) for the
+    cache and unpacked to (3, h, w) when the transform is applied."""
 
     def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, tiles: int = 1):
         self.size, self.pad_aspect, self.fill, self.tiles = int(size), float(pad_aspect), int(fill), int(tiles)
@@ -5757,12 +6015,18 @@ class EvalTransform:
         return self.size, self.pad_aspect, self.fill, self.tiles
 
     @property
+    def rect(self) -> bool:
+        return self.tiles == RECT
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(H, W) of what `base` makes."""
-        return self.tiles * self.size, self.size
+        return column_rows(self.size, self.tiles), self.size
 
     def load(self, path: str) -> torch.Tensor:
         """File -> uint8 (3, H, W) at `shape`; raises images.BadImage."""
+        if self.rect:
+            return load_rect(path, self.size, self.fill)
         if self.tiles > 1:
             return load_tiles(path, self.size, self.tiles, self.fill)
         return load_resized(path, self.size, self.pad_aspect, self.fill)
@@ -5775,26 +6039,31 @@ class EvalTransform:
             x = img.permute(2, 0, 1)
         else:
             x = img
-        if tuple(x.shape[-2:]) == self.shape:
+        if tuple(x.shape[-2:]) == self.shape and (not self.rect or is_packed_rect(x)):
             return x  # (a raw image of exactly this shape gives the same tiles: nothing to do either way)
+        if self.rect:
+            return to_rect(x, self.size, self.fill)
         if self.tiles > 1:
             return to_tiles(x, self.size, self.tiles, self.fill)
         return resize_or_pad_tensor(x, self.size, self.pad_aspect, self.fill)
 
     def blank(self) -> torch.Tensor:
-        """The placeholder of an unreadable file, at `shape`."""
-        return blank_image(self.size, self.tiles)
+        """The placeholder of an unreadable file, shaped like the transform's output (rect: unpacked)."""
+        x = blank_image(self.size, self.tiles)
+        return unpack_rect(x) if self.rect else x
 
     @property
     def per_image_work(self) -> bool:
-        """False when a cached row is already the final image (a loader may then gather whole batches)."""
-        return False
+        """False when a cached row is already the final image (a loader may then gather whole batches);
+        a rect column is unpacked image by image."""
+        return self.rect
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
-        return self.augment(self.base(img))
+        x = self.base(img)
+        return self.augment(unpack_rect(x) if self.rect else x)
 
 
 class TrainTransform(EvalTransform):
@@ -5824,7 +6093,7 @@ class TrainTransform(EvalTransform):
 
     @property
     def per_image_work(self) -> bool:
-        return self.aug != "none"
+        return self.aug != "none" or self.rect
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiles > 1 and self.aug != "none":  # each tile on its own: a crop must not straddle two
@@ -5835,7 +6104,8 @@ class TrainTransform(EvalTransform):
     def augment_square(self, x: torch.Tensor) -> torch.Tensor:
         level, rng = AUG_LEVELS.index(self.aug), aug_random()
         if level >= 2:
-            x = random_resized_crop(x, self.size, self.crop_scale, self.crop_ratio)
+            h, w = x.shape[-2:] if self.rect else (self.size, self.size)  # a rect image keeps its bucket's shape
+            x = random_resized_crop(x, (h, w), self.crop_scale, self.crop_ratio)
         if level >= 1:
             if rng.random() < self.hflip:
                 x = x.flip(-1)
@@ -5852,6 +6122,12 @@ class TrainTransform(EvalTransform):
         if level >= 4 and rng.random() < self.noise_p:
             x = add_noise(x, self.noise_std, torch.Generator().manual_seed(rng.getrandbits(62)))
         return channels_last(x)
+
+
+def is_packed_rect(x: torch.Tensor) -> bool:
+    """Whether uint8 (3, H, W) ends with the tag `images.pack_rect` writes (a column from the cache)."""
+    tail = x.permute(1, 2, 0).reshape(-1)[-6:-4].tolist() if x.numel() >= 6 else []
+    return tuple(tail) == RECT_TAG
 
 
 _local = threading.local()
@@ -5891,10 +6167,13 @@ def crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, 
     return 0, 0, h, w
 
 
-def random_resized_crop(x: torch.Tensor, size: int, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """uint8 (3, H, W) -> (3, size, size): random crop, resized back (antialiased bilinear)."""
+def random_resized_crop(x: torch.Tensor, size: int | tuple[int, int], scale=(0.6, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, size, size) (or (3, h, w) for size (h, w)): random crop, resized back
+    (antialiased bilinear)."""
+    h, w = (size, size) if isinstance(size, int) else size
     top, left, ch, cw = crop_params(x.shape[-2], x.shape[-1], scale, ratio)
-    return resize_tensor(x[:, top:top + ch, left:left + cw], size, size)
+    return resize_tensor(x[:, top:top + ch, left:left + cw], h, w)
 
 
 def add_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -6207,13 +6486,15 @@ def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torc
 
 
 # ----------------------------------------------------------------------------- tiles
-def fold_tiles(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A batch of tile columns (N, 3, T * s, s) -> (N * T, 3, s, s) and T; a batch of squares as is
-    (T = 1). Image k's tiles are rows k*T .. k*T + T - 1 (what `pool_tiles` expects)."""
+def fold_tiles(x: torch.Tensor, tiles: int) -> tuple[torch.Tensor, int]:
+    """A batch of `tiles`-tile columns (N, 3, T * s, s) -> (N * T, 3, s, s) and T; any other batch as
+    is (T = 1: squares, rect images). Image k's tiles are rows k*T .. k*T + T - 1 (what `pool_tiles`
+    expects). The count comes from the loader (`loaders.loader_tiles`), not the shape: a portrait
+    rect bucket can be exactly twice as tall as it is wide."""
     n, c, h, w = x.shape
-    if h <= w or h % w:
+    if tiles < 2 or h != tiles * w:
         return x, 1
-    t = h // w
+    t = tiles
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = x.reshape(n, c, t, w, w).transpose(1, 2).reshape(n * t, c, w, w)
     return (y.contiguous(memory_format=torch.channels_last) if cl else y), t
@@ -8013,7 +8294,7 @@ import torch
 
 from ..core.clock import now as clock_now
 from ..core.progress import progress
-from ..data.loaders import DeviceFeeder
+from ..data.loaders import DeviceFeeder, loader_order, loader_tiles
 from ..data.transforms import Preprocess, fold_tiles, normalize, pool_tiles, tta_identity
 from .resolution import resize_batch
 
@@ -8111,12 +8392,13 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     pieces = 1  # after an out-of-memory, the batches that follow are split as far as that one needed
     # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
     # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
+    tiles = loader_tiles(loader)
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
-        x, tiles = fold_tiles(images)  # tiles mode: (N, 3, T*s, s) columns -> N*T squares
+        x, t = fold_tiles(images, tiles)  # tiles mode: (N, 3, T*s, s) columns -> N*T squares
         x = resize_batch(x, size) if size else x
         x = normalize(x, channels_last, pre)
         use = views[:1] if stop is not None and stop.requested else views
-        p, pieces = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, tiles, pieces)
+        p, pieces = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, t, pieces)
         probs.add(p)
         oks.add(ok > 0)
         if t_first is None:
@@ -8127,6 +8409,9 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
     oks_all = oks.gather()
     oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
+    order = loader_order(loader)
+    if order is not None:  # rect buckets: rows back in the dataset's order
+        probs_all[order], oks_all[order] = probs_all.copy(), oks_all.copy()
     t_end = clock_now()
     n, batches = len(probs_all), len(probs)
     steady_n = n - (first_rows if batches > 1 else 0)
@@ -8400,11 +8685,15 @@ def fixed_input_size(model: torch.nn.Module) -> bool:
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) on the 0..255 scale (uint8 or float, contiguous or channels-last) -> size x size
-    on the same device, antialiased bilinear, same dtype and memory format; x itself at that size."""
-    if x.shape[-2] == size and x.shape[-1] == size:
+    (a rect batch: size * size pixels at its own aspect ratio) on the same device, antialiased
+    bilinear, same dtype and memory format; x itself at that size."""
+    h, w = x.shape[-2:]
+    scale = size / math.sqrt(h * w)
+    out = (size, size) if h == w else (max(1, round(h * scale)), max(1, round(w * scale)))
+    if (h, w) == out:
         return x
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = F.interpolate(x.float(), size=out, mode="bilinear", antialias=True, align_corners=False)
     y = y.clamp_(0, 255)  # the antialiasing filter's rounding may step a hair past the range
     if x.dtype == torch.uint8:
         y = y.round_().to(torch.uint8)
@@ -8500,7 +8789,7 @@ def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
 
 
 def stored_input_mode(config: dict[str, Any]) -> tuple[str, int] | None:
-    """(mode, tiles) a saved config trained with: pad, squeeze (tiles 0) or tiles with its count; a config
+    """(mode, tiles) a saved config trained with: pad, squeeze, rect (tiles 0) or tiles with its count; a config
     from before the option trained on pad. None for a damaged one."""
     try:
         mode, tiles = str(config.get("input_mode", "pad")), int(config.get("tiles", 0) or 0)
@@ -8508,7 +8797,7 @@ def stored_input_mode(config: dict[str, Any]) -> tuple[str, int] | None:
         return None
     if mode == "tiles":
         return (mode, tiles) if 2 <= tiles <= MAX_TILES else None
-    return (mode, 0) if mode in ("pad", "squeeze") else None
+    return (mode, 0) if mode in ("pad", "squeeze", "rect") else None
 
 
 def describe_input_mode(mode_tiles: tuple[str, int] | None) -> str:
@@ -8704,6 +8993,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from ..data.loaders import loader_tiles
 from ..data.transforms import Preprocess, fold_tiles, normalize
 from ..decide.rules import score_validation
 from ..model.factory import FROZEN_MARK, hold_frozen_norms
@@ -8792,12 +9082,13 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
     was_training, used = model.training, 0
     model.train()
     hold_frozen_norms(model)
+    tiles = loader_tiles(loader)
     with torch.no_grad():
         for x, _, _ in loader:
             if used >= max_batches:
                 break
             with autocast(device, amp, amp_dtype):
-                model(normalize(fold_tiles(x.to(device, non_blocking=True))[0], channels_last, pre))
+                model(normalize(fold_tiles(x.to(device, non_blocking=True), tiles)[0], channels_last, pre))
             used += 1
     for m, momentum in momenta.items():
         m.momentum = momentum
@@ -8856,7 +9147,7 @@ from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
-from ..data.loaders import DeviceFeeder
+from ..data.loaders import DeviceFeeder, loader_tiles
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import keeps_up, score_validation
 from ..model.factory import hold_frozen_norms, set_trainable
@@ -9149,13 +9440,14 @@ class Trainer:
         t0 = t_prev = clock_now()
         t_first, first_n = None, 0
         bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
+        tiles = loader_tiles(loader)
         for x, y, ok in bar:
             stop, lr = self.control()
             if stop or (max_steps and state.step >= max_steps):
                 stopped = True
                 break
             set_lr(parts.optimizer, lr)
-            x, self.tiles = fold_tiles(x)  # before the batch augmentation: a crop must not straddle two tiles
+            x, self.tiles = fold_tiles(x, tiles)  # before the batch augmentation: a crop must not straddle two tiles
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
             if opts.resolution is not None:

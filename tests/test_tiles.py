@@ -42,10 +42,11 @@ def test_short_images_overlap_and_long_ones_shrink_to_fit():
 
 def test_fold_and_pool_keep_each_image_with_its_tiles():
     cols = torch.stack([to_tiles(rand(64, 192, s), 64, 3) for s in range(2)])
-    squares, t = fold_tiles(cols)
+    squares, t = fold_tiles(cols, 3)
     assert t == 3 and squares.shape == (6, 3, 64, 64)
     assert torch.equal(squares[4], cols[1][:, 64:128])
-    assert fold_tiles(torch.zeros(2, 3, 32, 32))[1] == 1
+    assert fold_tiles(torch.zeros(2, 3, 32, 32), 1)[1] == 1
+    assert fold_tiles(torch.zeros(2, 3, 64, 32), 1)[1] == 1, "a 2:1 portrait rect batch is not two tiles"
     logits = torch.tensor([[0., 5.], [3., 1.], [1., 1.], [-1., 0.], [2., 2.], [0., 9.]])
     assert torch.equal(pool_tiles(logits, 3), torch.tensor([[3., 5.], [2., 9.]]))
 
@@ -100,7 +101,7 @@ def test_predict_takes_the_max_over_an_images_tiles(strips):
                   pre=IMAGENET)
     assert out["probs"].shape == (4, 2)
     for i in range(4):
-        tiles = fold_tiles(ds[i][0][None])[0]
+        tiles = fold_tiles(ds[i][0][None], 3)[0]
         from kernelkit.data.transforms import normalize
         want = torch.sigmoid(Tiny()(normalize(tiles, False, IMAGENET)).amax(0))
         assert np.allclose(out["probs"][i], want.numpy(), atol=1e-5)

@@ -105,9 +105,9 @@ class TrainRun:
 def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
-    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
-        raise ConfigError("freeze and balanced_sampling are not supported with data-parallel training yet; "
-                          "set ddp_procs=1")
+    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0 or cfg.input_mode == "rect"):
+        raise ConfigError("freeze, balanced_sampling and input_mode=rect are not supported with data-parallel "
+                          "training yet; set ddp_procs=1")
     device = info.device()
     seed_everything(cfg.seed + info.rank, cfg.deterministic)
     run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)

@@ -20,7 +20,8 @@ from ..core.storage import GB, plan_storage
 from ..data.cache import BuildStopped, ImageCache, build_cache, open_cache
 from ..data.folds import make_folds
 from ..data.loaders import ImageDataset, make_loader, split_indices
-from ..data.sampling import balanced_sampler
+from ..data.images import RECT_ASPECTS
+from ..data.sampling import balanced_sampler, rect_buckets
 from ..data.transforms import EvalTransform, TrainTransform
 from ..inputs.competition import Competition, load_competition
 from ..inputs.submission import check_submission_writable
@@ -154,10 +155,13 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry, tiles), cfg.img_size,
                           cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
+    buckets = image_buckets(cfg, paths, "training")
     return TrainingData(
         train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
-                                 train_sampler(cfg, targets[tr_idx], train_ds, info)),
-        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin)
+                                 train_sampler(cfg, targets[tr_idx], train_ds, info),
+                                 buckets=None if buckets is None else buckets[tr_idx]),
+        val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin,
+                                buckets=None if buckets is None else buckets[va_idx])
                     if len(val_ds) and info.is_main else None),
         train_targets=targets[tr_idx], val_targets=targets[va_idx], val_paths=[paths[i] for i in va_idx],
         val_rows=keep[va_idx], gpu_aug=gpu_aug)
@@ -178,4 +182,19 @@ def test_loader(cfg: Config, comp: Competition, device: torch.device, limit: int
     paths = comp.test_paths[:limit] if limit else comp.test_paths
     ds = ImageDataset(paths, None, EvalTransform(*cfg.geometry()), cfg.img_size,
                       cfg.pad_fill)
-    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda")
+    return make_loader(ds, cfg.batch_size * 2, False, num_workers(cfg), cfg.mp_context, device.type == "cuda",
+                       buckets=image_buckets(cfg, paths, "test", quiet=bool(limit)))
+
+
+def image_buckets(cfg: Config, paths: list[str], what: str, quiet: bool = False) -> np.ndarray | None:
+    """input_mode rect: each image's aspect bucket, from its header (batches hold one bucket each); None
+    in the other modes."""
+    if cfg.input_mode != "rect":
+        return None
+    t0 = clock_now()
+    buckets = rect_buckets(paths)
+    if not quiet:
+        share = {b: float(np.mean(np.abs(buckets) == b)) for b in range(len(RECT_ASPECTS))}
+        log.info("rect: %d %s images by aspect bucket %s, headers read in %.1fs", len(paths), what,
+                 "  ".join(f"1:{RECT_ASPECTS[b]:g} {share[b]:.0%}" for b in share if share[b]), clock_now() - t0)
+    return buckets

@@ -16,7 +16,7 @@ import logging
 import math
 
 from ..core.context import RunContext
-from ..core.weights import weights_given
+from ..core.weights import fixed_size_architecture, weights_given
 from ..decide.reports import image_sizes
 from ..engine.resume import describe_input_mode, stored_input_mode
 from ..inputs.competition import Competition
@@ -37,10 +37,11 @@ SAMPLE = 500
 FALLBACK = "squeeze"
 
 
-def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0,
-                      pretrained: bool = False) -> tuple[str, int, str]:
+def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0, pretrained: bool = False,
+                      rect_ok: bool = True) -> tuple[str, int, str]:
     """image_sizes(...) of the training images -> (mode, tiles, why). An explicit mode (and an explicit
-    tile count) is kept; the reason says what was measured either way."""
+    tile count) is kept; the reason says what was measured either way. `rect_ok`: rect can run here
+    (one process, a model that takes any input size); else tiles take its place."""
     q = sizes.get("aspect_quantiles")
     if not q:
         return ("pad" if mode == "auto" else mode), tiles or (3 if mode == "tiles" else 0), \
@@ -48,7 +49,7 @@ def choose_input_mode(sizes: dict, mode: str = "auto", tiles: int = 0,
     share = sizes.get("long_share", 0.0)
     stats = f"{share:.0%} of {sizes.get('sampled', 0)} sampled images 1:{LONG:g} or longer, aspect p75 {q['p75']:.2f}"
     if mode == "auto" and share >= TILES_SHARE and pretrained:
-        mode, why = "tiles", f"{stats}, fine-tuning pretrained weights (>= {TILES_SHARE:.0%})"
+        mode, why = ("rect" if rect_ok else "tiles"), f"{stats}, fine-tuning pretrained weights (>= {TILES_SHARE:.0%})"
     elif mode == "auto":
         mode, why = "pad", stats
         if share >= TILES_SHARE:
@@ -79,14 +80,16 @@ def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
     return stored_input_mode(stored) if stored else None
 
 
-def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
-    """`ctx` with input_mode pad, squeeze or tiles (and tiles set), logged with the reason; what checkpoints
-    store. Tiles chosen by auto carry the fallback the autopick may still take (ctx.input_mode_fallback)."""
+def resolve_input_mode(ctx: RunContext, comp: Competition, data_parallel: bool = False) -> RunContext:
+    """`ctx` with input_mode pad, squeeze, rect or tiles (and tiles set), logged with the reason; what
+    checkpoints store. Tiles chosen by auto carry the fallback the autopick may still take
+    (ctx.input_mode_fallback). `data_parallel`: several ranks, which rect's bucketed batches cannot split."""
     cfg = ctx.cfg
-    if cfg.input_mode in ("pad", "squeeze") or (cfg.input_mode == "tiles" and cfg.tiles):
+    if cfg.input_mode in ("pad", "squeeze", "rect") or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
         return ctx
-    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix):  # an image's tiles cannot be mixed with another's
+    rect_ok = not data_parallel and not fixed_size_architecture(cfg.model) and not fixed_size_architecture(cfg.model2)
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix) and not rect_ok:  # tiles cannot be mixed
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     # a dry run plans a fresh run (its autopick ignores the checkpoint too)
@@ -96,11 +99,14 @@ def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
         log.info("input mode: %s (as the run this one resumes trained)", describe_input_mode(resumed))
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles))
     sizes = ctx.train_image_sizes or long_share(comp.train_paths, cfg.seed)
-    mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path))
+    mode, tiles, why = choose_input_mode(sizes, cfg.input_mode, cfg.tiles, pretrained=weights_given(cfg.pretrained_path),
+                                         rect_ok=rect_ok)
     fallback = FALLBACK if mode == "tiles" and cfg.input_mode == "auto" and autopick.measures(ctx) else ""
     if mode == "tiles":
         log.info("input mode: tiles x%d (short side at img_size, %d squares along the long side, max over them): %s%s",
                  tiles, tiles, why, f"; {fallback} if the autopick finds them too slow" if fallback else "")
+    elif mode == "rect":
+        log.info("input mode: rect (each image at one img_size square's pixels, in its own aspect ratio): %s", why)
     else:
         log.info("input mode: pad (one square per image): %s", why)
     return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode=mode, tiles=tiles),

@@ -21,7 +21,7 @@ from .config import (
     parse_duration,
     parse_kwargs,
 )
-from .weights import resolve_weights, same_architecture, weights_given
+from .weights import fixed_size_architecture, resolve_weights, same_architecture, weights_given
 
 
 def checked_config(d: dict[str, Any], where: str = "config", check_paths: bool = True) -> Config:
@@ -98,6 +98,9 @@ def _range_problems(c: Config) -> list[str]:
          f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
         (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
          "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
+        (c.input_mode != "rect" or not any(fixed_size_architecture(m) for m in (c.model, c.model2)),
+         f"input_mode=rect feeds each image in its own shape, but {c.model!r} takes only its own input size; "
+         "set input_mode=pad or tiles, or a convolutional model"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
          f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
         (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),

@@ -33,7 +33,7 @@ CHOICES: dict[str, tuple] = {
     "mp_context": ("", "spawn", "forkserver", "fork"),
     "ddp_backend": ("", "nccl", "gloo"),
     "image_ext": ("", *IMAGE_EXTS),
-    "input_mode": ("auto", "pad", "squeeze", "tiles"),
+    "input_mode": ("auto", "pad", "squeeze", "tiles", "rect"),
 }
 
 
@@ -90,6 +90,8 @@ class Config:
                                  "squeeze: each image stretched to one square, whatever its aspect | tiles: "
                                  "short side resized to img_size, `tiles` squares along the long side, the network "
                                  "sees each and takes the max over them (long strips keep small objects at scale) | "
+                                 "rect: each image at one img_size square's pixel count in the shape of its aspect "
+                                 "ratio (buckets 1:1 to 1:5), batches grouped by shape | "
                                  "auto: tiles when fine-tuning pretrained weights and at least a quarter of the "
                                  "sampled training images are 1:2 or longer (squeeze when the autopick fits the tiles' "
                                  "auto_min_epochs at no size or only at its smallest), else pad (measured: README, "
@@ -174,13 +176,14 @@ class Config:
 
     def geometry(self) -> tuple[int, float, int, int]:
         """(img_size, pad_aspect, pad_fill, tiles): what decoding an image to the network's input depends on
-        (transforms and the image cache take it as is); squeeze is pad with every image stretched."""
+        (transforms and the image cache take it as is); squeeze is pad with every image stretched, rect
+        has tiles 0 (data.images.RECT: one rectangle, no squares)."""
         pad_aspect = 0.0 if self.input_mode == "squeeze" else self.pad_aspect
-        return self.img_size, pad_aspect, self.pad_fill, self.input_tiles()
+        return self.img_size, pad_aspect, self.pad_fill, 0 if self.input_mode == "rect" else self.input_tiles()
 
     def input_tiles(self) -> int:
-        """Squares per image the data pipeline makes: 1 (pad or squeeze, or a stored config from before the
-        option, whose 'auto' was never resolved) or the resolved tile count."""
+        """Squares of img_size an image costs: 1 (pad, squeeze, rect: one square's pixels in its own shape,
+        or a stored config from before the option, whose 'auto' was never resolved) or the resolved tile count."""
         return max(2, self.tiles or 3) if self.input_mode == "tiles" else 1
 
     @classmethod

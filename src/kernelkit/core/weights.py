@@ -103,6 +103,19 @@ def same_architecture(a: str, b: str) -> bool:
     return a.split(".")[0] == b.split(".")[0]
 
 
+def fixed_size_architecture(name: str) -> bool:
+    """Whether timm's registry marks architecture `name` as taking only its own input size (ViT, DeiT,
+    Swin: their patch embedding asserts on any other), which input_mode rect's rectangles cannot feed."""
+    if not name or name == "auto":
+        return False
+    try:
+        import timm
+        cfg = timm.models.get_pretrained_cfg(name.split(".")[0])
+    except Exception:  # noqa: BLE001  (an unknown name is reported by the model build, not here)
+        return False
+    return bool(getattr(cfg, "fixed_input_size", False))
+
+
 SEARCH_DEPTH = 7  # /kaggle/input/models/<owner>/<model>/pytorch/<variation>/<version>/
 SEARCH_MAX_ENTRIES = 200  # a folder with more entries is data (images), not a folder of attachments
 

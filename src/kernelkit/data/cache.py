@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
-from .images import DECODER_VERSION, BadImage, blank_image, load_resized, load_tiles, tv_jpeg_decoder
+from .images import RECT, DECODER_VERSION, BadImage, blank_image, column_rows, load_rect, load_resized, load_tiles, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 
@@ -63,7 +63,7 @@ def cache_key(paths: Sequence[str], geometry: Geometry, stat_files: bool = True)
     size, pad_aspect, fill, tiles = _geometry(geometry)
     what = {"format": CACHE_FORMAT, "decoder": DECODER_VERSION, "size": size, "pad_aspect": pad_aspect,
             "fill": fill, "n": len(paths)}
-    if tiles > 1:  # only then: square caches keep the keys they had before tiles existed
+    if tiles != 1:  # only then (tiles, or RECT): square caches keep the keys they had before tiles existed
         what["tiles"] = tiles
     h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for p in paths:
@@ -92,7 +92,7 @@ class ImageCache:
         self.size = int(meta["size"])
         self.tiles = int(meta.get("tiles", 1))
         self.geometry = (self.size, float(meta["pad_aspect"]), int(meta["fill"]), self.tiles)
-        self.row_shape = (self.tiles * self.size, self.size, 3)  # a square, or a column of tiles
+        self.row_shape = (column_rows(self.size, self.tiles), self.size, 3)  # a square, a column of tiles, a rect
         self.n_cached = int(meta["n_cached"])
         self.ok_rows = ok
         self.index = np.arange(int(meta["n"]), dtype=np.int64) if index is None else np.asarray(index, np.int64)
@@ -109,7 +109,7 @@ class ImageCache:
                 return None
             n_cached, size, tiles = int(meta["n_cached"]), int(meta["size"]), int(meta.get("tiles", 1))
             ok = np.load(d / OK)
-            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * size * tiles:
+            if ok.shape != (n_cached,) or (d / DATA).stat().st_size != n_cached * 3 * size * column_rows(size, tiles):
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -187,8 +187,12 @@ class CacheWriter(Dataset):
         if self._fd is None:
             self._fd = os.open(self.data_path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
         try:
-            x = load_tiles(self.paths[i], size, tiles, fill) if tiles > 1 else load_resized(self.paths[i], size,
-                                                                                            pad_aspect, fill)
+            if tiles == RECT:
+                x = load_rect(self.paths[i], size, fill)
+            elif tiles > 1:
+                x = load_tiles(self.paths[i], size, tiles, fill)
+            else:
+                x = load_resized(self.paths[i], size, pad_aspect, fill)
             ok, msg = True, ""
         except BadImage as e:
             x, ok, msg = blank_image(size, tiles), False, str(e)
@@ -353,7 +357,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
-    per = 3 * size * size * geometry[3]
+    per = 3 * size * column_rows(size, geometry[3])
     n, n_fit = len(paths), _rows_that_fit(root, len(paths), per, max_bytes)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

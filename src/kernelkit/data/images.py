@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import os
 import struct
 import warnings
@@ -180,6 +181,82 @@ def to_tiles(x: torch.Tensor, size: int, tiles: int, fill: int = 255) -> torch.T
     return out
 
 
+# input_mode rect: every image at the pixel count of one `size` square, in the shape of the nearest of
+# these aspect ratios (long / short, either orientation). A 1:5 strip keeps 2.2x the scale a padded
+# square leaves it and a square frame keeps all of its own, at one square's compute; batches are
+# grouped by shape (sampling.BucketBatchSampler), so the network sees whole rectangles.
+RECT_ASPECTS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
+RECT_STEP = 8  # bucket sides are multiples of this
+RECT_TAG = (0x52, 0x43)  # "RC": a packed column ends with this tag and the image's height and width
+RECT = 0  # the `tiles` of a rect geometry (size, pad_aspect, fill, tiles): no squares, one rectangle
+
+
+def rect_bucket(w: int, h: int) -> int:
+    """The bucket of a w x h image: k >= 0 for landscape (aspect RECT_ASPECTS[k]), -k for portrait."""
+    r = max(w, h) / max(1, min(w, h))
+    k = min(range(len(RECT_ASPECTS)), key=lambda i: abs(math.log(RECT_ASPECTS[i] / r)))
+    return k if w >= h else -k
+
+
+def rect_shape(bucket: int, size: int) -> tuple[int, int]:
+    """(h, w) of `bucket` at working size `size`: about size * size pixels."""
+    a = RECT_ASPECTS[abs(bucket)]
+    short = max(RECT_STEP, RECT_STEP * round(size / math.sqrt(a) / RECT_STEP))
+    long = max(short, RECT_STEP * round(size * math.sqrt(a) / RECT_STEP))
+    return (short, long) if bucket >= 0 else (long, short)
+
+
+def rect_rows(size: int) -> int:
+    """Rows of the (3, rows, size) column that stores a rect image (cache rows have one fixed size):
+    room for the largest bucket and the 2-pixel shape tag."""
+    most = max(h * w for h, w in (rect_shape(b, size) for b in range(len(RECT_ASPECTS))))
+    return -(-(most + 2) // size)
+
+
+def column_rows(size: int, tiles: int) -> int:
+    """Rows of the uint8 (3, rows, size) column one image is stored in: `tiles` squares, or rect_rows."""
+    return rect_rows(size) if tiles == RECT else max(1, tiles) * size
+
+
+def to_rect(x: torch.Tensor, size: int, fill: int = 255) -> torch.Tensor:
+    """uint8 (3, H, W) -> the packed column (`pack_rect`) of the image resized to its bucket's shape;
+    an image longer than the last bucket keeps its aspect ratio, fitted and padded with `fill`."""
+    h, w = x.shape[-2:]
+    bh, bw = rect_shape(rect_bucket(w, h), size)
+    if max(w, h) / max(1, min(w, h)) <= RECT_ASPECTS[-1] * 1.1:
+        return pack_rect(resize_tensor(channels_last(x), bh, bw), size)
+    scale = min(bw / w, bh / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = torch.full((bh, bw, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
+    top, left = (bh - nh) // 2, (bw - nw) // 2
+    canvas[:, top:top + nh, left:left + nw] = resize_tensor(channels_last(x), nh, nw)
+    return pack_rect(canvas, size)
+
+
+def pack_rect(y: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, h, w) -> uint8 (3, rect_rows(size), size), channels-last: the image's HWC bytes first,
+    its shape in the last two pixels. A fixed-size column, so the cache, the loaders and collate
+    store and move it like a square; `unpack_rect` gives the image back without a copy."""
+    h, w = y.shape[-2:]
+    out = torch.zeros((rect_rows(size), size, 3), dtype=torch.uint8)
+    flat = out.view(-1)
+    if h * w * 3 + 6 > flat.numel():
+        raise ValueError(f"a {h} x {w} image does not fit the rect column of size {size}")
+    flat[:h * w * 3] = y.permute(1, 2, 0).reshape(-1)
+    flat[-6:] = torch.tensor([*RECT_TAG, h >> 8, h & 255, w >> 8, w & 255], dtype=torch.uint8)
+    return out.permute(2, 0, 1)
+
+
+def unpack_rect(x: torch.Tensor) -> torch.Tensor:
+    """A column of `pack_rect` -> its uint8 (3, h, w) image, channels-last (a view of the column's memory)."""
+    flat = x.permute(1, 2, 0).reshape(-1)
+    tag = flat[-6:].tolist()
+    if tuple(tag[:2]) != RECT_TAG:
+        raise ValueError("not a packed rect column")
+    h, w = tag[2] << 8 | tag[3], tag[4] << 8 | tag[5]
+    return flat[:h * w * 3].view(h, w, 3).permute(2, 0, 1)
+
+
 def is_padded(w: int, h: int, pad_aspect: float) -> bool:
     return bool(pad_aspect) and max(w, h) / max(1, min(w, h)) > pad_aspect
 
@@ -292,6 +369,15 @@ def load_tiles(path: str, size: int, tiles: int, fill: int = 255) -> torch.Tenso
     return to_tiles(decode_tensor(path, size, 0.0, fill, tiles), size, tiles, fill)
 
 
+def load_rect(path: str, size: int, fill: int = 255) -> torch.Tensor:
+    """File -> the packed rect column (`to_rect`): rect mode's deterministic part."""
+    return to_rect(decode_tensor(path, size, 0.0, fill), size, fill)
+
+
 def blank_image(size: int, tiles: int = 1) -> torch.Tensor:
-    """Placeholder for an unreadable file, so batch shapes stay fixed (channels-last like the rest)."""
+    """Placeholder for an unreadable file, so batch shapes stay fixed (channels-last like the rest);
+    tiles RECT: a grey square packed as a rect column."""
+    if tiles == RECT:
+        h, w = rect_shape(0, size)
+        return pack_rect(torch.full((h, w, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1), size)
     return torch.full((tiles * size, size, 3), BLANK, dtype=torch.uint8).permute(2, 0, 1)

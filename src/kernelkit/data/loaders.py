@@ -12,7 +12,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from torch.utils.data._utils.collate import default_collate
 
 from ..core.stopping import ignore_in_worker
-from .images import BadImage, blank_image, load_rgb, tv_jpeg_decoder
+from .images import BadImage, blank_image, load_rgb, resize_tensor, tv_jpeg_decoder
+from .sampling import BucketBatchSampler
 from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")
@@ -117,8 +118,11 @@ def fully_cached(ds: Dataset) -> bool:
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
-                pin_memory: bool = False, seed: int = 0, sampler=None, threads: bool | None = None):
-    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling.
+                pin_memory: bool = False, seed: int = 0, sampler=None, threads: bool | None = None,
+                buckets: np.ndarray | None = None):
+    """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling. `buckets` (one per
+    item, input_mode rect): every batch holds one bucket (sampling.BucketBatchSampler), in the order
+    of the sampler underneath.
 
     threads: build batches with `num_workers` threads in this process (ThreadLoader) instead of
     worker processes. None = yes when every item comes from the pre-resized cache: then the
@@ -131,18 +135,41 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
         tv_jpeg_decoder()  # import torchvision's decoder once here; forked workers inherit it
     g = torch.Generator()
     g.manual_seed(seed)
+    batch_sampler = None
+    if buckets is not None:
+        if sampler is None:
+            sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
+        batch_sampler = BucketBatchSampler(sampler, buckets, batch_size, min_last=2 if train else 1)
     if threads:
         return ThreadLoader(ds, batch_size, shuffle=train and sampler is None, drop_last=train and len(ds) > batch_size,
-                            num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory)
+                            num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory,
+                            batch_sampler=batch_sampler)
     kwargs = {}
     if num_workers > 0:
         # Persistent workers: under spawn each worker re-imports torch (seconds), once per run is enough.
         kwargs.update(persistent_workers=True, prefetch_factor=4)
         if mp_context:
             kwargs["multiprocessing_context"] = mp_context
+    if batch_sampler is not None:
+        return DataLoader(ds, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                          generator=g, worker_init_fn=seed_worker, collate_fn=collate_images, **kwargs)
     return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(ds) > batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       generator=g, worker_init_fn=seed_worker, collate_fn=collate_images, **kwargs)
+
+
+def loader_tiles(loader) -> int:
+    """Squares per image in the batches of `loader` (what `transforms.fold_tiles` splits): the tile
+    count of its dataset's transform, 1 for anything else (pad, squeeze, rect)."""
+    tiles = getattr(getattr(getattr(loader, "dataset", None), "transform", None), "tiles", 1)
+    return tiles if isinstance(tiles, int) and tiles > 1 else 1
+
+
+def loader_order(loader) -> np.ndarray | None:
+    """The dataset index of each row a pass over `loader` yields, when batches do not follow the
+    dataset's order (rect buckets); None when they do."""
+    order = getattr(getattr(loader, "batch_sampler", None), "order", None)
+    return np.asarray(order(), dtype=np.int64) if callable(order) else None
 
 
 def seed_worker(worker_id: int) -> None:
@@ -168,6 +195,8 @@ def collate_images(batch: list):
     first = batch[0][0]
     if not (isinstance(first, torch.Tensor) and is_channels_last(first)):
         return default_collate(batch)
+    batch = same_shape(batch)
+    first = batch[0][0]
     c, h, w = first.shape
     out = None
     if torch.utils.data.get_worker_info() is not None:
@@ -181,6 +210,17 @@ def collate_images(batch: list):
     return [images, *default_collate([tuple(b[1:]) for b in batch])]
 
 
+def same_shape(batch: list) -> list:
+    """Items whose image is not in the batch's most common shape resized to it: in rect mode an
+    unreadable file's blank square, or a file whose header and pixels disagree on its shape, joins a
+    batch of another bucket (a slightly stretched image rather than a lost batch)."""
+    shapes = [tuple(b[0].shape) for b in batch]
+    if len(set(shapes)) == 1:
+        return batch
+    _, h, w = max(set(shapes), key=shapes.count)
+    return [b if tuple(b[0].shape[-2:]) == (h, w) else (resize_tensor(b[0], h, w), *b[1:]) for b in batch]
+
+
 class ThreadLoader:
     """A DataLoader for cheap items: batches are built by a pool of threads in this process, a few
     batches ahead, with no pickling and no shared-memory transfer. Row copies, resizing and the
@@ -192,12 +232,13 @@ class ThreadLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False,
                  num_threads: int = 2, sampler=None, generator: torch.Generator | None = None,
-                 pin_memory: bool = False, prefetch: int = 4, collate_fn: Callable | None = None):
+                 pin_memory: bool = False, prefetch: int = 4, collate_fn: Callable | None = None,
+                 batch_sampler=None):
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         if sampler is None:
             sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         self.sampler = sampler
-        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+        self.batch_sampler = batch_sampler or BatchSampler(sampler, batch_size, drop_last)
         self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.collate_fn = collate_fn or collate_images

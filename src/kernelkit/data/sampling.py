@@ -1,8 +1,18 @@
-"""Class-balanced sampling for long-tailed data (iNaturalist seed)."""
+"""Samplers: class-balanced sampling for long-tailed data (iNaturalist seed); batches grouped by shape
+(input_mode rect)."""
 from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image
+
+from .images import rect_bucket
+
+HEADER_THREADS = 8  # header reads wait on the disk, not the CPU
 
 
 def balanced_sample_weights(targets: np.ndarray, power: float = 0.5) -> np.ndarray:
@@ -29,3 +39,67 @@ def balanced_sampler(targets: np.ndarray, power: float = 0.5, seed: int = 0) -> 
     g.manual_seed(seed)
     weights = torch.as_tensor(balanced_sample_weights(targets, power), dtype=torch.double)
     return torch.utils.data.WeightedRandomSampler(weights, num_samples=len(targets), replacement=True, generator=g)
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices that share a bucket (input_mode rect: one image shape per bucket), drawn in
+    the order of `sampler`: each index joins its bucket's open batch, which is yielded when full, so
+    buckets interleave as the sampler shuffles (the NLP bucket-by-length batching). What is left in
+    each bucket at the end is yielded too, in training only when it holds at least `min_last` images
+    (BatchNorm cannot train on one); any sampler works underneath (random, class-balanced, sequential).
+    Not for DDP: ranks would get different numbers of batches."""
+
+    def __init__(self, sampler, buckets: Sequence[int], batch_size: int, min_last: int = 1):
+        self.sampler, self.buckets = sampler, np.asarray(buckets)
+        self.batch_size, self.min_last = int(batch_size), max(1, int(min_last))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        open_batches: dict[int, list[int]] = {}
+        for i in self.sampler:
+            batch = open_batches.setdefault(int(self.buckets[i]), [])
+            batch.append(int(i))
+            if len(batch) == self.batch_size:
+                yield batch
+                open_batches[int(self.buckets[i])] = []
+        for batch in open_batches.values():
+            if len(batch) >= self.min_last:
+                yield batch
+
+    def __len__(self) -> int:
+        """Exact for a sampler that draws every index once (random, sequential); for one that draws
+        with replacement (class-balanced), the count its buckets would give at their average share."""
+        _, counts = np.unique(self.buckets, return_counts=True)
+        n = len(self.sampler)
+        if n != len(self.buckets):
+            counts = counts * n / max(1, len(self.buckets))
+        full, rest = np.divmod(np.round(counts).astype(int), self.batch_size)
+        return int(full.sum() + (rest >= self.min_last).sum())
+
+    def order(self) -> list[int]:
+        """Index of each row a pass yields, in the order it yields them (a deterministic sampler's: the
+        predictions of a bucketed loader go back to the dataset's order with it)."""
+        return [i for batch in self for i in batch]
+
+
+def rect_buckets(paths: Sequence[str]) -> np.ndarray:
+    """images.rect_bucket of each file from its header (EXIF orientation applied, as decoding does);
+    0 (square) for a file whose header cannot be read: it fails again when decoded and becomes a blank
+    square. Headers only: reading them all costs a fraction of decoding them."""
+    with ThreadPoolExecutor(HEADER_THREADS) as pool:
+        return np.fromiter(pool.map(_bucket_of, paths, chunksize=64), dtype=np.int64, count=len(paths))
+
+
+_SWAPPED = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+
+
+def _bucket_of(path: str) -> int:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a decompression-bomb warning: no pixels are decoded here
+            with Image.open(path) as im:
+                w, h = im.size
+                if im.format in ("JPEG", "TIFF", "WEBP", "PNG") and im.getexif().get(0x0112) in _SWAPPED:
+                    w, h = h, w
+        return rect_bucket(w, h)
+    except Exception:  # noqa: BLE001  (any unreadable file: the loader logs it when it decodes it)
+        return 0

@@ -33,14 +33,20 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .images import (
+    RECT,
+    RECT_TAG,
     blank_image,
     channels_last,
+    column_rows,
     fit_size,
+    load_rect,
     load_resized,
     load_tiles,
     resize_or_pad_tensor,
     resize_tensor,
+    to_rect,
     to_tiles,
+    unpack_rect,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,7 +79,9 @@ def to_tensor_uint8(img: Image.Image) -> torch.Tensor:
 
 class EvalTransform:
     """Deterministic: resize or pad to the working size; with `tiles` > 1, `tiles` squares along the
-    long side stacked as a (3, tiles * size, size) column (`images.to_tiles`)."""
+    long side stacked as a (3, tiles * size, size) column (`images.to_tiles`); with tiles RECT, the
+    image at its aspect bucket's shape, packed in a fixed-size column (`images.to_rect`) for the
+    cache and unpacked to (3, h, w) when the transform is applied."""
 
     def __init__(self, size: int, pad_aspect: float = 2.0, fill: int = 255, tiles: int = 1):
         self.size, self.pad_aspect, self.fill, self.tiles = int(size), float(pad_aspect), int(fill), int(tiles)
@@ -84,12 +92,18 @@ class EvalTransform:
         return self.size, self.pad_aspect, self.fill, self.tiles
 
     @property
+    def rect(self) -> bool:
+        return self.tiles == RECT
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(H, W) of what `base` makes."""
-        return self.tiles * self.size, self.size
+        return column_rows(self.size, self.tiles), self.size
 
     def load(self, path: str) -> torch.Tensor:
         """File -> uint8 (3, H, W) at `shape`; raises images.BadImage."""
+        if self.rect:
+            return load_rect(path, self.size, self.fill)
         if self.tiles > 1:
             return load_tiles(path, self.size, self.tiles, self.fill)
         return load_resized(path, self.size, self.pad_aspect, self.fill)
@@ -102,26 +116,31 @@ class EvalTransform:
             x = img.permute(2, 0, 1)
         else:
             x = img
-        if tuple(x.shape[-2:]) == self.shape:
+        if tuple(x.shape[-2:]) == self.shape and (not self.rect or is_packed_rect(x)):
             return x  # (a raw image of exactly this shape gives the same tiles: nothing to do either way)
+        if self.rect:
+            return to_rect(x, self.size, self.fill)
         if self.tiles > 1:
             return to_tiles(x, self.size, self.tiles, self.fill)
         return resize_or_pad_tensor(x, self.size, self.pad_aspect, self.fill)
 
     def blank(self) -> torch.Tensor:
-        """The placeholder of an unreadable file, at `shape`."""
-        return blank_image(self.size, self.tiles)
+        """The placeholder of an unreadable file, shaped like the transform's output (rect: unpacked)."""
+        x = blank_image(self.size, self.tiles)
+        return unpack_rect(x) if self.rect else x
 
     @property
     def per_image_work(self) -> bool:
-        """False when a cached row is already the final image (a loader may then gather whole batches)."""
-        return False
+        """False when a cached row is already the final image (a loader may then gather whole batches);
+        a rect column is unpacked image by image."""
+        return self.rect
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
     def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
-        return self.augment(self.base(img))
+        x = self.base(img)
+        return self.augment(unpack_rect(x) if self.rect else x)
 
 
 class TrainTransform(EvalTransform):
@@ -151,7 +170,7 @@ class TrainTransform(EvalTransform):
 
     @property
     def per_image_work(self) -> bool:
-        return self.aug != "none"
+        return self.aug != "none" or self.rect
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiles > 1 and self.aug != "none":  # each tile on its own: a crop must not straddle two
@@ -162,7 +181,8 @@ class TrainTransform(EvalTransform):
     def augment_square(self, x: torch.Tensor) -> torch.Tensor:
         level, rng = AUG_LEVELS.index(self.aug), aug_random()
         if level >= 2:
-            x = random_resized_crop(x, self.size, self.crop_scale, self.crop_ratio)
+            h, w = x.shape[-2:] if self.rect else (self.size, self.size)  # a rect image keeps its bucket's shape
+            x = random_resized_crop(x, (h, w), self.crop_scale, self.crop_ratio)
         if level >= 1:
             if rng.random() < self.hflip:
                 x = x.flip(-1)
@@ -179,6 +199,12 @@ class TrainTransform(EvalTransform):
         if level >= 4 and rng.random() < self.noise_p:
             x = add_noise(x, self.noise_std, torch.Generator().manual_seed(rng.getrandbits(62)))
         return channels_last(x)
+
+
+def is_packed_rect(x: torch.Tensor) -> bool:
+    """Whether uint8 (3, H, W) ends with the tag `images.pack_rect` writes (a column from the cache)."""
+    tail = x.permute(1, 2, 0).reshape(-1)[-6:-4].tolist() if x.numel() >= 6 else []
+    return tuple(tail) == RECT_TAG
 
 
 _local = threading.local()
@@ -218,10 +244,13 @@ def crop_params(h: int, w: int, scale: tuple[float, float], ratio: tuple[float, 
     return 0, 0, h, w
 
 
-def random_resized_crop(x: torch.Tensor, size: int, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """uint8 (3, H, W) -> (3, size, size): random crop, resized back (antialiased bilinear)."""
+def random_resized_crop(x: torch.Tensor, size: int | tuple[int, int], scale=(0.6, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, size, size) (or (3, h, w) for size (h, w)): random crop, resized back
+    (antialiased bilinear)."""
+    h, w = (size, size) if isinstance(size, int) else size
     top, left, ch, cw = crop_params(x.shape[-2], x.shape[-1], scale, ratio)
-    return resize_tensor(x[:, top:top + ch, left:left + cw], size, size)
+    return resize_tensor(x[:, top:top + ch, left:left + cw], h, w)
 
 
 def add_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -534,13 +563,15 @@ def normalize(batch: torch.Tensor, channels_last: bool, pre: Preprocess) -> torc
 
 
 # ----------------------------------------------------------------------------- tiles
-def fold_tiles(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A batch of tile columns (N, 3, T * s, s) -> (N * T, 3, s, s) and T; a batch of squares as is
-    (T = 1). Image k's tiles are rows k*T .. k*T + T - 1 (what `pool_tiles` expects)."""
+def fold_tiles(x: torch.Tensor, tiles: int) -> tuple[torch.Tensor, int]:
+    """A batch of `tiles`-tile columns (N, 3, T * s, s) -> (N * T, 3, s, s) and T; any other batch as
+    is (T = 1: squares, rect images). Image k's tiles are rows k*T .. k*T + T - 1 (what `pool_tiles`
+    expects). The count comes from the loader (`loaders.loader_tiles`), not the shape: a portrait
+    rect bucket can be exactly twice as tall as it is wide."""
     n, c, h, w = x.shape
-    if h <= w or h % w:
+    if tiles < 2 or h != tiles * w:
         return x, 1
-    t = h // w
+    t = tiles
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = x.reshape(n, c, t, w, w).transpose(1, 2).reshape(n * t, c, w, w)
     return (y.contiguous(memory_format=torch.channels_last) if cl else y), t

@@ -10,7 +10,7 @@ import torch
 
 from ..core.clock import now as clock_now
 from ..core.progress import progress
-from ..data.loaders import DeviceFeeder
+from ..data.loaders import DeviceFeeder, loader_order, loader_tiles
 from ..data.transforms import Preprocess, fold_tiles, normalize, pool_tiles, tta_identity
 from .resolution import resize_batch
 
@@ -108,12 +108,13 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     pieces = 1  # after an out-of-memory, the batches that follow are split as far as that one needed
     # Batches arrive on the device a step ahead (DeviceFeeder); the probabilities leave it as they are
     # made (HostChunks: non-blocking copies into pinned memory), so neither waits for the GPU.
+    tiles = loader_tiles(loader)
     for images, _, ok in progress(DeviceFeeder(loader, device), desc=desc):
-        x, tiles = fold_tiles(images)  # tiles mode: (N, 3, T*s, s) columns -> N*T squares
+        x, t = fold_tiles(images, tiles)  # tiles mode: (N, 3, T*s, s) columns -> N*T squares
         x = resize_batch(x, size) if size else x
         x = normalize(x, channels_last, pre)
         use = views[:1] if stop is not None and stop.requested else views
-        p, pieces = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, tiles, pieces)
+        p, pieces = _predict_batch(model, x, len(ok), use, act, device, amp, amp_dtype, t, pieces)
         probs.add(p)
         oks.add(ok > 0)
         if t_first is None:
@@ -124,6 +125,9 @@ def predict(model: torch.nn.Module, loader, device: torch.device, task: str,
     probs_all = probs_all.numpy() if probs_all is not None else np.zeros((0, 0), np.float32)
     oks_all = oks.gather()
     oks_all = oks_all.numpy() if oks_all is not None else np.zeros(0, bool)
+    order = loader_order(loader)
+    if order is not None:  # rect buckets: rows back in the dataset's order
+        probs_all[order], oks_all[order] = probs_all.copy(), oks_all.copy()
     t_end = clock_now()
     n, batches = len(probs_all), len(probs)
     steady_n = n - (first_rows if batches > 1 else 0)

@@ -111,11 +111,15 @@ def fixed_input_size(model: torch.nn.Module) -> bool:
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) on the 0..255 scale (uint8 or float, contiguous or channels-last) -> size x size
-    on the same device, antialiased bilinear, same dtype and memory format; x itself at that size."""
-    if x.shape[-2] == size and x.shape[-1] == size:
+    (a rect batch: size * size pixels at its own aspect ratio) on the same device, antialiased
+    bilinear, same dtype and memory format; x itself at that size."""
+    h, w = x.shape[-2:]
+    scale = size / math.sqrt(h * w)
+    out = (size, size) if h == w else (max(1, round(h * scale)), max(1, round(w * scale)))
+    if (h, w) == out:
         return x
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = F.interpolate(x.float(), size=out, mode="bilinear", antialias=True, align_corners=False)
     y = y.clamp_(0, 255)  # the antialiasing filter's rounding may step a hair past the range
     if x.dtype == torch.uint8:
         y = y.round_().to(torch.uint8)

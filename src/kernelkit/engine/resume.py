@@ -47,7 +47,7 @@ def config_differences(trained: dict[str, Any], cfg: Config) -> list[str]:
 
 
 def stored_input_mode(config: dict[str, Any]) -> tuple[str, int] | None:
-    """(mode, tiles) a saved config trained with: pad, squeeze (tiles 0) or tiles with its count; a config
+    """(mode, tiles) a saved config trained with: pad, squeeze, rect (tiles 0) or tiles with its count; a config
     from before the option trained on pad. None for a damaged one."""
     try:
         mode, tiles = str(config.get("input_mode", "pad")), int(config.get("tiles", 0) or 0)
@@ -55,7 +55,7 @@ def stored_input_mode(config: dict[str, Any]) -> tuple[str, int] | None:
         return None
     if mode == "tiles":
         return (mode, tiles) if 2 <= tiles <= MAX_TILES else None
-    return (mode, 0) if mode in ("pad", "squeeze") else None
+    return (mode, 0) if mode in ("pad", "squeeze", "rect") else None
 
 
 def describe_input_mode(mode_tiles: tuple[str, int] | None) -> str:

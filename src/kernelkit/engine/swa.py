@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from ..data.loaders import loader_tiles
 from ..data.transforms import Preprocess, fold_tiles, normalize
 from ..decide.rules import score_validation
 from ..model.factory import FROZEN_MARK, hold_frozen_norms
@@ -109,12 +110,13 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
     was_training, used = model.training, 0
     model.train()
     hold_frozen_norms(model)
+    tiles = loader_tiles(loader)
     with torch.no_grad():
         for x, _, _ in loader:
             if used >= max_batches:
                 break
             with autocast(device, amp, amp_dtype):
-                model(normalize(fold_tiles(x.to(device, non_blocking=True))[0], channels_last, pre))
+                model(normalize(fold_tiles(x.to(device, non_blocking=True), tiles)[0], channels_last, pre))
             used += 1
     for m, momentum in momenta.items():
         m.momentum = momentum

@@ -22,7 +22,7 @@ from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
-from ..data.loaders import DeviceFeeder
+from ..data.loaders import DeviceFeeder, loader_tiles
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import keeps_up, score_validation
 from ..model.factory import hold_frozen_norms, set_trainable
@@ -315,13 +315,14 @@ class Trainer:
         t0 = t_prev = clock_now()
         t_first, first_n = None, 0
         bar = progress(DeviceFeeder(loader, self.device), desc=f"epoch {state.epoch}")
+        tiles = loader_tiles(loader)
         for x, y, ok in bar:
             stop, lr = self.control()
             if stop or (max_steps and state.step >= max_steps):
                 stopped = True
                 break
             set_lr(parts.optimizer, lr)
-            x, self.tiles = fold_tiles(x)  # before the batch augmentation: a crop must not straddle two tiles
+            x, self.tiles = fold_tiles(x, tiles)  # before the batch augmentation: a crop must not straddle two tiles
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
             if opts.resolution is not None:
