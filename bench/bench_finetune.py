@@ -6,8 +6,8 @@ single-label accuracy). Rows, each with the same --budget (start to submission):
 
 * scratch   kernel.py defaults (only --data-dir, --out-dir, --budget), random init;
 * lite0     kernel.py defaults + --pretrained-path <ImageNet EfficientNet-Lite0 timm folder>;
-* pad, squeeze, tiles   (hard tasks, not in the default --rows but pad) lite0 with the input mode forced
-            (--input-mode pad | squeeze | tiles), to set the automatic choice against each;
+* pad, squeeze, tiles, rect   (hard tasks, not in the default --rows but pad) lite0 with the input mode forced
+            (--input-mode pad | squeeze | tiles | rect), to set the automatic choice against each;
 * peer      bench/peer_notebook.py: a plain timm fine-tune of the same folder, as a Kaggle notebook
             would write it (square 128 px, flip, AdamW 1e-3, cosine, ~7 epochs, flip TTA).
 
@@ -43,10 +43,10 @@ from pretrained import lite0_folder  # noqa: E402
 from kernelkit.decide.thresholds import prior_baseline  # noqa: E402
 
 TASKS = ("single", "multi", "hard_multi", "hard_single")
-ROWS = ("scratch", "lite0", "pad", "squeeze", "tiles", "peer")  # the default --rows: scratch,lite0,pad,peer
+ROWS = ("scratch", "lite0", "pad", "squeeze", "tiles", "rect", "peer")  # the default --rows: scratch,lite0,pad,peer
 DEFAULT_ROWS = ("scratch", "lite0", "pad", "peer")
 # lite0 rows with the input mode forced (hard tasks only: on the square digits every mode is one square)
-MODE_ROWS = {"pad": "pad", "squeeze": "squeeze", "tiles": "tiles"}
+MODE_ROWS = {"pad": "pad", "squeeze": "squeeze", "tiles": "tiles", "rect": "rect"}
 
 
 def make_task(name: str, work: Path) -> tuple[Path, callable, float, str]:

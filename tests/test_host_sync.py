@@ -313,3 +313,28 @@ def test_the_cuda_path_of_host_chunks_reuses_a_ring_of_pinned_buffers(monkeypatc
     assert waited == [0, 1, 2, 3, 4, 5, 6]
     assert torch.equal(out, torch.cat([torch.full((3, 4), float(i)) for i in range(6)] + [torch.full((1, 4), 9.0)]))
     assert not chunks.free and not chunks.pending
+
+
+def _rect_batches(n: int, batch: int = 4, classes: int = 3, seed: int = 0) -> list:
+    """input_mode rect: each batch one bucket's shape, the shape changing from batch to batch."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(32, 32), (24, 40), (40, 24), (16, 64), (64, 16)]
+    return [(torch.randint(0, 256, (batch, 3, *shapes[k % len(shapes)]), generator=g, dtype=torch.uint8),
+             torch.randint(0, classes, (batch,), generator=g), torch.ones(batch)) for k in range(n)]
+
+
+def test_rect_batches_of_changing_shapes_read_the_host_no_more_than_squares(audit, monkeypatch):
+    """Rect batches change shape every step (strong augmentation, mixup/cutmix and progressive resizing
+    run on rectangles): still one read per LOG_EVERY steps, and none per prediction batch."""
+    log_every = 4
+    monkeypatch.setattr(trainer_mod, "LOG_EVERY", log_every)
+    steps = 2 * log_every + 3
+    trainer = _trainer(steps)
+    with audit() as mode:
+        tr = trainer.train_epoch(_rect_batches(steps), max_steps=steps)
+    assert tr["images"] == 4 * steps and math.isfinite(tr["loss"])
+    assert len(mode.reads) <= -(-steps // log_every) + 1
+    model = create_model("test_resnet", 3)
+    with audit() as mode:
+        out = predict(model, _rect_batches(7), torch.device("cpu"), "multiclass", pre=IMAGENET)
+    assert out["probs"].shape == (28, 3) and len(mode.reads) <= 2

@@ -40,6 +40,14 @@ def run(data, out, *flags):
                      "--data-dir", str(data), "--out-dir", str(out), *flags])
 
 
+@pytest.fixture(autouse=True)
+def rect_unavailable(monkeypatch):
+    """Auto takes tiles (and their fallback) where rect cannot run: data-parallel ranks, compile=true, a
+    model of fixed input size. These tests exercise that path on a convolutional model, one process."""
+    from kernelkit.build import input_mode
+    monkeypatch.setattr(input_mode, "fixed_size_architecture", lambda name: bool(name) and name != "auto")
+
+
 @pytest.fixture
 def strips_and_weights(tmp_path):
     # 1:3 strips (all 'long'), and a tiny timm weights folder: a fine-tune, so auto takes tiles first.

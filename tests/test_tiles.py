@@ -113,13 +113,16 @@ def sizes(aspects: list[float]) -> dict:
             "aspect_quantiles": {f"p{q}": float(np.percentile(a, q)) for q in (50, 75, 90)}}
 
 
-def test_auto_takes_tiles_for_long_images_when_fine_tuning_and_pad_from_scratch():
-    """As measured on the hard task (README): tiles won fine-tuning lite0, pad won from scratch."""
+def test_auto_takes_rect_or_tiles_for_long_images_when_fine_tuning_and_pad_from_scratch():
+    """As measured on the hard task (README): rect, then tiles, won fine-tuning lite0; pad won from scratch.
+    Tiles where rect cannot run (rect_ok False: data-parallel, compile, a fixed-size model)."""
     long = sizes([1.0] * 5 + [2.5, 3.0, 4.0, 5.0, 5.0])
     mode, tiles, why = choose_input_mode(long, pretrained=True)
+    assert (mode, tiles) == ("rect", 0) and "50%" in why and "pretrained" in why
+    mode, tiles, why = choose_input_mode(long, pretrained=True, rect_ok=False)
     assert (mode, tiles) == ("tiles", 3) and "50%" in why and "pretrained" in why
     assert choose_input_mode(sizes([1.0] * 9 + [5.0]), pretrained=True)[:2] == ("pad", 0)
-    assert choose_input_mode(sizes([1.0] * 5 + [2.2] * 5), pretrained=True)[:2] == ("tiles", 2)
+    assert choose_input_mode(sizes([1.0] * 5 + [2.2] * 5), pretrained=True, rect_ok=False)[:2] == ("tiles", 2)
     mode, tiles, why = choose_input_mode(long)
     assert (mode, tiles) == ("pad", 0) and "50%" in why and "input_mode=tiles" in why
     mode, tiles, why = choose_input_mode(sizes([1.0] * 9 + [5.0]))
@@ -189,12 +192,13 @@ def test_tiles_end_to_end_with_the_count_from_the_aspect_ratios(tmp_path, caplog
 
 
 @pytest.mark.parametrize("settings,want", [
-    ({"pretrained_path": "LITE0"}, "tiles"),  # fine-tuning on long images: tiles
+    ({"pretrained_path": "LITE0"}, "rect"),  # fine-tuning on long images: rect
+    ({"pretrained_path": "LITE0", "mixup": 0.4}, "rect"),  # a batch is one shape: its images mix
     ({"pretrained_path": "none"}, "pad"),  # 'none' is random init (no weights), so pad as from scratch
-    ({"pretrained_path": "LITE0", "mixup": 0.4}, "pad"),  # an image's tiles cannot be mixed with another's
+    ({"pretrained_path": "LITE0", "compile": True}, "tiles"),  # a static graph per shape: not rect's dozen
+    ({"pretrained_path": "LITE0", "compile": True, "mixup": 0.4}, "pad"),  # ... and tiles cannot be mixed
 ])
-def test_auto_input_mode_takes_tiles_only_for_a_real_fine_tune_without_mixing(settings, want, strips, tmp_path,
-                                                                             lite0_dir):
+def test_auto_input_mode_takes_rect_or_tiles_only_for_a_real_fine_tune(settings, want, strips, tmp_path, lite0_dir):
     from types import SimpleNamespace
 
     from kernelkit.build.input_mode import resolve_input_mode
@@ -205,3 +209,15 @@ def test_auto_input_mode_takes_tiles_only_for_a_real_fine_tune_without_mixing(se
     long_strips = [p for p in strips[1:] if not p.endswith(".jpg")]  # all 1:4 or 1:5
     got = resolve_input_mode(ctx, SimpleNamespace(train_paths=long_strips, classes=["0", "1"])).cfg
     assert got.input_mode == want and (got.tiles >= 2) == (want == "tiles")
+
+
+def test_data_parallel_ranks_take_tiles_where_one_process_takes_rect(strips, tmp_path, lite0_dir):
+    from types import SimpleNamespace
+
+    from kernelkit.build.input_mode import resolve_input_mode
+    from kernelkit.core.context import RunContext
+    cfg = checked_config({"model": "tf_efficientnet_lite0", "pretrained_path": str(lite0_dir)})
+    long_strips = SimpleNamespace(train_paths=[p for p in strips[1:] if not p.endswith(".jpg")], classes=["0", "1"])
+    ctx = RunContext(cfg, None, tmp_path, tmp_path, False, 0.0)
+    assert resolve_input_mode(ctx, long_strips).cfg.input_mode == "rect"
+    assert resolve_input_mode(ctx, long_strips, data_parallel=True).cfg.input_mode == "tiles"

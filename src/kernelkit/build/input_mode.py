@@ -1,13 +1,17 @@
-"""input_mode auto -> pad or tiles, from the training images' aspect ratios (file headers only).
+"""input_mode auto -> pad, rect or tiles, from the training images' aspect ratios (file headers only).
 
 Squeezing or padding a 1:k strip into one square shrinks everything in it k times along the long
 side; small objects vanish. Tiles keep the short side at img_size and look at `tiles` squares along
 the long side (the model's max over them), at `tiles` times the compute per image. Measured on
 bench/hard_task.py (README, input modes) at equal compute: fine-tuning ImageNet weights (lite0), tiles
 won by far (test F2 0.731 tiles x3, 0.705 x2, 0.554 pad); from scratch pad won (0.510 against 0.479
-and 0.459 at 16 pad-epochs). So auto takes tiles with pretrained weights when at least TILES_SHARE of
-the sampled images are LONG or longer, else pad (naming tiles as the option when images are long).
-Tiles cost their count in compute, so the autopick may still swap them for FALLBACK (autopick._choose_main).
+and 0.459 at 16 pad-epochs). At larger sizes pad caught up (300 s on 2 cores: pad 0.954, tiles 0.945),
+because tiles enlarge a square frame only as much as a strip's short side while pad enlarges it 3x.
+Rect gives each image one square's pixels in its own shape, so both keep their scale: 0.960 on the
+same task (README). So auto takes rect with pretrained weights when at least TILES_SHARE of the
+sampled images are LONG or longer (tiles where rect cannot run), else pad (naming tiles as the option
+when images are long). Tiles cost their count in compute, so the autopick may still swap them for
+FALLBACK (autopick._choose_main).
 """
 from __future__ import annotations
 
@@ -88,7 +92,9 @@ def resolve_input_mode(ctx: RunContext, comp: Competition, data_parallel: bool =
     if cfg.input_mode in ("pad", "squeeze", "rect") or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
         return ctx
-    rect_ok = not data_parallel and not fixed_size_architecture(cfg.model) and not fixed_size_architecture(cfg.model2)
+    # rect needs one process (bucketed batches), a model that takes any size, and no static compiled graph
+    rect_ok = not (data_parallel or cfg.compile or fixed_size_architecture(cfg.model)
+                   or fixed_size_architecture(cfg.model2))
     if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix) and not rect_ok:  # tiles cannot be mixed
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))

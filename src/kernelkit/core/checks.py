@@ -99,8 +99,12 @@ def _range_problems(c: Config) -> list[str]:
         (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
          "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
         (c.input_mode != "rect" or not any(fixed_size_architecture(m) for m in (c.model, c.model2)),
-         f"input_mode=rect feeds each image in its own shape, but {c.model!r} takes only its own input size; "
+         f"input_mode=rect feeds each image in its own shape, but {c.model!r}"
+         f"{f' or {c.model2!r}' if c.model2 else ''} takes only its own input size; "
          "set input_mode=pad or tiles, or a convolutional model"),
+        (c.input_mode != "rect" or not c.compile,
+         "input_mode=rect cannot be combined with compile=true (a static graph per batch shape: rect has a dozen); "
+         "set one of them off"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
          f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
         (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),

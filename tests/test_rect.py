@@ -1,0 +1,236 @@
+"""input_mode=rect (issue #20 item 2, "rectangular inputs bucketed by aspect ratio"): every image at one
+img_size square's pixel count in the shape of its aspect bucket, packed for the cache, batches grouped by
+bucket, predictions back in the dataset's order."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kernelkit.core.checks import checked_config
+from kernelkit.core.config import ConfigError
+from kernelkit.data.cache import build_cache
+from kernelkit.data.images import (
+    RECT,
+    RECT_ASPECTS,
+    blank_image,
+    load_rect,
+    pack_rect,
+    rect_bucket,
+    rect_shape,
+    to_rect,
+    unpack_rect,
+)
+from kernelkit.data.loaders import ImageDataset, collate_images, make_loader
+from kernelkit.data.sampling import BucketBatchSampler, rect_buckets
+from kernelkit.data.transforms import IMAGENET, EvalTransform, TrainTransform, fold_tiles, normalize
+from kernelkit.engine.evaluate import predict
+from kernelkit.engine.resolution import resize_batch
+
+
+def rand(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("size", [32, 64, 112, 192, 224, 320])
+def test_every_bucket_holds_about_one_square_of_pixels_in_its_aspect(size):
+    for b in range(len(RECT_ASPECTS)):
+        h, w = rect_shape(b, size)
+        assert 0.85 <= h * w / size ** 2 <= 1.15, (b, h, w)
+        assert abs(np.log(w / h / RECT_ASPECTS[b])) < 0.25, "the shape keeps the bucket's aspect"
+        assert rect_shape(-b, size) == (w, h), "portrait: the same shape turned"
+
+
+def test_buckets_follow_the_aspect_ratio_and_the_orientation():
+    assert rect_bucket(64, 64) == 0 and rect_bucket(70, 64) == 0
+    assert rect_bucket(320, 64) == 5 and rect_bucket(64, 320) == -5
+    assert rect_bucket(128, 64) == 2 and rect_bucket(64, 200) == -3
+    assert rect_bucket(6400, 64) == 5, "longer than the last bucket: the last bucket"
+
+
+def test_a_packed_column_gives_the_image_back_without_a_copy():
+    y = rand(48, 248)
+    col = pack_rect(y, 112)
+    assert col.shape == (3, 115, 112) and col.stride(0) == 1, "a fixed-size channels-last column"
+    back = unpack_rect(col)
+    assert torch.equal(back, y) and back.data_ptr() == col.data_ptr()
+    with pytest.raises(ValueError, match="not a packed rect"):
+        unpack_rect(torch.zeros(3, 115, 112, dtype=torch.uint8))
+
+
+def test_a_strip_keeps_its_scale_where_a_padded_square_shrinks_it():
+    """The point of the mode: a 64 x 320 strip at 192 px keeps 1.4x its scale (88 x 432), where pad
+    fits its long side to 192 (0.6x)."""
+    x = torch.zeros(3, 64, 320, dtype=torch.uint8)
+    x[:, 20:44, 100:124] = 200  # a 24 px object
+    y = unpack_rect(to_rect(x, 192))
+    assert tuple(y.shape) == (3, 88, 432)
+    rows = (y[0] > 100).any(1).sum().item()
+    assert rows >= 30, "the 24 px object is >= 30 px tall, not the ~14 px a padded square leaves"
+
+
+def test_an_image_longer_than_the_last_bucket_is_padded_not_stretched():
+    x = torch.full((3, 16, 256), 200, dtype=torch.uint8)  # 1:16
+    y = unpack_rect(to_rect(x, 64, fill=0))
+    assert tuple(y.shape[-2:]) == rect_shape(5, 64)
+    assert (y[:, 0] == 0).all() and (y[:, y.shape[1] // 2] == 200).all(), "fitted and padded with the fill"
+
+
+def test_transforms_unpack_and_augment_in_the_buckets_shape():
+    x = rand(64, 200)
+    ev = EvalTransform(64, 2.0, 255, RECT)
+    assert ev.shape == (73, 64) and ev.per_image_work
+    want = rect_shape(rect_bucket(200, 64), 64)
+    assert tuple(ev(x).shape[-2:]) == want
+    assert torch.equal(ev(ev.base(x)), ev(x)), "a cached column passes base unchanged"
+    tr = TrainTransform(64, 2.0, 255, "light", RECT)
+    got = tr(x)
+    assert tuple(got.shape[-2:]) == want and got.stride(0) == 1
+    assert tuple(ev.blank().shape) == (3, 64, 64), "an unreadable file: a grey square, unpacked"
+    assert tuple(blank_image(64, RECT).shape) == (3, 73, 64), "... packed in the cache"
+
+
+def test_a_portrait_batch_twice_as_tall_as_wide_is_not_folded_into_tiles():
+    x = torch.zeros(4, 3, 272, 136)
+    assert fold_tiles(x, 1) == (x, 1)
+
+
+def test_resize_batch_keeps_a_rect_batchs_aspect():
+    x = torch.zeros(2, 3, 88, 432)
+    h, w = resize_batch(x, 96).shape[-2:]
+    assert abs(h * w / 96 ** 2 - 1) < 0.03 and abs(w / h / (432 / 88) - 1) < 0.03, "96 px's pixels, its aspect"
+    assert tuple(resize_batch(torch.zeros(2, 3, 64, 64), 48).shape) == (2, 3, 48, 48), "squares as before"
+
+
+def test_bucket_batches_hold_one_bucket_and_every_image_once():
+    buckets = np.array([0, 1, 0, 1, 0, -2, 0, 1, 0, 0, 3])
+    ev = BucketBatchSampler(range(len(buckets)), buckets, 3)
+    got = list(ev)
+    assert all(len({buckets[i] for i in b}) == 1 for b in got)
+    assert sorted(ev.order()) == list(range(len(buckets))) and len(got) == len(ev)
+    g = torch.Generator().manual_seed(0)
+    tr = BucketBatchSampler(torch.utils.data.RandomSampler(range(len(buckets)), generator=g), buckets, 3, min_last=2)
+    batches = list(tr)
+    assert len(batches) == len(tr) and all(len(b) >= 2 for b in batches), "no batch of one (BatchNorm)"
+    assert all(len({buckets[i] for i in b}) == 1 for b in batches)
+
+
+def strips(root, n=12):
+    """PNG files of many shapes; row k's pixels encode k (so order can be checked)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shapes = [(64, 64), (64, 100), (64, 130), (64, 190), (64, 250), (64, 320), (100, 64), (320, 64)]
+    paths = []
+    for k in range(n):
+        h, w = shapes[k % len(shapes)]
+        arr = np.full((h, w, 3), 10 * k, np.uint8)
+        p = root / f"im{k:02d}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_buckets_come_from_the_headers_and_a_broken_file_is_a_square(tmp_path):
+    paths = strips(tmp_path / "im")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    got = rect_buckets(paths + [str(tmp_path / "bad.png")])
+    want = [rect_bucket(*Image.open(p).size) for p in paths]
+    assert list(got) == want + [0]
+
+
+class MeanPixel(torch.nn.Module):
+    """Any input size -> (N, 1): the mean of the normalised pixels (each test image is one grey level)."""
+
+    def forward(self, x):
+        return x.mean((1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_predictions_come_back_in_the_datasets_order(tmp_path, cached):
+    paths = strips(tmp_path / "im")
+    tf = EvalTransform(32, 2.0, 255, RECT)
+    cache = build_cache(paths, tf.geometry, tmp_path / "cache") if cached else None
+    ds = ImageDataset(paths, None, tf, 32, cache=cache)
+    loader = make_loader(ds, 3, False, 0, buckets=rect_buckets(paths))
+    for x, _, _ in loader:
+        assert x.shape[0] <= 3
+    out = predict(MeanPixel(), loader, torch.device("cpu"), "multilabel", amp=False, pre=IMAGENET)
+    one_by_one = [torch.sigmoid(MeanPixel()(normalize(ds[i][0][None], False, IMAGENET))).item()
+                  for i in range(len(paths))]
+    assert np.allclose(out["probs"][:, 0], one_by_one, atol=1e-5)
+    assert np.all(np.diff(out["probs"][:, 0]) > 0), "image k is brighter than image k - 1, as written"
+
+
+def test_a_blank_joins_its_batch_in_the_batchs_shape():
+    a, b = torch.zeros(3, 40, 112, dtype=torch.uint8), torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    cl = [x.permute(1, 2, 0).contiguous().permute(2, 0, 1) for x in (a, a, b)]
+    images, _, ok = collate_images([(x, torch.tensor(0), torch.tensor(1.0)) for x in cl])
+    assert tuple(images.shape) == (3, 3, 40, 112)
+
+
+def test_the_cache_stores_the_packed_columns(tmp_path):
+    paths = strips(tmp_path / "im", 8)
+    cache = build_cache(paths, (32, 2.0, 255, RECT), tmp_path / "cache")
+    assert cache.row_shape == (37, 32, 3)
+    ev = EvalTransform(32, 2.0, 255, RECT)
+    for i, p in enumerate(paths):
+        x, ok = cache.get(i)
+        assert ok and torch.equal(ev(x), unpack_rect(load_rect(p, 32)))
+
+
+def test_rect_options_are_checked():
+    assert checked_config({"input_mode": "rect"}).geometry()[3] == RECT
+    assert checked_config({"input_mode": "rect"}).input_tiles() == 1, "one square's compute"
+    with pytest.raises(ConfigError, match="takes only its own input size"):
+        checked_config({"input_mode": "rect", "model": "test_vit"})
+
+
+def rect_competition(root, n_train=32, n_test=8):
+    """single_label_csv of frames 1:1 to 1:5, a red or a blue patch in each."""
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    for sub in ("train", "test"):
+        (root / sub).mkdir(parents=True)
+    rows = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            c, long = i % 2, int(rng.choice([32, 48, 96, 160]))
+            arr = np.full((32, long, 3), 128, np.uint8)
+            x = int(rng.integers(0, long - 16))
+            arr[8:24, x:x + 16] = (220, 30, 30) if c else (30, 30, 220)
+            Image.fromarray(arr if rng.random() < 0.5 else arr.transpose(1, 0, 2)).save(root / split / f"{split}{i:03d}.png")
+            if split == "train":
+                rows.append((f"{split}{i:03d}", f"c{c}"))
+    (root / "test" / "test007.png").write_bytes(b"\x89PNG broken")  # hostile: an unreadable test image
+    pd.DataFrame(rows, columns=["id", "label"]).to_csv(root / "train.csv", index=False)
+    pd.DataFrame({"id": [f"test{i:03d}" for i in range(n_test)], "label": "c0"}).to_csv(
+        root / "sample_submission.csv", index=False)
+    return root
+
+
+def test_rect_end_to_end_then_offline_inference_from_its_checkpoint(tmp_path, caplog):
+    from kernelkit.app.cli import main
+    from kernelkit.inputs.competition import load_competition
+    from kernelkit.inputs.submission import validate_submission
+    data = rect_competition(tmp_path / "rect")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="kernelkit"):
+        assert main({}, ["--model", "test_resnet", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",
+                         "--epochs", "2", "--budget", "10m", "--input-mode", "rect", "--data-dir", str(data),
+                         "--out-dir", str(out)]) == 0
+    assert any("input mode: rect (set)" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage().startswith("rect: ") and "by aspect bucket" in r.getMessage() for r in caplog.records)
+    comp = load_competition(data)
+    validate_submission(out / "submission.csv", comp)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input_mode"] == "rect"
+    ckpt = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"]["input_mode"] == "rect", "the checkpoint stores the mode for --mode infer"
+    infer = tmp_path / "infer"
+    assert main({}, ["--mode", "infer", "--checkpoints", str(out / "best.pt"), "--data-dir", str(data),
+                     "--num-workers", "0", "--out-dir", str(infer)]) == 0
+    validate_submission(infer / "submission.csv", comp)
+    np.testing.assert_allclose(np.load(infer / "test_probs.npy"), np.load(out / "test_probs.npy"), atol=1e-5,
+                               err_msg="offline inference predicts, row by row, what the run predicted")
