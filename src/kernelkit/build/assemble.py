@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ..core.storage import GB, plan_storage
 from ..data.cache import BuildStopped, ImageCache, build_cache, open_cache
 from ..data.folds import make_folds
 from ..data.loaders import ImageDataset, make_loader, split_indices
-from ..data.images import RECT_ASPECTS
+from ..data.images import RECT_ASPECTS, column_rows
 from ..data.sampling import balanced_sampler, rect_buckets
 from ..data.transforms import EvalTransform, TrainTransform
 from ..inputs.competition import Competition, load_competition
@@ -107,9 +108,10 @@ def fit_outputs(cfg: Config, comp: Competition, out_dir: Path, n_params: int) ->
     """The config the data is built with: the cache cut to what the output cap and the disk leave
     once the checkpoints are counted. Raises ConfigError when the checkpoints alone do not fit."""
     n_images = min(len(comp.train_paths), cfg.max_train_images or len(comp.train_paths))
-    # a cached image is input_tiles() squares of img_size
+    # a cached image is a column of img_size-wide rows: input_tiles() squares, or a rect's packed rows
+    squares = column_rows(max(1, cfg.img_size), cfg.geometry()[3]) / max(1, cfg.img_size)
     plan = plan_storage(out_dir, cache_root(cfg), n_params=n_params, ema=cfg.ema > 0,
-                        n_images=n_images * cfg.input_tiles(),
+                        n_images=math.ceil(n_images * squares),
                         n_outputs=3 * (len(comp.test_ids) + n_images) * comp.num_classes, img_size=cfg.img_size,
                         cache_max_gb=cfg.cache_max_gb, cap_gb=env.output_cap_gb(cfg.output_cap_gb))
     log.info(plan.describe())

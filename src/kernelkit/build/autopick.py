@@ -25,7 +25,7 @@ from ..core.clock import now as clock_now
 from ..core.config import Config
 from ..core.context import RunContext
 from ..core.distributed import DistInfo
-from ..core.weights import resolve_weights, same_architecture, weights_given
+from ..core.weights import fixed_size_architecture, resolve_weights, same_architecture, weights_given
 from ..engine.budget import InferenceReserve, budget_seconds, fmt_seconds
 from ..engine.evaluate import autocast
 from ..engine.plan import make_plan
@@ -468,6 +468,10 @@ def resolve(ctx: RunContext, comp: Competition, info: DistInfo, every: bool = Fa
     else:  # explicit settings win
         model, path = choice.model if cfg.model == "auto" else cfg.model, cfg.pretrained_path
     mode = {"input_mode": choice.input_mode, "tiles": choice.tiles} if choice.input_mode else {}
+    if several and cfg.input_mode == "rect" and fixed_size_architecture(model):
+        # auto chose rect for the first folder's architecture; this one takes only its own input size
+        log.info("input mode: pad instead of rect (%s takes only its own input size)", model)
+        mode = {"input_mode": "pad", "tiles": 0}
     picked = dataclasses.replace(cfg, model=model, img_size=cfg.img_size or choice.img_size, pretrained_path=path,
                                  **mode)
     resolved = dataclasses.replace(ctx, cfg=picked, input_mode_fallback="")

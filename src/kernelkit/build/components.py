@@ -19,7 +19,15 @@ from ..engine.learning_check import likely_causes
 from ..engine.resolution import fixed_input_size, schedule_from
 from ..engine.swa import create_averager
 from ..engine.trainer import FitOptions, TrainParts
-from ..model.factory import HIGH_RESOLUTION, build_model, create_ema, create_optimizer, freeze_early, hold_frozen_norms
+from ..model.factory import (
+    HIGH_RESOLUTION,
+    bucket_norms,
+    build_model,
+    create_ema,
+    create_optimizer,
+    freeze_early,
+    hold_frozen_norms,
+)
 from ..model.losses import get_loss
 
 log = logging.getLogger("kernelkit")
@@ -49,10 +57,12 @@ def ready_device(cfg: Config, device: torch.device, rank: int = 0) -> None:
 
 
 def model_from_config(cfg: Config, num_classes: int, with_weights: bool = True) -> torch.nn.Module:
-    """The architecture a config describes; `with_weights=False` when a checkpoint will fill it."""
-    return build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
-                       cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
-                       cfg.pretrained_path2 if with_weights else "")
+    """The architecture a config describes; `with_weights=False` when a checkpoint will fill it. Rect
+    runs keep BatchNorm statistics per aspect bucket (factory.bucket_norms)."""
+    model = build_model(cfg.model, num_classes, cfg.pretrained_path if with_weights else "", cfg.drop_rate,
+                        cfg.head, cfg.head_hidden, cfg.head_dropout, cfg.model2,
+                        cfg.pretrained_path2 if with_weights else "")
+    return bucket_norms(model) if cfg.input_mode == "rect" else model
 
 
 def frozen_stages(cfg: Config) -> int:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.clock import now as clock_now
 from ..core.progress import progress
 from ..core.stopping import ignore_in_worker
-from .images import RECT, DECODER_VERSION, BadImage, blank_image, column_rows, load_rect, load_resized, load_tiles, tv_jpeg_decoder
+from .images import RECT, RECT_FORMAT, DECODER_VERSION, BadImage, blank_image, column_rows, load_rect, load_resized, load_tiles, tv_jpeg_decoder
 
 log = logging.getLogger("kernelkit")
 
@@ -65,6 +65,8 @@ def cache_key(paths: Sequence[str], geometry: Geometry, stat_files: bool = True)
             "fill": fill, "n": len(paths)}
     if tiles != 1:  # only then (tiles, or RECT): square caches keep the keys they had before tiles existed
         what["tiles"] = tiles
+    if tiles == RECT:  # the buckets and the packing, whatever pad_aspect says (rect ignores it)
+        what.update(rect=RECT_FORMAT, pad_aspect=0.0)
     h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for p in paths:
         h.update(str(p).encode("utf-8", "surrogateescape") + b"\0")

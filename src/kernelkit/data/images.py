@@ -188,6 +188,7 @@ def to_tiles(x: torch.Tensor, size: int, tiles: int, fill: int = 255) -> torch.T
 RECT_ASPECTS = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
 RECT_STEP = 8  # bucket sides are multiples of this
 RECT_TAG = (0x52, 0x43)  # "RC": a packed column ends with this tag and the image's height and width
+RECT_FORMAT = 1  # in the cache key: a change to the buckets or the packing never reuses an old cache
 RECT = 0  # the `tiles` of a rect geometry (size, pad_aspect, fill, tiles): no squares, one rectangle
 
 

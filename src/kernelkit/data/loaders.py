@@ -238,7 +238,7 @@ class ThreadLoader:
         if sampler is None:
             sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
         self.sampler = sampler
-        self.batch_sampler = batch_sampler or BatchSampler(sampler, batch_size, drop_last)
+        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last) if batch_sampler is None else batch_sampler
         self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.collate_fn = collate_fn or collate_images

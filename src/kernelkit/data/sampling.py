@@ -98,7 +98,7 @@ def _bucket_of(path: str) -> int:
             warnings.simplefilter("ignore")  # a decompression-bomb warning: no pixels are decoded here
             with Image.open(path) as im:
                 w, h = im.size
-                if im.format in ("JPEG", "TIFF", "WEBP", "PNG") and im.getexif().get(0x0112) in _SWAPPED:
+                if im.getexif().get(0x0112) in _SWAPPED:  # any format: MPO phone photos turn too
                     w, h = h, w
         return rect_bucket(w, h)
     except Exception:  # noqa: BLE001  (any unreadable file: the loader logs it when it decodes it)

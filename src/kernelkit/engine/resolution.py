@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.images import rect_bucket, rect_shape
+
 MAX_STAGES = 4  # distinct sizes, the full one included
 MIN_PX = 32  # a stride-32 backbone's last feature map is 1 x 1 here
 
@@ -111,11 +113,10 @@ def fixed_input_size(model: torch.nn.Module) -> bool:
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, H, W) on the 0..255 scale (uint8 or float, contiguous or channels-last) -> size x size
-    (a rect batch: size * size pixels at its own aspect ratio) on the same device, antialiased
-    bilinear, same dtype and memory format; x itself at that size."""
+    (a rect batch: its bucket's shape at `size`) on the same device, antialiased bilinear, same dtype
+    and memory format; x itself at that size."""
     h, w = x.shape[-2:]
-    scale = size / math.sqrt(h * w)
-    out = (size, size) if h == w else (max(1, round(h * scale)), max(1, round(w * scale)))
+    out = (size, size) if h == w else rect_shape(rect_bucket(w, h), size)  # a rect bucket at the stage's size
     if (h, w) == out:
         return x
     cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

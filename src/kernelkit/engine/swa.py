@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from ..data.loaders import loader_tiles
 from ..data.transforms import Preprocess, fold_tiles, normalize
 from ..decide.rules import score_validation
-from ..model.factory import FROZEN_MARK, hold_frozen_norms
+from ..model.factory import BUCKET_NORM_MARK, FROZEN_MARK, hold_frozen_norms
 from .evaluate import autocast, predict
 
 log = logging.getLogger("kernelkit")
@@ -63,7 +63,8 @@ class WeightAverage:
 
     def extra_images(self, train_loader: Any, n_val: int) -> tuple[int, int]:
         """-> (images, loader start-ups) the conclusion costs beyond the final validation."""
-        bn = min(len(train_loader), self.bn_batches) * (train_loader.batch_size or 1) if has_batchnorm(self.module) else 0
+        per = train_loader.batch_size or getattr(getattr(train_loader, "batch_sampler", None), "batch_size", 1) or 1
+        bn = min(len(train_loader), self.bn_batches) * per if has_batchnorm(self.module) else 0
         return bn + n_val, 1 + int(bn > 0)
 
 
@@ -99,8 +100,10 @@ def recompute_batchnorm(model: torch.nn.Module, loader: Any, device: torch.devic
     """Running statistics of every BatchNorm layer from `max_batches` training batches (a cumulative
     average, as torch.optim.swa_utils.update_bn does, but on this package's uint8 batches).
     -> the number of batches used (0: the model has no BatchNorm)."""
+    # Frozen stages keep the statistics they trained with; per-bucket statistics (rect) keep their averages
+    # over the snapshots: one cumulative count cannot average a dozen buckets' batches.
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-              and not getattr(m, FROZEN_MARK, False)]  # frozen stages keep the statistics they trained with
+              and not getattr(m, FROZEN_MARK, False) and not getattr(m, BUCKET_NORM_MARK, False)]
     if not layers:
         return 0
     momenta = {m: m.momentum for m in layers}
