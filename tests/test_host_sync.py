@@ -83,9 +83,12 @@ def _batches(n: int, batch: int = 4, size: int = 32, classes: int = 3, seed: int
              torch.randint(0, classes, (batch,), generator=g), torch.ones(batch)) for _ in range(n)]
 
 
-def _trainer(steps: int, classes: int = 3) -> Trainer:
+def _trainer(steps: int, classes: int = 3, rect: bool = False) -> Trainer:
     torch.manual_seed(0)
     model = create_model("test_resnet", classes)
+    if rect:  # BatchNorm statistics per aspect bucket, as model_from_config builds a rect run's model
+        from kernelkit.model.factory import bucket_norms
+        bucket_norms(model)
     parts = TrainParts(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
                        scaler=torch.amp.GradScaler("cuda", enabled=False),
                        loss_fn=get_loss("ce", "multiclass", class_counts=[5, 3, 1]), ema=create_ema(model, 0.99),
@@ -325,16 +328,17 @@ def _rect_batches(n: int, batch: int = 4, classes: int = 3, seed: int = 0) -> li
 
 def test_rect_batches_of_changing_shapes_read_the_host_no_more_than_squares(audit, monkeypatch):
     """Rect batches change shape every step (strong augmentation, mixup/cutmix and progressive resizing
-    run on rectangles): still one read per LOG_EVERY steps, and none per prediction batch."""
+    run on rectangles; BatchNorm swaps in each bucket's statistics): still one read per LOG_EVERY steps,
+    and none per prediction batch."""
     log_every = 4
     monkeypatch.setattr(trainer_mod, "LOG_EVERY", log_every)
     steps = 2 * log_every + 3
-    trainer = _trainer(steps)
+    trainer = _trainer(steps, rect=True)
     with audit() as mode:
         tr = trainer.train_epoch(_rect_batches(steps), max_steps=steps)
     assert tr["images"] == 4 * steps and math.isfinite(tr["loss"])
     assert len(mode.reads) <= -(-steps // log_every) + 1
-    model = create_model("test_resnet", 3)
+    model = trainer.parts.model
     with audit() as mode:
         out = predict(model, _rect_batches(7), torch.device("cpu"), "multiclass", pre=IMAGENET)
     assert out["probs"].shape == (28, 3) and len(mode.reads) <= 2

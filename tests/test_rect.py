@@ -263,3 +263,20 @@ def test_batchnorm_keeps_statistics_per_bucket_through_a_checkpoint_and_a_copy()
     assert torch.allclose(copy.deepcopy(model)(strip), want_strip), "an EMA copy keeps them"
     plain = model_from_config(checked_config({"model": "test_resnet", "input_mode": "pad"}), 3)
     assert not any("rect_" in k for k in plain.state_dict()), "other modes: the model as timm builds it"
+
+
+def test_a_buckets_first_batches_replace_the_weights_statistics_then_it_moves_at_the_usual_rate():
+    """A rare bucket trains a few batches an epoch: its statistics start as the average of its own
+    batches (momentum 1/n), not 90% ImageNet's after one batch."""
+    from kernelkit.build.components import model_from_config
+    model = model_from_config(checked_config({"model": "test_resnet", "input_mode": "rect"}), 3)
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    model.train()
+    x = torch.randn(4, 3, 24, 48) * 2 + 1
+    model(x)
+    first = bn.rect_mean_2.clone()
+    model(x)  # the same batch again: the average of two equal batches is the first
+    assert torch.allclose(bn.rect_mean_2, first, atol=1e-6) and bn.momentum == 0.1
+    for _ in range(12):
+        model(torch.randn(4, 3, 24, 48))
+    assert bn.momentum == 0.1 and not torch.allclose(bn.rect_mean_2, first)
