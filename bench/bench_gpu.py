@@ -68,6 +68,8 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("channels_last off", ["channels_last=false"]),
     ("progressive resizing (resize_start 0.5, mixed sizes: not comparable with the bound)", ["resize_start=0.5"]),
     ("cache off", ["cache_images=false"]),
+    ("input_mode rect (aspect buckets, BatchNorm per bucket: the rect path on CUDA; other shapes than the bound's)",
+     ["input_mode=rect"]),
 ]
 
 
