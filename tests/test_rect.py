@@ -187,34 +187,13 @@ def test_rect_options_are_checked():
         checked_config({"input_mode": "rect", "model": "test_vit"})
 
 
-def rect_competition(root, n_train=32, n_test=8):
-    """single_label_csv of frames 1:1 to 1:5, a red or a blue patch in each."""
-    import pandas as pd
-    rng = np.random.default_rng(0)
-    for sub in ("train", "test"):
-        (root / sub).mkdir(parents=True)
-    rows = []
-    for split, n in (("train", n_train), ("test", n_test)):
-        for i in range(n):
-            c, long = i % 2, int(rng.choice([32, 48, 96, 160]))
-            arr = np.full((32, long, 3), 128, np.uint8)
-            x = int(rng.integers(0, long - 16))
-            arr[8:24, x:x + 16] = (220, 30, 30) if c else (30, 30, 220)
-            Image.fromarray(arr if rng.random() < 0.5 else arr.transpose(1, 0, 2)).save(root / split / f"{split}{i:03d}.png")
-            if split == "train":
-                rows.append((f"{split}{i:03d}", f"c{c}"))
-    (root / "test" / "test007.png").write_bytes(b"\x89PNG broken")  # hostile: an unreadable test image
-    pd.DataFrame(rows, columns=["id", "label"]).to_csv(root / "train.csv", index=False)
-    pd.DataFrame({"id": [f"test{i:03d}" for i in range(n_test)], "label": "c0"}).to_csv(
-        root / "sample_submission.csv", index=False)
-    return root
-
-
 def test_rect_end_to_end_then_offline_inference_from_its_checkpoint(tmp_path, caplog):
     from kernelkit.app.cli import main
     from kernelkit.inputs.competition import load_competition
     from kernelkit.inputs.submission import validate_submission
-    data = rect_competition(tmp_path / "rect")
+    from test_tiles import strip_competition
+    data = strip_competition(tmp_path / "rect", n_train=32, n_test=8, lengths=(32, 48, 96, 160))  # 1:1 to 1:5
+    (data / "test" / "test007.png").write_bytes(b"\x89PNG broken")  # hostile: an unreadable test image
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="kernelkit"):
         assert main({}, ["--model", "test_resnet", "--img-size", "32", "--batch-size", "4", "--num-workers", "0",

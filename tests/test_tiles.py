@@ -146,8 +146,9 @@ def test_tile_options_are_checked():
     assert checked_config({}).input_tiles() == 1, "auto before it is resolved (and old checkpoints): one square"
 
 
-def strip_competition(root, n_train=24, n_test=6):
-    """single_label_csv of 1:3 strips (either orientation)."""
+def strip_competition(root, n_train=24, n_test=6, lengths=(96,)):
+    """single_label_csv of 32 px high strips `lengths` long (1:3 by default; several: drawn per image),
+    either orientation, a red or a blue 24 px patch in each."""
     import pandas as pd
     rng = np.random.default_rng(0)
     for sub in ("train", "test"):
@@ -156,8 +157,9 @@ def strip_competition(root, n_train=24, n_test=6):
     for split, n in (("train", n_train), ("test", n_test)):
         for i in range(n):
             c = i % 2
-            arr = np.full((32, 96, 3), 128, np.uint8)
-            x = int(rng.integers(0, 72))
+            long = int(rng.choice(lengths)) if len(lengths) > 1 else lengths[0]
+            arr = np.full((32, long, 3), 128, np.uint8)
+            x = int(rng.integers(0, long - 24))
             arr[4:28, x:x + 24] = (220, 30, 30) if c else (30, 30, 220)
             img = Image.fromarray(arr if rng.random() < 0.5 else arr.transpose(1, 0, 2))
             img.save(root / split / f"{split}{i:03d}.png")
