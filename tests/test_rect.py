@@ -259,3 +259,14 @@ def test_a_buckets_first_batches_replace_the_weights_statistics_then_it_moves_at
     for _ in range(12):
         model(torch.randn(4, 3, 24, 48))
     assert bn.momentum == 0.1 and not torch.allclose(bn.rect_mean_2, first)
+
+
+def test_a_bucket_sampler_with_no_batch_is_not_swapped_for_a_plain_one(tmp_path):
+    """Regression: `batch_sampler or BatchSampler(...)` took an empty bucket sampler (every training bucket
+    holding one image) for none and made mixed-shape batches."""
+    from kernelkit.data.loaders import ThreadLoader
+    paths = strips(tmp_path / "im", 3)  # three images, three buckets
+    ds = ImageDataset(paths, np.zeros(3), EvalTransform(32, 2.0, 255, RECT), 32)
+    sampler = BucketBatchSampler(range(3), rect_buckets(paths), 4, min_last=2)
+    loader = ThreadLoader(ds, 4, batch_sampler=sampler)
+    assert len(sampler) == 0 and loader.batch_sampler is sampler and list(loader) == []
