@@ -2950,17 +2950,6 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
-        (c.tiles == 0 or 2 <= c.tiles <= MAX_TILES,
-         f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
-        (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
-         "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
-        (c.input_mode != "rect" or not any(fixed_size_architecture(m) for m in (c.model, c.model2)),
-         f"input_mode=rect feeds each image in its own shape, but {c.model!r}"
-         f"{f' or {c.model2!r}' if c.model2 else ''} takes only its own input size; "
-         "set input_mode=pad or tiles, or a convolutional model"),
-        (c.input_mode != "rect" or not c.compile,
-         "input_mode=rect cannot be combined with compile=true (a static graph per batch shape: rect has a dozen); "
-         "set one of them off"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
          f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
         (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
@@ -2984,6 +2973,24 @@ def _range_problems(c: Config) -> list[str]:
          "mode='blend' needs checkpoints= (run output folders, comma-separated or a glob)"),
         (not ((c.mixup or c.cutmix) and c.loss == "complement"),
          "mixup/cutmix give soft targets, which loss='complement' does not take"),
+    ]
+    return [msg for ok, msg in rules if not ok]
+
+
+def _input_mode_problems(c: Config) -> list[str]:
+    """What tiles and rect cannot be combined with."""
+    rules = [
+        (c.tiles == 0 or 2 <= c.tiles <= MAX_TILES,
+         f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
+        (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
+         "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
+        (c.input_mode != "rect" or not any(fixed_size_architecture(m) for m in (c.model, c.model2)),
+         f"input_mode=rect feeds each image in its own shape, but {c.model!r}"
+         f"{f' or {c.model2!r}' if c.model2 else ''} takes only its own input size; "
+         "set input_mode=pad or tiles, or a convolutional model"),
+        (c.input_mode != "rect" or not c.compile,
+         "input_mode=rect cannot be combined with compile=true (a static graph per batch shape: rect has a dozen); "
+         "set one of them off"),
     ]
     return [msg for ok, msg in rules if not ok]
 
@@ -3069,7 +3076,7 @@ def fill_architecture(cfg: Config) -> None:
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
     """Every option at once, so one run shows every mistake; raises ConfigError naming each option."""
-    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg)
+    problems = _choice_problems(cfg) + _range_problems(cfg) + _input_mode_problems(cfg) + _parse_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg)
     if problems:
@@ -5346,11 +5353,21 @@ def rect_bucket(w: int, h: int) -> int:
     return k if w >= h else -k
 
 
+@functools.lru_cache(maxsize=4096)
 def rect_shape(bucket: int, size: int) -> tuple[int, int]:
-    """(h, w) of `bucket` at working size `size`: about size * size pixels."""
-    a = RECT_ASPECTS[abs(bucket)]
+    """(h, w) of `bucket` at working size `size`: sides in RECT_STEPs, about size * size pixels in the
+    bucket's aspect ratio, and always a shape whose own bucket is this one (a batch's shape names its
+    bucket: BatchNorm's statistics and progressive resizing read it from there)."""
+    a, k = RECT_ASPECTS[abs(bucket)], abs(bucket)
     short = max(RECT_STEP, RECT_STEP * round(size / math.sqrt(a) / RECT_STEP))
     long = max(short, RECT_STEP * round(size * math.sqrt(a) / RECT_STEP))
+    if rect_bucket(long, short) == k:
+        return (short, long) if bucket >= 0 else (long, short)
+    # rounding put the shape nearer another bucket's aspect (small sizes): the nearest shape that is not
+    near = [(s, lg) for s in range(max(RECT_STEP, short - 2 * RECT_STEP), short + 3 * RECT_STEP, RECT_STEP)
+            for lg in range(max(s, long - 4 * RECT_STEP), long + 5 * RECT_STEP, RECT_STEP) if rect_bucket(lg, s) == k]
+    if near:
+        short, long = min(near, key=lambda sl: abs(math.log(sl[0] * sl[1] / size ** 2)) + abs(math.log(sl[1] / sl[0] / a)))
     return (short, long) if bucket >= 0 else (long, short)
 
 
@@ -9488,8 +9505,8 @@ class Trainer:
             x, self.tiles = fold_tiles(x, tiles)  # before the batch augmentation: a crop must not straddle two tiles
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
-            if opts.resolution is not None and (px := self.follow_resolution()) != opts.resolution.full:
-                x = resize_batch(x, px)  # (at full size as stored: a rect bucket's sides are not img_size)
+            if opts.resolution is not None:
+                x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             bad = self.update(loss)
             loss = torch.where(bad > 0, torch.nan, loss)  # a skipped step's loss is not averaged

@@ -94,17 +94,6 @@ def _range_problems(c: Config) -> list[str]:
          f"epochs={c.epochs} cannot be split over sessions={c.sessions}: need epochs >= sessions (or epochs=0)"),
         (c.pad_aspect == 0 or c.pad_aspect >= 1, f"pad_aspect={c.pad_aspect}: 0 (always resize) or >= 1"),
         (0 <= c.pad_fill <= 255, f"pad_fill={c.pad_fill}: a grey level in 0..255"),
-        (c.tiles == 0 or 2 <= c.tiles <= MAX_TILES,
-         f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
-        (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
-         "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
-        (c.input_mode != "rect" or not any(fixed_size_architecture(m) for m in (c.model, c.model2)),
-         f"input_mode=rect feeds each image in its own shape, but {c.model!r}"
-         f"{f' or {c.model2!r}' if c.model2 else ''} takes only its own input size; "
-         "set input_mode=pad or tiles, or a convolutional model"),
-        (c.input_mode != "rect" or not c.compile,
-         "input_mode=rect cannot be combined with compile=true (a static graph per batch shape: rect has a dozen); "
-         "set one of them off"),
         (c.resize_start == 0 or 0.25 <= c.resize_start < 1,
          f"resize_start={c.resize_start}: 0 (off) or a fraction of img_size in [0.25, 1), e.g. 0.5"),
         (0 < c.resize_full_at <= 1, f"resize_full_at={c.resize_full_at}: a share of the schedule in (0, 1]"),
@@ -128,6 +117,24 @@ def _range_problems(c: Config) -> list[str]:
          "mode='blend' needs checkpoints= (run output folders, comma-separated or a glob)"),
         (not ((c.mixup or c.cutmix) and c.loss == "complement"),
          "mixup/cutmix give soft targets, which loss='complement' does not take"),
+    ]
+    return [msg for ok, msg in rules if not ok]
+
+
+def _input_mode_problems(c: Config) -> list[str]:
+    """What tiles and rect cannot be combined with."""
+    rules = [
+        (c.tiles == 0 or 2 <= c.tiles <= MAX_TILES,
+         f"tiles={c.tiles}: 0 (auto) or 2..{MAX_TILES} squares along the long side"),
+        (c.input_mode != "tiles" or not (c.mixup or c.cutmix),
+         "input_mode=tiles cannot be combined with mixup/cutmix (each image is several tiles); set one of them off"),
+        (c.input_mode != "rect" or not any(fixed_size_architecture(m) for m in (c.model, c.model2)),
+         f"input_mode=rect feeds each image in its own shape, but {c.model!r}"
+         f"{f' or {c.model2!r}' if c.model2 else ''} takes only its own input size; "
+         "set input_mode=pad or tiles, or a convolutional model"),
+        (c.input_mode != "rect" or not c.compile,
+         "input_mode=rect cannot be combined with compile=true (a static graph per batch shape: rect has a dozen); "
+         "set one of them off"),
     ]
     return [msg for ok, msg in rules if not ok]
 
@@ -213,7 +220,7 @@ def fill_architecture(cfg: Config) -> None:
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
     """Every option at once, so one run shows every mistake; raises ConfigError naming each option."""
-    problems = _choice_problems(cfg) + _range_problems(cfg) + _parse_problems(cfg)
+    problems = _choice_problems(cfg) + _range_problems(cfg) + _input_mode_problems(cfg) + _parse_problems(cfg)
     if check_paths:
         problems += _path_problems(cfg)
     if problems:

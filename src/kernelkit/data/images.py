@@ -199,11 +199,21 @@ def rect_bucket(w: int, h: int) -> int:
     return k if w >= h else -k
 
 
+@functools.lru_cache(maxsize=4096)
 def rect_shape(bucket: int, size: int) -> tuple[int, int]:
-    """(h, w) of `bucket` at working size `size`: about size * size pixels."""
-    a = RECT_ASPECTS[abs(bucket)]
+    """(h, w) of `bucket` at working size `size`: sides in RECT_STEPs, about size * size pixels in the
+    bucket's aspect ratio, and always a shape whose own bucket is this one (a batch's shape names its
+    bucket: BatchNorm's statistics and progressive resizing read it from there)."""
+    a, k = RECT_ASPECTS[abs(bucket)], abs(bucket)
     short = max(RECT_STEP, RECT_STEP * round(size / math.sqrt(a) / RECT_STEP))
     long = max(short, RECT_STEP * round(size * math.sqrt(a) / RECT_STEP))
+    if rect_bucket(long, short) == k:
+        return (short, long) if bucket >= 0 else (long, short)
+    # rounding put the shape nearer another bucket's aspect (small sizes): the nearest shape that is not
+    near = [(s, lg) for s in range(max(RECT_STEP, short - 2 * RECT_STEP), short + 3 * RECT_STEP, RECT_STEP)
+            for lg in range(max(s, long - 4 * RECT_STEP), long + 5 * RECT_STEP, RECT_STEP) if rect_bucket(lg, s) == k]
+    if near:
+        short, long = min(near, key=lambda sl: abs(math.log(sl[0] * sl[1] / size ** 2)) + abs(math.log(sl[1] / sl[0] / a)))
     return (short, long) if bucket >= 0 else (long, short)
 
 

@@ -325,8 +325,8 @@ class Trainer:
             x, self.tiles = fold_tiles(x, tiles)  # before the batch augmentation: a crop must not straddle two tiles
             if parts.batch_aug is not None:
                 x, y, ok = parts.batch_aug(x, y, ok)
-            if opts.resolution is not None and (px := self.follow_resolution()) != opts.resolution.full:
-                x = resize_batch(x, px)  # (at full size as stored: a rect bucket's sides are not img_size)
+            if opts.resolution is not None:
+                x = resize_batch(x, self.follow_resolution())
             loss = self.forward_backward(normalize(x, opts.channels_last, opts.preprocess), y, ok)
             bad = self.update(loss)
             loss = torch.where(bad > 0, torch.nan, loss)  # a skipped step's loss is not averaged
