@@ -2651,13 +2651,10 @@ def resolve_input_mode(ctx: RunContext, comp: Competition, data_parallel: bool =
     # rect needs one process (bucketed batches), a model that takes any size, and no static compiled graph
     rect_ok = not (data_parallel or cfg.compile or fixed_size_architecture(cfg.model)
                    or fixed_size_architecture(cfg.model2))
-    mixing = cfg.input_mode == "auto" and bool(cfg.mixup or cfg.cutmix)  # an image's tiles cannot be mixed
-    if mixing and not rect_ok:
-        log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
-        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     # a dry run plans a fresh run (its autopick ignores the checkpoint too)
     resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
-    if resumed is not None and mixing and resumed[0] == "tiles":
+    tiles_possible = not rect_ok or (resumed is not None and resumed[0] == "tiles")
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix) and tiles_possible:  # tiles cannot be mixed
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say
@@ -5390,12 +5387,7 @@ def to_rect(x: torch.Tensor, size: int, fill: int = 255) -> torch.Tensor:
     bh, bw = rect_shape(rect_bucket(w, h), size)
     if max(w, h) / max(1, min(w, h)) <= RECT_ASPECTS[-1] * 1.1:
         return pack_rect(resize_tensor(channels_last(x), bh, bw), size)
-    scale = min(bw / w, bh / h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = torch.full((bh, bw, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
-    top, left = (bh - nh) // 2, (bw - nw) // 2
-    canvas[:, top:top + nh, left:left + nw] = resize_tensor(channels_last(x), nh, nw)
-    return pack_rect(canvas, size)
+    return pack_rect(letterbox(x, bh, bw, fill), size)
 
 
 def pack_rect(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -5456,13 +5448,19 @@ def resize_or_pad_tensor(x: torch.Tensor, size: int, pad_aspect: float = 2.0, fi
     side and pad the short side with `fill` when the aspect ratio exceeds `pad_aspect` (same
     offsets as the Pillow `transforms.resize_or_pad`)."""
     h, w = x.shape[-2:]
-    nw, nh = fit_size(w, h, size, pad_aspect)
-    y = resize_tensor(channels_last(x), nh, nw)
-    if nw == size and nh == size:
-        return channels_last(y)
-    out = torch.full((size, size, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[:, top:top + nh, left:left + nw] = y
+    if fit_size(w, h, size, pad_aspect) == (size, size):
+        return channels_last(resize_tensor(channels_last(x), size, size))
+    return letterbox(x, size, size, fill)
+
+
+def letterbox(x: torch.Tensor, out_h: int, out_w: int, fill: int = 255) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, out_h, out_w), channels-last: fitted inside, aspect kept, centred on `fill`."""
+    h, w = x.shape[-2:]
+    scale = min(out_w / max(1, w), out_h / max(1, h))
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = torch.full((out_h, out_w, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
+    top, left = (out_h - nh) // 2, (out_w - nw) // 2
+    out[:, top:top + nh, left:left + nw] = resize_tensor(channels_last(x), nh, nw)
     return out
 
 
@@ -10790,8 +10788,8 @@ def _load_bucket_stats(m: nn.Module, args: tuple) -> None:
         # 0.945 F2, 0.98 with one average). Its first batches are averaged (momentum 1/n), then 0.1.
         counts = m.__dict__.setdefault(BUCKET_COUNTS, {})  # per process: a resumed run re-averages its first
         counts[b] = n = counts.get(b, 0) + 1
-        m.__dict__[BUCKET_MOMENTUM] = m.momentum
-        m.momentum = max(m.momentum, 1.0 / n)
+        base = m.__dict__.setdefault(BUCKET_MOMENTUM, m.momentum)  # (kept if a failed forward left it set)
+        m.momentum = max(base, 1.0 / n)
 
 
 @torch.no_grad()

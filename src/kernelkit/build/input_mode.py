@@ -95,13 +95,10 @@ def resolve_input_mode(ctx: RunContext, comp: Competition, data_parallel: bool =
     # rect needs one process (bucketed batches), a model that takes any size, and no static compiled graph
     rect_ok = not (data_parallel or cfg.compile or fixed_size_architecture(cfg.model)
                    or fixed_size_architecture(cfg.model2))
-    mixing = cfg.input_mode == "auto" and bool(cfg.mixup or cfg.cutmix)  # an image's tiles cannot be mixed
-    if mixing and not rect_ok:
-        log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
-        return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     # a dry run plans a fresh run (its autopick ignores the checkpoint too)
     resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
-    if resumed is not None and mixing and resumed[0] == "tiles":
+    tiles_possible = not rect_ok or (resumed is not None and resumed[0] == "tiles")
+    if cfg.input_mode == "auto" and (cfg.mixup or cfg.cutmix) and tiles_possible:  # tiles cannot be mixed
         log.info("input mode: pad (mixup/cutmix are set, and tiles cannot be mixed)")
         return dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, input_mode="pad"))
     if resumed is not None:  # a trained model keeps the images it was trained on, whatever a fresh pick would say

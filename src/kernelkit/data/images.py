@@ -236,12 +236,7 @@ def to_rect(x: torch.Tensor, size: int, fill: int = 255) -> torch.Tensor:
     bh, bw = rect_shape(rect_bucket(w, h), size)
     if max(w, h) / max(1, min(w, h)) <= RECT_ASPECTS[-1] * 1.1:
         return pack_rect(resize_tensor(channels_last(x), bh, bw), size)
-    scale = min(bw / w, bh / h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = torch.full((bh, bw, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
-    top, left = (bh - nh) // 2, (bw - nw) // 2
-    canvas[:, top:top + nh, left:left + nw] = resize_tensor(channels_last(x), nh, nw)
-    return pack_rect(canvas, size)
+    return pack_rect(letterbox(x, bh, bw, fill), size)
 
 
 def pack_rect(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -302,13 +297,19 @@ def resize_or_pad_tensor(x: torch.Tensor, size: int, pad_aspect: float = 2.0, fi
     side and pad the short side with `fill` when the aspect ratio exceeds `pad_aspect` (same
     offsets as the Pillow `transforms.resize_or_pad`)."""
     h, w = x.shape[-2:]
-    nw, nh = fit_size(w, h, size, pad_aspect)
-    y = resize_tensor(channels_last(x), nh, nw)
-    if nw == size and nh == size:
-        return channels_last(y)
-    out = torch.full((size, size, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[:, top:top + nh, left:left + nw] = y
+    if fit_size(w, h, size, pad_aspect) == (size, size):
+        return channels_last(resize_tensor(channels_last(x), size, size))
+    return letterbox(x, size, size, fill)
+
+
+def letterbox(x: torch.Tensor, out_h: int, out_w: int, fill: int = 255) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, out_h, out_w), channels-last: fitted inside, aspect kept, centred on `fill`."""
+    h, w = x.shape[-2:]
+    scale = min(out_w / max(1, w), out_h / max(1, h))
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = torch.full((out_h, out_w, 3), fill, dtype=torch.uint8).permute(2, 0, 1)
+    top, left = (out_h - nh) // 2, (out_w - nw) // 2
+    out[:, top:top + nh, left:left + nw] = resize_tensor(channels_last(x), nh, nw)
     return out
 
 

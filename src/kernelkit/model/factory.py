@@ -209,8 +209,8 @@ def _load_bucket_stats(m: nn.Module, args: tuple) -> None:
         # 0.945 F2, 0.98 with one average). Its first batches are averaged (momentum 1/n), then 0.1.
         counts = m.__dict__.setdefault(BUCKET_COUNTS, {})  # per process: a resumed run re-averages its first
         counts[b] = n = counts.get(b, 0) + 1
-        m.__dict__[BUCKET_MOMENTUM] = m.momentum
-        m.momentum = max(m.momentum, 1.0 / n)
+        base = m.__dict__.setdefault(BUCKET_MOMENTUM, m.momentum)  # (kept if a failed forward left it set)
+        m.momentum = max(base, 1.0 / n)
 
 
 @torch.no_grad()
