@@ -1,5 +1,7 @@
 """Issue 10 and 15: the 9-hour run is trusted: seeded, refused early, finished on SIGTERM, always submitted."""
 import json
+import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,3 +170,19 @@ def test_an_image_cache_build_past_its_share_of_the_budget_is_abandoned(tmp_path
     assert image_cache(cfg, comp.train_paths, deadline=time.time() - 1) is None
     assert not any((tmp_path / "cache").iterdir()), "nothing half-built is left"
     assert image_cache(cfg, comp.train_paths, deadline=time.time() + 600) is not None
+
+
+def test_an_image_cache_with_no_disk_room_for_one_image_is_skipped(tmp_path, single_label_dir, monkeypatch, caplog):
+    """A nearly full disk (CI once ran with <1 GiB free) gives no cache, not an empty one; the run goes on."""
+    from kernelkit.build.assemble import image_cache
+    from kernelkit.core.options import make_config
+    from kernelkit.data import cache as cache_module
+    from kernelkit.inputs.competition import load_competition
+    comp = load_competition(single_label_dir)
+    cfg, _ = make_config({"img_size": 32, "num_workers": 0, "cache_dir": str(tmp_path / "cache")}, [])
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(cache_module, "FREE_DISK_MARGIN", free + (1 << 30))
+    with caplog.at_level(logging.WARNING, logger="kernelkit"):
+        assert image_cache(cfg, comp.train_paths, deadline=time.time() + 600) is None
+    assert "no disk room for a single image" in caplog.text and "decoded as they are used" in caplog.text
+    assert not any((tmp_path / "cache").iterdir()), "nothing half-built is left"

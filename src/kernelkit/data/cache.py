@@ -214,7 +214,7 @@ class CacheWriter(Dataset):
 
 
 class BuildStopped(Exception):
-    """A stop request (SIGTERM) arrived while the cache was being built."""
+    """The build was abandoned: a stop request (SIGTERM), its deadline passed, or no disk room for one image."""
 
 
 def _write_at(fd: int, buf: memoryview, offset: int) -> None:
@@ -345,7 +345,8 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     geometry: (size, pad_aspect, fill), e.g. `EvalTransform(...).geometry`. max_bytes: upper
     bound on the pixel file (0 = only the free disk space, minus 1 GiB, bounds it). `stop`
     (stopping.StopFlag): when it is raised the build is abandoned with BuildStopped, nothing kept;
-    likewise when the wall clock passes `deadline` (clock_now() value; 0 = none).
+    likewise when the wall clock passes `deadline` (clock_now() value; 0 = none), and when the disk
+    has no room for a single image (an empty cache is no speed-up).
     """
     t0 = clock_now()
     geometry = _geometry(geometry)
@@ -359,8 +360,12 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
+    if deadline and clock_now() > deadline:  # checked per batch below too, but 0 rows make 0 batches
+        raise BuildStopped("image cache build abandoned: its share of the budget was spent before it began")
     per = 3 * size * column_rows(size, geometry[3])
     n, n_fit = len(paths), _rows_that_fit(root, len(paths), per, max_bytes)
+    if n_fit == 0:  # an empty cache would only add a lookup per image
+        raise BuildStopped("image cache: no disk room for a single image")
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
