@@ -778,7 +778,10 @@ def data_parallel_processes(ctx: RunContext) -> int:
         return 1
     procs = distributed.wanted_processes(cfg.ddp_procs)
     blockers = [k for k in ("freeze", "balanced_sampling") if getattr(cfg, k) > 0]
-    blockers += ["input_mode=rect"] if cfg.input_mode == "rect" else []  # ranks would count different batches
+    if cfg.input_mode == "rect":  # ranks would count different batches
+        blockers.append("input_mode=rect")
+    elif procs > 1 and cfg.input_mode == "auto" and autopick.resumed_input_mode(ctx) == "rect":
+        blockers.append("resuming an input_mode=rect run")  # auto keeps a trained model's input mode
     if procs > 1 and blockers:
         if cfg.ddp_procs > 1:
             raise ConfigError(f"ddp_procs={cfg.ddp_procs} cannot be combined with {' and '.join(blockers)} yet; "
@@ -1057,8 +1060,13 @@ def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, devi
     """Predict the first `batches` batches of real test images (their files, the eval transform, the
     run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
     n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
-    return predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
-                   cfg.channels_last, desc=desc, pre=preprocess_of(model), amp_dtype=amp_dtype(cfg.amp_dtype, device))
+    t0 = clock_now()
+    loader = test_loader(cfg, comp, device, limit=n)  # rect reads each image's header here
+    setup_s = clock_now() - t0
+    out = predict(model, loader, device, comp.task, tta_views(cfg.tta), cfg.amp, cfg.channels_last, desc=desc,
+                  pre=preprocess_of(model), amp_dtype=amp_dtype(cfg.amp_dtype, device))
+    out["setup_s_per_image"] = setup_s / max(1, n)
+    return out
 
 
 def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,
@@ -1243,6 +1251,7 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
     reserve.test_ips = out["images_per_s"]
     reserve.observe_startup(out["startup_s"])
+    reserve.overhead_s += out["setup_s_per_image"] * reserve.n_test  # the full test loader's set-up (rect: headers)
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
              "views + %d validation images", out["images_per_s"], out["startup_s"],
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
@@ -2189,15 +2198,31 @@ class Choice:
     tiles: int = 0
 
 
+def resume_path(ctx: RunContext) -> Path | None:
+    """The checkpoint this run would resume: an unfinished run's last.pt in out_dir, or resume_from."""
+    from ..engine.run_state import resumable
+    return resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+
+
+def resumed_input_mode(ctx: RunContext) -> str:
+    """The input_mode saved in the checkpoint this run would resume, unjudged ('' for none or unreadable):
+    the launcher's look before the competition is opened (resumed_config judges the checkpoint later)."""
+    from ..engine.checkpoint import load_checkpoint
+    try:
+        path = resume_path(ctx)
+        return str(load_checkpoint(path, "cpu", mmap=True).get("config", {}).get("input_mode", "")) if path else ""
+    except Exception:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
+        return ""
+
+
 def resumed_config(ctx: RunContext, classes: list) -> dict | None:
     """The config saved in the checkpoint this run will resume (what auto resolved to there); None when it
     resumes none, or when resume.check_resume will refuse it or start fresh (another model, label set or
     schedule), or when the file is unreadable (prepare reports that properly)."""
     from ..engine.checkpoint import load_checkpoint
     from ..engine.resume import continues
-    from ..engine.run_state import resumable
     try:
-        path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+        path = resume_path(ctx)
         if path is None:
             return None
         ckpt = load_checkpoint(path, "cpu", mmap=True)  # resume.check_resume loads it all

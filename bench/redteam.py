@@ -1707,7 +1707,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="merge these cases' results into the results file (same kernel) instead of replacing it")
     ap.add_argument("--keep", action="store_true", help="keep each case's directory (printed in the JSON)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
+                    help="a base flag for every case that trains, e.g. input-mode=rect (repeatable): the corpus "
+                         "against a mode auto does not pick on its small images")
     args = ap.parse_args(argv)
+    for item in args.set:
+        flag, sep, value = item.partition("=")
+        if not sep or not flag:
+            ap.error(f"--set {item!r}: expected FLAG=VALUE")
+        BASE[flag.lstrip("-")] = value
     cases = select(args.only, args.fast)
     if args.list:
         for c in cases:
@@ -1745,6 +1753,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.json
     elif (args.only or args.fast) and not args.update:
         tag = "fast" if args.fast and not args.only else re.sub(r"[^A-Za-z0-9_.-]+", "_", args.only or "")[:60]
+        tag += "".join("-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", item) for item in args.set)
         path = RESULTS / f"redteam-{tag}{'-fast' if args.fast and args.only else ''}.json"
     else:
         path = RESULTS / "redteam.json"
@@ -1768,7 +1777,7 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "kernel": args.kernel_rev and f"git {args.kernel_rev} ({rev}):kernel.py" or str(kernel),
-        "kernel_sha256": kernel_sha, "git": git_rev(),
+        "kernel_sha256": kernel_sha, "git": git_rev(), "base_flags": dict(BASE),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.version.split()[0],
         "contract": {"refuse_within_s": REFUSE_WITHIN_S, "overrun_s": OVERRUN_S, "signal_grace_s": SIGNAL_GRACE_S},
         "passed": n_pass, "total": len(results), "by_class": by_class, "cases": results,

@@ -3,6 +3,7 @@ img_size square's pixel count in the shape of its aspect bucket, packed for the 
 bucket, predictions back in the dataset's order."""
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -279,3 +280,62 @@ def test_a_bucket_sampler_with_no_batch_is_not_swapped_for_a_plain_one(tmp_path)
     sampler = BucketBatchSampler(range(3), rect_buckets(paths), 4, min_last=2)
     loader = ThreadLoader(ds, 4, batch_sampler=sampler)
     assert len(sampler) == 0 and loader.batch_sampler is sampler and list(loader) == []
+
+
+@pytest.mark.parametrize("ddp_procs", [0, 2])
+def test_resuming_a_rect_run_where_ranks_would_start(tmp_path, monkeypatch, caplog, ddp_procs):
+    """Auto keeps a trained model's input mode, and rect batches cannot be split across ranks: a rect run
+    resumed where two GPUs are visible (a Kaggle T4 x2 session) trains in one process; only an explicit
+    ddp_procs=2 is refused, in the launcher, before any rank starts (it used to be refused in a rank)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from kernelkit.app import launch
+    from kernelkit.core import distributed
+    from kernelkit.core.context import RunContext
+    from kernelkit.core.options import make_config
+    from kernelkit.engine.checkpoint import save_checkpoint
+    from kernelkit.engine.run_state import STATE_FILE
+    cfg, _ = make_config({"ddp_procs": ddp_procs}, [])
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint({"config": dataclasses.replace(cfg, model="test_resnet", input_mode="rect").to_dict(),
+                     "classes": ["0", "1"], "model": {}, "progress": 0.5, "epoch": 1, "format_version": 2},
+                    out / "last.pt")
+    (out / STATE_FILE).write_text(json.dumps({"run_start": 0.0, "finished": False}))
+    monkeypatch.setattr(distributed, "wanted_processes", lambda procs: procs or 2)  # two GPUs visible
+    ctx = RunContext(cfg, SimpleNamespace(dry_run=False), tmp_path, out, False, 0.0)
+    if ddp_procs:
+        with pytest.raises(ConfigError, match="ddp_procs=2 cannot be combined with resuming an input_mode=rect"):
+            launch.data_parallel_processes(ctx)
+    else:
+        with caplog.at_level(logging.WARNING, logger="kernelkit"):
+            assert launch.data_parallel_processes(ctx) == 1
+        assert "resuming an input_mode=rect run is not supported with data-parallel" in caplog.text
+    fresh = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, resume=False))
+    assert launch.data_parallel_processes(fresh) == 2, "a fresh run (auto may pick tiles there) keeps its ranks"
+
+
+def test_the_inference_reserve_counts_reading_the_test_headers(tmp_path, monkeypatch, single_label_dir):
+    """rect reads every test image's header before predicting: the probe times that set-up on its own
+    images and the reserve keeps it for all of them (a lower bound that holds on any machine: each
+    header read is slowed by 20 ms)."""
+    from kernelkit.app.train_job import measure_reserve
+    from kernelkit.build import assemble
+    from kernelkit.engine.budget import InferenceReserve
+    from kernelkit.inputs.competition import load_competition
+    comp = load_competition(single_label_dir)
+    cfg = checked_config({"model": "test_resnet", "img_size": 32, "batch_size": 2, "num_workers": 0,
+                          "input_mode": "rect"})
+    import timm
+    model = timm.create_model("test_resnet", num_classes=comp.num_classes).eval()
+    reserve = InferenceReserve(len(comp.test_ids), 0, 1)
+    base = reserve.overhead_s
+    real = assemble.rect_buckets
+
+    def slow_headers(paths):
+        time.sleep(0.02 * len(paths))
+        return real(paths)
+    monkeypatch.setattr(assemble, "rect_buckets", slow_headers)
+    measure_reserve(cfg, comp, model, torch.device("cpu"), reserve)
+    assert reserve.overhead_s - base >= 0.02 * len(comp.test_ids) * 0.99

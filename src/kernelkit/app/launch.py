@@ -80,7 +80,10 @@ def data_parallel_processes(ctx: RunContext) -> int:
         return 1
     procs = distributed.wanted_processes(cfg.ddp_procs)
     blockers = [k for k in ("freeze", "balanced_sampling") if getattr(cfg, k) > 0]
-    blockers += ["input_mode=rect"] if cfg.input_mode == "rect" else []  # ranks would count different batches
+    if cfg.input_mode == "rect":  # ranks would count different batches
+        blockers.append("input_mode=rect")
+    elif procs > 1 and cfg.input_mode == "auto" and autopick.resumed_input_mode(ctx) == "rect":
+        blockers.append("resuming an input_mode=rect run")  # auto keeps a trained model's input mode
     if procs > 1 and blockers:
         if cfg.ddp_procs > 1:
             raise ConfigError(f"ddp_procs={cfg.ddp_procs} cannot be combined with {' and '.join(blockers)} yet; "

@@ -76,8 +76,13 @@ def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, devi
     """Predict the first `batches` batches of real test images (their files, the eval transform, the
     run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
     n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
-    return predict(model, test_loader(cfg, comp, device, limit=n), device, comp.task, tta_views(cfg.tta), cfg.amp,
-                   cfg.channels_last, desc=desc, pre=preprocess_of(model), amp_dtype=amp_dtype(cfg.amp_dtype, device))
+    t0 = clock_now()
+    loader = test_loader(cfg, comp, device, limit=n)  # rect reads each image's header here
+    setup_s = clock_now() - t0
+    out = predict(model, loader, device, comp.task, tta_views(cfg.tta), cfg.amp, cfg.channels_last, desc=desc,
+                  pre=preprocess_of(model), amp_dtype=amp_dtype(cfg.amp_dtype, device))
+    out["setup_s_per_image"] = setup_s / max(1, n)
+    return out
 
 
 def plan_tta(wanted: int, n_images: int, images_per_s: float | None, seconds_left: float,

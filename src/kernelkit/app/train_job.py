@@ -54,6 +54,7 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
     reserve.test_ips = out["images_per_s"]
     reserve.observe_startup(out["startup_s"])
+    reserve.overhead_s += out["setup_s_per_image"] * reserve.n_test  # the full test loader's set-up (rect: headers)
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
              "views + %d validation images", out["images_per_s"], out["startup_s"],
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)

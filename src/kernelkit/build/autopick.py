@@ -409,15 +409,31 @@ class Choice:
     tiles: int = 0
 
 
+def resume_path(ctx: RunContext) -> Path | None:
+    """The checkpoint this run would resume: an unfinished run's last.pt in out_dir, or resume_from."""
+    from ..engine.run_state import resumable
+    return resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+
+
+def resumed_input_mode(ctx: RunContext) -> str:
+    """The input_mode saved in the checkpoint this run would resume, unjudged ('' for none or unreadable):
+    the launcher's look before the competition is opened (resumed_config judges the checkpoint later)."""
+    from ..engine.checkpoint import load_checkpoint
+    try:
+        path = resume_path(ctx)
+        return str(load_checkpoint(path, "cpu", mmap=True).get("config", {}).get("input_mode", "")) if path else ""
+    except Exception:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
+        return ""
+
+
 def resumed_config(ctx: RunContext, classes: list) -> dict | None:
     """The config saved in the checkpoint this run will resume (what auto resolved to there); None when it
     resumes none, or when resume.check_resume will refuse it or start fresh (another model, label set or
     schedule), or when the file is unreadable (prepare reports that properly)."""
     from ..engine.checkpoint import load_checkpoint
     from ..engine.resume import continues
-    from ..engine.run_state import resumable
     try:
-        path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
+        path = resume_path(ctx)
         if path is None:
             return None
         ckpt = load_checkpoint(path, "cpu", mmap=True)  # resume.check_resume loads it all
