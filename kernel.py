@@ -4917,6 +4917,19 @@ def _write_index(tmp: Path, ok: np.ndarray, bad: list[str], meta: dict) -> None:
     _fsync(tmp, directory=True)
 
 
+def _publish(tmp: Path, final: Path, key: str) -> None:
+    """Move a finished build into place; a concurrent builder that finished first wins."""
+    if final.exists() and ImageCache.open(final, key) is None:
+        shutil.rmtree(final)  # an incomplete or foreign directory in the way
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if ImageCache.open(final, key) is None:  # not a concurrent builder that finished first
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync(final.parent, directory=True)
+
+
 def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, num_workers: int = 0,
                 mp_context: str = "", max_bytes: int = 0, stat_files: bool = True, batch_size: int = 8,
                 desc: str = "image cache", stop=None, deadline: float = 0.0) -> ImageCache:
@@ -4960,15 +4973,7 @@ def build_cache(paths: Sequence[str], geometry: Geometry, root: str | Path, *, n
                                     "tiles": geometry[3],
                                     "decoder": DECODER_VERSION, "bad": len(bad), "build_s": round(clock_now() - t0, 3),
                                     "steady_images_per_s": steady, "created": clock_now()})
-        if final.exists() and ImageCache.open(final, key) is None:
-            shutil.rmtree(final)  # an incomplete or foreign directory in the way
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if ImageCache.open(final, key) is None:  # not a concurrent builder that finished first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        _fsync(root, directory=True)
+        _publish(tmp, final, key)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
