@@ -47,7 +47,7 @@ CONFIG = dict(
     # auto_min_epochs=10,                   # model/img_size auto: the epochs the chosen pair must fit in the training time
     # pad_aspect=2.0,                       # input_mode pad: pad to square when long/short side exceeds this (0 = always resize)
     # pad_fill=255,                         # grey level of the padding (iMet seed pads with white)
-    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | squeeze: each image stretched to one square, whatever its aspect | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | rect: each image at one img_size square's pixel count in the shape of its aspect ratio (buckets 1:1 to 1:5), batches grouped by shape | auto: rect when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer (tiles where rect cannot run: data-parallel, compile, a fixed-size model; then squeeze when the autopick fits the tiles' auto_min_epochs at no size or only at its smallest), else pad (measured: README, input modes; the log says which and why)
+    # input_mode='auto',                    # pad: each image resized (or padded, see pad_aspect) to one img_size square | squeeze: each image stretched to one square, whatever its aspect | tiles: short side resized to img_size, `tiles` squares along the long side, the network sees each and takes the max over them (long strips keep small objects at scale) | rect: each image at one img_size square's pixel count in the shape of its aspect ratio (buckets 1:1 to 1:5), batches grouped by shape | auto: rect when fine-tuning pretrained weights and at least a quarter of the sampled training images are 1:2 or longer (tiles where rect cannot run: compile, a fixed-size model; then squeeze when the autopick fits the tiles' auto_min_epochs at no size or only at its smallest), else pad (measured: README, input modes; the log says which and why)
     # tiles=0,                              # input_mode=tiles: squares per image along the long side, 2-6; longer images are shrunk to fit them (0 = the 75th percentile of the training images' long/short ratio, rounded, 2-3)
     # aug='auto',                           # auto (light, or flip for thumbnails: images enlarged 2x or more to img_size) | none | flip | light (flip + random resized crop) | medium (+ colour jitter) | strong (+ shift/scale/rotate, noise)
     # gpu_aug='auto',                       # batch augmentation on the training device: auto = on a GPU with the training images cached, `aug` runs there on whole batches and the CPU only gathers cached rows; '' = off (aug runs per image on the CPU) | flip | light | medium | strong
@@ -465,8 +465,7 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
                  sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
     reserve = new_reserve(cfg, comp, data, parts, build_s)  # the very reserve training will keep back
-    reserve.test_ips = inf["images_per_s"]
-    reserve.observe_startup(inf["startup_s"])
+    reserve.observe_probe(inf)
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips, reserve=reserve,
                      n_train=len(data.train_targets), epochs=cfg.epochs)
 ''',
@@ -778,10 +777,6 @@ def data_parallel_processes(ctx: RunContext) -> int:
         return 1
     procs = distributed.wanted_processes(cfg.ddp_procs)
     blockers = [k for k in ("freeze", "balanced_sampling") if getattr(cfg, k) > 0]
-    if cfg.input_mode == "rect":  # ranks would count different batches
-        blockers.append("input_mode=rect")
-    elif procs > 1 and cfg.input_mode == "auto" and autopick.resumed_input_mode(ctx) == "rect":
-        blockers.append("resuming an input_mode=rect run")  # auto keeps a trained model's input mode
     if procs > 1 and blockers:
         if cfg.ddp_procs > 1:
             raise ConfigError(f"ddp_procs={cfg.ddp_procs} cannot be combined with {' and '.join(blockers)} yet; "
@@ -878,7 +873,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         return EXIT_OK
     given = ctx.cfg
     ctx = resolve_frozen_stages(ctx, comp, info.device().type)  # before input_mode: resumes compare it
-    ctx = resolve_input_mode(ctx, comp, info.enabled)  # before autopick: tiles cost their count in throughput
+    ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     ctx = resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
     if ctx.cfg != given and info.is_main:  # config.json records what the autos resolved to
@@ -1061,8 +1056,9 @@ def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, devi
     run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
     n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
     t0 = clock_now()
-    loader = test_loader(cfg, comp, device, limit=n)  # rect reads each image's header here
-    setup_s = clock_now() - t0
+    loader = test_loader(cfg, comp, device, limit=n)
+    # rect reads each test image's header here: a cost per image; the other modes' set-up is a fixed one
+    setup_s = clock_now() - t0 if cfg.input_mode == "rect" else 0.0
     out = predict(model, loader, device, comp.task, tta_views(cfg.tta), cfg.amp, cfg.channels_last, desc=desc,
                   pre=preprocess_of(model), amp_dtype=amp_dtype(cfg.amp_dtype, device))
     out["setup_s_per_image"] = setup_s / max(1, n)
@@ -1249,9 +1245,7 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     if device.type != "cuda":  # a CPU's image-views/s do not depend on the view: one view, half the probe's time
         cfg = dataclasses.replace(cfg, tta=1)
     out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
-    reserve.test_ips = out["images_per_s"]
-    reserve.observe_startup(out["startup_s"])
-    reserve.overhead_s += out["setup_s_per_image"] * reserve.n_test  # the full test loader's set-up (rect: headers)
+    reserve.observe_probe(out)
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
              "views + %d validation images", out["images_per_s"], out["startup_s"],
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
@@ -1303,9 +1297,9 @@ class TrainRun:
 def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
-    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0 or cfg.input_mode == "rect"):
-        raise ConfigError("freeze, balanced_sampling and input_mode=rect are not supported with data-parallel "
-                          "training yet; set ddp_procs=1")
+    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
+        raise ConfigError("freeze and balanced_sampling are not supported with data-parallel training yet; "
+                          "set ddp_procs=1")
     device = info.device()
     seed_everything(cfg.seed + info.rank, cfg.deterministic)
     run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)
@@ -1641,8 +1635,9 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     buckets = image_buckets(cfg, paths, "training")
     return TrainingData(
         train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
-                                 train_sampler(cfg, targets[tr_idx], train_ds, info),
-                                 buckets=None if buckets is None else buckets[tr_idx]),
+                                 train_sampler(cfg, targets[tr_idx], train_ds, info, bucketed=buckets is not None),
+                                 buckets=None if buckets is None else buckets[tr_idx],
+                                 shard=(info.world_size, info.rank)),
         val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin,
                                 buckets=None if buckets is None else buckets[va_idx])
                     if len(val_ds) and info.is_main else None),
@@ -1650,9 +1645,11 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         val_rows=keep[va_idx], gpu_aug=gpu_aug)
 
 
-def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo):
+def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo, bucketed: bool = False):
     if cfg.balanced_sampling > 0:  # not under DDP: train_job.prepare refuses that combination first
         return balanced_sampler(targets, cfg.balanced_sampling, cfg.seed)
+    if info.enabled and bucketed:  # every rank the same shuffle of all images; the loader shards the batches
+        return torch.utils.data.DistributedSampler(dataset, 1, 0, shuffle=True, seed=cfg.seed)
     if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
         return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
                                                    seed=cfg.seed, drop_last=True)
@@ -2204,17 +2201,6 @@ def resume_path(ctx: RunContext) -> Path | None:
     return resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
 
 
-def resumed_input_mode(ctx: RunContext) -> str:
-    """The input_mode saved in the checkpoint this run would resume, unjudged ('' for none or unreadable):
-    the launcher's look before the competition is opened (resumed_config judges the checkpoint later)."""
-    from ..engine.checkpoint import load_checkpoint
-    try:
-        path = resume_path(ctx)
-        return str(load_checkpoint(path, "cpu", mmap=True).get("config", {}).get("input_mode", "")) if path else ""
-    except Exception:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
-        return ""
-
-
 def resumed_config(ctx: RunContext, classes: list) -> dict | None:
     """The config saved in the checkpoint this run will resume (what auto resolved to there); None when it
     resumes none, or when resume.check_resume will refuse it or start fresh (another model, label set or
@@ -2665,17 +2651,16 @@ def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
     return stored_input_mode(stored) if stored else None
 
 
-def resolve_input_mode(ctx: RunContext, comp: Competition, data_parallel: bool = False) -> RunContext:
+def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with input_mode pad, squeeze, rect or tiles (and tiles set), logged with the reason; what
     checkpoints store. Tiles chosen by auto carry the fallback the autopick may still take
-    (ctx.input_mode_fallback). `data_parallel`: several ranks, which rect's bucketed batches cannot split."""
+    (ctx.input_mode_fallback)."""
     cfg = ctx.cfg
     if cfg.input_mode in ("pad", "squeeze", "rect") or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
         return ctx
-    # rect needs one process (bucketed batches), a model that takes any size, and no static compiled graph
-    rect_ok = not (data_parallel or cfg.compile or fixed_size_architecture(cfg.model)
-                   or fixed_size_architecture(cfg.model2))
+    # rect needs a model that takes any size, and no static compiled graph
+    rect_ok = not (cfg.compile or fixed_size_architecture(cfg.model) or fixed_size_architecture(cfg.model2))
     # a dry run plans a fresh run (its autopick ignores the checkpoint too)
     resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
     tiles_possible = not rect_ok or (resumed is not None and resumed[0] == "tiles")
@@ -3269,7 +3254,7 @@ class Config:
                                  "rect: each image at one img_size square's pixel count in the shape of its aspect "
                                  "ratio (buckets 1:1 to 1:5), batches grouped by shape | "
                                  "auto: rect when fine-tuning pretrained weights and at least a quarter of the "
-                                 "sampled training images are 1:2 or longer (tiles where rect cannot run: data-parallel, "
+                                 "sampled training images are 1:2 or longer (tiles where rect cannot run: "
                                  "compile, a fixed-size model; then squeeze when the autopick fits the tiles' "
                                  "auto_min_epochs at no size or only at its smallest), else pad (measured: README, "
                                  "input modes; the log says which and why)",
@@ -5595,7 +5580,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..core.stopping import ignore_in_worker
 from .images import BadImage, blank_image, load_rgb, resize_tensor, tv_jpeg_decoder
-from .sampling import BucketBatchSampler
+from .sampling import BucketBatchSampler, ShardedBatches
 from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")
@@ -5701,10 +5686,11 @@ def fully_cached(ds: Dataset) -> bool:
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
                 pin_memory: bool = False, seed: int = 0, sampler=None, threads: bool | None = None,
-                buckets: np.ndarray | None = None):
+                buckets: np.ndarray | None = None, shard: tuple[int, int] = (1, 0)):
     """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling. `buckets` (one per
     item, input_mode rect): every batch holds one bucket (sampling.BucketBatchSampler), in the order
-    of the sampler underneath.
+    of the sampler underneath; `shard` (world_size, rank): this rank's share of those batches (the
+    sampler must then shuffle alike on every rank).
 
     threads: build batches with `num_workers` threads in this process (ThreadLoader) instead of
     worker processes. None = yes when every item comes from the pre-resized cache: then the
@@ -5722,6 +5708,8 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
         if sampler is None:
             sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
         batch_sampler = BucketBatchSampler(sampler, buckets, batch_size, min_last=2 if train else 1)
+        if shard[0] > 1:
+            batch_sampler = ShardedBatches(batch_sampler, *shard)
     if threads:
         return ThreadLoader(ds, batch_size, shuffle=train and sampler is None, drop_last=train and len(ds) > batch_size,
                             num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory,
@@ -5738,6 +5726,15 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
     return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(ds) > batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       generator=g, worker_init_fn=seed_worker, collate_fn=collate_images, **kwargs)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """A new shuffle per epoch where the sampler takes one (DistributedSampler, directly or under the
+    bucketed batches of rect)."""
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
 
 
 def loader_tiles(loader) -> int:
@@ -5948,7 +5945,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     buckets interleave as the sampler shuffles (the NLP bucket-by-length batching). What is left in
     each bucket at the end is yielded too, in training only when it holds at least `min_last` images
     (BatchNorm cannot train on one); any sampler works underneath (random, class-balanced, sequential).
-    Not for DDP: ranks would get different numbers of batches."""
+    Data-parallel ranks share one such sequence through ShardedBatches."""
 
     def __init__(self, sampler, buckets: Sequence[int], batch_size: int, min_last: int = 1):
         self.sampler, self.buckets = sampler, np.asarray(buckets)
@@ -5980,6 +5977,32 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         """Index of each row a pass yields, in the order it yields them (a deterministic sampler's: the
         predictions of a bucketed loader go back to the dataset's order with it)."""
         return [i for batch in self for i in batch]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Rank `rank`'s share of a batch sequence every rank draws alike (a BucketBatchSampler over the
+    same seeded shuffle): every `world_size`-th batch, the sequence cut to a multiple of world_size so
+    every rank takes as many steps. A DistributedSampler cannot do this for bucketed batches: it splits
+    the images, and each rank's images would fill a different number of batches (a collective hangs)."""
+
+    def __init__(self, batches, world_size: int, rank: int):
+        self.batches, self.world_size, self.rank = batches, int(world_size), int(rank)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        every = list(self.batches)
+        usable = len(every) - len(every) % self.world_size
+        return iter(every[self.rank:usable:self.world_size])
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch)
 
 
 def rect_buckets(paths: Sequence[str]) -> np.ndarray:
@@ -7940,6 +7963,13 @@ class InferenceReserve:
         reserve.observe_startup(startup_s)
         return reserve
 
+    def observe_probe(self, probe: dict) -> None:
+        """What predicting the first test batches measured (predictor.probe_inference): the speed, the
+        loader's start-up, and its per-image set-up (rect reads every test header) for all test images."""
+        self.test_ips = probe["images_per_s"]
+        self.observe_startup(probe["startup_s"])
+        self.overhead_s += probe.get("setup_s_per_image", 0.0) * self.n_test
+
     def observe_startup(self, seconds: float) -> None:
         """Keep the worst first-batch latency seen: persistent workers make later ones look free,
         but the test loader starts its workers from scratch."""
@@ -9235,7 +9265,7 @@ from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
-from ..data.loaders import DeviceFeeder, loader_tiles
+from ..data.loaders import DeviceFeeder, loader_tiles, set_epoch
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import keeps_up, score_validation
 from ..model.factory import hold_frozen_norms, set_trainable
@@ -9473,8 +9503,7 @@ class Trainer:
                                                                                                 self.reserve.n_val)
         result = self.result
         while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
+            set_epoch(train_loader, state.epoch)
             tr = self.train_epoch(train_loader)
             if tr["images"]:
                 self.reserve.train_ips = tr["images_per_s"]

@@ -1708,14 +1708,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep each case's directory (printed in the JSON)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
-                    help="a base flag for every case that trains, e.g. input-mode=rect (repeatable): the corpus "
+                    help="a base flag for every case that takes them, e.g. input-mode=rect (repeatable): the corpus "
                          "against a mode auto does not pick on its small images")
     args = ap.parse_args(argv)
     for item in args.set:
         flag, sep, value = item.partition("=")
         if not sep or not flag:
             ap.error(f"--set {item!r}: expected FLAG=VALUE")
-        BASE[flag.lstrip("-")] = value
+        BASE[flag.lstrip("-").replace("_", "-")] = value
     cases = select(args.only, args.fast)
     if args.list:
         for c in cases:
@@ -1753,14 +1753,18 @@ def main(argv: list[str] | None = None) -> int:
         path = args.json
     elif (args.only or args.fast) and not args.update:
         tag = "fast" if args.fast and not args.only else re.sub(r"[^A-Za-z0-9_.-]+", "_", args.only or "")[:60]
-        tag += "".join("-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", item) for item in args.set)
         path = RESULTS / f"redteam-{tag}{'-fast' if args.fast and args.only else ''}.json"
     else:
         path = RESULTS / "redteam.json"
+    if args.set and not args.json:  # never mixed into the default mode's results
+        path = path.with_name(path.stem + "".join("-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", item) for item in args.set)
+                              + path.suffix)
     if args.update and path.is_file():
         old = json.loads(path.read_text())
         if old.get("kernel_sha256") != kernel_sha:
             raise SystemExit(f"--update: {path} holds results of kernel {old.get('kernel_sha256')}, not {kernel_sha}")
+        if old.get("base_flags", dict(BASE)) != dict(BASE):
+            raise SystemExit(f"--update: {path} holds results run with base flags {old.get('base_flags')}")
         fresh = {r["id"]: r for r in results}
         prev = {r["id"]: r for r in old["cases"]}
         order = [c.id for c in CASES]

@@ -76,6 +76,15 @@ def make_multilabel_csv(root: Path, n_train=60, n_test=12, n_labels=4, seed=0) -
     return root
 
 
+@pytest.fixture(autouse=True)
+def disk_margin_off(monkeypatch):
+    """The image cache leaves 1 GiB of disk free for a run's checkpoints; the suite's caches are a few
+    MB, so they are built on a nearly full disk too (CI once ran with under 1 GiB free). The kernel
+    subprocesses keep the margin; test_trust covers a disk with no room at all."""
+    from kernelkit.data import cache
+    monkeypatch.setattr(cache, "FREE_DISK_MARGIN", 0)
+
+
 @pytest.fixture
 def single_label_dir(tmp_path):
     return make_single_label_csv(tmp_path / "inat")

@@ -55,3 +55,25 @@ def test_options_data_parallelism_cannot_do_are_refused_before_any_rank_starts(k
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "ddp_procs=2 cannot be combined with freeze" in proc.stderr
     assert "starting 2 data-parallel processes" not in proc.stdout
+
+
+def test_two_ranks_train_rect_batches_and_write_one_submission(kernel_dir, tmp_path):  # noqa: F811
+    """input_mode=rect under data parallelism (auto's pick for a fine-tune on long images, on a Kaggle
+    T4 x2 too): the ranks take turns at one bucketed shuffle, so they take as many steps."""
+    from test_tiles import strip_competition
+    data = strip_competition(tmp_path / "strips", n_train=48, n_test=6, lengths=(32, 64, 96, 160))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "kernel.py", *TINY, "--input-mode", "rect", "--ddp-procs", "2",
+                           "--epochs", "2", "--budget", "3m", "--num-workers", "0", "--batch-size", "4",
+                           "--data-dir", str(data), "--out-dir", str(out)], cwd=kernel_dir, env=_env(),
+                          capture_output=True, text=True, timeout=240)
+    print(proc.stdout[-4000:], proc.stderr[-4000:])
+    assert proc.returncode == 0
+    assert "starting 2 data-parallel processes" in proc.stdout and "input mode: rect (set)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["exit_status"] == 0 and summary["input_mode"] == "rect"
+    sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
+    assert sub.id.tolist() == [f"test{i:03d}" for i in range(6)] and set(sub.label) <= {"c0", "c1"}
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 2 and (history.train_images > 0).all()
+    assert summary["steps"] >= 2, summary

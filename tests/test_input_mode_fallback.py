@@ -42,8 +42,8 @@ def run(data, out, *flags):
 
 @pytest.fixture(autouse=True)
 def rect_unavailable(monkeypatch):
-    """Auto takes tiles (and their fallback) where rect cannot run: data-parallel ranks, compile=true, a
-    model of fixed input size. These tests exercise that path on a convolutional model, one process."""
+    """Auto takes tiles (and their fallback) where rect cannot run: compile=true, a model of fixed
+    input size. These tests exercise that path on a convolutional model, one process."""
     from kernelkit.build import input_mode
     monkeypatch.setattr(input_mode, "fixed_size_architecture", lambda name: bool(name) and name != "auto")
 

@@ -4,6 +4,7 @@ bucket, predictions back in the dataset's order."""
 import json
 import logging
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -282,38 +283,34 @@ def test_a_bucket_sampler_with_no_batch_is_not_swapped_for_a_plain_one(tmp_path)
     assert len(sampler) == 0 and loader.batch_sampler is sampler and list(loader) == []
 
 
-@pytest.mark.parametrize("ddp_procs", [0, 2])
-def test_resuming_a_rect_run_where_ranks_would_start(tmp_path, monkeypatch, caplog, ddp_procs):
-    """Auto keeps a trained model's input mode, and rect batches cannot be split across ranks: a rect run
-    resumed where two GPUs are visible (a Kaggle T4 x2 session) trains in one process; only an explicit
-    ddp_procs=2 is refused, in the launcher, before any rank starts (it used to be refused in a rank)."""
-    import dataclasses
-    from types import SimpleNamespace
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_data_parallel_ranks_share_one_bucketed_shuffle_and_take_as_many_steps(world_size):
+    """Each rank its every world_size-th batch of one shuffle all ranks draw alike: the same number of
+    batches on every rank (a collective would hang otherwise), each batch one bucket, no image twice,
+    a new shuffle per epoch."""
+    from kernelkit.data.loaders import set_epoch
+    from kernelkit.data.sampling import ShardedBatches
+    rng = np.random.default_rng(0)
+    buckets = rng.choice([0, 0, 0, 1, 2, -3, 5], size=103)
+    data = list(range(len(buckets)))
 
-    from kernelkit.app import launch
-    from kernelkit.core import distributed
-    from kernelkit.core.context import RunContext
-    from kernelkit.core.options import make_config
-    from kernelkit.engine.checkpoint import save_checkpoint
-    from kernelkit.engine.run_state import STATE_FILE
-    cfg, _ = make_config({"ddp_procs": ddp_procs}, [])
-    out = tmp_path / "out"
-    out.mkdir()
-    save_checkpoint({"config": dataclasses.replace(cfg, model="test_resnet", input_mode="rect").to_dict(),
-                     "classes": ["0", "1"], "model": {}, "progress": 0.5, "epoch": 1, "format_version": 2},
-                    out / "last.pt")
-    (out / STATE_FILE).write_text(json.dumps({"run_start": 0.0, "finished": False}))
-    monkeypatch.setattr(distributed, "wanted_processes", lambda procs: procs or 2)  # two GPUs visible
-    ctx = RunContext(cfg, SimpleNamespace(dry_run=False), tmp_path, out, False, 0.0)
-    if ddp_procs:
-        with pytest.raises(ConfigError, match="ddp_procs=2 cannot be combined with resuming an input_mode=rect"):
-            launch.data_parallel_processes(ctx)
-    else:
-        with caplog.at_level(logging.WARNING, logger="kernelkit"):
-            assert launch.data_parallel_processes(ctx) == 1
-        assert "resuming an input_mode=rect run is not supported with data-parallel" in caplog.text
-    fresh = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, resume=False))
-    assert launch.data_parallel_processes(fresh) == 2, "a fresh run (auto may pick tiles there) keeps its ranks"
+    def rank_batches(rank: int, epoch: int) -> list[list[int]]:
+        shuffle = torch.utils.data.DistributedSampler(data, 1, 0, shuffle=True, seed=7)
+        sharded = ShardedBatches(BucketBatchSampler(shuffle, buckets, 8, min_last=2), world_size, rank)
+        loader = SimpleNamespace(batch_sampler=sharded, sampler=None)
+        set_epoch(loader, epoch)
+        got = list(sharded)
+        assert len(got) == len(sharded)
+        return got
+
+    for epoch in (0, 1):
+        ranks = [rank_batches(r, epoch) for r in range(world_size)]
+        assert len({len(b) for b in ranks}) == 1 and len(ranks[0]) > 0
+        seen = [i for batches in ranks for batch in batches for i in batch]
+        assert len(seen) == len(set(seen)), "no image on two ranks, or twice on one"
+        assert all(len({int(buckets[i]) for i in batch}) == 1 for batches in ranks for batch in batches)
+        assert rank_batches(0, epoch) == ranks[0], "a rank draws the same batches whenever it asks"
+    assert rank_batches(0, 0) != rank_batches(0, 1), "each epoch its own shuffle"
 
 
 def test_the_inference_reserve_counts_reading_the_test_headers(tmp_path, monkeypatch, single_label_dir):

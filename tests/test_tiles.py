@@ -115,7 +115,7 @@ def sizes(aspects: list[float]) -> dict:
 
 def test_auto_takes_rect_or_tiles_for_long_images_when_fine_tuning_and_pad_from_scratch():
     """As measured on the hard task (README): rect, then tiles, won fine-tuning lite0; pad won from scratch.
-    Tiles where rect cannot run (rect_ok False: data-parallel, compile, a fixed-size model)."""
+    Tiles where rect cannot run (rect_ok False: compile, a fixed-size model)."""
     long = sizes([1.0] * 5 + [2.5, 3.0, 4.0, 5.0, 5.0])
     mode, tiles, why = choose_input_mode(long, pretrained=True)
     assert (mode, tiles) == ("rect", 0) and "50%" in why and "pretrained" in why
@@ -211,15 +211,3 @@ def test_auto_input_mode_takes_rect_or_tiles_only_for_a_real_fine_tune(settings,
     long_strips = [p for p in strips[1:] if not p.endswith(".jpg")]  # all 1:4 or 1:5
     got = resolve_input_mode(ctx, SimpleNamespace(train_paths=long_strips, classes=["0", "1"])).cfg
     assert got.input_mode == want and (got.tiles >= 2) == (want == "tiles")
-
-
-def test_data_parallel_ranks_take_tiles_where_one_process_takes_rect(strips, tmp_path, lite0_dir):
-    from types import SimpleNamespace
-
-    from kernelkit.build.input_mode import resolve_input_mode
-    from kernelkit.core.context import RunContext
-    cfg = checked_config({"model": "tf_efficientnet_lite0", "pretrained_path": str(lite0_dir)})
-    long_strips = SimpleNamespace(train_paths=[p for p in strips[1:] if not p.endswith(".jpg")], classes=["0", "1"])
-    ctx = RunContext(cfg, None, tmp_path, tmp_path, False, 0.0)
-    assert resolve_input_mode(ctx, long_strips).cfg.input_mode == "rect"
-    assert resolve_input_mode(ctx, long_strips, data_parallel=True).cfg.input_mode == "tiles"

@@ -49,7 +49,6 @@ def dry_run(ctx: RunContext, comp: Competition, device: torch.device) -> Plan:
                  sched.describe(), fmt_ips(ips_at), train_ips)
     inf = probe_inference(parts.model, cfg, comp, device, INFER_BATCHES, "dry-run")
     reserve = new_reserve(cfg, comp, data, parts, build_s)  # the very reserve training will keep back
-    reserve.test_ips = inf["images_per_s"]
-    reserve.observe_startup(inf["startup_s"])
+    reserve.observe_probe(inf)
     return make_plan(budget_s=budget_s, margin_s=margin_s, setup_s=setup_s, train_ips=train_ips, reserve=reserve,
                      n_train=len(data.train_targets), epochs=cfg.epochs)

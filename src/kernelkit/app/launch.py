@@ -80,10 +80,6 @@ def data_parallel_processes(ctx: RunContext) -> int:
         return 1
     procs = distributed.wanted_processes(cfg.ddp_procs)
     blockers = [k for k in ("freeze", "balanced_sampling") if getattr(cfg, k) > 0]
-    if cfg.input_mode == "rect":  # ranks would count different batches
-        blockers.append("input_mode=rect")
-    elif procs > 1 and cfg.input_mode == "auto" and autopick.resumed_input_mode(ctx) == "rect":
-        blockers.append("resuming an input_mode=rect run")  # auto keeps a trained model's input mode
     if procs > 1 and blockers:
         if cfg.ddp_procs > 1:
             raise ConfigError(f"ddp_procs={cfg.ddp_procs} cannot be combined with {' and '.join(blockers)} yet; "
@@ -180,7 +176,7 @@ def run_job(ctx: RunContext, info: DistInfo) -> int:
         return EXIT_OK
     given = ctx.cfg
     ctx = resolve_frozen_stages(ctx, comp, info.device().type)  # before input_mode: resumes compare it
-    ctx = resolve_input_mode(ctx, comp, info.enabled)  # before autopick: tiles cost their count in throughput
+    ctx = resolve_input_mode(ctx, comp)  # before autopick: tiles cost their count in throughput
     ctx = autopick.resolve(ctx, comp, info, every=ctx.args.dry_run)  # model/img_size 'auto' -> concrete
     ctx = resolve_augmentation(ctx, comp)  # after autopick: it reads img_size
     if ctx.cfg != given and info.is_main:  # config.json records what the autos resolved to

@@ -77,8 +77,9 @@ def probe_inference(model: torch.nn.Module, cfg: Config, comp: Competition, devi
     run's batch size, every TTA view of `cfg.tta`): what the final prediction will cost per image."""
     n = min(len(comp.test_paths), batches * 2 * cfg.batch_size)  # test loaders use twice the training batch
     t0 = clock_now()
-    loader = test_loader(cfg, comp, device, limit=n)  # rect reads each image's header here
-    setup_s = clock_now() - t0
+    loader = test_loader(cfg, comp, device, limit=n)
+    # rect reads each test image's header here: a cost per image; the other modes' set-up is a fixed one
+    setup_s = clock_now() - t0 if cfg.input_mode == "rect" else 0.0
     out = predict(model, loader, device, comp.task, tta_views(cfg.tta), cfg.amp, cfg.channels_last, desc=desc,
                   pre=preprocess_of(model), amp_dtype=amp_dtype(cfg.amp_dtype, device))
     out["setup_s_per_image"] = setup_s / max(1, n)

@@ -52,9 +52,7 @@ def measure_reserve(cfg: Config, comp: Competition, model: torch.nn.Module, devi
     if device.type != "cuda":  # a CPU's image-views/s do not depend on the view: one view, half the probe's time
         cfg = dataclasses.replace(cfg, tta=1)
     out = probe_inference(model, cfg, comp, device, PROBE_BATCHES, "inference probe")
-    reserve.test_ips = out["images_per_s"]
-    reserve.observe_startup(out["startup_s"])
-    reserve.overhead_s += out["setup_s_per_image"] * reserve.n_test  # the full test loader's set-up (rect: headers)
+    reserve.observe_probe(out)
     log.info("inference probe: %.1f image-views/s, loader start-up %.1fs -> reserve %s for %d test images x %d "
              "views + %d validation images", out["images_per_s"], out["startup_s"],
              fmt_seconds(reserve.seconds()), reserve.n_test, reserve.tta, reserve.n_val)
@@ -106,9 +104,9 @@ class TrainRun:
 def prepare(ctx: RunContext, comp: Competition, info: DistInfo) -> TrainRun:
     """Everything before the first step. Raises ConfigError for what the user must change."""
     cfg, out_dir = ctx.cfg, ctx.out_dir
-    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0 or cfg.input_mode == "rect"):
-        raise ConfigError("freeze, balanced_sampling and input_mode=rect are not supported with data-parallel "
-                          "training yet; set ddp_procs=1")
+    if info.enabled and (cfg.freeze > 0 or cfg.balanced_sampling > 0):
+        raise ConfigError("freeze and balanced_sampling are not supported with data-parallel training yet; "
+                          "set ddp_procs=1")
     device = info.device()
     seed_everything(cfg.seed + info.rank, cfg.deterministic)
     run_start, resume_path = begin_run(out_dir, cfg.resume, ctx.t_start) if info.is_main else (0.0, None)

@@ -160,8 +160,9 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     buckets = image_buckets(cfg, paths, "training")
     return TrainingData(
         train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
-                                 train_sampler(cfg, targets[tr_idx], train_ds, info),
-                                 buckets=None if buckets is None else buckets[tr_idx]),
+                                 train_sampler(cfg, targets[tr_idx], train_ds, info, bucketed=buckets is not None),
+                                 buckets=None if buckets is None else buckets[tr_idx],
+                                 shard=(info.world_size, info.rank)),
         val_loader=(make_loader(val_ds, cfg.batch_size * 2, False, nw, cfg.mp_context, pin,
                                 buckets=None if buckets is None else buckets[va_idx])
                     if len(val_ds) and info.is_main else None),
@@ -169,9 +170,11 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
         val_rows=keep[va_idx], gpu_aug=gpu_aug)
 
 
-def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo):
+def train_sampler(cfg: Config, targets: np.ndarray, dataset, info: DistInfo, bucketed: bool = False):
     if cfg.balanced_sampling > 0:  # not under DDP: train_job.prepare refuses that combination first
         return balanced_sampler(targets, cfg.balanced_sampling, cfg.seed)
+    if info.enabled and bucketed:  # every rank the same shuffle of all images; the loader shards the batches
+        return torch.utils.data.DistributedSampler(dataset, 1, 0, shuffle=True, seed=cfg.seed)
     if info.enabled:  # each rank sees its own shard, the same number of batches on every rank
         return torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=True,
                                                    seed=cfg.seed, drop_last=True)

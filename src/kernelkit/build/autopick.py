@@ -415,17 +415,6 @@ def resume_path(ctx: RunContext) -> Path | None:
     return resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
 
 
-def resumed_input_mode(ctx: RunContext) -> str:
-    """The input_mode saved in the checkpoint this run would resume, unjudged ('' for none or unreadable):
-    the launcher's look before the competition is opened (resumed_config judges the checkpoint later)."""
-    from ..engine.checkpoint import load_checkpoint
-    try:
-        path = resume_path(ctx)
-        return str(load_checkpoint(path, "cpu", mmap=True).get("config", {}).get("input_mode", "")) if path else ""
-    except Exception:  # noqa: BLE001  (prepare reports an unreadable checkpoint properly)
-        return ""
-
-
 def resumed_config(ctx: RunContext, classes: list) -> dict | None:
     """The config saved in the checkpoint this run will resume (what auto resolved to there); None when it
     resumes none, or when resume.check_resume will refuse it or start fresh (another model, label set or

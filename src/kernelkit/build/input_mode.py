@@ -84,17 +84,16 @@ def resumed_mode(ctx: RunContext, classes: list) -> tuple[str, int] | None:
     return stored_input_mode(stored) if stored else None
 
 
-def resolve_input_mode(ctx: RunContext, comp: Competition, data_parallel: bool = False) -> RunContext:
+def resolve_input_mode(ctx: RunContext, comp: Competition) -> RunContext:
     """`ctx` with input_mode pad, squeeze, rect or tiles (and tiles set), logged with the reason; what
     checkpoints store. Tiles chosen by auto carry the fallback the autopick may still take
-    (ctx.input_mode_fallback). `data_parallel`: several ranks, which rect's bucketed batches cannot split."""
+    (ctx.input_mode_fallback)."""
     cfg = ctx.cfg
     if cfg.input_mode in ("pad", "squeeze", "rect") or (cfg.input_mode == "tiles" and cfg.tiles):
         log.info("input mode: %s (set)", f"tiles x{cfg.tiles}" if cfg.input_mode == "tiles" else cfg.input_mode)
         return ctx
-    # rect needs one process (bucketed batches), a model that takes any size, and no static compiled graph
-    rect_ok = not (data_parallel or cfg.compile or fixed_size_architecture(cfg.model)
-                   or fixed_size_architecture(cfg.model2))
+    # rect needs a model that takes any size, and no static compiled graph
+    rect_ok = not (cfg.compile or fixed_size_architecture(cfg.model) or fixed_size_architecture(cfg.model2))
     # a dry run plans a fresh run (its autopick ignores the checkpoint too)
     resumed = resumed_mode(ctx, comp.classes) if cfg.input_mode == "auto" and not dry_run(ctx) else None
     tiles_possible = not rect_ok or (resumed is not None and resumed[0] == "tiles")

@@ -93,7 +93,7 @@ class Config:
                                  "rect: each image at one img_size square's pixel count in the shape of its aspect "
                                  "ratio (buckets 1:1 to 1:5), batches grouped by shape | "
                                  "auto: rect when fine-tuning pretrained weights and at least a quarter of the "
-                                 "sampled training images are 1:2 or longer (tiles where rect cannot run: data-parallel, "
+                                 "sampled training images are 1:2 or longer (tiles where rect cannot run: "
                                  "compile, a fixed-size model; then squeeze when the autopick fits the tiles' "
                                  "auto_min_epochs at no size or only at its smallest), else pad (measured: README, "
                                  "input modes; the log says which and why)",

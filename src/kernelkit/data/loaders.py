@@ -13,7 +13,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from ..core.stopping import ignore_in_worker
 from .images import BadImage, blank_image, load_rgb, resize_tensor, tv_jpeg_decoder
-from .sampling import BucketBatchSampler
+from .sampling import BucketBatchSampler, ShardedBatches
 from .transforms import seed_augmentations
 
 log = logging.getLogger("kernelkit")
@@ -119,10 +119,11 @@ def fully_cached(ds: Dataset) -> bool:
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_context: str = "",
                 pin_memory: bool = False, seed: int = 0, sampler=None, threads: bool | None = None,
-                buckets: np.ndarray | None = None):
+                buckets: np.ndarray | None = None, shard: tuple[int, int] = (1, 0)):
     """`sampler` (e.g. DistributedSampler) replaces the loader's own shuffling. `buckets` (one per
     item, input_mode rect): every batch holds one bucket (sampling.BucketBatchSampler), in the order
-    of the sampler underneath.
+    of the sampler underneath; `shard` (world_size, rank): this rank's share of those batches (the
+    sampler must then shuffle alike on every rank).
 
     threads: build batches with `num_workers` threads in this process (ThreadLoader) instead of
     worker processes. None = yes when every item comes from the pre-resized cache: then the
@@ -140,6 +141,8 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
         if sampler is None:
             sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
         batch_sampler = BucketBatchSampler(sampler, buckets, batch_size, min_last=2 if train else 1)
+        if shard[0] > 1:
+            batch_sampler = ShardedBatches(batch_sampler, *shard)
     if threads:
         return ThreadLoader(ds, batch_size, shuffle=train and sampler is None, drop_last=train and len(ds) > batch_size,
                             num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory,
@@ -156,6 +159,15 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
     return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       drop_last=train and len(ds) > batch_size, num_workers=num_workers, pin_memory=pin_memory,
                       generator=g, worker_init_fn=seed_worker, collate_fn=collate_images, **kwargs)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """A new shuffle per epoch where the sampler takes one (DistributedSampler, directly or under the
+    bucketed batches of rect)."""
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+            return
 
 
 def loader_tiles(loader) -> int:

@@ -47,7 +47,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     buckets interleave as the sampler shuffles (the NLP bucket-by-length batching). What is left in
     each bucket at the end is yielded too, in training only when it holds at least `min_last` images
     (BatchNorm cannot train on one); any sampler works underneath (random, class-balanced, sequential).
-    Not for DDP: ranks would get different numbers of batches."""
+    Data-parallel ranks share one such sequence through ShardedBatches."""
 
     def __init__(self, sampler, buckets: Sequence[int], batch_size: int, min_last: int = 1):
         self.sampler, self.buckets = sampler, np.asarray(buckets)
@@ -79,6 +79,32 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         """Index of each row a pass yields, in the order it yields them (a deterministic sampler's: the
         predictions of a bucketed loader go back to the dataset's order with it)."""
         return [i for batch in self for i in batch]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+class ShardedBatches(torch.utils.data.Sampler):
+    """Rank `rank`'s share of a batch sequence every rank draws alike (a BucketBatchSampler over the
+    same seeded shuffle): every `world_size`-th batch, the sequence cut to a multiple of world_size so
+    every rank takes as many steps. A DistributedSampler cannot do this for bucketed batches: it splits
+    the images, and each rank's images would fill a different number of batches (a collective hangs)."""
+
+    def __init__(self, batches, world_size: int, rank: int):
+        self.batches, self.world_size, self.rank = batches, int(world_size), int(rank)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        every = list(self.batches)
+        usable = len(every) - len(every) % self.world_size
+        return iter(every[self.rank:usable:self.world_size])
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batches, "set_epoch"):
+            self.batches.set_epoch(epoch)
 
 
 def rect_buckets(paths: Sequence[str]) -> np.ndarray:

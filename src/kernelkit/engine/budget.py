@@ -73,6 +73,13 @@ class InferenceReserve:
         reserve.observe_startup(startup_s)
         return reserve
 
+    def observe_probe(self, probe: dict) -> None:
+        """What predicting the first test batches measured (predictor.probe_inference): the speed, the
+        loader's start-up, and its per-image set-up (rect reads every test header) for all test images."""
+        self.test_ips = probe["images_per_s"]
+        self.observe_startup(probe["startup_s"])
+        self.overhead_s += probe.get("setup_s_per_image", 0.0) * self.n_test
+
     def observe_startup(self, seconds: float) -> None:
         """Keep the worst first-batch latency seen: persistent workers make later ones look free,
         but the test loader starts its workers from scratch."""

@@ -22,7 +22,7 @@ from ..core.clock import now as clock_now
 from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
-from ..data.loaders import DeviceFeeder, loader_tiles
+from ..data.loaders import DeviceFeeder, loader_tiles, set_epoch
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import keeps_up, score_validation
 from ..model.factory import hold_frozen_norms, set_trainable
@@ -260,8 +260,7 @@ class Trainer:
                                                                                                 self.reserve.n_val)
         result = self.result
         while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(state.epoch)  # a new shuffle per epoch under DistributedSampler
+            set_epoch(train_loader, state.epoch)
             tr = self.train_epoch(train_loader)
             if tr["images"]:
                 self.reserve.train_ips = tr["images_per_s"]
