@@ -1632,7 +1632,9 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry, tiles), cfg.img_size,
                           cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
-    buckets = image_buckets(cfg, paths, "training")
+    # rank 0 reads the headers and the others take its answer: a header one rank alone failed to read
+    # would give the ranks different batch counts, and a collective would wait forever
+    buckets = distributed.broadcast_object(info, image_buckets(cfg, paths, "training") if info.is_main else None)
     return TrainingData(
         train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
                                  train_sampler(cfg, targets[tr_idx], train_ds, info, bucketed=buckets is not None),
@@ -3809,6 +3811,16 @@ def broadcast_object(info: DistInfo, obj):
     return box[0]
 
 
+def sum_over_ranks(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over the ranks (every rank calls it at the same point), on t's device;
+    it goes through the device the backend takes (an epoch-end message, not a per-step one)."""
+    if not info.enabled:
+        return t
+    box = t.to(_comm_device(info))
+    dist.all_reduce(box)
+    return box.to(t.device)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
@@ -5709,7 +5721,7 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
             sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
         batch_sampler = BucketBatchSampler(sampler, buckets, batch_size, min_last=2 if train else 1)
         if shard[0] > 1:
-            batch_sampler = ShardedBatches(batch_sampler, *shard)
+            batch_sampler = ShardedBatches(batch_sampler, *shard, seed=seed)
     if threads:
         return ThreadLoader(ds, batch_size, shuffle=train and sampler is None, drop_last=train and len(ds) > batch_size,
                             num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory,
@@ -5985,22 +5997,32 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 class ShardedBatches(torch.utils.data.Sampler):
     """Rank `rank`'s share of a batch sequence every rank draws alike (a BucketBatchSampler over the
-    same seeded shuffle): every `world_size`-th batch, the sequence cut to a multiple of world_size so
-    every rank takes as many steps. A DistributedSampler cannot do this for bucketed batches: it splits
-    the images, and each rank's images would fill a different number of batches (a collective hangs)."""
+    same seeded shuffle): the batches shuffled once more (seeded by epoch: a bucket's leftover batch
+    comes last in the sequence, and would always land on the same rank), padded to a multiple of
+    world_size by repeating its first batches, then every `world_size`-th one, so every rank takes as
+    many steps. A DistributedSampler cannot do this for bucketed batches: it splits the images, and each
+    rank's images would fill a different number of batches (a collective hangs)."""
 
-    def __init__(self, batches, world_size: int, rank: int):
+    def __init__(self, batches, world_size: int, rank: int, seed: int = 0):
         self.batches, self.world_size, self.rank = batches, int(world_size), int(rank)
+        self.seed, self.epoch = int(seed), 0
+        self.batch_size = getattr(batches, "batch_size", None)
 
     def __iter__(self) -> Iterator[list[int]]:
         every = list(self.batches)
-        usable = len(every) - len(every) % self.world_size
-        return iter(every[self.rank:usable:self.world_size])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        every = [every[i] for i in torch.randperm(len(every), generator=g).tolist()]
+        target = len(self) * self.world_size
+        while every and len(every) < target:  # fewer batches than ranks: repeat them all
+            every += every[:target - len(every)]
+        return iter(every[self.rank::self.world_size])
 
     def __len__(self) -> int:
-        return len(self.batches) // self.world_size
+        return -(-len(self.batches) // self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
         if hasattr(self.batches, "set_epoch"):
             self.batches.set_epoch(epoch)
 
@@ -9255,6 +9277,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -9262,13 +9285,13 @@ import torch
 
 from ..core.accel import StepGuard
 from ..core.clock import now as clock_now
-from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
+from ..core.distributed import SINGLE, DistInfo, agree, main_done, sum_over_ranks, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder, loader_tiles, set_epoch
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import keeps_up, score_validation
-from ..model.factory import hold_frozen_norms, set_trainable
+from ..model.factory import hold_frozen_norms, merge_bucket_norms, set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
 from .evaluate import OutOfMemory, autocast, predict
@@ -9505,6 +9528,9 @@ class Trainer:
         while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
             set_epoch(train_loader, state.epoch)
             tr = self.train_epoch(train_loader)
+            if self.dist.enabled:  # every rank ends the epoch at the same step: the collective meets
+                merge_bucket_norms(self.core, (self.parts.ema.module,) if self.parts.ema is not None else (),
+                                   partial(sum_over_ranks, self.dist))
             if tr["images"]:
                 self.reserve.train_ips = tr["images_per_s"]
             if self.dist.is_main:
@@ -10863,6 +10889,37 @@ def _keep_bucket_stats(m: nn.Module, args: tuple, out) -> None:
         m._buffers[_slot(b, "mean")].copy_(m.running_mean)
         m._buffers[_slot(b, "var")].copy_(m.running_var)
         m.momentum = m.__dict__.pop(BUCKET_MOMENTUM, m.momentum)
+
+
+def merge_bucket_norms(model: nn.Module, copies: tuple[nn.Module, ...] = (), sum_over_ranks=None) -> None:
+    """Data-parallel ranks keep per-bucket statistics of their own batches (buffers are not synced each
+    step), and a rare bucket's one batch an epoch lands on one rank: every rank takes, per layer and
+    bucket, the average over the ranks that trained on it, weighted by their batch counts (a rank that
+    never saw the bucket still holds the weights' statistics there, which must not count), in `model`
+    and in `copies` (the EMA) alike. `sum_over_ranks(tensor) -> tensor`: the collective; every rank
+    calls this at the same point. Device tensors only: nothing is read back to the host."""
+    last = len(RECT_ASPECTS) - 1
+    buckets = range(-last, last + 1)
+    names = [n for n, m in model.named_modules() if getattr(m, BUCKET_NORM_MARK, False)]
+    if not names or sum_over_ranks is None:
+        return
+    pieces = []
+    for name in names:
+        counts = model.get_submodule(name).__dict__.get(BUCKET_COUNTS, {})
+        for target in (model, *copies):
+            layer = target.get_submodule(name)
+            stats = torch.stack([layer._buffers[_slot(b, k)] for b in buckets for k in ("mean", "var")]).float()
+            weight = torch.tensor([float(counts.get(b, 0)) for b in buckets for _ in "mv"], device=stats.device)
+            pieces.append((layer, stats, weight[:, None]))
+    summed = sum_over_ranks(torch.cat([torch.cat([(s * w).flatten(), w.flatten()]) for _, s, w in pieces]))
+    at = 0
+    for layer, stats, weight in pieces:
+        total = summed[at:at + stats.numel()].view_as(stats)
+        weights = summed[at + stats.numel():at + stats.numel() + weight.numel()].view_as(weight)
+        at += stats.numel() + weight.numel()
+        merged = torch.where(weights > 0, total / weights.clamp_min(1e-12), stats)
+        for i, (b, k) in enumerate((b, k) for b in buckets for k in ("mean", "var")):
+            layer._buffers[_slot(b, k)].copy_(merged[i])
 
 
 def hold_frozen_norms(model: nn.Module) -> None:

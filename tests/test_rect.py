@@ -286,31 +286,77 @@ def test_a_bucket_sampler_with_no_batch_is_not_swapped_for_a_plain_one(tmp_path)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_data_parallel_ranks_share_one_bucketed_shuffle_and_take_as_many_steps(world_size):
     """Each rank its every world_size-th batch of one shuffle all ranks draw alike: the same number of
-    batches on every rank (a collective would hang otherwise), each batch one bucket, no image twice,
-    a new shuffle per epoch."""
+    batches on every rank (a collective would hang otherwise), each batch one bucket, every batch of the
+    shuffle on some rank (a few repeated to even the count, none cut), a new order per epoch, and a
+    bucket's leftover batch (the sequence's last) not always on the same rank."""
     from kernelkit.data.loaders import set_epoch
     from kernelkit.data.sampling import ShardedBatches
     rng = np.random.default_rng(0)
     buckets = rng.choice([0, 0, 0, 1, 2, -3, 5], size=103)
     data = list(range(len(buckets)))
 
-    def rank_batches(rank: int, epoch: int) -> list[list[int]]:
+    def draw(epoch: int) -> tuple[list, list[list[list[int]]]]:
         shuffle = torch.utils.data.DistributedSampler(data, 1, 0, shuffle=True, seed=7)
-        sharded = ShardedBatches(BucketBatchSampler(shuffle, buckets, 8, min_last=2), world_size, rank)
-        loader = SimpleNamespace(batch_sampler=sharded, sampler=None)
-        set_epoch(loader, epoch)
-        got = list(sharded)
-        assert len(got) == len(sharded)
-        return got
+        every = BucketBatchSampler(shuffle, buckets, 8, min_last=2)
+        ranks = []
+        for rank in range(world_size):
+            sharded = ShardedBatches(every, world_size, rank, seed=7)
+            set_epoch(SimpleNamespace(batch_sampler=sharded, sampler=None), epoch)
+            ranks.append(list(sharded))
+            assert len(ranks[-1]) == len(sharded) and sharded.batch_size == 8
+        return list(every), ranks
 
-    for epoch in (0, 1):
-        ranks = [rank_batches(r, epoch) for r in range(world_size)]
+    holders = set()
+    for epoch in range(6):
+        every, ranks = draw(epoch)
         assert len({len(b) for b in ranks}) == 1 and len(ranks[0]) > 0
-        seen = [i for batches in ranks for batch in batches for i in batch]
-        assert len(seen) == len(set(seen)), "no image on two ranks, or twice on one"
-        assert all(len({int(buckets[i]) for i in batch}) == 1 for batches in ranks for batch in batches)
-        assert rank_batches(0, epoch) == ranks[0], "a rank draws the same batches whenever it asks"
-    assert rank_batches(0, 0) != rank_batches(0, 1), "each epoch its own shuffle"
+        drawn = [tuple(b) for batches in ranks for b in batches]
+        assert set(drawn) == {tuple(b) for b in every}, "every batch of the shuffle, on some rank"
+        assert len(drawn) - len(every) < world_size, "only the few repeats that even the count"
+        assert all(len({int(buckets[i]) for i in batch}) == 1 for batch in drawn)
+        assert draw(epoch)[1] == ranks, "a rank draws the same batches whenever it asks"
+        holders |= {r for r, batches in enumerate(ranks) if tuple(every[-1]) in map(tuple, batches)}
+    assert draw(0)[1] != draw(1)[1], "each epoch its own shuffle"
+    assert len(holders) > 1, "the last batch of the sequence moves between ranks"
+
+
+def test_ranks_merge_their_per_bucket_statistics_weighted_by_the_batches_each_trained():
+    """Under data parallelism each rank keeps the statistics of its own batches, and a rare bucket's one
+    batch lands on one rank: at an epoch's end every rank takes each bucket's average over the ranks that
+    trained it, weighted by their batch counts (a rank that never saw it must not pull it back to the
+    weights' statistics). Two ranks simulated in one process: each one's sum is its own plus the other's."""
+    import copy
+
+    from kernelkit.build.components import model_from_config
+    from kernelkit.model.factory import BUCKET_COUNTS, merge_bucket_norms
+    cfg = checked_config({"model": "test_resnet", "input_mode": "rect"})
+    ranks = [model_from_config(cfg, 3, with_weights=False) for _ in range(2)]
+    ranks[1].load_state_dict(ranks[0].state_dict())
+    emas = [copy.deepcopy(m) for m in ranks]
+    torch.manual_seed(0)
+    for model, batches in zip(ranks, ([(32, 32)] * 1, [(32, 32)] * 3 + [(24, 48)])):
+        model.train()
+        for h, w in batches:
+            model(torch.randn(2, 3, h, w) * 2 + 1)
+    bn = [[m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1] for model in ranks]
+    assert bn[0].__dict__[BUCKET_COUNTS] == {0: 1} and bn[1].__dict__[BUCKET_COUNTS] == {0: 3, 2: 1}
+    before = [{k: v.clone() for k, v in b._buffers.items()} for b in bn]
+    payloads = []
+    for model, ema in zip(ranks, emas):
+        merge_bucket_norms(model, (ema,), lambda t: payloads.append(t.clone()) or t)  # its own sum: no change
+    for r in (0, 1):
+        assert all(torch.allclose(v, before[r][k]) for k, v in bn[r]._buffers.items()), "one rank alone: unchanged"
+    for r, (model, ema) in enumerate(zip(ranks, emas)):
+        merge_bucket_norms(model, (ema,), lambda t, other=payloads[1 - r]: t + other)
+    want_square = (1 * before[0]["rect_mean_0"] + 3 * before[1]["rect_mean_0"]) / 4
+    for r in (0, 1):
+        assert torch.allclose(bn[r].rect_mean_0, want_square, atol=1e-6), "weighted by batch counts"
+        assert torch.allclose(bn[r].rect_mean_2, before[1]["rect_mean_2"]), "only the rank that trained it"
+        assert torch.equal(bn[r].rect_mean_p3, before[r]["rect_mean_p3"]), "trained by none: as it was"
+        ema_bn = [m for m in emas[r].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        assert torch.allclose(ema_bn.rect_mean_2, emas[1].state_dict()[
+            [k for k in emas[1].state_dict() if k.endswith("rect_mean_2")][-1]]), "the EMA copy merges alike"
+    assert torch.allclose(bn[0].rect_mean_2, bn[1].rect_mean_2)
 
 
 def test_the_inference_reserve_counts_reading_the_test_headers(tmp_path, monkeypatch, single_label_dir):

@@ -157,7 +157,9 @@ def build_training_data(cfg: Config, comp: Competition, device: torch.device,
     val_ds = ImageDataset([paths[i] for i in va_idx], targets[va_idx], EvalTransform(*geometry, tiles), cfg.img_size,
                           cfg.pad_fill, cache=cache.subset(va_idx) if cache else None)
     log.info("train %d / validation %d images, %d workers, device %s", len(train_ds), len(val_ds), nw, device)
-    buckets = image_buckets(cfg, paths, "training")
+    # rank 0 reads the headers and the others take its answer: a header one rank alone failed to read
+    # would give the ranks different batch counts, and a collective would wait forever
+    buckets = distributed.broadcast_object(info, image_buckets(cfg, paths, "training") if info.is_main else None)
     return TrainingData(
         train_loader=make_loader(train_ds, cfg.batch_size, True, nw, cfg.mp_context, pin, cfg.seed,
                                  train_sampler(cfg, targets[tr_idx], train_ds, info, bucketed=buckets is not None),

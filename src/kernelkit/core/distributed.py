@@ -280,6 +280,16 @@ def broadcast_object(info: DistInfo, obj):
     return box[0]
 
 
+def sum_over_ranks(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over the ranks (every rank calls it at the same point), on t's device;
+    it goes through the device the backend takes (an epoch-end message, not a per-step one)."""
+    if not info.enabled:
+        return t
+    box = t.to(_comm_device(info))
+    dist.all_reduce(box)
+    return box.to(t.device)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -142,7 +142,7 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, num_workers: int, mp_
             sampler = RandomSampler(ds, generator=g) if train else SequentialSampler(ds)
         batch_sampler = BucketBatchSampler(sampler, buckets, batch_size, min_last=2 if train else 1)
         if shard[0] > 1:
-            batch_sampler = ShardedBatches(batch_sampler, *shard)
+            batch_sampler = ShardedBatches(batch_sampler, *shard, seed=seed)
     if threads:
         return ThreadLoader(ds, batch_size, shuffle=train and sampler is None, drop_last=train and len(ds) > batch_size,
                             num_threads=max(1, num_workers), sampler=sampler, generator=g, pin_memory=pin_memory,

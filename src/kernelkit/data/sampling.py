@@ -87,22 +87,32 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 class ShardedBatches(torch.utils.data.Sampler):
     """Rank `rank`'s share of a batch sequence every rank draws alike (a BucketBatchSampler over the
-    same seeded shuffle): every `world_size`-th batch, the sequence cut to a multiple of world_size so
-    every rank takes as many steps. A DistributedSampler cannot do this for bucketed batches: it splits
-    the images, and each rank's images would fill a different number of batches (a collective hangs)."""
+    same seeded shuffle): the batches shuffled once more (seeded by epoch: a bucket's leftover batch
+    comes last in the sequence, and would always land on the same rank), padded to a multiple of
+    world_size by repeating its first batches, then every `world_size`-th one, so every rank takes as
+    many steps. A DistributedSampler cannot do this for bucketed batches: it splits the images, and each
+    rank's images would fill a different number of batches (a collective hangs)."""
 
-    def __init__(self, batches, world_size: int, rank: int):
+    def __init__(self, batches, world_size: int, rank: int, seed: int = 0):
         self.batches, self.world_size, self.rank = batches, int(world_size), int(rank)
+        self.seed, self.epoch = int(seed), 0
+        self.batch_size = getattr(batches, "batch_size", None)
 
     def __iter__(self) -> Iterator[list[int]]:
         every = list(self.batches)
-        usable = len(every) - len(every) % self.world_size
-        return iter(every[self.rank:usable:self.world_size])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        every = [every[i] for i in torch.randperm(len(every), generator=g).tolist()]
+        target = len(self) * self.world_size
+        while every and len(every) < target:  # fewer batches than ranks: repeat them all
+            every += every[:target - len(every)]
+        return iter(every[self.rank::self.world_size])
 
     def __len__(self) -> int:
-        return len(self.batches) // self.world_size
+        return -(-len(self.batches) // self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
         if hasattr(self.batches, "set_epoch"):
             self.batches.set_epoch(epoch)
 

@@ -12,6 +12,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -19,13 +20,13 @@ import torch
 
 from ..core.accel import StepGuard
 from ..core.clock import now as clock_now
-from ..core.distributed import SINGLE, DistInfo, agree, main_done, unwrap
+from ..core.distributed import SINGLE, DistInfo, agree, main_done, sum_over_ranks, unwrap
 from ..core.progress import progress
 from ..core.stopping import StopFlag
 from ..data.loaders import DeviceFeeder, loader_tiles, set_epoch
 from ..data.transforms import IMAGENET, Preprocess, fold_tiles, normalize, pool_tiles
 from ..decide.rules import keeps_up, score_validation
-from ..model.factory import hold_frozen_norms, set_trainable
+from ..model.factory import hold_frozen_norms, merge_bucket_norms, set_trainable
 from .budget import BudgetClock, InferenceReserve, Progress, fmt_seconds, lr_factor
 from .checkpoint import BEST, LAST, Checkpointer, rng_state, set_rng_state
 from .evaluate import OutOfMemory, autocast, predict
@@ -262,6 +263,9 @@ class Trainer:
         while not (opts.epochs and state.epoch >= stop_epoch) and not agree(self.dist, self.time_is_up(), 0.0)[0]:
             set_epoch(train_loader, state.epoch)
             tr = self.train_epoch(train_loader)
+            if self.dist.enabled:  # every rank ends the epoch at the same step: the collective meets
+                merge_bucket_norms(self.core, (self.parts.ema.module,) if self.parts.ema is not None else (),
+                                   partial(sum_over_ranks, self.dist))
             if tr["images"]:
                 self.reserve.train_ips = tr["images_per_s"]
             if self.dist.is_main:

@@ -222,6 +222,37 @@ def _keep_bucket_stats(m: nn.Module, args: tuple, out) -> None:
         m.momentum = m.__dict__.pop(BUCKET_MOMENTUM, m.momentum)
 
 
+def merge_bucket_norms(model: nn.Module, copies: tuple[nn.Module, ...] = (), sum_over_ranks=None) -> None:
+    """Data-parallel ranks keep per-bucket statistics of their own batches (buffers are not synced each
+    step), and a rare bucket's one batch an epoch lands on one rank: every rank takes, per layer and
+    bucket, the average over the ranks that trained on it, weighted by their batch counts (a rank that
+    never saw the bucket still holds the weights' statistics there, which must not count), in `model`
+    and in `copies` (the EMA) alike. `sum_over_ranks(tensor) -> tensor`: the collective; every rank
+    calls this at the same point. Device tensors only: nothing is read back to the host."""
+    last = len(RECT_ASPECTS) - 1
+    buckets = range(-last, last + 1)
+    names = [n for n, m in model.named_modules() if getattr(m, BUCKET_NORM_MARK, False)]
+    if not names or sum_over_ranks is None:
+        return
+    pieces = []
+    for name in names:
+        counts = model.get_submodule(name).__dict__.get(BUCKET_COUNTS, {})
+        for target in (model, *copies):
+            layer = target.get_submodule(name)
+            stats = torch.stack([layer._buffers[_slot(b, k)] for b in buckets for k in ("mean", "var")]).float()
+            weight = torch.tensor([float(counts.get(b, 0)) for b in buckets for _ in "mv"], device=stats.device)
+            pieces.append((layer, stats, weight[:, None]))
+    summed = sum_over_ranks(torch.cat([torch.cat([(s * w).flatten(), w.flatten()]) for _, s, w in pieces]))
+    at = 0
+    for layer, stats, weight in pieces:
+        total = summed[at:at + stats.numel()].view_as(stats)
+        weights = summed[at + stats.numel():at + stats.numel() + weight.numel()].view_as(weight)
+        at += stats.numel() + weight.numel()
+        merged = torch.where(weights > 0, total / weights.clamp_min(1e-12), stats)
+        for i, (b, k) in enumerate((b, k) for b in buckets for k in ("mean", "var")):
+            layer._buffers[_slot(b, k)].copy_(merged[i])
+
+
 def hold_frozen_norms(model: nn.Module) -> None:
     """After `model.train()`: frozen BatchNorm layers normalise with their stored statistics and do not
     update them (a frozen stage whose statistics drift would feed the later stages inputs they were
