@@ -226,6 +226,10 @@ def test_rect_end_to_end_then_offline_inference_from_its_checkpoint(tmp_path, ca
                                err_msg="offline inference predicts, row by row, what the run predicted")
 
 
+def last_batchnorm(model: torch.nn.Module) -> torch.nn.BatchNorm2d:
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+
+
 def test_batchnorm_keeps_statistics_per_bucket_through_a_checkpoint_and_a_copy():
     """A rect batch holds one bucket, so BatchNorm trains on that bucket's statistics; evaluation must use
     the same bucket's running statistics, not one average over all (README: +0.07 F2 on square frames)."""
@@ -234,7 +238,7 @@ def test_batchnorm_keeps_statistics_per_bucket_through_a_checkpoint_and_a_copy()
     from kernelkit.build.components import model_from_config
     cfg = checked_config({"model": "test_resnet", "input_mode": "rect"})
     model = model_from_config(cfg, 3)
-    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    bn = last_batchnorm(model)
     model.train()
     torch.manual_seed(0)
     model(torch.randn(4, 3, 32, 32) * 3 + 2)  # squares: bright, wide
@@ -338,7 +342,11 @@ def test_ranks_merge_their_per_bucket_statistics_weighted_by_the_batches_each_tr
         model.train()
         for h, w in batches:
             model(torch.randn(2, 3, h, w) * 2 + 1)
-    bn = [[m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1] for model in ranks]
+    bn = [last_batchnorm(model) for model in ranks]
+    ema_bn = [last_batchnorm(ema) for ema in emas]
+    for r, ema in enumerate(ema_bn):  # an EMA's statistics lag the model's: their own values, one per rank
+        ema.rect_mean_0.fill_(10.0 * (r + 1))
+        ema.rect_mean_2.fill_(-5.0 * (r + 1))
     assert bn[0].__dict__[BUCKET_COUNTS] == {0: 1} and bn[1].__dict__[BUCKET_COUNTS] == {0: 3, 2: 1}
     before = [{k: v.clone() for k, v in b._buffers.items()} for b in bn]
     payloads = []
@@ -353,9 +361,9 @@ def test_ranks_merge_their_per_bucket_statistics_weighted_by_the_batches_each_tr
         assert torch.allclose(bn[r].rect_mean_0, want_square, atol=1e-6), "weighted by batch counts"
         assert torch.allclose(bn[r].rect_mean_2, before[1]["rect_mean_2"]), "only the rank that trained it"
         assert torch.equal(bn[r].rect_mean_p3, before[r]["rect_mean_p3"]), "trained by none: as it was"
-        ema_bn = [m for m in emas[r].modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
-        assert torch.allclose(ema_bn.rect_mean_2, emas[1].state_dict()[
-            [k for k in emas[1].state_dict() if k.endswith("rect_mean_2")][-1]]), "the EMA copy merges alike"
+        assert torch.allclose(ema_bn[r].rect_mean_0, torch.full_like(ema_bn[r].rect_mean_0, (10 + 3 * 20) / 4)) \
+            and torch.allclose(ema_bn[r].rect_mean_2, torch.full_like(ema_bn[r].rect_mean_2, -10.0)), \
+            "the EMA copies merge alike, weighted by the model's batch counts"
     assert torch.allclose(bn[0].rect_mean_2, bn[1].rect_mean_2)
 
 

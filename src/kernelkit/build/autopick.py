@@ -409,20 +409,15 @@ class Choice:
     tiles: int = 0
 
 
-def resume_path(ctx: RunContext) -> Path | None:
-    """The checkpoint this run would resume: an unfinished run's last.pt in out_dir, or resume_from."""
-    from ..engine.run_state import resumable
-    return resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
-
-
 def resumed_config(ctx: RunContext, classes: list) -> dict | None:
     """The config saved in the checkpoint this run will resume (what auto resolved to there); None when it
     resumes none, or when resume.check_resume will refuse it or start fresh (another model, label set or
     schedule), or when the file is unreadable (prepare reports that properly)."""
     from ..engine.checkpoint import load_checkpoint
     from ..engine.resume import continues
+    from ..engine.run_state import resumable
     try:
-        path = resume_path(ctx)
+        path = resumable(ctx.out_dir, ctx.cfg.resume) or (Path(ctx.cfg.resume_from) if ctx.cfg.resume_from else None)
         if path is None:
             return None
         ckpt = load_checkpoint(path, "cpu", mmap=True)  # resume.check_resume loads it all

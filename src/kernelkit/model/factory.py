@@ -179,13 +179,15 @@ def _slot(bucket: int, what: str) -> str:
     return f"rect_{what}_{'p' if bucket < 0 else ''}{abs(bucket)}"  # (buffer names cannot hold '-')
 
 
+BUCKETS = range(-(len(RECT_ASPECTS) - 1), len(RECT_ASPECTS))  # images.rect_bucket's values, portrait < 0
+
+
 def bucket_norms(model: nn.Module) -> nn.Module:
     """Every tracking BatchNorm layer of `model` with running statistics per rect bucket (each starting
     from the layer's own), chosen by the shape of the layer's input. -> model (changed in place)."""
-    last = len(RECT_ASPECTS) - 1
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None:
-            for b in range(-last, last + 1):
+            for b in BUCKETS:
                 m.register_buffer(_slot(b, "mean"), m.running_mean.detach().clone())
                 m.register_buffer(_slot(b, "var"), m.running_var.detach().clone())
             m.register_forward_pre_hook(_load_bucket_stats)
@@ -222,35 +224,35 @@ def _keep_bucket_stats(m: nn.Module, args: tuple, out) -> None:
         m.momentum = m.__dict__.pop(BUCKET_MOMENTUM, m.momentum)
 
 
-def merge_bucket_norms(model: nn.Module, copies: tuple[nn.Module, ...] = (), sum_over_ranks=None) -> None:
+def merge_bucket_norms(model: nn.Module, copies: tuple[nn.Module, ...], sum_over_ranks) -> None:
     """Data-parallel ranks keep per-bucket statistics of their own batches (buffers are not synced each
     step), and a rare bucket's one batch an epoch lands on one rank: every rank takes, per layer and
     bucket, the average over the ranks that trained on it, weighted by their batch counts (a rank that
     never saw the bucket still holds the weights' statistics there, which must not count), in `model`
     and in `copies` (the EMA) alike. `sum_over_ranks(tensor) -> tensor`: the collective; every rank
     calls this at the same point. Device tensors only: nothing is read back to the host."""
-    last = len(RECT_ASPECTS) - 1
-    buckets = range(-last, last + 1)
-    names = [n for n, m in model.named_modules() if getattr(m, BUCKET_NORM_MARK, False)]
-    if not names or sum_over_ranks is None:
+    slots = [(b, _slot(b, "mean"), _slot(b, "var")) for b in BUCKETS]
+    pieces = []  # (layer, its statistics (buckets, 2, C), this rank's batches per bucket (buckets, 1, 1))
+    for name, m in model.named_modules():
+        if getattr(m, BUCKET_NORM_MARK, False):
+            counts = m.__dict__.get(BUCKET_COUNTS, {})
+            for layer in (m, *(other.get_submodule(name) for other in copies)):
+                stats = torch.stack([torch.stack([layer._buffers[mean], layer._buffers[var]]) for _, mean, var in slots])
+                weight = torch.tensor([float(counts.get(b, 0)) for b, _, _ in slots], device=stats.device)
+                pieces.append((layer, stats.float(), weight[:, None, None]))
+    if not pieces:
         return
-    pieces = []
-    for name in names:
-        counts = model.get_submodule(name).__dict__.get(BUCKET_COUNTS, {})
-        for target in (model, *copies):
-            layer = target.get_submodule(name)
-            stats = torch.stack([layer._buffers[_slot(b, k)] for b in buckets for k in ("mean", "var")]).float()
-            weight = torch.tensor([float(counts.get(b, 0)) for b in buckets for _ in "mv"], device=stats.device)
-            pieces.append((layer, stats, weight[:, None]))
     summed = sum_over_ranks(torch.cat([torch.cat([(s * w).flatten(), w.flatten()]) for _, s, w in pieces]))
     at = 0
     for layer, stats, weight in pieces:
         total = summed[at:at + stats.numel()].view_as(stats)
-        weights = summed[at + stats.numel():at + stats.numel() + weight.numel()].view_as(weight)
-        at += stats.numel() + weight.numel()
+        at += stats.numel()
+        weights = summed[at:at + weight.numel()].view_as(weight)
+        at += weight.numel()
         merged = torch.where(weights > 0, total / weights.clamp_min(1e-12), stats)
-        for i, (b, k) in enumerate((b, k) for b in buckets for k in ("mean", "var")):
-            layer._buffers[_slot(b, k)].copy_(merged[i])
+        for (_, mean, var), (new_mean, new_var) in zip(slots, merged):
+            layer._buffers[mean].copy_(new_mean)
+            layer._buffers[var].copy_(new_var)
 
 
 def hold_frozen_norms(model: nn.Module) -> None:
